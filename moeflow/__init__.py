@@ -1,0 +1,1 @@
+"""moeflow: run Mixture-of-Experts models with most experts off the fast device, exactly."""
