@@ -1,0 +1,353 @@
+"""The engine: a transformers MoE model whose experts live in a budgeted cache, and its generate loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+
+from .budget import resolve_budget
+from .cache import ExpertCache, SlotPool
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import CheckpointError, MoeflowError, RequestError
+from .offload import OffloadRuntime, apply_offload, experts_modules
+from .policy import POLICIES, make_policy
+from .stats import CacheStats
+from .store import DiskStore, ExpertStore, RamStore
+from .transfer import TransferEngine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+STORES = ("disk", "ram")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    expert_budget: str = field(
+        default="all", metadata={"help": "fast-tier ceiling for expert weights: 25%%, 512MiB, 2GB or all"}
+    )
+    store: str = field(default="disk", metadata={"help": "backing tier: disk (O_DIRECT reads) or ram"})
+    policy: str = field(default="lru", metadata={"help": f"eviction policy: {', '.join(POLICIES)}"})
+    device: str = field(default="cpu", metadata={"help": "fast tier and compute device: cpu or cuda"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (float32 on cpu), float32, ..."})
+    direct_io: bool = field(default=True, metadata={"help": "bypass the page cache when reading experts"})
+
+    def __post_init__(self) -> None:
+        if self.store not in STORES:
+            raise MoeflowError(f"unknown store {self.store!r}; choose one of: {', '.join(STORES)}")
+        if self.policy not in POLICIES:
+            raise MoeflowError(f"unknown cache policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise MoeflowError(f"unknown dtype {self.dtype!r}; choose auto or one of: {', '.join(_DTYPES)}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise MoeflowError(f"unknown device {self.device!r}; use cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise MoeflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise RequestError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
+            raise RequestError(f"temperature must be a finite number, got {self.temperature!r}")
+        if not 0 <= self.temperature <= 100:
+            raise RequestError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RequestError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    text: str | None  # None when the model folder has no tokenizer
+    token_ids: list[int]  # generated tokens only
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+    prefill_s: float
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+
+
+class Engine:
+    """A loaded model with offloaded experts. Use `moeflow.load(...)` to build one."""
+
+    def __init__(self, path: str | Path | None = None, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.checkpoint: Checkpoint = open_checkpoint(DEFAULT_MODEL if path is None else path)
+        self.device = torch.device(self.config.device)
+        self.dtype = _resolve_dtype(self.config.dtype, self.device, self.checkpoint)
+        hf_config = AutoConfig.from_pretrained(self.checkpoint.path)
+        self.model = _build_skeleton(hf_config, self.dtype)
+        self.top_k = int(hf_config.num_experts_per_tok)
+        self.max_context = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+        modules = experts_modules(self.model)
+        inter, hidden = _check_expert_geometry(self.checkpoint, modules)
+        slot_bytes = (3 * inter * hidden) * torch.empty((), dtype=self.dtype).element_size()
+        budget = resolve_budget(
+            self.config.expert_budget,
+            slot_bytes=slot_bytes,
+            total_experts=len(self.checkpoint.experts),
+            top_k=self.top_k,
+        )
+        disk = DiskStore(self.checkpoint, direct_io=self.config.direct_io)
+        store: ExpertStore = disk
+        if self.config.store == "ram":
+            store = RamStore(self.checkpoint, disk, dtype=self.dtype, pin=self.device.type == "cuda")
+            disk.close()
+        pool = SlotPool(capacity=budget.slots, inter=inter, hidden=hidden, dtype=self.dtype, device=self.device)
+        self.cache = ExpertCache(
+            pool=pool,
+            store=store,
+            policy=make_policy(self.config.policy),
+            layers=sorted(modules),
+            budget_bytes=budget.budget_bytes,
+        )
+        self.runtime: OffloadRuntime = apply_offload(self.model, self.cache)
+        _load_dense_weights(self.model, self.checkpoint, hf_config)
+        self.model.to(self.device).eval()
+        self.transfer = TransferEngine(self.cache)
+        self.tokenizer = _load_tokenizer(self.checkpoint.path)
+        self.eos_token_ids = _eos_ids(self.checkpoint.path, hf_config, self.tokenizer)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty; give at least one character")
+            if self.tokenizer is None:
+                raise RequestError(
+                    f"{self.checkpoint.path} has no tokenizer; pass token ids instead of text, or add tokenizer files"
+                )
+            return list(self.tokenizer(prompt)["input_ids"])
+        ids = list(prompt)
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise RequestError("prompt is empty; give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | list[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        prompt_ids = self.encode(prompt)
+        self._check_length(len(prompt_ids), params.max_new_tokens)
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed if params.seed is not None else 0)
+        past = DynamicCache(config=self.model.config)
+        t0 = time.perf_counter()
+        logits = self._forward(torch.tensor([prompt_ids], device=self.device), past)
+        prefill_s = time.perf_counter() - t0
+        new_ids: list[int] = []
+        finish = "length"
+        while True:
+            next_id = sample_next(logits, params, generator)
+            new_ids.append(next_id)
+            if next_id in self.eos_token_ids:
+                finish = "stop"
+                break
+            if len(new_ids) >= params.max_new_tokens:
+                break
+            logits = self._forward(torch.tensor([[next_id]], device=self.device), past)
+        elapsed = time.perf_counter() - t0
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        return GenerationResult(
+            text=text,
+            token_ids=new_ids,
+            prompt_token_ids=prompt_ids,
+            finish_reason=finish,
+            prefill_s=prefill_s,
+            elapsed_s=elapsed,
+        )
+
+    def _forward(self, input_ids: torch.Tensor, past: DynamicCache) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        if self.max_context and prompt_len + max_new_tokens > self.max_context:
+            raise RequestError(
+                f"prompt is {prompt_len} tokens and max_new_tokens is {max_new_tokens}, but the model's context is "
+                f"{self.max_context} tokens; shorten the prompt or lower max_new_tokens "
+                f"(at most {max(self.max_context - prompt_len, 0)} for this prompt)"
+            )
+
+    # ---- observation ----------------------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    def close(self) -> None:
+        self.transfer.close()
+        self.cache.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sample_next(logits_1V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0 (same as transformers' argmax), else temperature + nucleus sampling."""
+    if params.temperature == 0:
+        return int(logits_1V.argmax(dim=-1))
+    probs_V = torch.softmax(logits_1V[0] / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = torch.sort(probs_V, descending=True)
+        keep = torch.cumsum(sorted_p, dim=0) - sorted_p < params.top_p  # always keeps the most likely token
+        probs_V = torch.zeros_like(probs_V).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+def load(path: str | Path | None = None, **options: object) -> Engine:
+    """Load a Hugging Face MoE checkpoint with its experts offloaded. Options are `EngineConfig` fields."""
+    unknown = set(options) - set(EngineConfig.field_names())
+    if unknown:
+        raise MoeflowError(f"unknown option(s) {sorted(unknown)}; valid: {EngineConfig.field_names()}")
+    return Engine(path, EngineConfig(**options))
+
+
+# ---- loading helpers ------------------------------------------------------------------------------
+
+
+def _resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # exactness is defined in fp32 on the CPU; bf16 matmul is also slow there
+    return next(iter(ckpt.experts.values())).gate.dtype
+
+
+def _build_skeleton(hf_config: object, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on the meta device (buffers real); nothing is allocated yet."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    return model
+
+
+def _check_expert_geometry(ckpt: Checkpoint, modules: dict[int, nn.Module]) -> tuple[int, int]:
+    if sorted(modules) != ckpt.moe_layers:
+        raise CheckpointError(
+            f"the config defines MoE layers {sorted(modules)} but the checkpoint has experts for layers "
+            f"{ckpt.moe_layers}; config.json and the weights do not belong together"
+        )
+    shapes = set()
+    for layer, module in modules.items():
+        if ckpt.num_experts[layer] != module.num_experts:
+            raise CheckpointError(
+                f"layer {layer}: config says {module.num_experts} experts, checkpoint has {ckpt.num_experts[layer]}"
+            )
+        inter, hidden = module.intermediate_dim, module.hidden_dim
+        for e in range(module.num_experts):
+            loc = ckpt.experts[(layer, e)]
+            if (loc.gate.shape, loc.up.shape, loc.down.shape) != ((inter, hidden), (inter, hidden), (hidden, inter)):
+                raise CheckpointError(
+                    f"expert {e} of layer {layer} has shapes gate {loc.gate.shape}, up {loc.up.shape}, down "
+                    f"{loc.down.shape}; the config expects ({inter}, {hidden}) and ({hidden}, {inter})"
+                )
+        shapes.add((inter, hidden))
+    if len(shapes) != 1:
+        raise CheckpointError(f"experts of different sizes across layers ({sorted(shapes)}) are not supported")
+    return shapes.pop()
+
+
+def _load_dense_weights(model: nn.Module, ckpt: Checkpoint, hf_config: object) -> None:
+    """Read every non-expert tensor from the checkpoint into the skeleton, one tensor at a time."""
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    loaded = set()
+    for disk_name in ckpt.tensors:
+        name = ckpt.family.memory_name(disk_name)
+        current = targets.get(name, buffers.get(name))
+        if current is None:
+            log.debug("ignoring checkpoint tensor %s (not used by the model)", disk_name)
+            continue
+        tensor = ckpt.read_tensor(disk_name)
+        if tuple(tensor.shape) != tuple(current.shape):
+            raise CheckpointError(
+                f"checkpoint tensor {disk_name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(current.shape)}; config.json and the weights do not belong together"
+            )
+        _set_tensor(model, name, tensor.to(current.dtype), is_param=name in targets)
+        loaded.add(name)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+        loaded |= {n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type != "meta"}
+    missing = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta")
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}; "
+            "it is incomplete or belongs to another config"
+        )
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, *, is_param: bool) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if is_param:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _load_tokenizer(path: Path) -> object | None:
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _eos_ids(path: Path, hf_config: object, tokenizer: object | None) -> set[int]:
+    """The tokens that end generation, from the same place transformers' `generate` reads them."""
+    try:
+        gen_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json
+        gen_config = GenerationConfig.from_model_config(hf_config)
+    eos = gen_config.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
