@@ -6,11 +6,12 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
@@ -261,11 +262,27 @@ def _resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.d
     return next(iter(ckpt.experts.values())).gate.dtype
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device; buffers (rotary tables) stay real."""
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 def _build_skeleton(hf_config: object, dtype: torch.dtype) -> nn.Module:
-    """The model with every parameter on the meta device (buffers real); nothing is allocated yet."""
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    return model
+    """The model with every parameter on the meta device; no weight memory is allocated yet."""
+    with _parameters_on_meta():
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
 def _check_expert_geometry(ckpt: Checkpoint, modules: dict[int, nn.Module]) -> tuple[int, int]:

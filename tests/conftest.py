@@ -4,3 +4,15 @@ import os
 # kernel module is imported (ENVIRONMENT.md: "set before the kernels are defined").
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One small random checkpoint per supported family (with a character tokenizer), built once."""
+    from moeflow.testing import FAMILY_NAMES, save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: save_tiny_checkpoint(fam, root / fam, tokenizer=True) for fam in FAMILY_NAMES}

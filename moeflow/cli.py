@@ -1,0 +1,95 @@
+"""`moeflow` command line. Engine options are generated from `EngineConfig`, so defaults live there."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .engine import DEFAULT_MODEL, EngineConfig, SamplingParams, load, peak_rss_bytes
+from .errors import MoeflowError
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--kebab-name` option per dataclass field, with the field's default and help."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> object:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, default=None, help=f"Hugging Face model folder (default: {DEFAULT_MODEL.name}, shipped)"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(EngineConfig, args)
+    sampling = dataclass_from_args(SamplingParams, args)
+    with load(args.model, **dataclasses.asdict(config)) as engine:
+        result = engine.generate(args.prompt, **dataclasses.asdict(sampling))
+        stats = engine.stats()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "prompt_token_ids": result.prompt_token_ids,
+                    "finish_reason": result.finish_reason,
+                    "tokens_per_s": result.tokens_per_s,
+                    "prefill_s": result.prefill_s,
+                    "elapsed_s": result.elapsed_s,
+                    "peak_rss_bytes": peak_rss_bytes(),
+                    "cache": stats.to_dict(),
+                }
+            )
+        )
+    else:
+        print(args.prompt + (result.text if result.text is not None else str(result.token_ids)))
+        print(
+            f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tok/s, cache hit rate "
+            f"{stats.hit_rate:.1%}, {stats.bytes_read / 2**20:.1f} MiB read, "
+            f"{stats.capacity_slots} expert slots ({stats.capacity_slots * stats.slot_bytes / 2**20:.1f} MiB "
+            f"of {stats.budget_bytes / 2**20:.1f} MiB budget)]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text with the experts offloaded")
+    _model_option(gen)
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, speed and cache stats")
+    add_dataclass_options(gen, SamplingParams)
+    add_dataclass_options(gen, EngineConfig)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoeflowError as e:
+        print(f"moeflow: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Greedy tokens through moeflow equal plain transformers for every family, budget, policy and store."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moeflow
+from moeflow.testing import FAMILY_NAMES
+
+PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]  # 12 tokens: prefill touches most experts
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(tiny_checkpoints: dict) -> dict:
+    out = {}
+    for fam, path in tiny_checkpoints.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        ids = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS)
+        out[fam] = ids[0, len(PROMPT) :].tolist()
+    return out
+
+
+def _minimum_budget(path) -> int:
+    """Exactly one layer's top-k worth of expert bytes: the smallest budget the engine accepts."""
+    with moeflow.load(path, expert_budget="all") as engine:
+        return engine.top_k * engine.cache.pool.slot_bytes
+
+
+@pytest.mark.parametrize("store", ["disk", "ram"])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("budget", ["all", "50%", "25%", "minimum"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_greedy_equals_transformers(tiny_checkpoints, reference_tokens, family, budget, policy, store):
+    path = tiny_checkpoints[family]
+    spec = _minimum_budget(path) if budget == "minimum" else budget
+    with moeflow.load(path, expert_budget=spec, policy=policy, store=store) as engine:
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        stats = engine.stats()
+    assert result.token_ids == reference_tokens[family]
+    assert stats.resident_peak_bytes <= stats.budget_bytes
+    if budget in ("25%", "minimum"):
+        assert stats.misses > stats.capacity_slots  # the budget really forced evictions and re-reads
+
+
+def test_minimum_budget_runs_prefill_in_waves(tiny_checkpoints, reference_tokens):
+    """At the minimum (top-k slots) a prefill step needs more experts than fit: it must still be exact."""
+    path = tiny_checkpoints["mixtral"]
+    with moeflow.load(path, expert_budget=_minimum_budget(path)) as engine:
+        assert engine.cache.pool.capacity == engine.top_k
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == reference_tokens["mixtral"]
+
+
+def test_text_prompt_matches_transformers(tiny_checkpoints):
+    from transformers import AutoTokenizer
+
+    path = tiny_checkpoints["qwen3_moe"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = tok("def f(x):", return_tensors="pt")["input_ids"]
+    ref = model.generate(ids, do_sample=False, max_new_tokens=8)[0, ids.shape[1] :]
+    with moeflow.load(path, expert_budget="25%") as engine:
+        result = engine.generate("def f(x):", max_new_tokens=8)
+    assert result.token_ids == ref.tolist()
+    assert result.text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    from moeflow.testing import save_tiny_checkpoint
+
+    path = tmp_path / "sharded"
+    save_tiny_checkpoint("mixtral", path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.save_pretrained(path, max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    ref = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=8)[0, len(PROMPT) :].tolist()
+    with moeflow.load(path, expert_budget="25%") as engine:
+        assert len({s.file for loc in engine.checkpoint.experts.values() for s in loc.spans}) > 1
+        assert engine.generate(PROMPT, max_new_tokens=8).token_ids == ref
+
+
+def test_fused_expert_tensors_on_disk(tmp_path):
+    """A checkpoint saved with transformers' in-memory fused [E, 2I, H] experts is read per expert too."""
+    from safetensors.torch import save_file
+
+    from moeflow.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint("olmoe", tmp_path / "fused")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    (path / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    ref = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=8)[0, len(PROMPT) :].tolist()
+    with moeflow.load(path, expert_budget="50%") as engine:
+        assert engine.generate(PROMPT, max_new_tokens=8).token_ids == ref
+
+
+def test_tied_embeddings(tmp_path):
+    from moeflow.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=8)[0, len(PROMPT) :].tolist()
+    with moeflow.load(path, expert_budget="25%") as engine:
+        assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
+        assert engine.generate(PROMPT, max_new_tokens=8).token_ids == ref
+
+
+def test_sampling_is_seeded(tiny_checkpoints):
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="50%") as engine:
+        a = engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7).token_ids
+        b = engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7).token_ids
+        c = engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, top_p=0.9, seed=8).token_ids
+    assert a == b
+    assert a != c
