@@ -1,0 +1,180 @@
+"""dispatch -> experts -> combine, pipelined over d chunks, forward and backward.
+
+Forward, per chunk i:  issue dispatch(i+1) | wait dispatch(i) | experts(i) | issue combine(i)
+so chunk i+1's rows are on the wire while chunk i is computed, and chunk i's results travel back
+while chunk i+1 is computed. The backward mirrors it: the incoming gradient of chunk i+1 travels
+while chunk i's expert backward runs, and chunk i's input gradient is sent back asynchronously.
+
+The expert maths of each chunk is recorded as an ordinary autograd graph on the received rows
+(so a fused kernel's own backward is used as is); the backward replays it chunk by chunk with
+`torch.autograd.grad`. d = 1 is the plain, unoverlapped schedule.
+
+Legend: S this rank's routed rows (sorted by chunk, then expert), N rows one chunk brings to this rank,
+D hidden, I expert hidden, L experts on this rank.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from training.dispatch import ChunkLayout, DispatchPlan
+from training.expert_parallel import ExpertComm, PendingTensor
+from training.experts import ExpertFn
+from training.timeline import Timeline
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExchangeContext:
+    """Everything the pipelined exchange needs besides the tensors it differentiates."""
+
+    plan: DispatchPlan
+    comm: ExpertComm
+    expert_fn: ExpertFn
+    timeline: Timeline | None = None
+
+
+def _rows(tensor_SD: Tensor, chunk: ChunkLayout) -> Tensor:
+    return tensor_SD[chunk.send_start : chunk.send_start + chunk.send_rows]
+
+
+def _recorded(timeline: Timeline | None, label: str) -> AbstractContextManager[None]:
+    return timeline.span("compute", label) if timeline is not None else nullcontext()
+
+
+class _PipelinedExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x_SD: Tensor,
+        gate_up_L2ID: Tensor,
+        down_LDI: Tensor,
+        exchange: ExchangeContext,
+        build_graph: bool,
+    ) -> Tensor:
+        plan, comm, timeline = exchange.plan, exchange.comm, exchange.timeline
+        x_SD = x_SD.contiguous()
+        y_SD = torch.empty_like(x_SD)
+        with torch.enable_grad():
+            gate_up_leaf = gate_up_L2ID.detach().requires_grad_(build_graph)
+            down_leaf = down_LDI.detach().requires_grad_(build_graph)
+
+        def dispatch(i: int) -> PendingTensor:
+            chunk = plan.chunks[i]
+            return comm.start_all_to_all(
+                _rows(x_SD, chunk),
+                input_splits=chunk.send_splits,
+                output_splits=chunk.recv_splits,
+                timeline=timeline,
+                label=f"dispatch {i}",
+            )
+
+        graphs: list[tuple[Tensor, Tensor] | None] = []
+        combines: list[PendingTensor] = []
+        pending = dispatch(0)
+        for i, chunk in enumerate(plan.chunks):
+            upcoming = dispatch(i + 1) if i + 1 < plan.num_chunks else None
+            x_ND = pending.wait()
+            with torch.set_grad_enabled(build_graph), _recorded(timeline, f"experts fwd {i}"):
+                x_leaf_ND = x_ND.detach().requires_grad_(build_graph)
+                x_grouped_ND = x_leaf_ND if chunk.to_expert_major_N is None else x_leaf_ND[chunk.to_expert_major_N]
+                y_grouped_ND = exchange.expert_fn(x_grouped_ND, chunk.tokens_per_expert_L, gate_up_leaf, down_leaf)
+                y_ND = y_grouped_ND if chunk.to_source_major_N is None else y_grouped_ND[chunk.to_source_major_N]
+            graphs.append((x_leaf_ND, y_ND))
+            combines.append(
+                comm.start_all_to_all(
+                    y_ND.detach(),
+                    input_splits=chunk.recv_splits,
+                    output_splits=chunk.send_splits,
+                    out_ND=_rows(y_SD, chunk),
+                    timeline=timeline,
+                    label=f"combine {i}",
+                )
+            )
+            if upcoming is not None:
+                pending = upcoming
+        for combine in combines:
+            combine.wait()
+        ctx.exchange = exchange
+        ctx.graphs = graphs if build_graph else None
+        ctx.weight_leaves = (gate_up_leaf, down_leaf)
+        return y_SD
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y_SD: Tensor):  # type: ignore[override]
+        exchange: ExchangeContext = ctx.exchange
+        plan, comm, timeline = exchange.plan, exchange.comm, exchange.timeline
+        graphs: list[tuple[Tensor, Tensor] | None] = ctx.graphs
+        gate_up_leaf, down_leaf = ctx.weight_leaves
+        grad_y_SD = grad_y_SD.contiguous()
+        grad_x_SD = torch.empty_like(grad_y_SD)
+        grad_gate_up = torch.zeros_like(gate_up_leaf) if ctx.needs_input_grad[1] else None
+        grad_down = torch.zeros_like(down_leaf) if ctx.needs_input_grad[2] else None
+
+        def gather_grad(i: int) -> PendingTensor:
+            chunk = plan.chunks[i]
+            return comm.start_all_to_all(
+                _rows(grad_y_SD, chunk),
+                input_splits=chunk.send_splits,
+                output_splits=chunk.recv_splits,
+                timeline=timeline,
+                label=f"grad combine {i}",
+            )
+
+        returns: list[PendingTensor] = []
+        pending = gather_grad(0)
+        for i, chunk in enumerate(plan.chunks):
+            upcoming = gather_grad(i + 1) if i + 1 < plan.num_chunks else None
+            grad_y_ND = pending.wait()
+            x_leaf_ND, y_ND = graphs[i]
+            graphs[i] = None  # chunk i's graph is freed once its backward has run
+            with _recorded(timeline, f"experts bwd {i}"):
+                grad_x_ND = _chunk_backward(
+                    x_leaf_ND, y_ND, grad_y_ND, gate_up_leaf, down_leaf, grad_gate_up, grad_down
+                )
+            returns.append(
+                comm.start_all_to_all(
+                    grad_x_ND,
+                    input_splits=chunk.recv_splits,
+                    output_splits=chunk.send_splits,
+                    out_ND=_rows(grad_x_SD, chunk),
+                    timeline=timeline,
+                    label=f"grad dispatch {i}",
+                )
+            )
+            if upcoming is not None:
+                pending = upcoming
+        for pending_return in returns:
+            pending_return.wait()
+        return grad_x_SD, grad_gate_up, grad_down, None, None
+
+
+def _chunk_backward(
+    x_leaf_ND: Tensor,
+    y_ND: Tensor,
+    grad_y_ND: Tensor,
+    gate_up_leaf: Tensor,
+    down_leaf: Tensor,
+    grad_gate_up: Tensor | None,
+    grad_down: Tensor | None,
+) -> Tensor:
+    """Backward of one chunk's expert maths; accumulates the weight gradients in place."""
+    if y_ND.grad_fn is None:  # no rows reached this rank's experts in this chunk
+        return torch.zeros_like(x_leaf_ND)
+    grads = torch.autograd.grad(y_ND, (x_leaf_ND, gate_up_leaf, down_leaf), grad_y_ND, allow_unused=True)
+    for accumulated, grad in ((grad_gate_up, grads[1]), (grad_down, grads[2])):
+        if accumulated is not None and grad is not None:
+            accumulated.add_(grad)
+    return grads[0] if grads[0] is not None else torch.zeros_like(x_leaf_ND)
+
+
+def pipelined_exchange(x_SD: Tensor, gate_up_L2ID: Tensor, down_LDI: Tensor, exchange: ExchangeContext) -> Tensor:
+    """Send each sorted row to its expert, run the experts, bring the outputs back in the same
+    row order; differentiable w.r.t. the rows and the local expert weights."""
+    build_graph = torch.is_grad_enabled() and (
+        x_SD.requires_grad or gate_up_L2ID.requires_grad or down_LDI.requires_grad
+    )
+    return _PipelinedExchange.apply(x_SD, gate_up_L2ID, down_LDI, exchange, build_graph)
