@@ -1,0 +1,46 @@
+"""moeflow kernels: MoE routing and expert compute, Triton on a GPU, torch on the CPU.
+
+Shape legend used across this package:
+    T tokens, D (= H) hidden size, I expert hidden size, E experts (or S slots of a weight pool),
+    K experts per token (top-k), P = T*K (token, k) pairs, G expert groups.
+
+Public API:
+    fused_moe(hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK, topk_ids_TK) -> out_TD
+        transformers' layout (gate rows then up rows; SiLU). Ids index the first weight dimension, so
+        a slot pool works as is; an id outside [0, E) is a pair not computed here (contributes 0).
+    topk_softmax(router_logits_TE, k, renormalize) -> (weights_TK fp32, ids_TK int64)
+    grouped_topk_sigmoid(router_logits_TE, e_score_correction_bias_E, k, n_group, topk_group,
+                         norm_topk_prob, routed_scaling_factor) -> (weights_TK fp32, ids_TK int64)
+    sort_pairs(ids_TK, num_slots, block_m) -> SortedPairs  (the routing metadata the kernels read)
+
+Each runs Triton when its tensors are on a GPU or TRITON_INTERPRET=1 is set (before this package is
+imported), and torch otherwise. ``kernels.reference`` and the ``*_reference`` functions are the dumb
+torch versions the tests compare against.
+
+Not to be confused with the ``kernels`` package of the Hugging Face Hub: transformers probes for
+that one, and must not take this package for it (tests/test_kernels_name_clash.py).
+"""
+
+from kernels.config import TileConfig
+from kernels.fused_moe import fused_moe
+from kernels.metadata import SortedPairs, sort_pairs, sort_pairs_reference
+from kernels.reference import fused_moe_reference
+from kernels.routing import (
+    grouped_topk_sigmoid,
+    grouped_topk_sigmoid_reference,
+    topk_softmax,
+    topk_softmax_reference,
+)
+
+__all__ = [
+    "SortedPairs",
+    "TileConfig",
+    "fused_moe",
+    "fused_moe_reference",
+    "grouped_topk_sigmoid",
+    "grouped_topk_sigmoid_reference",
+    "sort_pairs",
+    "sort_pairs_reference",
+    "topk_softmax",
+    "topk_softmax_reference",
+]
