@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from packaging import version
 
+import kernels  # noqa: F401  (ours, imported before transformers looks for the Hub's)
+
 
 def test_transformers_does_not_take_our_kernels_for_the_hub_package() -> None:
     from transformers.utils import import_utils
@@ -30,7 +32,6 @@ def test_transformers_does_not_take_our_kernels_for_the_hub_package() -> None:
 
 
 def test_tiny_mixtral_loads_and_runs_with_our_kernels_importable(tmp_path: Path) -> None:
-    import kernels  # noqa: F401  (ours, imported first on purpose)
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     config = MixtralConfig(

@@ -64,7 +64,8 @@ def test_topk_softmax_matches_transformers_routers() -> None:
     torch.manual_seed(0)
     hidden = torch.randn(13, 32)
     mixtral = MixtralTopKRouter(MixtralConfig(hidden_size=32, num_local_experts=8, num_experts_per_tok=2))
-    qwen = Qwen3MoeTopKRouter(Qwen3MoeConfig(hidden_size=32, num_experts=12, num_experts_per_tok=3, norm_topk_prob=False))
+    qwen_config = Qwen3MoeConfig(hidden_size=32, num_experts=12, num_experts_per_tok=3, norm_topk_prob=False)
+    qwen = Qwen3MoeTopKRouter(qwen_config)
     for router, renormalize in ((mixtral, True), (qwen, False)):
         torch.nn.init.normal_(router.weight)
         with torch.no_grad():
