@@ -284,6 +284,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/moeflow-bench"))
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over all contenders; best run is kept")
     parser.add_argument("--child-timeout", type=int, default=1800)
     parser.add_argument("--only", default="", help="comma-separated contender names to run (default: all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -312,22 +313,28 @@ def main() -> int:
     runtime = runtime_baseline_bytes() + 128 * 2**20  # + activations, KV cache, transfer buffers
     print(f"runtime baseline (imports, no weights) + slack: {runtime / 2**20:.0f} MiB", flush=True)
     wanted = [c for c in CONTENDERS if not args.only or c.name in args.only.split(",")]
-    rows = []
-    for i, c in enumerate(wanted):
-        frac = 1.0 if c.budget == "all" else float(c.budget.rstrip("%")) / 100
-        limit = runtime + dense + int(frac * shape.expert_bytes) if c.limited else None
-        cache_dropped = drop_caches()
-        print(f"[{i + 1}/{len(wanted)}] {c.name} ...", flush=True)
-        row = spawn(c, args, limit)
-        row["page_cache_dropped"] = cache_dropped
-        rows.append(row)
-        if "error" in row:
-            print(f"    failed: {row['error'][-400:]}", flush=True)
-        else:
-            print(
-                f"    {row['decode_tokens_per_s']:.2f} tok/s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB",
-                flush=True,
-            )
+    # Rounds over all contenders, keeping each one's best run: a shared machine's noise hits runs, not
+    # contenders, so interleaving and best-of is fairer than one pass.
+    best: dict[str, dict] = {}
+    for rnd in range(args.repeats):
+        for i, c in enumerate(wanted):
+            frac = 1.0 if c.budget == "all" else float(c.budget.rstrip("%")) / 100
+            limit = runtime + dense + int(frac * shape.expert_bytes) if c.limited else None
+            cache_dropped = drop_caches()
+            print(f"[round {rnd + 1}/{args.repeats}, {i + 1}/{len(wanted)}] {c.name} ...", flush=True)
+            row = spawn(c, args, limit)
+            row["page_cache_dropped"] = cache_dropped
+            if "error" in row:
+                print(f"    failed: {row['error'][-400:]}", flush=True)
+                best.setdefault(c.name, row)
+                continue
+            tps = row["decode_tokens_per_s"]
+            print(f"    {tps:.2f} tok/s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+            runs = best.get(c.name, {}).get("all_runs_tokens_per_s", [])
+            if "error" in best.get(c.name, {"error": 1}) or tps > best[c.name]["decode_tokens_per_s"]:
+                best[c.name] = row
+            best[c.name]["all_runs_tokens_per_s"] = [*runs, tps]
+    rows = [best[c.name] for c in wanted]
     ref = next((r for r in rows if r["kind"] == "transformers" and "error" not in r), None)
     for r in rows:
         if ref is not None and "error" not in r:
