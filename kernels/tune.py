@@ -1,0 +1,113 @@
+"""Tune the fused MoE tiles on this GPU and store the winners as data.
+
+    python -m kernels.tune --experts 8 --hidden 4096 --inter 14336 --top-k 2 --dtype bfloat16
+
+For each token count, every candidate tile runs the whole forward (metadata, gate/up, down,
+reduction) under ``triton.testing.do_bench``; the fastest is written to
+``kernels/configs/fused_moe_<gpu name>.json`` under the shape's key, merged with what is there.
+Autotuning only happens here, on a GPU: under ``TRITON_INTERPRET=1`` it refuses (``@triton.autotune``
+does not work in the interpreter, and interpreter timings mean nothing).
+
+Shape legend: T tokens, D hidden, I expert hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass
+
+import torch
+
+from kernels.config import CONFIG_DIR, TileConfig, shape_key
+from kernels.dispatch import INTERPRETING, device_key
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneSettings:
+    experts: int
+    hidden: int
+    inter: int
+    top_k: int
+    dtype: str = "bfloat16"
+    tokens: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype name (bfloat16, float16, float32)")
+
+
+def candidates() -> list[TileConfig]:
+    grid = itertools.product((16, 32, 64, 128), (32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+    return [TileConfig(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=s) for m, n, k, w, s in grid]
+
+
+def tune(settings: TuneSettings) -> dict[int, TileConfig]:
+    """The fastest candidate per token count, timed on the current GPU."""
+    if INTERPRETING or not torch.cuda.is_available():
+        raise RuntimeError("tuning needs a GPU and does not run under TRITON_INTERPRET=1")
+    import triton.testing
+
+    from kernels.fused_moe import fused_moe
+
+    gen = torch.Generator(device="cuda").manual_seed(settings.seed)
+    dtype = getattr(torch, settings.dtype)
+    E, D, I, K = settings.experts, settings.hidden, settings.inter, settings.top_k
+    gate_up_E2ID = torch.randn(E, 2 * I, D, device="cuda", dtype=dtype, generator=gen) * D**-0.5
+    down_EDI = torch.randn(E, D, I, device="cuda", dtype=dtype, generator=gen) * I**-0.5
+    best: dict[int, TileConfig] = {}
+    for T in settings.tokens:
+        hidden_TD = torch.randn(T, D, device="cuda", dtype=dtype, generator=gen)
+        logits_TE = torch.randn(T, E, device="cuda", generator=gen)
+        weights_TK, ids_TK = torch.topk(logits_TE.softmax(-1), K, dim=-1)
+        args = (hidden_TD, gate_up_E2ID, down_EDI, weights_TK, ids_TK)
+        timings = []
+        for cfg in candidates():
+            try:
+                ms = triton.testing.do_bench(lambda cfg=cfg, args=args: fused_moe(*args, config=cfg))
+            except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
+                continue
+            timings.append((ms, cfg))
+        ms, best[T] = min(timings, key=lambda x: x[0])
+        print(f"T={T}: {ms * 1e3:.1f} us with {best[T]}", flush=True)
+    return best
+
+
+def write(settings: TuneSettings, best: dict[int, TileConfig]) -> str:
+    device = device_key(torch.device("cuda"))
+    path = CONFIG_DIR / f"fused_moe_{device}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"note": f"tuned by kernels/tune.py on {device}"}
+    data.setdefault("configs", {}).setdefault("default", json.loads((CONFIG_DIR / "fused_moe_default.json")
+                                                                    .read_text())["configs"]["default"])  # fmt: skip
+    key = shape_key(settings.experts, settings.hidden, settings.inter, settings.top_k, getattr(torch, settings.dtype))
+    data["configs"][key] = {str(t): cfg.to_json() for t, cfg in sorted(best.items())}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return str(path)
+
+
+def parser_for(cls: type) -> argparse.ArgumentParser:
+    """A CLI generated from a frozen dataclass, so its defaults live in one place."""
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip() or None)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING
+        default = None if required else f.default
+        if isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=list(default))
+        else:
+            parser.add_argument(flag, type=type(default) if default is not None else int, required=required,
+                                default=default)  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(parser_for(TuneSettings).parse_args(argv))
+    settings = TuneSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    print(f"wrote {write(settings, tune(settings))}")
+
+
+if __name__ == "__main__":
+    main()
