@@ -9,8 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .engine import DEFAULT_MODEL, EngineConfig, SamplingParams, load, peak_rss_bytes
+from .engine import DEFAULT_MODEL, EngineConfig, load, peak_rss_bytes
 from .errors import MoeflowError
+from .sampling import SamplingParams
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import resource
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -13,14 +11,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from .batching import DecodeBatch, Sequence
 from .budget import resolve_budget
 from .cache import ExpertCache, SlotPool
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError, MoeflowError, RequestError
 from .offload import OffloadRuntime, apply_offload, experts_modules
 from .policy import POLICIES, make_policy
+from .sampling import SamplingParams
+from .scheduler import AdmissionPolicy, FifoAdmission, Scheduler
 from .stats import CacheStats
 from .store import DiskStore, ExpertStore, RamStore
 from .transfer import TransferEngine
@@ -58,28 +59,6 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise RequestError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
-            raise RequestError(f"temperature must be a finite number, got {self.temperature!r}")
-        if not 0 <= self.temperature <= 100:
-            raise RequestError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise RequestError(f"seed must be an integer, got {self.seed!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,8 +146,7 @@ class Engine:
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
-    @torch.inference_mode()
-    def generate(
+    def new_sequence(
         self,
         prompt: str | list[int],
         *,
@@ -176,43 +154,56 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> GenerationResult:
+    ) -> Sequence:
+        """Validate a request and turn it into a sequence ready for `DecodeBatch.prefill`."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         prompt_ids = self.encode(prompt)
         self._check_length(len(prompt_ids), params.max_new_tokens)
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed if params.seed is not None else 0)
-        past = DynamicCache(config=self.model.config)
-        t0 = time.perf_counter()
-        logits = self._forward(torch.tensor([prompt_ids], device=self.device), past)
-        prefill_s = time.perf_counter() - t0
-        new_ids: list[int] = []
-        finish = "length"
-        while True:
-            next_id = sample_next(logits, params, generator)
-            new_ids.append(next_id)
-            if next_id in self.eos_token_ids:
-                finish = "stop"
-                break
-            if len(new_ids) >= params.max_new_tokens:
-                break
-            logits = self._forward(torch.tensor([[next_id]], device=self.device), past)
-        elapsed = time.perf_counter() - t0
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        return Sequence(prompt_ids=prompt_ids, params=params)
+
+    def new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.model, self.device, self.eos_token_ids)
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[int], **sampling: object) -> GenerationResult:
+        """Generate for one prompt. `sampling`: max_new_tokens, temperature (0 = greedy), top_p, seed."""
+        seq = self.new_sequence(prompt, **sampling)
+        batch = self.new_batch()
+        batch.prefill(seq)
+        if not seq.done:
+            batch.add(seq)
+            while not seq.done:
+                batch.step()
+        return self.result(seq)
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompts: list[str | list[int]],
+        *,
+        batch_size: int = 8,
+        admission: AdmissionPolicy | None = None,
+        **sampling: object,
+    ) -> list[GenerationResult]:
+        """Continuous batching over `prompts` (results in input order), at most `batch_size` at a time."""
+        seqs = [self.new_sequence(p, **sampling) for p in prompts]
+        scheduler = Scheduler(self, max_batch_size=batch_size, admission=admission or FifoAdmission())
+        for seq in seqs:
+            scheduler.submit(seq)
+        scheduler.run_until_idle()
+        return [self.result(s) for s in seqs]
+
+    def result(self, seq: Sequence) -> GenerationResult:
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True) if self.tokenizer is not None else None
+        assert seq.t_first_token is not None and seq.t_done is not None
         return GenerationResult(
             text=text,
-            token_ids=new_ids,
-            prompt_token_ids=prompt_ids,
-            finish_reason=finish,
-            prefill_s=prefill_s,
-            elapsed_s=elapsed,
+            token_ids=list(seq.generated),
+            prompt_token_ids=seq.prompt_ids,
+            finish_reason=seq.finish_reason or "length",
+            prefill_s=seq.t_first_token - seq.t_submit,
+            elapsed_s=seq.t_done - seq.t_submit,
         )
-
-    def _forward(self, input_ids: torch.Tensor, past: DynamicCache) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float()
 
     def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if self.max_context and prompt_len + max_new_tokens > self.max_context:
@@ -236,18 +227,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def sample_next(logits_1V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0 (same as transformers' argmax), else temperature + nucleus sampling."""
-    if params.temperature == 0:
-        return int(logits_1V.argmax(dim=-1))
-    probs_V = torch.softmax(logits_1V[0] / params.temperature, dim=-1)
-    if params.top_p < 1:
-        sorted_p, order = torch.sort(probs_V, descending=True)
-        keep = torch.cumsum(sorted_p, dim=0) - sorted_p < params.top_p  # always keeps the most likely token
-        probs_V = torch.zeros_like(probs_V).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs_V, 1, generator=generator))
 
 
 def load(path: str | Path | None = None, **options: object) -> Engine:
