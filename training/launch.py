@@ -25,6 +25,8 @@ def _rank_main(
     fn: Callable[[int, int, Any], Any], rank: int, world_size: int, store_path: str, args: Any, results: Any
 ) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # What torchrun sets; DeepSpeed's engine insists on LOCAL_RANK.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
