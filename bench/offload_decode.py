@@ -128,7 +128,7 @@ def run_child(c: Contender, ckpt: Path, shape: Shape, prompt: list[int], tokens:
         load_s = time.perf_counter() - t0
         at_first_decode: list = []
 
-        def snapshot_after_prefill(plan, _topk) -> None:
+        def snapshot_after_prefill(plan, _ids, _weights) -> None:
             if plan.num_tokens == 1 and not at_first_decode:
                 at_first_decode.append(engine.stats())
 

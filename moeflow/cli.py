@@ -70,6 +70,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_data_files() -> list[Path]:
+    """The shipped model's held-out corpus files: what measurements use when --data is omitted."""
+    from training.corpus import corpus_files
+
+    return corpus_files("heldout")
+
+
+def _data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", type=Path, nargs="+", default=None, help="text files (default: the held-out corpus files)"
+    )
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .trace import record_trace
+
+    with load(args.model, expert_budget="all", store="ram") as engine:
+        trace = record_trace(
+            engine, args.data or default_data_files(), context=args.context, max_tokens=args.max_tokens
+        )
+    trace.save(args.out)
+    print(f"wrote {trace.num_tokens} tokens x {len(trace.layers)} MoE layers to {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(gen, SamplingParams)
     add_dataclass_options(gen, EngineConfig)
     gen.set_defaults(func=cmd_generate)
+
+    trace = sub.add_parser("trace", help="record every token's routing over text files (numpy folder)")
+    _model_option(trace)
+    _data_option(trace)
+    trace.add_argument("--out", type=Path, required=True, help="output folder")
+    trace.add_argument("--context", type=int, default=256, help="tokens per forward (chunk length)")
+    trace.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    trace.set_defaults(func=cmd_trace)
     return parser
 
 

@@ -20,7 +20,8 @@ from .plans import RoutingPlan
 
 IMPLEMENTATION = "moeflow"
 
-RoutingObserver = Callable[[RoutingPlan, torch.Tensor], None]
+# Called once per MoE layer per forward with the plan and the router output (top-k ids and weights, [T, K]).
+RoutingObserver = Callable[[RoutingPlan, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -65,7 +66,7 @@ def offloaded_experts_forward(
     if runtime.observers:
         plan = RoutingPlan(layer=layer, expert_ids=tuple(expert_ids), num_tokens=hidden_TH.shape[0])
         for observe in runtime.observers:
-            observe(plan, top_k_index_TK)
+            observe(plan, top_k_index_TK, top_k_weights_TK)
     pool = cache.pool
     out_TH = None
     for wave in _waves(cache, layer, expert_ids):
