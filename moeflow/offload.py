@@ -69,7 +69,7 @@ def offloaded_experts_forward(
             observe(plan, top_k_index_TK, top_k_weights_TK)
     pool = cache.pool
     out_TH = None
-    for wave in _waves(cache, layer, expert_ids):
+    for wave in plan_waves(cache, layer, expert_ids):
         with cache.acquire(layer, wave) as slot_of:
             lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
             lut_E[torch.tensor(list(slot_of), device=lut_E.device)] = torch.tensor(
@@ -81,7 +81,7 @@ def offloaded_experts_forward(
     return out_TH
 
 
-def _waves(cache: ExpertCache, layer: int, expert_ids: list[int]) -> list[list[int]]:
+def plan_waves(cache: ExpertCache, layer: int, expert_ids: list[int]) -> list[list[int]]:
     """Split a layer's experts into groups that fit the pool, resident ones first so they stay."""
     resident = cache.resident()
     ordered = sorted(expert_ids, key=lambda e: (layer, e) not in resident)
