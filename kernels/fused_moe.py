@@ -376,8 +376,9 @@ def check_moe_args(
             f"must both be [T={T}, K]"
         )
     if topk_ids_TK.dtype not in (torch.int32, torch.int64) or not topk_weights_TK.is_floating_point():
-        raise ValueError(f"topk_ids must be int32/int64 and topk_weights float; got {topk_ids_TK.dtype}, "
-                         f"{topk_weights_TK.dtype}")
+        raise ValueError(
+            f"topk_ids must be int32/int64 and topk_weights float; got {topk_ids_TK.dtype}, {topk_weights_TK.dtype}"
+        )
     if not hidden_TD.dtype == gate_up_proj_E2ID.dtype == down_proj_EDI.dtype:
         raise ValueError(
             f"hidden, gate_up_proj and down_proj must share a dtype, got {hidden_TD.dtype}, "
@@ -631,6 +632,7 @@ def fused_moe(
     topk_ids_TK: torch.Tensor,
     *,
     config: TileConfig | None = None,
+    cpu_gemm: str | None = None,
 ) -> torch.Tensor:
     """MoE expert MLP: out[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k].
 
@@ -638,16 +640,16 @@ def fused_moe(
     ``down_proj [E, D, I]``. E may be a slot pool: ids index its first dimension, and an id outside
     [0, E) marks a pair not computed here (it contributes zero). Triton on a GPU or under
     ``TRITON_INTERPRET=1``; the fastest measured torch formulation on the CPU otherwise (same result
-    within each dtype's rounding). Differentiable on both paths. ``config`` overrides the stored tile.
+    within each dtype's rounding). Differentiable on both paths. ``config`` overrides the stored tile;
+    ``cpu_gemm`` picks the CPU GEMM backend (``kernels.cpu.GEMMS``: ``"onednn"``, the measured
+    fastest, or ``"mm"``, the library transformers' experts use).
     """
     check_moe_args(hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK, topk_ids_TK)
     if not use_triton(hidden_TD, gate_up_proj_E2ID, down_proj_EDI):
-        return fused_moe_cpu(hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK, topk_ids_TK)
+        return fused_moe_cpu(hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK, topk_ids_TK, cpu_gemm)
     T, D = hidden_TD.shape
     S, I2, _ = gate_up_proj_E2ID.shape
-    cfg = config or get_config(
-        T, S, D, I2 // 2, topk_ids_TK.shape[1], hidden_TD.dtype, hidden_TD.device
-    )
+    cfg = config or get_config(T, S, D, I2 // 2, topk_ids_TK.shape[1], hidden_TD.dtype, hidden_TD.device)
     tile = _tile_list(cfg)
     args = (hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args):

@@ -289,9 +289,7 @@ def launch_sort_pairs(
             slot_start, slot_count, num_padded, block_slot, sorted_ids, S, NB, P,
             BLOCK_M=block_m, BLOCK_TILE=_BLOCK_TILE, SLOT_TILE=_SLOT_TILE,
         )  # fmt: skip
-    _scatter_kernel[(num_chunks,)](
-        ids_P, chunk_count, rank, slot_start, sorted_ids, pair_pos, P, S, CHUNK=chunk
-    )
+    _scatter_kernel[(num_chunks,)](ids_P, chunk_count, rank, slot_start, sorted_ids, pair_pos, P, S, CHUNK=chunk)
     return sorted_ids, block_slot, slot_start, slot_count, num_padded, pair_pos
 
 

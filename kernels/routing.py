@@ -228,9 +228,7 @@ def _check_grouped(
         )
 
 
-def launch_topk_softmax(
-    router_logits_TE: torch.Tensor, k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_topk_softmax(router_logits_TE: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check_logits(router_logits_TE, k)
     T, E = router_logits_TE.shape
     weights_TK = torch.empty(T, k, device=router_logits_TE.device, dtype=torch.float32)
@@ -325,9 +323,7 @@ def _(
 # --------------------------------------------------------------------------------------------------
 
 
-def topk_softmax(
-    router_logits_TE: torch.Tensor, k: int, renormalize: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(router_logits_TE: torch.Tensor, k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k softmax routing -> ``(weights_TK fp32, ids_TK int64)``.
 
     ``renormalize=True`` is Mixtral (and Qwen with ``norm_topk_prob``): the K weights sum to one.

@@ -1,0 +1,292 @@
+"""MoE block forward (router + experts): moeflow's CPU path vs transformers eager / grouped_mm / batched_mm.
+
+One Mixtral-shaped sparse MoE block per expert count, random weights, fp32. For every token count
+T, each provider runs the whole block forward; providers are interleaved round-robin (warm-up first)
+so a noisy shared machine slows them alike, and the median of the rounds is kept. moeflow is also
+timed per CPU formulation x GEMM backend (``kernels.cpu.CPU_FORMULATIONS``): that is the
+measurement that picks ``kernels.cpu``'s defaults. Every output is checked against transformers'
+grouped_mm (max |diff| / max |out| recorded). On a GPU the Triton kernels and transformers on the
+GPU are added; without one the JSON says so.
+
+    nice -n 10 python bench/moe_block.py --out bench/results
+
+Shape legend: T tokens, D hidden, I expert hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # real timings: CPU tensors take the torch path, not the interpreter
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.cpu import CPU_FORMULATIONS, DEFAULT_GEMM, PAIR_LOOP_MAX_PAIRS  # noqa: E402
+
+BENCH = "moe_block"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What to measure; every field is a command-line flag."""
+
+    out: str = "bench/results"
+    tokens: tuple[int, ...] = (1, 16, 128, 512)
+    experts: tuple[int, ...] = (8, 64)
+    rounds: int = 7
+    warmup: int = 2
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    batched_mm_max_gib: float = 0.25  # batched_mm gathers a weight copy per pair; skip it above this
+    pair_loop_max_pairs: int = 64  # time the per-pair formulation only up to this many (token, k) pairs
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockShape:
+    experts: int
+    top_k: int
+    hidden: int
+    inter: int
+
+
+# E=8: Mixtral's routing (top-2) at a quarter of its width; E=64: OLMoE's routing (top-8), half width.
+SHAPES = {
+    8: BlockShape(experts=8, top_k=2, hidden=1024, inter=2048),
+    64: BlockShape(experts=64, top_k=8, hidden=1024, inter=512),
+}
+
+
+def build_block(shape: BlockShape, seed: int) -> torch.nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=shape.hidden, intermediate_size=shape.inter, num_local_experts=shape.experts,
+        num_experts_per_tok=shape.top_k,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    block = MixtralSparseMoeBlock(config).eval().requires_grad_(False)
+    torch.nn.init.normal_(block.gate.weight, std=shape.hidden**-0.5)
+    torch.nn.init.normal_(block.experts.gate_up_proj, std=shape.hidden**-0.5)
+    torch.nn.init.normal_(block.experts.down_proj, std=shape.inter**-0.5)
+    return block
+
+
+def transformers_forward(block: torch.nn.Module, implementation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x_TD: torch.Tensor) -> torch.Tensor:
+        block.experts.config._experts_implementation = implementation
+        return block(x_TD[None])[0]
+
+    return forward
+
+
+def moeflow_forward(block: torch.nn.Module, experts_fn: Callable[..., torch.Tensor] | None = None):  # noqa: ANN201
+    """The same block: F.linear router logits, kernels.topk_softmax, then the experts."""
+    k = block.gate.top_k
+
+    def forward(x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = F.linear(x_TD, block.gate.weight)
+        weights_TK, ids_TK = kernels.topk_softmax(logits_TE, k, renormalize=True)
+        fn = experts_fn or kernels.fused_moe
+        return fn(x_TD, block.experts.gate_up_proj, block.experts.down_proj, weights_TK, ids_TK)
+
+    return forward
+
+
+def providers(block: torch.nn.Module, shape: BlockShape, T: int, s: Settings) -> dict[str, Callable]:
+    out = {
+        "transformers eager": transformers_forward(block, "eager"),
+        "transformers grouped_mm": transformers_forward(block, "grouped_mm"),
+    }
+    gathered_gib = T * shape.top_k * 3 * shape.hidden * shape.inter * 4 / 2**30
+    if gathered_gib <= s.batched_mm_max_gib:
+        out["transformers batched_mm"] = transformers_forward(block, "batched_mm")
+    out["moeflow"] = moeflow_forward(block)
+    for name, fn in CPU_FORMULATIONS.items():
+        if name.startswith("pair_loop") and T * shape.top_k > s.pair_loop_max_pairs:
+            continue
+        out[f"moeflow {name}"] = moeflow_forward(block, fn)
+    return out
+
+
+def time_round_robin(fns: dict[str, Callable], x_TD: torch.Tensor, s: Settings) -> dict[str, list[float]]:
+    """Warm up each, then `rounds` rounds calling every provider once, in a rotating order."""
+    names = list(fns)
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(s.warmup):
+                fns[name](x_TD)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(s.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                fns[name](x_TD)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def check_outputs(fns: dict[str, Callable], x_TD: torch.Tensor) -> dict[str, float]:
+    with torch.inference_mode():
+        want = fns["transformers grouped_mm"](x_TD)
+        scale = want.abs().max().item()
+        return {n: (fn(x_TD) - want).abs().max().item() / scale for n, fn in fns.items()}
+
+
+def gpu_rows(s: Settings) -> list[dict] | str:
+    """Triton vs transformers on the GPU, or why that could not run."""
+    if not torch.cuda.is_available():
+        return "not run: no GPU on this machine (the Triton kernels are tested under TRITON_INTERPRET=1)"
+    rows = []
+    for E in s.experts:
+        shape = SHAPES[E]
+        block = build_block(shape, s.seed).to("cuda", torch.bfloat16)
+        for T in s.tokens:
+            x = torch.randn(T, shape.hidden, device="cuda", dtype=torch.bfloat16)
+            fns = {"transformers grouped_mm (cuda)": transformers_forward(block, "grouped_mm"),
+                   "moeflow triton (cuda)": moeflow_forward(block)}  # fmt: skip
+            import triton.testing
+
+            for name, fn in fns.items():
+                with torch.inference_mode():
+                    ms = triton.testing.do_bench(lambda fn=fn, x=x: fn(x))
+                rows.append({"E": E, "T": T, "provider": name, "median_ms": ms, "dtype": "bfloat16"})
+    return rows
+
+
+def hardware() -> dict[str, object]:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())  # fmt: skip
+    return {
+        "cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "load_average": os.getloadavg(),
+        "onednn": torch.backends.mkldnn.is_available(), "default_cpu_gemm": DEFAULT_GEMM,
+        "pair_loop_max_pairs": PAIR_LOOP_MAX_PAIRS,
+    }  # fmt: skip
+
+
+def plot(rows: list[dict], s: Settings, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(s.experts), figsize=(6.5 * len(s.experts), 4.8), squeeze=False)
+    for ax, E in zip(axes[0], s.experts):
+        names = sorted({r["provider"] for r in rows if r["E"] == E},
+                       key=lambda n: (not n.startswith("transformers"), n != "moeflow", n))  # fmt: skip
+        for name in names:
+            pts = sorted((r["T"], r["median_ms"] / r["T"]) for r in rows if r["E"] == E and r["provider"] == name)
+            style = "-o" if not name.startswith("moeflow ") else ":."
+            width = 2.5 if name == "moeflow" else 1.2
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, lw=width, label=name)
+        sh = SHAPES[E]
+        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="ms per token (median)",
+               title=f"E={E}, K={sh.top_k}, D={sh.hidden}, I={sh.inter}, fp32")  # fmt: skip
+        ax.set_xticks(list(s.tokens), [str(t) for t in s.tokens])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    hw = hardware()
+    fig.suptitle(f"MoE block forward on CPU: {hw['cpu']}, {hw['torch_threads']} threads (shared, noisy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def summary(rows: list[dict], s: Settings) -> list[dict]:
+    out = []
+    for E in s.experts:
+        for T in s.tokens:
+            by = {r["provider"]: r["median_ms"] for r in rows if r["E"] == E and r["T"] == T}
+            hf = {n: v for n, v in by.items() if n.startswith("transformers")}
+            best_hf = min(hf, key=hf.get)
+            forms = {n: v for n, v in by.items() if n.startswith("moeflow ")}
+            out.append({
+                "E": E, "T": T, "eager_ms": by["transformers eager"], "grouped_mm_ms": by["transformers grouped_mm"],
+                "best_transformers": best_hf, "moeflow_ms": by["moeflow"],
+                "speedup_vs_eager": by["transformers eager"] / by["moeflow"],
+                "speedup_vs_grouped_mm": by["transformers grouped_mm"] / by["moeflow"],
+                "speedup_vs_best_transformers": hf[best_hf] / by["moeflow"],
+                "fastest_moeflow_formulation": min(forms, key=forms.get).removeprefix("moeflow "),
+            })  # fmt: skip
+    return out
+
+
+def print_table(table: list[dict]) -> None:
+    head = (f"{'E':>3} {'T':>4} | {'eager ms':>9} {'grouped ms':>10} {'moeflow ms':>10} | {'x eager':>7} "
+            f"{'x grouped':>9} {'x best HF':>9} | fastest formulation")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for r in table:
+        print(f"{r['E']:>3} {r['T']:>4} | {r['eager_ms']:>9.2f} {r['grouped_mm_ms']:>10.2f} {r['moeflow_ms']:>10.2f} | "
+              f"{r['speedup_vs_eager']:>7.2f} {r['speedup_vs_grouped_mm']:>9.2f} "
+              f"{r['speedup_vs_best_transformers']:>9.2f} | {r['fastest_moeflow_formulation']}")  # fmt: skip
+
+
+def run(s: Settings) -> dict:
+    started = hardware()
+    rows = []
+    for E in s.experts:
+        shape = SHAPES[E]
+        block = build_block(shape, s.seed)
+        for T in s.tokens:
+            x_TD = torch.randn(T, shape.hidden, generator=torch.Generator().manual_seed(s.seed + T))
+            fns = providers(block, shape, T, s)
+            errors = check_outputs(fns, x_TD)
+            t0 = time.perf_counter()
+            times = time_round_robin(fns, x_TD, s)
+            for name, ts in times.items():
+                rows.append({"E": E, "T": T, "provider": name, "median_ms": 1e3 * statistics.median(ts),
+                             "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
+                             "max_rel_diff_vs_grouped_mm": errors[name]})  # fmt: skip
+            print(f"E={E:>3} T={T:>4}: {len(fns)} providers x {s.rounds} rounds in {time.perf_counter() - t0:.1f}s; "
+                  f"moeflow {1e3 * statistics.median(times['moeflow']):.2f} ms, grouped_mm "
+                  f"{1e3 * statistics.median(times['transformers grouped_mm']):.2f} ms", flush=True)  # fmt: skip
+        del block
+    return {"bench": BENCH, "settings": dataclasses.asdict(s), "shapes": {E: dataclasses.asdict(SHAPES[E])
+            for E in s.experts}, "hardware": started, "load_average_after": os.getloadavg(), "dtype": "float32",
+            "cpu_rows": rows, "summary": summary(rows, s), "gpu": gpu_rows(s)}  # fmt: skip
+
+
+def parse(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=list(f.default))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    args = vars(parser.parse_args(argv))
+    return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    s = parse(argv)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    bad = [E for E in s.experts if E not in SHAPES]
+    if bad:
+        raise SystemExit(f"--experts: no block shape for {bad}; known: {sorted(SHAPES)}")
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(s)
+    (out / f"{BENCH}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result["cpu_rows"], s, out / f"{BENCH}.png")
+    print()
+    print_table(result["summary"])
+    gpu = result["gpu"]
+    print(f"\nGPU: {gpu}" if isinstance(gpu, str) else f"\nGPU rows: {len(gpu)} (in the JSON)")
+    print(f"wrote {out / (BENCH + '.json')} and {out / (BENCH + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
