@@ -335,11 +335,14 @@ def _slot_wgrad_kernel(
         tok = (pair // TOP_K).to(tl.int64)
         l_row = tok if L_BY_TOKEN else pos
         r_row = tok if R_BY_TOKEN else pos
-        left = tl.load(l_ptr + l_row[None, :] * stride_lr + i[:, None] * stride_lc, mask=i_ok[:, None] & r_ok[None, :])
+        # Masked lanes feed tl.dot, so they must read as zero (other=0), not as whatever was there.
+        l_mask = i_ok[:, None] & r_ok[None, :]
+        left = tl.load(l_ptr + l_row[None, :] * stride_lr + i[:, None] * stride_lc, mask=l_mask, other=0.0)
         if SCALE_L:
             scale = tl.load(scale_ptr + pair, mask=r_ok, other=0.0).to(tl.float32)
             left = (left.to(tl.float32) * scale[None, :]).to(l_ptr.dtype.element_ty)
-        right = tl.load(r_ptr + r_row[:, None] * stride_rr + j[None, :] * stride_rc, mask=r_ok[:, None] & j_ok[None, :])
+        r_mask = r_ok[:, None] & j_ok[None, :]
+        right = tl.load(r_ptr + r_row[:, None] * stride_rr + j[None, :] * stride_rc, mask=r_mask, other=0.0)
         acc = _dot(left, right, acc, UPCAST, IEEE)
     d_ptrs = dw_ptr + slot.to(tl.int64) * stride_ds + i[:, None].to(tl.int64) * stride_dm + j[None, :] * stride_dn
     tl.store(d_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])

@@ -225,7 +225,7 @@ def _blocks_kernel(
     owner = tl.where(row0 < num_padded, owner, -1)
     tl.store(block_slot_ptr + b, owner, mask=b < NB)
     rows = row0[:, None] + tl.arange(0, BLOCK_M)[None, :]
-    tl.store(sorted_ptr + rows, tl.full((BLOCK_TILE, BLOCK_M), P, dtype=tl.int32), mask=(b < NB)[:, None])
+    tl.store(sorted_ptr + rows, tl.zeros((BLOCK_TILE, BLOCK_M), dtype=tl.int32) + P, mask=(b < NB)[:, None])
 
 
 @triton.jit
