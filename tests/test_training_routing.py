@@ -249,3 +249,55 @@ def test_choose_num_chunks_follows_costs():
     middle = choose_num_chunks(profile(0.05), max_chunks=8)
     assert 1 < middle.num_chunks < 8
     assert middle.predicted_step_s[middle.num_chunks] < middle.predicted_step_s[1]
+
+
+@pytest.mark.parametrize("input_needs_grad,experts_trainable", [(False, True), (True, False)])
+def test_partial_gradients(input_needs_grad, experts_trainable):
+    """An input without grad (first layer) skips the input backward; frozen experts get no grad;
+    whatever is computed equals the fully differentiated layer's."""
+    torch.manual_seed(9)
+    config = MoELayerConfig(hidden_size=8, expert_hidden_size=12, num_experts=4, num_chunks=2, init_std=0.3)
+    full, partial = MoELayer(config), MoELayer(config)
+    partial.load_state_dict(full.state_dict())
+    partial.experts.requires_grad_(experts_trainable)
+    x = torch.randn(9, 8)
+    x_full, x_partial = x.clone().requires_grad_(True), x.clone().requires_grad_(input_needs_grad)
+    full(x_full).square().sum().backward()
+    partial(x_partial).square().sum().backward()
+    assert_close(partial.gate.weight.grad, full.gate.weight.grad)
+    assert (x_partial.grad is not None) == input_needs_grad
+    if input_needs_grad:
+        assert_close(x_partial.grad, x_full.grad)
+    for name in ("gate_up_proj", "down_proj"):
+        got = getattr(partial.experts, name).grad
+        if experts_trainable:
+            assert_close(got, getattr(full.experts, name).grad)
+        else:
+            assert got is None
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+@pytest.mark.parametrize("counts", [[3, 0, 5], [0, 0, 1], [4, 4, 4]], ids=["empty-middle", "one-row", "even"])
+def test_expert_mlp_paths_match_reference(monkeypatch, grouped, counts):
+    import training.experts as experts
+
+    if not grouped:
+        monkeypatch.setattr(experts, "_grouped_mm_fits", lambda *args: False)
+    elif not experts._grouped_mm_fits(torch.zeros(1, 8), torch.zeros(3, 24, 8), torch.zeros(3, 8, 12)):
+        pytest.skip("this torch has no CPU grouped_mm")
+    torch.manual_seed(10)
+    x_ND = torch.randn(sum(counts), 8, requires_grad=True)
+    gate_up = torch.randn(3, 24, 8, requires_grad=True)
+    down = torch.randn(3, 8, 12, requires_grad=True)
+    y = experts.expert_mlp_torch(x_ND, counts, gate_up, down)
+    rows = []
+    for n, e in enumerate([e for e, c in enumerate(counts) for _ in range(c)]):
+        h = gate_up[e] @ x_ND[n]
+        rows.append(down[e] @ (torch.nn.functional.silu(h[:12]) * h[12:]))
+    want = torch.stack(rows)
+    assert_close(y, want)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad((y * g).sum(), (x_ND, gate_up, down))
+    want_grads = torch.autograd.grad((want * g).sum(), (x_ND, gate_up, down))
+    for got, expected in zip(got_grads, want_grads):
+        assert_close(got, expected)

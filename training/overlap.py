@@ -59,8 +59,11 @@ class _PipelinedExchange(torch.autograd.Function):
         x_SD = x_SD.contiguous()
         y_SD = torch.empty_like(x_SD)
         with torch.enable_grad():
-            gate_up_leaf = gate_up_L2ID.detach().requires_grad_(build_graph)
-            down_leaf = down_LDI.detach().requires_grad_(build_graph)
+            gate_up_leaf = gate_up_L2ID.detach().requires_grad_(build_graph and ctx.needs_input_grad[1])
+            down_leaf = down_LDI.detach().requires_grad_(build_graph and ctx.needs_input_grad[2])
+        # Rows that need no gradient (the layer's input is a leaf without grad) skip the input
+        # backward of the first projection and the whole return all-to-all of the backward.
+        rows_need_grad = build_graph and ctx.needs_input_grad[0]
 
         def dispatch(i: int) -> PendingTensor:
             chunk = plan.chunks[i]
@@ -79,7 +82,7 @@ class _PipelinedExchange(torch.autograd.Function):
             upcoming = dispatch(i + 1) if i + 1 < plan.num_chunks else None
             x_ND = pending.wait()
             with torch.set_grad_enabled(build_graph), _recorded(timeline, f"experts fwd {i}"):
-                x_leaf_ND = x_ND.detach().requires_grad_(build_graph)
+                x_leaf_ND = x_ND.detach().requires_grad_(rows_need_grad)
                 x_grouped_ND = x_leaf_ND if chunk.to_expert_major_N is None else x_leaf_ND[chunk.to_expert_major_N]
                 y_grouped_ND = exchange.expert_fn(x_grouped_ND, chunk.tokens_per_expert_L, gate_up_leaf, down_leaf)
                 y_ND = y_grouped_ND if chunk.to_source_major_N is None else y_grouped_ND[chunk.to_source_major_N]
@@ -110,9 +113,9 @@ class _PipelinedExchange(torch.autograd.Function):
         graphs: list[tuple[Tensor, Tensor] | None] = ctx.graphs
         gate_up_leaf, down_leaf = ctx.weight_leaves
         grad_y_SD = grad_y_SD.contiguous()
-        grad_x_SD = torch.empty_like(grad_y_SD)
-        grad_gate_up = torch.zeros_like(gate_up_leaf) if ctx.needs_input_grad[1] else None
-        grad_down = torch.zeros_like(down_leaf) if ctx.needs_input_grad[2] else None
+        rows_need_grad = ctx.needs_input_grad[0]
+        grad_x_SD = torch.empty_like(grad_y_SD) if rows_need_grad else None
+        weight_grads = _WeightGrads()
 
         def gather_grad(i: int) -> PendingTensor:
             chunk = plan.chunks[i]
@@ -132,24 +135,38 @@ class _PipelinedExchange(torch.autograd.Function):
             x_leaf_ND, y_ND = graphs[i]
             graphs[i] = None  # chunk i's graph is freed once its backward has run
             with _recorded(timeline, f"experts bwd {i}"):
-                grad_x_ND = _chunk_backward(
-                    x_leaf_ND, y_ND, grad_y_ND, gate_up_leaf, down_leaf, grad_gate_up, grad_down
+                grad_x_ND = _chunk_backward(x_leaf_ND, y_ND, grad_y_ND, gate_up_leaf, down_leaf, weight_grads)
+            if grad_x_SD is not None:
+                assert grad_x_ND is not None
+                returns.append(
+                    comm.start_all_to_all(
+                        grad_x_ND,
+                        input_splits=chunk.recv_splits,
+                        output_splits=chunk.send_splits,
+                        out_ND=_rows(grad_x_SD, chunk),
+                        timeline=timeline,
+                        label=f"grad dispatch {i}",
+                    )
                 )
-            returns.append(
-                comm.start_all_to_all(
-                    grad_x_ND,
-                    input_splits=chunk.recv_splits,
-                    output_splits=chunk.send_splits,
-                    out_ND=_rows(grad_x_SD, chunk),
-                    timeline=timeline,
-                    label=f"grad dispatch {i}",
-                )
-            )
             if upcoming is not None:
                 pending = upcoming
         for pending_return in returns:
             pending_return.wait()
-        return grad_x_SD, grad_gate_up, grad_down, None, None
+        return grad_x_SD, weight_grads.gate_up, weight_grads.down, None, None
+
+
+class _WeightGrads:
+    """Sum of the chunks' expert-weight gradients (None until a chunk contributes: no zero-fill)."""
+
+    def __init__(self) -> None:
+        self.gate_up: Tensor | None = None
+        self.down: Tensor | None = None
+
+    def add(self, gate_up: Tensor | None, down: Tensor | None) -> None:
+        if gate_up is not None:
+            self.gate_up = gate_up if self.gate_up is None else self.gate_up.add_(gate_up)
+        if down is not None:
+            self.down = down if self.down is None else self.down.add_(down)
 
 
 def _chunk_backward(
@@ -158,17 +175,19 @@ def _chunk_backward(
     grad_y_ND: Tensor,
     gate_up_leaf: Tensor,
     down_leaf: Tensor,
-    grad_gate_up: Tensor | None,
-    grad_down: Tensor | None,
-) -> Tensor:
-    """Backward of one chunk's expert maths; accumulates the weight gradients in place."""
-    if y_ND.grad_fn is None:  # no rows reached this rank's experts in this chunk
-        return torch.zeros_like(x_leaf_ND)
-    grads = torch.autograd.grad(y_ND, (x_leaf_ND, gate_up_leaf, down_leaf), grad_y_ND, allow_unused=True)
-    for accumulated, grad in ((grad_gate_up, grads[1]), (grad_down, grads[2])):
-        if accumulated is not None and grad is not None:
-            accumulated.add_(grad)
-    return grads[0] if grads[0] is not None else torch.zeros_like(x_leaf_ND)
+    weight_grads: _WeightGrads,
+) -> Tensor | None:
+    """Backward of one chunk's expert maths: adds its weight gradients to `weight_grads`, returns
+    the received rows' gradient (None when the rows need none)."""
+    wanted = [t for t in (x_leaf_ND, gate_up_leaf, down_leaf) if t.requires_grad]
+    grads = {}
+    if y_ND.grad_fn is not None and wanted:  # else no rows reached this rank's experts in this chunk
+        grads = dict(zip(map(id, wanted), torch.autograd.grad(y_ND, wanted, grad_y_ND, allow_unused=True)))
+    weight_grads.add(grads.get(id(gate_up_leaf)), grads.get(id(down_leaf)))
+    if not x_leaf_ND.requires_grad:
+        return None
+    grad_x_ND = grads.get(id(x_leaf_ND))
+    return grad_x_ND if grad_x_ND is not None else torch.zeros_like(x_leaf_ND)
 
 
 def pipelined_exchange(x_SD: Tensor, gate_up_L2ID: Tensor, down_LDI: Tensor, exchange: ExchangeContext) -> Tensor:
