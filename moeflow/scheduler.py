@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .batching import DecodeBatch, Sequence
+from .errors import MoeflowError
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -31,6 +32,20 @@ class FifoAdmission(AdmissionPolicy):
 
     def choose(self, waiting: list[Sequence], running: list[Sequence], free: int) -> list[Sequence]:
         return waiting[:free]
+
+
+ADMISSIONS = ("fifo", "rebatch")
+
+
+def make_admission(name: str, engine: Engine) -> AdmissionPolicy:
+    """The admission policy called `name`: "fifo", or "rebatch" (the token re-batcher, `predictor.rebatch`)."""
+    if name == "fifo":
+        return FifoAdmission()
+    if name == "rebatch":
+        from predictor.rebatch import RebatchAdmission
+
+        return RebatchAdmission.for_engine(engine)
+    raise MoeflowError(f"unknown admission policy {name!r}; choose one of: {', '.join(ADMISSIONS)}")
 
 
 class Scheduler:
