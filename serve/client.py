@@ -1,0 +1,168 @@
+"""A small Python client for the moeflow.v1 service (no torch needed on the client side)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .proto import moeflow_pb2, moeflow_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Response:
+    """One streamed message (new text and ids), or a whole unary reply. `finish_reason` is set on the last."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    elapsed_s: float
+
+    @classmethod
+    def from_proto(cls, msg: Message) -> Response:
+        return cls(
+            text=msg.text,
+            token_ids=tuple(msg.token_ids),
+            finish_reason=msg.finish_reason,
+            prompt_tokens=msg.usage.prompt_tokens,
+            completion_tokens=msg.usage.completion_tokens,
+            time_to_first_token_s=msg.time_to_first_token_s,
+            elapsed_s=msg.elapsed_s,
+        )
+
+
+class Stream:
+    """A running `Generate` call: iterate for `Response`s; `cancel()` frees the server's slot at once."""
+
+    def __init__(self, call: grpc.Call) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[Response]:
+        for msg in self._call:
+            yield Response.from_proto(msg)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+def make_request(
+    prompt: str,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> Message:
+    """A `moeflow.v1.GenerateRequest`; None leaves a field unset (the server's default)."""
+    msg = moeflow_pb2.GenerateRequest(prompt=prompt, temperature=temperature)
+    if max_new_tokens is not None:
+        msg.max_new_tokens = max_new_tokens
+    if top_p is not None:
+        msg.top_p = top_p
+    if seed is not None:
+        msg.seed = seed
+    return msg
+
+
+def plain(value: object) -> object:
+    """A message as dicts, lists and numbers (proto3's JSON mapping would turn int64 counts into strings)."""
+    if isinstance(value, Message):
+        return {f.name: plain(getattr(value, f.name)) for f in value.DESCRIPTOR.fields}
+    if isinstance(value, (str, bytes, int, float, bool)):
+        return value
+    if hasattr(value, "items"):  # map field
+        return {k: plain(v) for k, v in value.items()}
+    return [plain(v) for v in value]  # repeated field
+
+
+class MoeflowClient:
+    """`with MoeflowClient("127.0.0.1:50051") as c: print(c.generate("Once upon").text)`.
+
+    Sampling keywords of `stream` and `generate`: max_new_tokens, temperature (0 = greedy), top_p, seed.
+    Errors are `grpc.RpcError`s; `.code()` and `.details()` say what was wrong.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = moeflow_pb2_grpc.MoeflowStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def stream(self, prompt: str, *, timeout: float | None = None, **sampling: object) -> Stream:
+        return Stream(self._stub.Generate(make_request(prompt, **sampling), timeout=timeout or self.timeout))
+
+    def generate(self, prompt: str, *, timeout: float | None = None, **sampling: object) -> Response:
+        """The unary call: the whole text at once."""
+        msg = self._stub.GenerateUnary(make_request(prompt, **sampling), timeout=timeout or self.timeout)
+        return Response.from_proto(msg)
+
+    def stats(self, *, timeout: float | None = None) -> dict:
+        """GetStats as a JSON-able dict: field names as in the proto, every field present, numbers as numbers."""
+        return plain(self._stub.GetStats(moeflow_pb2.GetStatsRequest(), timeout=timeout or self.timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """SERVING, NOT_SERVING, or SERVICE_UNKNOWN (gRPC health protocol)."""
+        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the channel connects; raises grpc.FutureTimeoutError after `timeout` seconds."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MoeflowClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_cli(
+    address: str,
+    prompt: str | None,
+    *,
+    sampling: dict,
+    unary: bool = False,
+    as_json: bool = False,
+    show_stats: bool = False,
+    timeout: float | None = None,
+) -> int:
+    """`moeflow client`: stream (or unary) one prompt to stdout, and/or print the server's stats as JSON."""
+    with MoeflowClient(address, timeout=timeout) as client:
+        try:
+            if prompt is not None:
+                replies = [client.generate(prompt, **sampling)] if unary else client.stream(prompt, **sampling)
+                if not as_json:
+                    print(prompt, end="", flush=True)
+                for reply in replies:
+                    if as_json:
+                        print(json.dumps(dataclasses.asdict(reply)), flush=True)
+                    else:
+                        print(reply.text, end="", flush=True)
+                if not as_json:
+                    print()
+                    print(
+                        f"[{reply.completion_tokens} tokens, finish {reply.finish_reason}, first token after "
+                        f"{reply.time_to_first_token_s:.3f} s, {reply.elapsed_s:.3f} s in all]",
+                        file=sys.stderr,
+                    )
+            if show_stats:
+                print(json.dumps(client.stats(), indent=2))
+        except grpc.RpcError as e:
+            print(f"moeflow: error: {e.code().name} from {address}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0

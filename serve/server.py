@@ -1,0 +1,118 @@
+"""Assemble the gRPC server (moeflow.v1 + health + reflection) around an engine worker; drain on SIGTERM."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moeflow.engine import Engine, EngineConfig, load
+from moeflow.errors import MoeflowError
+from moeflow.scheduler import make_admission
+
+from .config import ServerConfig
+from .proto import SERVICE_NAME, moeflow_pb2_grpc
+from .servicer import MoeflowServicer
+from .worker import EngineWorker
+
+# Handler threads beyond the request capacity: health checks, stats, and refusing requests over the
+# limit with our own message. Past capacity + spare, gRPC itself answers RESOURCE_EXHAUSTED.
+SPARE_THREADS = 8
+
+
+@dataclass(eq=False)
+class RunningServer:
+    server: grpc.Server
+    worker: EngineWorker
+    health: health.HealthServicer
+    executor: ThreadPoolExecutor
+    address: str  # host:port actually bound
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def shutdown(self, grace_s: float) -> bool:
+        """Drain: health goes NOT_SERVING, new requests get UNAVAILABLE, requests already taken run to the end
+        (at most `grace_s`, then they are cancelled). True when every taken request finished."""
+        deadline = time.monotonic() + grace_s
+        self.health.enter_graceful_shutdown()
+        self.worker.drain()
+        drained = self.worker.wait_idle(grace_s)
+        # The handlers still send the final messages: give them the rest of the grace period.
+        self.server.stop(grace=max(deadline - time.monotonic(), 0.0) if drained else 0.0).wait()
+        self.worker.close()
+        self.executor.shutdown(wait=False)
+        return drained
+
+
+def start(engine: Engine, config: ServerConfig, *, model_name: str = "") -> RunningServer:
+    """Start serving `engine` on `config.host:config.port` (port 0: a free one; see `.address`)."""
+    worker = EngineWorker(engine, config, make_admission(config.admission, engine), model=model_name)
+    threads = config.capacity + SPARE_THREADS
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeflow-grpc")
+    server = grpc.server(
+        executor,
+        maximum_concurrent_rpcs=threads,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
+        ],
+    )
+    moeflow_pb2_grpc.add_MoeflowServicer_to_server(MoeflowServicer(worker), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    try:
+        port = server.add_insecure_port(f"{host}:{config.port}")
+    except RuntimeError as e:  # gRPC raises when the address cannot be bound
+        worker.close()
+        raise MoeflowError(f"cannot listen on {host}:{config.port} ({e}); choose another --port, or 0 for any") from e
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(
+        server=server, worker=worker, health=health_servicer, executor=executor, address=f"{host}:{port}"
+    )
+
+
+def run(model: Path | None, engine_config: EngineConfig, config: ServerConfig) -> int:
+    """`moeflow serve`: load, serve until SIGTERM or SIGINT, then drain. Exit status 0 when all requests finished."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with load(model, **dataclasses.asdict(engine_config)) as engine:
+            running = start(engine, config, model_name=engine.checkpoint.path.name)
+            print(
+                f"moeflow: serving {engine.checkpoint.path} on {running.address} (admission {config.admission}, "
+                f"batch <= {config.max_batch_size}, queue <= {config.max_queue}, expert budget "
+                f"{engine_config.expert_budget}); SIGTERM drains",
+                file=sys.stderr,
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                pass
+            print(
+                f"moeflow: draining (up to {config.grace_s:g} s); new requests are refused", file=sys.stderr, flush=True
+            )
+            drained = running.shutdown(config.grace_s)
+            print(
+                "moeflow: stopped"
+                + ("" if drained else "; requests still running after the grace period were cancelled"),
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if drained else 1
