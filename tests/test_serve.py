@@ -266,9 +266,16 @@ def test_malformed_request_gets_its_status_and_server_keeps_serving(client, requ
     assert len(client.generate("abc", max_new_tokens=3).token_ids) == 3
 
 
-def test_unknown_fields_are_refused_by_number(server, client):
-    body = moeflow_pb2.GenerateRequest(prompt="hi").SerializeToString()
-    body += bytes([0x98, 0x06, 0x01])  # field 99, varint 1: a field moeflow.v1 does not have
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (bytes([0x98, 0x06, 0x01]), "#99 (varint)"),  # field 99: a field moeflow.v1 does not have
+        (bytes([0x12, 0x01, 0x41]), "#2 (length-delimited)"),  # max_new_tokens sent as a string
+    ],
+    ids=["unknown-number", "known-number-wrong-type"],
+)
+def test_unknown_fields_are_refused_by_number(server, client, extra, says):
+    body = moeflow_pb2.GenerateRequest(prompt="hi").SerializeToString() + extra
     with grpc.insecure_channel(server.address) as channel:
         generate = channel.unary_stream(
             f"/{SERVICE_NAME}/Generate", response_deserializer=moeflow_pb2.GenerateResponse.FromString
@@ -276,11 +283,20 @@ def test_unknown_fields_are_refused_by_number(server, client):
         with pytest.raises(grpc.RpcError) as e:
             list(generate(body, timeout=30))
         assert e.value.code() == INVALID
-        assert "#99 (varint)" in e.value.details() and "prompt=1" in e.value.details()
+        assert says in e.value.details() and "prompt=1, max_new_tokens=2" in e.value.details()
         # The same bytes without the stranger are fine.
         ok = list(generate(moeflow_pb2.GenerateRequest(prompt="hi", max_new_tokens=2).SerializeToString(), timeout=30))
         assert sum(len(r.token_ids) for r in ok) == 2
     assert client.health() == "SERVING"
+
+
+def test_corrupt_bytes_are_refused_and_the_server_keeps_serving(server, client):
+    with grpc.insecure_channel(server.address) as channel:
+        generate = channel.unary_unary(f"/{SERVICE_NAME}/GenerateUnary")
+        with pytest.raises(grpc.RpcError) as e:
+            generate(b"\xff\xff\xff", timeout=30)
+    assert e.value.code() == grpc.StatusCode.INTERNAL  # gRPC's own answer to a request it cannot parse
+    assert len(client.generate("abc", max_new_tokens=3).token_ids) == 3
 
 
 def test_server_config_rejects_bad_settings():
