@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from moeflow.engine import Engine, EngineConfig, load
 from moeflow.errors import MoeflowError
-from moeflow.scheduler import make_admission
+from moeflow.scheduler import AdmissionPolicy, make_admission
 
 from .config import ServerConfig
 from .proto import SERVICE_NAME, moeflow_pb2_grpc
@@ -55,9 +55,16 @@ class RunningServer:
         return drained
 
 
-def start(engine: Engine, config: ServerConfig, *, model_name: str = "") -> RunningServer:
-    """Start serving `engine` on `config.host:config.port` (port 0: a free one; see `.address`)."""
-    worker = EngineWorker(engine, config, make_admission(config.admission, engine), model=model_name)
+def start(
+    engine: Engine, config: ServerConfig, *, model_name: str = "", admission: AdmissionPolicy | None = None
+) -> RunningServer:
+    """Start serving `engine` on `config.host:config.port` (port 0: a free one; see `.address`).
+
+    `admission`: a policy object instead of the one `config.admission` names (an embedding program's own).
+    """
+    if admission is None:
+        admission = make_admission(config.admission, engine)
+    worker = EngineWorker(engine, config, admission, model=model_name)
     threads = config.capacity + SPARE_THREADS
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeflow-grpc")
     server = grpc.server(
