@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,8 +50,16 @@ class Sequence:
 class DecodeBatch:
     """The sequences decoding together, and their padded KV cache."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        eos_token_ids: set[int],
+        *,
+        before_forward: Callable[[list[list[int]], int], None] | None = None,
+    ) -> None:
         self.model = model
+        self.before_forward = before_forward  # (token histories, new tokens per history), e.g. routing prediction
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.members: list[Sequence] = []
@@ -66,6 +75,8 @@ class DecodeBatch:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else 0)
         cache = DynamicCache(config=self.model.config)
+        if self.before_forward is not None:
+            self.before_forward([seq.prompt_ids], len(seq.prompt_ids))
         logits_1V = self._forward(torch.tensor([seq.prompt_ids], device=self.device), cache)
         seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
         seq.t_first_token = time.perf_counter()
@@ -101,6 +112,8 @@ class DecodeBatch:
         last_B1 = torch.tensor([[s.generated[-1]] for s in self.members], device=self.device)
         positions_B1 = torch.tensor([[s.length - 1] for s in self.members], device=self.device)
         self._mask_BL = torch.cat([self._mask_BL, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
+        if self.before_forward is not None:
+            self.before_forward([s.prompt_ids + s.generated for s in self.members], 1)
         logits_BV = self._forward(last_B1, self._cache, attention_mask=self._mask_BL, position_ids=positions_B1)
         for b, seq in enumerate(self.members):
             self._accept(seq, sample_next(logits_BV[b], seq.params, seq.generator))

@@ -36,7 +36,65 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-empty line; `\\n` and `\\t` stand for newline and tab."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoeflowError(f"cannot read prompts from {path} ({e}); give a UTF-8 text file, one prompt per line") from e
+    prompts = [ln.replace("\\n", "\n").replace("\\t", "\t") for ln in lines if ln.strip()]
+    if not prompts:
+        raise MoeflowError(f"{path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def cmd_generate_batch(args: argparse.Namespace) -> int:
+    from .scheduler import make_admission
+
+    if args.batch_size < 1:
+        raise MoeflowError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prompts = read_prompts(args.prompts)
+    config = dataclass_from_args(EngineConfig, args)
+    sampling = dataclass_from_args(SamplingParams, args)
+    with load(args.model, **dataclasses.asdict(config)) as engine:
+        admission = make_admission(args.admission, engine)
+        run = engine.run_batch(prompts, batch_size=args.batch_size, admission=admission,
+                               **dataclasses.asdict(sampling))
+        stats = engine.stats()
+    results = run.results
+    tokens = sum(len(r.token_ids) for r in results)
+    summary = {
+        "prompts": len(results),
+        "tokens": tokens,
+        "elapsed_s": run.elapsed_s,
+        "tokens_per_s": tokens / run.elapsed_s if run.elapsed_s > 0 else 0.0,
+        "admission": args.admission,
+        "batch_size": args.batch_size,
+        "mean_batch": float(sum(run.batch_sizes) / max(len(run.batch_sizes), 1)),
+        "distinct_experts_per_step": float(sum(run.distinct_experts) / max(len(run.distinct_experts), 1)),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "cache": stats.to_dict(),
+    }
+    if args.json:
+        for r in results:
+            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}))
+        print(json.dumps(summary))
+    else:
+        for p, r in zip(prompts, results):
+            print(p + (r.text if r.text is not None else str(r.token_ids)))
+            print("-" * 40)
+        print(
+            f"[{len(results)} prompts, {tokens} tokens, {summary['tokens_per_s']:.1f} tok/s, "
+            f"{summary['distinct_experts_per_step']:.2f} distinct experts per layer per step, "
+            f"cache hit rate {stats.hit_rate:.1%}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompts is not None:
+        return cmd_generate_batch(args)
     config = dataclass_from_args(EngineConfig, args)
     sampling = dataclass_from_args(SamplingParams, args)
     with load(args.model, **dataclasses.asdict(config)) as engine:
@@ -83,40 +141,74 @@ def _data_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from .trace import record_trace
 
     with load(args.model, expert_budget="all", store="ram") as engine:
+        predictors = []
+        if args.predictors:
+            from predictor.runtime import build_predictor
+
+            predictors = [build_predictor(engine, n, lookahead=args.lookahead) for n in _names(args.predictors)]
         trace = record_trace(
-            engine, args.data or default_data_files(), context=args.context, max_tokens=args.max_tokens
+            engine,
+            args.data or default_data_files(),
+            context=args.context,
+            max_tokens=args.max_tokens,
+            predictors=predictors,
         )
     trace.save(args.out)
     print(f"wrote {trace.num_tokens} tokens x {len(trace.layers)} MoE layers to {args.out}", file=sys.stderr)
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.config import ServerConfig
-    from serve.server import run
+def cmd_predictor_train(args: argparse.Namespace) -> int:
+    from predictor.evaluate import train_predictors
 
-    return run(args.model, dataclass_from_args(EngineConfig, args), dataclass_from_args(ServerConfig, args))
+    from .trace import Trace, record_trace
+
+    with load(args.model, expert_budget="all", store="ram") as engine:
+        if args.trace is not None:
+            trace = Trace.load(args.trace)
+        else:
+            from training.corpus import corpus_files
+
+            trace = record_trace(engine, args.data or corpus_files("train"), max_tokens=args.max_tokens)
+        report = train_predictors(engine, trace, _names(args.predictors), lookahead=args.lookahead, epochs=args.epochs)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name, r in report.items():
+            done = f"saved {r['path']} ({r['train_seconds']:.1f} s)" if r["trained"] else r["why"]
+            print(f"{name}: {done}", file=sys.stderr)
+    return 0
 
 
-def cmd_client(args: argparse.Namespace) -> int:
-    from serve.client import run_cli
+def cmd_predictor_eval(args: argparse.Namespace) -> int:
+    from predictor.evaluate import evaluate, plot_eval, write_report
+    from predictor.runtime import available_predictors
 
-    if args.prompt is None and not args.stats:
-        raise MoeflowError("give --prompt TEXT to generate, or --stats to print the server's statistics")
-    sampling = dataclasses.asdict(dataclass_from_args(SamplingParams, args))
-    return run_cli(
-        f"{args.host}:{args.port}",
-        args.prompt,
-        sampling=sampling,
-        unary=args.unary,
-        as_json=args.json,
-        show_stats=args.stats,
-        timeout=args.timeout,
-    )
+    with load(args.model, expert_budget="all", store="ram") as engine:
+        names = _names(args.predictors) if args.predictors else available_predictors(engine.checkpoint.path)
+        report = evaluate(engine, names, args.data or default_data_files(), lookahead=args.lookahead,
+                          max_tokens=args.max_tokens)
+    if args.out is not None:
+        write_report(report, args.out / "predictor_eval.json")
+        plot_eval(report, args.out / "predictor_eval.png")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for p in report["predictors"]:
+            print(
+                f"{p['name']:>12}: recall@k {p['recall_at_k']:.3f}  recall@2k {p['recall_at_2k']:.3f}  "
+                f"path accuracy {p['path_accuracy']:.3f}  {p['us_per_token']:.1f} us/token",
+                file=sys.stderr,
+            )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text with the experts offloaded")
     _model_option(gen)
-    gen.add_argument("--prompt", required=True, help="prompt text")
+    which = gen.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="prompt text")
+    which.add_argument(
+        "--prompts", type=Path, help="file with one prompt per line (\\n and \\t escapes), generated in batches"
+    )
+    gen.add_argument("--batch-size", type=int, default=8, help="--prompts: sequences decoding together (default: 8)")
+    gen.add_argument(
+        "--admission", default="fifo", help="--prompts: fifo, or rebatch (group sequences by predicted experts)"
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, speed and cache stats")
     add_dataclass_options(gen, SamplingParams)
     add_dataclass_options(gen, EngineConfig)
@@ -136,28 +236,36 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--out", type=Path, required=True, help="output folder")
     trace.add_argument("--context", type=int, default=256, help="tokens per forward (chunk length)")
     trace.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    trace.add_argument(
+        "--predictors", default="", help="also record these predictors' predictions, comma-separated (e.g. gate,path)"
+    )
+    trace.add_argument("--lookahead", type=int, default=1, help="layers ahead the predictors predict (default: 1)")
     trace.set_defaults(func=cmd_trace)
 
-    from serve.config import ServerConfig
-
-    srv = sub.add_parser("serve", help="serve the model over gRPC (moeflow.v1, health, reflection); SIGTERM drains")
-    _model_option(srv)
-    add_dataclass_options(srv, ServerConfig)
-    add_dataclass_options(srv, EngineConfig)
-    srv.set_defaults(func=cmd_serve)
-
-    client = sub.add_parser("client", help="send a prompt to `moeflow serve` and stream the reply")
-    client.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1)")
-    client.add_argument(
-        "--port", type=int, default=ServerConfig.port, help=f"server port (default: {ServerConfig.port})"
-    )
-    client.add_argument("--prompt", default=None, help="prompt text")
-    client.add_argument("--unary", action="store_true", help="one reply with the whole text instead of a stream")
-    client.add_argument("--json", action="store_true", help="print each reply message as one JSON line")
-    client.add_argument("--stats", action="store_true", help="print the server's statistics (JSON)")
-    client.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
-    add_dataclass_options(client, SamplingParams)
-    client.set_defaults(func=cmd_client)
+    pred = sub.add_parser("predictor", help="train and evaluate routing predictors")
+    pred_sub = pred.add_subparsers(dest="action", required=True)
+    ptrain = pred_sub.add_parser("train", help="record a trace on training text and fit the trainable predictors")
+    _model_option(ptrain)
+    ptrain.add_argument("--data", type=Path, nargs="+", default=None,
+                        help="training text files (default: the corpus' training split)")
+    ptrain.add_argument("--trace", type=Path, default=None, help="train on this recorded trace instead of --data")
+    ptrain.add_argument("--predictors", default="path,sklearn,frequency,token_freq,transition",
+                        help="which to train, comma-separated (default: all trainable)")
+    ptrain.add_argument("--max-tokens", type=int, default=400_000, help="trace at most this many tokens")
+    ptrain.add_argument("--epochs", type=int, default=4, help="epochs of the path network (default: 4)")
+    ptrain.add_argument("--lookahead", type=int, default=1, help="layers ahead (the transition predictor)")
+    ptrain.add_argument("--json", action="store_true", help="print the training report as JSON")
+    ptrain.set_defaults(func=cmd_predictor_train)
+    peval = pred_sub.add_parser("eval", help="score predictors on held-out text: recall@k, recall@2k, path accuracy")
+    _model_option(peval)
+    _data_option(peval)
+    peval.add_argument("--predictors", default=None,
+                       help="comma-separated (default: every predictor available for the model)")
+    peval.add_argument("--max-tokens", type=int, default=100_000, help="evaluate at most this many tokens")
+    peval.add_argument("--lookahead", type=int, default=1, help="layers ahead the predictions must be made")
+    peval.add_argument("--out", type=Path, default=None, help="write predictor_eval.json and .png here")
+    peval.add_argument("--json", action="store_true", help="print the report as JSON")
+    peval.set_defaults(func=cmd_predictor_eval)
     return parser
 
 

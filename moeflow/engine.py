@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError, MoeflowError, RequestError
 from .offload import OffloadRuntime, apply_offload, experts_modules
 from .policy import POLICIES, make_policy
+from .prefetch import PredictivePrefetcher
 from .sampling import SamplingParams
 from .scheduler import AdmissionPolicy, FifoAdmission, Scheduler
 from .stats import CacheStats
@@ -43,6 +45,14 @@ class EngineConfig:
     device: str = field(default="cpu", metadata={"help": "fast tier and compute device: cpu or cuda"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (float32 on cpu), float32, ..."})
     direct_io: bool = field(default=True, metadata={"help": "bypass the page cache when reading experts"})
+    predictor: str = field(
+        default="gate",
+        metadata={"help": "routing predictor of --policy predictive: gate, path, sklearn, token_freq, transition, ..."},
+    )
+    lookahead: int = field(default=1, metadata={"help": "predictive: prefetch this many MoE layers ahead"})
+    prefetch_width: int = field(
+        default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
+    )
 
     def __post_init__(self) -> None:
         if self.store not in STORES:
@@ -53,6 +63,10 @@ class EngineConfig:
             raise MoeflowError(f"unknown dtype {self.dtype!r}; choose auto or one of: {', '.join(_DTYPES)}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise MoeflowError(f"unknown device {self.device!r}; use cpu or cuda")
+        if self.lookahead < 1:
+            raise MoeflowError(f"--lookahead must be at least 1 layer, got {self.lookahead}")
+        if self.prefetch_width < 0:
+            raise MoeflowError(f"--prefetch-width must be >= 0 (0: top-k), got {self.prefetch_width}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise MoeflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
@@ -73,6 +87,14 @@ class GenerationResult:
     @property
     def tokens_per_s(self) -> float:
         return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchRun:
+    results: list[GenerationResult]  # in prompt order
+    elapsed_s: float
+    batch_sizes: list[int]  # sequences decoded in each step
+    distinct_experts: list[float]  # each decode step's distinct experts, mean over MoE layers
 
 
 def peak_rss_bytes() -> int:
@@ -126,6 +148,38 @@ class Engine:
         self.transfer = TransferEngine(self.cache)
         self.tokenizer = _load_tokenizer(self.checkpoint.path)
         self.eos_token_ids = _eos_ids(self.checkpoint.path, hf_config, self.tokenizer)
+        self.prefetcher: PredictivePrefetcher | None = None
+        self._predictor_hooks = None
+        if self.config.policy == "predictive":
+            self._start_prediction()
+
+    def _start_prediction(self) -> None:
+        """--policy predictive: the predictor runs inside the forward and feeds the prefetcher."""
+        from predictor.runtime import PredictorHooks, build_predictor
+
+        predictor = build_predictor(self, self.config.predictor, lookahead=self.config.lookahead)
+        width = self.config.prefetch_width or self.top_k
+        self.prefetcher = PredictivePrefetcher(
+            self.cache,
+            self.transfer.prefetch,
+            layers=self.checkpoint.moe_layers,
+            lookahead=self.config.lookahead,
+            width=width,
+        )
+        layers = self.checkpoint.moe_layers
+        prefetcher = self.prefetcher
+
+        def offer(_: object, target: int, scores_TE: torch.Tensor) -> None:
+            k = min(width, scores_TE.shape[-1])
+            prefetcher.offer(layers[target], torch.topk(scores_TE.float(), k, dim=-1).indices.tolist())
+
+        self._predictor_hooks = PredictorHooks(self, [predictor], offer)
+        self.runtime.prefetcher = prefetcher
+
+    def _before_forward(self, histories: list[list[int]], n_new: int) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.begin_step()
+            self._predictor_hooks.begin(histories, n_new)
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -162,7 +216,7 @@ class Engine:
         return Sequence(prompt_ids=prompt_ids, params=params)
 
     def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.model, self.device, self.eos_token_ids)
+        return DecodeBatch(self.model, self.device, self.eos_token_ids, before_forward=self._before_forward)
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], **sampling: object) -> GenerationResult:
@@ -186,12 +240,30 @@ class Engine:
         **sampling: object,
     ) -> list[GenerationResult]:
         """Continuous batching over `prompts` (results in input order), at most `batch_size` at a time."""
+        return self.run_batch(prompts, batch_size=batch_size, admission=admission, **sampling).results
+
+    @torch.inference_mode()
+    def run_batch(
+        self,
+        prompts: list[str | list[int]],
+        *,
+        batch_size: int = 8,
+        admission: AdmissionPolicy | None = None,
+        **sampling: object,
+    ) -> BatchRun:
+        """`generate_batch` that also reports the run's wall time, batch sizes and distinct experts per step."""
         seqs = [self.new_sequence(p, **sampling) for p in prompts]
         scheduler = Scheduler(self, max_batch_size=batch_size, admission=admission or FifoAdmission())
+        t0 = time.perf_counter()
         for seq in seqs:
             scheduler.submit(seq)
         scheduler.run_until_idle()
-        return [self.result(s) for s in seqs]
+        return BatchRun(
+            results=[self.result(s) for s in seqs],
+            elapsed_s=time.perf_counter() - t0,
+            batch_sizes=scheduler.batch_sizes,
+            distinct_experts=scheduler.distinct_experts,
+        )
 
     def result(self, seq: Sequence) -> GenerationResult:
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True) if self.tokenizer is not None else None
@@ -219,6 +291,8 @@ class Engine:
         return self.cache.stats()
 
     def close(self) -> None:
+        if self._predictor_hooks is not None:
+            self._predictor_hooks.close()
         self.transfer.close()
         self.cache.store.close()
 

@@ -17,6 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .cache import ExpertCache
 from .families import layer_index
 from .plans import RoutingPlan
+from .prefetch import PredictivePrefetcher
 
 IMPLEMENTATION = "moeflow"
 
@@ -30,6 +31,7 @@ class OffloadRuntime:
 
     cache: ExpertCache
     observers: list[RoutingObserver] = field(default_factory=list)
+    prefetcher: PredictivePrefetcher | None = None  # --policy predictive
 
 
 def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -67,6 +69,8 @@ def offloaded_experts_forward(
         plan = RoutingPlan(layer=layer, expert_ids=tuple(expert_ids), num_tokens=hidden_TH.shape[0])
         for observe in runtime.observers:
             observe(plan, top_k_index_TK, top_k_weights_TK)
+    if runtime.prefetcher is not None:
+        runtime.prefetcher.on_routing(layer, expert_ids)
     pool = cache.pool
     out_TH = None
     for wave in plan_waves(cache, layer, expert_ids):

@@ -1,0 +1,132 @@
+"""Training predictors on routing traces, and evaluating them on held-out text.
+
+Metrics, per layer and averaged over layers and tokens (K = the model's top-k):
+- ``recall_at_k`` / ``recall_at_2k``: the share of a token's true top-k experts among the
+  predictor's best K / 2K;
+- ``path_accuracy``: the share of tokens whose predicted top-K set equals the true set in every layer;
+- ``us_per_token``: the predictor's own time per token, measured inside the teacher-forced forward
+  (batched over a chunk, so a lower bound on its cost in a one-token decode step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moeflow.errors import MoeflowError
+from moeflow.trace import Trace, record_trace
+
+from .base import RoutePredictor, save_predictor
+from .predictors import PREDICTORS
+from .runtime import build_predictor, routing_shape
+
+
+def train_predictors(engine: object, trace: Trace, names: Sequence[str], *, lookahead: int = 1,
+                     epochs: int = 4, progress: bool = True) -> dict[str, dict]:
+    """Fit every trainable predictor in `names` on `trace` and save it next to `engine`'s model."""
+    shape = routing_shape(engine)
+    if list(trace.layers) != list(shape.layers) or trace.num_experts != shape.num_experts:
+        raise MoeflowError("the trace was recorded on another model (layers or experts differ); record it again")
+    report = {}
+    for name in names:
+        if name not in PREDICTORS:
+            raise MoeflowError(f"unknown predictor {name!r}; choose from: {', '.join(PREDICTORS)}")
+        cls = PREDICTORS[name]
+        if not cls.trainable:
+            report[name] = {"trained": False, "why": "training-free"}
+            continue
+        predictor = cls(shape, lookahead=lookahead)
+        t0 = time.perf_counter()
+        losses = predictor.fit(np.asarray(trace.token_ids), np.asarray(trace.positions), np.asarray(trace.experts),
+                               epochs=epochs, progress=progress)
+        seconds = time.perf_counter() - t0
+        meta = {"train_tokens": trace.num_tokens, "train_seconds": seconds, "epochs": epochs, "losses": losses,
+                "lookahead": lookahead, "trace_files": len(trace.meta.get("files", []))}
+        path = save_predictor(predictor, engine.checkpoint.path, meta)
+        report[name] = {"trained": True, "path": str(path), **meta}
+    return report
+
+
+def score_predictions(trace: Trace, name: str) -> dict:
+    """Recall at K and 2K, exact-path accuracy, per layer and overall, of `trace`'s recorded predictions."""
+    if name not in trace.predictions:
+        raise MoeflowError(f"the trace has no predictions of {name!r}")
+    true_NLK = np.asarray(trace.experts).astype(np.int64)
+    pred_NLM = np.asarray(trace.predictions[name]).astype(np.int64)
+    K = true_NLK.shape[-1]
+
+    def hits(m: int) -> np.ndarray:  # [N, L]: true experts among the best m
+        return (true_NLK[:, :, :, None] == pred_NLM[:, :, None, :m]).any(-1).sum(-1)
+
+    at_k, at_2k = hits(K) / K, hits(min(2 * K, pred_NLM.shape[-1])) / K
+    exact_NL = at_k == 1.0
+    meta = trace.meta.get("predictions", {}).get(name, {})
+    return {
+        "name": name,
+        "recall_at_k": float(at_k.mean()),
+        "recall_at_2k": float(at_2k.mean()),
+        "path_accuracy": float(exact_NL.all(axis=1).mean()),
+        "us_per_token": float(meta.get("us_per_token", float("nan"))),
+        "lookahead": meta.get("lookahead"),
+        "per_layer": [
+            {"layer": int(layer), "recall_at_k": float(at_k[:, i].mean()), "recall_at_2k": float(at_2k[:, i].mean()),
+             "exact": float(exact_NL[:, i].mean())}
+            for i, layer in enumerate(trace.layers)
+        ],
+    }
+
+
+def evaluate(engine: object, names: Sequence[str], files: Sequence[str | Path], *, lookahead: int = 1,
+             context: int = 256, max_tokens: int | None = None, progress: bool = True) -> dict:
+    """Run `files` through the model with every predictor attached; score what each predicted."""
+    predictors: list[RoutePredictor] = [build_predictor(engine, n, lookahead=lookahead) for n in names]
+    trace = record_trace(engine, files, context=context, max_tokens=max_tokens, predictors=predictors,
+                         progress=progress)
+    return {"tokens": trace.num_tokens, "top_k": trace.top_k, "num_experts": trace.num_experts,
+            "predictors": [score_predictions(trace, n) for n in names]}
+
+
+def plot_eval(report: dict, out_png: str | Path) -> Path:
+    """Recall at K and 2K per predictor (bars) and per layer (lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    preds = report["predictors"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = np.arange(len(preds))
+    ax1.bar(x - 0.2, [p["recall_at_k"] for p in preds], 0.4, label="recall@K")
+    ax1.bar(x + 0.2, [p["recall_at_2k"] for p in preds], 0.4, label="recall@2K")
+    for i, p in enumerate(preds):
+        ax1.text(i, p["recall_at_2k"] + 0.01, f"{p['us_per_token']:.1f} µs/tok", ha="center", fontsize=7)
+    ax1.set_xticks(x, [p["name"] for p in preds])
+    ax1.set_ylim(0, 1.05)
+    ax1.set_ylabel("share of true top-K experts predicted")
+    ax1.set_title(f"routing prediction on held-out text ({report['tokens']:,} tokens)")
+    ax1.legend(loc="lower right")
+    for p in preds:
+        layers = [r["layer"] for r in p["per_layer"]]
+        ax2.plot(layers, [r["recall_at_k"] for r in p["per_layer"]], marker="o", label=p["name"])
+    ax2.set_xlabel("MoE layer")
+    ax2.set_ylabel("recall@K")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_title("per layer")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def write_report(report: dict, out_json: str | Path) -> Path:
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=1))
+    return out_json

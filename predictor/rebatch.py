@@ -1,0 +1,100 @@
+"""The token re-batcher: each step, decode the sequences whose next tokens need the same experts.
+
+Under offloading a decode step costs roughly what its distinct experts cost to bring in, whatever
+the number of tokens sharing them. The re-batcher keeps a pool of prefilled sequences larger than
+the batch (`pool_factor` x batch size), predicts each one's next-token experts with a context
+predictor (the routing-path network if trained, else the per-token table), and fills the batch
+greedily: start from the sequence that has waited longest, then keep adding the one that brings
+the fewest new experts. A sequence skipped `max_skips` steps in a row is taken first, so nobody
+starves. Each sequence's tokens are still exactly its solo generation; only the grouping changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from moeflow.batching import Sequence
+from moeflow.errors import MoeflowError
+from moeflow.scheduler import AdmissionPolicy
+
+from .base import RoutePredictor
+from .runtime import available_predictors, build_predictor
+
+# Predicted experts of each sequence's next token: bool [S, L, E].
+RoutePredict = Callable[[list[Sequence]], np.ndarray]
+
+CONTEXT_PREDICTORS = ("path", "token_freq", "sklearn")  # preference order
+
+
+def predicted_sets(predictor: RoutePredictor, top_k: int) -> RoutePredict:
+    """Each sequence's next-token experts (top-k per layer) from a context predictor."""
+
+    def predict(seqs: list[Sequence]) -> np.ndarray:
+        scores = predictor.on_step([s.prompt_ids + s.generated for s in seqs], 1)
+        out = np.zeros((len(seqs), predictor.num_layers, predictor.shape.num_experts), dtype=bool)
+        for pos, scores_SE in scores.items():
+            best = torch.topk(scores_SE.float(), top_k, dim=-1).indices.numpy()
+            np.put_along_axis(out[:, pos], best, True, axis=1)
+        return out
+
+    return predict
+
+
+class RebatchAdmission(AdmissionPolicy):
+    name = "rebatch"
+
+    def __init__(self, predict: RoutePredict, *, pool_factor: int = 4, max_skips: int = 8) -> None:
+        if pool_factor < 1 or max_skips < 1:
+            raise MoeflowError("pool_factor and max_skips must be at least 1")
+        self.predict = predict
+        self.pool_factor = pool_factor
+        self.max_skips = max_skips
+        self._skips: dict[int, int] = {}  # seq_id -> consecutive steps left out
+
+    @classmethod
+    def for_engine(cls, engine: object, **options: int) -> RebatchAdmission:
+        have = available_predictors(engine.checkpoint.path)
+        name = next((n for n in CONTEXT_PREDICTORS if n in have), None)
+        if name is None:
+            raise MoeflowError(
+                f"the re-batcher needs a trained context predictor ({', '.join(CONTEXT_PREDICTORS)}) for "
+                f"{engine.checkpoint.path}; run `moeflow predictor train --model {engine.checkpoint.path}`"
+            )
+        return cls(predicted_sets(build_predictor(engine, name), engine.top_k), **options)
+
+    def choose(self, waiting: list[Sequence], active: list[Sequence], free: int) -> list[Sequence]:
+        return waiting[:free]
+
+    def pool_size(self, max_batch_size: int) -> int:
+        return self.pool_factor * max_batch_size
+
+    def select(self, active: list[Sequence], max_batch_size: int) -> list[Sequence]:
+        live = {s.seq_id for s in active}
+        self._skips = {k: v for k, v in self._skips.items() if k in live}
+        if len(active) <= max_batch_size:
+            chosen = list(active)
+        else:
+            chosen = self._group(active, max_batch_size)
+        picked = {s.seq_id for s in chosen}
+        for s in active:
+            self._skips[s.seq_id] = 0 if s.seq_id in picked else self._skips.get(s.seq_id, 0) + 1
+        return [s for s in active if s.seq_id in picked]
+
+    def _group(self, active: list[Sequence], size: int) -> list[Sequence]:
+        sets_SLE = self.predict(active)
+        skips = np.array([self._skips.get(s.seq_id, 0) for s in active])
+        order = sorted(range(len(active)), key=lambda i: -skips[i])  # longest waiting first; stable = oldest
+        chosen = [i for i in order if skips[i] >= self.max_skips][:size]
+        if not chosen:
+            chosen = [order[0]]
+        union_LE = sets_SLE[chosen].any(axis=0)
+        left = [i for i in order if i not in chosen]
+        while len(chosen) < size:
+            new_S = (sets_SLE[left] & ~union_LE).sum(axis=(1, 2))
+            j = left.pop(int(np.argmin(new_S)))  # argmin takes the first: ties go to the longest waiting
+            chosen.append(j)
+            union_LE |= sets_SLE[j]
+        return [active[i] for i in chosen]
