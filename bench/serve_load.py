@@ -10,7 +10,8 @@ exit status 1.
 
 Reports per mode: throughput (generated tokens/s and requests/s over the load's wall time),
 p50/p99 latency and time to first token, batch occupancy (decode steps at each batch size, from
-GetStats), cache hit rate over the load (per layer too), bytes read, stall time. JSON + PNG.
+GetStats), cache hit rate over the load (per layer too), bytes read, stall time. `--rounds` interleave
+the modes; each mode's best run is reported, every run is kept in the JSON. JSON + PNG.
 
     flock /tmp/moeflow-bench.lock python bench/serve_load.py                 # the shipped default model
     python bench/serve_load.py --model DIR --clients 8 --requests 32        # smaller, any model
@@ -350,18 +351,40 @@ def main() -> int:
     parser.add_argument("--store", default="disk")
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--admissions", default="fifo,rebatch", help="modes, in this order, comma-separated")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the modes; each mode's best run is kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    if args.clients < 1 or args.requests < 1 or args.prompts < 1 or args.max_new_tokens < 2:
-        parser.error("--clients, --requests and --prompts must be >= 1 and --max-new-tokens >= 2")
+    if min(args.clients, args.requests, args.prompts, args.rounds) < 1 or args.max_new_tokens < 2:
+        parser.error("--clients, --requests, --prompts and --rounds must be >= 1 and --max-new-tokens >= 2")
 
     prompts = heldout_prompts(args.prompts, args.seed, min_chars=40, max_chars=160)
     requests = make_requests(prompts, args.requests, args.max_new_tokens, args.seed)
     t0 = time.perf_counter()
     refs = solo_references(str(args.model) if args.model else None, requests)
     print(f"solo references for {len(refs)} prompts in {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = [run_mode(a.strip(), args, requests, refs) for a in args.admissions.split(",") if a.strip()]
+    modes = [a.strip() for a in args.admissions.split(",") if a.strip()]
+    # Rounds interleave the modes, and each mode's best run is its row: a shared machine's noise hits
+    # runs, not modes. A mode that cannot start (the re-batcher without a trained predictor) is tried once.
+    runs: list[dict] = []
+    for rnd in range(args.rounds):
+        for mode in modes:
+            if any(r["admission"] == mode and "error" in r for r in runs):
+                continue
+            print(f"round {rnd + 1}/{args.rounds}", end=" ", flush=True)
+            runs.append({**run_mode(mode, args, requests, refs), "round": rnd + 1})
+    rows = []
+    for mode in modes:
+        mine = [r for r in runs if r["admission"] == mode]
+        ok = [r for r in mine if "error" not in r]
+        best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else mine[0]
+        if ok:
+            best = {
+                **best,
+                "lost_all_rounds": sum(r["lost"] for r in ok),
+                "wrong_all_rounds": sum(r["wrong"] for r in ok),
+            }
+        rows.append(best)
     model = args.model if args.model is not None else ROOT / "moeflow" / "default_model"
     result = {
         "bench": BENCH,
@@ -375,12 +398,14 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
         "rows": rows,
+        "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{BENCH}.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / f"{BENCH}.png")
     header = ("admission", "tok/s", "req/s", "p50 s", "p99 s", "occup.", "hit")
-    print("\n{:10s} {:>8s} {:>7s} {:>7s} {:>7s} {:>7s} {:>6s}  lost wrong".format(*header))
+    print("\nbest run of each mode; lost and wrong over all rounds")
+    print("{:10s} {:>8s} {:>7s} {:>7s} {:>7s} {:>7s} {:>6s}  lost wrong".format(*header))
     for r in rows:
         if "error" in r:
             print(f"{r['admission']:10s}  not run: {r['error'].splitlines()[-1][:100]}")
@@ -388,10 +413,10 @@ def main() -> int:
         print(
             f"{r['admission']:10s} {r['tokens_per_s']:8.1f} {r['requests_per_s']:7.2f} {r['latency_p50_s']:7.2f} "
             f"{r['latency_p99_s']:7.2f} {r['batch_occupancy']:7.0%} {r['cache']['hit_rate']:6.1%}  "
-            f"{r['lost']:4d} {r['wrong']:5d}"
+            f"{r['lost_all_rounds']:4d} {r['wrong_all_rounds']:5d}"
         )
     print(f"wrote {args.out / BENCH}.json and .png")
-    ran = [r for r in rows if "error" not in r]
+    ran = [r for r in runs if "error" not in r]
     return 0 if ran and all(r["lost"] == 0 and r["wrong"] == 0 for r in ran) else 1
 
 
