@@ -211,6 +211,30 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.config import ServerConfig
+    from serve.server import run
+
+    return run(args.model, dataclass_from_args(EngineConfig, args), dataclass_from_args(ServerConfig, args))
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from serve.client import run_cli
+
+    if args.prompt is None and not args.stats:
+        raise MoeflowError("give --prompt TEXT to generate, or --stats to print the server's statistics")
+    sampling = dataclasses.asdict(dataclass_from_args(SamplingParams, args))
+    return run_cli(
+        f"{args.host}:{args.port}",
+        args.prompt,
+        sampling=sampling,
+        unary=args.unary,
+        as_json=args.json,
+        show_stats=args.stats,
+        timeout=args.timeout,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     peval.add_argument("--out", type=Path, default=None, help="write predictor_eval.json and .png here")
     peval.add_argument("--json", action="store_true", help="print the report as JSON")
     peval.set_defaults(func=cmd_predictor_eval)
+
+    from serve.config import ServerConfig
+
+    srv = sub.add_parser("serve", help="serve the model over gRPC (moeflow.v1, health, reflection); SIGTERM drains")
+    _model_option(srv)
+    add_dataclass_options(srv, ServerConfig)
+    add_dataclass_options(srv, EngineConfig)
+    srv.set_defaults(func=cmd_serve)
+
+    client = sub.add_parser("client", help="send a prompt to `moeflow serve` and stream the reply")
+    client.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1)")
+    client.add_argument(
+        "--port", type=int, default=ServerConfig.port, help=f"server port (default: {ServerConfig.port})"
+    )
+    client.add_argument("--prompt", default=None, help="prompt text")
+    client.add_argument("--unary", action="store_true", help="one reply with the whole text instead of a stream")
+    client.add_argument("--json", action="store_true", help="print each reply message as one JSON line")
+    client.add_argument("--stats", action="store_true", help="print the server's statistics (JSON)")
+    client.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
+    add_dataclass_options(client, SamplingParams)
+    client.set_defaults(func=cmd_client)
     return parser
 
 
