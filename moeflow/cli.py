@@ -18,7 +18,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--kebab-name` option per dataclass field, with the field's default and help."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        default = str(f.default).replace("%", "%%")  # argparse %-formats help text
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
@@ -211,6 +212,32 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import ProfileConfig, default_label, profile_model, read_report
+    from .profile_report import compare_lines, plot_compare, summary_lines
+
+    if args.compare is not None:
+        a, b = (read_report(p) for p in args.compare)
+        label_a, label_b = (default_label(r, p) for r, p in zip((a, b), args.compare))
+        png = plot_compare(a, b, label_a, label_b, (args.out or Path(".")) / "profile_compare.png")
+        if args.json:
+            print(json.dumps({"a": a["results"], "b": b["results"], "png": str(png)}))
+        else:
+            print("\n".join(compare_lines(a, b, label_a, label_b)))
+            print(f"[wrote {png}]", file=sys.stderr)
+        return 0
+    config = dataclass_from_args(ProfileConfig, args)
+    report = profile_model(args.model, config, data=args.data, trace_dir=args.trace, out=args.out,
+                           progress=not args.json)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print("\n".join(summary_lines(report)))
+        where = f"wrote {args.out}/profile.json and profile.png" if args.out else "pass --out DIR for JSON + PNG"
+        print(f"[{report['tokens']:,} tokens replayed; {where}]", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.config import ServerConfig
     from serve.server import run
@@ -290,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     peval.add_argument("--out", type=Path, default=None, help="write predictor_eval.json and .png here")
     peval.add_argument("--json", action="store_true", help="print the report as JSON")
     peval.set_defaults(func=cmd_predictor_eval)
+
+    from .profile import ProfileConfig
+
+    prof = sub.add_parser("profile", help="expert-cache hit rates per policy and budget (trace replay), JSON + PNG")
+    _model_option(prof)
+    _data_option(prof)
+    prof.add_argument("--trace", type=Path, default=None, help="replay this recorded trace instead of tracing --data")
+    prof.add_argument("--out", type=Path, default=None, help="write profile.json, profile.png and the trace here")
+    prof.add_argument("--json", action="store_true", help="print the report as JSON")
+    prof.add_argument("--compare", type=Path, nargs=2, metavar=("A.json", "B.json"), default=None,
+                      help="put two profile.json side by side (table + profile_compare.png) instead of profiling")
+    add_dataclass_options(prof, ProfileConfig)
+    prof.set_defaults(func=cmd_profile)
 
     from serve.config import ServerConfig
 
