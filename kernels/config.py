@@ -1,10 +1,13 @@
 """Tile configurations for the fused MoE kernels, stored as data keyed by device and shape.
 
 ``configs/fused_moe_<device>.json`` (device: the GPU's name with spaces as underscores, or
-``interpreter``) maps a shape key ``E=..,D=..,I=..,K=..,dtype=..`` (or ``default``) to
-``{T: tile}``; the tile with the largest T not above the call's T is used. A device without a file
-uses ``fused_moe_default.json``. ``python -m kernels.tune`` writes these files on a GPU; it refuses to
-run under the interpreter, where autotuning does not work.
+``interpreter``) maps a shape key ``E=..,D=..,I=..,K=..,dtype=..`` (or ``default,dtype=..``, or
+``default``) to ``{T: tile}``; the first key present in that order is used, and in it the tile with
+the largest T not above the call's T. A device without a file uses ``fused_moe_default.json``, whose
+fp32 entry halves block_k: fp32 operands are twice as wide, and the bf16 tiles would need more shared
+memory than an sm_86 GPU has (``python -m kernels.aot`` checks every stored tile against it).
+``python -m kernels.tune`` writes these files on a GPU; it refuses to run under the interpreter, where
+autotuning does not work.
 """
 
 from __future__ import annotations
@@ -41,8 +44,17 @@ class TileConfig:
         return asdict(self)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def shape_key(num_slots: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype) -> str:
-    return f"E={num_slots},D={hidden},I={inter},K={top_k},dtype={str(dtype).removeprefix('torch.')}"
+    return f"E={num_slots},D={hidden},I={inter},K={top_k},dtype={_dtype_name(dtype)}"
+
+
+def default_key(dtype: torch.dtype) -> str:
+    """The untuned entry for one dtype, used before the dtype-agnostic ``default``."""
+    return f"default,dtype={_dtype_name(dtype)}"
 
 
 @cache
@@ -59,6 +71,10 @@ def get_config(
 ) -> TileConfig:
     """The stored tile for this call: exact shape entry if tuned, else the device's default entry."""
     table = _load(device_key(device))
-    by_t = table.get(shape_key(num_slots, hidden, inter, top_k, dtype), table["default"])
+    by_t = (
+        table.get(shape_key(num_slots, hidden, inter, top_k, dtype))
+        or table.get(default_key(dtype))
+        or table["default"]
+    )
     fitting = [t for t in by_t if t <= num_tokens]
     return by_t[max(fitting) if fitting else min(by_t)]

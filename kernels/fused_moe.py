@@ -89,11 +89,13 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Grid (NB, cdiv(I, BLOCK_N)). A program computes a [BLOCK_M, BLOCK_N] tile of both the gate and
-    the up projection for one block of same-slot pairs, gathering x rows by token index."""
+    the up projection for one block of same-slot pairs, gathering x rows by token index.
+
+    Every position is written: padding rows, and whole blocks past num_padded (their K loop is empty),
+    store silu(0) * 0 = 0, so the op's outputs are a pure function of its inputs (torch.compile)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
+    k_end = tl.where(pid_m * BLOCK_M < tl.load(num_padded_ptr), D, 0)
     slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + pos)
@@ -107,7 +109,7 @@ def _gate_up_kernel(
     wu_ptrs = wg_ptrs + I * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         k_ok = kk < D - k0
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -118,7 +120,7 @@ def _gate_up_kernel(
         wg_ptrs += BLOCK_K * stride_wd
         wu_ptrs += BLOCK_K * stride_wd
     act = acc_g * tl.sigmoid(acc_g) * acc_u
-    out_mask = row_ok[:, None] & n_ok[None, :]
+    out_mask = n_ok[None, :]  # all BLOCK_M rows: padding rows hold 0
     pos64 = pos.to(tl.int64)
     tl.store(
         act_ptr + pos64[:, None] * stride_am + n[None, :] * stride_an,

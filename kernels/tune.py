@@ -80,10 +80,11 @@ def write(settings: TuneSettings, best: dict[int, TileConfig]) -> str:
     device = device_key(torch.device("cuda"))
     path = CONFIG_DIR / f"fused_moe_{device}.json"
     data = json.loads(path.read_text()) if path.exists() else {"note": f"tuned by kernels/tune.py on {device}"}
-    data.setdefault("configs", {}).setdefault("default", json.loads((CONFIG_DIR / "fused_moe_default.json")
-                                                                    .read_text())["configs"]["default"])  # fmt: skip
+    configs = data.setdefault("configs", {})
+    for key, by_t in json.loads((CONFIG_DIR / "fused_moe_default.json").read_text())["configs"].items():
+        configs.setdefault(key, by_t)  # untuned shapes and dtypes of this GPU keep the generic defaults
     key = shape_key(settings.experts, settings.hidden, settings.inter, settings.top_k, getattr(torch, settings.dtype))
-    data["configs"][key] = {str(t): cfg.to_json() for t, cfg in sorted(best.items())}
+    configs[key] = {str(t): cfg.to_json() for t, cfg in sorted(best.items())}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return str(path)
 

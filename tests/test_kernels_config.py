@@ -36,6 +36,15 @@ def test_lookup_takes_largest_token_bucket_not_above_t(monkeypatch: pytest.Monke
         assert get_config(T, 8, 64, 64, 2, torch.bfloat16, torch.device("cpu")) == TileConfig(**default[str(want)])
 
 
+def test_fp32_takes_its_own_default_entry_with_half_the_block_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 operands are twice as wide: the generic tiles would not fit an sm_86 GPU's shared memory."""
+    monkeypatch.setattr(config_mod, "device_key", lambda device: "a-gpu-without-a-file")
+    for T in (1, 100, 5000):
+        fp32 = get_config(T, 8, 64, 64, 2, torch.float32, torch.device("cpu"))
+        bf16 = get_config(T, 8, 64, 64, 2, torch.bfloat16, torch.device("cpu"))
+        assert (fp32.block_m, fp32.block_n, 2 * fp32.block_k) == (bf16.block_m, bf16.block_n, bf16.block_k)
+
+
 def test_a_tuned_shape_entry_wins_over_default(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
     tuned = TileConfig(block_m=32, block_n=128, block_k=32, num_warps=8, num_stages=4)
     key = shape_key(8, 64, 96, 2, torch.bfloat16)

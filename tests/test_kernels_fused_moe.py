@@ -160,6 +160,45 @@ def test_triton_matches_transformers_grouped_mm() -> None:
     assert_close_scaled(got, want, FWD_TOL["fp32"])
 
 
+def _op_args(name: str) -> tuple[torch.library.CustomOpDef, tuple]:
+    from kernels.fused_moe import _backward_op, _forward_op
+    from kernels.metadata import _sort_pairs_op
+    from kernels.routing import _grouped_topk_sigmoid_op, _topk_softmax_op
+
+    hidden, gate_up, down, weights, ids = make_inputs(CASES[1], torch.float32)  # one slot: padding rows
+    tile = [16, 64, 64, 4, 1]
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(4))
+    if name == "backward":
+        _, act, preact, *meta = _forward_op(hidden, gate_up, down, weights, ids, tile, True)
+        return _backward_op, (hidden.clone(), hidden, gate_up, down, weights, ids, act, preact, *meta, tile)
+    return {
+        "sort_pairs": (_sort_pairs_op, (ids, gate_up.shape[0], 16)),
+        "topk_softmax": (_topk_softmax_op, (logits, 4, True)),
+        "grouped_topk_sigmoid": (_grouped_topk_sigmoid_op, (logits, torch.zeros(16), 4, 4, 2, True, 2.5)),
+        "forward": (_forward_op, (hidden, gate_up, down, weights, ids, tile, True)),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["sort_pairs", "topk_softmax", "grouped_topk_sigmoid", "forward", "backward"])
+def test_custom_ops_pass_opcheck(name: str) -> None:
+    """Schema, fake (meta) functions, and same outputs traced by torch.compile's AOT dispatcher (which
+    fails if an output holds uninitialised memory, e.g. the padding rows of the activations)."""
+    op, args = _op_args(name)
+    torch.library.opcheck(op, args)
+
+
+def test_forward_activations_are_zero_where_no_pair_sits() -> None:
+    from kernels.fused_moe import _forward_op
+
+    hidden, gate_up, down, weights, ids = make_inputs(CASES[1], torch.float32)
+    torch.manual_seed(0)
+    _, act, preact, sorted_ids, *_ = _forward_op(hidden, gate_up, down, weights, ids, [16, 64, 64, 4, 1], True)
+    padding = sorted_ids == ids.numel()
+    assert padding.sum() > 16, "the case must have padding rows and whole unused blocks"
+    assert not act[padding].any() and not preact[padding].any()
+    assert act[~padding].abs().min() > 0
+
+
 def test_zero_tokens() -> None:
     hidden, gate_up, down, weights, ids = make_inputs(CASES[0], torch.float32)
     out = fused_moe(hidden[:0], gate_up, down, weights[:0], ids[:0])
