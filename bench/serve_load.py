@@ -347,7 +347,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=64, help="distinct prompts the requests cycle over")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="each request asks for [n/2, n] tokens")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--expert-budget", default="25%")
+    parser.add_argument("--expert-budget", default="50%")
     parser.add_argument("--store", default="disk")
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--admissions", default="fifo,rebatch", help="modes, in this order, comma-separated")
