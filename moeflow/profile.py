@@ -400,7 +400,12 @@ def coactivation(trace: Trace) -> np.ndarray:
 def analyse(trace: Trace) -> dict:
     dist = reuse_distances(trace)
     warm = dist[dist >= 0]
-    edges = np.unique(np.r_[0, np.geomspace(1, max(int(warm.max(initial=0)) + 1, 2), 24).astype(np.int64)])
+    longest = int(warm.max(initial=0))
+    # One bin per distance while that stays readable, else logarithmic bins.
+    if longest < 160:
+        edges = np.arange(longest + 1)
+    else:
+        edges = np.unique(np.r_[0, np.geomspace(1, longest + 1, 40).astype(np.int64)])
     counts, _ = np.histogram(warm, bins=np.r_[edges, edges[-1] + 1])
     pairs = coactivation(trace)
     shown = sorted({0, len(pairs) // 2, len(pairs) - 1}) if len(pairs) > 4 else list(range(len(pairs)))

@@ -158,7 +158,8 @@ def plot_report(report: dict, out_png: str | Path, *, title: str | None = None) 
     total = counts.sum() + reuse["first_uses"]
     widths = np.diff(np.r_[starts, starts[-1] + max(1, starts[-1] - starts[-2] if len(starts) > 1 else 1)])
     ax.bar(starts + 1, 100 * counts / max(total, 1), width=widths, align="edge", color="#4c72b0", edgecolor="white")
-    ax.set_xscale("log")
+    if starts[-1] >= 160:
+        ax.set_xscale("log")
     seen = set()
     for r in report["results"]:
         if r["slots"] not in seen:
@@ -166,7 +167,12 @@ def plot_report(report: dict, out_png: str | Path, *, title: str | None = None) 
             ax.axvline(r["slots"] + 1, color="gray", linestyle=":")
             ax.text(r["slots"] + 1, ax.get_ylim()[1] * 0.95, f" {r['slots']} slots", fontsize=8, color="gray",
                     va="top")
-    ax.set_xlabel("reuse distance + 1 (distinct experts used in between; log)")
+    share_below = 100 * np.cumsum(counts) / max(total, 1)  # distance < next bin start
+    twin = ax.twinx()
+    twin.step(np.r_[starts[1:], starts[-1] + widths[-1]] + 1, share_below, where="pre", color="#dd8452")
+    twin.set_ylim(0, 100)
+    twin.set_ylabel("cumulative % (= LRU hit rate with that many slots)", color="#dd8452")
+    ax.set_xlabel("reuse distance + 1 (distinct experts used in between)")
     ax.set_ylabel("% of accesses")
     first = 100 * reuse["first_uses"] / max(total, 1)
     ax.set_title(f"reuse distance: LRU with C slots hits those left of C ({first:.2f}% first uses)")
