@@ -549,6 +549,8 @@ def profile_model(
     predictors = _names(config.predictor) if "predictive" in policies else []
     if "predictive" in policies and not predictors:
         raise MoeflowError("policy 'predictive' needs a predictor; pass --predictor NAME (e.g. gate)")
+    if trace_dir is not None and data is not None:
+        raise MoeflowError("give --data (text to trace) or --trace (a recorded trace to replay), not both")
     trace = Trace.load(trace_dir) if trace_dir is not None else None
     if model is None:
         model = trace.meta["model"] if trace is not None else DEFAULT_MODEL

@@ -101,6 +101,7 @@ def test_help_lists_the_options(capsys):
     ("argv", "message"),
     [
         (["--trace", "{tmp}/nowhere"], "is not a moeflow trace"),
+        (["--trace", "{trace}", "--data", "{tmp}/binary.txt"], "not both"),
         (["--data", "{tmp}/missing.txt"], "does not exist; pass text files to --data"),
         (["--data", "{tmp}/binary.txt"], "is not UTF-8 text"),
         (["--budgets", "25%,lots"], "cannot read expert budget 'lots'"),
