@@ -291,7 +291,11 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     ax = axes[0]
     ax.bar(names, [r["tokens_per_s"] for r in rows], color=colors)
-    ax.set_title("throughput (generated tokens/s)")
+    for i, r in enumerate(rows):
+        every = [x["tokens_per_s"] for x in result["runs"] if x["admission"] == r["admission"] and "error" not in x]
+        ax.plot([i] * len(every), every, "k.", label="each round" if i == 0 else None)
+    ax.legend(loc="lower right")
+    ax.set_title("throughput (generated tokens/s), best round")
     ax = axes[1]
     width = 0.35
     for i, r in enumerate(rows):
@@ -302,9 +306,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("request latency (s)")
     ax = axes[2]
     for i, r in enumerate(rows):
-        sizes = sorted(r["batch_size_steps"])
-        total = max(sum(r["batch_size_steps"].values()), 1)
-        ax.plot(sizes, [r["batch_size_steps"][b] / total for b in sizes], "o-", color=colors[i], label=names[i])
+        steps = {int(b): n for b, n in r["batch_size_steps"].items()}  # JSON keys are strings
+        total = max(sum(steps.values()), 1)
+        ax.plot(sorted(steps), [steps[b] / total for b in sorted(steps)], "o-", color=colors[i], label=names[i])
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("sequences in the decode step")
     ax.set_ylabel("fraction of steps")
@@ -314,7 +318,8 @@ def plot(result: dict, path: Path) -> None:
     for i, r in enumerate(rows):
         layers = r["cache"]["layers"]
         ax.plot([x["layer"] for x in layers], [x["hit_rate"] for x in layers], "o-", color=colors[i], label=names[i])
-    ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("MoE layer")
     ax.set_ylim(0, 1)
     ax.set_title("expert cache hit rate during the load")
     ax.legend()
