@@ -240,6 +240,11 @@ def run_mode(admission: str, args: argparse.Namespace, requests: list[Request], 
     steps = {b: n for b, n in sorted(steps.items()) if n}
     total_steps = sum(steps.values())
     mean_batch = sum(b * n for b, n in steps.items()) / max(total_steps, 1)
+    # Distinct experts a step needs per MoE layer (what the re-batcher lowers), over the load's steps only.
+    steps_before, steps_after = before["steps"], after["steps"]
+    distinct = (after["mean_distinct_experts"] * steps_after - before["mean_distinct_experts"] * steps_before) / max(
+        steps_after - steps_before, 1
+    )
     done = [o for o in outcomes if not o.error]
     tokens = sum(o.tokens for o in done)
     latencies, ttfts = [o.latency_s for o in done], [o.ttft_s for o in done]
@@ -262,6 +267,7 @@ def run_mode(admission: str, args: argparse.Namespace, requests: list[Request], 
         "decode_steps": total_steps,
         "batch_size_steps": steps,
         "mean_batch_size": mean_batch,
+        "mean_distinct_experts_per_step": distinct,
         "batch_occupancy": mean_batch / args.max_batch_size,
         "engine_busy_fraction": (after["busy_s"] - before["busy_s"]) / wall,
         "cache": cache_delta(before, after),
@@ -270,7 +276,8 @@ def run_mode(admission: str, args: argparse.Namespace, requests: list[Request], 
     print(
         f"[{admission}] {row['completed']}/{row['requests']} replies, {row['wrong']} wrong, {row['lost']} lost; "
         f"{row['tokens_per_s']:.1f} tok/s, latency p50 {row['latency_p50_s']:.2f} s p99 {row['latency_p99_s']:.2f} s, "
-        f"occupancy {row['batch_occupancy']:.0%}, hit rate {row['cache']['hit_rate']:.1%}",
+        f"occupancy {row['batch_occupancy']:.0%}, {distinct:.2f} distinct experts per layer and step, "
+        f"hit rate {row['cache']['hit_rate']:.1%}",
         flush=True,
     )
     return row
@@ -408,16 +415,17 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{BENCH}.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / f"{BENCH}.png")
-    header = ("admission", "tok/s", "req/s", "p50 s", "p99 s", "occup.", "hit")
+    header = ("admission", "tok/s", "req/s", "p50 s", "p99 s", "occup.", "dist.", "hit")
     print("\nbest run of each mode; lost and wrong over all rounds")
-    print("{:10s} {:>8s} {:>7s} {:>7s} {:>7s} {:>7s} {:>6s}  lost wrong".format(*header))
+    print("{:10s} {:>8s} {:>7s} {:>7s} {:>7s} {:>7s} {:>6s} {:>6s}  lost wrong".format(*header))
     for r in rows:
         if "error" in r:
             print(f"{r['admission']:10s}  not run: {r['error'].splitlines()[-1][:100]}")
             continue
         print(
             f"{r['admission']:10s} {r['tokens_per_s']:8.1f} {r['requests_per_s']:7.2f} {r['latency_p50_s']:7.2f} "
-            f"{r['latency_p99_s']:7.2f} {r['batch_occupancy']:7.0%} {r['cache']['hit_rate']:6.1%}  "
+            f"{r['latency_p99_s']:7.2f} {r['batch_occupancy']:7.0%} {r['mean_distinct_experts_per_step']:6.2f} "
+            f"{r['cache']['hit_rate']:6.1%}  "
             f"{r['lost_all_rounds']:4d} {r['wrong_all_rounds']:5d}"
         )
     print(f"wrote {args.out / BENCH}.json and .png")

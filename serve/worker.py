@@ -77,10 +77,12 @@ class Chunk:
 class ServeStats:
     cache: CacheStats
     queue_depth: int
-    running: int
+    running: int  # sequences in the current decode step
+    pooled: int  # prefilled sequences holding a KV cache (the re-batcher keeps more than a batch)
     max_batch_size: int
     max_queue: int
     batch_size_steps: dict[int, int]  # decode steps run at each batch size
+    mean_distinct_experts: float  # per decode step and MoE layer: what the re-batcher lowers
     tokens_per_s: float  # over the last TOKENS_PER_S_WINDOW_S seconds
     generated_tokens: int
     steps: int
@@ -229,6 +231,8 @@ class EngineWorker:
         # Engine thread only:
         self._live: dict[int, RequestHandle] = {}  # seq_id -> handle, for sequences the scheduler holds
         self._batch_size_steps: Counter[int] = Counter()
+        self._distinct_experts_sum = 0.0
+        self._distinct_experts_steps = 0
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._generated = 0
         self._completed = 0
@@ -360,9 +364,12 @@ class EngineWorker:
             return
         now = time.perf_counter()
         self._busy_s += now - t0
-        # The scheduler's own list grows by one entry per step forever; the server keeps a histogram.
+        # The scheduler's per-step lists grow forever; the server keeps a histogram and a running sum.
         self._batch_size_steps.update(self._scheduler.batch_sizes)
         self._scheduler.batch_sizes.clear()
+        self._distinct_experts_sum += sum(self._scheduler.distinct_experts)
+        self._distinct_experts_steps += len(self._scheduler.distinct_experts)
+        self._scheduler.distinct_experts.clear()
         # Every live request, not only this step's batch: a prefill (first token) can happen without a decode.
         new_tokens = sum(self._publish(handle) for handle in self._live.values())
         for seq in finished:
@@ -418,9 +425,11 @@ class EngineWorker:
             cache=self.engine.stats(),
             queue_depth=len(self._scheduler.waiting),
             running=len(self._scheduler.batch.members),
+            pooled=len(self._scheduler.active),
             max_batch_size=self.config.max_batch_size,
             max_queue=self.config.max_queue,
             batch_size_steps=dict(self._batch_size_steps),
+            mean_distinct_experts=self._distinct_experts_sum / max(self._distinct_experts_steps, 1),
             tokens_per_s=sum(recent) / window if window > 0 else 0.0,
             generated_tokens=self._generated,
             steps=sum(self._batch_size_steps.values()),

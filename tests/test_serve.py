@@ -204,7 +204,8 @@ def test_stats_report_cache_queue_batches_and_throughput(server, client):
     assert stats["generated_tokens"] - before["generated_tokens"] == 10
     assert stats["requests_completed"] - before["requests_completed"] == 1
     assert sum(stats["batch_size_steps"].values()) == stats["steps"]
-    assert stats["queue_depth"] == 0 and stats["running"] == 0
+    assert stats["queue_depth"] == 0 and stats["running"] == 0 and stats["pooled"] == 0
+    assert 2 <= stats["mean_distinct_experts"] <= 6, "top-2 of 8 experts, at most 3 sequences per step"
     assert stats["max_batch_size"] == 3 and stats["max_queue"] == 16
     assert stats["admission"] == "fifo" and stats["model"] == "tiny-mixtral" and not stats["draining"]
     assert [layer["layer"] for layer in stats["layers"]] == [0, 1]
@@ -326,6 +327,8 @@ def test_cancelled_stream_frees_its_place_at_once(checkpoint):
             c.generate("abc", max_new_tokens=2)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-queue" in e.value.details()
+        stats = c.stats()
+        assert (stats["running"], stats["pooled"], stats["queue_depth"]) == (1, 1, 0)
         stream.cancel()
         _wait_for(lambda: c.stats()["requests_cancelled"] == 1, "the server to see the cancellation")
         stats = c.stats()

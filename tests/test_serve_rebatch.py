@@ -71,3 +71,4 @@ def test_rebatched_server_replies_equal_solo(tiny_checkpoints):
     assert stats["admission"] == "rebatch"
     assert set(stats["batch_size_steps"]) <= {1, 2} and stats["batch_size_steps"].get(2, 0) > 0
     assert stats["requests_completed"] == len(REQUESTS)
+    assert 1 <= stats["mean_distinct_experts"] <= 4, "top-2 experts of at most 2 sequences per step"
