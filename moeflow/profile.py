@@ -203,8 +203,10 @@ class RunResult:
             "wasted_prefetches": s.wasted_prefetches,
             "bytes_per_token": s.bytes_read / per_token,
             "demand_bytes_per_token": demand_bytes,
-            # Demand misses stall compute; prefetch reads are assumed hidden behind it.
+            # Demand misses stall compute; prefetch reads are assumed hidden behind it...
             "stall_s_per_token": {name: demand_bytes / bw for name, bw in links.items()},
+            # ...and if nothing overlaps, every byte read stalls (the upper bound).
+            "transfer_s_per_token": {name: s.bytes_read / per_token / bw for name, bw in links.items()},
             "per_layer": [
                 {
                     "layer": ls.layer,
