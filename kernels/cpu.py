@@ -14,11 +14,12 @@ GEMM backends (fp32; other dtypes always use ``torch.mm``, which already goes to
   (measured: mostly bit-identical to its grouped_mm experts, else ~1e-7 relative).
 - ``"onednn"``: oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU
   backend emits) on the same plain weight tensors, no copy kept. On this project's AMD EPYC it runs
-  2-4x faster than MKL sgemm for these shapes (MKL takes a generic path on non-Intel CPUs); its
-  summation order differs, so results differ from transformers by ~1e-7 relative (tested <= 1e-6).
+  1.5-2.2x faster than MKL sgemm once the expert matrices are big (MKL takes a generic path on
+  non-Intel CPUs), but costs more per call, so small experts stay on MKL; its summation order
+  differs, so results differ from transformers by ~1e-7 relative (tested <= 2e-6).
 
-``bench/moe_block.py`` measures every formulation x backend against transformers; the defaults below
-are what won there (bench/results/moe_block.json).
+``bench/moe_block.py`` measures every formulation x backend against transformers; ``cpu_plan`` below
+encodes what won there (bench/results/moe_block.json, and the crossover table in its docstring).
 """
 
 from __future__ import annotations
@@ -45,10 +46,21 @@ GEMMS: dict[str, Gemm] = {"mm": _mm}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     GEMMS["onednn"] = _onednn
 
-# Measured defaults (bench/moe_block.py, 2-core AMD EPYC, fp32): oneDNN beats MKL at every T and E;
-# up to this many (token, k) pairs, looping over pairs beats sorting by slot.
-DEFAULT_GEMM = "onednn" if "onednn" in GEMMS else "mm"
-PAIR_LOOP_MAX_PAIRS = 8
+# Measured on the 2-core AMD EPYC, fp32, E=8, K=2, median ms of 25 interleaved rounds (mm / onednn):
+#   D*I = 192*192   T=1 pair loop 0.090 / 0.184    T=16 sorted 0.90 / 1.53   (the default model)
+#   D*I = 256*256   T=1 pair loop 0.060 / 0.097    T=16 sorted 0.56 / 0.65
+#   D*I = 384*384   T=1 pair loop 0.146 / 0.207    T=16 sorted 1.62 / 1.45
+#   D*I = 512*512   T=1 pair loop 0.210 / 0.243    T=16 sorted 4.00 / 2.40
+#   D*I = 512*1024  T=1 pair loop 0.262 / 0.212    T=16 sorted 4.79 / 2.62
+#   D*I = 1024*2048 T=1 pair loop 3.45  / 2.15     T=16 sorted 23.5 / 10.7
+# One row per GEMM (T=1) pays oneDNN's per-call cost on little work: it wins from D*I = 2^19; with
+# several rows per expert it wins from D*I = 2^17.
+ONEDNN_MIN_DI_ONE_ROW = 2**19
+ONEDNN_MIN_DI = 2**17
+# Sorting by slot costs ~60 us and only pays when pairs share a slot: never at T=1 (a token's K
+# experts differ), rarely with up to 4 pairs (E=8: pair loop 4.5 ms vs sorted 4.9 ms at T=2,
+# 8.4 vs 6.7 ms at T=4).
+PAIR_LOOP_MAX_PAIRS = 4
 
 
 def _expert_mlp(x_nD: torch.Tensor, gate_up_2IxD: torch.Tensor, down_DxI: torch.Tensor, gemm: Gemm) -> torch.Tensor:
@@ -80,7 +92,7 @@ def moe_sorted(
     down_SxDxI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
-    gemm: str = DEFAULT_GEMM,
+    gemm: str = "mm",
 ) -> torch.Tensor:
     """Sort pairs by slot, gather their rows once, one gate/up and one down GEMM per used slot."""
     T, D = hidden_TD.shape
@@ -104,7 +116,7 @@ def moe_pair_loop(
     down_SxDxI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
-    gemm: str = DEFAULT_GEMM,
+    gemm: str = "mm",
 ) -> torch.Tensor:
     """One (token, k) pair at a time: no sort, no gather; for decode-sized batches."""
     T, D = hidden_TD.shape
@@ -150,6 +162,13 @@ CPU_FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def cpu_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> tuple[str, str]:
+    """(formulation, gemm) that ``fused_moe_cpu`` uses for this call shape, by the measurements above."""
+    one_row = num_tokens == 1 or num_tokens * top_k <= PAIR_LOOP_MAX_PAIRS  # one row per GEMM call
+    big = hidden * inter >= (ONEDNN_MIN_DI_ONE_ROW if one_row else ONEDNN_MIN_DI)
+    return "pair_loop" if one_row else "sorted", "onednn" if big and "onednn" in GEMMS else "mm"
+
+
 def fused_moe_cpu(
     hidden_TD: torch.Tensor,
     gate_up_SxI2xD: torch.Tensor,
@@ -158,14 +177,15 @@ def fused_moe_cpu(
     ids_TK: torch.Tensor,
     gemm: str | None = None,
 ) -> torch.Tensor:
-    """The CPU path of ``kernels.fused_moe`` (arguments already checked). ``gemm``: a key of
-    ``GEMMS``, default ``DEFAULT_GEMM``; ``"mm"`` uses the GEMM library transformers uses."""
+    """The CPU path of ``kernels.fused_moe`` (arguments already checked): the formulation and GEMM
+    backend ``cpu_plan`` picks. ``gemm``: a key of ``GEMMS`` instead of the measured choice;
+    ``"mm"`` uses the GEMM library transformers uses."""
     args = (hidden_TD, gate_up_SxI2xD, down_SxDxI, weights_TK, ids_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
         return moe_sorted_autograd(*args)
-    gemm = gemm or DEFAULT_GEMM
-    if gemm not in GEMMS:
+    if gemm is not None and gemm not in GEMMS:
         raise ValueError(f"cpu gemm {gemm!r} is not one of {sorted(GEMMS)}")
-    if ids_TK.numel() <= PAIR_LOOP_MAX_PAIRS:
-        return moe_pair_loop(*args, gemm=gemm)
-    return moe_sorted(*args, gemm=gemm)
+    (T, D), (K, I) = hidden_TD.shape, (ids_TK.shape[1], down_SxDxI.shape[2])
+    formulation, best_gemm = cpu_plan(T, K, D, I)
+    fn = moe_pair_loop if formulation == "pair_loop" else moe_sorted
+    return fn(*args, gemm=gemm or best_gemm)

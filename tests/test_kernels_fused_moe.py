@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import TileConfig, fused_moe, fused_moe_reference
-from kernels.cpu import CPU_FORMULATIONS, GEMMS, fused_moe_cpu
+from kernels.cpu import CPU_FORMULATIONS, GEMMS, cpu_plan, fused_moe_cpu
 from kernels.dispatch import INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before import (conftest)")
@@ -240,6 +240,32 @@ def test_cpu_forward_matches_reference(case: Case, formulation: str, dtype_name:
     assert_close_scaled(out, fused_moe_reference(hidden, gate_up, down, weights, ids), tol)
 
 
+@pytest.mark.parametrize(
+    "T, K, D, I, want",
+    [
+        (1, 2, 192, 192, ("pair_loop", "mm")),  # the default model decoding: MKL's small calls win
+        (1, 8, 1024, 512, ("pair_loop", "onednn")),  # OLMoE-like decode: big experts, oneDNN
+        (2, 2, 512, 512, ("pair_loop", "mm")),  # one row per GEMM below 2^19: MKL
+        (16, 2, 384, 384, ("sorted", "onednn")),  # several rows per expert: oneDNN from 2^17
+        (16, 2, 256, 256, ("sorted", "mm")),
+    ],
+)
+def test_cpu_plan_follows_the_measured_crossovers(T: int, K: int, D: int, I: int, want: tuple[str, str]) -> None:
+    assert cpu_plan(T, K, D, I) == want
+
+
+@pytest.mark.parametrize("T, D, I", [(1, 64, 96), (1, 512, 1024), (2, 64, 96), (9, 64, 96), (9, 384, 384)])
+def test_cpu_dispatch_runs_the_planned_formulation(T: int, D: int, I: int) -> None:
+    gen = torch.Generator().manual_seed(T + D)
+    S, K = 3, 2
+    args = (torch.randn(T, D, generator=gen), torch.randn(S, 2 * I, D, generator=gen) * D**-0.5,
+            torch.randn(S, D, I, generator=gen) * I**-0.5, torch.rand(T, K, generator=gen),
+            torch.randint(0, S, (T, K), generator=gen))  # fmt: skip
+    planned = CPU_FORMULATIONS["{}[{}]".format(*cpu_plan(T, K, D, I))]
+    with torch.no_grad():
+        assert torch.equal(fused_moe_cpu(*args), planned(*args))
+
+
 def test_cpu_rejects_an_unknown_gemm() -> None:
     hidden, gate_up, down, weights, ids = make_inputs(CASES[0], torch.float32)
     with pytest.raises(ValueError, match="cpu gemm"):
@@ -303,3 +329,24 @@ def test_cpu_path_equals_triton_path() -> None:
         cpu = fused_moe_cpu(hidden, gate_up, down, weights, ids)
     triton_out = fused_moe(hidden, gate_up, down, weights, ids)
     torch.testing.assert_close(triton_out, cpu, rtol=1e-5, atol=1e-5 * cpu.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3])
+def test_engine_grouped_experts_is_bit_identical_to_transformers(T: int, dtype: torch.dtype) -> None:
+    """The engine's expert compute (T=1 takes its per-pair torch.mm path) equals transformers' grouped_mm
+    experts to the last bit, also with pairs left to another wave (slot -1)."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from moeflow.offload import grouped_experts
+
+    experts, hidden, weights, ids = _mixtral_experts(T=T, D=64, I=96, E=8, K=2)
+    experts, hidden = experts.to(dtype), hidden.to(dtype)
+    for left_out in (None, 0, 1):  # which of token 0's pairs another wave computes (slot -1)
+        slots, kept = ids.clone(), weights.clone()
+        if left_out is not None:
+            slots[0, left_out], kept[0, left_out] = -1, 0.0
+        with torch.no_grad():
+            want = grouped_mm_experts_forward(experts, hidden, ids, kept)
+            got = grouped_experts(experts, hidden, experts.gate_up_proj, experts.down_proj, weights, slots)
+        assert got.dtype == want.dtype and torch.equal(got, want), f"pair {left_out} left out"
