@@ -180,3 +180,17 @@ def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
     assert 0 < replayed.misses < trace.num_tokens * len(trace.layers) * trace.top_k
     if policy == "predictive":
         assert replayed.prefetch_hits > 0
+
+
+def test_report_of_a_deep_model_draws(tmp_path):
+    # 10 layers: the table drops per-layer columns and co-activation shows first, middle and last pairs.
+    from moeflow.profile import run_profile
+    from moeflow.profile_report import plot_report, summary_lines
+
+    rng = np.random.default_rng(3)
+    trace = synthetic_trace(random_routing(rng, N=60, L=10, E=6, K=2), 6)
+    report = run_profile(trace, geometry_for(trace), budgets=[slots(4), slots(12)], policies=["lru", "belady"],
+                         links={"link": 1e9})
+    assert [pair["layers"] for pair in report["analysis"]["coactivation"]] == [[0, 1], [4, 5], [8, 9]]
+    assert "L0" not in summary_lines(report)[0]
+    assert plot_report(report, tmp_path / "deep.png").stat().st_size > 10_000
