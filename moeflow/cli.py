@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     ptrain.add_argument("--predictors", default="path,sklearn,frequency,token_freq,transition",
                         help="which to train, comma-separated (default: all trainable)")
     ptrain.add_argument("--max-tokens", type=int, default=400_000, help="trace at most this many tokens")
-    ptrain.add_argument("--epochs", type=int, default=4, help="epochs of the path network (default: 4)")
+    ptrain.add_argument("--epochs", type=int, default=12, help="epochs of the path network (default: 12)")
     ptrain.add_argument("--lookahead", type=int, default=1, help="layers ahead (the transition predictor)")
     ptrain.add_argument("--json", action="store_true", help="print the training report as JSON")
     ptrain.set_defaults(func=cmd_predictor_train)

@@ -20,7 +20,7 @@ from .cache import ExpertCache, SlotPool
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import CheckpointError, MoeflowError, RequestError
 from .offload import OffloadRuntime, apply_offload, experts_modules
-from .policy import POLICIES, make_policy
+from .policy import POLICIES, check_live_policy, make_policy
 from .prefetch import PredictivePrefetcher
 from .sampling import SamplingParams
 from .scheduler import AdmissionPolicy, FifoAdmission, Scheduler
@@ -57,8 +57,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.store not in STORES:
             raise MoeflowError(f"unknown store {self.store!r}; choose one of: {', '.join(STORES)}")
-        if self.policy not in POLICIES:
-            raise MoeflowError(f"unknown cache policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        check_live_policy(self.policy)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise MoeflowError(f"unknown dtype {self.dtype!r}; choose auto or one of: {', '.join(_DTYPES)}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -176,7 +175,9 @@ class Engine:
         self._predictor_hooks = PredictorHooks(self, [predictor], offer)
         self.runtime.prefetcher = prefetcher
 
-    def _before_forward(self, histories: list[list[int]], n_new: int) -> None:
+    def before_forward(self, histories: list[list[int]], n_new: int) -> None:
+        """Called before every forward with each row's tokens so far (the last `n_new` are computed now):
+        with --policy predictive, starts the prefetcher's step and runs the context predictors."""
         if self.prefetcher is not None:
             self.prefetcher.begin_step()
             self._predictor_hooks.begin(histories, n_new)
@@ -216,7 +217,7 @@ class Engine:
         return Sequence(prompt_ids=prompt_ids, params=params)
 
     def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.model, self.device, self.eos_token_ids, before_forward=self._before_forward)
+        return DecodeBatch(self.model, self.device, self.eos_token_ids, before_forward=self.before_forward)
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[int], **sampling: object) -> GenerationResult:

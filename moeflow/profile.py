@@ -338,7 +338,7 @@ def live_run(engine: object, trace: Trace, *, progress: bool = False) -> tuple[C
                 kv = DynamicCache(config=engine.model.config)
                 for i, token in enumerate(ids):
                     # What `DecodeBatch` does before each forward: begin the prefetcher's step, run predictors.
-                    engine._before_forward([ids[: i + 1]], 1)
+                    engine.before_forward([ids[: i + 1]], 1)
                     engine.model(input_ids=torch.tensor([[token]], device=engine.device), past_key_values=kv,
                                  use_cache=True, logits_to_keep=1)
                     step += 1

@@ -26,7 +26,7 @@ from .runtime import build_predictor, routing_shape
 
 
 def train_predictors(engine: object, trace: Trace, names: Sequence[str], *, lookahead: int = 1,
-                     epochs: int = 4, progress: bool = True) -> dict[str, dict]:
+                     epochs: int = 12, progress: bool = True) -> dict[str, dict]:
     """Fit every trainable predictor in `names` on `trace` and save it next to `engine`'s model."""
     shape = routing_shape(engine)
     if list(trace.layers) != list(shape.layers) or trace.num_experts != shape.num_experts:

@@ -98,6 +98,8 @@ def test_bad_predictive_options(tiny_checkpoints):
     path = tiny_checkpoints["mixtral"]
     with pytest.raises(MoeflowError, match="unknown predictor 'crystal_ball'"):
         moeflow.load(path, policy="predictive", predictor="crystal_ball")
+    with pytest.raises(MoeflowError, match="only in offline replay"):
+        moeflow.load(path, policy="belady")
     with pytest.raises(MoeflowError, match="lookahead must be at least 1"):
         moeflow.load(path, policy="predictive", lookahead=0)
     with pytest.raises(MoeflowError, match="moeflow predictor train"):
