@@ -244,7 +244,7 @@ def summary(rows: list[dict], s: Settings) -> list[dict]:
                 # the same from each provider's fastest round: what a noisy machine disturbs least
                 "speedup_vs_best_transformers_min": min(v for n, v in by_min.items() if n in hf) / by_min["moeflow"],
                 "fastest_moeflow_formulation": min(forms, key=forms.get).removeprefix("moeflow "),
-                "moeflow_plan": "{}[{}]".format(*cpu_plan(T, SHAPES[E].top_k, SHAPES[E].hidden, SHAPES[E].inter)),
+                "moeflow_plan": cpu_plan(T, SHAPES[E].top_k, SHAPES[E].hidden, SHAPES[E].inter),
                 "engine_ms": by[ENGINE], "engine_speedup_vs_grouped_mm": by["transformers grouped_mm"] / by[ENGINE],
                 "moeflow_speedup_vs_engine": by[ENGINE] / by["moeflow"],
             })  # fmt: skip

@@ -46,20 +46,24 @@ GEMMS: dict[str, Gemm] = {"mm": _mm}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     GEMMS["onednn"] = _onednn
 
-# Measured on the 2-core AMD EPYC, fp32, E=8, K=2, median ms of 25 interleaved rounds (mm / onednn):
-#   D*I = 192*192   T=1 pair loop 0.090 / 0.184    T=16 sorted 0.90 / 1.53   (the default model)
-#   D*I = 256*256   T=1 pair loop 0.060 / 0.097    T=16 sorted 0.56 / 0.65
-#   D*I = 384*384   T=1 pair loop 0.146 / 0.207    T=16 sorted 1.62 / 1.45
-#   D*I = 512*512   T=1 pair loop 0.210 / 0.243    T=16 sorted 4.00 / 2.40
-#   D*I = 512*1024  T=1 pair loop 0.262 / 0.212    T=16 sorted 4.79 / 2.62
-#   D*I = 1024*2048 T=1 pair loop 3.45  / 2.15     T=16 sorted 23.5 / 10.7
-# One row per GEMM (T=1) pays oneDNN's per-call cost on little work: it wins from D*I = 2^19; with
-# several rows per expert it wins from D*I = 2^17.
+# Measured on the 2-core AMD EPYC, fp32, K=2, median ms of 25 interleaved rounds:
+#                   T=1 pair loop       T=4 sorted               T=16 sorted
+#   D*I             mm      onednn      mm     onednn  grouped   mm     onednn  grouped
+#   192*192 (E=16)  0.090   0.184       0.166  0.320   0.162     0.443  0.771   0.373  (the default model)
+#   256*256         0.060   0.097       0.181  0.267   0.179     0.423  0.569   0.386
+#   384*384         0.146   0.207       0.354  0.515   0.395     1.157  0.978   1.058
+#   512*512         0.210   0.243       1.072  0.783   1.148     2.914  1.732   2.963
+#   512*1024        0.262   0.212                                4.79   2.62
+#   1024*2048       3.45    2.15                                 23.5   10.7
+# oneDNN costs more per call than MKL and wins once a call has enough work: with one row per GEMM
+# from D*I = 2^19; with several rows from 2^18, or from 2^17 with at least 16 pairs. Below that,
+# torch's grouped_mm (MKL inside, one call per projection) beats a Python loop over slots.
 ONEDNN_MIN_DI_ONE_ROW = 2**19
-ONEDNN_MIN_DI = 2**17
+ONEDNN_MIN_DI = 2**18
+ONEDNN_MIN_DI_16_PAIRS = 2**17
 # Sorting by slot costs ~60 us and only pays when pairs share a slot: never at T=1 (a token's K
-# experts differ), rarely with up to 4 pairs (E=8: pair loop 4.5 ms vs sorted 4.9 ms at T=2,
-# 8.4 vs 6.7 ms at T=4).
+# experts differ), rarely with up to 4 pairs (E=8, D*I=1024*2048: pair loop 4.5 ms vs sorted 4.9 ms
+# at T=2, 8.4 vs 6.7 ms at T=4).
 PAIR_LOOP_MAX_PAIRS = 4
 
 
@@ -130,6 +134,28 @@ def moe_pair_loop(
     return _weight_and_sum(y_PD, weights_TK, hidden_TD.dtype)
 
 
+def moe_grouped_mm(
+    hidden_TD: torch.Tensor,
+    gate_up_SxI2xD: torch.Tensor,
+    down_SxDxI: torch.Tensor,
+    weights_TK: torch.Tensor,
+    ids_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Sort pairs by slot, then one ``F.grouped_mm`` per projection over every slot (transformers'
+    grouped_mm experts, on a slot pool). Needs D and I multiples of 8 (grouped_mm's 16-byte strides)."""
+    T, D = hidden_TD.shape
+    K = ids_TK.shape[1]
+    order_V, counts = _sorted_by_slot(ids_TK, gate_up_SxI2xD.shape[0])
+    offsets_S = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    x_VD = hidden_TD.index_select(0, order_V // K)
+    h_V2I = F.grouped_mm(x_VD, gate_up_SxI2xD.transpose(-2, -1), offs=offsets_S)
+    I = down_SxDxI.shape[2]
+    y_VD = F.grouped_mm(F.silu(h_V2I[:, :I]).mul_(h_V2I[:, I:]), down_SxDxI.transpose(-2, -1), offs=offsets_S)
+    y_PD = hidden_TD.new_zeros(T * K, D)
+    y_PD[order_V] = y_VD
+    return _weight_and_sum(y_PD, weights_TK, hidden_TD.dtype)
+
+
 def moe_sorted_autograd(
     hidden_TD: torch.Tensor,
     gate_up_SxI2xD: torch.Tensor,
@@ -156,17 +182,32 @@ def moe_sorted_autograd(
 
 # Every inference formulation x backend, by name, for the tests and the benchmark.
 CPU_FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {
-    f"{name}[{gemm}]": (lambda *a, _f=fn, _g=gemm: _f(*a, gemm=_g))
-    for name, fn in (("sorted", moe_sorted), ("pair_loop", moe_pair_loop))
-    for gemm in GEMMS
+    **{
+        f"{name}[{gemm}]": (lambda *a, _f=fn, _g=gemm: _f(*a, gemm=_g))
+        for name, fn in (("sorted", moe_sorted), ("pair_loop", moe_pair_loop))
+        for gemm in GEMMS
+    },
+    "grouped_mm": moe_grouped_mm,
 }
 
 
-def cpu_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> tuple[str, str]:
-    """(formulation, gemm) that ``fused_moe_cpu`` uses for this call shape, by the measurements above."""
-    one_row = num_tokens == 1 or num_tokens * top_k <= PAIR_LOOP_MAX_PAIRS  # one row per GEMM call
-    big = hidden * inter >= (ONEDNN_MIN_DI_ONE_ROW if one_row else ONEDNN_MIN_DI)
-    return "pair_loop" if one_row else "sorted", "onednn" if big and "onednn" in GEMMS else "mm"
+def cpu_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> str:
+    """The ``CPU_FORMULATIONS`` key ``fused_moe_cpu`` runs for this call shape, by the measurements above."""
+    pairs, di = num_tokens * top_k, hidden * inter
+    onednn = "onednn" in GEMMS
+    if num_tokens == 1 or pairs <= PAIR_LOOP_MAX_PAIRS:  # one row per GEMM call
+        return "pair_loop[onednn]" if onednn and di >= ONEDNN_MIN_DI_ONE_ROW else "pair_loop[mm]"
+    if onednn and (di >= ONEDNN_MIN_DI or (di >= ONEDNN_MIN_DI_16_PAIRS and pairs >= 16)):
+        return "sorted[onednn]"
+    return "grouped_mm"
+
+
+def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
+    """grouped_mm wants 16-byte aligned tensors whose non-unit strides are multiples of 16 bytes."""
+    for t in tensors:
+        if t.data_ptr() % 16 or any(st != 1 and st * t.element_size() % 16 for st in t.stride()):
+            return False
+    return True
 
 
 def fused_moe_cpu(
@@ -177,8 +218,8 @@ def fused_moe_cpu(
     ids_TK: torch.Tensor,
     gemm: str | None = None,
 ) -> torch.Tensor:
-    """The CPU path of ``kernels.fused_moe`` (arguments already checked): the formulation and GEMM
-    backend ``cpu_plan`` picks. ``gemm``: a key of ``GEMMS`` instead of the measured choice;
+    """The CPU path of ``kernels.fused_moe`` (arguments already checked): the formulation ``cpu_plan``
+    picks. ``gemm``: a key of ``GEMMS`` to force that backend (with the pair loop or the sorted loop);
     ``"mm"`` uses the GEMM library transformers uses."""
     args = (hidden_TD, gate_up_SxI2xD, down_SxDxI, weights_TK, ids_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
@@ -186,6 +227,9 @@ def fused_moe_cpu(
     if gemm is not None and gemm not in GEMMS:
         raise ValueError(f"cpu gemm {gemm!r} is not one of {sorted(GEMMS)}")
     (T, D), (K, I) = hidden_TD.shape, (ids_TK.shape[1], down_SxDxI.shape[2])
-    formulation, best_gemm = cpu_plan(T, K, D, I)
-    fn = moe_pair_loop if formulation == "pair_loop" else moe_sorted
-    return fn(*args, gemm=gemm or best_gemm)
+    plan = cpu_plan(T, K, D, I)
+    if plan == "grouped_mm" and not (D % 8 == 0 and I % 8 == 0 and _grouped_mm_fits(*args[:3])):
+        plan = "sorted[mm]"
+    if gemm is not None:
+        plan = f"{plan.split('[')[0].replace('grouped_mm', 'sorted')}[{gemm}]"
+    return CPU_FORMULATIONS[plan](*args)

@@ -243,27 +243,37 @@ def test_cpu_forward_matches_reference(case: Case, formulation: str, dtype_name:
 @pytest.mark.parametrize(
     "T, K, D, I, want",
     [
-        (1, 2, 192, 192, ("pair_loop", "mm")),  # the default model decoding: MKL's small calls win
-        (1, 8, 1024, 512, ("pair_loop", "onednn")),  # OLMoE-like decode: big experts, oneDNN
-        (2, 2, 512, 512, ("pair_loop", "mm")),  # one row per GEMM below 2^19: MKL
-        (16, 2, 384, 384, ("sorted", "onednn")),  # several rows per expert: oneDNN from 2^17
-        (16, 2, 256, 256, ("sorted", "mm")),
+        (1, 2, 192, 192, "pair_loop[mm]"),  # the default model decoding: MKL's small calls win
+        (1, 8, 1024, 512, "pair_loop[onednn]"),  # OLMoE-like decode: big experts, oneDNN
+        (2, 2, 512, 512, "pair_loop[mm]"),  # one row per GEMM below 2^19: MKL
+        (4, 2, 512, 512, "sorted[onednn]"),  # several rows per expert from 2^18: oneDNN
+        (16, 2, 384, 384, "sorted[onednn]"),  # from 2^17 with 16 pairs
+        (4, 2, 384, 384, "grouped_mm"),  # too little work for oneDNN: grouped_mm beats a loop over slots
+        (16, 2, 192, 192, "grouped_mm"),
     ],
 )
-def test_cpu_plan_follows_the_measured_crossovers(T: int, K: int, D: int, I: int, want: tuple[str, str]) -> None:
+def test_cpu_plan_follows_the_measured_crossovers(T: int, K: int, D: int, I: int, want: str) -> None:
     assert cpu_plan(T, K, D, I) == want
 
 
-@pytest.mark.parametrize("T, D, I", [(1, 64, 96), (1, 512, 1024), (2, 64, 96), (9, 64, 96), (9, 384, 384)])
-def test_cpu_dispatch_runs_the_planned_formulation(T: int, D: int, I: int) -> None:
+@pytest.mark.parametrize(
+    "T, D, I, want",
+    [
+        (1, 64, 96, "pair_loop[mm]"),
+        (1, 512, 1024, "pair_loop[onednn]"),
+        (9, 64, 96, "grouped_mm"),
+        (9, 60, 36, "sorted[mm]"),  # grouped_mm needs 16-byte strides: D, I multiples of 8 (fp32: 4)
+        (9, 384, 384, "sorted[onednn]"),
+    ],
+)
+def test_cpu_dispatch_runs_the_planned_formulation(T: int, D: int, I: int, want: str) -> None:
     gen = torch.Generator().manual_seed(T + D)
     S, K = 3, 2
     args = (torch.randn(T, D, generator=gen), torch.randn(S, 2 * I, D, generator=gen) * D**-0.5,
             torch.randn(S, D, I, generator=gen) * I**-0.5, torch.rand(T, K, generator=gen),
             torch.randint(0, S, (T, K), generator=gen))  # fmt: skip
-    planned = CPU_FORMULATIONS["{}[{}]".format(*cpu_plan(T, K, D, I))]
     with torch.no_grad():
-        assert torch.equal(fused_moe_cpu(*args), planned(*args))
+        assert torch.equal(fused_moe_cpu(*args), CPU_FORMULATIONS[want](*args))
 
 
 def test_cpu_rejects_an_unknown_gemm() -> None:
@@ -309,7 +319,7 @@ def test_cpu_matches_transformers_grouped_mm_fp32(formulation: str, T: int) -> N
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     experts, hidden, weights, ids = _mixtral_experts(T=T, D=64, I=96, E=8, K=2)
-    gemm = formulation.split("[")[1].rstrip("]")
+    gemm = formulation.split("[")[1].rstrip("]") if "[" in formulation else "mm"  # grouped_mm: MKL inside
     if formulation.startswith("dispatch"):
         fn = lambda *a: fused_moe_cpu(*a, gemm=gemm)  # noqa: E731
     else:
