@@ -67,6 +67,8 @@ def lm_worker(rank: int, world: int, args: None) -> dict[str, object]:
             with torch.no_grad():
                 first_lm_loss = model(input_ids=batches[0, rank], labels=batches[0, rank]).loss
         loss.backward()
+        # Every bucket's all-reduce was started by the backward itself, none is left for finish().
+        assert reducer.launched_buckets == reducer.num_buckets > 1
         reducer.finish()
         optimizer.step()
         mean = loss.detach().clone()

@@ -301,3 +301,23 @@ def test_expert_mlp_paths_match_reference(monkeypatch, grouped, counts):
     want_grads = torch.autograd.grad((want * g).sum(), (x_ND, gate_up, down))
     for got, expected in zip(got_grads, want_grads):
         assert_close(got, expected)
+
+
+def test_kernels_backend_equals_torch_backend():
+    """The kernels package's fused MoE (Triton, through the interpreter here) as the layer's expert
+    compute: same outputs and gradients as the torch path, chunked."""
+    pytest.importorskip("kernels.fused_moe", reason="the kernels package provides the fused expert MLP")
+    torch.manual_seed(11)
+    config = MoELayerConfig(hidden_size=16, expert_hidden_size=16, num_experts=4, num_chunks=2, init_std=0.3)
+    results = []
+    for backend in ("torch", "kernels"):
+        torch.manual_seed(12)
+        layer = MoELayer(dataclasses.replace(config, expert_backend=backend))
+        x = torch.randn(6, 16, requires_grad=True)
+        layer(x).square().sum().backward()
+        results.append((layer(x).detach(), x.grad, [p.grad for p in layer.parameters()]))
+    (y_torch, gx_torch, grads_torch), (y_kernels, gx_kernels, grads_kernels) = results
+    assert_close(y_kernels, y_torch)
+    assert_close(gx_kernels, gx_torch)
+    for got, want in zip(grads_kernels, grads_torch):
+        assert_close(got, want)

@@ -67,6 +67,15 @@ class GradBucketReducer:
         if config.overlap and self.world_size > 1:
             self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
+    @property
+    def num_buckets(self) -> int:
+        return len(self.buckets)
+
+    @property
+    def launched_buckets(self) -> int:
+        """Buckets whose all-reduce the backward has already started (reset by `finish()`)."""
+        return self._next_launch
+
     def _on_grad(self, param: nn.Parameter) -> None:
         bucket = self._bucket_of[id(param)]
         bucket.pending -= 1
