@@ -55,10 +55,12 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 #   512*512         0.210   0.243       1.072  0.783   1.148     2.914  1.732   2.963
 #   512*1024        0.262   0.212                                4.79   2.62
 #   1024*2048       3.45    2.15                                 23.5   10.7
-# oneDNN costs more per call than MKL and wins once a call has enough work: with one row per GEMM
-# from D*I = 2^19; with several rows from 2^18, or from 2^17 with at least 16 pairs. Below that,
-# torch's grouped_mm (MKL inside, one call per projection) beats a Python loop over slots.
-ONEDNN_MIN_DI_ONE_ROW = 2**19
+# oneDNN costs more per call than MKL and wins once a call has enough work: with several rows per
+# expert from D*I = 2^18, or from 2^17 with at least 16 pairs. Below that, torch's grouped_mm (MKL
+# inside, one call per projection) beats a Python loop over slots. One row per GEMM stays on MKL at
+# every size: oneDNN wins there only on an idle machine (from D*I = 2^19; 2.15 vs 3.45 ms at
+# 1024*2048), while with another process on a core its two-thread calls stall (medians 9.9 and
+# 17 ms vs MKL's 3.0 and 3.8 ms at E=8 and E=64, bench/moe_block.py, T=1); MKL's one-row GEMM did not.
 ONEDNN_MIN_DI = 2**18
 ONEDNN_MIN_DI_16_PAIRS = 2**17
 # Sorting by slot costs ~60 us and only pays when pairs share a slot: never at T=1 (a token's K
@@ -196,7 +198,7 @@ def cpu_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> str:
     pairs, di = num_tokens * top_k, hidden * inter
     onednn = "onednn" in GEMMS
     if num_tokens == 1 or pairs <= PAIR_LOOP_MAX_PAIRS:  # one row per GEMM call
-        return "pair_loop[onednn]" if onednn and di >= ONEDNN_MIN_DI_ONE_ROW else "pair_loop[mm]"
+        return "pair_loop[mm]"
     if onednn and (di >= ONEDNN_MIN_DI or (di >= ONEDNN_MIN_DI_16_PAIRS and pairs >= 16)):
         return "sorted[onednn]"
     return "grouped_mm"
