@@ -10,8 +10,10 @@ exit status 1.
 
 Reports per mode: throughput (generated tokens/s and requests/s over the load's wall time),
 p50/p99 latency and time to first token, batch occupancy (decode steps at each batch size, from
-GetStats), cache hit rate over the load (per layer too), bytes read, stall time. `--rounds` interleave
-the modes; each mode's best run is reported, every run is kept in the JSON. JSON + PNG.
+GetStats), distinct experts per decode step, cache hit rate over the load (per layer too), bytes
+read, stall time, and the CPU seconds of server and clients (on a small machine the load generator
+and the gRPC work take cores from the engine). `--rounds` interleave the modes; each mode's best
+run is reported, every run is kept in the JSON. JSON + PNG.
 
     flock /tmp/moeflow-bench.lock python bench/serve_load.py                 # the shipped default model
     python bench/serve_load.py --model DIR --clients 8 --requests 32        # smaller, any model
@@ -20,6 +22,7 @@ the modes; each mode's best run is reported, every run is kept in the JSON. JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -57,6 +60,8 @@ class Outcome:
     tokens: int
     latency_s: float  # request sent -> final message
     ttft_s: float  # request sent -> first message carrying tokens
+    server_ttft_s: float  # the server's own: request taken -> first token (queueing + prefill)
+    sent_s: float = 0.0  # when it was sent, from the start of the load
 
 
 # ---- workload ---------------------------------------------------------------------------------------------------
@@ -134,12 +139,18 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError("the server did not start:\n" + "".join(self.log[-20:]))
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system, all threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=300)
 
 
 def run_load(address: str, requests: list[Request], refs: dict[str, list[int]], clients: int) -> list[Outcome]:
+    start = time.perf_counter()
     todo = iter(requests)
     lock = threading.Lock()
     outcomes: list[Outcome] = []
@@ -151,7 +162,9 @@ def run_load(address: str, requests: list[Request], refs: dict[str, list[int]], 
                     req = next(todo, None)
                 if req is None:
                     return
-                outcomes.append(one_request(client, req, refs[req.prompt][: req.max_new_tokens]))
+                sent = time.perf_counter() - start
+                outcome = one_request(client, req, refs[req.prompt][: req.max_new_tokens])
+                outcomes.append(dataclasses.replace(outcome, sent_s=sent))
 
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for t in threads:
@@ -172,7 +185,15 @@ def one_request(client: MoeflowClient, req: Request, want: list[int]) -> Outcome
             if reply.finish_reason:
                 final = reply
     except grpc.RpcError as e:
-        return Outcome(index=req.index, ok=False, error=e.code().name, tokens=len(ids), latency_s=0.0, ttft_s=0.0)
+        return Outcome(
+            index=req.index,
+            ok=False,
+            error=e.code().name,
+            tokens=len(ids),
+            latency_s=0.0,
+            ttft_s=0.0,
+            server_ttft_s=0.0,
+        )
     latency = time.perf_counter() - t0
     error = "" if final is not None else "no final message"
     return Outcome(
@@ -182,6 +203,7 @@ def one_request(client: MoeflowClient, req: Request, want: list[int]) -> Outcome
         tokens=len(ids),
         latency_s=latency,
         ttft_s=ttft,
+        server_ttft_s=final.time_to_first_token_s if final is not None else 0.0,
     )
 
 
@@ -230,9 +252,10 @@ def run_mode(admission: str, args: argparse.Namespace, requests: list[Request], 
             warm = [Request(index=-1, prompt=r.prompt, max_new_tokens=4) for r in requests[: args.max_batch_size]]
             run_load(server.address, warm, {r.prompt: refs[r.prompt] for r in warm}, len(warm))
             before = client.stats()
-            t0 = time.perf_counter()
+            cpu0, server_cpu0, t0 = time.process_time(), server.cpu_s(), time.perf_counter()
             outcomes = run_load(server.address, requests, refs, args.clients)
             wall = time.perf_counter() - t0
+            client_cpu, server_cpu = time.process_time() - cpu0, server.cpu_s() - server_cpu0
             after = client.stats()
     finally:
         exit_status = server.stop()
@@ -264,20 +287,31 @@ def run_mode(admission: str, args: argparse.Namespace, requests: list[Request], 
         "latency_p99_s": percentile(latencies, 99),
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
+        "server_ttft_p50_s": percentile([o.server_ttft_s for o in done], 50),
+        "server_ttft_p99_s": percentile([o.server_ttft_s for o in done], 99),
         "decode_steps": total_steps,
         "batch_size_steps": steps,
         "mean_batch_size": mean_batch,
         "mean_distinct_experts_per_step": distinct,
         "batch_occupancy": mean_batch / args.max_batch_size,
         "engine_busy_fraction": (after["busy_s"] - before["busy_s"]) / wall,
+        "engine_ms_per_step": 1000 * (after["busy_s"] - before["busy_s"]) / max(total_steps, 1),
+        # Both processes share the machine's cores: the load generator's CPU is taken from the engine.
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
         "cache": cache_delta(before, after),
         "server_exit_status": exit_status,
+        "per_request": [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(o).items()}
+            for o in sorted(outcomes, key=lambda o: o.sent_s)
+        ],
     }
     print(
         f"[{admission}] {row['completed']}/{row['requests']} replies, {row['wrong']} wrong, {row['lost']} lost; "
         f"{row['tokens_per_s']:.1f} tok/s, latency p50 {row['latency_p50_s']:.2f} s p99 {row['latency_p99_s']:.2f} s, "
         f"occupancy {row['batch_occupancy']:.0%}, {distinct:.2f} distinct experts per layer and step, "
-        f"hit rate {row['cache']['hit_rate']:.1%}",
+        f"hit rate {row['cache']['hit_rate']:.1%}; engine {row['engine_ms_per_step']:.1f} ms/step; CPU s: server "
+        f"{server_cpu:.0f}, clients {client_cpu:.0f} in {wall:.0f} s",
         flush=True,
     )
     return row
