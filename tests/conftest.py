@@ -16,3 +16,22 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("tiny")
     return {fam: save_tiny_checkpoint(fam, root / fam, tokenizer=True) for fam in FAMILY_NAMES}
+
+
+@pytest.fixture(scope="session")
+def transformers_greedy(tiny_checkpoints: dict):
+    """`greedy(family, prompt_ids, new_tokens)`: plain transformers' greedy tokens (fp32), computed once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cache: dict = {}
+
+    def greedy(family: str, prompt: list[int], new_tokens: int) -> list[int]:
+        key = (family, tuple(prompt), new_tokens)
+        if key not in cache:
+            model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[family], dtype=torch.float32)
+            ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens)
+            cache[key] = ids[0, len(prompt) :].tolist()
+        return cache[key]
+
+    return greedy

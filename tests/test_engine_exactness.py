@@ -11,16 +11,6 @@ PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]  # 12 tokens: prefill to
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def reference_tokens(tiny_checkpoints: dict) -> dict:
-    out = {}
-    for fam, path in tiny_checkpoints.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        ids = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS)
-        out[fam] = ids[0, len(PROMPT) :].tolist()
-    return out
-
-
 def _minimum_budget(path) -> int:
     """Exactly one layer's top-k worth of expert bytes: the smallest budget the engine accepts."""
     with moeflow.load(path, expert_budget="all") as engine:
@@ -31,25 +21,25 @@ def _minimum_budget(path) -> int:
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("budget", ["all", "50%", "25%", "minimum"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_greedy_equals_transformers(tiny_checkpoints, reference_tokens, family, budget, policy, store):
+def test_greedy_equals_transformers(tiny_checkpoints, transformers_greedy, family, budget, policy, store):
     path = tiny_checkpoints[family]
     spec = _minimum_budget(path) if budget == "minimum" else budget
     with moeflow.load(path, expert_budget=spec, policy=policy, store=store) as engine:
         result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
         stats = engine.stats()
-    assert result.token_ids == reference_tokens[family]
+    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
     assert stats.resident_peak_bytes <= stats.budget_bytes
     if budget in ("25%", "minimum"):
         assert stats.misses > stats.capacity_slots  # the budget really forced evictions and re-reads
 
 
-def test_minimum_budget_runs_prefill_in_waves(tiny_checkpoints, reference_tokens):
+def test_minimum_budget_runs_prefill_in_waves(tiny_checkpoints, transformers_greedy):
     """At the minimum (top-k slots) a prefill step needs more experts than fit: it must still be exact."""
     path = tiny_checkpoints["mixtral"]
     with moeflow.load(path, expert_budget=_minimum_budget(path)) as engine:
         assert engine.cache.pool.capacity == engine.top_k
         result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
-    assert result.token_ids == reference_tokens["mixtral"]
+    assert result.token_ids == transformers_greedy("mixtral", PROMPT, NEW_TOKENS)
 
 
 def test_text_prompt_matches_transformers(tiny_checkpoints):

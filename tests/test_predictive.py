@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import moeflow
 from moeflow.errors import MoeflowError
@@ -36,22 +35,12 @@ def anti_gate(monkeypatch):
     monkeypatch.setitem(PREDICTORS, "anti_gate", AntiGate)
 
 
-@pytest.fixture(scope="module")
-def reference_tokens(tiny_checkpoints: dict) -> dict:
-    out = {}
-    for fam, path in tiny_checkpoints.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        ids = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS)
-        out[fam] = ids[0, len(PROMPT) :].tolist()
-    return out
-
-
 @pytest.mark.parametrize("lookahead", [1, 2])
 @pytest.mark.parametrize("predictor", ["gate", "anti_gate"])
 @pytest.mark.parametrize("budget", ["25%", "12.5%"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_predictive_greedy_equals_transformers(
-    tiny_checkpoints, reference_tokens, anti_gate, family, budget, predictor, lookahead
+    tiny_checkpoints, transformers_greedy, anti_gate, family, budget, predictor, lookahead
 ):
     options = dict(expert_budget=budget, policy="predictive", predictor=predictor, lookahead=lookahead)
     try:
@@ -63,7 +52,7 @@ def test_predictive_greedy_equals_transformers(
         result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
         counters = engine.prefetcher.counters
         stats = engine.stats()
-    assert result.token_ids == reference_tokens[family]
+    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
     assert counters.steps == NEW_TOKENS  # prefill + one per decode step but the last token's
     assert counters.issued > 0 and stats.prefetch_hits <= counters.issued
     if predictor == "anti_gate":
