@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,7 +22,9 @@ from .policy import EvictionPolicy
 from .stats import CacheStats, LayerStats
 from .store import ExpertStore
 
-_FREE, _LOADING, _READY = 0, 1, 2
+# A slot is FREE, QUEUED (reserved by a prefetch whose read has not started: the compute thread may
+# take the read over, and a correction may cancel it), LOADING (a read in progress) or READY.
+_FREE, _QUEUED, _LOADING, _READY = 0, 1, 2, 3
 
 
 class SlotPool:
@@ -83,8 +85,9 @@ class ExpertCache:
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[dict[int, int]]:
         """Pin `experts` of `layer` in slots for the duration of the block; returns expert -> slot.
 
-        Resident experts are hits; the rest are read synchronously (demand misses). At most
-        `capacity` experts may be acquired at once.
+        Resident experts are hits; the rest are read synchronously (demand misses). An expert whose
+        prefetch is still queued is a miss too: this thread reads it now instead of waiting for the
+        transfer thread to reach it. At most `capacity` experts may be acquired at once.
         """
         assert len(experts) <= self.pool.capacity, "caller must split a layer into waves of <= capacity"
         t0 = time.perf_counter()
@@ -98,12 +101,18 @@ class ExpertCache:
                 if s is None:
                     continue
                 self._pins[s] += 1
+                self.policy.on_access(key)
+                slot_of[e] = s
+                if self._state[s] == _QUEUED:  # take the queued read over: a demand miss
+                    self._state[s] = _LOADING
+                    self._unused_prefetch[s] = False
+                    counters.misses += 1
+                    to_read.append((key, s))
+                    continue
                 counters.hits += 1
                 if self._unused_prefetch[s]:
                     counters.prefetch_hits += 1
                     self._unused_prefetch[s] = False
-                self.policy.on_access(key)
-                slot_of[e] = s
             for e in experts:
                 if e in slot_of:
                     continue
@@ -153,8 +162,31 @@ class ExpertCache:
             if s is None:
                 return None
             self._assign_locked(key, s, pins=0)
+            self._state[s] = _QUEUED
             self._unused_prefetch[s] = True
             return s
+
+    def start_prefetch(self, key: ExpertKey, slot: int) -> bool:
+        """The transfer thread is about to read `key` into `slot`; False if that read is no longer wanted
+        (the prefetch was cancelled, or the compute thread took the read over)."""
+        with self._cv:
+            if self._key_of[slot] != key or self._state[slot] != _QUEUED:
+                return False
+            self._state[slot] = _LOADING
+            return True
+
+    def cancel_queued(self, keys: Iterable[ExpertKey]) -> int:
+        """Drop the prefetches of `keys` whose reads have not started; returns how many were dropped."""
+        dropped = 0
+        with self._cv:
+            for key in keys:
+                s = self._slot_of.get(key)
+                if s is not None and self._state[s] == _QUEUED and self._pins[s] == 0:
+                    self._evict_locked(s, count_waste=False)
+                    dropped += 1
+            if dropped:
+                self._cv.notify_all()
+        return dropped
 
     def complete_prefetch(self, key: ExpertKey, slot: int, nbytes: int, event: object | None = None) -> None:
         with self._cv:
@@ -178,13 +210,16 @@ class ExpertCache:
             candidates = [
                 k for k, s in self._slot_of.items() if self._pins[s] == 0 and self._state[s] == _READY
             ]
+            if not candidates and wait:
+                # A demand read is certain, a queued prefetch is a guess: drop one rather than wait for it.
+                candidates = [k for k, s in self._slot_of.items() if self._pins[s] == 0 and self._state[s] == _QUEUED]
             if candidates:
                 s = self._slot_of[self.policy.victim(candidates)]
-                self._evict_locked(s, count_waste=True)
+                self._evict_locked(s, count_waste=self._state[s] == _READY)
                 return self._free.pop()
             if not wait:
                 return None
-            # Every slot is pinned or still loading; a load in flight will finish and free one up.
+            # Every slot is pinned or being read; a read in flight will finish and free one up.
             self._cv.wait()
 
     def _assign_locked(self, key: ExpertKey, s: int, *, pins: int) -> None:

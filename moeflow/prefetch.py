@@ -6,9 +6,11 @@ the forward; gate lookahead offers layer i+d while layer i runs). The prefetcher
 prediction once the step has reached `lookahead` layers before it, protects those experts from
 eviction (`PredictivePolicy`), and when the layer's real routing is known (`on_routing`, just
 before the layer acquires its experts) it corrects itself: the predictions of that layer are
-released, the wrong ones demoted to the front of the eviction order; the missed experts are then
-read on demand by the cache. The cache decides hits and misses, so correctness never depends on
-a prediction: a wrong one costs a wasted read, never a wrong output.
+released, the wrong ones whose reads are still queued dropped and the rest demoted to the front of
+the eviction order; the missed experts are then read on demand by the cache (which also takes over
+a right prediction whose read is still queued rather than wait behind the others). The cache
+decides hits and misses, so correctness never depends on a prediction: a wrong one costs a wasted
+read, never a wrong output.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from .policy import PredictivePolicy
 class PrefetchCounters:
     steps: int = 0
     offered: int = 0  # distinct experts predicted (after the width cap)
-    issued: int = 0  # prefetch reads started (predicted and not resident)
+    issued: int = 0  # prefetch reads queued (predicted and not resident)
+    cancelled: int = 0  # queued reads dropped before they started: their layer ran without them
     correct: int = 0  # predicted experts the layer then used
     used: int = 0  # experts the layers used
 
@@ -107,9 +110,11 @@ class PredictivePrefetcher:
         used = set(expert_ids)
         self.policy.release(self._current)
         predicted = self._predicted.pop(layer, None)
-        if predicted is not None:  # issued: release, and the wrong ones go first
+        if predicted is not None:  # issued: release; wrong ones not yet read are dropped, the rest go first
+            wrong = [(layer, e) for e in predicted - used]
             self.policy.release((layer, e) for e in predicted)
-            self.policy.demote((layer, e) for e in predicted - used)
+            self.counters.cancelled += self.cache.cancel_queued(wrong)
+            self.policy.demote(wrong)
         else:  # offered too late to issue; still counts for accuracy
             predicted = set(self._pending.pop(layer, ()))
         self.counters.offered += len(predicted)
@@ -124,7 +129,9 @@ class PredictivePrefetcher:
         """Release everything this step protected; predictions never used are dropped."""
         self.policy.release(self._current)
         for layer, predicted in self._predicted.items():
-            self.policy.release((layer, e) for e in predicted)
+            keys = [(layer, e) for e in predicted]
+            self.policy.release(keys)
+            self.counters.cancelled += self.cache.cancel_queued(keys)
         self._reset()
 
     # ---- issuing --------------------------------------------------------------------------------

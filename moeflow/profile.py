@@ -164,6 +164,7 @@ def synchronous_issue(cache: ExpertCache) -> Callable[[PrefetchPlan], int]:
         reserved = [(key, slot) for key in plan.keys if (slot := cache.reserve_for_prefetch(key)) is not None]
         pool = cache.pool
         for key, slot in reserved:
+            cache.start_prefetch(key, slot)
             nbytes = cache.store.read_into(key, pool.gate_up_S2IH[slot], pool.down_SHI[slot])
             cache.complete_prefetch(key, slot, nbytes)
         return len(reserved)

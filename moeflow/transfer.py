@@ -52,7 +52,8 @@ class TransferEngine:
             try:
                 if item is None:
                     return
-                self._fill(*item)
+                if self.cache.start_prefetch(*item):  # else cancelled, or read on demand meanwhile
+                    self._fill(*item)
             finally:
                 self._queue.task_done()
 

@@ -136,39 +136,96 @@ def test_prefetch_hits_and_waste_are_counted(tiny_checkpoints):
     assert layer0.bytes_read >= 8 * s.slot_bytes
 
 
+class _SlowPrefetchStore:
+    """Wraps a store so the transfer thread's reads take 0.3 s and say when they have started."""
+
+    def __init__(self, inner):
+        import threading
+
+        self.inner = inner
+        self.direct_io = inner.direct_io
+        self.reads = []
+        self.started = threading.Event()
+
+    def read_into(self, key, gate_up, down):
+        import threading
+        import time
+
+        self.reads.append(key)
+        if threading.current_thread().name == "moeflow-transfer":
+            self.started.set()
+            time.sleep(0.3)
+        return self.inner.read_into(key, gate_up, down)
+
+    def close(self):
+        self.inner.close()
+
+
 def test_prefetch_in_flight_is_waited_for_not_reread(tiny_checkpoints):
-    import threading
     import time
 
     from moeflow import PrefetchPlan
 
     with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%") as engine:
         inner = engine.cache.store
-        reads = []
-
-        class SlowStore:
-            direct_io = inner.direct_io
-
-            def read_into(self, key, gate_up, down):
-                reads.append(key)
-                if threading.current_thread().name == "moeflow-transfer":
-                    time.sleep(0.3)  # the compute thread arrives while this read is in flight
-                return inner.read_into(key, gate_up, down)
-
-            def close(self):
-                inner.close()
-
-        engine.cache.store = SlowStore()
+        engine.cache.store = store = _SlowPrefetchStore(inner)
         engine.transfer.prefetch(PrefetchPlan(keys=((0, 3),)))
+        assert store.started.wait(5)  # the compute thread arrives while this read is in flight
         t0 = time.perf_counter()
         with engine.cache.acquire(0, [3]):
             waited = time.perf_counter() - t0
         engine.cache.store = inner
         s = engine.stats().per_layer[0]
-    assert reads == [(0, 3)]  # read once, by the prefetch
+    assert store.reads == [(0, 3)]  # read once, by the prefetch
     assert waited > 0.1
     assert (s.hits, s.misses, s.prefetch_hits) == (1, 0, 1)
     assert s.stall_s >= waited * 0.9
+
+
+def test_queued_prefetch_is_read_by_the_compute_thread_not_waited_for(tiny_checkpoints):
+    """A needed expert whose prefetch waits behind another read is read on demand at once, and only once."""
+    import time
+
+    from moeflow import PrefetchPlan
+
+    with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%") as engine:
+        inner = engine.cache.store
+        engine.cache.store = store = _SlowPrefetchStore(inner)
+        engine.transfer.prefetch(PrefetchPlan(keys=((0, 1), (0, 3))))
+        assert store.started.wait(5)  # (0, 1) is being read; (0, 3) is queued behind it
+        t0 = time.perf_counter()
+        with engine.cache.acquire(0, [3]):
+            waited = time.perf_counter() - t0
+        engine.transfer.drain()
+        engine.cache.store = inner
+        s = engine.stats().per_layer[0]
+        assert engine.cache.resident() >= {(0, 1), (0, 3)}
+    assert waited < 0.25  # did not wait for the slow read of (0, 1)
+    assert sorted(store.reads) == [(0, 1), (0, 3)]  # (0, 3) read once: by the compute thread
+    assert (s.hits, s.misses, s.prefetch_hits) == (0, 1, 0)
+
+
+def test_correction_drops_wrong_predictions_still_queued(tiny_checkpoints):
+    from moeflow import PrefetchPlan
+
+    path = tiny_checkpoints["qwen3_moe"]
+    with moeflow.load(path, expert_budget="25%", policy="predictive", predictor="gate") as engine:
+        inner = engine.cache.store
+        engine.cache.store = store = _SlowPrefetchStore(inner)
+        prefetcher = engine.prefetcher
+        engine.transfer.prefetch(PrefetchPlan(keys=((0, 0),)))  # keeps the transfer thread busy
+        assert store.started.wait(5)
+        prefetcher.begin_step()
+        layer = engine.checkpoint.moe_layers[0]
+        prefetcher.offer(layer, [[1, 2]])  # issued at once: layer 0 is within the lookahead
+        assert prefetcher.counters.issued == 2
+        prefetcher.on_routing(layer, [1, 5])  # 2 was wrong and its read has not started: dropped
+        assert prefetcher.counters.cancelled == 1
+        assert (layer, 2) not in engine.cache.resident()
+        engine.transfer.drain()
+        prefetcher.end_step()
+        engine.cache.store = inner
+    assert (layer, 2) not in store.reads
 
 
 def test_prefetch_keeps_output_exact(tiny_checkpoints):
