@@ -59,6 +59,8 @@ class Settings:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     batched_mm_max_gib: float = 0.25  # batched_mm gathers a weight copy per pair; skip it above this
     pair_loop_max_pairs: int = 64  # time the per-pair formulation only up to this many (token, k) pairs
+    gpu_tokens: tuple[int, ...] = (1, 16, 128, 512, 4096)
+    gpu_only: bool = False  # on a GPU machine: only the GPU rows (written as moe_block_gpu.json/png)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,25 +170,70 @@ def check_outputs(fns: dict[str, Callable], x_TD: torch.Tensor) -> dict[str, flo
         return {n: (fn(x_TD) - want).abs().max().item() / scale for n, fn in fns.items()}
 
 
+# On the GPU, bf16 as served: the bench's two shapes, and Mixtral 8x7B's real block.
+GPU_SHAPES = {
+    "E=8 (D=1024, I=2048)": SHAPES[8],
+    "E=64 (D=1024, I=512)": SHAPES[64],
+    "Mixtral 8x7B (D=4096, I=14336)": BlockShape(experts=8, top_k=2, hidden=4096, inter=14336),
+}
+GPU_PROVIDERS = ("transformers grouped_mm (cuda)", "moeflow triton (cuda)")
+
+
 def gpu_rows(s: Settings) -> list[dict] | str:
-    """Triton vs transformers on the GPU, or why that could not run."""
+    """Triton vs transformers' grouped_mm on the GPU, or why that could not run.
+
+    Each is timed as launched from Python (`do_bench`) and replayed from a CUDA graph
+    (`do_bench_cudagraph`): the first is what an eager caller pays, the second the kernels alone.
+    """
     if not torch.cuda.is_available():
         return "not run: no GPU on this machine (the Triton kernels are tested under TRITON_INTERPRET=1)"
-    rows = []
-    for E in s.experts:
-        shape = SHAPES[E]
-        block = build_block(shape, s.seed).to("cuda", torch.bfloat16)
-        for T in s.tokens:
-            x = torch.randn(T, shape.hidden, device="cuda", dtype=torch.bfloat16)
-            fns = {"transformers grouped_mm (cuda)": transformers_forward(block, "grouped_mm"),
-                   "moeflow triton (cuda)": moeflow_forward(block)}  # fmt: skip
-            import triton.testing
+    import triton.testing
 
-            for name, fn in fns.items():
-                with torch.inference_mode():
-                    ms = triton.testing.do_bench(lambda fn=fn, x=x: fn(x))
-                rows.append({"E": E, "T": T, "provider": name, "median_ms": ms, "dtype": "bfloat16"})
+    rows = []
+    for shape_name, shape in GPU_SHAPES.items():
+        block = build_block(shape, s.seed).to("cuda", torch.bfloat16)
+        fns = dict(zip(GPU_PROVIDERS, (transformers_forward(block, "grouped_mm"), moeflow_forward(block))))
+        for T in s.gpu_tokens:
+            x = torch.randn(T, shape.hidden, device="cuda", dtype=torch.bfloat16)
+            flops = 2 * 3 * T * shape.top_k * shape.hidden * shape.inter
+            with torch.inference_mode():
+                want = fns[GPU_PROVIDERS[0]](x).float()
+                for name, fn in fns.items():
+                    got = fn(x).float()
+                    ms = triton.testing.do_bench(lambda fn=fn, x=x: fn(x), rep=200)
+                    graph_ms = triton.testing.do_bench_cudagraph(lambda fn=fn, x=x: fn(x), rep=200)
+                    rows.append({"shape": shape_name, "E": shape.experts, "T": T, "provider": name, "dtype": "bfloat16",
+                                 "median_ms": ms, "graph_ms": graph_ms, "graph_tflops": flops / graph_ms / 1e9,
+                                 "rel_diff_vs_grouped_mm": float((got - want).norm() / want.norm())})  # fmt: skip
+            print(f"GPU {shape_name} T={T:>5}: " + ", ".join(
+                f"{r['provider']} {r['median_ms']:.3f} ms (graph {r['graph_ms']:.3f})" for r in rows[-2:]), flush=True)
+        del block, fns
+        torch.cuda.empty_cache()
     return rows
+
+
+def plot_gpu(rows: list[dict], s: Settings, path: Path) -> None:
+    """Speedup of the Triton path over transformers' grouped_mm per shape, eager launch and CUDA graph."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for ax, (key, title) in zip(axes, (("median_ms", "launched from Python"), ("graph_ms", "CUDA graph replay"))):
+        for shape_name in GPU_SHAPES:
+            by = {(r["T"], r["provider"]): r[key] for r in rows if r["shape"] == shape_name}
+            Ts = sorted({t for t, _ in by})
+            ax.plot(Ts, [by[(t, GPU_PROVIDERS[0])] / by[(t, GPU_PROVIDERS[1])] for t in Ts], "-o", label=shape_name)
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set(xscale="log", xlabel="tokens T", title=f"{title}, bf16")
+        ax.set_xticks(list(s.gpu_tokens), [str(t) for t in s.gpu_tokens])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("transformers grouped_mm time / moeflow Triton time")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"MoE block forward (router + experts) on {torch.cuda.get_device_name()}: >1 = moeflow faster")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def hardware() -> dict[str, object]:
@@ -296,6 +343,8 @@ def parse(argv: list[str] | None = None) -> Settings:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, tuple):
             parser.add_argument(flag, type=int, nargs="+", default=list(f.default))
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     args = vars(parser.parse_args(argv))
@@ -306,6 +355,19 @@ def main(argv: list[str] | None = None) -> None:
     s = parse(argv)
     if s.threads:
         torch.set_num_threads(s.threads)
+    if s.gpu_only:
+        rows = gpu_rows(s)
+        if isinstance(rows, str):
+            raise SystemExit(f"--gpu-only: {rows}")
+        out = Path(s.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"bench": BENCH, "settings": dataclasses.asdict(s), "hardware": hardware(),
+                  "gpu_name": torch.cuda.get_device_name(), "gpu_shapes": {n: dataclasses.asdict(sh)
+                  for n, sh in GPU_SHAPES.items()}, "gpu": rows}  # fmt: skip
+        (out / f"{BENCH}_gpu.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot_gpu(rows, s, out / f"{BENCH}_gpu.png")
+        print(f"wrote {out / (BENCH + '_gpu.json')} and {out / (BENCH + '_gpu.png')}")
+        return
     bad = [E for E in s.experts if E not in SHAPES]
     if bad:
         raise SystemExit(f"--experts: no block shape for {bad}; known: {sorted(SHAPES)}")
