@@ -3,7 +3,7 @@
     python -m kernels.tune --experts 8 --hidden 4096 --inter 14336 --top-k 2 --dtype bfloat16
 
 For each token count, every candidate tile runs the whole forward (metadata, gate/up, down,
-reduction) under ``triton.testing.do_bench``; the fastest is written to
+reduction) replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``); the fastest is written to
 ``kernels/configs/fused_moe_<gpu name>.json`` under the shape's key, merged with what is there.
 Autotuning only happens here, on a GPU: under ``TRITON_INTERPRET=1`` it refuses (``@triton.autotune``
 does not work in the interpreter, and interpreter timings mean nothing).
@@ -67,7 +67,9 @@ def tune(settings: TuneSettings) -> dict[int, TileConfig]:
         timings = []
         for cfg in candidates():
             try:
-                ms = triton.testing.do_bench(lambda cfg=cfg, args=args: fused_moe(*args, config=cfg))
+                # Replayed from a CUDA graph: the launch cost is the same for every tile and would only
+                # add noise (at T=1 it is most of an eager call).
+                ms = triton.testing.do_bench_cudagraph(lambda cfg=cfg, args=args: fused_moe(*args, config=cfg))
             except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
                 continue
             timings.append((ms, cfg))
