@@ -115,12 +115,14 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs = result["runs"]
     names = [r["name"] for r in runs]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
     a.barh(names, [r["decode_tokens_per_s"] for r in runs], color="tab:blue")
     a.set(xlabel="decode tokens/s (higher is better)", xscale="log")
+    a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for i, r in enumerate(runs):
         a.text(r["decode_tokens_per_s"], i, f" {r['decode_tokens_per_s']:.1f}", va="center", fontsize=8)
     peaks = [(r["peak_gpu_bytes"] or 0) / 2**30 for r in runs]
