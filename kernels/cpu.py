@@ -18,16 +18,27 @@ GEMM backends (fp32; other dtypes always use ``torch.mm``, which already goes to
   non-Intel CPUs), but costs more per call, so small experts stay on MKL; its summation order
   differs, so results differ from transformers by ~1e-7 relative (tested <= 2e-6).
 
-``bench/moe_block.py`` measures every formulation x backend against transformers; ``cpu_plan`` below
-encodes what won there (bench/results/moe_block.json, and the crossover table in its docstring).
+``bench/moe_block.py`` measures every formulation x backend against transformers. ``cpu_plan`` picks
+the formulation: from this machine's own measurements when ``python -m kernels.tune_cpu`` has stored
+them (``configs/cpu_<cpu model>_<threads>t.json``), else by ``builtin_plan``, the crossovers measured
+on the project's 2-core AMD EPYC (the table below). They do not carry over: on a 16-core Xeon the
+built-in choice of oneDNN lost to grouped_mm at T=16 and 128 (0.55-0.83x).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import platform
+import re
 from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kernels.config import CONFIG_DIR
 
 Gemm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_nIn, w_OutxIn) -> x @ w.T
 
@@ -193,8 +204,49 @@ CPU_FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def machine_key() -> str:
+    """This CPU's model and torch's thread count, as a file-name-safe key: what a measured plan is valid for."""
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    return f"{re.sub(r'[^A-Za-z0-9]+', '_', model).strip('_')}_{torch.get_num_threads()}t"
+
+
+def measured_path(key: str) -> Path:
+    return CONFIG_DIR / f"cpu_{key}.json"
+
+
+@cache
+def measured_points(key: str) -> tuple[dict, ...]:
+    """The points ``kernels.tune_cpu`` stored for machine `key` (empty if none): each has ``di``
+    (hidden x inter), ``K`` (top-k), ``pairs`` (tokens x top-k) and the ``winner`` formulation."""
+    path = measured_path(key)
+    if not path.exists():
+        return ()
+    return tuple(p for p in json.loads(path.read_text())["points"] if p["winner"] in CPU_FORMULATIONS)
+
+
 def cpu_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> str:
-    """The ``CPU_FORMULATIONS`` key ``fused_moe_cpu`` runs for this call shape, by the measurements above."""
+    """The ``CPU_FORMULATIONS`` key ``fused_moe_cpu`` runs for this call shape: the winner at the nearest
+    shape this machine measured (in log2: hidden x inter first, then top-k, then pairs), else ``builtin_plan``."""
+    points = measured_points(machine_key())
+    if not points:
+        return builtin_plan(num_tokens, top_k, hidden, inter)
+    pairs, di = num_tokens * top_k, hidden * inter
+
+    def distance(p: dict) -> tuple[float, float, float]:
+        return abs(math.log2(p["di"] / di)), abs(math.log2(p["K"] / top_k)), abs(math.log2(p["pairs"] / pairs))
+
+    return min(points, key=distance)["winner"]
+
+
+def builtin_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> str:
+    """The plan by the crossovers measured on the project's 2-core AMD EPYC (the table above)."""
     pairs, di = num_tokens * top_k, hidden * inter
     onednn = "onednn" in GEMMS
     if num_tokens == 1 or pairs <= PAIR_LOOP_MAX_PAIRS:  # one row per GEMM call

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import TileConfig, fused_moe, fused_moe_reference
-from kernels.cpu import CPU_FORMULATIONS, GEMMS, cpu_plan, fused_moe_cpu
+from kernels.cpu import CPU_FORMULATIONS, GEMMS, builtin_plan, fused_moe_cpu
 from kernels.dispatch import INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before import (conftest)")
@@ -253,7 +253,15 @@ def test_cpu_forward_matches_reference(case: Case, formulation: str, dtype_name:
     ],
 )
 def test_cpu_plan_follows_the_measured_crossovers(T: int, K: int, D: int, I: int, want: str) -> None:
-    assert cpu_plan(T, K, D, I) == want
+    assert builtin_plan(T, K, D, I) == want
+
+
+@pytest.fixture
+def builtin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan by the built-in crossovers even where this machine has stored measurements."""
+    import kernels.cpu
+
+    monkeypatch.setattr(kernels.cpu, "measured_points", lambda key: ())
 
 
 @pytest.mark.parametrize(
@@ -265,6 +273,7 @@ def test_cpu_plan_follows_the_measured_crossovers(T: int, K: int, D: int, I: int
         (9, 384, 384, "sorted[onednn]"),
     ],
 )
+@pytest.mark.usefixtures("builtin_rules")
 def test_cpu_dispatch_runs_the_planned_formulation(T: int, D: int, I: int, want: str) -> None:
     gen = torch.Generator().manual_seed(T + D)
     S, K = 3, 2
