@@ -204,8 +204,8 @@ CPU_FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def machine_key() -> str:
-    """This CPU's model and torch's thread count, as a file-name-safe key: what a measured plan is valid for."""
+@cache
+def _cpu_model() -> str:
     model = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -214,7 +214,12 @@ def machine_key() -> str:
                 break
     except OSError:
         pass
-    return f"{re.sub(r'[^A-Za-z0-9]+', '_', model).strip('_')}_{torch.get_num_threads()}t"
+    return re.sub(r"[^A-Za-z0-9]+", "_", model).strip("_")
+
+
+def machine_key() -> str:
+    """This CPU's model and torch's thread count, as a file-name-safe key: what a measured plan is valid for."""
+    return f"{_cpu_model()}_{torch.get_num_threads()}t"
 
 
 def measured_path(key: str) -> Path:
