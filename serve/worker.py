@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moeflow.batching import Sequence
 from moeflow.engine import Engine
@@ -190,15 +190,7 @@ class RequestHandle:
         for chunk in self.chunks():
             text.append(chunk.text)
             ids.extend(chunk.token_ids)
-        return Chunk(
-            text="".join(text),
-            token_ids=tuple(ids),
-            finish_reason=chunk.finish_reason,
-            prompt_tokens=chunk.prompt_tokens,
-            completion_tokens=chunk.completion_tokens,
-            time_to_first_token_s=chunk.time_to_first_token_s,
-            elapsed_s=chunk.elapsed_s,
-        )
+        return replace(chunk, text="".join(text), token_ids=tuple(ids))  # the last chunk carries the usage
 
     def cancel(self) -> None:
         """Free the request's place now (no-op once it finished). Safe from any thread, any number of times."""
