@@ -28,10 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moeflow.predictor.runtime import available_predictors  # noqa: E402
+from moeflow.training.corpus import corpus_files, read_text  # noqa: E402
+
 import moeflow  # noqa: E402
 from moeflow.scheduler import make_admission  # noqa: E402
-from predictor.runtime import available_predictors  # noqa: E402
-from training.corpus import corpus_files, read_text  # noqa: E402
 
 
 def heldout_prompts(tokenizer: object, n: int, prompt_tokens: int) -> list[str]:

@@ -34,9 +34,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # real timings: CPU tensors take the torch
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from moeflow.kernels.cpu import CPU_FORMULATIONS, cpu_plan  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels.cpu import CPU_FORMULATIONS, cpu_plan  # noqa: E402
+from moeflow import kernels  # noqa: E402
 
 BENCH = "moe_block"
 ENGINE = "moeflow engine"  # moeflow.offload.grouped_experts; "moeflow <name>" are kernels.cpu formulations

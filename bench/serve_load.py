@@ -42,7 +42,7 @@ BENCH = "serve_load"
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serve.client import MoeflowClient  # noqa: E402
+from moeflow.serve.client import MoeflowClient  # noqa: E402
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +69,7 @@ class Outcome:
 
 def heldout_prompts(count: int, seed: int, min_chars: int, max_chars: int) -> list[str]:
     """Snippets of the default model's held-out corpus (whole stdlib files never trained on), cut at line starts."""
-    from training.corpus import corpus_files, read_text
+    from moeflow.training.corpus import corpus_files, read_text
 
     rng = random.Random(seed)
     files = corpus_files("heldout")

@@ -126,12 +126,11 @@ def _worker(config: BenchConfig, args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank, world_size=2)
     import deepspeed
     import deepspeed.comm as ds_comm
-
-    from training.deepspeed_compat import deepspeed_moe_baseline
-    from training.grad_buckets import BucketConfig, GradBucketReducer
-    from training.moe_layer import MoELayer, MoELayerConfig
-    from training.routing import TopKSoftmax
-    from training.timeline import Timeline
+    from moeflow.training.deepspeed_compat import deepspeed_moe_baseline
+    from moeflow.training.grad_buckets import BucketConfig, GradBucketReducer
+    from moeflow.training.moe_layer import MoELayer, MoELayerConfig
+    from moeflow.training.routing import TopKSoftmax
+    from moeflow.training.timeline import Timeline
 
     deepspeed.init_distributed(dist_backend="gloo")
     grad_group = dist.new_group([0, 1])  # router-gradient averaging off the all-to-all group's queue

@@ -21,11 +21,11 @@ Not to be confused with the ``kernels`` package of the Hugging Face Hub: transfo
 that one, and must not take this package for it (tests/test_kernels_name_clash.py).
 """
 
-from kernels.config import TileConfig
-from kernels.fused_moe import fused_moe
-from kernels.metadata import SortedPairs, sort_pairs, sort_pairs_reference
-from kernels.reference import fused_moe_reference
-from kernels.routing import (
+from moeflow.kernels.config import TileConfig
+from moeflow.kernels.fused_moe import fused_moe
+from moeflow.kernels.metadata import SortedPairs, sort_pairs, sort_pairs_reference
+from moeflow.kernels.reference import fused_moe_reference
+from moeflow.kernels.routing import (
     grouped_topk_sigmoid,
     grouped_topk_sigmoid_reference,
     topk_softmax,

@@ -1,6 +1,6 @@
 """Compile every Triton kernel for a GPU architecture on a machine without a GPU; check shared memory.
 
-    python -m kernels.aot --arch 86 90
+    python -m moeflow.kernels.aot --arch 86 90
 
 CI has no GPU, and the interpreter forgives what the compiler rejects (types, layouts, shapes) and
 never runs out of shared memory. This drives the real launchers with small CPU tensors, but every
@@ -26,12 +26,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+from moeflow.kernels.config import CONFIG_DIR, TileConfig, default_key
+from moeflow.kernels.dispatch import INTERPRETING
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
-
-from kernels.config import CONFIG_DIR, TileConfig, default_key
-from kernels.dispatch import INTERPRETING
 
 # Largest shared memory one block may opt into, in bytes (CUDA programming guide, compute capabilities).
 SHARED_LIMIT_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -97,8 +96,8 @@ def _stored_tiles(dtype: torch.dtype) -> dict[str, TileConfig]:
 
 
 def _fused_moe_calls(case: list[str]) -> None:
-    from kernels.fused_moe import launch_backward, launch_forward
-    from kernels.metadata import sort_pairs_reference
+    from moeflow.kernels.fused_moe import launch_backward, launch_forward
+    from moeflow.kernels.metadata import sort_pairs_reference
 
     T, D, I, S, K = 40, 128, 96, 5, 2
     gen = torch.Generator().manual_seed(0)
@@ -118,7 +117,7 @@ def _fused_moe_calls(case: list[str]) -> None:
 
 
 def _router_calls(case: list[str]) -> None:
-    from kernels.routing import launch_grouped_topk_sigmoid, launch_topk_softmax
+    from moeflow.kernels.routing import launch_grouped_topk_sigmoid, launch_topk_softmax
 
     for dtype in (torch.float32, torch.bfloat16):
         for T, E, K in ((1, 8, 2), (64, 64, 8)):

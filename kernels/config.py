@@ -5,8 +5,8 @@
 ``default``) to ``{T: tile}``; the first key present in that order is used, and in it the tile with
 the largest T not above the call's T. A device without a file uses ``fused_moe_default.json``, whose
 fp32 entry halves block_k: fp32 operands are twice as wide, and the bf16 tiles would need more shared
-memory than an sm_86 GPU has (``python -m kernels.aot`` checks every stored tile against it).
-``python -m kernels.tune`` writes these files on a GPU; it refuses to run under the interpreter, where
+memory than an sm_86 GPU has (``python -m moeflow.kernels.aot`` checks every stored tile against it).
+``python -m moeflow.kernels.tune`` writes these files on a GPU; it refuses to run under the interpreter, where
 autotuning does not work.
 """
 
@@ -18,8 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
-
-from kernels.dispatch import device_key
+from moeflow.kernels.dispatch import device_key
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -19,7 +19,7 @@ GEMM backends (fp32; other dtypes always use ``torch.mm``, which already goes to
   differs, so results differ from transformers by ~1e-7 relative (tested <= 2e-6).
 
 ``bench/moe_block.py`` measures every formulation x backend against transformers. ``cpu_plan`` picks
-the formulation: from this machine's own measurements when ``python -m kernels.tune_cpu`` has stored
+the formulation: from this machine's own measurements when ``python -m moeflow.kernels.tune_cpu`` has stored
 them (``configs/cpu_<cpu model>_<threads>t.json``), else by ``builtin_plan``, the crossovers measured
 on the project's 2-core AMD EPYC (the table below). They do not carry over: on a 16-core Xeon the
 built-in choice of oneDNN lost to grouped_mm at T=16 and 128 (0.55-0.83x).
@@ -37,8 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from kernels.config import CONFIG_DIR
+from moeflow.kernels.config import CONFIG_DIR
 
 Gemm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_nIn, w_OutxIn) -> x @ w.T
 

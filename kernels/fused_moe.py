@@ -33,11 +33,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.config import TileConfig, get_config
-from kernels.cpu import fused_moe_cpu
-from kernels.dispatch import INTERPRETING, use_triton
-from kernels.metadata import SortedPairs, launch_sort_pairs
+from moeflow.kernels.config import TileConfig, get_config
+from moeflow.kernels.cpu import fused_moe_cpu
+from moeflow.kernels.dispatch import INTERPRETING, use_triton
+from moeflow.kernels.metadata import SortedPairs, launch_sort_pairs
 
 _SUM_BLOCK_T = 16
 _SUM_BLOCK_N = 128
@@ -551,7 +550,7 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _(hidden_TD, gate_up, down, weights_TK, ids_TK, tile, save_for_backward):  # noqa: ANN001, ANN202
-    from kernels.metadata import padded_bound
+    from moeflow.kernels.metadata import padded_bound
 
     T, D = hidden_TD.shape
     S, I2, _ = gate_up.shape

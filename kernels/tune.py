@@ -1,6 +1,6 @@
 """Tune the fused MoE tiles on this GPU and store the winners as data.
 
-    python -m kernels.tune --experts 8 --hidden 4096 --inter 14336 --top-k 2 --dtype bfloat16
+    python -m moeflow.kernels.tune --experts 8 --hidden 4096 --inter 14336 --top-k 2 --dtype bfloat16
 
 For each token count, every candidate tile runs the whole forward (metadata, gate/up, down,
 reduction) replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``); the fastest is written to
@@ -20,9 +20,8 @@ import json
 from dataclasses import dataclass
 
 import torch
-
-from kernels.config import CONFIG_DIR, TileConfig, shape_key
-from kernels.dispatch import INTERPRETING, device_key
+from moeflow.kernels.config import CONFIG_DIR, TileConfig, shape_key
+from moeflow.kernels.dispatch import INTERPRETING, device_key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +49,7 @@ def tune(settings: TuneSettings) -> dict[int, TileConfig]:
     if INTERPRETING or not torch.cuda.is_available():
         raise RuntimeError("tuning needs a GPU and does not run under TRITON_INTERPRET=1")
     import triton.testing
-
-    from kernels.fused_moe import fused_moe
+    from moeflow.kernels.fused_moe import fused_moe
 
     gen = torch.Generator(device="cuda").manual_seed(settings.seed)
     dtype = getattr(torch, settings.dtype)

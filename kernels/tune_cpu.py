@@ -1,7 +1,7 @@
 """Measure which CPU formulation of the fused MoE is fastest on this machine, and store it as data.
 
-    python -m kernels.tune_cpu                 # the default grid, 7 interleaved rounds
-    python -m kernels.tune_cpu --threads 8     # for torch running with 8 threads
+    python -m moeflow.kernels.tune_cpu                 # the default grid, 7 interleaved rounds
+    python -m moeflow.kernels.tune_cpu --threads 8     # for torch running with 8 threads
 
 For every expert size (hidden x inter), routing (top-2 of 8 experts as Mixtral, top-8 of 64 as
 OLMoE) and token count of the grid, each formulation of ``kernels.cpu.CPU_FORMULATIONS`` that
@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from kernels.cpu import CPU_FORMULATIONS, machine_key, measured_path, measured_points
+from moeflow.kernels.cpu import CPU_FORMULATIONS, machine_key, measured_path, measured_points
 
 SIZES = ((192, 192), (256, 256), (384, 384), (512, 512), (512, 1024), (1024, 2048))  # (D, I)
 TOKENS = (1, 2, 4, 8, 16, 64, 256, 512)
@@ -86,7 +85,7 @@ def write(points: list[dict], rounds: int, path: Path | None = None) -> Path:
     key = machine_key()
     path = path or measured_path(key)
     path.write_text(json.dumps({
-        "note": "measured by python -m kernels.tune_cpu; kernels.cpu.cpu_plan follows it on this machine",
+        "note": "measured by python -m moeflow.kernels.tune_cpu; kernels.cpu.cpu_plan follows it on this machine",
         "machine": {"key": key, "processor": platform.processor(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "rounds": rounds},
         "points": points,

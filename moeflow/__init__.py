@@ -1,16 +1,37 @@
-"""moeflow: run Mixture-of-Experts models with most experts off the fast device, exactly."""
+"""moeflow: run Mixture-of-Experts models with most experts off the fast device, exactly.
 
-from .engine import DEFAULT_MODEL, Engine, EngineConfig, GenerationResult, load
-from .errors import BudgetError, CheckpointError, MoeflowError, RequestError, UnsupportedArchitectureError
-from .plans import PrefetchPlan, RoutingPlan
-from .sampling import SamplingParams
-from .stats import CacheStats, LayerStats
+Importing `moeflow` is cheap (no torch): the names below load their modules on first use, so
+`moeflow.serve.client` and `moeflow --help` never pay for torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "DEFAULT_MODEL": "moeflow.engine",
+    "Engine": "moeflow.engine",
+    "EngineConfig": "moeflow.engine",
+    "GenerationResult": "moeflow.engine",
+    "load": "moeflow.engine",
+    "BudgetError": "moeflow.errors",
+    "CheckpointError": "moeflow.errors",
+    "MoeflowError": "moeflow.errors",
+    "RequestError": "moeflow.errors",
+    "UnsupportedArchitectureError": "moeflow.errors",
+    "PrefetchPlan": "moeflow.plans",
+    "RoutingPlan": "moeflow.plans",
+    "SamplingParams": "moeflow.sampling",
+    "CacheStats": "moeflow.stats",
+    "LayerStats": "moeflow.stats",
+}
 
 __all__ = [
-    "DEFAULT_MODEL",
     "BudgetError",
     "CacheStats",
     "CheckpointError",
+    "DEFAULT_MODEL",
     "Engine",
     "EngineConfig",
     "GenerationResult",
@@ -23,3 +44,20 @@ __all__ = [
     "UnsupportedArchitectureError",
     "load",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moeflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .engine import DEFAULT_MODEL, Engine, EngineConfig, GenerationResult, load
+    from .errors import BudgetError, CheckpointError, MoeflowError, RequestError, UnsupportedArchitectureError
+    from .plans import PrefetchPlan, RoutingPlan
+    from .sampling import SamplingParams
+    from .stats import CacheStats, LayerStats

@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def default_data_files() -> list[Path]:
     """The shipped model's held-out corpus files: what measurements use when --data is omitted."""
-    from training.corpus import corpus_files
+    from moeflow.training.corpus import corpus_files
 
     return corpus_files("heldout")
 
@@ -152,7 +152,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     with load(args.model, expert_budget="all", store="ram") as engine:
         predictors = []
         if args.predictors:
-            from predictor.runtime import build_predictor
+            from moeflow.predictor.runtime import build_predictor
 
             predictors = [build_predictor(engine, n, lookahead=args.lookahead) for n in _names(args.predictors)]
         trace = record_trace(
@@ -168,7 +168,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_predictor_train(args: argparse.Namespace) -> int:
-    from predictor.evaluate import train_predictors
+    from moeflow.predictor.evaluate import train_predictors
 
     from .trace import Trace, record_trace
 
@@ -176,7 +176,7 @@ def cmd_predictor_train(args: argparse.Namespace) -> int:
         if args.trace is not None:
             trace = Trace.load(args.trace)
         else:
-            from training.corpus import corpus_files
+            from moeflow.training.corpus import corpus_files
 
             trace = record_trace(engine, args.data or corpus_files("train"), max_tokens=args.max_tokens)
         report = train_predictors(engine, trace, _names(args.predictors), lookahead=args.lookahead, epochs=args.epochs)
@@ -190,8 +190,8 @@ def cmd_predictor_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predictor_eval(args: argparse.Namespace) -> int:
-    from predictor.evaluate import evaluate, plot_eval, write_report
-    from predictor.runtime import available_predictors
+    from moeflow.predictor.evaluate import evaluate, plot_eval, write_report
+    from moeflow.predictor.runtime import available_predictors
 
     with load(args.model, expert_budget="all", store="ram") as engine:
         names = _names(args.predictors) if args.predictors else available_predictors(engine.checkpoint.path)
@@ -239,14 +239,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.config import ServerConfig
-    from serve.server import run
+    from moeflow.serve.config import ServerConfig
+    from moeflow.serve.server import run
 
     return run(args.model, dataclass_from_args(EngineConfig, args), dataclass_from_args(ServerConfig, args))
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from serve.client import run_cli
+    from moeflow.serve.client import run_cli
 
     if args.prompt is None and not args.stats:
         raise MoeflowError("give --prompt TEXT to generate, or --stats to print the server's statistics")
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(prof, ProfileConfig)
     prof.set_defaults(func=cmd_profile)
 
-    from serve.config import ServerConfig
+    from moeflow.serve.config import ServerConfig
 
     srv = sub.add_parser("serve", help="serve the model over gRPC (moeflow.v1, health, reflection); SIGTERM drains")
     _model_option(srv)

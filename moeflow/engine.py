@@ -154,7 +154,7 @@ class Engine:
 
     def _start_prediction(self) -> None:
         """--policy predictive: the predictor runs inside the forward and feeds the prefetcher."""
-        from predictor.runtime import PredictorHooks, build_predictor
+        from moeflow.predictor.runtime import PredictorHooks, build_predictor
 
         predictor = build_predictor(self, self.config.predictor, lookahead=self.config.lookahead)
         width = self.config.prefetch_width or self.top_k

@@ -604,7 +604,7 @@ def _record(
     from .trace import record_trace
 
     if data is None:
-        from training.corpus import corpus_files
+        from moeflow.training.corpus import corpus_files
 
         data = corpus_files("heldout")
     for f in data:
@@ -613,7 +613,7 @@ def _record(
     with load(model, expert_budget="all", store="ram") as engine:
         built = []
         if predictors:
-            from predictor.runtime import build_predictor
+            from moeflow.predictor.runtime import build_predictor
 
             built = [build_predictor(engine, name, lookahead=config.lookahead) for name in predictors]
         return record_trace(engine, data, context=config.context, max_tokens=config.max_tokens, predictors=built,

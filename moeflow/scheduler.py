@@ -59,7 +59,7 @@ def make_admission(name: str, engine: Engine) -> AdmissionPolicy:
     if name == "fifo":
         return FifoAdmission()
     if name == "rebatch":
-        from predictor.rebatch import RebatchAdmission
+        from moeflow.predictor.rebatch import RebatchAdmission
 
         return RebatchAdmission.for_engine(engine)
     raise MoeflowError(f"unknown admission policy {name!r}; choose one of: {', '.join(ADMISSIONS)}")

@@ -153,7 +153,7 @@ def record_trace(
     pred_chunk: dict[str, dict[int, np.ndarray]] = {}
     hooks = None
     if predictors:
-        from predictor.runtime import PredictorHooks
+        from moeflow.predictor.runtime import PredictorHooks
 
         def keep(predictor, target: int, scores_TE: torch.Tensor) -> None:
             best = torch.topk(scores_TE.float(), min(ranks, scores_TE.shape[-1]), dim=-1).indices

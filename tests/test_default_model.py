@@ -12,12 +12,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from moeflow.training.corpus import corpus_files, read_text, relative_name  # noqa: E402
+from moeflow.training.default_model import router_balance_loss  # noqa: E402
+from moeflow.training.default_model_eval import EvalReport, window_spans  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from training.corpus import corpus_files, read_text, relative_name  # noqa: E402
-from training.default_model import router_balance_loss  # noqa: E402
-from training.default_model_eval import EvalReport, window_spans  # noqa: E402
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "moeflow" / "default_model"
 MAX_BYTES = 40 * 10**6
@@ -129,7 +128,7 @@ def test_balance_loss_is_one_when_uniform_and_grows_when_skewed():
 
 @pytest.mark.slow
 def test_eval_command_reproduces_the_card():
-    from training.default_model_eval import evaluate
+    from moeflow.training.default_model_eval import evaluate
 
     shipped = EvalReport.from_dict(json.loads((MODEL_DIR / "metrics.json").read_text())["eval"])
     fresh = evaluate(MODEL_DIR)

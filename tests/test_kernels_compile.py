@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kernels.aot import SHARED_LIMIT_BYTES, Compiled
+from moeflow.kernels.aot import SHARED_LIMIT_BYTES, Compiled
 
 KERNELS = {
     "_gate_up_kernel", "_rows_gemm_kernel", "_sum_topk_kernel", "_down_bwd_kernel", "_slot_wgrad_kernel",
@@ -27,7 +26,7 @@ KERNELS = {
 @pytest.mark.slow  # ~70 s on the shared 2-core machine with a cold Triton cache, seconds with a warm one
 def test_every_kernel_compiles_for_sm86_and_sm90_within_shared_memory() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "86", "90", "--json"], env=env,
+    done = subprocess.run([sys.executable, "-m", "moeflow.kernels.aot", "--arch", "86", "90", "--json"], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=900)  # fmt: skip
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0, done.stderr[-4000:] + "\n".join(str(r) for r in rows if not r["fits"])

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-
-from kernels import config as config_mod
-from kernels.config import TileConfig, get_config, shape_key
-from kernels.dispatch import INTERPRETING
-from kernels.tune import TuneSettings, parser_for, tune
+from moeflow.kernels import config as config_mod
+from moeflow.kernels.config import TileConfig, get_config, shape_key
+from moeflow.kernels.dispatch import INTERPRETING
+from moeflow.kernels.tune import TuneSettings, parser_for, tune
 
 
 def test_every_stored_config_file_parses() -> None:

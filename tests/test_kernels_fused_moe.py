@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from kernels import TileConfig, fused_moe, fused_moe_reference
-from kernels.cpu import CPU_FORMULATIONS, GEMMS, builtin_plan, fused_moe_cpu
-from kernels.dispatch import INTERPRETING
+from moeflow.kernels import TileConfig, fused_moe, fused_moe_reference
+from moeflow.kernels.cpu import CPU_FORMULATIONS, GEMMS, builtin_plan, fused_moe_cpu
+from moeflow.kernels.dispatch import INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before import (conftest)")
 
@@ -161,9 +160,9 @@ def test_triton_matches_transformers_grouped_mm() -> None:
 
 
 def _op_args(name: str) -> tuple[torch.library.CustomOpDef, tuple]:
-    from kernels.fused_moe import _backward_op, _forward_op
-    from kernels.metadata import _sort_pairs_op
-    from kernels.routing import _grouped_topk_sigmoid_op, _topk_softmax_op
+    from moeflow.kernels.fused_moe import _backward_op, _forward_op
+    from moeflow.kernels.metadata import _sort_pairs_op
+    from moeflow.kernels.routing import _grouped_topk_sigmoid_op, _topk_softmax_op
 
     hidden, gate_up, down, weights, ids = make_inputs(CASES[1], torch.float32)  # one slot: padding rows
     tile = [16, 64, 64, 4, 1]
@@ -188,7 +187,7 @@ def test_custom_ops_pass_opcheck(name: str) -> None:
 
 
 def test_forward_activations_are_zero_where_no_pair_sits() -> None:
-    from kernels.fused_moe import _forward_op
+    from moeflow.kernels.fused_moe import _forward_op
 
     hidden, gate_up, down, weights, ids = make_inputs(CASES[1], torch.float32)
     torch.manual_seed(0)
@@ -259,7 +258,7 @@ def test_cpu_plan_follows_the_measured_crossovers(T: int, K: int, D: int, I: int
 @pytest.fixture
 def builtin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plan by the built-in crossovers even where this machine has stored measurements."""
-    import kernels.cpu
+    from moeflow import kernels
 
     monkeypatch.setattr(kernels.cpu, "measured_points", lambda key: ())
 

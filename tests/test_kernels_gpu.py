@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_fused_moe import BWD_TOL, CASES, DTYPES, FWD_TOL, _grads, assert_close_scaled, make_inputs
-from test_kernels_metadata import CASES as SORT_CASES
-from test_kernels_metadata import _ids as sort_ids
-from test_kernels_routing import GROUPED_CASES, SOFTMAX_CASES
-
-from kernels import (
+from moeflow.kernels import (
     fused_moe,
     fused_moe_reference,
     grouped_topk_sigmoid,
@@ -28,7 +23,11 @@ from kernels import (
     topk_softmax,
     topk_softmax_reference,
 )
-from kernels.dispatch import INTERPRETING
+from moeflow.kernels.dispatch import INTERPRETING
+from test_kernels_fused_moe import BWD_TOL, CASES, DTYPES, FWD_TOL, _grads, assert_close_scaled, make_inputs
+from test_kernels_metadata import CASES as SORT_CASES
+from test_kernels_metadata import _ids as sort_ids
+from test_kernels_routing import GROUPED_CASES, SOFTMAX_CASES
 
 pytestmark = pytest.mark.skipif(
     INTERPRETING or not torch.cuda.is_available(), reason="needs a CUDA device and TRITON_INTERPRET unset or 0"

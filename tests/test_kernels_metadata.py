@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import SortedPairs, sort_pairs, sort_pairs_reference
-from kernels.dispatch import INTERPRETING
-from kernels.metadata import padded_bound
+from moeflow.kernels import SortedPairs, sort_pairs, sort_pairs_reference
+from moeflow.kernels.dispatch import INTERPRETING
+from moeflow.kernels.metadata import padded_bound
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before import (conftest)")
 

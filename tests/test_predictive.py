@@ -6,6 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from moeflow.predictor.evaluate import train_predictors
+from moeflow.predictor.predictors import PREDICTORS, GateLookahead
+from moeflow.predictor.rebatch import RebatchAdmission
 
 import moeflow
 from moeflow.errors import MoeflowError
@@ -13,9 +16,6 @@ from moeflow.policy import PredictivePolicy
 from moeflow.scheduler import Scheduler, make_admission
 from moeflow.testing import FAMILY_NAMES
 from moeflow.trace import record_trace
-from predictor.evaluate import train_predictors
-from predictor.predictors import PREDICTORS, GateLookahead
-from predictor.rebatch import RebatchAdmission
 
 PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
 NEW_TOKENS = 10

@@ -6,14 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-import moeflow
-from moeflow.cli import main
-from moeflow.errors import MoeflowError
-from moeflow.trace import FORMAT, Trace, record_trace
-from predictor.base import RoutingShape, load_saved, save_predictor
-from predictor.evaluate import score_predictions, train_predictors
-from predictor.predictors import (
+from moeflow.predictor.base import RoutingShape, load_saved, save_predictor
+from moeflow.predictor.evaluate import score_predictions, train_predictors
+from moeflow.predictor.predictors import (
     PREDICTORS,
     FrequencyPredictor,
     PathPredictor,
@@ -23,7 +18,12 @@ from predictor.predictors import (
     context_windows,
     trace_windows,
 )
-from predictor.runtime import build_predictor
+from moeflow.predictor.runtime import build_predictor
+
+import moeflow
+from moeflow.cli import main
+from moeflow.errors import MoeflowError
+from moeflow.trace import FORMAT, Trace, record_trace
 
 SHAPE = RoutingShape(layers=(0, 1, 2), num_experts=8, top_k=2, vocab_size=40)
 

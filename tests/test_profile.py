@@ -149,7 +149,7 @@ def test_live_engine_refuses_belady(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def tiny_trace(tiny_checkpoints, tmp_path_factory):
-    from predictor.runtime import build_predictor
+    from moeflow.predictor.runtime import build_predictor
 
     text = tmp_path_factory.mktemp("text") / "a.py"
     text.write_text("def add(a, b):\n    return a + b\n\nclass Box:\n    size = 3\n" * 4)

@@ -15,13 +15,13 @@ import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from moeflow.serve.client import MoeflowClient, Response
+from moeflow.serve.config import ServerConfig
+from moeflow.serve.proto import SERVICE_NAME, moeflow_pb2
+from moeflow.serve.server import RunningServer, start
 
 import moeflow
 from moeflow.errors import MoeflowError
-from serve.client import MoeflowClient, Response
-from serve.config import ServerConfig
-from serve.proto import SERVICE_NAME, moeflow_pb2
-from serve.server import RunningServer, start
 
 # Greedy continuations of these prompts on the tiny Mixtral never meet EOS within 240 tokens ("a" stops
 # after 2 tokens), so a long request is still running when the test acts on it.

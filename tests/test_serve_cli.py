@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-from serve.client import MoeflowClient
+from moeflow.serve.client import MoeflowClient
 
 MOEFLOW = [sys.executable, "-m", "moeflow.cli"]
 

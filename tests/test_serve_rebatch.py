@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+from moeflow.predictor.rebatch import RebatchAdmission
+from moeflow.serve.client import MoeflowClient
+from moeflow.serve.config import ServerConfig
+from moeflow.serve.server import start
 
 import moeflow
 from moeflow.batching import Sequence
-from predictor.rebatch import RebatchAdmission
-from serve.client import MoeflowClient
-from serve.config import ServerConfig
-from serve.server import start
 
 REQUESTS = [
     ("Once upon a time", 20),

@@ -9,11 +9,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from moeflow.training.launch import run_ranks
+from moeflow.training.moe_layer import MoELayer, MoELayerConfig
 from torch import nn
 from torch.testing import assert_close
-
-from training.launch import run_ranks
-from training.moe_layer import MoELayer, MoELayerConfig
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency (pip install -e .[dev])")
 
@@ -36,8 +35,7 @@ def _model(group):
 def deepspeed_worker(rank: int, world: int, stages: list[int]) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moeflow/torch_extensions"))
     import deepspeed
-
-    from training.deepspeed_compat import prepare_for_deepspeed
+    from moeflow.training.deepspeed_compat import prepare_for_deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(1)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from moeflow.training.grad_buckets import BucketConfig, GradBucketReducer
+from moeflow.training.launch import run_ranks
+from moeflow.training.moe_layer import MoELayer, MoELayerConfig
+from moeflow.training.routing import ExpertChoice, SigmoidBias, SwitchTop1, TopKSoftmax
+from moeflow.training.timeline import Timeline
 from torch.testing import assert_close
-
-from training.grad_buckets import BucketConfig, GradBucketReducer
-from training.launch import run_ranks
-from training.moe_layer import MoELayer, MoELayerConfig
-from training.routing import ExpertChoice, SigmoidBias, SwitchTop1, TopKSoftmax
-from training.timeline import Timeline
 
 ROUTINGS = {
     "topk": TopKSoftmax(k=2),

@@ -7,11 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from moeflow.training.grad_buckets import BucketConfig, GradBucketReducer
+from moeflow.training.launch import run_ranks
+from moeflow.training.lm import (
+    apply_expert_parallel,
+    expert_parameters,
+    moe_aux_loss,
+    moe_layers,
+    replicated_parameters,
+)
 from torch.testing import assert_close
-
-from training.grad_buckets import BucketConfig, GradBucketReducer
-from training.launch import run_ranks
-from training.lm import apply_expert_parallel, expert_parameters, moe_aux_loss, moe_layers, replicated_parameters
 
 STEPS, BATCH, SEQ, VOCAB = 4, 2, 8, 64
 

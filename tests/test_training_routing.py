@@ -8,18 +8,17 @@ import math
 
 import pytest
 import torch
-from torch.testing import assert_close
-
-from training.dispatch import restore
-from training.moe_layer import MoELayer, MoELayerConfig
-from training.profile_split import (
+from moeflow.training.dispatch import restore
+from moeflow.training.moe_layer import MoELayer, MoELayerConfig
+from moeflow.training.profile_split import (
     LinearFit,
     SplitProfile,
     choose_num_chunks,
     fit_linear,
     simulate_phase,
 )
-from training.routing import ExpertChoice, Routes, SigmoidBias, SwitchTop1, TopKSoftmax
+from moeflow.training.routing import ExpertChoice, Routes, SigmoidBias, SwitchTop1, TopKSoftmax
+from torch.testing import assert_close
 
 
 def _as_table(routes: Routes) -> list[tuple[int, int, float]]:
@@ -279,7 +278,7 @@ def test_partial_gradients(input_needs_grad, experts_trainable):
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
 @pytest.mark.parametrize("counts", [[3, 0, 5], [0, 0, 1], [4, 4, 4]], ids=["empty-middle", "one-row", "even"])
 def test_expert_mlp_paths_match_reference(monkeypatch, grouped, counts):
-    import training.experts as experts
+    import moeflow.training.experts as experts
 
     if not grouped:
         monkeypatch.setattr(experts, "_grouped_mm_fits", lambda *args: False)
@@ -306,7 +305,7 @@ def test_expert_mlp_paths_match_reference(monkeypatch, grouped, counts):
 def test_kernels_backend_equals_torch_backend():
     """The kernels package's fused MoE (Triton, through the interpreter here) as the layer's expert
     compute: same outputs and gradients as the torch path, chunked."""
-    pytest.importorskip("kernels.fused_moe", reason="the kernels package provides the fused expert MLP")
+    pytest.importorskip("moeflow.kernels.fused_moe", reason="the kernels package provides the fused expert MLP")
     torch.manual_seed(11)
     config = MoELayerConfig(hidden_size=16, expert_hidden_size=16, num_experts=4, num_chunks=2, init_std=0.3)
     results = []

@@ -8,7 +8,7 @@ The held-out split is made of whole files chosen by a hash of their relative pat
 on every machine and never depends on file order or on the training run. Other issues (predictor,
 profiling, serving) measure on ``corpus_files("heldout")``.
 
-    from training.corpus import corpus_files, read_text
+    from moeflow.training.corpus import corpus_files, read_text
     texts = [read_text(p) for p in corpus_files("heldout")]
 """
 

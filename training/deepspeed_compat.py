@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
+from moeflow.training.lm import moe_layers
+from moeflow.training.moe_layer import MoELayerConfig
 from torch import Tensor, nn
-
-from training.lm import moe_layers
-from training.moe_layer import MoELayerConfig
 
 
 class DeepSpeedMoEMarker(MoE):

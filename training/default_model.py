@@ -4,8 +4,8 @@ One command trains a byte-level BPE tokenizer, then a small Mixtral (transformer
 ``MixtralForCausalLM``) with a per-layer load-balancing loss, saves both as a Hugging Face folder,
 evaluates it on the held-out files and writes the model card:
 
-    nice -n 10 python -m training.default_model train --out moeflow/default_model --minutes 38
-    python -m training.default_model eval --model moeflow/default_model --json
+    nice -n 10 python -m moeflow.training.default_model train --out moeflow/default_model --minutes 38
+    python -m moeflow.training.default_model eval --model moeflow/default_model --json
 
 Training stops by wall clock (``--minutes``) or by step count (``--max-steps``), whichever comes
 first; the learning-rate schedule follows that same progress, so a step-limited run is step-exact
@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from moeflow.training.corpus import corpus_files, corpus_fingerprint, read_text, relative_name
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
-
-from training.corpus import corpus_files, corpus_fingerprint, read_text, relative_name
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in this order
@@ -290,8 +289,8 @@ def machine_description() -> dict:
 
 def run_train(cfg: TrainConfig, argv: list[str]) -> dict:
     """Tokenizer, model, training, save, evaluation, card: the whole recipe."""
-    from training.default_model_card import write_card, write_loss_log
-    from training.default_model_eval import evaluate
+    from moeflow.training.default_model_card import write_card, write_loss_log
+    from moeflow.training.default_model_eval import evaluate
 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -320,7 +319,7 @@ def run_train(cfg: TrainConfig, argv: list[str]) -> dict:
     write_loss_log(cfg.out / "train_log.csv", record.pop("log"))
 
     training = {
-        "command": "python -m training.default_model " + shlex.join(argv),
+        "command": "python -m moeflow.training.default_model " + shlex.join(argv),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
         "parameters": n_params,
         "corpus_fingerprint": corpus_fingerprint("all"),
@@ -344,7 +343,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m training.default_model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moeflow.training.default_model", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config_options(
         sub.add_parser("train", help="train tokenizer and model, evaluate, write the card"), TrainConfig
@@ -362,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: v for k, v in training.items() if k != "config"}, indent=2))
         return
 
-    from training.default_model_card import rewrite_card
-    from training.default_model_eval import evaluate
+    from moeflow.training.default_model_card import rewrite_card
+    from moeflow.training.default_model_eval import evaluate
 
     report = evaluate(args.model, threads=args.threads)
     if args.write_card:

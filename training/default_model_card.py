@@ -1,7 +1,7 @@
 """The default model's card: ``metrics.json``, ``README.md``, ``loss_curve.png`` and ``train_log.csv``.
 
 Every number in the README is read from ``metrics.json``, whose ``training`` part the ``train``
-command records and whose ``eval`` part ``python -m training.default_model eval`` recomputes.
+command records and whose ``eval`` part ``python -m moeflow.training.default_model eval`` recomputes.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import csv
 import json
 from pathlib import Path
 
-from training.corpus import EXCLUDED, EXCLUDED_PREFIXES, HELDOUT_PERCENT
-from training.default_model_eval import SAMPLE_TOKENS, EvalReport
+from moeflow.training.corpus import EXCLUDED, EXCLUDED_PREFIXES, HELDOUT_PERCENT
+from moeflow.training.default_model_eval import SAMPLE_TOKENS, EvalReport
 
 LOG_FIELDS = ("step", "tokens", "seconds", "lr", "loss", "aux", "grad_norm", "heldout_loss")
 
@@ -184,7 +184,7 @@ The per-step log is `train_log.csv`; the held-out probe is {cfg["eval_windows"]}
 ## Evaluation on held-out files
 
 ```
-python -m training.default_model eval --model moeflow/default_model --json
+python -m moeflow.training.default_model eval --model moeflow/default_model --json
 ```
 
 {report.heldout_files} held-out files, {report.heldout_bytes:,} bytes, {report.heldout_tokens:,} scored tokens

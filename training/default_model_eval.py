@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from moeflow.training.corpus import corpus_files, read_text, relative_name
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from training.corpus import corpus_files, read_text, relative_name
 
 SAMPLE_PROMPTS = ("def ", "import ", "class ")
 SAMPLE_TOKENS = 48

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from moeflow.training.expert_parallel import ExpertComm
+from moeflow.training.routing import Routes
 from torch import Tensor
-
-from training.expert_parallel import ExpertComm
-from training.routing import Routes
 
 
 @dataclass(frozen=True, kw_only=True)

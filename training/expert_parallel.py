@@ -17,9 +17,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from moeflow.training.timeline import Timeline
 from torch import Tensor
-
-from training.timeline import Timeline
 
 
 class PendingTensor:

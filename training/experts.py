@@ -61,7 +61,7 @@ def expert_mlp_torch(
 
 def _fused_moe_kernel() -> Callable[..., Tensor] | None:
     try:
-        kernels = importlib.import_module("kernels")
+        kernels = importlib.import_module("moeflow.kernels")
     except ImportError:
         return None
     return getattr(kernels, "fused_moe", None)

@@ -9,12 +9,11 @@ longer sees router logits, the balance loss comes from `moe_aux_loss(model)`.
 
 from __future__ import annotations
 
+from moeflow.training.experts import ExpertBackend
+from moeflow.training.moe_layer import MoELayer, MoELayerConfig
+from moeflow.training.routing import RoutingConfig, TopKSoftmax
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-
-from training.experts import ExpertBackend
-from training.moe_layer import MoELayer, MoELayerConfig
-from training.routing import RoutingConfig, TopKSoftmax
 
 
 def _is_sparse_moe_block(module: nn.Module) -> bool:

@@ -19,15 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from moeflow.training.dispatch import plan_dispatch, restore
+from moeflow.training.expert_parallel import ExpertComm
+from moeflow.training.experts import ExpertBackend, select_expert_fn
+from moeflow.training.overlap import ExchangeContext, pipelined_exchange
+from moeflow.training.profile_split import SplitProfile, profile_split
+from moeflow.training.routing import Routes, RoutingConfig, SigmoidBias, TopKSoftmax
+from moeflow.training.timeline import Timeline
 from torch import Tensor, nn
-
-from training.dispatch import plan_dispatch, restore
-from training.expert_parallel import ExpertComm
-from training.experts import ExpertBackend, select_expert_fn
-from training.overlap import ExchangeContext, pipelined_exchange
-from training.profile_split import SplitProfile, profile_split
-from training.routing import Routes, RoutingConfig, SigmoidBias, TopKSoftmax
-from training.timeline import Timeline
 
 
 @dataclass(frozen=True, kw_only=True)

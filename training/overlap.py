@@ -19,12 +19,11 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from moeflow.training.dispatch import ChunkLayout, DispatchPlan
+from moeflow.training.expert_parallel import ExpertComm, PendingTensor
+from moeflow.training.experts import ExpertFn
+from moeflow.training.timeline import Timeline
 from torch import Tensor
-
-from training.dispatch import ChunkLayout, DispatchPlan
-from training.expert_parallel import ExpertComm, PendingTensor
-from training.experts import ExpertFn
-from training.timeline import Timeline
 
 
 @dataclass(frozen=True, kw_only=True)

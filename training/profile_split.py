@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from moeflow.training.expert_parallel import ExpertComm
+from moeflow.training.experts import ExpertFn
 from torch import Tensor
-
-from training.expert_parallel import ExpertComm
-from training.experts import ExpertFn
 
 
 @dataclass(frozen=True, kw_only=True)
