@@ -5,7 +5,7 @@ T, each provider runs the whole block forward; providers are interleaved round-r
 so a noisy shared machine slows them alike, and the median of the rounds is kept. moeflow is also
 timed per CPU formulation x GEMM backend (``kernels.cpu.CPU_FORMULATIONS``): that is the
 measurement that picks ``kernels.cpu``'s defaults. "moeflow engine" is the offload engine's expert
-compute (``moeflow.offload.grouped_experts``: grouped_mm over the slot pool, bit-identical to
+compute (``moeflow.offload.layer.grouped_experts``: grouped_mm over the slot pool, bit-identical to
 transformers' grouped_mm), timed here on the block's experts as the pool. Every output is checked
 against transformers' grouped_mm (max |diff| / max |out| recorded). On a GPU the Triton kernels and
 transformers on the GPU are added; without one the JSON says so.
@@ -39,7 +39,7 @@ from moeflow.kernels.cpu import CPU_FORMULATIONS, cpu_plan  # noqa: E402
 from moeflow import kernels  # noqa: E402
 
 BENCH = "moe_block"
-ENGINE = "moeflow engine"  # moeflow.offload.grouped_experts; "moeflow <name>" are kernels.cpu formulations
+ENGINE = "moeflow engine"  # moeflow.offload.layer.grouped_experts; "moeflow <name>" are kernels.cpu formulations
 
 
 def _is_formulation(provider: str) -> bool:
@@ -119,7 +119,7 @@ def moeflow_forward(block: torch.nn.Module, experts_fn: Callable[..., torch.Tens
 
 def engine_forward(block: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The offload engine's expert compute, every expert resident: slot s holds expert s."""
-    from moeflow.offload import grouped_experts
+    from moeflow.offload.layer import grouped_experts
 
     experts = block.experts
 

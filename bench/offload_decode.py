@@ -240,7 +240,7 @@ def runtime_baseline_bytes() -> int:
 
 
 def dense_bytes(ckpt: Path) -> int:
-    from moeflow.checkpoint import open_checkpoint
+    from moeflow.model.checkpoint import open_checkpoint
 
     c = open_checkpoint(ckpt)
     return sum(s.nbytes for s in c.tensors.values())

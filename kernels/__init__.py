@@ -18,7 +18,7 @@ imported), and torch otherwise. ``kernels.reference`` and the ``*_reference`` fu
 torch versions the tests compare against.
 
 Not to be confused with the ``kernels`` package of the Hugging Face Hub: transformers probes for
-that one, and must not take this package for it (tests/test_kernels_name_clash.py).
+that one, and must not take this package for it (tests/kernels/test_kernels_name_clash.py).
 """
 
 from moeflow.kernels.config import TileConfig

@@ -20,11 +20,11 @@ _EXPORTS = {
     "MoeflowError": "moeflow.errors",
     "RequestError": "moeflow.errors",
     "UnsupportedArchitectureError": "moeflow.errors",
-    "PrefetchPlan": "moeflow.plans",
-    "RoutingPlan": "moeflow.plans",
-    "SamplingParams": "moeflow.sampling",
-    "CacheStats": "moeflow.stats",
-    "LayerStats": "moeflow.stats",
+    "PrefetchPlan": "moeflow.offload.plans",
+    "RoutingPlan": "moeflow.offload.plans",
+    "SamplingParams": "moeflow.engine.sampling",
+    "CacheStats": "moeflow.offload.stats",
+    "LayerStats": "moeflow.offload.stats",
 }
 
 __all__ = [
@@ -56,8 +56,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .engine import DEFAULT_MODEL, Engine, EngineConfig, GenerationResult, load
-    from .errors import BudgetError, CheckpointError, MoeflowError, RequestError, UnsupportedArchitectureError
-    from .plans import PrefetchPlan, RoutingPlan
-    from .sampling import SamplingParams
-    from .stats import CacheStats, LayerStats
+    from moeflow.engine import DEFAULT_MODEL, Engine, EngineConfig, GenerationResult, load
+    from moeflow.engine.sampling import SamplingParams
+    from moeflow.errors import BudgetError, CheckpointError, MoeflowError, RequestError, UnsupportedArchitectureError
+    from moeflow.offload.plans import PrefetchPlan, RoutingPlan
+    from moeflow.offload.stats import CacheStats, LayerStats

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .engine import DEFAULT_MODEL, EngineConfig, load, peak_rss_bytes
-from .errors import MoeflowError
-from .sampling import SamplingParams
+from moeflow.engine import DEFAULT_MODEL, EngineConfig, load, peak_rss_bytes
+from moeflow.engine.sampling import SamplingParams
+from moeflow.errors import MoeflowError
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -50,7 +50,7 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def cmd_generate_batch(args: argparse.Namespace) -> int:
-    from .scheduler import make_admission
+    from moeflow.scheduler import make_admission
 
     if args.batch_size < 1:
         raise MoeflowError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -147,7 +147,7 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .trace import record_trace
+    from moeflow.tools.trace import record_trace
 
     with load(args.model, expert_budget="all", store="ram") as engine:
         predictors = []
@@ -169,8 +169,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_predictor_train(args: argparse.Namespace) -> int:
     from moeflow.predictor.evaluate import train_predictors
-
-    from .trace import Trace, record_trace
+    from moeflow.tools.trace import Trace, record_trace
 
     with load(args.model, expert_budget="all", store="ram") as engine:
         if args.trace is not None:
@@ -213,8 +212,8 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .profile import ProfileConfig, default_label, profile_model, read_report
-    from .profile_report import compare_lines, plot_compare, summary_lines
+    from moeflow.tools.profile import ProfileConfig, default_label, profile_model, read_report
+    from moeflow.tools.profile_report import compare_lines, plot_compare, summary_lines
 
     if args.compare is not None:
         a, b = (read_report(p) for p in args.compare)
@@ -318,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     peval.add_argument("--json", action="store_true", help="print the report as JSON")
     peval.set_defaults(func=cmd_predictor_eval)
 
-    from .profile import ProfileConfig
+    from moeflow.tools.profile import ProfileConfig
 
     prof = sub.add_parser("profile", help="expert-cache hit rates per policy and budget (trace replay), JSON + PNG")
     _model_option(prof)

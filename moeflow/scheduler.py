@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .batching import DecodeBatch, Sequence
-from .errors import MoeflowError
-from .plans import RoutingPlan
+from moeflow.engine.batch import DecodeBatch, Sequence
+from moeflow.errors import MoeflowError
+from moeflow.offload.plans import RoutingPlan
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from moeflow.engine import Engine
 
 
 class AdmissionPolicy(ABC):

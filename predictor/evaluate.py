@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from moeflow.errors import MoeflowError
-from moeflow.trace import Trace, record_trace
+from moeflow.tools.trace import Trace, record_trace
 
 from .base import RoutePredictor, save_predictor
 from .predictors import PREDICTORS

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from moeflow.batching import Sequence
+from moeflow.engine.batch import Sequence
 from moeflow.errors import MoeflowError
 from moeflow.scheduler import AdmissionPolicy
 

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
-from moeflow.batching import Sequence
 from moeflow.engine import Engine
+from moeflow.engine.batch import Sequence
+from moeflow.engine.sampling import SamplingParams
 from moeflow.errors import RequestError
-from moeflow.sampling import SamplingParams
+from moeflow.offload.stats import CacheStats
 from moeflow.scheduler import AdmissionPolicy, Scheduler
-from moeflow.stats import CacheStats
 
 from .config import ServerConfig
 from .detok import IncrementalText

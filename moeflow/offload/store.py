@@ -1,0 +1,167 @@
+"""Backing tiers: where experts live when they are not in the fast tier's slot pool.
+
+`DiskStore` reads each expert from the safetensors shards with O_DIRECT, so the page cache cannot
+quietly turn a disk-backed run into a RAM-backed one. `RamStore` keeps one host copy of every
+expert (pinned when the fast tier is a GPU).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from moeflow.model.checkpoint import Checkpoint, TensorSpan
+from moeflow.offload.plans import ExpertKey
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 4096  # O_DIRECT wants file offset, length and buffer address aligned to the logical block size
+_COALESCE_GAP = 1 << 20  # read two spans of one expert in one request when at most 1 MiB apart
+
+
+class ExpertStore(Protocol):
+    direct_io: bool
+
+    def read_into(self, key: ExpertKey, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor) -> int:
+        """Copy expert `key` into the given slot views (any device, any float dtype). Returns bytes read."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DiskStore:
+    """Reads experts on demand from the checkpoint's shards, bypassing the page cache where allowed."""
+
+    def __init__(self, checkpoint: Checkpoint, *, direct_io: bool = True) -> None:
+        self._ckpt = checkpoint
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
+        for path in sorted({s.file for loc in checkpoint.experts.values() for s in loc.spans}):
+            self._fds[path] = self._open(path)
+
+    def _open(self, path: Path) -> int:
+        if self.direct_io:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._fall_back(f"O_DIRECT refused when opening {path.name}")
+        return os.open(path, os.O_RDONLY)
+
+    def _fall_back(self, why: str) -> None:
+        """Buffered reads from here on; each read is then dropped from the page cache (POSIX_FADV_DONTNEED)."""
+        if self.direct_io:
+            log.warning("%s; falling back to buffered reads with page-cache eviction after each read", why)
+        self.direct_io = False
+
+    def _buffer(self, nbytes: int) -> mmap.mmap:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            if buf is not None:
+                buf.close()
+            # Anonymous mmap is page-aligned, as O_DIRECT requires of the destination address.
+            buf = mmap.mmap(-1, max(nbytes, 1 << 20))
+            self._local.buf = buf
+        return buf
+
+    def _read_range(self, path: Path, start: int, end: int) -> tuple[mmap.mmap, int, int]:
+        """Read [start, end) of `path`; returns (buffer, offset of `start` in it, bytes transferred)."""
+        a_start = start - start % _ALIGN
+        a_end = -(-end // _ALIGN) * _ALIGN
+        buf = self._buffer(a_end - a_start)
+        view = memoryview(buf)[: a_end - a_start]
+        fd = self._fds[path]
+        done = 0
+        while a_start + done < end:
+            try:
+                n = os.preadv(fd, [view[done:]], a_start + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct_io:
+                    raise
+                # The filesystem accepted O_DIRECT at open but refuses it on read: reopen buffered.
+                with self._lock:
+                    if self.direct_io:
+                        self._fall_back(f"O_DIRECT read refused on {path.name}")
+                        for p, old in list(self._fds.items()):
+                            self._fds[p] = os.open(p, os.O_RDONLY)
+                            os.close(old)
+                fd = self._fds[path]
+                continue
+            if n == 0:
+                raise OSError(errno.EIO, f"{path} ended at byte {a_start + done}; the shard is truncated")
+            done += n
+        if not self.direct_io:
+            os.posix_fadvise(fd, a_start, a_end - a_start, os.POSIX_FADV_DONTNEED)
+        del view
+        return buf, start - a_start, done
+
+    def read_into(self, key: ExpertKey, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor) -> int:
+        loc = self._ckpt.experts[key]
+        inter = loc.gate.shape[0]
+        dests = (gate_up_2IH[:inter], gate_up_2IH[inter:], down_HI)
+        total = 0
+        for group in _coalesce(list(zip(loc.spans, dests))):
+            start = group[0][0].offset
+            end = max(s.offset + s.nbytes for s, _ in group)
+            buf, base, n = self._read_range(group[0][0].file, start, end)
+            total += n
+            for span, dest in group:
+                src = torch.frombuffer(buf, dtype=torch.uint8, count=span.nbytes, offset=base + span.offset - start)
+                dest.copy_(src.view(span.dtype).view(span.shape))
+        return total
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _coalesce(pairs: list[tuple[TensorSpan, torch.Tensor]]) -> list[list[tuple[TensorSpan, torch.Tensor]]]:
+    pairs = sorted(pairs, key=lambda p: (str(p[0].file), p[0].offset))
+    groups: list[list[tuple[TensorSpan, torch.Tensor]]] = []
+    for span, dest in pairs:
+        if groups:
+            last = groups[-1][-1][0]
+            if last.file == span.file and 0 <= span.offset - (last.offset + last.nbytes) <= _COALESCE_GAP:
+                groups[-1].append((span, dest))
+                continue
+        groups.append([(span, dest)])
+    return groups
+
+
+class RamStore:
+    """One host copy of every expert, in the compute dtype; filled once from a disk store."""
+
+    direct_io = False
+
+    def __init__(self, checkpoint: Checkpoint, source: DiskStore, *, dtype: torch.dtype, pin: bool) -> None:
+        self._gate_up: dict[ExpertKey, torch.Tensor] = {}
+        self._down: dict[ExpertKey, torch.Tensor] = {}
+        for key, loc in checkpoint.experts.items():
+            inter, hidden = loc.gate.shape
+            gate_up = torch.empty(2 * inter, hidden, dtype=dtype, pin_memory=pin)
+            down = torch.empty(hidden, inter, dtype=dtype, pin_memory=pin)
+            source.read_into(key, gate_up, down)
+            self._gate_up[key], self._down[key] = gate_up, down
+        self.nbytes = sum(t.nbytes for t in self._gate_up.values()) + sum(t.nbytes for t in self._down.values())
+
+    def read_into(self, key: ExpertKey, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor) -> int:
+        src_gu, src_d = self._gate_up[key], self._down[key]
+        non_blocking = gate_up_2IH.device.type == "cuda"  # pinned source: async H2D on the current stream
+        gate_up_2IH.copy_(src_gu, non_blocking=non_blocking)
+        down_HI.copy_(src_d, non_blocking=non_blocking)
+        return src_gu.nbytes + src_d.nbytes
+
+    def close(self) -> None:
+        self._gate_up.clear()
+        self._down.clear()

@@ -1,0 +1,1 @@
+"""Tools over the engine: routing traces and cache profiling."""

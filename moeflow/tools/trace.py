@@ -1,0 +1,212 @@
+"""Routing traces: for every token, its id, position, and every MoE layer's top-k experts.
+
+On disk a trace is a folder of `.npy` arrays plus `meta.json`, memory-mapped on load:
+
+| file | dtype, shape | meaning |
+|---|---|---|
+| `token_ids.npy` | int32 [N] | token id |
+| `positions.npy` | int32 [N] | position within its sequence (0-based) |
+| `seq_ids.npy` | int32 [N] | sequence index (a chunk of at most `context` tokens of one document) |
+| `doc_ids.npy` | int32 [N] | document index into `meta["files"]` |
+| `experts.npy` | int16 [N, L, K] | top-k expert ids of each MoE layer (layer order = `meta["layers"]`) |
+| `weights.npy` | float16 [N, L, K] | the router's top-k weights, same order |
+| `pred_<name>.npy` | int16 [N, L, M] | optional: predictor `<name>`'s M best experts per layer, best first |
+
+Predictions (`record_trace(..., predictors=...)`, `moeflow trace --predictors`) are what each
+predictor said for token n and layer l at the time it had to say it (`meta["predictions"][name]`
+has its `lookahead` and its cost `us_per_token`), so profiling can replay predictive prefetch
+without running the model again.
+
+Tokens of one sequence are contiguous and in order, so a trace is also a decode-order access
+stream: token n needs experts `experts[n, l]` in layer `layers[l]`. Recorded by teacher forcing
+(each chunk is one forward), through the engine with every expert resident.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moeflow.errors import MoeflowError
+
+FORMAT = "moeflow-trace/1"
+_ARRAYS = ("token_ids", "positions", "seq_ids", "doc_ids", "experts", "weights")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trace:
+    meta: dict
+    token_ids: np.ndarray
+    positions: np.ndarray
+    seq_ids: np.ndarray
+    doc_ids: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int16 [N, L, M]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.meta["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in _ARRAYS:
+            np.save(out / f"{name}.npy", getattr(self, name))
+        for name, pred in self.predictions.items():
+            np.save(out / f"pred_{name}.npy", pred)
+        (out / "meta.json").write_text(json.dumps({**self.meta, "num_tokens": self.num_tokens}, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise MoeflowError(f"{path} is not a moeflow trace (no meta.json); record one with `moeflow trace`")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise MoeflowError(f"{path}: trace format {meta.get('format')!r} is not {FORMAT!r}; record it again")
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+        preds = {name: np.load(path / f"pred_{name}.npy", mmap_mode="r") for name in meta.get("predictions", {})}
+        return cls(meta=meta, **arrays, predictions=preds)
+
+    def select(self, seq_mask: np.ndarray) -> Trace:
+        """The sub-trace of the sequences where `seq_mask[seq_id]` is true (e.g. a train/eval split)."""
+        keep = np.asarray(seq_mask)[self.seq_ids]
+        return Trace(
+            meta=self.meta,
+            **{name: np.asarray(getattr(self, name))[keep] for name in _ARRAYS},
+            predictions={name: np.asarray(p)[keep] for name, p in self.predictions.items()},
+        )
+
+
+def read_documents(files: Iterable[str | Path]) -> list[tuple[str, str]]:
+    docs = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise MoeflowError(f"data file {str(path)!r} does not exist; pass text files to --data")
+        try:
+            docs.append((str(path), path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as e:
+            raise MoeflowError(f"{path} is not UTF-8 text ({e}); pass text files to --data") from e
+    if not docs:
+        raise MoeflowError("no data files given; pass one or more text files to --data")
+    return docs
+
+
+@torch.inference_mode()
+def record_trace(
+    engine,
+    files: Iterable[str | Path],
+    *,
+    context: int = 256,
+    max_tokens: int | None = None,
+    predictors: Sequence[object] = (),
+    ranks: int | None = None,
+    progress: bool = True,
+) -> Trace:
+    """Run every document through `engine` in chunks of `context` tokens and record the routing.
+
+    With `predictors` (`predictor.base.RoutePredictor`s), also record each one's `ranks` best
+    experts (default 2K) per token and layer, as it predicted them during the forward.
+    """
+    if engine.tokenizer is None:
+        raise MoeflowError(f"{engine.checkpoint.path} has no tokenizer; tracing text needs one")
+    docs = read_documents(files)
+    context = min(context, engine.max_context or context)
+    layers = engine.checkpoint.moe_layers
+    per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture(plan, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+        per_layer[plan.layer] = (ids_TK.to("cpu", torch.int16), weights_TK.to("cpu", torch.float16))
+
+    chunks: list[tuple[int, list[int]]] = []
+    for d, (_, text) in enumerate(docs):
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        chunks.extend((d, ids[i : i + context]) for i in range(0, len(ids), context) if ids[i : i + context])
+    total = sum(len(c) for _, c in chunks)
+    if max_tokens is not None:
+        total = min(total, max_tokens)
+    cols: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
+    ranks = ranks or 2 * engine.top_k
+    pred_cols: dict[str, list[np.ndarray]] = {p.name: [] for p in predictors}
+    pred_chunk: dict[str, dict[int, np.ndarray]] = {}
+    hooks = None
+    if predictors:
+        from moeflow.predictor.runtime import PredictorHooks
+
+        def keep(predictor, target: int, scores_TE: torch.Tensor) -> None:
+            best = torch.topk(scores_TE.float(), min(ranks, scores_TE.shape[-1]), dim=-1).indices
+            pred_chunk.setdefault(predictor.name, {})[target] = best.to(torch.int16).numpy()
+
+        hooks = PredictorHooks(engine, predictors, keep)
+    engine.runtime.observers.append(capture)
+    done = 0
+    try:
+        with tqdm(total=total, unit="tok", desc="tracing", disable=not progress) as bar:
+            for seq, (doc, ids) in enumerate(chunks):
+                ids = ids[: total - done]
+                if not ids:
+                    break
+                pred_chunk.clear()
+                if hooks is not None:
+                    hooks.begin([ids], len(ids))
+                engine.model(input_ids=torch.tensor([ids], device=engine.device), use_cache=False, logits_to_keep=1)
+                n = len(ids)
+                for p in predictors:
+                    got = pred_chunk.get(p.name, {})
+                    missing = [pos for pos in range(len(layers)) if pos not in got]
+                    if missing:
+                        raise MoeflowError(f"predictor {p.name!r} gave no prediction for layer positions {missing}")
+                    pred_cols[p.name].append(np.stack([got[pos] for pos in range(len(layers))], axis=1))
+                cols["token_ids"].append(np.asarray(ids, dtype=np.int32))
+                cols["positions"].append(np.arange(n, dtype=np.int32))
+                cols["seq_ids"].append(np.full(n, seq, dtype=np.int32))
+                cols["doc_ids"].append(np.full(n, doc, dtype=np.int32))
+                cols["experts"].append(np.stack([per_layer[l][0].numpy() for l in layers], axis=1))
+                cols["weights"].append(np.stack([per_layer[l][1].numpy() for l in layers], axis=1))
+                done += n
+                bar.update(n)
+    finally:
+        engine.runtime.observers.remove(capture)
+        if hooks is not None:
+            hooks.close()
+    meta = {
+        "format": FORMAT,
+        "model": str(engine.checkpoint.path),
+        "layers": layers,
+        "num_experts": int(engine.checkpoint.num_experts[layers[0]]),
+        "top_k": engine.top_k,
+        "context": context,
+        "files": [name for name, _ in docs],
+    }
+    if predictors:
+        meta["predictions"] = {
+            p.name: {"lookahead": p.lookahead, "ranks": ranks, "us_per_token": 1e6 * hooks.seconds[p.name] / done}
+            for p in predictors
+        }
+    return Trace(
+        meta=meta,
+        **{name: np.concatenate(parts) for name, parts in cols.items()},
+        predictions={name: np.concatenate(parts) for name, parts in pred_cols.items()},
+    )

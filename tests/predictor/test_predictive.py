@@ -1,0 +1,167 @@
+"""Predictive prefetch never changes the output, and the re-batcher returns every sequence exactly once
+with its solo tokens."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from moeflow.predictor.evaluate import train_predictors
+from moeflow.predictor.predictors import PREDICTORS, GateLookahead
+from moeflow.predictor.rebatch import RebatchAdmission
+
+import moeflow
+from moeflow.errors import MoeflowError
+from moeflow.offload.policy import PredictivePolicy
+from moeflow.scheduler import Scheduler, make_admission
+from moeflow.testing import FAMILY_NAMES
+from moeflow.tools.trace import record_trace
+
+PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
+NEW_TOKENS = 10
+
+
+class AntiGate(GateLookahead):
+    """Adversarial: predicts the experts the router likes least, so nearly every prefetch is wasted."""
+
+    name = "anti_gate"
+
+    def on_residual(self, pos, residual_TH):
+        return {t: -s for t, s in super().on_residual(pos, residual_TH).items()}
+
+
+@pytest.fixture()
+def anti_gate(monkeypatch):
+    monkeypatch.setitem(PREDICTORS, "anti_gate", AntiGate)
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+@pytest.mark.parametrize("predictor", ["gate", "anti_gate"])
+@pytest.mark.parametrize("budget", ["25%", "12.5%"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_predictive_greedy_equals_transformers(
+    tiny_checkpoints, transformers_greedy, anti_gate, family, budget, predictor, lookahead
+):
+    options = dict(expert_budget=budget, policy="predictive", predictor=predictor, lookahead=lookahead)
+    try:
+        engine = moeflow.load(tiny_checkpoints[family], **options)
+    except MoeflowError as e:  # 12.5% can be below one layer's top-k on the smallest families
+        assert "minimum" in str(e) and budget == "12.5%"
+        return
+    with engine:
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        counters = engine.prefetcher.counters
+        stats = engine.stats()
+    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
+    assert counters.steps == NEW_TOKENS  # prefill + one per decode step but the last token's
+    assert counters.issued > 0 and stats.prefetch_hits <= counters.issued
+    if predictor == "anti_gate":
+        assert counters.precision < 0.35  # it really was wrong, and the output did not care
+    else:
+        assert counters.correct > 0
+
+
+def test_gate_lookahead_beats_its_adversary(tiny_checkpoints, anti_gate):
+    recalls = {}
+    for name in ("gate", "anti_gate"):
+        with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="50%", policy="predictive", predictor=name) as e:
+            e.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+            recalls[name] = e.prefetcher.counters.recall
+    assert recalls["gate"] > recalls["anti_gate"] + 0.2
+
+
+def test_predictive_policy_keeps_protected_experts():
+    p = PredictivePolicy()
+    for key in [(0, 0), (0, 1), (0, 2)]:
+        p.on_insert(key)
+    p.protect([(0, 0)])
+    assert p.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)
+    p.demote([(0, 2)])
+    assert p.victim([(0, 0), (0, 1), (0, 2)]) == (0, 2)
+    assert p.victim([(0, 0)]) == (0, 0)  # nothing else can go
+    p.release([(0, 0)])
+    assert p.victim([(0, 0), (0, 1)]) == (0, 0)
+
+
+def test_bad_predictive_options(tiny_checkpoints):
+    path = tiny_checkpoints["mixtral"]
+    with pytest.raises(MoeflowError, match="unknown predictor 'crystal_ball'"):
+        moeflow.load(path, policy="predictive", predictor="crystal_ball")
+    with pytest.raises(MoeflowError, match="only in offline replay"):
+        moeflow.load(path, policy="belady")
+    with pytest.raises(MoeflowError, match="lookahead must be at least 1"):
+        moeflow.load(path, policy="predictive", lookahead=0)
+    with pytest.raises(MoeflowError, match="moeflow predictor train"):
+        moeflow.load(path, policy="predictive", predictor="path")
+
+
+def _prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(1, 120, (int(k),), generator=g).tolist() for k in torch.randint(2, 16, (n,), generator=g)]
+
+
+def test_rebatcher_returns_each_sequence_once_with_its_solo_tokens(tiny_checkpoints):
+    prompts = _prompts(11)
+    lengths = [3, 9, 5, 12, 2, 7, 10, 4, 8, 6, 11]
+    rng = np.random.default_rng(0)
+    fixed = {}
+
+    def predict(seqs):  # a deterministic stand-in predictor: each sequence keeps its own expert set
+        return np.stack([fixed.setdefault(s.seq_id, rng.random((2, 8)) < 0.25) for s in seqs])
+
+    admission = RebatchAdmission(predict, pool_factor=4, max_skips=3)
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="25%") as engine:
+        solo = [engine.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, lengths)]
+        members_per_step = []
+        scheduler = Scheduler(engine, max_batch_size=3, admission=admission,
+                              on_step=lambda b: members_per_step.append([s.seq_id for s in b.members]))
+        seqs = [engine.new_sequence(p, max_new_tokens=n) for p, n in zip(prompts, lengths)]
+        for s in seqs:
+            scheduler.submit(s)
+        finished = []
+        while not scheduler.idle:
+            finished.extend(scheduler.step())
+    assert sorted(s.seq_id for s in finished) == sorted(s.seq_id for s in seqs)
+    assert [s.generated for s in seqs] == solo
+    assert max(len(m) for m in members_per_step) == 3 and len(scheduler.active) == 0
+    # Nobody waits more than max_skips steps in a row while active.
+    last_seen = {}
+    for step, members in enumerate(members_per_step):
+        for sid in members:
+            assert step - last_seen.get(sid, step) <= 3 + 1
+            last_seen[sid] = step
+
+
+def test_rebatcher_groups_overlapping_sequences():
+    sets = {i: np.zeros((1, 8), bool) for i in range(6)}
+    for i in range(6):
+        sets[i][0, i % 2] = True  # even ids share expert 0, odd ids expert 1
+
+    class S:
+        def __init__(self, i):
+            self.seq_id = i
+
+    admission = RebatchAdmission(lambda seqs: np.stack([sets[s.seq_id] for s in seqs]), max_skips=5)
+    pool = [S(i) for i in range(6)]
+    first = admission.select(pool, 3)
+    assert [s.seq_id for s in first] == [0, 2, 4]  # the oldest, then those sharing its expert
+    second = admission.select(pool, 3)
+    assert [s.seq_id for s in second] == [1, 3, 5]  # the skipped ones now waited longest
+
+
+def test_rebatch_admission_for_engine(tiny_checkpoints, tmp_path):
+    path = shutil.copytree(tiny_checkpoints["qwen3_moe"], tmp_path / "m")
+    doc = tmp_path / "d.txt"
+    doc.write_text("for i in range(10):\n    print(i)\n" * 10)
+    prompts = _prompts(6)
+    with moeflow.load(path, expert_budget="50%") as engine:
+        with pytest.raises(MoeflowError, match="moeflow predictor train"):
+            make_admission("rebatch", engine)
+        train_predictors(engine, record_trace(engine, [doc], progress=False), ["token_freq"], progress=False)
+        admission = make_admission("rebatch", engine)
+        run = engine.run_batch(prompts, batch_size=2, admission=admission, max_new_tokens=6)
+        solo = [engine.generate(p, max_new_tokens=6).token_ids for p in prompts]
+    assert [r.token_ids for r in run.results] == solo
+    assert len(run.distinct_experts) == len(run.batch_sizes) and max(run.batch_sizes) == 2
+    with pytest.raises(MoeflowError, match="unknown admission policy"):
+        make_admission("lottery", engine)

@@ -1,0 +1,196 @@
+"""Routing predictors: shapes, training on a toy trace, scoring, recording in traces, and the CLI."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from moeflow.predictor.base import RoutingShape, load_saved, save_predictor
+from moeflow.predictor.evaluate import score_predictions, train_predictors
+from moeflow.predictor.predictors import (
+    PREDICTORS,
+    FrequencyPredictor,
+    PathPredictor,
+    SklearnPredictor,
+    TokenFrequencyPredictor,
+    TransitionPredictor,
+    context_windows,
+    trace_windows,
+)
+from moeflow.predictor.runtime import build_predictor
+
+import moeflow
+from moeflow.cli import main
+from moeflow.errors import MoeflowError
+from moeflow.tools.trace import FORMAT, Trace, record_trace
+
+SHAPE = RoutingShape(layers=(0, 1, 2), num_experts=8, top_k=2, vocab_size=40)
+
+
+def toy_trace(n_seqs: int = 60, seq_len: int = 40, seed: int = 0) -> Trace:
+    """Routing that is a fixed function of (previous token, token): learnable from context alone."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, SHAPE.vocab_size, size=(n_seqs, seq_len)).astype(np.int32)
+    prev = np.concatenate([np.zeros((n_seqs, 1), np.int32), tokens[:, :-1]], axis=1)
+    experts = np.zeros((n_seqs, seq_len, 3, 2), np.int16)
+    for layer in range(3):
+        first = ((tokens + layer) % 4) * 2 + prev % 2
+        experts[:, :, layer, 0] = first
+        experts[:, :, layer, 1] = (first + 1 + prev % 3) % 8
+    experts = experts.reshape(-1, 3, 2)
+    n = n_seqs * seq_len
+    meta = {"format": FORMAT, "layers": [0, 1, 2], "num_experts": 8, "top_k": 2, "files": ["toy"]}
+    return Trace(
+        meta=meta,
+        token_ids=tokens.reshape(-1),
+        positions=np.tile(np.arange(seq_len, dtype=np.int32), n_seqs),
+        seq_ids=np.repeat(np.arange(n_seqs, dtype=np.int32), seq_len),
+        doc_ids=np.zeros(n, np.int32),
+        experts=experts,
+        weights=np.full((n, 3, 2), 0.5, np.float16),
+    )
+
+
+def _recall(predictor, trace: Trace) -> float:
+    """Recall@k of a context predictor on `trace`, sequence by sequence."""
+    hits = total = 0
+    for s in np.unique(trace.seq_ids):
+        mask = trace.seq_ids == s
+        scores = predictor.on_step([trace.token_ids[mask].tolist()], int(mask.sum()))
+        for pos in range(3):
+            best = torch.topk(scores[pos], 2, dim=-1).indices.numpy()
+            true = trace.experts[mask][:, pos]
+            hits += sum(len(set(b) & set(t)) for b, t in zip(best, true))
+            total += true.size
+    return hits / total
+
+
+def test_windows_respect_sequence_starts():
+    win = trace_windows(np.array([5, 6, 7, 8]), np.array([0, 1, 0, 1]), 3, pad_id=99)
+    assert win.tolist() == [[99, 99, 5], [99, 5, 6], [99, 99, 7], [99, 7, 8]]
+    ctx = context_windows([[1, 2, 3], [4]], 1, 2, pad_id=99)
+    assert ctx.tolist() == [[2, 3], [99, 4]]
+
+
+@pytest.mark.parametrize("cls", [PathPredictor, SklearnPredictor, FrequencyPredictor, TokenFrequencyPredictor])
+def test_context_predictors_answer_every_layer_with_scores_per_token(cls):
+    trace = toy_trace(n_seqs=8)
+    p = cls(SHAPE)
+    p.fit(trace.token_ids, trace.positions, trace.experts, epochs=1, progress=False)
+    scores = p.on_step([[1, 2, 3], [4, 5]], 2)
+    assert sorted(scores) == [0, 1, 2]
+    assert all(s.shape == (4, 8) for s in scores.values())
+
+
+def test_path_predictor_learns_a_context_dependent_routing():
+    train, held = toy_trace(seed=0), toy_trace(n_seqs=10, seed=1)
+    path = PathPredictor(SHAPE)
+    losses = path.fit(train.token_ids, train.positions, train.experts, epochs=30, lr=5e-3, progress=False)
+    assert losses[-1] < losses[0] / 2
+    freq = FrequencyPredictor(SHAPE)
+    freq.fit(train.token_ids, train.positions, train.experts)
+    token_only = TokenFrequencyPredictor(SHAPE)
+    token_only.fit(train.token_ids, train.positions, train.experts)
+    # The routing needs the previous token too: the path network (window 8) sees it, the table can't.
+    assert _recall(path, held) > 0.8
+    assert _recall(path, held) > _recall(token_only, held) + 0.2 > _recall(freq, held) + 0.2
+
+
+def test_transition_predicts_from_the_previous_layer_only():
+    trace = toy_trace(n_seqs=10)
+    p = TransitionPredictor(SHAPE, lookahead=1)
+    p.fit(trace.token_ids, trace.positions, trace.experts)
+    assert sorted(p.on_step([[1, 2]], 2)) == [0]  # before any routing: the first layer only
+    answer = p.on_routing(0, torch.tensor([[1, 2], [3, 4]]))
+    assert sorted(answer) == [1] and answer[1].shape == (2, 8)
+    assert p.on_routing(2, torch.tensor([[1, 2]])) == {}
+
+
+def test_save_and_load_next_to_the_model(tmp_path):
+    trace = toy_trace(n_seqs=6)
+    p = PathPredictor(SHAPE)
+    p.fit(trace.token_ids, trace.positions, trace.experts, epochs=1, progress=False)
+    save_predictor(p, tmp_path, {"note": "toy"})
+    q = load_saved(PathPredictor, tmp_path, SHAPE)
+    a, b = p.on_step([[1, 2, 3]], 3), q.on_step([[1, 2, 3]], 3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(MoeflowError, match="another model shape"):
+        load_saved(PathPredictor, tmp_path, RoutingShape((0, 1, 2), 8, 2, 41))
+    with pytest.raises(MoeflowError, match="moeflow predictor train"):
+        load_saved(TokenFrequencyPredictor, tmp_path, SHAPE)
+
+
+def test_scores_of_an_oracle_and_of_a_wrong_predictor():
+    trace = toy_trace(n_seqs=4)
+    true = np.asarray(trace.experts)
+    wrong = (true + 4) % 8  # one of the true two only where the true two differ by exactly 4
+    oracle = np.concatenate([true, wrong], axis=2).astype(np.int16)
+    t = Trace(**{**trace.__dict__, "predictions": {"oracle": oracle, "wrong": oracle[:, :, ::-1].copy()}})
+    good = score_predictions(t, "oracle")
+    assert good["recall_at_k"] == 1.0 and good["path_accuracy"] == 1.0
+    bad = score_predictions(t, "wrong")
+    assert bad["recall_at_2k"] == 1.0  # the true ones are ranks 3 and 4
+    overlap = [len(set(w) & set(r)) / 2 for w, r in zip(wrong.reshape(-1, 2), true.reshape(-1, 2))]
+    assert bad["recall_at_k"] == pytest.approx(float(np.mean(overlap)))
+    assert bad["recall_at_k"] < 0.5 and bad["path_accuracy"] < 0.5
+    assert [r["layer"] for r in good["per_layer"]] == [0, 1, 2]
+
+
+@pytest.fixture()
+def mixtral_copy(tiny_checkpoints, tmp_path):
+    """A private copy of the tiny Mixtral (training writes predictors next to the model)."""
+    return shutil.copytree(tiny_checkpoints["mixtral"], tmp_path / "mixtral")
+
+
+def test_trace_records_what_each_predictor_said(mixtral_copy, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("def f(x):\n    return x + 1\n" * 20)
+    with moeflow.load(mixtral_copy) as engine:
+        trace = record_trace(engine, [doc], context=64, progress=False)
+        train_predictors(engine, trace, ["token_freq", "transition"], progress=False)
+        predictors = [build_predictor(engine, n) for n in ("gate", "token_freq", "transition")]
+        traced = record_trace(engine, [doc], context=64, predictors=predictors, progress=False)
+    traced.save(tmp_path / "t")
+    loaded = Trace.load(tmp_path / "t")
+    N, L, K = loaded.experts.shape
+    assert set(loaded.predictions) == {"gate", "token_freq", "transition"}
+    for pred in loaded.predictions.values():
+        assert pred.shape == (N, L, 2 * K) and pred.min() >= 0 and pred.max() < loaded.num_experts
+    assert loaded.meta["predictions"]["gate"]["us_per_token"] > 0
+    # The text repeats: a table trained on it predicts the repeats well.
+    assert score_predictions(loaded, "token_freq")["recall_at_2k"] > 0.8
+    sub = loaded.select(np.ones(int(loaded.seq_ids.max()) + 1, bool))
+    assert sub.predictions["gate"].shape == loaded.predictions["gate"].shape
+
+
+def test_unknown_or_untrained_predictor_is_a_clear_error(mixtral_copy):
+    with moeflow.load(mixtral_copy) as engine:
+        with pytest.raises(MoeflowError, match="unknown predictor 'oracle'"):
+            build_predictor(engine, "oracle")
+        with pytest.raises(MoeflowError, match="moeflow predictor train"):
+            build_predictor(engine, "path")
+
+
+def test_cli_train_and_eval(mixtral_copy, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("class A:\n    pass\n" * 30)
+    args = ["--model", str(mixtral_copy)]
+    assert main(["predictor", "train", *args, "--data", str(doc), "--predictors", "path,frequency",
+                 "--epochs", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"]["trained"] and (mixtral_copy / "predictors" / "path.pt").is_file()
+    assert main(["predictor", "eval", *args, "--data", str(doc), "--json", "--out", str(tmp_path / "ev")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [p["name"] for p in out["predictors"]]
+    assert names == ["path", "gate", "frequency"]  # the available ones, registry order
+    for p in out["predictors"]:
+        assert {"name", "recall_at_k", "recall_at_2k", "path_accuracy", "us_per_token", "per_layer"} <= set(p)
+        assert 0 <= p["recall_at_k"] <= p["recall_at_2k"] <= 1
+    assert (tmp_path / "ev" / "predictor_eval.png").stat().st_size > 0
+    assert main(["predictor", "eval", *args, "--data", str(doc), "--predictors", "nope"]) == 2
+    assert "unknown predictor 'nope'" in capsys.readouterr().err
+
+
+def test_registry_names():
+    assert set(PREDICTORS) == {"path", "gate", "sklearn", "frequency", "token_freq", "transition"}
