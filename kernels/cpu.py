@@ -79,10 +79,10 @@ ONEDNN_MIN_DI_16_PAIRS = 2**17
 PAIR_LOOP_MAX_PAIRS = 4
 
 
-def _expert_mlp(x_nD: torch.Tensor, gate_up_2IxD: torch.Tensor, down_DxI: torch.Tensor, gemm: Gemm) -> torch.Tensor:
-    h_n2I = gemm(x_nD, gate_up_2IxD)
-    I = down_DxI.shape[1]
-    return gemm(F.silu(h_n2I[:, :I]).mul_(h_n2I[:, I:]), down_DxI)
+def _expert_mlp(x_nD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, gemm: Gemm) -> torch.Tensor:
+    h_n2I = gemm(x_nD, gate_up_2ID)
+    I = down_DI.shape[1]
+    return gemm(F.silu(h_n2I[:, :I]).mul_(h_n2I[:, I:]), down_DI)
 
 
 def _weight_and_sum(y_PD: torch.Tensor, weights_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -104,8 +104,8 @@ def _sorted_by_slot(ids_TK: torch.Tensor, num_slots: int) -> tuple[torch.Tensor,
 
 def moe_sorted(
     hidden_TD: torch.Tensor,
-    gate_up_SxI2xD: torch.Tensor,
-    down_SxDxI: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
     gemm: str = "mm",
@@ -113,12 +113,12 @@ def moe_sorted(
     """Sort pairs by slot, gather their rows once, one gate/up and one down GEMM per used slot."""
     T, D = hidden_TD.shape
     K = ids_TK.shape[1]
-    order_V, counts = _sorted_by_slot(ids_TK, gate_up_SxI2xD.shape[0])
+    order_V, counts = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
     x_VD = hidden_TD.index_select(0, order_V // K)
     outs, start = [], 0
     for s, n in enumerate(counts):
         if n:
-            outs.append(_expert_mlp(x_VD[start : start + n], gate_up_SxI2xD[s], down_SxDxI[s], GEMMS[gemm]))
+            outs.append(_expert_mlp(x_VD[start : start + n], gate_up_S2ID[s], down_SDI[s], GEMMS[gemm]))
             start += n
     y_PD = hidden_TD.new_zeros(T * K, D)
     if outs:
@@ -128,28 +128,28 @@ def moe_sorted(
 
 def moe_pair_loop(
     hidden_TD: torch.Tensor,
-    gate_up_SxI2xD: torch.Tensor,
-    down_SxDxI: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
     gemm: str = "mm",
 ) -> torch.Tensor:
     """One (token, k) pair at a time: no sort, no gather; for decode-sized batches."""
     T, D = hidden_TD.shape
-    S, K = gate_up_SxI2xD.shape[0], ids_TK.shape[1]
+    S, K = gate_up_S2ID.shape[0], ids_TK.shape[1]
     y_PD = hidden_TD.new_zeros(T * K, D)
     # One host sync: the slot ids pick the weight matrices.
     for p, s in enumerate(ids_TK.reshape(-1).tolist()):
         if 0 <= s < S:
             t = p // K
-            y_PD[p] = _expert_mlp(hidden_TD[t : t + 1], gate_up_SxI2xD[s], down_SxDxI[s], GEMMS[gemm])[0]
+            y_PD[p] = _expert_mlp(hidden_TD[t : t + 1], gate_up_S2ID[s], down_SDI[s], GEMMS[gemm])[0]
     return _weight_and_sum(y_PD, weights_TK, hidden_TD.dtype)
 
 
 def moe_grouped_mm(
     hidden_TD: torch.Tensor,
-    gate_up_SxI2xD: torch.Tensor,
-    down_SxDxI: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
 ) -> torch.Tensor:
@@ -157,12 +157,12 @@ def moe_grouped_mm(
     grouped_mm experts, on a slot pool). Needs D and I multiples of 8 (grouped_mm's 16-byte strides)."""
     T, D = hidden_TD.shape
     K = ids_TK.shape[1]
-    order_V, counts = _sorted_by_slot(ids_TK, gate_up_SxI2xD.shape[0])
+    order_V, counts = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
     offsets_S = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     x_VD = hidden_TD.index_select(0, order_V // K)
-    h_V2I = F.grouped_mm(x_VD, gate_up_SxI2xD.transpose(-2, -1), offs=offsets_S)
-    I = down_SxDxI.shape[2]
-    y_VD = F.grouped_mm(F.silu(h_V2I[:, :I]).mul_(h_V2I[:, I:]), down_SxDxI.transpose(-2, -1), offs=offsets_S)
+    h_V2I = F.grouped_mm(x_VD, gate_up_S2ID.transpose(-2, -1), offs=offsets_S)
+    I = down_SDI.shape[2]
+    y_VD = F.grouped_mm(F.silu(h_V2I[:, :I]).mul_(h_V2I[:, I:]), down_SDI.transpose(-2, -1), offs=offsets_S)
     y_PD = hidden_TD.new_zeros(T * K, D)
     y_PD[order_V] = y_VD
     return _weight_and_sum(y_PD, weights_TK, hidden_TD.dtype)
@@ -170,21 +170,21 @@ def moe_grouped_mm(
 
 def moe_sorted_autograd(
     hidden_TD: torch.Tensor,
-    gate_up_SxI2xD: torch.Tensor,
-    down_SxDxI: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
 ) -> torch.Tensor:
     """``moe_sorted`` out of place with ``torch.mm``, so autograd can differentiate it (CPU training)."""
     T, D = hidden_TD.shape
-    I, K = down_SxDxI.shape[2], ids_TK.shape[1]
-    order_V, counts = _sorted_by_slot(ids_TK, gate_up_SxI2xD.shape[0])
+    I, K = down_SDI.shape[2], ids_TK.shape[1]
+    order_V, counts = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
     x_VD = hidden_TD.index_select(0, order_V // K)
     outs, start = [], 0
     for s, n in enumerate(counts):
         if n:
-            h = x_VD[start : start + n] @ gate_up_SxI2xD[s].t()
-            outs.append((F.silu(h[:, :I]) * h[:, I:]) @ down_SxDxI[s].t())
+            h = x_VD[start : start + n] @ gate_up_S2ID[s].t()
+            outs.append((F.silu(h[:, :I]) * h[:, I:]) @ down_SDI[s].t())
             start += n
     y_VD = torch.cat(outs) if outs else hidden_TD.new_zeros(0, D)
     y_VD = y_VD * weights_TK.reshape(-1)[order_V][:, None]
@@ -270,8 +270,8 @@ def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
 
 def fused_moe_cpu(
     hidden_TD: torch.Tensor,
-    gate_up_SxI2xD: torch.Tensor,
-    down_SxDxI: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
     gemm: str | None = None,
@@ -279,12 +279,12 @@ def fused_moe_cpu(
     """The CPU path of ``kernels.fused_moe`` (arguments already checked): the formulation ``cpu_plan``
     picks. ``gemm``: a key of ``GEMMS`` to force that backend (with the pair loop or the sorted loop);
     ``"mm"`` uses the GEMM library transformers uses."""
-    args = (hidden_TD, gate_up_SxI2xD, down_SxDxI, weights_TK, ids_TK)
+    args = (hidden_TD, gate_up_S2ID, down_SDI, weights_TK, ids_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
         return moe_sorted_autograd(*args)
     if gemm is not None and gemm not in GEMMS:
         raise ValueError(f"cpu gemm {gemm!r} is not one of {sorted(GEMMS)}")
-    (T, D), (K, I) = hidden_TD.shape, (ids_TK.shape[1], down_SxDxI.shape[2])
+    (T, D), (K, I) = hidden_TD.shape, (ids_TK.shape[1], down_SDI.shape[2])
     plan = cpu_plan(T, K, D, I)
     if plan == "grouped_mm" and not (D % 8 == 0 and I % 8 == 0 and _grouped_mm_fits(*args[:3])):
         plan = "sorted[mm]"

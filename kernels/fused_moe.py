@@ -415,16 +415,16 @@ def _sum_topk(y_PN: torch.Tensor, ids_P: torch.Tensor, out_TN: torch.Tensor, num
 
 def launch_forward(
     hidden_TD: torch.Tensor,
-    gate_up_SxI2xD: torch.Tensor,
-    down_SxDxI: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
     cfg: TileConfig,
     save_for_backward: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """-> (out_TD, act_NPxI, preact_NPx2I or empty, *SortedPairs.tensors())."""
+    """-> (out_TD, act_NPI, preact_NP2I or empty, *SortedPairs.tensors())."""
     T, D = hidden_TD.shape
-    S, I2, _ = gate_up_SxI2xD.shape
+    S, I2, _ = gate_up_S2ID.shape
     I, K = I2 // 2, ids_TK.shape[1]
     P = T * K
     dev, dtype = hidden_TD.device, hidden_TD.dtype
@@ -440,14 +440,14 @@ def launch_forward(
         return out, act, preact, *meta
     flags, opts = _dot_flags(dtype), _launch_opts(cfg)
     _gate_up_kernel[(NB, triton.cdiv(I, cfg.block_n))](
-        hidden_TD, gate_up_SxI2xD, act, preact, sorted_ids, block_slot, num_padded, P, D, I, K,
-        hidden_TD.stride(0), hidden_TD.stride(1), *gate_up_SxI2xD.stride(), act.stride(0), act.stride(1),
+        hidden_TD, gate_up_S2ID, act, preact, sorted_ids, block_slot, num_padded, P, D, I, K,
+        hidden_TD.stride(0), hidden_TD.stride(1), *gate_up_S2ID.stride(), act.stride(0), act.stride(1),
         preact.stride(0), preact.stride(1), SAVE_PREACT=save_for_backward, **flags, **opts,
     )  # fmt: skip
     y_PD = torch.empty(P, D, device=dev, dtype=torch.float32)
     _rows_gemm_kernel[(NB, triton.cdiv(D, cfg.block_n))](
-        act, down_SxDxI, y_PD, weights_P, sorted_ids, block_slot, num_padded, P, D, I,
-        act.stride(0), act.stride(1), down_SxDxI.stride(0), down_SxDxI.stride(2), down_SxDxI.stride(1),
+        act, down_SDI, y_PD, weights_P, sorted_ids, block_slot, num_padded, P, D, I,
+        act.stride(0), act.stride(1), down_SDI.stride(0), down_SDI.stride(2), down_SDI.stride(1),
         y_PD.stride(0), y_PD.stride(1), WEIGHTED=True, **flags, **opts,
     )  # fmt: skip
     _sum_topk(y_PD, ids_P, out, S, K)
@@ -457,18 +457,18 @@ def launch_forward(
 def launch_backward(
     dout_TD: torch.Tensor,
     hidden_TD: torch.Tensor,
-    gate_up_SxI2xD: torch.Tensor,
-    down_SxDxI: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
-    act_NPxI: torch.Tensor,
-    preact_NPx2I: torch.Tensor,
+    act_NPI: torch.Tensor,
+    preact_NP2I: torch.Tensor,
     meta: SortedPairs,
     cfg: TileConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (d_hidden_TD, d_gate_up_SxI2xD, d_down_SxDxI, d_weights_TK fp32)."""
+    """-> (d_hidden_TD, d_gate_up_S2ID, d_down_SDI, d_weights_TK fp32)."""
     T, D = hidden_TD.shape
-    S, I2, _ = gate_up_SxI2xD.shape
+    S, I2, _ = gate_up_S2ID.shape
     I, K = I2 // 2, ids_TK.shape[1]
     P = T * K
     dev, dtype = hidden_TD.device, hidden_TD.dtype
@@ -484,9 +484,9 @@ def launch_backward(
     dw_part = torch.zeros(nbn, NP, device=dev, dtype=torch.float32)
     if P:
         _down_bwd_kernel[(NB, nbn)](
-            dout_TD, down_SxDxI, preact_NPx2I, weights_P, dpreact, dw_part, sorted_ids, block_slot, num_padded,
-            P, D, I, K, NP, dout_TD.stride(0), dout_TD.stride(1), *down_SxDxI.stride(),
-            preact_NPx2I.stride(0), preact_NPx2I.stride(1), dpreact.stride(0), dpreact.stride(1), **flags, **opts,
+            dout_TD, down_SDI, preact_NP2I, weights_P, dpreact, dw_part, sorted_ids, block_slot, num_padded,
+            P, D, I, K, NP, dout_TD.stride(0), dout_TD.stride(1), *down_SDI.stride(),
+            preact_NP2I.stride(0), preact_NP2I.stride(1), dpreact.stride(0), dpreact.stride(1), **flags, **opts,
         )  # fmt: skip
     # dL/dw per pair: sum the column blocks' shares (fixed order), then read each pair's position.
     dw_NP = dw_part.sum(dim=0)
@@ -497,8 +497,8 @@ def launch_backward(
     dx_PD = torch.empty(P, D, device=dev, dtype=torch.float32)
     if P:
         _rows_gemm_kernel[(NB, triton.cdiv(D, cfg.block_n))](
-            dpreact, gate_up_SxI2xD, dx_PD, weights_P, sorted_ids, block_slot, num_padded, P, D, I2,
-            dpreact.stride(0), dpreact.stride(1), *gate_up_SxI2xD.stride(), dx_PD.stride(0), dx_PD.stride(1),
+            dpreact, gate_up_S2ID, dx_PD, weights_P, sorted_ids, block_slot, num_padded, P, D, I2,
+            dpreact.stride(0), dpreact.stride(1), *gate_up_S2ID.stride(), dx_PD.stride(0), dx_PD.stride(1),
             WEIGHTED=False, **flags, **opts,
         )  # fmt: skip
         _sum_topk(dx_PD, ids_P, d_hidden, S, K)
@@ -513,8 +513,8 @@ def launch_backward(
     )  # fmt: skip
     d_down = torch.empty(S, D, I, device=dev, dtype=dtype)
     _slot_wgrad_kernel[(S, triton.cdiv(D, cfg.block_m), triton.cdiv(I, cfg.block_n))](
-        dout_TD, act_NPxI, weights_P, d_down, sorted_ids, meta.slot_start_S, meta.slot_count_S, D, I, K,
-        dout_TD.stride(0), dout_TD.stride(1), act_NPxI.stride(0), act_NPxI.stride(1), *d_down.stride(),
+        dout_TD, act_NPI, weights_P, d_down, sorted_ids, meta.slot_start_S, meta.slot_count_S, D, I, K,
+        dout_TD.stride(0), dout_TD.stride(1), act_NPI.stride(0), act_NPI.stride(1), *d_down.stride(),
         L_BY_TOKEN=True, R_BY_TOKEN=False, SCALE_L=True, **flags, **opts,
     )  # fmt: skip
     return d_hidden, d_gate_up, d_down, d_weights_TK

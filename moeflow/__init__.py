@@ -2,6 +2,32 @@
 
 Importing `moeflow` is cheap (no torch): the names below load their modules on first use, so
 `moeflow.serve.client` and `moeflow --help` never pay for torch or transformers.
+
+Shape legend — the one legend of the whole project (kernels, engine, predictor, training,
+serve). A tensor's name ends in its shape, in these letters (``x_TD``, ``gate_up_S2ID``):
+
+| letter | meaning |
+|---|---|
+| B | sequences in a batch |
+| T | tokens in one forward (B x new tokens per sequence) |
+| D | model hidden size |
+| I | expert intermediate size (``gate_up`` stacks gate and up: 2I rows) |
+| E | experts of one MoE layer (what the router scores) |
+| K | experts per token (top-k) |
+| S | slots of an expert weight pool (the cache's pool, or the experts a kernel is handed) |
+| P | (token, k) pairs or routed assignments, T x K before dropping |
+| L | MoE layers of the model |
+| X | experts held by one rank (expert parallelism) |
+| R | ranks |
+| C | capacity: slots per expert when routing drops overflow |
+| G | expert groups (grouped routing) |
+| Q | cached positions (KV-cache length) |
+| N | rows of anything else: trace tokens, received rows, samples |
+| M | ranked predictions kept per token |
+| W | context window of a predictor |
+| V | vocabulary |
+
+A digit is a literal size (``x_1D``); ``2I`` is twice I.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ scores for MoE layers that have not run yet (higher = more likely routed):
 - ``on_step(histories, n_new)``: before the forward, the token context alone (ExpertFlow-style
   routing-path prediction). ``histories[b]`` is sequence b's tokens so far, the last ``n_new`` of
   which this forward computes; the answer scores those ``T = B * n_new`` tokens.
-- ``on_residual(pos, residual_TH)``: the residual stream entering the MoE block at layer position
+- ``on_residual(pos, residual_TD)``: the residual stream entering the MoE block at layer position
   ``pos`` (after its attention; ``pos = -1`` is the embedding output), e.g. gate lookahead.
 - ``on_routing(pos, topk_TK)``: the real top-k experts of layer position ``pos``.
 
@@ -68,7 +68,7 @@ class RoutePredictor(ABC):
     def on_step(self, histories: Sequence[Sequence[int]], n_new: int) -> Scores:
         return {}
 
-    def on_residual(self, pos: int, residual_TH: torch.Tensor) -> Scores:
+    def on_residual(self, pos: int, residual_TD: torch.Tensor) -> Scores:
         return {}
 
     def on_routing(self, pos: int, topk_TK: torch.Tensor) -> Scores:

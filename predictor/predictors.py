@@ -166,13 +166,13 @@ class GateLookahead(RoutePredictor):
         return self
 
     @torch.inference_mode()
-    def on_residual(self, pos: int, residual_TH: torch.Tensor) -> Scores:
+    def on_residual(self, pos: int, residual_TD: torch.Tensor) -> Scores:
         targets = range(0, self.lookahead) if pos < 0 else [pos + self.lookahead]
         out = {}
         for t in targets:
             if t >= self.num_layers:
                 continue
-            h = self.norms[t].forward(residual_TH)  # .forward: not through the hooks that feed us
+            h = self.norms[t].forward(residual_TD)  # .forward: not through the hooks that feed us
             logits = F.linear(h.to(self.router_weights[t].dtype), self.router_weights[t]).float()
             if self.router_bias[t] is not None:  # sigmoid routing chooses by score + bias
                 logits = torch.sigmoid(logits) + self.router_bias[t].float()

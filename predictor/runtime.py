@@ -97,9 +97,9 @@ class PredictorHooks:
         return hook
 
     def _residual(self, pos: int, hidden: torch.Tensor) -> None:
-        r_TH = hidden.reshape(-1, hidden.shape[-1])
+        r_TD = hidden.reshape(-1, hidden.shape[-1])
         for p in self.predictors:
-            self._emit(p, lambda p=p: p.on_residual(pos, r_TH))
+            self._emit(p, lambda p=p: p.on_residual(pos, r_TD))
 
     def _on_routing(self, plan: object, top_k_index_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
         pos = self._pos_of[plan.layer]

@@ -27,7 +27,7 @@ class ChunkLayout:
     send_start: int  # first row of the chunk in this rank's sorted assignments
     send_splits: tuple[int, ...]  # rows sent to each rank
     recv_splits: tuple[int, ...]  # rows received from each rank (source-major, then expert)
-    tokens_per_expert_L: tuple[int, ...]  # received rows per local expert
+    tokens_per_expert_E: tuple[int, ...]  # received rows per local expert
     to_expert_major_N: Tensor | None  # gather index: source-major rows -> expert-major (None: already)
     to_source_major_N: Tensor | None  # its inverse
 
@@ -72,7 +72,7 @@ def plan_dispatch(routes: Routes, *, num_tokens: int, num_chunks: int, comm: Exp
                 send_start=start,
                 send_splits=send_splits,
                 recv_splits=tuple(sum(row) for row in recv_RL),
-                tokens_per_expert_L=tuple(sum(recv_RL[r][e] for r in range(ranks)) for e in range(local)),
+                tokens_per_expert_E=tuple(sum(recv_RL[r][e] for r in range(ranks)) for e in range(local)),
                 to_expert_major_N=to_expert_major,
                 to_source_major_N=to_source_major,
             )

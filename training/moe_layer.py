@@ -137,8 +137,8 @@ class MoELayer(nn.Module):
         self.split_profile = profile_split(
             comm=self.comm,
             expert_fn=select_expert_fn(self.config.expert_backend, self.experts.gate_up_proj.device),
-            gate_up_L2ID=self.experts.gate_up_proj,
-            down_LDI=self.experts.down_proj,
+            gate_up_E2ID=self.experts.gate_up_proj,
+            down_EDI=self.experts.down_proj,
             num_rows=int(routes.token_ids_S.numel()),
             max_chunks=self.config.max_chunks,
         )

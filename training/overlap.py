@@ -49,8 +49,8 @@ class _PipelinedExchange(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         x_SD: Tensor,
-        gate_up_L2ID: Tensor,
-        down_LDI: Tensor,
+        gate_up_E2ID: Tensor,
+        down_EDI: Tensor,
         exchange: ExchangeContext,
         build_graph: bool,
     ) -> Tensor:
@@ -58,8 +58,8 @@ class _PipelinedExchange(torch.autograd.Function):
         x_SD = x_SD.contiguous()
         y_SD = torch.empty_like(x_SD)
         with torch.enable_grad():
-            gate_up_leaf = gate_up_L2ID.detach().requires_grad_(build_graph and ctx.needs_input_grad[1])
-            down_leaf = down_LDI.detach().requires_grad_(build_graph and ctx.needs_input_grad[2])
+            gate_up_leaf = gate_up_E2ID.detach().requires_grad_(build_graph and ctx.needs_input_grad[1])
+            down_leaf = down_EDI.detach().requires_grad_(build_graph and ctx.needs_input_grad[2])
         # Rows that need no gradient (the layer's input is a leaf without grad) skip the input
         # backward of the first projection and the whole return all-to-all of the backward.
         rows_need_grad = build_graph and ctx.needs_input_grad[0]
@@ -83,7 +83,7 @@ class _PipelinedExchange(torch.autograd.Function):
             with torch.set_grad_enabled(build_graph), _recorded(timeline, f"experts fwd {i}"):
                 x_leaf_ND = x_ND.detach().requires_grad_(rows_need_grad)
                 x_grouped_ND = x_leaf_ND if chunk.to_expert_major_N is None else x_leaf_ND[chunk.to_expert_major_N]
-                y_grouped_ND = exchange.expert_fn(x_grouped_ND, chunk.tokens_per_expert_L, gate_up_leaf, down_leaf)
+                y_grouped_ND = exchange.expert_fn(x_grouped_ND, chunk.tokens_per_expert_E, gate_up_leaf, down_leaf)
                 y_ND = y_grouped_ND if chunk.to_source_major_N is None else y_grouped_ND[chunk.to_source_major_N]
             graphs.append((x_leaf_ND, y_ND))
             combines.append(
@@ -189,10 +189,10 @@ def _chunk_backward(
     return grad_x_ND if grad_x_ND is not None else torch.zeros_like(x_leaf_ND)
 
 
-def pipelined_exchange(x_SD: Tensor, gate_up_L2ID: Tensor, down_LDI: Tensor, exchange: ExchangeContext) -> Tensor:
+def pipelined_exchange(x_SD: Tensor, gate_up_E2ID: Tensor, down_EDI: Tensor, exchange: ExchangeContext) -> Tensor:
     """Send each sorted row to its expert, run the experts, bring the outputs back in the same
     row order; differentiable w.r.t. the rows and the local expert weights."""
     build_graph = torch.is_grad_enabled() and (
-        x_SD.requires_grad or gate_up_L2ID.requires_grad or down_LDI.requires_grad
+        x_SD.requires_grad or gate_up_E2ID.requires_grad or down_EDI.requires_grad
     )
-    return _PipelinedExchange.apply(x_SD, gate_up_L2ID, down_LDI, exchange, build_graph)
+    return _PipelinedExchange.apply(x_SD, gate_up_E2ID, down_EDI, exchange, build_graph)

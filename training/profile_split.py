@@ -110,8 +110,8 @@ def profile_split(
     *,
     comm: ExpertComm,
     expert_fn: ExpertFn,
-    gate_up_L2ID: Tensor,
-    down_LDI: Tensor,
+    gate_up_E2ID: Tensor,
+    down_EDI: Tensor,
     num_rows: int,
     max_chunks: int,
     repeats: int = 3,
@@ -121,11 +121,11 @@ def profile_split(
     if comm.distributed:
         dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=comm.group)
     num_rows = max(int(rows), comm.world_size * comm.num_local_experts)
-    hidden = gate_up_L2ID.shape[-1]
-    element_bytes = gate_up_L2ID.element_size()
+    hidden = gate_up_E2ID.shape[-1]
+    element_bytes = gate_up_E2ID.element_size()
     divisors = [d for d in (1, 2, 4, 8, 16) if d <= max(max_chunks, 2)]
-    gate_up = gate_up_L2ID.detach().clone().requires_grad_(True)
-    down = down_LDI.detach().clone().requires_grad_(True)
+    gate_up = gate_up_E2ID.detach().clone().requires_grad_(True)
+    down = down_EDI.detach().clone().requires_grad_(True)
     sizes, timings = [], []
     for d in divisors:
         rows_d = max(num_rows // d, comm.world_size)

@@ -32,13 +32,13 @@ class SlotPool:
 
     def __init__(self, *, capacity: int, inter: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
         self.capacity = capacity
-        self.gate_up_S2IH = torch.empty(capacity, 2 * inter, hidden, dtype=dtype, device=device)
-        self.down_SHI = torch.empty(capacity, hidden, inter, dtype=dtype, device=device)
-        self.slot_bytes = (self.gate_up_S2IH[0].nbytes + self.down_SHI[0].nbytes) if capacity else 0
+        self.gate_up_S2ID = torch.empty(capacity, 2 * inter, hidden, dtype=dtype, device=device)
+        self.down_SDI = torch.empty(capacity, hidden, inter, dtype=dtype, device=device)
+        self.slot_bytes = (self.gate_up_S2ID[0].nbytes + self.down_SDI[0].nbytes) if capacity else 0
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up_S2IH.nbytes + self.down_SHI.nbytes
+        return self.gate_up_S2ID.nbytes + self.down_SDI.nbytes
 
 
 @dataclass
@@ -125,7 +125,7 @@ class ExpertCache:
                 to_read.append((key, s))
         try:
             for key, s in to_read:
-                nbytes = self.store.read_into(key, self.pool.gate_up_S2IH[s], self.pool.down_SHI[s])
+                nbytes = self.store.read_into(key, self.pool.gate_up_S2ID[s], self.pool.down_SDI[s])
                 with self._cv:
                     counters.bytes_read += nbytes
                     self._state[s] = _READY

@@ -58,7 +58,7 @@ def apply_offload(model: nn.Module, cache: ExpertCache) -> OffloadRuntime:
 
 
 def offloaded_experts_forward(
-    self: nn.Module, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
+    self: nn.Module, hidden_TD: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
 ) -> torch.Tensor:
     runtime: OffloadRuntime = self._moeflow_runtime
     cache = runtime.cache
@@ -66,13 +66,13 @@ def offloaded_experts_forward(
     # One host sync: the distinct expert ids the cache must provide for this step.
     expert_ids = torch.unique(top_k_index_TK).tolist()
     if runtime.observers:
-        plan = RoutingPlan(layer=layer, expert_ids=tuple(expert_ids), num_tokens=hidden_TH.shape[0])
+        plan = RoutingPlan(layer=layer, expert_ids=tuple(expert_ids), num_tokens=hidden_TD.shape[0])
         for observe in runtime.observers:
             observe(plan, top_k_index_TK, top_k_weights_TK)
     if runtime.prefetcher is not None:
         runtime.prefetcher.on_routing(layer, expert_ids)
     pool = cache.pool
-    out_TH = None
+    out_TD = None
     for wave in plan_waves(cache, layer, expert_ids):
         with cache.acquire(layer, wave) as slot_of:
             lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
@@ -80,9 +80,9 @@ def offloaded_experts_forward(
                 list(slot_of.values()), device=lut_E.device
             )
             slot_ids_TK = lut_E[top_k_index_TK]
-            part_TH = grouped_experts(self, hidden_TH, pool.gate_up_S2IH, pool.down_SHI, top_k_weights_TK, slot_ids_TK)
-        out_TH = part_TH if out_TH is None else out_TH + part_TH
-    return out_TH
+            part_TD = grouped_experts(self, hidden_TD, pool.gate_up_S2ID, pool.down_SDI, top_k_weights_TK, slot_ids_TK)
+        out_TD = part_TD if out_TD is None else out_TD + part_TD
+    return out_TD
 
 
 def plan_waves(cache: ExpertCache, layer: int, expert_ids: list[int]) -> list[list[int]]:
@@ -95,9 +95,9 @@ def plan_waves(cache: ExpertCache, layer: int, expert_ids: list[int]) -> list[li
 
 def grouped_experts(
     module: nn.Module,
-    hidden_TH: torch.Tensor,
-    gate_up_S2IH: torch.Tensor,
-    down_SHI: torch.Tensor,
+    hidden_TD: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     slot_ids_TK: torch.Tensor,
 ) -> torch.Tensor:
@@ -107,28 +107,28 @@ def grouped_experts(
     restore order, sum over k in order), so outputs match it to the last bit on the CPU.
     """
     T, K = slot_ids_TK.shape
-    if T == 1 and not hidden_TH.is_cuda:
+    if T == 1 and not hidden_TD.is_cuda:
         # Decoding one sequence: a token's K experts differ, so every group is one row, and grouped_mm
         # runs one torch.mm per group; calling torch.mm per pair is the same arithmetic without the
         # sort (bit-identical in fp32/bf16/fp16, kernels' bench: 0.09 vs 0.23 ms at the default model).
-        y_KH = hidden_TH.new_zeros(K, hidden_TH.shape[-1], dtype=gate_up_S2IH.dtype)
-        x_1H = hidden_TH.to(gate_up_S2IH.dtype)
+        y_KD = hidden_TD.new_zeros(K, hidden_TD.shape[-1], dtype=gate_up_S2ID.dtype)
+        x_1D = hidden_TD.to(gate_up_S2ID.dtype)
         for k, s in enumerate(slot_ids_TK[0].tolist()):  # host sync: the slots to read
             if s >= 0:
-                y_KH[k] = (module._apply_gate(x_1H @ gate_up_S2IH[s].t()) @ down_SHI[s].t())[0]
-        return (y_KH * weights_TK.reshape(-1, 1)).view(1, K, -1).sum(dim=1).to(hidden_TH.dtype)
-    S = gate_up_S2IH.shape[0]
+                y_KD[k] = (module._apply_gate(x_1D @ gate_up_S2ID[s].t()) @ down_SDI[s].t())[0]
+        return (y_KD * weights_TK.reshape(-1, 1)).view(1, K, -1).sum(dim=1).to(hidden_TD.dtype)
+    S = gate_up_S2ID.shape[0]
     flat_ids = slot_ids_TK.reshape(-1)
     valid = flat_ids >= 0
     sorted_ids, perm = torch.sort(torch.where(valid, flat_ids, S))
     n_valid = int(valid.sum())  # host sync: rows that belong to this wave
     sorted_ids, perm = sorted_ids[:n_valid], perm[:n_valid]
-    x_NH = hidden_TH[perm // K]
+    x_ND = hidden_TD[perm // K]
     offsets_S = torch.cumsum(torch.bincount(sorted_ids, minlength=S), dim=0, dtype=torch.int32)
-    h_N2I = torch.nn.functional.grouped_mm(x_NH.to(gate_up_S2IH.dtype), gate_up_S2IH.transpose(-2, -1), offs=offsets_S)
+    h_N2I = torch.nn.functional.grouped_mm(x_ND.to(gate_up_S2ID.dtype), gate_up_S2ID.transpose(-2, -1), offs=offsets_S)
     h_NI = module._apply_gate(h_N2I)
-    y_NH = torch.nn.functional.grouped_mm(h_NI, down_SHI.transpose(-2, -1), offs=offsets_S)
-    y_NH = y_NH * weights_TK.reshape(-1)[perm].unsqueeze(-1)
-    out_TKH = torch.zeros(T * K, hidden_TH.shape[-1], dtype=y_NH.dtype, device=y_NH.device)
-    out_TKH[perm] = y_NH
-    return out_TKH.view(T, K, -1).sum(dim=1).to(hidden_TH.dtype)
+    y_ND = torch.nn.functional.grouped_mm(h_NI, down_SDI.transpose(-2, -1), offs=offsets_S)
+    y_ND = y_ND * weights_TK.reshape(-1)[perm].unsqueeze(-1)
+    out_TKD = torch.zeros(T * K, hidden_TD.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
+    out_TKD[perm] = y_ND
+    return out_TKD.view(T, K, -1).sum(dim=1).to(hidden_TD.dtype)

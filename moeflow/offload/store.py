@@ -29,7 +29,7 @@ _COALESCE_GAP = 1 << 20  # read two spans of one expert in one request when at m
 class ExpertStore(Protocol):
     direct_io: bool
 
-    def read_into(self, key: ExpertKey, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor) -> int:
+    def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
         """Copy expert `key` into the given slot views (any device, any float dtype). Returns bytes read."""
         ...
 
@@ -105,10 +105,10 @@ class DiskStore:
         del view
         return buf, start - a_start, done
 
-    def read_into(self, key: ExpertKey, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor) -> int:
+    def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
         loc = self._ckpt.experts[key]
         inter = loc.gate.shape[0]
-        dests = (gate_up_2IH[:inter], gate_up_2IH[inter:], down_HI)
+        dests = (gate_up_2ID[:inter], gate_up_2ID[inter:], down_DI)
         total = 0
         for group in _coalesce(list(zip(loc.spans, dests))):
             start = group[0][0].offset
@@ -155,11 +155,11 @@ class RamStore:
             self._gate_up[key], self._down[key] = gate_up, down
         self.nbytes = sum(t.nbytes for t in self._gate_up.values()) + sum(t.nbytes for t in self._down.values())
 
-    def read_into(self, key: ExpertKey, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor) -> int:
+    def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
         src_gu, src_d = self._gate_up[key], self._down[key]
-        non_blocking = gate_up_2IH.device.type == "cuda"  # pinned source: async H2D on the current stream
-        gate_up_2IH.copy_(src_gu, non_blocking=non_blocking)
-        down_HI.copy_(src_d, non_blocking=non_blocking)
+        non_blocking = gate_up_2ID.device.type == "cuda"  # pinned source: async H2D on the current stream
+        gate_up_2ID.copy_(src_gu, non_blocking=non_blocking)
+        down_DI.copy_(src_d, non_blocking=non_blocking)
         return src_gu.nbytes + src_d.nbytes
 
     def close(self) -> None:

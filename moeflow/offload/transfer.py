@@ -23,7 +23,7 @@ class TransferEngine:
     def __init__(self, cache: ExpertCache) -> None:
         self.cache = cache
         self._queue: queue.Queue[tuple[ExpertKey, int] | None] = queue.Queue()
-        device = cache.pool.gate_up_S2IH.device
+        device = cache.pool.gate_up_S2ID.device
         self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name="moeflow-transfer", daemon=True)
         self._thread.start()
@@ -61,13 +61,13 @@ class TransferEngine:
         pool = self.cache.pool
         try:
             if self._copy_stream is None:
-                nbytes = self.cache.store.read_into(key, pool.gate_up_S2IH[slot], pool.down_SHI[slot])
+                nbytes = self.cache.store.read_into(key, pool.gate_up_S2ID[slot], pool.down_SDI[slot])
                 event = None
             else:
                 # The slot's previous expert may still be read by queued kernels: order after them.
                 self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
                 with torch.cuda.stream(self._copy_stream):
-                    nbytes = self.cache.store.read_into(key, pool.gate_up_S2IH[slot], pool.down_SHI[slot])
+                    nbytes = self.cache.store.read_into(key, pool.gate_up_S2ID[slot], pool.down_SDI[slot])
                     event = torch.cuda.Event()
                     event.record(self._copy_stream)
         except Exception:

@@ -138,7 +138,7 @@ class NullStore:
     def __init__(self, expert_bytes: int) -> None:
         self.expert_bytes = expert_bytes
 
-    def read_into(self, key: ExpertKey, gate_up_2IH: torch.Tensor, down_HI: torch.Tensor) -> int:
+    def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
         return self.expert_bytes
 
     def close(self) -> None:
@@ -165,7 +165,7 @@ def synchronous_issue(cache: ExpertCache) -> Callable[[PrefetchPlan], int]:
         pool = cache.pool
         for key, slot in reserved:
             cache.start_prefetch(key, slot)
-            nbytes = cache.store.read_into(key, pool.gate_up_S2IH[slot], pool.down_SHI[slot])
+            nbytes = cache.store.read_into(key, pool.gate_up_S2ID[slot], pool.down_SDI[slot])
             cache.complete_prefetch(key, slot, nbytes)
         return len(reserved)
 

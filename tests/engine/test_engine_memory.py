@@ -18,7 +18,7 @@ class _InstrumentedStore:
         self.direct_io = self.inner.direct_io
         self.cache = engine.cache
         pool = engine.cache.pool
-        self.ranges = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (pool.gate_up_S2IH, pool.down_SHI)]
+        self.ranges = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (pool.gate_up_S2ID, pool.down_SDI)]
         self.max_resident = 0
         self.reads = 0
 

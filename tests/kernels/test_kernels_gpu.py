@@ -112,7 +112,7 @@ def test_engine_on_gpu_equals_transformers_on_gpu(store: str) -> None:
 
     prompt, n = "def ", 24
     with moeflow.load(moeflow.engine.DEFAULT_MODEL, expert_budget="25%", store=store, device="cuda") as engine:
-        assert engine.cache.pool.gate_up_S2IH.is_cuda
+        assert engine.cache.pool.gate_up_S2ID.is_cuda
         ids = engine.encode(prompt)
         got = engine.generate(prompt, max_new_tokens=n).token_ids
         stats = engine.stats()

@@ -26,8 +26,8 @@ class AntiGate(GateLookahead):
 
     name = "anti_gate"
 
-    def on_residual(self, pos, residual_TH):
-        return {t: -s for t, s in super().on_residual(pos, residual_TH).items()}
+    def on_residual(self, pos, residual_TD):
+        return {t: -s for t, s in super().on_residual(pos, residual_TD).items()}
 
 
 @pytest.fixture()
