@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "DEFAULT_MODEL": "moeflow.engine",
     "Engine": "moeflow.engine",
-    "EngineConfig": "moeflow.engine",
+    "EngineConfig": "moeflow.config",
     "GenerationResult": "moeflow.engine",
     "load": "moeflow.engine",
     "BudgetError": "moeflow.errors",
@@ -48,7 +48,7 @@ _EXPORTS = {
     "UnsupportedArchitectureError": "moeflow.errors",
     "PrefetchPlan": "moeflow.offload.plans",
     "RoutingPlan": "moeflow.offload.plans",
-    "SamplingParams": "moeflow.engine.sampling",
+    "SamplingParams": "moeflow.config",
     "CacheStats": "moeflow.offload.stats",
     "LayerStats": "moeflow.offload.stats",
 }
@@ -82,8 +82,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from moeflow.config import SamplingParams
     from moeflow.engine import DEFAULT_MODEL, Engine, EngineConfig, GenerationResult, load
-    from moeflow.engine.sampling import SamplingParams
     from moeflow.errors import BudgetError, CheckpointError, MoeflowError, RequestError, UnsupportedArchitectureError
     from moeflow.offload.plans import PrefetchPlan, RoutingPlan
     from moeflow.offload.stats import CacheStats, LayerStats

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from moeflow.config import SamplingParams
 from moeflow.engine import DEFAULT_MODEL, EngineConfig, load, peak_rss_bytes
-from moeflow.engine.sampling import SamplingParams
 from moeflow.errors import MoeflowError
 
 

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
+from moeflow.config import SamplingParams
 from moeflow.engine import Engine
 from moeflow.engine.batch import Sequence
-from moeflow.engine.sampling import SamplingParams
 from moeflow.errors import RequestError
 from moeflow.offload.stats import CacheStats
 from moeflow.scheduler import AdmissionPolicy, Scheduler

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from moeflow.engine.sampling import SamplingParams, sample_next
+from moeflow.config import SamplingParams
+from moeflow.engine.sampling import sample_next
 
 _ids = itertools.count()
 

@@ -7,21 +7,21 @@ import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from moeflow.config import EngineConfig, SamplingParams
 from moeflow.engine.batch import DecodeBatch, Sequence
-from moeflow.engine.sampling import SamplingParams
 from moeflow.errors import CheckpointError, MoeflowError, RequestError
 from moeflow.model.checkpoint import Checkpoint, open_checkpoint
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import OffloadRuntime, apply_offload, experts_modules
-from moeflow.offload.policy import POLICIES, check_live_policy, make_policy
+from moeflow.offload.policy import make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.stats import CacheStats
 from moeflow.offload.store import DiskStore, ExpertStore, RamStore
@@ -31,47 +31,7 @@ from moeflow.scheduler import AdmissionPolicy, FifoAdmission, Scheduler
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-STORES = ("disk", "ram")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    expert_budget: str = field(
-        default="all", metadata={"help": "fast-tier ceiling for expert weights: 25%%, 512MiB, 2GB or all"}
-    )
-    store: str = field(default="disk", metadata={"help": "backing tier: disk (O_DIRECT reads) or ram"})
-    policy: str = field(default="lru", metadata={"help": f"eviction policy: {', '.join(POLICIES)}"})
-    device: str = field(default="cpu", metadata={"help": "fast tier and compute device: cpu or cuda"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (float32 on cpu), float32, ..."})
-    direct_io: bool = field(default=True, metadata={"help": "bypass the page cache when reading experts"})
-    predictor: str = field(
-        default="gate",
-        metadata={"help": "routing predictor of --policy predictive: gate, path, sklearn, token_freq, transition, ..."},
-    )
-    lookahead: int = field(default=1, metadata={"help": "predictive: prefetch this many MoE layers ahead"})
-    prefetch_width: int = field(
-        default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.store not in STORES:
-            raise MoeflowError(f"unknown store {self.store!r}; choose one of: {', '.join(STORES)}")
-        check_live_policy(self.policy)
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise MoeflowError(f"unknown dtype {self.dtype!r}; choose auto or one of: {', '.join(_DTYPES)}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise MoeflowError(f"unknown device {self.device!r}; use cpu or cuda")
-        if self.lookahead < 1:
-            raise MoeflowError(f"--lookahead must be at least 1 layer, got {self.lookahead}")
-        if self.prefetch_width < 0:
-            raise MoeflowError(f"--prefetch-width must be >= 0 (0: top-k), got {self.prefetch_width}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise MoeflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +73,8 @@ class Engine:
     def __init__(self, path: str | Path | None = None, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.checkpoint: Checkpoint = open_checkpoint(DEFAULT_MODEL if path is None else path)
+        if self.config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise MoeflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         self.device = torch.device(self.config.device)
         self.dtype = _resolve_dtype(self.config.dtype, self.device, self.checkpoint)
         hf_config = AutoConfig.from_pretrained(self.checkpoint.path)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from moeflow.errors import MoeflowError
 from moeflow.offload.plans import ExpertKey
 
 
@@ -169,21 +168,8 @@ class BeladyPolicy(EvictionPolicy):
 
 
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy, "predictive": PredictivePolicy}
-# Policies that need the future (a recorded trace): profiling replay only, never a live engine.
-OFFLINE_POLICIES = ("belady",)
-
-
-def check_live_policy(name: str) -> None:
-    """Refuse a policy a live engine cannot run, naming what to use instead."""
-    if name in OFFLINE_POLICIES:
-        raise MoeflowError(
-            f"cache policy {name!r} needs the future access sequence, so it exists only in offline replay: use "
-            f"`moeflow profile --policies {name}`; live runs choose one of: {', '.join(POLICIES)}"
-        )
-    if name not in POLICIES:
-        raise MoeflowError(f"unknown cache policy {name!r}; choose one of: {', '.join(POLICIES)}")
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    check_live_policy(name)
+    """A live eviction policy by name (`moeflow.config.LivePolicy`; belady needs a trace: `BeladyPolicy`)."""
     return POLICIES[name]()

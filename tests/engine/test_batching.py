@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moeflow
+from moeflow.config import SamplingParams
 from moeflow.engine.batch import Sequence
-from moeflow.engine.sampling import SamplingParams
 from moeflow.scheduler import FifoAdmission, Scheduler
 
 

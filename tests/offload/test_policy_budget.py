@@ -2,9 +2,10 @@
 
 import pytest
 
+from moeflow.config import EngineConfig
 from moeflow.errors import BudgetError
 from moeflow.offload.budget import resolve_budget
-from moeflow.offload.policy import LFUPolicy, LRUPolicy, make_policy
+from moeflow.offload.policy import LFUPolicy, LRUPolicy
 
 
 def test_lru_evicts_least_recently_used():
@@ -32,9 +33,9 @@ def test_lfu_counts_survive_eviction_and_ties_go_to_lru():
     assert p.victim([(0, 0), (0, 2)]) == (0, 2)  # (0,0) keeps its history: 4 uses
 
 
-def test_make_policy_unknown():
+def test_unknown_policy_is_refused_by_the_config():
     with pytest.raises(ValueError, match="choose one of: lru, lfu"):
-        make_policy("fifo")
+        EngineConfig(policy="fifo")
 
 
 @pytest.mark.parametrize(

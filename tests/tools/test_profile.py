@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import moeflow
+from moeflow.config import EngineConfig
 from moeflow.errors import MoeflowError
-from moeflow.offload.policy import BeladyPolicy, make_policy
+from moeflow.offload.policy import BeladyPolicy
 from moeflow.tools.profile import (
     BudgetPoint,
     Geometry,
@@ -142,7 +143,7 @@ def test_parse_errors_name_the_fix():
 
 def test_live_engine_refuses_belady(tiny_checkpoints):
     with pytest.raises(MoeflowError, match="moeflow profile --policies belady"):
-        make_policy("belady")
+        EngineConfig(policy="belady")
     with pytest.raises(MoeflowError, match="belady"):
         moeflow.load(tiny_checkpoints["mixtral"], policy="belady")
 
