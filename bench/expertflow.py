@@ -28,20 +28,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moeflow.predictor.runtime import available_predictors  # noqa: E402
-from moeflow.training.corpus import corpus_files, read_text  # noqa: E402
+from moeflow.predictor.apply import available_predictors  # noqa: E402
 
 import moeflow  # noqa: E402
-from moeflow.scheduler import make_admission  # noqa: E402
+from moeflow.build import make_admission  # noqa: E402
+from moeflow.model.corpus import model_corpus  # noqa: E402
+from moeflow.scheduler import run_batch  # noqa: E402
 
 
 def heldout_prompts(tokenizer: object, n: int, prompt_tokens: int) -> list[str]:
     """`n` prompts of about `prompt_tokens` tokens, cut at line starts across the held-out files."""
     prompts: list[str] = []
-    files = corpus_files("heldout")
+    files = model_corpus(moeflow.engine.DEFAULT_MODEL, "heldout")
     while len(prompts) < n:
         for f in files:
-            lines = read_text(f).splitlines(keepends=True)
+            lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
             step = max(len(lines) // max(n // len(files), 1), 8)
             for i in range(len(prompts) % 7, len(lines), step):
                 ids = tokenizer("".join(lines[i : i + 12]), add_special_tokens=False)["input_ids"][:prompt_tokens]
@@ -115,7 +116,7 @@ def rebatch_part(args: argparse.Namespace) -> dict:
         for rnd in range(args.repeats):
             for admission in ("fifo", "rebatch"):
                 with moeflow.load(args.model, expert_budget=args.budget, store="disk", policy="lru") as engine:
-                    run = engine.run_batch(prompts, batch_size=batch, admission=make_admission(admission, engine),
+                    run = run_batch(engine, prompts, batch_size=batch, admission=make_admission(admission, engine),
                                            max_new_tokens=args.rebatch_tokens)
                     stats = engine.stats()
                 outputs[admission] = [r.token_ids for r in run.results]

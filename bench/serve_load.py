@@ -69,13 +69,13 @@ class Outcome:
 
 def heldout_prompts(count: int, seed: int, min_chars: int, max_chars: int) -> list[str]:
     """Snippets of the default model's held-out corpus (whole stdlib files never trained on), cut at line starts."""
-    from moeflow.training.corpus import corpus_files, read_text
+    from moeflow.model.corpus import model_corpus
 
     rng = random.Random(seed)
-    files = corpus_files("heldout")
+    files = model_corpus(ROOT / "moeflow" / "default_model", "heldout")
     prompts = []
     while len(prompts) < count:
-        lines = read_text(rng.choice(files)).splitlines(keepends=True)
+        lines = rng.choice(files).read_text(encoding="utf-8").splitlines(keepends=True)
         start = rng.randrange(len(lines))
         text = "".join(lines[start : start + 12]).lstrip()
         cut = rng.randint(min_chars, max_chars)

@@ -131,9 +131,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def default_data_files() -> list[Path]:
     """The shipped model's held-out corpus files: what measurements use when --data is omitted."""
-    from moeflow.training.corpus import corpus_files
+    from moeflow.engine import DEFAULT_MODEL
+    from moeflow.model.corpus import model_corpus
 
-    return corpus_files("heldout")
+    return model_corpus(DEFAULT_MODEL, "heldout")
 
 
 def _data_option(parser: argparse.ArgumentParser) -> None:
@@ -175,9 +176,11 @@ def cmd_predictor_train(args: argparse.Namespace) -> int:
         if args.trace is not None:
             trace = Trace.load(args.trace)
         else:
-            from moeflow.training.corpus import corpus_files
+            from moeflow.model.corpus import model_corpus
 
-            trace = record_trace(engine, args.data or corpus_files("train"), max_tokens=args.max_tokens)
+            trace = record_trace(
+                engine, args.data or model_corpus(engine.checkpoint.path, "train"), max_tokens=args.max_tokens
+            )
         report = train_predictors(engine, trace, _names(args.predictors), lookahead=args.lookahead, epochs=args.epochs)
     if args.json:
         print(json.dumps(report))

@@ -604,9 +604,9 @@ def _record(
     from moeflow.tools.trace import record_trace
 
     if data is None:
-        from moeflow.training.corpus import corpus_files
+        from moeflow.model.corpus import model_corpus
 
-        data = corpus_files("heldout")
+        data = model_corpus(model, "heldout")
     for f in data:
         if not Path(f).is_file():
             raise MoeflowError(f"data file {str(f)!r} does not exist; pass text files to --data")

@@ -1,18 +1,20 @@
 """The recipe that trains moeflow's shipped default model, on the CPU, from the stdlib corpus.
 
 One command trains a byte-level BPE tokenizer, then a small Mixtral (transformers' own
-``MixtralForCausalLM``) with a per-layer load-balancing loss, saves both as a Hugging Face folder,
-evaluates it on the held-out files and writes the model card:
+``MixtralForCausalLM``) with a per-layer load-balancing loss, saves both as a Hugging Face folder
+with the lists of its train and held-out files, evaluates it on the held-out files and writes the
+model card. From the repository root (the recipe is not installed):
 
-    nice -n 10 python -m moeflow.training.default_model train --out moeflow/default_model --minutes 38
-    python -m moeflow.training.default_model eval --model moeflow/default_model --json
+    nice -n 10 python -m recipes.default_model.train --out moeflow/default_model --minutes 38
+    python -m recipes.default_model.eval --model moeflow/default_model --json
 
 Training stops by wall clock (``--minutes``) or by step count (``--max-steps``), whichever comes
 first; the learning-rate schedule follows that same progress, so a step-limited run is step-exact
 while a time-limited one sees as many tokens as the machine allows. Every option is a field of
 ``TrainConfig``; the CLI is generated from it.
 
-Shape legend: B batch, S sequence, V vocabulary, T tokens (B*S), E experts, K experts per token.
+Shapes: the project legend (moeflow/__init__.py); here A is the positions of one training window
+(``seq_len``, or ``seq_len + 1`` counting the last target).
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from moeflow.training.corpus import corpus_files, corpus_fingerprint, read_text, relative_name
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
+from recipes.default_model.corpus import corpus_files, corpus_fingerprint, read_text, write_split_lists
+
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in this order
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "moeflow" / "default_model"
+PROG = "recipes.default_model.train"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "moeflow" / "default_model"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +155,8 @@ def router_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> 
 
 
 class TokenBatches:
-    """Epochs over non-overlapping windows of S+1 tokens of one packed stream, shifted and shuffled per epoch."""
+    """Epochs over non-overlapping windows of A = seq_len + 1 tokens of one packed stream, shifted and
+    shuffled per epoch."""
 
     def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
         self.stream, self.window, self.batch_size, self.gen = stream, seq_len + 1, batch_size, generator
@@ -165,7 +170,7 @@ class TokenBatches:
             self.pos, self.epoch = 0, self.epoch + 1
         starts = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
-        return torch.stack([self.stream[s : s + self.window] for s in starts.tolist()])  # [B, S+1]
+        return torch.stack([self.stream[s : s + self.window] for s in starts.tolist()])  # [B, A]
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -176,12 +181,12 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(model: MixtralForCausalLM, windows_BS: torch.Tensor) -> float:
+def heldout_loss(model: MixtralForCausalLM, windows_BA: torch.Tensor) -> float:
     """Mean next-token cross-entropy (nats) over fixed held-out windows."""
     model.eval()
-    logits_BSV = model(input_ids=windows_BS[:, :-1]).logits
+    logits_BAV = model(input_ids=windows_BA[:, :-1]).logits
     model.train()
-    return F.cross_entropy(logits_BSV.flatten(0, 1), windows_BS[:, 1:].flatten()).item()
+    return F.cross_entropy(logits_BAV.flatten(0, 1), windows_BA[:, 1:].flatten()).item()
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -199,7 +204,7 @@ def train_model(
     batches = TokenBatches(train_stream, cfg.seq_len, cfg.batch_size, gen)
     window = cfg.seq_len + 1
     spacing = (len(heldout_stream) - window) // cfg.eval_windows
-    probe_BS = torch.stack([heldout_stream[i * spacing : i * spacing + window] for i in range(cfg.eval_windows)])
+    probe_BA = torch.stack([heldout_stream[i * spacing : i * spacing + window] for i in range(cfg.eval_windows)])
     opt = _optimizer(model, cfg)
     model.train()
     budget_s = cfg.minutes * 60.0
@@ -216,9 +221,9 @@ def train_model(
         lr = lr_at(cfg, step, progress)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch_BS = batches.next()
-        out = model(input_ids=batch_BS[:, :-1], output_router_logits=True)
-        lm_loss = F.cross_entropy(out.logits.flatten(0, 1), batch_BS[:, 1:].flatten())
+        batch_BA = batches.next()
+        out = model(input_ids=batch_BA[:, :-1], output_router_logits=True)
+        lm_loss = F.cross_entropy(out.logits.flatten(0, 1), batch_BA[:, 1:].flatten())
         aux_loss = router_balance_loss(out.router_logits, cfg.top_k)
         loss = lm_loss + cfg.aux_loss_coef * aux_loss
         opt.zero_grad(set_to_none=True)
@@ -239,7 +244,7 @@ def train_model(
             "heldout_loss": None,
         }
         if step % cfg.eval_every == 0 or progress >= 1.0:
-            row["heldout_loss"] = heldout_loss(model, probe_BS)
+            row["heldout_loss"] = heldout_loss(model, probe_BA)
         log.append(row)
         bar.n = min(int(elapsed), bar.total) if budget_s > 0 else step
         last_heldout = next((r["heldout_loss"] for r in reversed(log) if r["heldout_loss"] is not None), None)
@@ -289,8 +294,8 @@ def machine_description() -> dict:
 
 def run_train(cfg: TrainConfig, argv: list[str]) -> dict:
     """Tokenizer, model, training, save, evaluation, card: the whole recipe."""
-    from moeflow.training.default_model_card import write_card, write_loss_log
-    from moeflow.training.default_model_eval import evaluate
+    from recipes.default_model.card import write_card, write_loss_log
+    from recipes.default_model.eval import evaluate
 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -315,11 +320,11 @@ def run_train(cfg: TrainConfig, argv: list[str]) -> dict:
     model.save_pretrained(cfg.out)
     tokenizer.model_max_length = cfg.seq_len
     tokenizer.save_pretrained(cfg.out)
-    (cfg.out / "heldout_files.txt").write_text("".join(relative_name(p) + "\n" for p in heldout_files))
+    write_split_lists(cfg.out)
     write_loss_log(cfg.out / "train_log.csv", record.pop("log"))
 
     training = {
-        "command": "python -m moeflow.training.default_model " + shlex.join(argv),
+        "command": f"python -m {PROG} " + shlex.join(argv),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
         "parameters": n_params,
         "corpus_fingerprint": corpus_fingerprint("all"),
@@ -343,33 +348,12 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        prog="python -m moeflow.training.default_model", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_config_options(
-        sub.add_parser("train", help="train tokenizer and model, evaluate, write the card"), TrainConfig
-    )
-    ev = sub.add_parser("eval", help="recompute the model card's numbers from a saved model")
-    ev.add_argument("--model", type=Path, default=DEFAULT_OUT)
-    ev.add_argument("--threads", type=int, default=2)
-    ev.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    ev.add_argument("--write-card", action="store_true", help="rewrite metrics.json, README.md and the plot")
+    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    _add_config_options(parser, TrainConfig)
     args = parser.parse_args(argv)
-
-    if args.command == "train":
-        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-        training = run_train(TrainConfig(**options), argv)
-        print(json.dumps({k: v for k, v in training.items() if k != "config"}, indent=2))
-        return
-
-    from moeflow.training.default_model_card import rewrite_card
-    from moeflow.training.default_model_eval import evaluate
-
-    report = evaluate(args.model, threads=args.threads)
-    if args.write_card:
-        rewrite_card(args.model, report)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    training = run_train(TrainConfig(**options), argv)
+    print(json.dumps({k: v for k, v in training.items() if k != "config"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The default model's evaluation: every number of its model card, recomputed from the saved folder.
 
+    python -m recipes.default_model.eval --model moeflow/default_model --json
+
 Loads the folder with plain ``transformers`` (``AutoModelForCausalLM``, ``AutoTokenizer``) and measures,
-on the held-out files of ``training.corpus`` (never trained on):
+on the held-out files of ``recipes.default_model.corpus`` (never trained on):
 
 - perplexity: every file as BOS + tokens + EOS, read in windows of ``context`` tokens that advance by
   ``stride``, each target scored once with at least ``context - stride`` tokens of context (or all
@@ -12,21 +14,25 @@ on the held-out files of ``training.corpus`` (never trained on):
   the same scored tokens;
 - greedy samples from a few prompts.
 
-Shape legend: S sequence, V vocabulary, E experts, K experts per token.
+Shapes: the project legend (moeflow/__init__.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from moeflow.training.corpus import corpus_files, read_text, relative_name
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeflow.model.corpus import SPLITS, split_list_path
+from recipes.default_model.corpus import corpus_files, read_text, relative_name
 
 SAMPLE_PROMPTS = ("def ", "import ", "class ")
 SAMPLE_TOKENS = 48
@@ -123,13 +129,15 @@ def evaluate(model_dir: Path, *, threads: int = 2, context: int | None = None, s
     """Recompute the card's numbers for the model folder ``model_dir``."""
     torch.set_num_threads(threads)
     model_dir = Path(model_dir)
-    heldout = corpus_files("heldout")
-    listed = model_dir / "heldout_files.txt"
-    if listed.exists() and listed.read_text().split() != [relative_name(p) for p in heldout]:
-        raise ValueError(
-            f"{listed} does not match training.corpus' held-out split on this interpreter: "
-            "evaluate with the Python whose standard library the model was trained on"
-        )
+    splits = {split: corpus_files(split) for split in SPLITS}
+    for split, files in splits.items():
+        listed = split_list_path(model_dir, split)
+        if listed.exists() and listed.read_text().split() != [relative_name(p) for p in files]:
+            raise ValueError(
+                f"{listed} does not match the recipe's {split} split on this interpreter: "
+                "evaluate with the Python whose standard library the model was trained on"
+            )
+    heldout = splits["heldout"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     context = context or model.config.max_position_embeddings
@@ -138,7 +146,7 @@ def evaluate(model_dir: Path, *, threads: int = 2, context: int | None = None, s
     top_k = model.config.num_experts_per_tok
 
     heldout_texts = [read_text(p) for p in heldout]
-    unigram_V = unigram_log_probs(tokenizer, [read_text(p) for p in corpus_files("train")])
+    unigram_V = unigram_log_probs(tokenizer, [read_text(p) for p in splits["train"]])
     nll, unigram_nll, n_scored = 0.0, 0.0, 0
     counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
     for doc in _documents(tokenizer, heldout_texts):
@@ -146,13 +154,13 @@ def evaluate(model_dir: Path, *, threads: int = 2, context: int | None = None, s
         for begin, end, first in window_spans(len(ids), context, stride):
             out = model(input_ids=ids[None, begin:end], output_router_logits=True)
             keep = slice(first - 1 - begin, end - begin)  # rows whose target index is >= first
-            targets_S = ids[first : end + 1]
-            nll += F.cross_entropy(out.logits[0, keep].double(), targets_S, reduction="sum").item()
-            unigram_nll -= unigram_V[targets_S].sum().item()
-            n_scored += len(targets_S)
-            for layer, logits_SE in enumerate(out.router_logits):
-                topk_ids_SK = logits_SE[keep].topk(top_k, dim=-1).indices
-                counts_LE[layer] += torch.bincount(topk_ids_SK.flatten(), minlength=num_experts).double()
+            targets_N = ids[first : end + 1]
+            nll += F.cross_entropy(out.logits[0, keep].double(), targets_N, reduction="sum").item()
+            unigram_nll -= unigram_V[targets_N].sum().item()
+            n_scored += len(targets_N)
+            for layer, logits_TE in enumerate(out.router_logits):
+                topk_ids_NK = logits_TE[keep].topk(top_k, dim=-1).indices
+                counts_LE[layer] += torch.bincount(topk_ids_NK.flatten(), minlength=num_experts).double()
 
     n_bytes = sum(len(t.encode("utf-8")) for t in heldout_texts)
     samples = []
@@ -181,3 +189,22 @@ def evaluate(model_dir: Path, *, threads: int = 2, context: int | None = None, s
         expert_load=(counts_LE / counts_LE.sum(dim=1, keepdim=True)).tolist(),
         samples=samples,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m recipes.default_model.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[2] / "moeflow" / "default_model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument("--write-card", action="store_true", help="rewrite metrics.json, README.md and the plot")
+    args = parser.parse_args(argv)
+    report = evaluate(args.model, threads=args.threads)
+    if args.write_card:
+        from recipes.default_model.card import rewrite_card
+
+        rewrite_card(args.model, report)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+
+
+if __name__ == "__main__":
+    main()

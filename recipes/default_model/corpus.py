@@ -5,19 +5,21 @@ them permits use and redistribution of derivative works. The corpus is the stdli
 minus the trees that are test fixtures or generated data rather than library code (see ``EXCLUDED``).
 
 The held-out split is made of whole files chosen by a hash of their relative path, so it is the same
-on every machine and never depends on file order or on the training run. Other issues (predictor,
-profiling, serving) measure on ``corpus_files("heldout")``.
+on every machine and never depends on file order or on the training run. The recipe writes both
+splits into the model folder (``write_split_lists``); the runtime reads them from there with
+``moeflow.model.corpus.model_corpus``, never from this module.
 
-    from moeflow.training.corpus import corpus_files, read_text
+    from recipes.default_model.corpus import corpus_files, read_text
     texts = [read_text(p) for p in corpus_files("heldout")]
 """
 
 from __future__ import annotations
 
 import hashlib
-import sysconfig
 from pathlib import Path
 from typing import Literal
+
+from moeflow.model.corpus import SPLITS, corpus_root, split_list_path
 
 Split = Literal["train", "heldout", "all"]
 
@@ -36,11 +38,6 @@ EXCLUDED: dict[str, str] = {
 EXCLUDED_PREFIXES: tuple[str, ...] = ("_sysconfigdata", "config-")
 
 HELDOUT_PERCENT = 8
-
-
-def stdlib_root() -> Path:
-    """The directory holding the running interpreter's standard library sources."""
-    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def _included(rel: Path) -> bool:
@@ -62,7 +59,7 @@ def corpus_files(split: Split = "train", root: Path | None = None) -> list[Path]
     """
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', not {split!r}")
-    root = stdlib_root() if root is None else root
+    root = corpus_root() if root is None else root
     rels = sorted(p.relative_to(root) for p in root.rglob("*.py") if _included(p.relative_to(root)))
     if split != "all":
         want_heldout = split == "heldout"
@@ -72,7 +69,7 @@ def corpus_files(split: Split = "train", root: Path | None = None) -> list[Path]
 
 def relative_name(path: Path, root: Path | None = None) -> str:
     """The POSIX path of a corpus file relative to the stdlib root (how split lists name files)."""
-    return path.relative_to(stdlib_root() if root is None else root).as_posix()
+    return path.relative_to(corpus_root() if root is None else root).as_posix()
 
 
 def read_text(path: Path) -> str:
@@ -82,9 +79,19 @@ def read_text(path: Path) -> str:
 
 def corpus_fingerprint(split: Split = "all", root: Path | None = None) -> str:
     """SHA-256 over the relative paths and bytes of a split: equal fingerprints mean equal corpora."""
-    root = stdlib_root() if root is None else root
+    root = corpus_root() if root is None else root
     h = hashlib.sha256()
     for path in corpus_files(split, root):
         h.update(relative_name(path, root).encode("utf-8") + b"\0")
         h.update(path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def write_split_lists(model_dir: Path, root: Path | None = None) -> dict[str, int]:
+    """Write ``train_files.txt`` and ``heldout_files.txt`` into a model folder; returns the file count per split."""
+    counts = {}
+    for split in SPLITS:
+        names = [relative_name(p, root) for p in corpus_files(split, root)]
+        split_list_path(model_dir, split).write_text("".join(name + "\n" for name in names))
+        counts[split] = len(names)
+    return counts

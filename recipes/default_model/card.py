@@ -1,7 +1,7 @@
 """The default model's card: ``metrics.json``, ``README.md``, ``loss_curve.png`` and ``train_log.csv``.
 
 Every number in the README is read from ``metrics.json``, whose ``training`` part the ``train``
-command records and whose ``eval`` part ``python -m moeflow.training.default_model eval`` recomputes.
+command records and whose ``eval`` part ``python -m recipes.default_model.eval`` recomputes.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import csv
 import json
 from pathlib import Path
 
-from moeflow.training.corpus import EXCLUDED, EXCLUDED_PREFIXES, HELDOUT_PERCENT
-from moeflow.training.default_model_eval import SAMPLE_TOKENS, EvalReport
+from recipes.default_model.corpus import EXCLUDED, EXCLUDED_PREFIXES, HELDOUT_PERCENT
+from recipes.default_model.eval import SAMPLE_TOKENS, EvalReport
 
 LOG_FIELDS = ("step", "tokens", "seconds", "lr", "loss", "aux", "grad_norm", "heldout_loss")
 
@@ -145,8 +145,8 @@ and covered by the PSF License Agreement, which permits use and redistribution o
 {excluded}
 - top-level {prefixes}: generated at build time, different on every build
 
-Split (`training/corpus.py`): whole files; a file is held out when the first 8 bytes of the SHA-256 of
-its relative path, modulo 100, are below {HELDOUT_PERCENT}. Held out: {training["heldout_files"]} files
+Split (`recipes/default_model/corpus.py`): whole files; a file is held out when the first 8 bytes of
+the SHA-256 of its relative path, modulo 100, are below {HELDOUT_PERCENT}. Held out: {training["heldout_files"]} files
 (listed in `heldout_files.txt`), never trained on; trained on: {training["train_files"]} files,
 {training["train_tokens"]:,} tokens. Corpus fingerprint (SHA-256 over names and bytes of all files):
 `{training["corpus_fingerprint"]}`. Each file is one document, `<s>` + text + `</s>`, packed into one stream.
@@ -184,7 +184,7 @@ The per-step log is `train_log.csv`; the held-out probe is {cfg["eval_windows"]}
 ## Evaluation on held-out files
 
 ```
-python -m moeflow.training.default_model eval --model moeflow/default_model --json
+python -m recipes.default_model.eval --model moeflow/default_model --json
 ```
 
 {report.heldout_files} held-out files, {report.heldout_bytes:,} bytes, {report.heldout_tokens:,} scored tokens
@@ -219,6 +219,8 @@ All experts, share in %:
 ## Files
 
 `config.json`, `generation_config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`:
-the Hugging Face model. `heldout_files.txt`: the held-out split. `metrics.json`: every number above.
-`train_log.csv`, `loss_curve.png`: the training run. The recipe is `training/default_model.py`.
+the Hugging Face model. `train_files.txt`, `heldout_files.txt`: the two splits (paths relative to the
+standard library; `moeflow profile`, `trace` and `predictor train` read them). `metrics.json`: every number
+above. `train_log.csv`, `loss_curve.png`: the training run. The recipe is `recipes/default_model/` (run
+from the repository root).
 """
