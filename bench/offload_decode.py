@@ -128,11 +128,11 @@ def run_child(c: Contender, ckpt: Path, shape: Shape, prompt: list[int], tokens:
         load_s = time.perf_counter() - t0
         at_first_decode: list = []
 
-        def snapshot_after_prefill(plan, _ids, _weights) -> None:
-            if plan.num_tokens == 1 and not at_first_decode:
+        def snapshot_after_prefill(event) -> None:  # the first routing of a one-token step: decode began
+            if event.plan.num_tokens == 1 and not at_first_decode:
                 at_first_decode.append(engine.stats())
 
-        engine.runtime.observers.append(snapshot_after_prefill)
+        engine.runtime.routing.subscribe(snapshot_after_prefill)
         result = engine.generate(prompt, max_new_tokens=tokens)
         ids, prefill_s, decode_s = result.token_ids, result.prefill_s, result.elapsed_s - result.prefill_s
         stats, before = engine.stats(), at_first_decode[0]

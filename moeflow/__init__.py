@@ -40,7 +40,7 @@ _EXPORTS = {
     "Engine": "moeflow.engine",
     "EngineConfig": "moeflow.config",
     "GenerationResult": "moeflow.engine",
-    "load": "moeflow.engine",
+    "load": "moeflow.build",
     "BudgetError": "moeflow.errors",
     "CheckpointError": "moeflow.errors",
     "MoeflowError": "moeflow.errors",
@@ -83,7 +83,9 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from moeflow.config import SamplingParams
-    from moeflow.engine import DEFAULT_MODEL, Engine, EngineConfig, GenerationResult, load
+    from moeflow.build import load
+    from moeflow.config import EngineConfig
+    from moeflow.engine import DEFAULT_MODEL, Engine, GenerationResult
     from moeflow.errors import BudgetError, CheckpointError, MoeflowError, RequestError, UnsupportedArchitectureError
     from moeflow.offload.plans import PrefetchPlan, RoutingPlan
     from moeflow.offload.stats import CacheStats, LayerStats

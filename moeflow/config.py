@@ -92,3 +92,39 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """`moeflow profile`: which policies and budgets to replay over which trace (`moeflow.tools.profile`)."""
+
+    budgets: str = field(default="12.5%,25%,50%", metadata={"help": "expert budgets, comma-separated: 12.5%,512MiB"})
+    policies: str = field(
+        default="lru,lfu,predictive,belady",
+        metadata={"help": f"comma-separated, from: {', '.join(choices(ReplayPolicy))}"},
+    )
+    predictor: str = field(
+        default="gate", metadata={"help": "predictive: routing predictor(s), comma-separated (gate, path, ...)"}
+    )
+    lookahead: int = field(
+        default=DEFAULT_LOOKAHEAD, metadata={"help": "predictive: predictions made this many MoE layers ahead"}
+    )
+    prefetch_width: int = field(
+        default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
+    )
+    max_tokens: int = field(default=20_000, metadata={"help": "trace at most this many tokens of --data"})
+    context: int = field(default=256, metadata={"help": "tokens per traced sequence (chunk length)"})
+    disk_bandwidth: float = field(
+        default=0.0, metadata={"help": "GB/s of this machine's disk for the stall estimate (0: measure it)"}
+    )
+    live: bool = field(
+        default=False, metadata={"help": "also run the real engine token by token per policy and budget (slow)"}
+    )
+    live_store: Store = field(default="disk", metadata={"help": "--live: backing tier"})
+
+    def __post_init__(self) -> None:
+        check_choice(self.live_store, Store, "--live-store")
+        if self.max_tokens < 1 or self.context < 1:
+            raise MoeflowError("--max-tokens and --context must be at least 1")
+        if self.lookahead < 1 or self.prefetch_width < 0 or self.disk_bandwidth < 0:
+            raise MoeflowError("--lookahead must be >= 1, --prefetch-width and --disk-bandwidth >= 0")

@@ -1,24 +1,22 @@
 """Continuous batching: waiting sequences join the running batch at step boundaries.
 
 The admission policy decides which waiting sequences are prefilled and which active ones decode
-each step. FIFO decodes everyone it admitted; the token re-batcher (`predictor.rebatch`) keeps a
-larger pool and each step decodes the sequences whose predicted experts overlap most.
+each step. FIFO decodes everyone it admitted; the token re-batcher (`moeflow.predictor.rebatch`)
+keeps a larger pool and each step decodes the sequences whose predicted experts overlap most.
+`run_batch` drives a scheduler over a list of prompts (`moeflow generate --prompts`).
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-from moeflow.engine.batch import DecodeBatch, Sequence
-from moeflow.errors import MoeflowError
-from moeflow.offload.plans import RoutingPlan
-
-if TYPE_CHECKING:
-    from moeflow.engine import Engine
+from moeflow.engine.batch import DecodeBatch, SequenceState
+from moeflow.engine.engine import Engine, GenerationResult
 
 
 class AdmissionPolicy(ABC):
@@ -33,13 +31,13 @@ class AdmissionPolicy(ABC):
     name: str
 
     @abstractmethod
-    def choose(self, waiting: list[Sequence], active: list[Sequence], free: int) -> list[Sequence]:
+    def choose(self, waiting: list[SequenceState], active: list[SequenceState], free: int) -> list[SequenceState]:
         """Pick at most `free` of `waiting` (oldest first) to prefill into the active pool."""
 
     def pool_size(self, max_batch_size: int) -> int:
         return max_batch_size
 
-    def select(self, active: list[Sequence], max_batch_size: int) -> list[Sequence]:
+    def select(self, active: list[SequenceState], max_batch_size: int) -> list[SequenceState]:
         """The active sequences (at most `max_batch_size`) that decode this step."""
         return active[:max_batch_size]
 
@@ -47,22 +45,8 @@ class AdmissionPolicy(ABC):
 class FifoAdmission(AdmissionPolicy):
     name = "fifo"
 
-    def choose(self, waiting: list[Sequence], active: list[Sequence], free: int) -> list[Sequence]:
+    def choose(self, waiting: list[SequenceState], active: list[SequenceState], free: int) -> list[SequenceState]:
         return waiting[:free]
-
-
-ADMISSIONS = ("fifo", "rebatch")
-
-
-def make_admission(name: str, engine: Engine) -> AdmissionPolicy:
-    """The admission policy called `name`: "fifo", or "rebatch" (the token re-batcher, `predictor.rebatch`)."""
-    if name == "fifo":
-        return FifoAdmission()
-    if name == "rebatch":
-        from moeflow.predictor.rebatch import RebatchAdmission
-
-        return RebatchAdmission.for_engine(engine)
-    raise MoeflowError(f"unknown admission policy {name!r}; choose one of: {', '.join(ADMISSIONS)}")
 
 
 class Scheduler:
@@ -83,17 +67,16 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.admission = admission
         self.on_step = on_step
-        self.waiting: list[Sequence] = []
-        self.active: list[Sequence] = []  # prefilled and unfinished; `batch.members` is this step's subset
+        self.waiting: list[SequenceState] = []
+        self.active: list[SequenceState] = []  # prefilled and unfinished; `batch.members` is this step's subset
         self.steps = 0
         self.batch_sizes: list[int] = []
         self.distinct_experts: list[float] = []  # per decode step: distinct experts, mean over MoE layers
-        self._step_plans: list[RoutingPlan] = []
 
-    def submit(self, seq: Sequence) -> None:
+    def submit(self, seq: SequenceState) -> None:
         self.waiting.append(seq)
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: SequenceState) -> None:
         """Stop `seq` now and free its place (no-op if it already finished)."""
         if seq.done:
             return
@@ -111,9 +94,9 @@ class Scheduler:
         return not self.waiting and not self.active
 
     @torch.inference_mode()
-    def step(self) -> list[Sequence]:
+    def step(self) -> list[SequenceState]:
         """Admit, decode one token for this step's sequences, retire finished ones; returns those finished."""
-        finished: list[Sequence] = []
+        finished: list[SequenceState] = []
         free = self.admission.pool_size(self.max_batch_size) - len(self.active)
         if free > 0 and self.waiting:
             for seq in self.admission.choose(list(self.waiting), list(self.active), free):
@@ -131,16 +114,10 @@ class Scheduler:
                 self.batch.add(seq)
         if self.batch.members:
             self.batch_sizes.append(len(self.batch.members))
-            self._step_plans.clear()
-            observers = self.engine.runtime.observers
-            observers.append(self._observe)
-            try:
-                self.batch.step()
-            finally:
-                observers.remove(self._observe)
-            if self._step_plans:
+            result = self.batch.step()
+            if result is not None and result.routing:
                 self.distinct_experts.append(
-                    sum(len(p.expert_ids) for p in self._step_plans) / len(self._step_plans)
+                    sum(len(e.plan.expert_ids) for e in result.routing) / len(result.routing)
                 )
             self.steps += 1
             if self.on_step is not None:
@@ -151,9 +128,39 @@ class Scheduler:
             self.active = [s for s in self.active if not s.done]
         return finished
 
-    def _observe(self, plan: RoutingPlan, top_k_index_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        self._step_plans.append(plan)
-
     def run_until_idle(self) -> None:
         while not self.idle:
             self.step()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchRun:
+    results: list[GenerationResult]  # in prompt order
+    elapsed_s: float
+    batch_sizes: list[int]  # sequences decoded in each step
+    distinct_experts: list[float]  # each decode step's distinct experts, mean over MoE layers
+
+
+@torch.inference_mode()
+def run_batch(
+    engine: Engine,
+    prompts: list[str | list[int]],
+    *,
+    batch_size: int = 8,
+    admission: AdmissionPolicy | None = None,
+    **sampling: object,
+) -> BatchRun:
+    """Continuous batching over `prompts` (results in input order), at most `batch_size` decoding at a time;
+    also reports the run's wall time, batch sizes and distinct experts per step."""
+    seqs = [engine.new_sequence(p, **sampling) for p in prompts]
+    scheduler = Scheduler(engine, max_batch_size=batch_size, admission=admission or FifoAdmission())
+    t0 = time.perf_counter()
+    for seq in seqs:
+        scheduler.submit(seq)
+    scheduler.run_until_idle()
+    return BatchRun(
+        results=[engine.result(s) for s in seqs],
+        elapsed_s=time.perf_counter() - t0,
+        batch_sizes=scheduler.batch_sizes,
+        distinct_experts=scheduler.distinct_experts,
+    )

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
 
 Scores = dict[int, torch.Tensor]  # target layer position -> scores [T, E]
@@ -57,7 +58,7 @@ class RoutePredictor(ABC):
     name: ClassVar[str]
     trainable: ClassVar[bool] = False
 
-    def __init__(self, shape: RoutingShape, *, lookahead: int = 1) -> None:
+    def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         self.shape = shape
         self.lookahead = lookahead
 

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
+from moeflow.model.anatomy import moe_layer_parts
 
 from .base import RoutePredictor, RoutingShape, Scores
 
@@ -75,7 +77,7 @@ class PathPredictor(RoutePredictor):
     dim = 64
     hidden = 512
 
-    def __init__(self, shape: RoutingShape, *, lookahead: int = 1) -> None:
+    def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
         self.net = _PathNet(shape.vocab_size, self.window, self.dim, self.hidden, self.num_layers, shape.num_experts)
         self.net.eval()
@@ -138,31 +140,23 @@ class GateLookahead(RoutePredictor):
 
     name = "gate"
 
-    def __init__(self, shape: RoutingShape, *, lookahead: int = 1) -> None:
+    def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
         self.norms: list[nn.Module] = []
-        self.router_weights: list[torch.Tensor] = []  # [E, H] per layer position
+        self.router_weights: list[torch.Tensor] = []  # [E, D] per layer position
         self.router_bias: list[torch.Tensor | None] = []  # DeepSeek-V3 selection bias
 
     @classmethod
-    def from_model(cls, model: nn.Module, shape: RoutingShape, *, lookahead: int = 1) -> GateLookahead:
+    def from_model(cls, model: nn.Module, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> GateLookahead:
         self = cls(shape, lookahead=lookahead)
-        decoder_layers = model.model.layers
         for layer in shape.layers:
-            block = decoder_layers[layer]
-            gate = getattr(block.mlp, "gate", None)
-            norm = getattr(block, "post_attention_layernorm", None)
-            if gate is None or norm is None or not hasattr(gate, "weight"):
-                raise MoeflowError(
-                    f"gate lookahead needs layer {layer}'s router (mlp.gate) and post_attention_layernorm; "
-                    f"{type(block).__name__} has no such pair — use the 'path' predictor"
-                )
-            self.norms.append(norm)
-            self.router_weights.append(gate.weight)
-            bias = getattr(gate, "e_score_correction_bias", None)
-            if bias is None:
-                bias = getattr(block.mlp, "e_score_correction_bias", None)
-            self.router_bias.append(bias)
+            try:
+                parts = moe_layer_parts(model, layer)
+            except MoeflowError as e:
+                raise MoeflowError(f"gate lookahead needs each MoE layer's router and norm; {e} — use 'path'") from None
+            self.norms.append(parts.norm)
+            self.router_weights.append(parts.router_weight_ED)
+            self.router_bias.append(parts.router_bias_E)
         return self
 
     @torch.inference_mode()
@@ -189,7 +183,7 @@ class FrequencyPredictor(RoutePredictor):
     name = "frequency"
     trainable = True
 
-    def __init__(self, shape: RoutingShape, *, lookahead: int = 1) -> None:
+    def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
         self.counts_LE = torch.zeros(self.num_layers, shape.num_experts)
 
@@ -213,7 +207,7 @@ class TokenFrequencyPredictor(FrequencyPredictor):
 
     name = "token_freq"
 
-    def __init__(self, shape: RoutingShape, *, lookahead: int = 1) -> None:
+    def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
         self.table_VLE = torch.zeros(shape.vocab_size, self.num_layers, shape.num_experts)
 
@@ -246,7 +240,7 @@ class TransitionPredictor(FrequencyPredictor):
 
     name = "transition"
 
-    def __init__(self, shape: RoutingShape, *, lookahead: int = 1) -> None:
+    def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
         E = shape.num_experts
         self.trans_PEE = torch.zeros(max(self.num_layers - lookahead, 0), E, E)
@@ -288,7 +282,7 @@ class SklearnPredictor(RoutePredictor):
     window = 2
     max_train = 120_000
 
-    def __init__(self, shape: RoutingShape, *, lookahead: int = 1) -> None:
+    def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
         self.models: list[object] = []
 

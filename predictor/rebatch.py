@@ -16,15 +16,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from moeflow.engine.batch import Sequence
+from moeflow.engine import Engine
+from moeflow.engine.batch import SequenceState
 from moeflow.errors import MoeflowError
 from moeflow.scheduler import AdmissionPolicy
 
+from .apply import available_predictors, build_predictor
 from .base import RoutePredictor
-from .runtime import available_predictors, build_predictor
 
-# Predicted experts of each sequence's next token: bool [S, L, E].
-RoutePredict = Callable[[list[Sequence]], np.ndarray]
+# Predicted experts of each sequence's next token: bool [B, L, E].
+RoutePredict = Callable[[list[SequenceState]], np.ndarray]
 
 CONTEXT_PREDICTORS = ("path", "token_freq", "sklearn")  # preference order
 
@@ -32,11 +33,11 @@ CONTEXT_PREDICTORS = ("path", "token_freq", "sklearn")  # preference order
 def predicted_sets(predictor: RoutePredictor, top_k: int) -> RoutePredict:
     """Each sequence's next-token experts (top-k per layer) from a context predictor."""
 
-    def predict(seqs: list[Sequence]) -> np.ndarray:
+    def predict(seqs: list[SequenceState]) -> np.ndarray:
         scores = predictor.on_step([s.prompt_ids + s.generated for s in seqs], 1)
         out = np.zeros((len(seqs), predictor.num_layers, predictor.shape.num_experts), dtype=bool)
-        for pos, scores_SE in scores.items():
-            best = torch.topk(scores_SE.float(), top_k, dim=-1).indices.numpy()
+        for pos, scores_BE in scores.items():
+            best = torch.topk(scores_BE.float(), top_k, dim=-1).indices.numpy()
             np.put_along_axis(out[:, pos], best, True, axis=1)
         return out
 
@@ -55,7 +56,7 @@ class RebatchAdmission(AdmissionPolicy):
         self._skips: dict[int, int] = {}  # seq_id -> consecutive steps left out
 
     @classmethod
-    def for_engine(cls, engine: object, **options: int) -> RebatchAdmission:
+    def for_engine(cls, engine: Engine, **options: int) -> RebatchAdmission:
         have = available_predictors(engine.checkpoint.path)
         name = next((n for n in CONTEXT_PREDICTORS if n in have), None)
         if name is None:
@@ -65,13 +66,13 @@ class RebatchAdmission(AdmissionPolicy):
             )
         return cls(predicted_sets(build_predictor(engine, name), engine.top_k), **options)
 
-    def choose(self, waiting: list[Sequence], active: list[Sequence], free: int) -> list[Sequence]:
+    def choose(self, waiting: list[SequenceState], active: list[SequenceState], free: int) -> list[SequenceState]:
         return waiting[:free]
 
     def pool_size(self, max_batch_size: int) -> int:
         return self.pool_factor * max_batch_size
 
-    def select(self, active: list[Sequence], max_batch_size: int) -> list[Sequence]:
+    def select(self, active: list[SequenceState], max_batch_size: int) -> list[SequenceState]:
         live = {s.seq_id for s in active}
         self._skips = {k: v for k, v in self._skips.items() if k in live}
         if len(active) <= max_batch_size:
@@ -83,18 +84,18 @@ class RebatchAdmission(AdmissionPolicy):
             self._skips[s.seq_id] = 0 if s.seq_id in picked else self._skips.get(s.seq_id, 0) + 1
         return [s for s in active if s.seq_id in picked]
 
-    def _group(self, active: list[Sequence], size: int) -> list[Sequence]:
-        sets_SLE = self.predict(active)
+    def _group(self, active: list[SequenceState], size: int) -> list[SequenceState]:
+        sets_BLE = self.predict(active)
         skips = np.array([self._skips.get(s.seq_id, 0) for s in active])
         order = sorted(range(len(active)), key=lambda i: -skips[i])  # longest waiting first; stable = oldest
         chosen = [i for i in order if skips[i] >= self.max_skips][:size]
         if not chosen:
             chosen = [order[0]]
-        union_LE = sets_SLE[chosen].any(axis=0)
+        union_LE = sets_BLE[chosen].any(axis=0)
         left = [i for i in order if i not in chosen]
         while len(chosen) < size:
-            new_S = (sets_SLE[left] & ~union_LE).sum(axis=(1, 2))
-            j = left.pop(int(np.argmin(new_S)))  # argmin takes the first: ties go to the longest waiting
+            new_B = (sets_BLE[left] & ~union_LE).sum(axis=(1, 2))
+            j = left.pop(int(np.argmin(new_B)))  # argmin takes the first: ties go to the longest waiting
             chosen.append(j)
-            union_LE |= sets_SLE[j]
+            union_LE |= sets_BLE[j]
         return [active[i] for i in chosen]

@@ -5,27 +5,27 @@ own KV cache. A `DecodeBatch` runs one token for all its members in one forward:
 left-padded to a common length and the pads masked, with explicit position ids, so every
 sequence's tokens equal its solo greedy generation. Members can join and leave between steps
 (continuous batching); the padded cache is rebuilt only when membership changes.
-Legend: B sequences, L cached positions, V vocabulary.
+Every forward goes through the engine's `StepDriver`. Shapes: the legend in `moeflow`.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from moeflow.config import SamplingParams
+from moeflow.engine.driver import ForwardResult, StepDriver
 from moeflow.engine.sampling import sample_next
 
 _ids = itertools.count()
 
 
 @dataclass(eq=False)
-class Sequence:
+class SequenceState:
     """One request's state across prefill and decode steps."""
 
     prompt_ids: list[int]
@@ -51,48 +51,39 @@ class Sequence:
 class DecodeBatch:
     """The sequences decoding together, and their padded KV cache."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        device: torch.device,
-        eos_token_ids: set[int],
-        *,
-        before_forward: Callable[[list[list[int]], int], None] | None = None,
-    ) -> None:
-        self.model = model
-        self.before_forward = before_forward  # (token histories, new tokens per history), e.g. routing prediction
-        self.device = device
+    def __init__(self, driver: StepDriver, eos_token_ids: set[int]) -> None:
+        self.driver = driver
+        self.device = driver.device
         self.eos_token_ids = eos_token_ids
-        self.members: list[Sequence] = []
+        self.members: list[SequenceState] = []
         self._cache: DynamicCache | None = None
         self._pads: list[int] = []  # left padding of each member in the padded cache
-        self._mask_BL: torch.Tensor | None = None
+        self._mask_BQ: torch.Tensor | None = None
 
     # ---- membership -----------------------------------------------------------------------------
 
-    def prefill(self, seq: Sequence) -> None:
+    def prefill(self, seq: SequenceState) -> None:
         """Run `seq`'s prompt alone, sample its first token, keep its cache; it is not a member yet."""
         if seq.params.temperature > 0:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else 0)
-        cache = DynamicCache(config=self.model.config)
-        if self.before_forward is not None:
-            self.before_forward([seq.prompt_ids], len(seq.prompt_ids))
-        logits_1V = self._forward(torch.tensor([seq.prompt_ids], device=self.device), cache)
+        cache = DynamicCache(config=self.driver.model.config)
+        ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
+        result = self.driver.forward(ids_1T, histories=[seq.prompt_ids], n_new=len(seq.prompt_ids), kv=cache)
         seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
         seq.t_first_token = time.perf_counter()
-        self._accept(seq, sample_next(logits_1V[0], seq.params, seq.generator))
+        self._accept(seq, sample_next(result.logits_BV[0], seq.params, seq.generator))
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         assert seq.kv is not None and not seq.done
         self._unpad()
         self.members.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: SequenceState) -> None:
         self._unpad()
         self.members.remove(seq)
 
-    def evict_finished(self) -> list[Sequence]:
+    def evict_finished(self) -> list[SequenceState]:
         finished = [s for s in self.members if s.done]
         if finished:
             self._unpad()
@@ -103,27 +94,29 @@ class DecodeBatch:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def step(self) -> None:
-        """One new token for every member."""
+    def step(self) -> ForwardResult | None:
+        """One new token for every member; the forward's result (its routing), None without members."""
         if not self.members:
-            return
+            return None
         if self._cache is None:
             self._pad()
         B = len(self.members)
         last_B1 = torch.tensor([[s.generated[-1]] for s in self.members], device=self.device)
         positions_B1 = torch.tensor([[s.length - 1] for s in self.members], device=self.device)
-        self._mask_BL = torch.cat([self._mask_BL, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
-        if self.before_forward is not None:
-            self.before_forward([s.prompt_ids + s.generated for s in self.members], 1)
-        logits_BV = self._forward(last_B1, self._cache, attention_mask=self._mask_BL, position_ids=positions_B1)
+        self._mask_BQ = torch.cat([self._mask_BQ, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
+        result = self.driver.forward(
+            last_B1,
+            histories=[s.prompt_ids + s.generated for s in self.members],
+            n_new=1,
+            kv=self._cache,
+            attention_mask_BQ=self._mask_BQ,
+            position_ids_BT=positions_B1,
+        )
         for b, seq in enumerate(self.members):
-            self._accept(seq, sample_next(logits_BV[b], seq.params, seq.generator))
+            self._accept(seq, sample_next(result.logits_BV[b], seq.params, seq.generator))
+        return result
 
-    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache, **kw: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
-        return out.logits[:, -1, :].float()
-
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _accept(self, seq: SequenceState, token: int) -> None:
         seq.generated.append(token)
         if token in self.eos_token_ids:
             seq.finish_reason = "stop"
@@ -144,8 +137,8 @@ class DecodeBatch:
             keys = [_left_pad(s.kv[i][0], p) for s, p in zip(self.members, self._pads)]
             values = [_left_pad(s.kv[i][1], p) for s, p in zip(self.members, self._pads)]
             layers.append((torch.cat(keys), torch.cat(values)))
-        self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        self._mask_BL = torch.tensor([[0] * p + [1] * n for p, n in zip(self._pads, lengths)], device=self.device)
+        self._cache = DynamicCache(ddp_cache_data=layers, config=self.driver.model.config)
+        self._mask_BQ = torch.tensor([[0] * p + [1] * n for p, n in zip(self._pads, lengths)], device=self.device)
         for s in self.members:
             s.kv = None  # the batched cache is the only copy while it exists
 
@@ -158,11 +151,11 @@ class DecodeBatch:
                 (layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:]) for layer in self._cache.layers
             ]
         self._cache = None
-        self._mask_BL = None
+        self._mask_BQ = None
 
 
-def _left_pad(t_1hLd: torch.Tensor, pad: int) -> torch.Tensor:
+def _left_pad(t_1hQd: torch.Tensor, pad: int) -> torch.Tensor:
     if pad == 0:
-        return t_1hLd
-    zeros = t_1hLd.new_zeros(*t_1hLd.shape[:-2], pad, t_1hLd.shape[-1])
-    return torch.cat([zeros, t_1hLd], dim=-2)
+        return t_1hQd
+    zeros = t_1hQd.new_zeros(*t_1hQd.shape[:-2], pad, t_1hQd.shape[-1])
+    return torch.cat([zeros, t_1hQd], dim=-2)

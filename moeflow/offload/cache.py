@@ -9,6 +9,7 @@ hard ceiling by construction; `resident_peak` records the most slots ever in use
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,13 +19,41 @@ from dataclasses import dataclass
 import torch
 
 from moeflow.offload.plans import ExpertKey
-from moeflow.offload.policy import EvictionPolicy
+from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
 from moeflow.offload.stats import CacheStats, LayerStats
 from moeflow.offload.store import ExpertStore
 
-# A slot is FREE, QUEUED (reserved by a prefetch whose read has not started: the compute thread may
-# take the read over, and a correction may cancel it), LOADING (a read in progress) or READY.
-_FREE, _QUEUED, _LOADING, _READY = 0, 1, 2, 3
+
+class SlotState(enum.Enum):
+    FREE = "free"  # holds nothing; its index is on the free list
+    QUEUED = "queued"  # reserved by a prefetch whose read has not started (the compute thread may take the
+    #                    read over; a correction may cancel it)
+    LOADING = "loading"  # a read is writing the slot now
+    READY = "ready"  # holds its expert
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One slot's bookkeeping. Invariants (held under the cache's lock):
+
+    - `key is None` exactly when `state is FREE`, and then `pins == 0`, `unused_prefetch` is False,
+      `ready_event is None`, and the slot's index is on the free list;
+    - a key maps to at most one slot (`ExpertCache._slot_of[key]` is this slot's index);
+    - only a READY or QUEUED slot with `pins == 0` may be evicted;
+    - `unused_prefetch` is True from a prefetch's reservation until the expert's first use.
+    """
+
+    key: ExpertKey | None = None
+    state: SlotState = SlotState.FREE
+    pins: int = 0  # layers running on this expert now
+    unused_prefetch: bool = False
+    ready_event: object | None = None  # CUDA event of an asynchronous fill, else None
+
+    def assign(self, key: ExpertKey, pins: int) -> None:
+        self.key, self.state, self.pins, self.ready_event = key, SlotState.LOADING, pins, None
+
+    def clear(self) -> None:
+        self.key, self.state, self.pins, self.unused_prefetch, self.ready_event = None, SlotState.FREE, 0, False, None
 
 
 class SlotPool:
@@ -52,7 +81,11 @@ class _LayerCounters:
 
 
 class ExpertCache:
-    """Maps experts to slots. Thread-safe: the compute thread acquires, the transfer thread fills."""
+    """Maps experts to slots. Thread-safe: the compute thread acquires, the transfer thread fills.
+
+    Every change to slots or to the eviction policy happens under one lock (`_cv`), including the
+    prefetcher's protect/release/demote, so a policy is only ever called by one thread at a time.
+    """
 
     def __init__(
         self,
@@ -68,12 +101,8 @@ class ExpertCache:
         self.policy = policy
         self.budget_bytes = budget_bytes
         n = pool.capacity
+        self._slots = [_Slot() for _ in range(n)]
         self._slot_of: dict[ExpertKey, int] = {}
-        self._key_of: list[ExpertKey | None] = [None] * n
-        self._state = [_FREE] * n
-        self._pins = [0] * n
-        self._unused_prefetch = [False] * n  # loaded by a prefetch and not yet used
-        self._ready_event: list[object | None] = [None] * n  # CUDA event of an async fill, else None
         self._free = list(range(n - 1, -1, -1))
         self._cv = threading.Condition()
         self._counters = {layer: _LayerCounters() for layer in layers}
@@ -100,19 +129,20 @@ class ExpertCache:
                 s = self._slot_of.get(key)
                 if s is None:
                     continue
-                self._pins[s] += 1
+                slot = self._slots[s]
+                slot.pins += 1
                 self.policy.on_access(key)
                 slot_of[e] = s
-                if self._state[s] == _QUEUED:  # take the queued read over: a demand miss
-                    self._state[s] = _LOADING
-                    self._unused_prefetch[s] = False
+                if slot.state is SlotState.QUEUED:  # take the queued read over: a demand miss
+                    slot.state = SlotState.LOADING
+                    slot.unused_prefetch = False
                     counters.misses += 1
                     to_read.append((key, s))
                     continue
                 counters.hits += 1
-                if self._unused_prefetch[s]:
+                if slot.unused_prefetch:
                     counters.prefetch_hits += 1
-                    self._unused_prefetch[s] = False
+                    slot.unused_prefetch = False
             for e in experts:
                 if e in slot_of:
                     continue
@@ -128,28 +158,45 @@ class ExpertCache:
                 nbytes = self.store.read_into(key, self.pool.gate_up_S2ID[s], self.pool.down_SDI[s])
                 with self._cv:
                     counters.bytes_read += nbytes
-                    self._state[s] = _READY
+                    self._slots[s].state = SlotState.READY
                     self._cv.notify_all()
             with self._cv:
                 # Wait for experts a prefetch is still bringing in.
-                self._cv.wait_for(lambda: all(self._state[s] == _READY for s in slot_of.values()))
-                events = [self._ready_event[s] for s in slot_of.values() if self._ready_event[s] is not None]
+                self._cv.wait_for(lambda: all(self._slots[s].state is SlotState.READY for s in slot_of.values()))
+                events = [self._slots[s].ready_event for s in slot_of.values()]
             for event in events:
-                torch.cuda.current_stream().wait_event(event)  # compute waits for the copy stream, no host sync
+                if event is not None:
+                    torch.cuda.current_stream().wait_event(event)  # compute waits for the copy stream, no host sync
             counters.stall_s += time.perf_counter() - t0
             yield slot_of
         finally:
             with self._cv:
                 for s in slot_of.values():
-                    self._pins[s] -= 1
+                    self._slots[s].pins -= 1
                 for _, s in to_read:
-                    if self._state[s] != _READY:  # the demand read failed: the slot holds garbage
+                    if self._slots[s].state is not SlotState.READY:  # the demand read failed: the slot holds garbage
                         self._evict_locked(s, count_waste=False)
                 self._cv.notify_all()
 
-    def is_resident(self, key: ExpertKey) -> bool:
+    # ---- prefetcher: eviction preferences of a predictive policy ---------------------------------
+
+    def protect(self, keys: Iterable[ExpertKey]) -> None:
+        """Predicted experts: evict them only when nothing else can go (`PredictivePolicy`)."""
         with self._cv:
-            return key in self._slot_of
+            self._predictive().protect(keys)
+
+    def release(self, keys: Iterable[ExpertKey]) -> None:
+        with self._cv:
+            self._predictive().release(keys)
+
+    def demote(self, keys: Iterable[ExpertKey]) -> None:
+        """Wrong predictions that are resident: make them the next victims."""
+        with self._cv:
+            self._predictive().demote(keys)
+
+    def _predictive(self) -> PredictivePolicy:
+        assert isinstance(self.policy, PredictivePolicy), "predictive prefetch needs the predictive policy"
+        return self.policy
 
     # ---- transfer thread ------------------------------------------------------------------------
 
@@ -162,17 +209,18 @@ class ExpertCache:
             if s is None:
                 return None
             self._assign_locked(key, s, pins=0)
-            self._state[s] = _QUEUED
-            self._unused_prefetch[s] = True
+            self._slots[s].state = SlotState.QUEUED
+            self._slots[s].unused_prefetch = True
             return s
 
-    def start_prefetch(self, key: ExpertKey, slot: int) -> bool:
-        """The transfer thread is about to read `key` into `slot`; False if that read is no longer wanted
+    def start_prefetch(self, key: ExpertKey, s: int) -> bool:
+        """The transfer thread is about to read `key` into slot `s`; False if that read is no longer wanted
         (the prefetch was cancelled, or the compute thread took the read over)."""
         with self._cv:
-            if self._key_of[slot] != key or self._state[slot] != _QUEUED:
+            slot = self._slots[s]
+            if slot.key != key or slot.state is not SlotState.QUEUED:
                 return False
-            self._state[slot] = _LOADING
+            slot.state = SlotState.LOADING
             return True
 
     def cancel_queued(self, keys: Iterable[ExpertKey]) -> int:
@@ -181,41 +229,42 @@ class ExpertCache:
         with self._cv:
             for key in keys:
                 s = self._slot_of.get(key)
-                if s is not None and self._state[s] == _QUEUED and self._pins[s] == 0:
+                if s is not None and self._slots[s].state is SlotState.QUEUED and self._slots[s].pins == 0:
                     self._evict_locked(s, count_waste=False)
                     dropped += 1
             if dropped:
                 self._cv.notify_all()
         return dropped
 
-    def complete_prefetch(self, key: ExpertKey, slot: int, nbytes: int, event: object | None = None) -> None:
+    def complete_prefetch(self, key: ExpertKey, s: int, nbytes: int, event: object | None = None) -> None:
         with self._cv:
             self._counters[key[0]].bytes_read += nbytes
-            self._ready_event[slot] = event
-            self._state[slot] = _READY
+            self._slots[s].ready_event = event
+            self._slots[s].state = SlotState.READY
             self._cv.notify_all()
 
-    def cancel_prefetch(self, key: ExpertKey, slot: int) -> None:
+    def cancel_prefetch(self, key: ExpertKey, s: int) -> None:
         """A reserved prefetch failed: give the slot back."""
         with self._cv:
-            self._evict_locked(slot, count_waste=False)
+            self._evict_locked(s, count_waste=False)
             self._cv.notify_all()
 
     # ---- slots ----------------------------------------------------------------------------------
+
+    def _evictable_locked(self, state: SlotState) -> list[ExpertKey]:
+        return [k for k, s in self._slot_of.items() if self._slots[s].pins == 0 and self._slots[s].state is state]
 
     def _take_slot_locked(self, *, wait: bool) -> int | None:
         while True:
             if self._free:
                 return self._free.pop()
-            candidates = [
-                k for k, s in self._slot_of.items() if self._pins[s] == 0 and self._state[s] == _READY
-            ]
+            candidates = self._evictable_locked(SlotState.READY)
             if not candidates and wait:
                 # A demand read is certain, a queued prefetch is a guess: drop one rather than wait for it.
-                candidates = [k for k, s in self._slot_of.items() if self._pins[s] == 0 and self._state[s] == _QUEUED]
+                candidates = self._evictable_locked(SlotState.QUEUED)
             if candidates:
                 s = self._slot_of[self.policy.victim(candidates)]
-                self._evict_locked(s, count_waste=self._state[s] == _READY)
+                self._evict_locked(s, count_waste=self._slots[s].state is SlotState.READY)
                 return self._free.pop()
             if not wait:
                 return None
@@ -224,24 +273,19 @@ class ExpertCache:
 
     def _assign_locked(self, key: ExpertKey, s: int, *, pins: int) -> None:
         self._slot_of[key] = s
-        self._key_of[s] = key
-        self._state[s] = _LOADING
-        self._pins[s] = pins
-        self._ready_event[s] = None
+        self._slots[s].assign(key, pins)
         self.policy.on_insert(key)
         self._resident_peak = max(self._resident_peak, len(self._slot_of))
 
     def _evict_locked(self, s: int, *, count_waste: bool) -> None:
-        key = self._key_of[s]
-        assert key is not None and self._pins[s] == 0
-        if count_waste and self._unused_prefetch[s]:
+        slot = self._slots[s]
+        key = slot.key
+        assert key is not None and slot.pins == 0
+        if count_waste and slot.unused_prefetch:
             self._counters[key[0]].wasted_prefetches += 1
         del self._slot_of[key]
         self.policy.on_evict(key)
-        self._key_of[s] = None
-        self._state[s] = _FREE
-        self._unused_prefetch[s] = False
-        self._ready_event[s] = None
+        slot.clear()
         self._free.append(s)
 
     # ---- observation ----------------------------------------------------------------------------

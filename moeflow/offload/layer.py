@@ -2,7 +2,7 @@
 
 transformers 5 dispatches every supported family's experts through `@use_experts_implementation`.
 We register one experts function, "moeflow", and bind each experts module to its layer and the
-cache. Model code is untouched. Legend: T tokens, H hidden, K top-k, S slots, I expert hidden.
+cache. Model code is untouched. Shapes: the legend in `moeflow`.
 """
 
 from __future__ import annotations
@@ -14,33 +14,23 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moeflow.model.families import layer_index
+from moeflow.events import Listeners
+from moeflow.model.loading import experts_modules
 from moeflow.offload.cache import ExpertCache
-from moeflow.offload.plans import RoutingPlan
-from moeflow.offload.prefetch import PredictivePrefetcher
+from moeflow.offload.plans import RoutingEvent, RoutingPlan
 
 IMPLEMENTATION = "moeflow"
 
-# Called once per MoE layer per forward with the plan and the router output (top-k ids and weights, [T, K]).
-RoutingObserver = Callable[[RoutingPlan, torch.Tensor, torch.Tensor], None]
+RoutingListener = Callable[[RoutingEvent], None]
 
 
 @dataclass
 class OffloadRuntime:
-    """What every offloaded experts module shares: the cache and who wants to see the routing."""
+    """What every offloaded experts module shares: the cache, and who listens to the routing
+    (the prefetcher's corrections, predictors, the step driver's record of each forward)."""
 
     cache: ExpertCache
-    observers: list[RoutingObserver] = field(default_factory=list)
-    prefetcher: PredictivePrefetcher | None = None  # --policy predictive
-
-
-def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """The routed-experts modules of a transformers MoE model, by decoder layer index."""
-    out = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and name.endswith(".experts"):
-            out[layer_index(name)] = module
-    return out
+    routing: Listeners[RoutingEvent] = field(default_factory=Listeners)
 
 
 def apply_offload(model: nn.Module, cache: ExpertCache) -> OffloadRuntime:
@@ -61,36 +51,46 @@ def offloaded_experts_forward(
     self: nn.Module, hidden_TD: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
 ) -> torch.Tensor:
     runtime: OffloadRuntime = self._moeflow_runtime
-    cache = runtime.cache
     layer = self._moeflow_layer
     # One host sync: the distinct expert ids the cache must provide for this step.
     expert_ids = torch.unique(top_k_index_TK).tolist()
-    if runtime.observers:
-        plan = RoutingPlan(layer=layer, expert_ids=tuple(expert_ids), num_tokens=hidden_TD.shape[0])
-        for observe in runtime.observers:
-            observe(plan, top_k_index_TK, top_k_weights_TK)
-    if runtime.prefetcher is not None:
-        runtime.prefetcher.on_routing(layer, expert_ids)
-    pool = cache.pool
-    out_TD = None
-    for wave in plan_waves(cache, layer, expert_ids):
-        with cache.acquire(layer, wave) as slot_of:
-            lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
-            lut_E[torch.tensor(list(slot_of), device=lut_E.device)] = torch.tensor(
-                list(slot_of.values()), device=lut_E.device
-            )
-            slot_ids_TK = lut_E[top_k_index_TK]
-            part_TD = grouped_experts(self, hidden_TD, pool.gate_up_S2ID, pool.down_SDI, top_k_weights_TK, slot_ids_TK)
-        out_TD = part_TD if out_TD is None else out_TD + part_TD
-    return out_TD
+    plan = RoutingPlan(layer=layer, expert_ids=tuple(expert_ids), num_tokens=hidden_TD.shape[0])
+    if runtime.routing:
+        event = RoutingEvent(plan=plan, top_k_index_TK=top_k_index_TK, top_k_weights_TK=top_k_weights_TK)
+        runtime.routing.publish(event)
+    pool = runtime.cache.pool
+
+    def compute(slot_of: dict[int, int]) -> torch.Tensor:
+        lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
+        lut_E[torch.tensor(list(slot_of), device=lut_E.device)] = torch.tensor(
+            list(slot_of.values()), device=lut_E.device
+        )
+        slot_ids_TK = lut_E[top_k_index_TK]
+        return grouped_experts(self, hidden_TD, pool.gate_up_S2ID, pool.down_SDI, top_k_weights_TK, slot_ids_TK)
+
+    return serve_layer(runtime.cache, plan, compute)
 
 
-def plan_waves(cache: ExpertCache, layer: int, expert_ids: list[int]) -> list[list[int]]:
-    """Split a layer's experts into groups that fit the pool, resident ones first so they stay."""
+def serve_layer(
+    cache: ExpertCache, plan: RoutingPlan, compute: Callable[[dict[int, int]], torch.Tensor] | None = None
+) -> torch.Tensor | None:
+    """The per-layer cache protocol, shared by the live forward and profiling replay.
+
+    The layer's experts are split into waves that fit the pool, resident ones first so they stay;
+    each wave is acquired (hits, demand reads, waits for prefetches in flight) and, when `compute`
+    is given, computed from its slots (expert -> slot); the waves' outputs are summed in order.
+    Replay passes no `compute`: it counts exactly what a live run with the same routing counts.
+    """
     resident = cache.resident()
-    ordered = sorted(expert_ids, key=lambda e: (layer, e) not in resident)
+    ordered = sorted(plan.expert_ids, key=lambda e: (plan.layer, e) not in resident)
     cap = cache.pool.capacity
-    return [ordered[i : i + cap] for i in range(0, len(ordered), cap)]
+    out = None
+    for i in range(0, len(ordered), cap):
+        with cache.acquire(plan.layer, ordered[i : i + cap]) as slot_of:
+            if compute is not None:
+                part = compute(slot_of)
+                out = part if out is None else out + part
+    return out
 
 
 def grouped_experts(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 # An expert is named by (MoE layer index in the model, expert index within that layer).
 ExpertKey = tuple[int, int]
 
@@ -26,3 +28,13 @@ class PrefetchPlan:
     def __post_init__(self) -> None:
         if len(set(self.keys)) != len(self.keys):
             raise ValueError("PrefetchPlan.keys must not repeat an expert")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoutingEvent:
+    """One MoE layer's routing in one forward, published to the offload runtime's listeners before the
+    layer acquires its experts: the plan and the router's top-k ids and weights [T, K]."""
+
+    plan: RoutingPlan
+    top_k_index_TK: torch.Tensor
+    top_k_weights_TK: torch.Tensor

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
 from moeflow.offload.cache import ExpertCache
 from moeflow.offload.plans import ExpertKey, PrefetchPlan
@@ -58,7 +59,7 @@ class PredictivePrefetcher:
         issue: Callable[[PrefetchPlan], int],
         *,
         layers: Sequence[int],
-        lookahead: int = 1,
+        lookahead: int = DEFAULT_LOOKAHEAD,
         width: int = 2,
     ) -> None:
         if not isinstance(cache.policy, PredictivePolicy):
@@ -68,7 +69,6 @@ class PredictivePrefetcher:
         if width < 1:
             raise MoeflowError(f"prefetch width must be at least 1 expert per token, got {width}")
         self.cache = cache
-        self.policy: PredictivePolicy = cache.policy
         self.issue = issue
         self.layers = list(layers)
         self._pos_of = {layer: i for i, layer in enumerate(self.layers)}
@@ -108,29 +108,29 @@ class PredictivePrefetcher:
     def on_routing(self, layer: int, expert_ids: Iterable[int]) -> None:
         """`layer`'s real experts are known: correct its predictions, move the window on."""
         used = set(expert_ids)
-        self.policy.release(self._current)
+        self.cache.release(self._current)
         predicted = self._predicted.pop(layer, None)
         if predicted is not None:  # issued: release; wrong ones not yet read are dropped, the rest go first
             wrong = [(layer, e) for e in predicted - used]
-            self.policy.release((layer, e) for e in predicted)
+            self.cache.release((layer, e) for e in predicted)
             self.counters.cancelled += self.cache.cancel_queued(wrong)
-            self.policy.demote(wrong)
+            self.cache.demote(wrong)
         else:  # offered too late to issue; still counts for accuracy
             predicted = set(self._pending.pop(layer, ()))
         self.counters.offered += len(predicted)
         self.counters.correct += len(predicted & used)
         self.counters.used += len(used)
         self._current = [(layer, e) for e in used]
-        self.policy.protect(self._current)  # the next layer's prefetch must not evict these
+        self.cache.protect(self._current)  # the next layer's prefetch must not evict these
         self._pos = self._pos_of.get(layer, self._pos)
         self._issue_due()
 
     def end_step(self) -> None:
         """Release everything this step protected; predictions never used are dropped."""
-        self.policy.release(self._current)
+        self.cache.release(self._current)
         for layer, predicted in self._predicted.items():
             keys = [(layer, e) for e in predicted]
-            self.policy.release(keys)
+            self.cache.release(keys)
             self.counters.cancelled += self.cache.cancel_queued(keys)
         self._reset()
 
@@ -143,6 +143,6 @@ class PredictivePrefetcher:
             if self._pos_of[layer] <= self._pos:  # its layer has run already: too late to matter
                 continue
             keys = [(layer, e) for e in experts]
-            self.policy.protect(keys)
+            self.cache.protect(keys)
             self._predicted[layer] = set(experts)
             self.counters.issued += self.issue(PrefetchPlan(keys=tuple(keys)))

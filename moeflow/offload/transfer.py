@@ -20,31 +20,39 @@ log = logging.getLogger(__name__)
 
 
 class TransferEngine:
-    def __init__(self, cache: ExpertCache) -> None:
+    """`background=False` fills in the caller's thread right after reserving (profiling replay): the same
+    reserve -> start -> read -> complete protocol, with no thread and so no timing in the counts."""
+
+    def __init__(self, cache: ExpertCache, *, background: bool = True) -> None:
         self.cache = cache
         self._queue: queue.Queue[tuple[ExpertKey, int] | None] = queue.Queue()
         device = cache.pool.gate_up_S2ID.device
         self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-        self._thread = threading.Thread(target=self._run, name="moeflow-transfer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="moeflow-transfer", daemon=True)
+            self._thread.start()
 
     def prefetch(self, plan: PrefetchPlan) -> int:
-        """Queue reads for the plan's experts that are not resident; returns how many were issued."""
-        issued = 0
-        for key in plan.keys:
-            slot = self.cache.reserve_for_prefetch(key)
-            if slot is not None:
-                self._queue.put((key, slot))
-                issued += 1
-        return issued
+        """Reserve slots for the plan's experts that are not resident and queue their reads (or, without a
+        background thread, read them now); returns how many were issued. Every key is reserved before
+        any is filled, so a slot still loading is never an eviction candidate of the same plan."""
+        reserved = [(key, slot) for key in plan.keys if (slot := self.cache.reserve_for_prefetch(key)) is not None]
+        for item in reserved:
+            if self._thread is not None:
+                self._queue.put(item)
+            elif self.cache.start_prefetch(*item):
+                self._fill(*item)
+        return len(reserved)
 
     def drain(self) -> None:
         """Block until every queued prefetch has landed."""
         self._queue.join()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
 
     def _run(self) -> None:
         while True:

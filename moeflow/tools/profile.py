@@ -3,12 +3,12 @@
 A trace (`moeflow.tools.trace`) is recorded once; each (policy, budget) is then a replay that drives the
 engine's own `ExpertCache` and policy classes, with no model and no weights: the slot pool lives on
 the meta device and the backing store copies nothing (`NullStore`). One decode step is one token:
-for every MoE layer in order, its top-k experts go through `plan_waves` and `cache.acquire`
-exactly as `offloaded_experts_forward` does, so a replay counts the hits and misses a live run
+for every MoE layer in order, its top-k experts go through `serve_layer`, the per-layer cache
+protocol the live forward runs, so a replay counts the hits and misses a live run
 with the same tokens, policy and budget counts (`live_run` measures that run; a test compares).
 
 `predictive` replays the prefetcher (`moeflow.offload.prefetch.PredictivePrefetcher`) with the
-predictions recorded in the trace (`pred_<name>.npy`) and a synchronous `issue`; `belady`
+predictions recorded in the trace (`pred_<name>.npy`) and a `TransferEngine` without a thread; `belady`
 (`moeflow.offload.policy.BeladyPolicy`) is the offline optimum for demand eviction without prefetch.
 
 Legend: N tokens, L MoE layers, K top-k, E experts per layer, M predicted ranks.
@@ -19,23 +19,26 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from moeflow.engine import DEFAULT_MODEL, load
+from moeflow.build import load
+from moeflow.config import ProfileConfig
+from moeflow.engine import DEFAULT_MODEL, Engine
 from moeflow.errors import BudgetError, MoeflowError
 from moeflow.model.checkpoint import Checkpoint, open_checkpoint
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.cache import ExpertCache, SlotPool
-from moeflow.offload.layer import plan_waves
-from moeflow.offload.plans import ExpertKey, PrefetchPlan
+from moeflow.offload.layer import serve_layer
+from moeflow.offload.plans import ExpertKey, RoutingPlan
 from moeflow.offload.policy import POLICIES, BeladyPolicy, EvictionPolicy, make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.stats import CacheStats
+from moeflow.offload.transfer import TransferEngine
 from moeflow.tools.trace import Trace
 
 FORMAT = "moeflow-profile/1"
@@ -153,25 +156,6 @@ def replay_cache(geometry: Geometry, slots: int, policy: EvictionPolicy) -> Expe
                        budget_bytes=slots * geometry.slot_bytes)
 
 
-def synchronous_issue(cache: ExpertCache) -> Callable[[PrefetchPlan], int]:
-    """`PredictivePrefetcher`'s `issue` without a transfer thread: reserve the plan's slots, then fill them.
-
-    Reserving every key before filling any mirrors `TransferEngine.prefetch`, whose fills run after
-    its reservations (a slot still loading is never an eviction candidate).
-    """
-
-    def issue(plan: PrefetchPlan) -> int:
-        reserved = [(key, slot) for key in plan.keys if (slot := cache.reserve_for_prefetch(key)) is not None]
-        pool = cache.pool
-        for key, slot in reserved:
-            cache.start_prefetch(key, slot)
-            nbytes = cache.store.read_into(key, pool.gate_up_S2ID[slot], pool.down_SDI[slot])
-            cache.complete_prefetch(key, slot, nbytes)
-        return len(reserved)
-
-    return issue
-
-
 @dataclass(frozen=True, kw_only=True)
 class RunResult:
     """One (policy, budget) run over a trace's tokens: replayed, or measured live."""
@@ -257,8 +241,8 @@ def replay(
                 f"--prefetch-width {width} is more than the {pred_NLM.shape[-1]} ranks the trace recorded for "
                 f"{predictor!r}; lower it or record the trace again"
             )
-        prefetcher = PredictivePrefetcher(cache, synchronous_issue(cache), layers=layers, lookahead=lookahead,
-                                          width=width)
+        transfer = TransferEngine(cache, background=False)
+        prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width)
     t0 = time.perf_counter()
     for n in range(trace.num_tokens):
         if on_tokens is not None and n % 1024 == 1023:
@@ -270,12 +254,10 @@ def replay(
             for pos, layer in enumerate(layers):
                 prefetcher.offer(layer, [pred_NLM[n, pos, :width].tolist()])
         for pos, layer in enumerate(layers):
-            expert_ids = sorted(set(experts_NLK[n, pos].tolist()))  # the engine's torch.unique
+            expert_ids = tuple(sorted(set(experts_NLK[n, pos].tolist())))  # the engine's torch.unique
             if prefetcher is not None:
                 prefetcher.on_routing(layer, expert_ids)
-            for wave in plan_waves(cache, layer, expert_ids):
-                with cache.acquire(layer, wave):
-                    pass
+            serve_layer(cache, RoutingPlan(layer=layer, expert_ids=expert_ids, num_tokens=1))
     if prefetcher is not None:
         prefetcher.end_step()
     if on_tokens is not None:
@@ -309,7 +291,7 @@ def predictions_of(trace: Trace, predictor: str | None) -> tuple[np.ndarray, int
 
 
 @torch.inference_mode()
-def live_run(engine: object, trace: Trace, *, progress: bool = False) -> tuple[CacheStats, np.ndarray, float]:
+def live_run(engine: Engine, trace: Trace, *, progress: bool = False) -> tuple[CacheStats, np.ndarray, float]:
     """Run `engine` token by token over `trace`'s sequences (teacher-forced decode with a KV cache).
 
     Each sequence is prefilled with its first token, then fed its true next tokens one at a time,
@@ -321,34 +303,23 @@ def live_run(engine: object, trace: Trace, *, progress: bool = False) -> tuple[C
     layers = engine.checkpoint.moe_layers
     pos_of = {layer: i for i, layer in enumerate(layers)}
     seen_NLK = np.zeros((trace.num_tokens, len(layers), engine.top_k), dtype=np.int16)
-    step = 0
-
-    def observe(plan: object, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        seen_NLK[step, pos_of[plan.layer]] = ids_TK[0].numpy()
-
     token_ids, seq_ids = np.asarray(trace.token_ids), np.asarray(trace.seq_ids)
     starts = np.flatnonzero(np.r_[True, seq_ids[1:] != seq_ids[:-1]])
     ends = np.r_[starts[1:], len(seq_ids)]
     engine.cache.reset_stats()
-    engine.runtime.observers.append(observe)
+    step = 0
     t0 = time.perf_counter()
-    try:
-        with tqdm(total=trace.num_tokens, desc="live", unit="tok", disable=not progress, leave=False) as bar:
-            for a, b in zip(starts, ends):
-                ids = token_ids[a:b].tolist()
-                kv = DynamicCache(config=engine.model.config)
-                for i, token in enumerate(ids):
-                    # What `DecodeBatch` does before each forward: begin the prefetcher's step, run predictors.
-                    engine.before_forward([ids[: i + 1]], 1)
-                    engine.model(input_ids=torch.tensor([[token]], device=engine.device), past_key_values=kv,
-                                 use_cache=True, logits_to_keep=1)
-                    step += 1
-                    bar.update(1)
-    finally:
-        engine.runtime.observers.remove(observe)
-    if engine.prefetcher is not None:
-        engine.transfer.drain()
-        engine.prefetcher.end_step()
+    with tqdm(total=trace.num_tokens, desc="live", unit="tok", disable=not progress, leave=False) as bar:
+        for a, b in zip(starts, ends):
+            ids = token_ids[a:b].tolist()
+            kv = DynamicCache(config=engine.model.config)
+            for i, token in enumerate(ids):
+                result = engine.driver.forward(torch.tensor([[token]]), histories=[ids[: i + 1]], n_new=1, kv=kv)
+                for event in result.routing:
+                    seen_NLK[step, pos_of[event.plan.layer]] = event.top_k_index_TK[0].numpy()
+                step += 1
+                bar.update(1)
+    engine.settle()
     return engine.cache.stats(), seen_NLK, time.perf_counter() - t0
 
 
@@ -504,36 +475,6 @@ def run_profile(
     }
 
 
-@dataclass(frozen=True, kw_only=True)
-class ProfileConfig:
-    budgets: str = field(default="12.5%,25%,50%", metadata={"help": "expert budgets, comma-separated: 12.5%%,512MiB"})
-    policies: str = field(
-        default="lru,lfu,predictive,belady", metadata={"help": f"comma-separated, from: {', '.join(REPLAY_POLICIES)}"}
-    )
-    predictor: str = field(
-        default="gate", metadata={"help": "predictive: routing predictor(s), comma-separated (gate, path, ...)"}
-    )
-    lookahead: int = field(default=1, metadata={"help": "predictive: predictions made this many MoE layers ahead"})
-    prefetch_width: int = field(
-        default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
-    )
-    max_tokens: int = field(default=20_000, metadata={"help": "trace at most this many tokens of --data"})
-    context: int = field(default=256, metadata={"help": "tokens per traced sequence (chunk length)"})
-    disk_bandwidth: float = field(
-        default=0.0, metadata={"help": "GB/s of this machine's disk for the stall estimate (0: measure it)"}
-    )
-    live: bool = field(
-        default=False, metadata={"help": "also run the real engine token by token per policy and budget (slow)"}
-    )
-    live_store: str = field(default="disk", metadata={"help": "--live: backing tier, disk or ram"})
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1 or self.context < 1:
-            raise MoeflowError("--max-tokens and --context must be at least 1")
-        if self.lookahead < 1 or self.prefetch_width < 0 or self.disk_bandwidth < 0:
-            raise MoeflowError("--lookahead must be >= 1, --prefetch-width and --disk-bandwidth >= 0")
-
-
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -613,7 +554,7 @@ def _record(
     with load(model, expert_budget="all", store="ram") as engine:
         built = []
         if predictors:
-            from moeflow.predictor.runtime import build_predictor
+            from moeflow.predictor.apply import build_predictor
 
             built = [build_predictor(engine, name, lookahead=config.lookahead) for name in predictors]
         return record_trace(engine, data, context=config.context, max_tokens=config.max_tokens, predictors=built,

@@ -33,7 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
+from moeflow.predictor.apply import PredictorHooks
+from moeflow.predictor.base import RoutePredictor
 
 FORMAT = "moeflow-trace/1"
 _ARRAYS = ("token_ids", "positions", "seq_ids", "doc_ids", "experts", "weights")
@@ -116,30 +119,25 @@ def read_documents(files: Iterable[str | Path]) -> list[tuple[str, str]]:
 
 @torch.inference_mode()
 def record_trace(
-    engine,
+    engine: Engine,
     files: Iterable[str | Path],
     *,
     context: int = 256,
     max_tokens: int | None = None,
-    predictors: Sequence[object] = (),
+    predictors: Sequence[RoutePredictor] = (),
     ranks: int | None = None,
     progress: bool = True,
 ) -> Trace:
     """Run every document through `engine` in chunks of `context` tokens and record the routing.
 
-    With `predictors` (`predictor.base.RoutePredictor`s), also record each one's `ranks` best
-    experts (default 2K) per token and layer, as it predicted them during the forward.
+    With `predictors`, also record each one's `ranks` best experts (default 2K) per token and layer,
+    as it predicted them during the forward.
     """
     if engine.tokenizer is None:
         raise MoeflowError(f"{engine.checkpoint.path} has no tokenizer; tracing text needs one")
     docs = read_documents(files)
     context = min(context, engine.max_context or context)
     layers = engine.checkpoint.moe_layers
-    per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def capture(plan, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        per_layer[plan.layer] = (ids_TK.to("cpu", torch.int16), weights_TK.to("cpu", torch.float16))
-
     chunks: list[tuple[int, list[int]]] = []
     for d, (_, text) in enumerate(docs):
         ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -151,16 +149,12 @@ def record_trace(
     ranks = ranks or 2 * engine.top_k
     pred_cols: dict[str, list[np.ndarray]] = {p.name: [] for p in predictors}
     pred_chunk: dict[str, dict[int, np.ndarray]] = {}
-    hooks = None
-    if predictors:
-        from moeflow.predictor.runtime import PredictorHooks
 
-        def keep(predictor, target: int, scores_TE: torch.Tensor) -> None:
-            best = torch.topk(scores_TE.float(), min(ranks, scores_TE.shape[-1]), dim=-1).indices
-            pred_chunk.setdefault(predictor.name, {})[target] = best.to(torch.int16).numpy()
+    def keep(predictor: RoutePredictor, target: int, scores_TE: torch.Tensor) -> None:
+        best = torch.topk(scores_TE.float(), min(ranks, scores_TE.shape[-1]), dim=-1).indices
+        pred_chunk.setdefault(predictor.name, {})[target] = best.to(torch.int16).numpy()
 
-        hooks = PredictorHooks(engine, predictors, keep)
-    engine.runtime.observers.append(capture)
+    hooks = PredictorHooks(engine, predictors, keep)
     done = 0
     try:
         with tqdm(total=total, unit="tok", desc="tracing", disable=not progress) as bar:
@@ -169,9 +163,8 @@ def record_trace(
                 if not ids:
                     break
                 pred_chunk.clear()
-                if hooks is not None:
-                    hooks.begin([ids], len(ids))
-                engine.model(input_ids=torch.tensor([ids], device=engine.device), use_cache=False, logits_to_keep=1)
+                result = engine.driver.forward(torch.tensor([ids]), histories=[ids], n_new=len(ids))
+                routing = {e.plan.layer: e for e in result.routing}
                 n = len(ids)
                 for p in predictors:
                     got = pred_chunk.get(p.name, {})
@@ -183,14 +176,16 @@ def record_trace(
                 cols["positions"].append(np.arange(n, dtype=np.int32))
                 cols["seq_ids"].append(np.full(n, seq, dtype=np.int32))
                 cols["doc_ids"].append(np.full(n, doc, dtype=np.int32))
-                cols["experts"].append(np.stack([per_layer[l][0].numpy() for l in layers], axis=1))
-                cols["weights"].append(np.stack([per_layer[l][1].numpy() for l in layers], axis=1))
+                cols["experts"].append(
+                    np.stack([routing[l].top_k_index_TK.to("cpu", torch.int16).numpy() for l in layers], axis=1)
+                )
+                cols["weights"].append(
+                    np.stack([routing[l].top_k_weights_TK.to("cpu", torch.float16).numpy() for l in layers], axis=1)
+                )
                 done += n
                 bar.update(n)
     finally:
-        engine.runtime.observers.remove(capture)
-        if hooks is not None:
-            hooks.close()
+        hooks.close()
     meta = {
         "format": FORMAT,
         "model": str(engine.checkpoint.path),

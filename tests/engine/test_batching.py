@@ -5,8 +5,8 @@ import torch
 
 import moeflow
 from moeflow.config import SamplingParams
-from moeflow.engine.batch import Sequence
-from moeflow.scheduler import FifoAdmission, Scheduler
+from moeflow.engine.batch import SequenceState
+from moeflow.scheduler import FifoAdmission, Scheduler, run_batch
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -20,7 +20,7 @@ def test_batched_greedy_equals_solo(tiny_checkpoints, family):
     prompts = _prompts(7)
     with moeflow.load(tiny_checkpoints[family], expert_budget="25%") as engine:
         solo = [engine.generate(p, max_new_tokens=10).token_ids for p in prompts]
-        batched = engine.generate_batch(prompts, batch_size=3, max_new_tokens=10)
+        batched = run_batch(engine, prompts, batch_size=3, max_new_tokens=10).results
     assert [r.token_ids for r in batched] == solo
     assert [r.prompt_token_ids for r in batched] == prompts
 
@@ -48,7 +48,7 @@ def test_seeded_sampling_in_a_batch_equals_solo(tiny_checkpoints):
     kw = dict(max_new_tokens=8, temperature=0.8, top_p=0.95, seed=11)
     with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="all") as engine:
         solo = [engine.generate(p, **kw).token_ids for p in prompts]
-        batched = [r.token_ids for r in engine.generate_batch(prompts, batch_size=4, **kw)]
+        batched = [r.token_ids for r in run_batch(engine, prompts, batch_size=4, **kw).results]
     assert batched == solo
 
 
@@ -71,7 +71,7 @@ def test_cancel_frees_the_place(tiny_checkpoints):
 def test_sequence_finishing_on_first_token_never_joins(tiny_checkpoints):
     with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="all") as engine:
         scheduler = Scheduler(engine, max_batch_size=4, admission=FifoAdmission())
-        seq = Sequence(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=1))
+        seq = SequenceState(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=1))
         scheduler.submit(seq)
         assert scheduler.step() == [seq]
         assert scheduler.idle and scheduler.steps == 0

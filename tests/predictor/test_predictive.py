@@ -6,15 +6,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from moeflow.predictor.evaluate import train_predictors
 from moeflow.predictor.predictors import PREDICTORS, GateLookahead
 from moeflow.predictor.rebatch import RebatchAdmission
 
 import moeflow
+from moeflow.build import make_admission
 from moeflow.errors import MoeflowError
 from moeflow.offload.policy import PredictivePolicy
-from moeflow.scheduler import Scheduler, make_admission
+from moeflow.scheduler import Scheduler, run_batch
 from moeflow.testing import FAMILY_NAMES
+from moeflow.tools.predictor_eval import train_predictors
 from moeflow.tools.trace import record_trace
 
 PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
@@ -159,7 +160,7 @@ def test_rebatch_admission_for_engine(tiny_checkpoints, tmp_path):
             make_admission("rebatch", engine)
         train_predictors(engine, record_trace(engine, [doc], progress=False), ["token_freq"], progress=False)
         admission = make_admission("rebatch", engine)
-        run = engine.run_batch(prompts, batch_size=2, admission=admission, max_new_tokens=6)
+        run = run_batch(engine, prompts, batch_size=2, admission=admission, max_new_tokens=6)
         solo = [engine.generate(p, max_new_tokens=6).token_ids for p in prompts]
     assert [r.token_ids for r in run.results] == solo
     assert len(run.distinct_experts) == len(run.batch_sizes) and max(run.batch_sizes) == 2

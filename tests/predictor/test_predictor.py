@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from moeflow.predictor.apply import build_predictor
 from moeflow.predictor.base import RoutingShape, load_saved, save_predictor
-from moeflow.predictor.evaluate import score_predictions, train_predictors
 from moeflow.predictor.predictors import (
     PREDICTORS,
     FrequencyPredictor,
@@ -18,11 +18,11 @@ from moeflow.predictor.predictors import (
     context_windows,
     trace_windows,
 )
-from moeflow.predictor.runtime import build_predictor
 
 import moeflow
 from moeflow.cli import main
 from moeflow.errors import MoeflowError
+from moeflow.tools.predictor_eval import score_predictions, train_predictors
 from moeflow.tools.trace import FORMAT, Trace, record_trace
 
 SHAPE = RoutingShape(layers=(0, 1, 2), num_experts=8, top_k=2, vocab_size=40)

@@ -11,7 +11,7 @@ from moeflow.serve.config import ServerConfig
 from moeflow.serve.server import start
 
 import moeflow
-from moeflow.engine.batch import Sequence
+from moeflow.engine.batch import SequenceState
 
 REQUESTS = [
     ("Once upon a time", 20),
@@ -26,7 +26,7 @@ REQUESTS = [
 ]
 
 
-def _last_token_experts(seqs: list[Sequence]) -> np.ndarray:
+def _last_token_experts(seqs: list[SequenceState]) -> np.ndarray:
     """A stand-in routing prediction (bool [S, L, E]): two experts per layer chosen by the last token."""
     out = np.zeros((len(seqs), 2, 8), dtype=bool)
     for i, s in enumerate(seqs):

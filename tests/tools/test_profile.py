@@ -11,6 +11,7 @@ import moeflow
 from moeflow.config import EngineConfig
 from moeflow.errors import MoeflowError
 from moeflow.offload.policy import BeladyPolicy
+from moeflow.offload.transfer import TransferEngine
 from moeflow.tools.profile import (
     BudgetPoint,
     Geometry,
@@ -21,7 +22,6 @@ from moeflow.tools.profile import (
     parse_policies,
     replay,
     reuse_distances,
-    synchronous_issue,
 )
 from moeflow.tools.trace import FORMAT, Trace, record_trace
 
@@ -150,7 +150,7 @@ def test_live_engine_refuses_belady(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def tiny_trace(tiny_checkpoints, tmp_path_factory):
-    from moeflow.predictor.runtime import build_predictor
+    from moeflow.predictor.apply import build_predictor
 
     text = tmp_path_factory.mktemp("text") / "a.py"
     text.write_text("def add(a, b):\n    return a + b\n\nclass Box:\n    size = 3\n" * 4)
@@ -171,7 +171,7 @@ def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
         assert engine.cache.pool.capacity == point.slots
         if engine.prefetcher is not None:
             # Fills in the caller's thread, so which slot is still loading cannot depend on thread timing.
-            engine.prefetcher.issue = synchronous_issue(engine.cache)
+            engine.prefetcher.issue = TransferEngine(engine.cache, background=False).prefetch
         live, seen_NLK, _ = live_run(engine, trace)
     # One token per forward with a KV cache routes like the trace's teacher-forced chunks.
     np.testing.assert_array_equal(seen_NLK, np.asarray(trace.experts))

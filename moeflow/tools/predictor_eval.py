@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from moeflow.config import DEFAULT_LOOKAHEAD
+from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
+from moeflow.predictor.apply import build_predictor, routing_shape
+from moeflow.predictor.base import RoutePredictor, save_predictor
+from moeflow.predictor.predictors import PREDICTORS
 from moeflow.tools.trace import Trace, record_trace
 
-from .base import RoutePredictor, save_predictor
-from .predictors import PREDICTORS
-from .runtime import build_predictor, routing_shape
 
-
-def train_predictors(engine: object, trace: Trace, names: Sequence[str], *, lookahead: int = 1,
+def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, lookahead: int = DEFAULT_LOOKAHEAD,
                      epochs: int = 12, progress: bool = True) -> dict[str, dict]:
     """Fit every trainable predictor in `names` on `trace` and save it next to `engine`'s model."""
     shape = routing_shape(engine)
@@ -80,7 +81,7 @@ def score_predictions(trace: Trace, name: str) -> dict:
     }
 
 
-def evaluate(engine: object, names: Sequence[str], files: Sequence[str | Path], *, lookahead: int = 1,
+def evaluate(engine: Engine, names: Sequence[str], files: Sequence[str | Path], *, lookahead: int = DEFAULT_LOOKAHEAD,
              context: int = 256, max_tokens: int | None = None, progress: bool = True) -> dict:
     """Run `files` through the model with every predictor attached; score what each predicted."""
     predictors: list[RoutePredictor] = [build_predictor(engine, n, lookahead=lookahead) for n in names]

@@ -1,9 +1,11 @@
-"""Running predictors inside an engine's forward pass, and building them for an engine.
+"""Applying routing predictors to an engine: `apply_prediction(engine, predictor)`, the pass behind
+`--policy predictive`, and `PredictorHooks`, which feeds predictors from inside the forward.
 
-`PredictorHooks` attaches to a loaded `moeflow.Engine`: a forward hook on the token embedding, a
-pre-hook on each MoE layer's pre-MoE norm (its input is the residual after attention), and a
-routing observer. Each predictor's answers go to a sink as (predictor, target position, scores);
-the engine's predictive policy offers them to the prefetcher, trace recording stores them.
+`PredictorHooks` listens to the engine's step driver (each forward's token histories), to a forward
+hook on the token embedding and pre-hooks on each MoE layer's pre-MoE norm (its input is the
+residual after attention), and to the offload runtime's routing events. Each predictor's answers go
+to a sink as (predictor, target position, scores): `apply_prediction` offers them to the engine's
+prefetcher; trace recording stores them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from pathlib import Path
 
 import torch
 
+from moeflow.config import DEFAULT_LOOKAHEAD
+from moeflow.engine import Engine
+from moeflow.engine.driver import ForwardStart
 from moeflow.errors import MoeflowError
+from moeflow.model.anatomy import moe_layer_parts, token_embedding
+from moeflow.offload.plans import RoutingEvent
 
 from .base import RoutePredictor, RoutingShape, Scores, load_saved
 from .predictors import PREDICTORS, GateLookahead
@@ -22,14 +29,13 @@ from .predictors import PREDICTORS, GateLookahead
 Sink = Callable[[RoutePredictor, int, torch.Tensor], None]
 
 
-def routing_shape(engine: object) -> RoutingShape:
+def routing_shape(engine: Engine) -> RoutingShape:
     ckpt = engine.checkpoint
     layers = tuple(ckpt.moe_layers)
-    return RoutingShape(layers, int(ckpt.num_experts[layers[0]]), int(engine.top_k),
-                        int(engine.model.config.vocab_size))
+    return RoutingShape(layers, int(ckpt.num_experts[layers[0]]), engine.top_k, int(engine.model.config.vocab_size))
 
 
-def build_predictor(engine: object, name: str, *, lookahead: int = 1) -> RoutePredictor:
+def build_predictor(engine: Engine, name: str, *, lookahead: int = DEFAULT_LOOKAHEAD) -> RoutePredictor:
     """The predictor `name` for `engine`'s model: gate lookahead from its routers, others as trained."""
     if name not in PREDICTORS:
         raise MoeflowError(f"unknown predictor {name!r}; choose one of: {', '.join(PREDICTORS)}")
@@ -54,27 +60,29 @@ def available_predictors(model_dir: str | Path) -> list[str]:
 
 
 class PredictorHooks:
-    """Feeds predictors from inside the model's forward; `begin(histories, n_new)` before each forward."""
+    """Feeds `predictors` from inside `engine`'s forwards; their answers go to `sink`. `close()` detaches."""
 
-    def __init__(self, engine: object, predictors: Sequence[RoutePredictor], sink: Sink) -> None:
+    def __init__(self, engine: Engine, predictors: Sequence[RoutePredictor], sink: Sink) -> None:
         self.predictors = list(predictors)
         self.sink = sink
         self.seconds = {p.name: 0.0 for p in self.predictors}
         self._pos_of = {layer: i for i, layer in enumerate(engine.checkpoint.moe_layers)}
         model = engine.model
-        self._handles = [model.model.embed_tokens.register_forward_hook(self._on_embedding)]
+        self._handles = [token_embedding(model).register_forward_hook(self._on_embedding)]
         if any(type(p).on_residual is not RoutePredictor.on_residual for p in self.predictors):
             for layer, pos in self._pos_of.items():
-                norm = model.model.layers[layer].post_attention_layernorm
+                norm = moe_layer_parts(model, layer).norm
                 self._handles.append(norm.register_forward_pre_hook(self._residual_hook(pos)))
-        self._runtime = engine.runtime
-        self._runtime.observers.append(self._on_routing)
+        self._subscriptions = [
+            engine.driver.before_forward.subscribe(self._on_forward),
+            engine.runtime.routing.subscribe(self._on_routing),
+        ]
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        if self._on_routing in self._runtime.observers:
-            self._runtime.observers.remove(self._on_routing)
+        for s in self._subscriptions:
+            s.close()
 
     def _emit(self, predictor: RoutePredictor, answer: Callable[[], Scores]) -> None:
         t0 = time.perf_counter()
@@ -83,9 +91,9 @@ class PredictorHooks:
         for target, scores_TE in scores.items():
             self.sink(predictor, target, scores_TE)
 
-    def begin(self, histories: Sequence[Sequence[int]], n_new: int) -> None:
+    def _on_forward(self, start: ForwardStart) -> None:
         for p in self.predictors:
-            self._emit(p, lambda p=p: p.on_step(histories, n_new))
+            self._emit(p, lambda p=p: p.on_step(start.histories, start.n_new))
 
     def _on_embedding(self, module: object, args: object, out: torch.Tensor) -> None:
         self._residual(-1, out)
@@ -101,7 +109,23 @@ class PredictorHooks:
         for p in self.predictors:
             self._emit(p, lambda p=p: p.on_residual(pos, r_TD))
 
-    def _on_routing(self, plan: object, top_k_index_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        pos = self._pos_of[plan.layer]
+    def _on_routing(self, event: RoutingEvent) -> None:
+        pos = self._pos_of[event.plan.layer]
         for p in self.predictors:
-            self._emit(p, lambda p=p: p.on_routing(pos, top_k_index_TK))
+            self._emit(p, lambda p=p: p.on_routing(pos, event.top_k_index_TK))
+
+
+def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHooks:
+    """Prefetch with `predictor`: its ranked experts go to the engine's prefetcher (policy 'predictive')."""
+    prefetcher = engine.prefetcher
+    if prefetcher is None:
+        raise MoeflowError("prediction feeds the predictive prefetcher; load the engine with policy='predictive'")
+    layers = engine.checkpoint.moe_layers
+
+    def offer(_: RoutePredictor, target: int, scores_TE: torch.Tensor) -> None:
+        k = min(prefetcher.width, scores_TE.shape[-1])
+        prefetcher.offer(layers[target], torch.topk(scores_TE.float(), k, dim=-1).indices.tolist())
+
+    hooks = PredictorHooks(engine, [predictor], offer)
+    engine.on_close(hooks.close)
+    return hooks

@@ -1,0 +1,43 @@
+"""The composition root: engines, predictors and admission policies built from configuration.
+
+`moeflow.load` lives here because a predictive engine is an engine plus a predictor applied to it
+(`moeflow.predictor.apply_prediction`); the engine itself knows nothing of predictors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeflow.config import Admission, EngineConfig, check_choice
+from moeflow.engine import Engine
+from moeflow.errors import MoeflowError
+from moeflow.predictor.apply import apply_prediction, build_predictor
+from moeflow.predictor.rebatch import RebatchAdmission
+from moeflow.scheduler import AdmissionPolicy, FifoAdmission
+
+
+def load(path: str | Path | None = None, **options: object) -> Engine:
+    """Load a Hugging Face MoE checkpoint (default: the shipped model) with its experts offloaded.
+
+    Options are `EngineConfig` fields (expert_budget, store, policy, predictor, ...).
+    """
+    unknown = set(options) - set(EngineConfig.field_names())
+    if unknown:
+        raise MoeflowError(f"unknown option(s) {sorted(unknown)}; valid: {EngineConfig.field_names()}")
+    config = EngineConfig(**options)
+    engine = Engine(path, config)
+    if config.policy == "predictive":
+        try:
+            apply_prediction(engine, build_predictor(engine, config.predictor, lookahead=config.lookahead))
+        except BaseException:
+            engine.close()
+            raise
+    return engine
+
+
+def make_admission(name: str, engine: Engine) -> AdmissionPolicy:
+    """The admission policy called `name`: "fifo", or "rebatch" (the token re-batcher)."""
+    check_choice(name, Admission, "admission policy")
+    if name == "rebatch":
+        return RebatchAdmission.for_engine(engine)
+    return FifoAdmission()

@@ -1,0 +1,79 @@
+"""The step driver: the one place the model runs a forward.
+
+Every path that runs the model — generation of one or many sequences, the server, trace recording
+and live profiling — calls `StepDriver.forward`. Before the forward it tells its listeners what is
+about to be computed (each row's tokens so far: the predictive prefetcher starts its step, context
+predictors predict); during the forward it records every MoE layer's routing; it returns the last
+position's logits with that record. One thread at a time runs forwards on an engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from moeflow.events import Listeners
+from moeflow.offload.layer import OffloadRuntime
+from moeflow.offload.plans import RoutingEvent
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ForwardStart:
+    """What a forward is about to compute: each row's tokens so far, the last `n_new` of which are new."""
+
+    histories: Sequence[Sequence[int]]
+    n_new: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardResult:
+    logits_BV: torch.Tensor  # float32 logits of each row's last position
+    routing: tuple[RoutingEvent, ...]  # every MoE layer's routing, in the order the layers ran
+
+
+class StepDriver:
+    def __init__(self, model: nn.Module, runtime: OffloadRuntime, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.before_forward: Listeners[ForwardStart] = Listeners()
+        self._routing: list[RoutingEvent] | None = None
+        self._subscription = runtime.routing.subscribe(self._record)
+
+    def _record(self, event: RoutingEvent) -> None:
+        if self._routing is not None:
+            self._routing.append(event)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        histories: Sequence[Sequence[int]],
+        n_new: int,
+        kv: DynamicCache | None = None,
+        attention_mask_BQ: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+    ) -> ForwardResult:
+        """Run the model on `input_ids_BT` (with `kv`, the KV cache it extends, when decoding)."""
+        self.before_forward.publish(ForwardStart(histories=histories, n_new=n_new))
+        self._routing = []
+        try:
+            out = self.model(
+                input_ids=input_ids_BT.to(self.device),
+                cache=kv,
+                use_cache=kv is not None,
+                attention_mask=attention_mask_BQ,
+                position_ids=position_ids_BT,
+                logits_to_keep=1,
+            )
+            routing = tuple(self._routing)
+        finally:
+            self._routing = None
+        return ForwardResult(logits_BV=out.logits[:, -1, :].float(), routing=routing)
+
+    def close(self) -> None:
+        self._subscription.close()

@@ -1,0 +1,151 @@
+"""Building a transformers MoE model from a checkpoint without reading its experts.
+
+The model is built with every parameter on the meta device (no weight memory), its experts
+modules are found (`experts_modules`) for the offload pass, and then only the non-expert tensors
+are read into it, one at a time. Tokenizer and end-of-sequence ids come from the same files
+transformers' own `generate` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from moeflow.errors import CheckpointError
+from moeflow.model.checkpoint import Checkpoint
+from moeflow.model.families import layer_index
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """The routed-experts modules of a transformers MoE model, by decoder layer index."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and name.endswith(".experts"):
+            out[layer_index(name)] = module
+    return out
+
+
+def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # exactness is defined in fp32 on the CPU; bf16 matmul is also slow there
+    return next(iter(ckpt.experts.values())).gate.dtype
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device; buffers (rotary tables) stay real."""
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(hf_config: object, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on the meta device; no weight memory is allocated yet."""
+    with _parameters_on_meta():
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def expert_geometry(ckpt: Checkpoint, modules: dict[int, nn.Module]) -> tuple[int, int]:
+    if sorted(modules) != ckpt.moe_layers:
+        raise CheckpointError(
+            f"the config defines MoE layers {sorted(modules)} but the checkpoint has experts for layers "
+            f"{ckpt.moe_layers}; config.json and the weights do not belong together"
+        )
+    shapes = set()
+    for layer, module in modules.items():
+        if ckpt.num_experts[layer] != module.num_experts:
+            raise CheckpointError(
+                f"layer {layer}: config says {module.num_experts} experts, checkpoint has {ckpt.num_experts[layer]}"
+            )
+        inter, hidden = module.intermediate_dim, module.hidden_dim
+        for e in range(module.num_experts):
+            loc = ckpt.experts[(layer, e)]
+            if (loc.gate.shape, loc.up.shape, loc.down.shape) != ((inter, hidden), (inter, hidden), (hidden, inter)):
+                raise CheckpointError(
+                    f"expert {e} of layer {layer} has shapes gate {loc.gate.shape}, up {loc.up.shape}, down "
+                    f"{loc.down.shape}; the config expects ({inter}, {hidden}) and ({hidden}, {inter})"
+                )
+        shapes.add((inter, hidden))
+    if len(shapes) != 1:
+        raise CheckpointError(f"experts of different sizes across layers ({sorted(shapes)}) are not supported")
+    return shapes.pop()
+
+
+def load_dense_weights(model: nn.Module, ckpt: Checkpoint, hf_config: object) -> None:
+    """Read every non-expert tensor from the checkpoint into the skeleton, one tensor at a time."""
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    loaded = set()
+    for disk_name in ckpt.tensors:
+        name = ckpt.family.memory_name(disk_name)
+        current = targets.get(name, buffers.get(name))
+        if current is None:
+            log.debug("ignoring checkpoint tensor %s (not used by the model)", disk_name)
+            continue
+        tensor = ckpt.read_tensor(disk_name)
+        if tuple(tensor.shape) != tuple(current.shape):
+            raise CheckpointError(
+                f"checkpoint tensor {disk_name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(current.shape)}; config.json and the weights do not belong together"
+            )
+        _set_tensor(model, name, tensor.to(current.dtype), is_param=name in targets)
+        loaded.add(name)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+        loaded |= {n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type != "meta"}
+    missing = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta")
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}; "
+            "it is incomplete or belongs to another config"
+        )
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, *, is_param: bool) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if is_param:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_tokenizer(path: Path) -> object | None:
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(path: Path, hf_config: object, tokenizer: object | None) -> set[int]:
+    """The tokens that end generation, from the same place transformers' `generate` reads them."""
+    try:
+        gen_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json
+        gen_config = GenerationConfig.from_model_config(hf_config)
+    eos = gen_config.eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
