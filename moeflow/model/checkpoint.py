@@ -16,7 +16,6 @@ import torch
 
 from moeflow.errors import CheckpointError
 from moeflow.model.families import FUSED_EXPERT_KEY, PER_EXPERT_KEY, Family, family_for, layer_index
-from moeflow.offload.plans import ExpertKey
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -31,6 +30,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+
+# An expert is named by (MoE layer index in the model, expert index within that layer).
+ExpertKey = tuple[int, int]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

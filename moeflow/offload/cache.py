@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow.offload.plans import ExpertKey
+from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
 from moeflow.offload.stats import CacheStats, LayerStats
 from moeflow.offload.store import ExpertStore

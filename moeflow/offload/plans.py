@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-# An expert is named by (MoE layer index in the model, expert index within that layer).
-ExpertKey = tuple[int, int]
+from moeflow.model.checkpoint import ExpertKey
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from moeflow.offload.plans import ExpertKey
+from moeflow.model.checkpoint import ExpertKey
 
 
 class EvictionPolicy(ABC):

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
+from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.cache import ExpertCache
-from moeflow.offload.plans import ExpertKey, PrefetchPlan
+from moeflow.offload.plans import PrefetchPlan
 from moeflow.offload.policy import PredictivePolicy
 
 

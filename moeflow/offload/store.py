@@ -17,8 +17,7 @@ from typing import Protocol
 
 import torch
 
-from moeflow.model.checkpoint import Checkpoint, TensorSpan
-from moeflow.offload.plans import ExpertKey
+from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
 
 log = logging.getLogger(__name__)
 

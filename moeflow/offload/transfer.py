@@ -13,8 +13,9 @@ import threading
 
 import torch
 
+from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.cache import ExpertCache
-from moeflow.offload.plans import ExpertKey, PrefetchPlan
+from moeflow.offload.plans import PrefetchPlan
 
 log = logging.getLogger(__name__)
 

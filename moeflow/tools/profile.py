@@ -30,11 +30,11 @@ from moeflow.build import load
 from moeflow.config import ProfileConfig
 from moeflow.engine import DEFAULT_MODEL, Engine
 from moeflow.errors import BudgetError, MoeflowError
-from moeflow.model.checkpoint import Checkpoint, open_checkpoint
+from moeflow.model.checkpoint import Checkpoint, ExpertKey, open_checkpoint
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
-from moeflow.offload.plans import ExpertKey, RoutingPlan
+from moeflow.offload.plans import RoutingPlan
 from moeflow.offload.policy import POLICIES, BeladyPolicy, EvictionPolicy, make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.stats import CacheStats
