@@ -5,6 +5,14 @@
 `down_proj [E, D, I]`) for a `MoELayer` holding this rank's slice of the same weights. The model's
 own code is untouched; its forward now runs the overlapped all-to-all. Since the HF model no
 longer sees router logits, the balance loss comes from `moe_aux_loss(model)`.
+
+A training step is forward, `loss + moe_aux_loss(model)`, backward, gradient averaging, optimizer step;
+`update_routing_bias_every_step(model, optimizer)` hooks the end of the step, where DeepSeek-V3's
+auxiliary-loss-free balancer (a `SigmoidBias` router) moves its bias by the step's load:
+
+    layers = apply_expert_parallel(model, group, routing=SigmoidBias(k=8, num_groups=8, topk_groups=4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    update_routing_bias_every_step(model, optimizer)
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from moeflow.training.moe_layer import MoELayer, MoELayerConfig
 from moeflow.training.routing import RoutingConfig, TopKSoftmax
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 
 def _is_sparse_moe_block(module: nn.Module) -> bool:
@@ -109,6 +119,17 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def update_routing_bias(model: nn.Module) -> None:
-    """End of step for every MoE layer (the sigmoid rule's balancing bias; load counters reset)."""
+    """End of step for every MoE layer (the sigmoid rule's balancing bias; load counters reset).
+    Collective over each layer's group: every rank calls it at the same point."""
     for layer in moe_layers(model):
         layer.update_bias()
+
+
+def update_routing_bias_every_step(model: nn.Module, optimizer: Optimizer) -> RemovableHandle:
+    """Run `update_routing_bias(model)` after every `optimizer.step()`: the load the layers counted
+    since the previous step (all micro-batches, all ranks) moves each `SigmoidBias` router's bias
+    towards the under-loaded experts before the next step routes. Works inside DeepSpeed's engine,
+    which steps the optimizer it wraps. Returns the hook's handle (`.remove()` detaches it)."""
+    if not moe_layers(model):
+        raise ValueError("the model has no MoELayer; apply training.lm.apply_expert_parallel first")
+    return optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: update_routing_bias(model))

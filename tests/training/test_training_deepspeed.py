@@ -1,6 +1,7 @@
 """The MoE layer inside `deepspeed.initialize` with ZeRO 1 and 2 (2 gloo ranks) trains exactly like
 the single-process layer: DeepSpeed must reduce expert gradients per rank (never average different
-experts together) and average the rest."""
+experts together) and average the rest, and its steps must move the sigmoid router's balancing bias
+as the single-process steps do (the hook of `update_routing_bias_every_step` on the wrapped optimizer)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ import pytest
 import torch
 import torch.distributed as dist
 from moeflow.training.launch import run_ranks
+from moeflow.training.lm import update_routing_bias_every_step
 from moeflow.training.moe_layer import MoELayer, MoELayerConfig
+from moeflow.training.routing import SigmoidBias
 from torch import nn
 from torch.testing import assert_close
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency (pip install -e .[dev])")
 
 STEPS, TOKENS = 3, 6
-CONFIG = MoELayerConfig(hidden_size=8, expert_hidden_size=12, num_experts=4, num_chunks=2, init_std=0.3)
+CONFIG = MoELayerConfig(
+    hidden_size=8,
+    expert_hidden_size=12,
+    num_experts=4,
+    routing=SigmoidBias(k=2, bias_update_rate=0.05, seq_aux_coef=0.01),
+    num_chunks=2,
+    init_std=0.3,
+)
 
 
 def _model(group):
@@ -44,6 +54,7 @@ def deepspeed_worker(rank: int, world: int, stages: list[int]) -> None:
     reference = _model(None)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    update_routing_bias_every_step(reference, ref_optimizer)
     for step in range(STEPS):
         ref_optimizer.zero_grad()
         for r in range(world):
@@ -53,6 +64,7 @@ def deepspeed_worker(rank: int, world: int, stages: list[int]) -> None:
     for stage in stages:
         model = _model(dist.group.WORLD)
         optimizer = torch.optim.SGD(prepare_for_deepspeed(model), lr=0.5)
+        update_routing_bias_every_step(model, optimizer)
         ds_config = {
             "train_micro_batch_size_per_gpu": TOKENS,
             "train_batch_size": TOKENS * world,

@@ -1,6 +1,7 @@
 """A Mixtral LM with its MoE blocks replaced by the expert-parallel layer trains like the
 single-process run: same per-step loss and same weights after a few steps (2 gloo ranks,
-bucketed gradient averaging, chunked all-to-all)."""
+bucketed gradient averaging, chunked all-to-all). With DeepSeek-V3's sigmoid router, the training
+step moves the balancing bias and the load evens out."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from moeflow.training.lm import (
     moe_aux_loss,
     moe_layers,
     replicated_parameters,
+    update_routing_bias_every_step,
 )
+from moeflow.training.routing import SigmoidBias
 from torch.testing import assert_close
 
 STEPS, BATCH, SEQ, VOCAB = 4, 2, 8, 64
 
 
-def _tiny_mixtral():
+def _tiny_mixtral(num_experts: int = 4, max_positions: int = SEQ):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
@@ -31,9 +34,9 @@ def _tiny_mixtral():
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        num_local_experts=4,
+        num_local_experts=num_experts,
         num_experts_per_tok=2,
-        max_position_embeddings=SEQ,
+        max_position_embeddings=max_positions,
         router_aux_loss_coef=0.02,
         attn_implementation="eager",
     )
@@ -113,3 +116,41 @@ def lm_worker(rank: int, world: int, args: None) -> dict[str, object]:
 def test_lm_training_matches_single_process():
     results = run_ranks(lm_worker, 2, timeout_s=300)
     assert results[0]["losses"] == results[1]["losses"]
+
+
+def _late_imbalance(*, balance: bool, steps: int = 24, late: int = 10) -> tuple[list[float], list[float]]:
+    """Train a tiny 8-expert LM with DeepSeek-V3's sigmoid router (with or without the bias hook) on one
+    batch; per layer, the busiest expert's load over the mean load (1.0: balanced) at the first step and
+    averaged over the last `late` steps."""
+    model = _tiny_mixtral(num_experts=8, max_positions=32)
+    layers = apply_expert_parallel(model, None, routing=SigmoidBias(k=2, bias_update_rate=0.02))
+    torch.manual_seed(2)
+    for layer in layers:  # a router that starts clearly unbalanced on this batch
+        layer.gate.weight.data.normal_(std=0.3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    if balance:
+        update_routing_bias_every_step(model, optimizer)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    imbalance_NL = []
+    for _ in range(steps):
+        before_LE = torch.stack([layer.load_E.clone() for layer in layers])
+        loss = model(input_ids=ids, labels=ids).loss + moe_aux_loss(model)
+        step_load_LE = torch.stack([layer.load_E for layer in layers]) - before_LE
+        assert (step_load_LE.sum(dim=1) == ids.numel() * 2).all()
+        imbalance_NL.append((step_load_LE.max(dim=1).values / step_load_LE.float().mean(dim=1)).tolist())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if balance:
+        assert all(layer.gate.e_score_correction_bias.abs().sum() > 0 for layer in layers)
+        assert all(int(layer.load_E.sum()) == 0 for layer in layers)  # the step's end reset the counters
+    late_L = torch.tensor(imbalance_NL[-late:]).mean(dim=0).tolist()
+    return imbalance_NL[0], late_L
+
+
+def test_training_step_moves_the_sigmoid_bias_towards_balanced_load():
+    first, balanced = _late_imbalance(balance=True)
+    first_control, unbalanced = _late_imbalance(balance=False)
+    assert first == first_control and min(first) > 1.25  # same start, clearly unbalanced
+    for layer, (ours, control) in enumerate(zip(balanced, unbalanced)):
+        assert ours < 0.85 * control and ours < 1.3, (layer, ours, control)
