@@ -10,7 +10,7 @@ DeepSpeed's expert groups) and returns the optimizer parameter groups DeepSpeed 
 Checkpointing through DeepSpeed's MoE checkpoint format is not covered: save `model.state_dict()`
 per rank instead.
 
-Legend: T tokens, D hidden, I expert hidden, E experts.
+Shapes: the project legend (moeflow/__init__.py).
 """
 
 from __future__ import annotations

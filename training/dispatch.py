@@ -6,8 +6,8 @@ order    sort the routed assignments by (chunk, expert). Chunk c holds the token
          One small count exchange (and one host sync) tells every rank what it will receive.
 restore  weight each returned row by its routing weight and sum the rows back into their tokens.
 
-Legend: T tokens, D hidden, E experts, S routed assignments, R ranks, L experts per rank,
-d chunks, N rows of one chunk received by this rank.
+Shapes: the project legend (moeflow/__init__.py): P routed assignments, X experts per rank, N rows of
+one chunk received by this rank; here d is the number of chunks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ChunkLayout:
     send_start: int  # first row of the chunk in this rank's sorted assignments
     send_splits: tuple[int, ...]  # rows sent to each rank
     recv_splits: tuple[int, ...]  # rows received from each rank (source-major, then expert)
-    tokens_per_expert_E: tuple[int, ...]  # received rows per local expert
+    tokens_per_expert_X: tuple[int, ...]  # received rows per local expert
     to_expert_major_N: Tensor | None  # gather index: source-major rows -> expert-major (None: already)
     to_source_major_N: Tensor | None  # its inverse
 
@@ -42,7 +42,7 @@ class ChunkLayout:
 
 @dataclass(frozen=True, kw_only=True)
 class DispatchPlan:
-    order_S: Tensor  # permutation of the assignments into (chunk, expert) order
+    order_P: Tensor  # permutation of the assignments into (chunk, expert) order
     chunks: tuple[ChunkLayout, ...]
 
     @property
@@ -52,41 +52,41 @@ class DispatchPlan:
 
 def plan_dispatch(routes: Routes, *, num_tokens: int, num_chunks: int, comm: ExpertComm) -> DispatchPlan:
     """Collective over the group when it has more than one rank (all ranks, same num_chunks)."""
-    device = routes.expert_ids_S.device
+    device = routes.expert_ids_P.device
     num_experts, ranks, local = comm.num_experts, comm.world_size, comm.num_local_experts
-    chunk_S = routes.token_ids_S * num_chunks // max(num_tokens, 1)
-    key_S = chunk_S * num_experts + routes.expert_ids_S
-    order_S = torch.argsort(key_S, stable=True)
-    counts_dRL = torch.bincount(key_S, minlength=num_chunks * num_experts).view(num_chunks, ranks, local)
-    recv_RdL = comm.exchange_counts(counts_dRL)
+    chunk_P = routes.token_ids_P * num_chunks // max(num_tokens, 1)
+    key_P = chunk_P * num_experts + routes.expert_ids_P
+    order_P = torch.argsort(key_P, stable=True)
+    counts_dRX = torch.bincount(key_P, minlength=num_chunks * num_experts).view(num_chunks, ranks, local)
+    recv_RdX = comm.exchange_counts(counts_dRX)
     # Host sync: split sizes must be Python ints for the all-to-alls and the per-expert matmuls.
-    send, recv = counts_dRL.tolist(), recv_RdL.tolist()
+    send, recv = counts_dRX.tolist(), recv_RdX.tolist()
     chunks = []
     start = 0
     for c in range(num_chunks):
-        recv_RL = [recv[r][c] for r in range(ranks)]
-        to_expert_major, to_source_major = _expert_major_index(recv_RL, device)
+        recv_RX = [recv[r][c] for r in range(ranks)]
+        to_expert_major, to_source_major = _expert_major_index(recv_RX, device)
         send_splits = tuple(sum(send[c][r]) for r in range(ranks))
         chunks.append(
             ChunkLayout(
                 send_start=start,
                 send_splits=send_splits,
-                recv_splits=tuple(sum(row) for row in recv_RL),
-                tokens_per_expert_E=tuple(sum(recv_RL[r][e] for r in range(ranks)) for e in range(local)),
+                recv_splits=tuple(sum(row) for row in recv_RX),
+                tokens_per_expert_X=tuple(sum(recv_RX[r][e] for r in range(ranks)) for e in range(local)),
                 to_expert_major_N=to_expert_major,
                 to_source_major_N=to_source_major,
             )
         )
         start += sum(send_splits)
-    return DispatchPlan(order_S=order_S, chunks=tuple(chunks))
+    return DispatchPlan(order_P=order_P, chunks=tuple(chunks))
 
 
-def _expert_major_index(recv_RL: list[list[int]], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-    ranks, local = len(recv_RL), len(recv_RL[0])
+def _expert_major_index(recv_RX: list[list[int]], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    ranks, local = len(recv_RX), len(recv_RX[0])
     if ranks == 1 or local == 1:
         return None, None
     segment_expert = torch.arange(local, device=device).repeat(ranks)
-    segment_rows = torch.tensor([n for row in recv_RL for n in row], device=device)
+    segment_rows = torch.tensor([n for row in recv_RX for n in row], device=device)
     expert_of_row_N = torch.repeat_interleave(segment_expert, segment_rows)
     to_expert_major_N = torch.argsort(expert_of_row_N, stable=True)
     to_source_major_N = torch.empty_like(to_expert_major_N)
@@ -94,7 +94,7 @@ def _expert_major_index(recv_RL: list[list[int]], device: torch.device) -> tuple
     return to_expert_major_N, to_source_major_N
 
 
-def restore(y_SD: Tensor, weights_S: Tensor, token_ids_S: Tensor, num_tokens: int) -> Tensor:
+def restore(y_PD: Tensor, weights_P: Tensor, token_ids_P: Tensor, num_tokens: int) -> Tensor:
     """out[t] = sum over t's assignments of weight * expert output (rows in any order)."""
-    weighted_SD = y_SD * weights_S.to(y_SD.dtype)[:, None]
-    return y_SD.new_zeros(num_tokens, y_SD.shape[1]).index_add(0, token_ids_S, weighted_SD)
+    weighted_PD = y_PD * weights_P.to(y_PD.dtype)[:, None]
+    return y_PD.new_zeros(num_tokens, y_PD.shape[1]).index_add(0, token_ids_P, weighted_PD)

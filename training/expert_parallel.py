@@ -1,13 +1,13 @@
 """The expert-parallel group as one rank sees it: which experts live here, and the all-to-alls.
 
-Rank r of an R-rank group owns experts [r*L, (r+1)*L), L = E / R. Without a group (or with a
+Rank r of an R-rank group owns experts [r*X, (r+1)*X), X = E / R. Without a group (or with a
 group of one) every expert is local and an all-to-all is a no-op, so the single-process layer and
 the expert-parallel layer run the same code.
 
 gloo (CPU) and nccl (GPU) both run an async collective off the calling thread, which is what lets
 chunk i's all-to-all proceed while the main thread computes chunk i-1's experts.
 
-Legend: N rows, D hidden, R ranks, L experts per rank, d chunks.
+Shapes: the project legend (moeflow/__init__.py); here d is the number of chunks.
 """
 
 from __future__ import annotations
@@ -62,15 +62,15 @@ class ExpertComm:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def exchange_counts(self, counts_dRL: Tensor) -> Tensor:
+    def exchange_counts(self, counts_dRX: Tensor) -> Tensor:
         """Each rank sends, per chunk, how many rows it has for each expert of each rank; returns
-        what it will receive: [R source ranks, d chunks, L local experts]. Blocking (tiny)."""
-        send_RdL = counts_dRL.transpose(0, 1).contiguous()
+        what it will receive: [R source ranks, d chunks, X local experts]. Blocking (tiny)."""
+        send_RdX = counts_dRX.transpose(0, 1).contiguous()
         if not self.distributed:
-            return send_RdL
-        recv_RdL = torch.empty_like(send_RdL)
-        dist.all_to_all_single(recv_RdL, send_RdL, group=self.group)
-        return recv_RdL
+            return send_RdX
+        recv_RdX = torch.empty_like(send_RdX)
+        dist.all_to_all_single(recv_RdX, send_RdX, group=self.group)
+        return recv_RdX
 
     def start_all_to_all(
         self,

@@ -1,8 +1,8 @@
 """The MoE layer for training: route -> order -> dispatch -> experts -> combine -> restore order.
 
-    x_TD ─ gate ─▶ logits_TE ─ routing rule ─▶ Routes (token, expert, weight) x S
-         ─ order (sort by chunk, expert; count exchange) ─▶ x_SD
-         ─ dispatch (all-to-all) ─▶ experts ─▶ combine (all-to-all) ─▶ y_SD      [pipelined over d chunks]
+    x_TD ─ gate ─▶ logits_TE ─ routing rule ─▶ Routes (token, expert, weight) x P
+         ─ order (sort by chunk, expert; count exchange) ─▶ x_PD
+         ─ dispatch (all-to-all) ─▶ experts ─▶ combine (all-to-all) ─▶ y_PD      [pipelined over d chunks]
          ─ restore (weight, sum back into tokens) ─▶ out_TD
 
 Parameter names match transformers' Mixtral block (`gate.weight`, `experts.gate_up_proj`,
@@ -10,7 +10,8 @@ Parameter names match transformers' Mixtral block (`gate.weight`, `experts.gate_
 holds only this rank's E/R experts. With no group the layer is the single-process reference and
 runs the same code with no-op all-to-alls.
 
-Legend: T tokens, D hidden, E experts, L experts on this rank, I expert hidden, S routed assignments.
+Shapes: the project legend (moeflow/__init__.py): P routed assignments, X = E / R experts on this rank;
+d is the number of chunks.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Router(nn.Module):
 
 
 class LocalExperts(nn.Module):
-    """This rank's experts in transformers' fused layout: gate_up_proj [L, 2I, D], down_proj [L, D, I]."""
+    """This rank's experts in transformers' fused layout: gate_up_proj [X, 2I, D], down_proj [X, D, I]."""
 
     def __init__(self, config: MoELayerConfig, num_local_experts: int) -> None:
         super().__init__()
@@ -117,16 +118,16 @@ class MoELayer(nn.Module):
         if self.training:
             self.load_E += routes.tokens_per_expert_E.to(self.load_E.device)
         plan = plan_dispatch(routes, num_tokens=num_tokens, num_chunks=self._chunks_for(routes), comm=self.comm)
-        token_ids_S = routes.token_ids_S[plan.order_S]
-        x_SD = x_TD[token_ids_S]
+        token_ids_P = routes.token_ids_P[plan.order_P]
+        x_PD = x_TD[token_ids_P]
         exchange = ExchangeContext(
             plan=plan,
             comm=self.comm,
             expert_fn=select_expert_fn(self.config.expert_backend, x_TD.device),
             timeline=self.timeline,
         )
-        y_SD = pipelined_exchange(x_SD, self.experts.gate_up_proj, self.experts.down_proj, exchange)
-        out_TD = restore(y_SD, routes.weights_S[plan.order_S], token_ids_S, num_tokens)
+        y_PD = pipelined_exchange(x_PD, self.experts.gate_up_proj, self.experts.down_proj, exchange)
+        out_TD = restore(y_PD, routes.weights_P[plan.order_P], token_ids_P, num_tokens)
         return out_TD.view(hidden_states.shape)
 
     def _chunks_for(self, routes: Routes) -> int:
@@ -137,9 +138,9 @@ class MoELayer(nn.Module):
         self.split_profile = profile_split(
             comm=self.comm,
             expert_fn=select_expert_fn(self.config.expert_backend, self.experts.gate_up_proj.device),
-            gate_up_E2ID=self.experts.gate_up_proj,
-            down_EDI=self.experts.down_proj,
-            num_rows=int(routes.token_ids_S.numel()),
+            gate_up_X2ID=self.experts.gate_up_proj,
+            down_XDI=self.experts.down_proj,
+            num_rows=int(routes.token_ids_P.numel()),
             max_chunks=self.config.max_chunks,
         )
         self._num_chunks = self.split_profile.num_chunks

@@ -9,8 +9,8 @@ The expert maths of each chunk is recorded as an ordinary autograd graph on the 
 (so a fused kernel's own backward is used as is); the backward replays it chunk by chunk with
 `torch.autograd.grad`. d = 1 is the plain, unoverlapped schedule.
 
-Legend: S this rank's routed rows (sorted by chunk, then expert), N rows one chunk brings to this rank,
-D hidden, I expert hidden, L experts on this rank.
+Shapes: the project legend (moeflow/__init__.py): P this rank's routed rows (sorted by chunk, then
+expert), N the rows one chunk brings to this rank, X experts on this rank; d is the number of chunks.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class ExchangeContext:
     timeline: Timeline | None = None
 
 
-def _rows(tensor_SD: Tensor, chunk: ChunkLayout) -> Tensor:
-    return tensor_SD[chunk.send_start : chunk.send_start + chunk.send_rows]
+def _rows(tensor_PD: Tensor, chunk: ChunkLayout) -> Tensor:
+    return tensor_PD[chunk.send_start : chunk.send_start + chunk.send_rows]
 
 
 def _recorded(timeline: Timeline | None, label: str) -> AbstractContextManager[None]:
@@ -48,18 +48,18 @@ class _PipelinedExchange(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
-        x_SD: Tensor,
-        gate_up_E2ID: Tensor,
-        down_EDI: Tensor,
+        x_PD: Tensor,
+        gate_up_X2ID: Tensor,
+        down_XDI: Tensor,
         exchange: ExchangeContext,
         build_graph: bool,
     ) -> Tensor:
         plan, comm, timeline = exchange.plan, exchange.comm, exchange.timeline
-        x_SD = x_SD.contiguous()
-        y_SD = torch.empty_like(x_SD)
+        x_PD = x_PD.contiguous()
+        y_PD = torch.empty_like(x_PD)
         with torch.enable_grad():
-            gate_up_leaf = gate_up_E2ID.detach().requires_grad_(build_graph and ctx.needs_input_grad[1])
-            down_leaf = down_EDI.detach().requires_grad_(build_graph and ctx.needs_input_grad[2])
+            gate_up_leaf = gate_up_X2ID.detach().requires_grad_(build_graph and ctx.needs_input_grad[1])
+            down_leaf = down_XDI.detach().requires_grad_(build_graph and ctx.needs_input_grad[2])
         # Rows that need no gradient (the layer's input is a leaf without grad) skip the input
         # backward of the first projection and the whole return all-to-all of the backward.
         rows_need_grad = build_graph and ctx.needs_input_grad[0]
@@ -67,7 +67,7 @@ class _PipelinedExchange(torch.autograd.Function):
         def dispatch(i: int) -> PendingTensor:
             chunk = plan.chunks[i]
             return comm.start_all_to_all(
-                _rows(x_SD, chunk),
+                _rows(x_PD, chunk),
                 input_splits=chunk.send_splits,
                 output_splits=chunk.recv_splits,
                 timeline=timeline,
@@ -83,7 +83,7 @@ class _PipelinedExchange(torch.autograd.Function):
             with torch.set_grad_enabled(build_graph), _recorded(timeline, f"experts fwd {i}"):
                 x_leaf_ND = x_ND.detach().requires_grad_(rows_need_grad)
                 x_grouped_ND = x_leaf_ND if chunk.to_expert_major_N is None else x_leaf_ND[chunk.to_expert_major_N]
-                y_grouped_ND = exchange.expert_fn(x_grouped_ND, chunk.tokens_per_expert_E, gate_up_leaf, down_leaf)
+                y_grouped_ND = exchange.expert_fn(x_grouped_ND, chunk.tokens_per_expert_X, gate_up_leaf, down_leaf)
                 y_ND = y_grouped_ND if chunk.to_source_major_N is None else y_grouped_ND[chunk.to_source_major_N]
             graphs.append((x_leaf_ND, y_ND))
             combines.append(
@@ -91,7 +91,7 @@ class _PipelinedExchange(torch.autograd.Function):
                     y_ND.detach(),
                     input_splits=chunk.recv_splits,
                     output_splits=chunk.send_splits,
-                    out_ND=_rows(y_SD, chunk),
+                    out_ND=_rows(y_PD, chunk),
                     timeline=timeline,
                     label=f"combine {i}",
                 )
@@ -103,23 +103,23 @@ class _PipelinedExchange(torch.autograd.Function):
         ctx.exchange = exchange
         ctx.graphs = graphs if build_graph else None
         ctx.weight_leaves = (gate_up_leaf, down_leaf)
-        return y_SD
+        return y_PD
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y_SD: Tensor):  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y_PD: Tensor):  # type: ignore[override]
         exchange: ExchangeContext = ctx.exchange
         plan, comm, timeline = exchange.plan, exchange.comm, exchange.timeline
         graphs: list[tuple[Tensor, Tensor] | None] = ctx.graphs
         gate_up_leaf, down_leaf = ctx.weight_leaves
-        grad_y_SD = grad_y_SD.contiguous()
+        grad_y_PD = grad_y_PD.contiguous()
         rows_need_grad = ctx.needs_input_grad[0]
-        grad_x_SD = torch.empty_like(grad_y_SD) if rows_need_grad else None
+        grad_x_PD = torch.empty_like(grad_y_PD) if rows_need_grad else None
         weight_grads = _WeightGrads()
 
         def gather_grad(i: int) -> PendingTensor:
             chunk = plan.chunks[i]
             return comm.start_all_to_all(
-                _rows(grad_y_SD, chunk),
+                _rows(grad_y_PD, chunk),
                 input_splits=chunk.send_splits,
                 output_splits=chunk.recv_splits,
                 timeline=timeline,
@@ -135,14 +135,14 @@ class _PipelinedExchange(torch.autograd.Function):
             graphs[i] = None  # chunk i's graph is freed once its backward has run
             with _recorded(timeline, f"experts bwd {i}"):
                 grad_x_ND = _chunk_backward(x_leaf_ND, y_ND, grad_y_ND, gate_up_leaf, down_leaf, weight_grads)
-            if grad_x_SD is not None:
+            if grad_x_PD is not None:
                 assert grad_x_ND is not None
                 returns.append(
                     comm.start_all_to_all(
                         grad_x_ND,
                         input_splits=chunk.recv_splits,
                         output_splits=chunk.send_splits,
-                        out_ND=_rows(grad_x_SD, chunk),
+                        out_ND=_rows(grad_x_PD, chunk),
                         timeline=timeline,
                         label=f"grad dispatch {i}",
                     )
@@ -151,7 +151,7 @@ class _PipelinedExchange(torch.autograd.Function):
                 pending = upcoming
         for pending_return in returns:
             pending_return.wait()
-        return grad_x_SD, weight_grads.gate_up, weight_grads.down, None, None
+        return grad_x_PD, weight_grads.gate_up, weight_grads.down, None, None
 
 
 class _WeightGrads:
@@ -189,10 +189,10 @@ def _chunk_backward(
     return grad_x_ND if grad_x_ND is not None else torch.zeros_like(x_leaf_ND)
 
 
-def pipelined_exchange(x_SD: Tensor, gate_up_E2ID: Tensor, down_EDI: Tensor, exchange: ExchangeContext) -> Tensor:
+def pipelined_exchange(x_PD: Tensor, gate_up_X2ID: Tensor, down_XDI: Tensor, exchange: ExchangeContext) -> Tensor:
     """Send each sorted row to its expert, run the experts, bring the outputs back in the same
     row order; differentiable w.r.t. the rows and the local expert weights."""
     build_graph = torch.is_grad_enabled() and (
-        x_SD.requires_grad or gate_up_E2ID.requires_grad or down_EDI.requires_grad
+        x_PD.requires_grad or gate_up_X2ID.requires_grad or down_XDI.requires_grad
     )
-    return _PipelinedExchange.apply(x_SD, gate_up_E2ID, down_EDI, exchange, build_graph)
+    return _PipelinedExchange.apply(x_PD, gate_up_X2ID, down_XDI, exchange, build_graph)

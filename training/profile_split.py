@@ -110,8 +110,8 @@ def profile_split(
     *,
     comm: ExpertComm,
     expert_fn: ExpertFn,
-    gate_up_E2ID: Tensor,
-    down_EDI: Tensor,
+    gate_up_X2ID: Tensor,
+    down_XDI: Tensor,
     num_rows: int,
     max_chunks: int,
     repeats: int = 3,
@@ -121,11 +121,11 @@ def profile_split(
     if comm.distributed:
         dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=comm.group)
     num_rows = max(int(rows), comm.world_size * comm.num_local_experts)
-    hidden = gate_up_E2ID.shape[-1]
-    element_bytes = gate_up_E2ID.element_size()
+    hidden = gate_up_X2ID.shape[-1]
+    element_bytes = gate_up_X2ID.element_size()
     divisors = [d for d in (1, 2, 4, 8, 16) if d <= max(max_chunks, 2)]
-    gate_up = gate_up_E2ID.detach().clone().requires_grad_(True)
-    down = down_EDI.detach().clone().requires_grad_(True)
+    gate_up = gate_up_X2ID.detach().clone().requires_grad_(True)
+    down = down_XDI.detach().clone().requires_grad_(True)
     sizes, timings = [], []
     for d in divisors:
         rows_d = max(num_rows // d, comm.world_size)
@@ -147,10 +147,10 @@ def profile_split(
         backward_s = statistics.median(_median_seconds(lambda y=y: y.backward(torch.ones_like(y)), 1) for y in outputs)
         sizes.append(x_ND.numel() * element_bytes)
         timings.append([comm_s, forward_s, backward_s])
-    timings_P3 = torch.tensor(timings, dtype=torch.float64)
+    timings_N3 = torch.tensor(timings, dtype=torch.float64)
     if comm.distributed:
-        dist.all_reduce(timings_P3, op=dist.ReduceOp.MAX, group=comm.group)
-    comm_s, forward_s, backward_s = timings_P3.t().tolist()
+        dist.all_reduce(timings_N3, op=dist.ReduceOp.MAX, group=comm.group)
+    comm_s, forward_s, backward_s = timings_N3.t().tolist()
     profile = SplitProfile(
         num_bytes=num_rows * hidden * element_bytes,
         all_to_all=fit_linear(sizes, comm_s),

@@ -4,8 +4,8 @@ Every router returns the same record, `Routes`, whatever its rule (token choice 
 capacity, expert choice, sigmoid with a balancing bias), so the rest of the layer (order, dispatch,
 experts, combine, restore) never looks at the routing rule.
 
-Legend: T tokens, E experts, K experts per token, C capacity (slots per expert),
-S routed (token, expert) assignments (T*K for dropless top-k, fewer after drops, E*C for expert choice).
+Shapes: the project legend (moeflow/__init__.py). P counts the routed (token, expert) assignments:
+T*K for dropless top-k, fewer after drops, E*C for expert choice.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torch import Tensor
 class Routes:
     """One batch's routing decision. `aux_loss` is already scaled by its coefficient: add it to the loss."""
 
-    token_ids_S: Tensor  # int64, which token each assignment moves
-    expert_ids_S: Tensor  # int64, global expert index
-    weights_S: Tensor  # float32, combine weight, differentiable w.r.t. the router logits
+    token_ids_P: Tensor  # int64, which token each assignment moves
+    expert_ids_P: Tensor  # int64, global expert index
+    weights_P: Tensor  # float32, combine weight, differentiable w.r.t. the router logits
     aux_loss: Tensor  # float32 scalar
     tokens_per_expert_E: Tensor  # int64, assignments kept per expert (the load)
 
@@ -91,9 +91,9 @@ class ExpertChoice:
         weights_EC, token_ids_EC = probs_TE.t().topk(capacity, dim=1)
         expert_ids_EC = torch.arange(num_experts, device=logits_TE.device)[:, None].expand_as(token_ids_EC)
         return Routes(
-            token_ids_S=token_ids_EC.reshape(-1),
-            expert_ids_S=expert_ids_EC.reshape(-1),
-            weights_S=weights_EC.reshape(-1),
+            token_ids_P=token_ids_EC.reshape(-1),
+            expert_ids_P=expert_ids_EC.reshape(-1),
+            weights_P=weights_EC.reshape(-1),
             aux_loss=logits_TE.new_zeros((), dtype=torch.float32),
             tokens_per_expert_E=torch.full((num_experts,), capacity, dtype=torch.int64, device=logits_TE.device),
         )
@@ -124,11 +124,12 @@ class SigmoidBias:
         scores_TE = torch.sigmoid(logits_TE.float())
         select_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E.float()
         if self.num_groups > 1:
-            select_TGX = select_TE.view(num_tokens, self.num_groups, -1)
-            group_score_TG = select_TGX.topk(min(2, select_TGX.shape[-1]), dim=-1).values.sum(-1)
+            per_group = num_experts // self.num_groups
+            grouped = select_TE.view(num_tokens, self.num_groups, per_group)
+            group_score_TG = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)
             best_groups_TG = group_score_TG.topk(self.topk_groups, dim=-1).indices
             keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_groups_TG, True)
-            select_TE = select_TGX.masked_fill(~keep_TG[..., None], float("-inf")).view(num_tokens, -1)
+            select_TE = select_TE.masked_fill(~keep_TG.repeat_interleave(per_group, dim=1), float("-inf"))
         topk_ids_TK = select_TE.topk(self.k, dim=-1).indices
         weights_TK = scores_TE.gather(1, topk_ids_TK)
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True) * self.routed_scaling
@@ -139,9 +140,9 @@ class SigmoidBias:
             mean_score_E = (scores_TE / scores_TE.sum(-1, keepdim=True)).mean(0)
             aux_loss = self.seq_aux_coef * (frac_E * mean_score_E).sum()
         return Routes(
-            token_ids_S=torch.arange(num_tokens, device=logits_TE.device).repeat_interleave(self.k),
-            expert_ids_S=topk_ids_TK.reshape(-1),
-            weights_S=weights_TK.reshape(-1),
+            token_ids_P=torch.arange(num_tokens, device=logits_TE.device).repeat_interleave(self.k),
+            expert_ids_P=topk_ids_TK.reshape(-1),
+            weights_P=weights_TK.reshape(-1),
             aux_loss=aux_loss,
             tokens_per_expert_E=counts_E,
         )
@@ -172,21 +173,21 @@ def _token_choice(
     aux_loss = aux_loss_coef * num_experts * (chosen_E.float() / num_tokens * probs_TE.mean(0)).sum()
     if z_loss_coef:
         aux_loss = aux_loss + z_loss_coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
-    token_ids_S = torch.arange(num_tokens, device=logits_TE.device).repeat_interleave(k)
-    expert_ids_S = topk_ids_TK.reshape(-1)
-    weights_S = weights_TK.reshape(-1)
+    token_ids_P = torch.arange(num_tokens, device=logits_TE.device).repeat_interleave(k)
+    expert_ids_P = topk_ids_TK.reshape(-1)
+    weights_P = weights_TK.reshape(-1)
     tokens_per_expert_E = chosen_E
     if capacity_factor is not None:
         capacity = math.ceil(capacity_factor * num_tokens * k / num_experts)
         # Priority: every token's first choice, then every token's second choice, ... (k-major).
         position_KT = _position_in_expert(topk_ids_TK.t().reshape(-1), num_experts).view(k, num_tokens)
-        keep_S = (position_KT < capacity).t().reshape(-1)
-        token_ids_S, expert_ids_S, weights_S = token_ids_S[keep_S], expert_ids_S[keep_S], weights_S[keep_S]
-        tokens_per_expert_E = torch.bincount(expert_ids_S, minlength=num_experts)
+        keep_P = (position_KT < capacity).t().reshape(-1)
+        token_ids_P, expert_ids_P, weights_P = token_ids_P[keep_P], expert_ids_P[keep_P], weights_P[keep_P]
+        tokens_per_expert_E = torch.bincount(expert_ids_P, minlength=num_experts)
     return Routes(
-        token_ids_S=token_ids_S,
-        expert_ids_S=expert_ids_S,
-        weights_S=weights_S,
+        token_ids_P=token_ids_P,
+        expert_ids_P=expert_ids_P,
+        weights_P=weights_P,
         aux_loss=aux_loss,
         tokens_per_expert_E=tokens_per_expert_E,
     )

@@ -22,7 +22,7 @@ from torch.testing import assert_close
 
 
 def _as_table(routes: Routes) -> list[tuple[int, int, float]]:
-    rows = zip(routes.token_ids_S.tolist(), routes.expert_ids_S.tolist(), routes.weights_S.tolist())
+    rows = zip(routes.token_ids_P.tolist(), routes.expert_ids_P.tolist(), routes.weights_P.tolist())
     return sorted(rows)
 
 
@@ -75,7 +75,7 @@ def test_capacity_actually_drops():
     logits_TE = torch.zeros(8, 4)
     logits_TE[:, 0] = 5.0  # every token's first choice is expert 0
     routes = TopKSoftmax(k=1, capacity_factor=1.0).route(logits_TE)
-    assert routes.token_ids_S.tolist() == [0, 1]  # C = ceil(8 * 1 / 4) = 2, kept in token order
+    assert routes.token_ids_P.tolist() == [0, 1]  # C = ceil(8 * 1 / 4) = 2, kept in token order
     assert routes.tokens_per_expert_E.tolist() == [2, 0, 0, 0]
 
 
@@ -150,8 +150,8 @@ def test_sigmoid_bias_selects_but_does_not_weight():
     logits_TE = torch.zeros(1, 4)
     bias_E = torch.tensor([0.0, 0.0, 0.0, 1.0])
     routes = SigmoidBias(k=1).route(logits_TE, bias_E)
-    assert routes.expert_ids_S.tolist() == [3]
-    assert_close(routes.weights_S, torch.ones(1))  # normalised plain score, bias not included
+    assert routes.expert_ids_P.tolist() == [3]
+    assert_close(routes.weights_P, torch.ones(1))  # normalised plain score, bias not included
 
 
 def test_bias_update_moves_towards_underloaded_experts():
@@ -161,8 +161,8 @@ def test_bias_update_moves_towards_underloaded_experts():
 
 
 def test_restore_sums_weighted_copies():
-    y_SD = torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]])
-    out = restore(y_SD, torch.tensor([0.5, 0.25, 1.0]), torch.tensor([1, 1, 0]), 3)
+    y_PD = torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]])
+    out = restore(y_PD, torch.tensor([0.5, 0.25, 1.0]), torch.tensor([1, 1, 0]), 3)
     assert_close(out, torch.tensor([[4.0, 4.0], [1.0, 1.0], [0.0, 0.0]]))
 
 
