@@ -1,66 +1,65 @@
-"""`moeflow` command line. Engine options are generated from `EngineConfig`, so defaults live there."""
+"""`moeflow` command line. Options are generated from the config dataclasses, so defaults live there.
+
+Start-up is cheap on purpose: this module imports only torch-free modules; each subcommand imports the
+engine (torch, transformers) when it runs, so `moeflow --help` and `moeflow client` never pay for them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moeflow.config import SamplingParams
-from moeflow.engine import DEFAULT_MODEL, EngineConfig, load, peak_rss_bytes
+from moeflow.config import Admission, EngineConfig, ProfileConfig, SamplingParams, choices
 from moeflow.errors import MoeflowError
+from moeflow.options import add_options, options_from_args
+from moeflow.serve.config import ServerConfig
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--kebab-name` option per dataclass field, with the field's default and help."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = str(f.default).replace("%", "%%")  # argparse %-formats help text
-        help_text = f.metadata.get("help", "") + f" (default: {default})"
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
-
-
-def dataclass_from_args(cls: type, args: argparse.Namespace) -> object:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def unescape(text: str) -> str:
+    """`\\n`, `\\t` and `\\\\` stand for newline, tab and one backslash (in --prompt and in prompts files)."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m[1]], text)
 
 
 def _model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", type=Path, default=None, help=f"Hugging Face model folder (default: {DEFAULT_MODEL.name}, shipped)"
+        "--model", type=Path, default=None, help="Hugging Face model folder (default: the shipped default model)"
     )
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-empty line; `\\n` and `\\t` stand for newline and tab."""
+    """One prompt per non-empty line, escapes as in `unescape`."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise MoeflowError(f"cannot read prompts from {path} ({e}); give a UTF-8 text file, one prompt per line") from e
-    prompts = [ln.replace("\\n", "\n").replace("\\t", "\t") for ln in lines if ln.strip()]
+    prompts = [unescape(ln) for ln in lines if ln.strip()]
     if not prompts:
         raise MoeflowError(f"{path} holds no prompts; write one prompt per line")
     return prompts
 
 
 def cmd_generate_batch(args: argparse.Namespace) -> int:
-    from moeflow.scheduler import make_admission
+    from moeflow.build import load, make_admission
+    from moeflow.engine import peak_rss_bytes
+    from moeflow.scheduler import run_batch
 
     if args.batch_size < 1:
         raise MoeflowError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts = read_prompts(args.prompts)
-    config = dataclass_from_args(EngineConfig, args)
-    sampling = dataclass_from_args(SamplingParams, args)
+    config = options_from_args(EngineConfig, args)
+    sampling = options_from_args(SamplingParams, args)
     with load(args.model, **dataclasses.asdict(config)) as engine:
         admission = make_admission(args.admission, engine)
-        run = engine.run_batch(prompts, batch_size=args.batch_size, admission=admission,
-                               **dataclasses.asdict(sampling))
+        run = run_batch(
+            engine, prompts, batch_size=args.batch_size, admission=admission, **dataclasses.asdict(sampling)
+        )
         stats = engine.stats()
     results = run.results
     tokens = sum(len(r.token_ids) for r in results)
@@ -96,10 +95,14 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts is not None:
         return cmd_generate_batch(args)
-    config = dataclass_from_args(EngineConfig, args)
-    sampling = dataclass_from_args(SamplingParams, args)
+    from moeflow.build import load
+    from moeflow.engine import peak_rss_bytes
+
+    prompt = unescape(args.prompt)
+    config = options_from_args(EngineConfig, args)
+    sampling = options_from_args(SamplingParams, args)
     with load(args.model, **dataclasses.asdict(config)) as engine:
-        result = engine.generate(args.prompt, **dataclasses.asdict(sampling))
+        result = engine.generate(prompt, **dataclasses.asdict(sampling))
         stats = engine.stats()
     if args.json:
         print(
@@ -118,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(args.prompt + (result.text if result.text is not None else str(result.token_ids)))
+        print(prompt + (result.text if result.text is not None else str(result.token_ids)))
         print(
             f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tok/s, cache hit rate "
             f"{stats.hit_rate:.1%}, {stats.bytes_read / 2**20:.1f} MiB read, "
@@ -148,12 +151,13 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    from moeflow.build import load
     from moeflow.tools.trace import record_trace
 
     with load(args.model, expert_budget="all", store="ram") as engine:
         predictors = []
         if args.predictors:
-            from moeflow.predictor.runtime import build_predictor
+            from moeflow.predictor.apply import build_predictor
 
             predictors = [build_predictor(engine, n, lookahead=args.lookahead) for n in _names(args.predictors)]
         trace = record_trace(
@@ -169,7 +173,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_predictor_train(args: argparse.Namespace) -> int:
-    from moeflow.predictor.evaluate import train_predictors
+    from moeflow.build import load
+    from moeflow.tools.predictor_eval import train_predictors
     from moeflow.tools.trace import Trace, record_trace
 
     with load(args.model, expert_budget="all", store="ram") as engine:
@@ -192,13 +197,15 @@ def cmd_predictor_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predictor_eval(args: argparse.Namespace) -> int:
-    from moeflow.predictor.evaluate import evaluate, plot_eval, write_report
-    from moeflow.predictor.runtime import available_predictors
+    from moeflow.build import load
+    from moeflow.predictor.apply import available_predictors
+    from moeflow.tools.predictor_eval import evaluate, plot_eval, write_report
 
     with load(args.model, expert_budget="all", store="ram") as engine:
         names = _names(args.predictors) if args.predictors else available_predictors(engine.checkpoint.path)
-        report = evaluate(engine, names, args.data or default_data_files(), lookahead=args.lookahead,
-                          max_tokens=args.max_tokens)
+        report = evaluate(
+            engine, names, args.data or default_data_files(), lookahead=args.lookahead, max_tokens=args.max_tokens
+        )
     if args.out is not None:
         write_report(report, args.out / "predictor_eval.json")
         plot_eval(report, args.out / "predictor_eval.png")
@@ -215,7 +222,7 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from moeflow.tools.profile import ProfileConfig, default_label, profile_model, read_report
+    from moeflow.tools.profile import default_label, profile_model, read_report
     from moeflow.tools.profile_report import compare_lines, plot_compare, summary_lines
 
     if args.compare is not None:
@@ -228,9 +235,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
             print("\n".join(compare_lines(a, b, label_a, label_b)))
             print(f"[wrote {png}]", file=sys.stderr)
         return 0
-    config = dataclass_from_args(ProfileConfig, args)
-    report = profile_model(args.model, config, data=args.data, trace_dir=args.trace, out=args.out,
-                           progress=not args.json)
+    config = options_from_args(ProfileConfig, args)
+    report = profile_model(
+        args.model, config, data=args.data, trace_dir=args.trace, out=args.out, progress=not args.json
+    )
     if args.json:
         print(json.dumps(report))
     else:
@@ -241,10 +249,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from moeflow.serve.config import ServerConfig
     from moeflow.serve.server import run
 
-    return run(args.model, dataclass_from_args(EngineConfig, args), dataclass_from_args(ServerConfig, args))
+    return run(args.model, options_from_args(EngineConfig, args), options_from_args(ServerConfig, args))
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -252,10 +259,10 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     if args.prompt is None and not args.stats:
         raise MoeflowError("give --prompt TEXT to generate, or --stats to print the server's statistics")
-    sampling = dataclasses.asdict(dataclass_from_args(SamplingParams, args))
+    sampling = dataclasses.asdict(options_from_args(SamplingParams, args))
     return run_cli(
         f"{args.host}:{args.port}",
-        args.prompt,
+        None if args.prompt is None else unescape(args.prompt),
         sampling=sampling,
         unary=args.unary,
         as_json=args.json,
@@ -264,25 +271,28 @@ def cmd_client(args: argparse.Namespace) -> int:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeflow", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate text with the experts offloaded")
     _model_option(gen)
     which = gen.add_mutually_exclusive_group(required=True)
-    which.add_argument("--prompt", help="prompt text")
+    which.add_argument("--prompt", help="prompt text (\\n, \\t and \\\\ escapes)")
     which.add_argument(
-        "--prompts", type=Path, help="file with one prompt per line (\\n and \\t escapes), generated in batches"
+        "--prompts", type=Path, help="file with one prompt per line (same escapes), generated in batches"
     )
     gen.add_argument("--batch-size", type=int, default=8, help="--prompts: sequences decoding together (default: 8)")
     gen.add_argument(
-        "--admission", default="fifo", help="--prompts: fifo, or rebatch (group sequences by predicted experts)"
+        "--admission",
+        choices=choices(Admission),
+        default="fifo",
+        help="--prompts: fifo, or rebatch (group sequences by predicted experts) (default: fifo)",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, speed and cache stats")
-    add_dataclass_options(gen, SamplingParams)
-    add_dataclass_options(gen, EngineConfig)
+    add_options(gen, SamplingParams)
+    add_options(gen, EngineConfig)
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_trace(sub: argparse._SubParsersAction) -> None:
     trace = sub.add_parser("trace", help="record every token's routing over text files (numpy folder)")
     _model_option(trace)
     _data_option(trace)
@@ -295,15 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--lookahead", type=int, default=1, help="layers ahead the predictors predict (default: 1)")
     trace.set_defaults(func=cmd_trace)
 
+
+def _add_predictor(sub: argparse._SubParsersAction) -> None:
     pred = sub.add_parser("predictor", help="train and evaluate routing predictors")
     pred_sub = pred.add_subparsers(dest="action", required=True)
     ptrain = pred_sub.add_parser("train", help="record a trace on training text and fit the trainable predictors")
     _model_option(ptrain)
-    ptrain.add_argument("--data", type=Path, nargs="+", default=None,
-                        help="training text files (default: the corpus' training split)")
+    ptrain.add_argument(
+        "--data", type=Path, nargs="+", default=None, help="training text files (default: the corpus' training split)"
+    )
     ptrain.add_argument("--trace", type=Path, default=None, help="train on this recorded trace instead of --data")
-    ptrain.add_argument("--predictors", default="path,sklearn,frequency,token_freq,transition",
-                        help="which to train, comma-separated (default: all trainable)")
+    ptrain.add_argument(
+        "--predictors",
+        default="path,sklearn,frequency,token_freq,transition",
+        help="which to train, comma-separated (default: all trainable)",
+    )
     ptrain.add_argument("--max-tokens", type=int, default=400_000, help="trace at most this many tokens")
     ptrain.add_argument("--epochs", type=int, default=12, help="epochs of the path network (default: 12)")
     ptrain.add_argument("--lookahead", type=int, default=1, help="layers ahead (the transition predictor)")
@@ -312,47 +328,63 @@ def build_parser() -> argparse.ArgumentParser:
     peval = pred_sub.add_parser("eval", help="score predictors on held-out text: recall@k, recall@2k, path accuracy")
     _model_option(peval)
     _data_option(peval)
-    peval.add_argument("--predictors", default=None,
-                       help="comma-separated (default: every predictor available for the model)")
+    peval.add_argument(
+        "--predictors", default=None, help="comma-separated (default: every predictor available for the model)"
+    )
     peval.add_argument("--max-tokens", type=int, default=100_000, help="evaluate at most this many tokens")
     peval.add_argument("--lookahead", type=int, default=1, help="layers ahead the predictions must be made")
     peval.add_argument("--out", type=Path, default=None, help="write predictor_eval.json and .png here")
     peval.add_argument("--json", action="store_true", help="print the report as JSON")
     peval.set_defaults(func=cmd_predictor_eval)
 
-    from moeflow.tools.profile import ProfileConfig
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
     prof = sub.add_parser("profile", help="expert-cache hit rates per policy and budget (trace replay), JSON + PNG")
     _model_option(prof)
     _data_option(prof)
     prof.add_argument("--trace", type=Path, default=None, help="replay this recorded trace instead of tracing --data")
     prof.add_argument("--out", type=Path, default=None, help="write profile.json, profile.png and the trace here")
     prof.add_argument("--json", action="store_true", help="print the report as JSON")
-    prof.add_argument("--compare", type=Path, nargs=2, metavar=("A.json", "B.json"), default=None,
-                      help="put two profile.json side by side (table + profile_compare.png) instead of profiling")
-    add_dataclass_options(prof, ProfileConfig)
+    prof.add_argument(
+        "--compare",
+        type=Path,
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        default=None,
+        help="put two profile.json side by side (table + profile_compare.png) instead of profiling",
+    )
+    add_options(prof, ProfileConfig)
     prof.set_defaults(func=cmd_profile)
 
-    from moeflow.serve.config import ServerConfig
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve the model over gRPC (moeflow.v1, health, reflection); SIGTERM drains")
     _model_option(srv)
-    add_dataclass_options(srv, ServerConfig)
-    add_dataclass_options(srv, EngineConfig)
+    add_options(srv, ServerConfig)
+    add_options(srv, EngineConfig)
     srv.set_defaults(func=cmd_serve)
 
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
     client = sub.add_parser("client", help="send a prompt to `moeflow serve` and stream the reply")
     client.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1)")
     client.add_argument(
         "--port", type=int, default=ServerConfig.port, help=f"server port (default: {ServerConfig.port})"
     )
-    client.add_argument("--prompt", default=None, help="prompt text")
+    client.add_argument("--prompt", default=None, help="prompt text (\\n, \\t and \\\\ escapes)")
     client.add_argument("--unary", action="store_true", help="one reply with the whole text instead of a stream")
     client.add_argument("--json", action="store_true", help="print each reply message as one JSON line")
     client.add_argument("--stats", action="store_true", help="print the server's statistics (JSON)")
     client.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
-    add_dataclass_options(client, SamplingParams)
+    add_options(client, SamplingParams)
     client.set_defaults(func=cmd_client)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeflow", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_trace, _add_predictor, _add_profile, _add_serve, _add_client):
+        add(sub)
     return parser
 
 

@@ -1,11 +1,11 @@
-"""Server settings: one frozen dataclass; `moeflow serve` generates its options from it."""
+"""Server settings: one frozen dataclass; `moeflow serve` generates its options from it. Torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moeflow.config import Admission, check_choice
 from moeflow.errors import MoeflowError
-from moeflow.scheduler import ADMISSIONS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,15 +23,14 @@ class ServerConfig:
     max_message_bytes: int = field(
         default=1 << 20, metadata={"help": "largest request message gRPC accepts, in bytes (huge prompts)"}
     )
-    admission: str = field(
+    admission: Admission = field(
         default="fifo",
         metadata={"help": "who joins the batch when more wait than fit: fifo, or rebatch (the token re-batcher)"},
     )
     grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, seconds in-flight requests get to finish"})
 
     def __post_init__(self) -> None:
-        if self.admission not in ADMISSIONS:
-            raise MoeflowError(f"unknown admission {self.admission!r}; choose one of: {', '.join(ADMISSIONS)}")
+        check_choice(self.admission, Admission, "admission")
         for name in ("max_batch_size", "max_new_tokens_limit", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise MoeflowError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

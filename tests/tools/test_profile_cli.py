@@ -93,7 +93,8 @@ def test_help_lists_the_options(capsys):
         main(["profile", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--budgets", "--policies", "--predictor", "--compare", "--live", "--disk-bandwidth", "12.5%,25%"):
+    for option in ("--budgets", "--policies", "--predictor", "--compare", "--live", "--disk-bandwidth", "12.5%,25%",
+                   "--live-store {disk,ram}"):
         assert option in out
 
 
