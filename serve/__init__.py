@@ -3,7 +3,11 @@
 Layout, along the data path:
 - `proto/moeflow/v1/moeflow.proto` — the versioned API (modules generated at import, `serve.proto`);
 - `servicer.py` — protobuf <-> dataclasses, status codes; nothing else;
-- `worker.py` — the engine thread that owns the scheduler; limits, cancellation, stats;
+- `worker.py` — the engine thread that owns the scheduler and drives it;
+- `intake.py` — request limits, and admission under the server's capacity (handler threads -> engine thread);
+- `handle.py` — one request's events from the engine thread, turned into `Chunk`s on its handler thread;
+- `stats.py` — the running totals behind `GetStats`;
+- `errors.py` — refusals and failures that are not the request's fault;
 - `detok.py` — streamed text increments;
 - `server.py` — gRPC server with health and reflection, SIGTERM drain (`moeflow serve`);
 - `client.py` — `MoeflowClient` (`moeflow client`).

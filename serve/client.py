@@ -117,10 +117,6 @@ class MoeflowClient:
         reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
-    def wait_ready(self, timeout: float) -> None:
-        """Block until the channel connects; raises grpc.FutureTimeoutError after `timeout` seconds."""
-        grpc.channel_ready_future(self._channel).result(timeout=timeout)
-
     def close(self) -> None:
         self._channel.close()
 

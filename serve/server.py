@@ -15,9 +15,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moeflow.engine import Engine, EngineConfig, load
+from moeflow.build import load, make_admission
+from moeflow.config import EngineConfig
+from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
-from moeflow.scheduler import AdmissionPolicy, make_admission
+from moeflow.scheduler import AdmissionPolicy
 
 from .config import ServerConfig
 from .proto import SERVICE_NAME, moeflow_pb2_grpc

@@ -10,17 +10,12 @@ from google.protobuf.message import Message
 
 from moeflow.errors import RequestError
 
+from .errors import CapacityError, DrainingError, EngineFailure
+from .handle import Chunk, RequestHandle
+from .intake import GenerateRequest
 from .proto import moeflow_pb2, moeflow_pb2_grpc
-from .worker import (
-    CapacityError,
-    Chunk,
-    DrainingError,
-    EngineFailure,
-    EngineWorker,
-    GenerateRequest,
-    RequestHandle,
-    ServeStats,
-)
+from .stats import ServeStats
+from .worker import EngineWorker
 
 _WIRE_TYPES = {0: "varint", 1: "64-bit", 2: "length-delimited", 5: "32-bit"}
 
