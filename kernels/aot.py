@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+from moeflow.kernels.backend import INTERPRETING
 from moeflow.kernels.config import CONFIG_DIR, TileConfig, default_key
-from moeflow.kernels.dispatch import INTERPRETING
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction

@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from moeflow.kernels.dispatch import device_key
+from moeflow.kernels.backend import device_key
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from moeflow.kernels.backend import INTERPRETING, use_triton
 from moeflow.kernels.config import TileConfig, get_config
 from moeflow.kernels.cpu import fused_moe_cpu
-from moeflow.kernels.dispatch import INTERPRETING, use_triton
 from moeflow.kernels.metadata import SortedPairs, launch_sort_pairs
 
 _SUM_BLOCK_T = 16

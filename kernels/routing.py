@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moeflow.kernels.dispatch import use_triton
+from moeflow.kernels.backend import use_triton
 
 # --------------------------------------------------------------------------------------------------
 # torch references (also the CPU path)

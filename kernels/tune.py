@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass
 
 import torch
+from moeflow.kernels.backend import INTERPRETING, device_key
 from moeflow.kernels.config import CONFIG_DIR, TileConfig, shape_key
-from moeflow.kernels.dispatch import INTERPRETING, device_key
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ from moeflow import kernels
 t2 = time.perf_counter()
 assert "transformers" not in sys.modules, "import kernels must not pull transformers in"
 from moeflow.kernels.cpu import fused_moe_cpu
-from moeflow.kernels.dispatch import INTERPRETING, use_triton
+from moeflow.kernels.backend import INTERPRETING, use_triton
 g = torch.Generator().manual_seed(0)
 x, gu, dn = torch.randn(5, 32, generator=g), torch.randn(4, 64, 32, generator=g), torch.randn(4, 32, 32, generator=g)
 logits = torch.randn(5, 4, generator=g)
@@ -48,6 +48,6 @@ def test_cpu_tensors_take_the_torch_path_without_the_interpreter() -> None:
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conftest sets the interpreter")
 def test_this_suite_runs_the_triton_kernels_in_the_interpreter() -> None:
     import torch
-    from moeflow.kernels.dispatch import INTERPRETING, use_triton
+    from moeflow.kernels.backend import INTERPRETING, use_triton
 
     assert INTERPRETING and use_triton(torch.zeros(1))

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from moeflow.kernels import config as config_mod
+from moeflow.kernels.backend import INTERPRETING
 from moeflow.kernels.config import TileConfig, get_config, shape_key
-from moeflow.kernels.dispatch import INTERPRETING
 from moeflow.kernels.tune import TuneSettings, parser_for, tune
 
 

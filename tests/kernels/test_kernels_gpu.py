@@ -23,7 +23,7 @@ from moeflow.kernels import (
     topk_softmax,
     topk_softmax_reference,
 )
-from moeflow.kernels.dispatch import INTERPRETING
+from moeflow.kernels.backend import INTERPRETING
 from test_kernels_fused_moe import BWD_TOL, CASES, DTYPES, FWD_TOL, _grads, assert_close_scaled, make_inputs
 from test_kernels_metadata import CASES as SORT_CASES
 from test_kernels_metadata import _ids as sort_ids

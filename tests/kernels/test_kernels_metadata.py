@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moeflow.kernels import SortedPairs, sort_pairs, sort_pairs_reference
-from moeflow.kernels.dispatch import INTERPRETING
+from moeflow.kernels.backend import INTERPRETING
 from moeflow.kernels.metadata import padded_bound
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before import (conftest)")

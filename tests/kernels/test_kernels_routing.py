@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moeflow.kernels import grouped_topk_sigmoid, grouped_topk_sigmoid_reference, topk_softmax, topk_softmax_reference
-from moeflow.kernels.dispatch import INTERPRETING
+from moeflow.kernels.backend import INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before import (conftest)")
 
