@@ -4,9 +4,11 @@ Shape legend: T tokens, D hidden, I expert hidden, K experts per token, S slots 
 P = T*K (token, k) pairs, V pairs with a real slot, n rows served by one slot.
 
 Every formulation does what transformers' ``grouped_mm`` experts do, in the weights' dtype: gate/up
-GEMM, ``silu(gate) * up``, down GEMM, times the routing weight (promoting to its dtype), then
-``y.view(T, K, D).sum(1)``, the K weighted outputs of a token summed in k order. Slot ids outside
-[0, S) are sentinels: the pair contributes exactly zero.
+GEMM, the gate (``gate``: transformers' ``_apply_gate`` of the family; None is SiLU(gate) * up), down
+GEMM, times the routing weight (promoting to its dtype), then ``y.view(T, K, D).sum(1)``, the K
+weighted outputs of a token summed in k order. Slot ids outside [0, S) are sentinels: the pair
+contributes exactly zero. All are plain torch ops, differentiable by autograd with the ``"mm"``
+backend, and run on CUDA tensors too: ``kernels.experts`` builds its exact path from them.
 
 GEMM backends (fp32; other dtypes always use ``torch.mm``, which already goes to oneDNN for bf16):
 
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from moeflow.kernels import backend
 from moeflow.kernels.config import CONFIG_DIR
 
 Gemm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_nIn, w_OutxIn) -> x @ w.T
@@ -79,27 +82,50 @@ ONEDNN_MIN_DI_16_PAIRS = 2**17
 PAIR_LOOP_MAX_PAIRS = 4
 
 
-def _expert_mlp(x_nD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, gemm: Gemm) -> torch.Tensor:
-    h_n2I = gemm(x_nD, gate_up_2ID)
-    I = down_DI.shape[1]
-    return gemm(F.silu(h_n2I[:, :I]).mul_(h_n2I[:, I:]), down_DI)
+Gate = Callable[[torch.Tensor], torch.Tensor]  # gate/up product [n, 2I] -> activation [n, I]
+
+
+def silu_and_mul(h_n2I: torch.Tensor) -> torch.Tensor:
+    """transformers' default gate (``_default_apply_gate`` with SiLU): SiLU(gate half) * up half."""
+    I = h_n2I.shape[-1] // 2
+    return F.silu(h_n2I[:, :I]).mul_(h_n2I[:, I:])
+
+
+def _expert_mlp(x_nD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, gemm: Gemm,
+                gate: Gate) -> torch.Tensor:  # fmt: skip
+    return gemm(gate(gemm(x_nD, gate_up_2ID)), down_DI)
+
+
+def _per_slot(pool: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Something to index by slot. Under autograd, ``unbind``: the backward of S selects would zero-fill
+    S full-size gradients (a 4x slower expert backward at 8 experts); unbind's backward is one stack."""
+    return pool.unbind(0) if pool.requires_grad and torch.is_grad_enabled() else pool
 
 
 def _weight_and_sum(y_PD: torch.Tensor, weights_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     T, K = weights_TK.shape
     w_P1 = weights_TK.reshape(-1, 1)
     y_PD = y_PD.mul_(w_P1) if w_P1.dtype == y_PD.dtype else y_PD * w_P1
-    return y_PD.view(T, K, -1).sum(dim=1).to(out_dtype)
+    return y_PD.view(T, K, y_PD.shape[1]).sum(dim=1).to(out_dtype)
 
 
-def _sorted_by_slot(ids_TK: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, list[int]]:
-    """Pairs with a real slot, ordered by slot (stable), and the number of pairs per slot."""
+def _unsort(y_VD: torch.Tensor, order_V: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Rows by sorted position back to rows by pair; pairs without a slot get zeros."""
+    return y_VD.new_zeros(num_pairs, y_VD.shape[1]).index_copy(0, order_V, y_VD)
+
+
+def _sorted_by_slot(ids_TK: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """-> (pairs with a real slot ordered by slot, pairs per slot [S] on the ids' device, the same as a list).
+
+    ``torch.sort``, as transformers' grouped_mm experts sort (on the CPU its default sort orders equal
+    ids differently from ``stable=True`` for long inputs), so a slot's rows come in transformers' order."""
     ids_P = ids_TK.reshape(-1)
     key_P = torch.where((ids_P >= 0) & (ids_P < num_slots), ids_P, num_slots)  # sentinels sort last
-    order_P = torch.sort(key_P, stable=True).indices
-    # One host sync: the per-slot row counts drive the Python loop over slots.
-    counts = torch.bincount(key_P, minlength=num_slots + 1)[:num_slots].tolist()
-    return order_P[: sum(counts)], counts
+    order_P = torch.sort(key_P).indices
+    counts_S = torch.bincount(key_P, minlength=num_slots + 1)[:num_slots]
+    # One host sync: the per-slot row counts (the loop over slots; grouped_mm's row total).
+    counts = counts_S.tolist()
+    return order_P[: sum(counts)], counts_S, counts
 
 
 def moe_sorted(
@@ -109,21 +135,23 @@ def moe_sorted(
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
     gemm: str = "mm",
+    gate: Gate | None = None,
 ) -> torch.Tensor:
-    """Sort pairs by slot, gather their rows once, one gate/up and one down GEMM per used slot."""
+    """Sort pairs by slot, gather their rows once, one gate/up and one down GEMM per used slot.
+
+    With ``"mm"`` this is what grouped_mm does on the CPU (one ``torch.mm`` per group), bit for bit."""
     T, D = hidden_TD.shape
     K = ids_TK.shape[1]
-    order_V, counts = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
+    order_V, _, counts = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
     x_VD = hidden_TD.index_select(0, order_V // K)
+    gate_up, down = _per_slot(gate_up_S2ID), _per_slot(down_SDI)
     outs, start = [], 0
     for s, n in enumerate(counts):
         if n:
-            outs.append(_expert_mlp(x_VD[start : start + n], gate_up_S2ID[s], down_SDI[s], GEMMS[gemm]))
+            outs.append(_expert_mlp(x_VD[start : start + n], gate_up[s], down[s], GEMMS[gemm], gate or silu_and_mul))
             start += n
-    y_PD = hidden_TD.new_zeros(T * K, D)
-    if outs:
-        y_PD[order_V] = torch.cat(outs)
-    return _weight_and_sum(y_PD, weights_TK, hidden_TD.dtype)
+    y_VD = torch.cat(outs) if outs else x_VD.new_zeros(0, D)
+    return _weight_and_sum(_unsort(y_VD, order_V, T * K), weights_TK, hidden_TD.dtype)
 
 
 def moe_pair_loop(
@@ -133,16 +161,21 @@ def moe_pair_loop(
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
     gemm: str = "mm",
+    gate: Gate | None = None,
 ) -> torch.Tensor:
     """One (token, k) pair at a time: no sort, no gather; for decode-sized batches."""
     T, D = hidden_TD.shape
     S, K = gate_up_S2ID.shape[0], ids_TK.shape[1]
-    y_PD = hidden_TD.new_zeros(T * K, D)
+    gate_up, down = _per_slot(gate_up_S2ID), _per_slot(down_SDI)
+    rows = []
     # One host sync: the slot ids pick the weight matrices.
     for p, s in enumerate(ids_TK.reshape(-1).tolist()):
+        t = p // K
         if 0 <= s < S:
-            t = p // K
-            y_PD[p] = _expert_mlp(hidden_TD[t : t + 1], gate_up_S2ID[s], down_SDI[s], GEMMS[gemm])[0]
+            rows.append(_expert_mlp(hidden_TD[t : t + 1], gate_up[s], down[s], GEMMS[gemm], gate or silu_and_mul))
+        else:
+            rows.append(hidden_TD.new_zeros(1, D))
+    y_PD = torch.cat(rows) if rows else hidden_TD.new_zeros(0, D)
     return _weight_and_sum(y_PD, weights_TK, hidden_TD.dtype)
 
 
@@ -152,44 +185,18 @@ def moe_grouped_mm(
     down_SDI: torch.Tensor,
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
+    gate: Gate | None = None,
 ) -> torch.Tensor:
-    """Sort pairs by slot, then one ``F.grouped_mm`` per projection over every slot (transformers'
-    grouped_mm experts, on a slot pool). Needs D and I multiples of 8 (grouped_mm's 16-byte strides)."""
+    """Sort pairs by slot, then one ``F.grouped_mm`` per projection over every slot: transformers'
+    grouped_mm experts on a slot pool, the same arithmetic. Needs ``backend.grouped_mm_fits``."""
     T, D = hidden_TD.shape
     K = ids_TK.shape[1]
-    order_V, counts = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
-    offsets_S = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    order_V, counts_S, _ = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
+    offsets_S = counts_S.cumsum(0, dtype=torch.int32)
     x_VD = hidden_TD.index_select(0, order_V // K)
     h_V2I = F.grouped_mm(x_VD, gate_up_S2ID.transpose(-2, -1), offs=offsets_S)
-    I = down_SDI.shape[2]
-    y_VD = F.grouped_mm(F.silu(h_V2I[:, :I]).mul_(h_V2I[:, I:]), down_SDI.transpose(-2, -1), offs=offsets_S)
-    y_PD = hidden_TD.new_zeros(T * K, D)
-    y_PD[order_V] = y_VD
-    return _weight_and_sum(y_PD, weights_TK, hidden_TD.dtype)
-
-
-def moe_sorted_autograd(
-    hidden_TD: torch.Tensor,
-    gate_up_S2ID: torch.Tensor,
-    down_SDI: torch.Tensor,
-    weights_TK: torch.Tensor,
-    ids_TK: torch.Tensor,
-) -> torch.Tensor:
-    """``moe_sorted`` out of place with ``torch.mm``, so autograd can differentiate it (CPU training)."""
-    T, D = hidden_TD.shape
-    I, K = down_SDI.shape[2], ids_TK.shape[1]
-    order_V, counts = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
-    x_VD = hidden_TD.index_select(0, order_V // K)
-    outs, start = [], 0
-    for s, n in enumerate(counts):
-        if n:
-            h = x_VD[start : start + n] @ gate_up_S2ID[s].t()
-            outs.append((F.silu(h[:, :I]) * h[:, I:]) @ down_SDI[s].t())
-            start += n
-    y_VD = torch.cat(outs) if outs else hidden_TD.new_zeros(0, D)
-    y_VD = y_VD * weights_TK.reshape(-1)[order_V][:, None]
-    y_PD = y_VD.new_zeros(T * K, D).index_copy(0, order_V, y_VD)
-    return y_PD.view(T, K, D).sum(dim=1).to(hidden_TD.dtype)
+    y_VD = F.grouped_mm((gate or silu_and_mul)(h_V2I), down_SDI.transpose(-2, -1), offs=offsets_S)
+    return _weight_and_sum(_unsort(y_VD, order_V, T * K), weights_TK, hidden_TD.dtype)
 
 
 # Every inference formulation x backend, by name, for the tests and the benchmark.
@@ -260,14 +267,6 @@ def builtin_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> str:
     return "grouped_mm"
 
 
-def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
-    """grouped_mm wants 16-byte aligned tensors whose non-unit strides are multiples of 16 bytes."""
-    for t in tensors:
-        if t.data_ptr() % 16 or any(st != 1 and st * t.element_size() % 16 for st in t.stride()):
-            return False
-    return True
-
-
 def fused_moe_cpu(
     hidden_TD: torch.Tensor,
     gate_up_S2ID: torch.Tensor,
@@ -278,16 +277,17 @@ def fused_moe_cpu(
 ) -> torch.Tensor:
     """The CPU path of ``kernels.fused_moe`` (arguments already checked): the formulation ``cpu_plan``
     picks. ``gemm``: a key of ``GEMMS`` to force that backend (with the pair loop or the sorted loop);
-    ``"mm"`` uses the GEMM library transformers uses."""
-    args = (hidden_TD, gate_up_S2ID, down_SDI, weights_TK, ids_TK)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
-        return moe_sorted_autograd(*args)
+    ``"mm"`` uses the GEMM library transformers uses. Differentiable: under autograd the loops use
+    ``torch.mm`` (oneDNN's inner product has no autograd formula: torch warns and returns wrong grads)."""
     if gemm is not None and gemm not in GEMMS:
         raise ValueError(f"cpu gemm {gemm!r} is not one of {sorted(GEMMS)}")
+    args = (hidden_TD, gate_up_S2ID, down_SDI, weights_TK, ids_TK)
     (T, D), (K, I) = hidden_TD.shape, (ids_TK.shape[1], down_SDI.shape[2])
     plan = cpu_plan(T, K, D, I)
-    if plan == "grouped_mm" and not (D % 8 == 0 and I % 8 == 0 and _grouped_mm_fits(*args[:3])):
+    if plan == "grouped_mm" and not backend.grouped_mm_fits(gate_up_S2ID, down_SDI):
         plan = "sorted[mm]"
     if gemm is not None:
         plan = f"{plan.split('[')[0].replace('grouped_mm', 'sorted')}[{gemm}]"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
+        plan = plan.replace("[onednn]", "[mm]")
     return CPU_FORMULATIONS[plan](*args)

@@ -1,9 +1,12 @@
 """The dumbest correct fused MoE: one (token, k) pair at a time, in fp32. Tests compare against it.
 
-Shape legend: T tokens, D hidden, I expert hidden, K experts per token, E experts (or pool slots).
+Shape letters: the legend in moeflow/__init__.py (T tokens, D hidden, I expert intermediate, K top-k,
+E experts or pool slots).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +18,11 @@ def fused_moe_reference(
     down_proj_EDI: torch.Tensor,
     topk_weights_TK: torch.Tensor,
     topk_ids_TK: torch.Tensor,
+    gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k] if 0 <= e < E.
 
+    ``gate``, when given, replaces SiLU-and-mul: it maps the gate/up product [1, 2I] to [1, I].
     Computed in fp32 from the inputs (upcast), returned in hidden's dtype; differentiable.
     """
     T, D = hidden_TD.shape
@@ -31,7 +36,7 @@ def fused_moe_reference(
             if not 0 <= e < E:
                 continue
             h_2I = gate_up_proj_E2ID[e].float() @ hidden_TD[t].float()
-            a_I = F.silu(h_2I[:I]) * h_2I[I:]
+            a_I = F.silu(h_2I[:I]) * h_2I[I:] if gate is None else gate(h_2I[None])[0]
             acc_D = acc_D + topk_weights_TK[t, k].float() * (down_proj_EDI[e].float() @ a_I)
         rows.append(acc_D)
     if not rows:

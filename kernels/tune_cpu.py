@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from moeflow.kernels import backend
 from moeflow.kernels.cpu import CPU_FORMULATIONS, machine_key, measured_path, measured_points
 
 SIZES = ((192, 192), (256, 256), (384, 384), (512, 512), (512, 1024), (1024, 2048))  # (D, I)
@@ -33,11 +34,11 @@ ROUTINGS = ((2, 8), (8, 64))  # (top-k, experts)
 PAIR_LOOP_MAX_PAIRS = 64  # one GEMM pair per (token, k): hopeless beyond this, and slow to time
 
 
-def applicable(name: str, D: int, I: int, pairs: int) -> bool:
+def applicable(name: str, gate_up_S2ID: torch.Tensor, down_SDI: torch.Tensor, pairs: int) -> bool:
     if name.startswith("pair_loop"):
         return pairs <= PAIR_LOOP_MAX_PAIRS
     if name == "grouped_mm":
-        return D % 8 == 0 and I % 8 == 0  # grouped_mm's 16-byte strides
+        return backend.grouped_mm_fits(gate_up_S2ID, down_SDI)
     return True
 
 
@@ -65,7 +66,7 @@ def measure(
                 weights = torch.rand(T, top_k, generator=gen).softmax(-1)
                 ids = torch.stack([torch.randperm(slots, generator=gen)[:top_k] for _ in range(T)])
                 args = (hidden, gate_up, down, weights, ids)
-                fns = {n: f for n, f in CPU_FORMULATIONS.items() if applicable(n, D, I, T * top_k)}
+                fns = {n: f for n, f in CPU_FORMULATIONS.items() if applicable(n, gate_up, down, T * top_k)}
                 times: dict[str, list[float]] = {n: [] for n in fns}
                 for fn in fns.values():  # warm-up: first calls allocate and pick kernels
                     fn(*args)

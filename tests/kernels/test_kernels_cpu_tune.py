@@ -19,13 +19,15 @@ def test_machine_key_is_a_file_name_and_names_the_threads() -> None:
 
 
 def test_measure_times_every_applicable_formulation_and_picks_the_fastest() -> None:
-    points = measure(((16, 24), (12, 20)), (1, 40), ((2, 4),), rounds=2, progress=False)
+    points = measure(((16, 24), (12, 18)), (1, 40), ((2, 4),), rounds=2, progress=False)
     assert [(p["D"], p["K"], p["T"]) for p in points] == [(16, 2, 1), (16, 2, 40), (12, 2, 1), (12, 2, 40)]
     for p in points:
-        assert set(p["ms"]) == {n for n in CPU_FORMULATIONS if applicable(n, p["D"], p["I"], p["pairs"])}
+        gate_up, down = torch.zeros(4, 2 * p["I"], p["D"]), torch.zeros(4, p["D"], p["I"])
+        assert set(p["ms"]) == {n for n in CPU_FORMULATIONS if applicable(n, gate_up, down, p["pairs"])}
         assert p["winner"] == min(p["ms"], key=p["ms"].get) and all(v > 0 for v in p["ms"].values())
     assert "pair_loop[mm]" not in points[1]["ms"]  # 80 pairs: past the pair loop's limit
-    assert "grouped_mm" not in points[2]["ms"]  # I=20: not a multiple of 8
+    assert "grouped_mm" in points[1]["ms"]  # D=16, I=24 fp32: 64- and 96-byte rows
+    assert "grouped_mm" not in points[2]["ms"]  # I=18 fp32: 72-byte rows, not a multiple of 16 bytes
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from moeflow.kernels import TileConfig, fused_moe, fused_moe_reference
+from moeflow.kernels.backend import INTERPRETING
 from moeflow.kernels.cpu import CPU_FORMULATIONS, GEMMS, builtin_plan, fused_moe_cpu
-from moeflow.kernels.dispatch import INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before import (conftest)")
 
@@ -263,24 +263,44 @@ def builtin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels.cpu, "measured_points", lambda key: ())
 
 
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``CPU_FORMULATIONS`` keys ``fused_moe_cpu`` called, in order (results unchanged)."""
+    from moeflow import kernels
+
+    names: list[str] = []
+
+    def spy(name: str, fn):  # noqa: ANN001, ANN202
+        return lambda *args: names.append(name) or fn(*args)
+
+    formulations = {n: spy(n, f) for n, f in kernels.cpu.CPU_FORMULATIONS.items()}
+    monkeypatch.setattr(kernels.cpu, "CPU_FORMULATIONS", formulations)
+    return names
+
+
 @pytest.mark.parametrize(
-    "T, D, I, want",
+    "T, D, I, grad, want",
     [
-        (1, 64, 96, "pair_loop[mm]"),
-        (9, 64, 96, "grouped_mm"),
-        (9, 60, 36, "sorted[mm]"),  # grouped_mm needs 16-byte strides: D, I multiples of 8 (fp32: 4)
-        (9, 384, 384, "sorted[onednn]"),
+        (1, 64, 96, False, "pair_loop[mm]"),
+        (9, 64, 96, False, "grouped_mm"),
+        (9, 64, 96, True, "grouped_mm"),  # grouped_mm has a CPU backward
+        (9, 60, 30, False, "sorted[mm]"),  # I=30 fp32: 120-byte rows; grouped_mm would raise on the strides
+        (9, 384, 384, False, "sorted[onednn]"),
+        (9, 384, 384, True, "sorted[mm]"),  # oneDNN's inner product has no autograd formula
     ],
 )
 @pytest.mark.usefixtures("builtin_rules")
-def test_cpu_dispatch_runs_the_planned_formulation(T: int, D: int, I: int, want: str) -> None:
+def test_cpu_dispatch_runs_the_planned_formulation(T: int, D: int, I: int, grad: bool, want: str, ran: list) -> None:
     gen = torch.Generator().manual_seed(T + D)
     S, K = 3, 2
     args = (torch.randn(T, D, generator=gen), torch.randn(S, 2 * I, D, generator=gen) * D**-0.5,
             torch.randn(S, D, I, generator=gen) * I**-0.5, torch.rand(T, K, generator=gen),
             torch.randint(0, S, (T, K), generator=gen))  # fmt: skip
     with torch.no_grad():
-        assert torch.equal(fused_moe_cpu(*args), CPU_FORMULATIONS[want](*args))
+        want_out = CPU_FORMULATIONS[want](*args)
+    args[1].requires_grad_(grad)
+    got = fused_moe_cpu(*args)
+    assert ran == [want] and torch.equal(got.detach(), want_out)
 
 
 def test_cpu_rejects_an_unknown_gemm() -> None:
@@ -346,24 +366,3 @@ def test_cpu_path_equals_triton_path() -> None:
         cpu = fused_moe_cpu(hidden, gate_up, down, weights, ids)
     triton_out = fused_moe(hidden, gate_up, down, weights, ids)
     torch.testing.assert_close(triton_out, cpu, rtol=1e-5, atol=1e-5 * cpu.abs().max().item())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T", [1, 3])
-def test_engine_grouped_experts_is_bit_identical_to_transformers(T: int, dtype: torch.dtype) -> None:
-    """The engine's expert compute (T=1 takes its per-pair torch.mm path) equals transformers' grouped_mm
-    experts to the last bit, also with pairs left to another wave (slot -1)."""
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
-    from moeflow.offload.layer import grouped_experts
-
-    experts, hidden, weights, ids = _mixtral_experts(T=T, D=64, I=96, E=8, K=2)
-    experts, hidden = experts.to(dtype), hidden.to(dtype)
-    for left_out in (None, 0, 1):  # which of token 0's pairs another wave computes (slot -1)
-        slots, kept = ids.clone(), weights.clone()
-        if left_out is not None:
-            slots[0, left_out], kept[0, left_out] = -1, 0.0
-        with torch.no_grad():
-            want = grouped_mm_experts_forward(experts, hidden, ids, kept)
-            got = grouped_experts(experts, hidden, experts.gate_up_proj, experts.down_proj, weights, slots)
-        assert got.dtype == want.dtype and torch.equal(got, want), f"pair {left_out} left out"

@@ -1,0 +1,65 @@
+"""``experts_forward``: the one expert-MLP entry of moeflow, called by the offload engine and by training.
+
+Shape letters: the legend in ``moeflow/__init__.py`` (T tokens, D hidden, I expert intermediate, S slots
+of the weight pool, K experts per token). For pair (t, k) served by slot s = slot_ids[t, k]:
+
+    out[t] = sum over k, in k order, of  weights[t, k] * down[s] @ gate(gate_up[s] @ x[t])
+
+where ``gate`` maps the [2I] gate/up product to [I] (transformers' ``_apply_gate`` of the family; None is
+SiLU(gate half) * up half). A pair whose slot is -1 (any id outside [0, S)) contributes 0: the engine
+runs a layer's experts in waves that each fit the slot pool.
+
+``exact=True``: the arithmetic of transformers' grouped_mm experts, so the result equals theirs to the
+last bit on the CPU (tests/kernels/test_kernels_experts.py runs transformers itself): pairs sorted by
+slot with ``torch.sort`` as transformers sorts them, one ``F.grouped_mm`` per projection with the gate
+between, the routing weight, original order, the sum over k. Two CPU cases take a loop with the same
+arithmetic (``kernels.cpu``'s formulations with ``torch.mm``): one token (below), and weights that
+``grouped_mm`` cannot take (``backend.grouped_mm_fits``), where the loop runs what grouped_mm runs on the
+CPU, one ``torch.mm`` per slot.
+
+``exact=False``: ``kernels.fused_moe``, the fastest measured path: the Triton kernels on a GPU (kernel,
+launcher, custom op and autograd.Function layers in ``kernels/fused_moe.py``), the formulation
+``kernels.cpu.cpu_plan`` picks on the CPU (oneDNN sums in another order: ~1e-6 relative from
+transformers in fp32). The Triton kernels fuse SiLU-and-mul, so a family's own ``gate`` takes the exact
+path.
+
+Both paths are differentiable: autograd through torch ops, or the Triton path's own backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from moeflow.kernels import backend
+from moeflow.kernels.cpu import Gate, moe_grouped_mm, moe_pair_loop, moe_sorted
+from moeflow.kernels.fused_moe import check_moe_args, fused_moe
+
+
+def experts_forward(
+    x_TD: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
+    weights_TK: torch.Tensor,
+    slot_ids_TK: torch.Tensor,
+    *,
+    gate: Gate | None = None,
+    exact: bool = True,
+) -> torch.Tensor:
+    """The routed experts' output [T, D] in x's dtype (see the module docstring for the arithmetic).
+
+    ``gate_up_S2ID [S, 2I, D]`` (gate rows, then up rows) and ``down_SDI [S, D, I]`` share x's dtype and
+    may be views into a bigger pool; ``weights_TK`` is any float dtype (the products promote to it, as
+    in transformers); ``slot_ids_TK`` int32/int64, -1 for a pair computed elsewhere. ValueError for
+    shapes, dtypes or devices that disagree.
+    """
+    if not exact and gate is None:
+        return fused_moe(x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)  # checks its arguments
+    check_moe_args(x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)
+    args = (x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)
+    if x_TD.shape[0] == 1 and x_TD.device.type == "cpu":
+        # Decoding one sequence: a token's K experts differ, so every group is one row, and grouped_mm
+        # runs one torch.mm per group; calling torch.mm per pair is the same arithmetic without the
+        # sort (bit-identical in fp32/bf16/fp16; bench/moe_block.py: 0.09 vs 0.23 ms at the default model).
+        return moe_pair_loop(*args, gemm="mm", gate=gate)
+    if backend.grouped_mm_fits(gate_up_S2ID, down_SDI):
+        return moe_grouped_mm(*args, gate=gate)
+    return moe_sorted(*args, gemm="mm", gate=gate)
