@@ -15,6 +15,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeflow.events import Listeners
+from moeflow.kernels import experts_forward
 from moeflow.model.loading import experts_modules
 from moeflow.offload.cache import ExpertCache
 from moeflow.offload.plans import RoutingEvent, RoutingPlan
@@ -66,7 +67,9 @@ def offloaded_experts_forward(
             list(slot_of.values()), device=lut_E.device
         )
         slot_ids_TK = lut_E[top_k_index_TK]
-        return grouped_experts(self, hidden_TD, pool.gate_up_S2ID, pool.down_SDI, top_k_weights_TK, slot_ids_TK)
+        return experts_forward(
+            hidden_TD, pool.gate_up_S2ID, pool.down_SDI, top_k_weights_TK, slot_ids_TK, gate=self._apply_gate
+        )
 
     return serve_layer(runtime.cache, plan, compute)
 
@@ -91,44 +94,3 @@ def serve_layer(
                 part = compute(slot_of)
                 out = part if out is None else out + part
     return out
-
-
-def grouped_experts(
-    module: nn.Module,
-    hidden_TD: torch.Tensor,
-    gate_up_S2ID: torch.Tensor,
-    down_SDI: torch.Tensor,
-    weights_TK: torch.Tensor,
-    slot_ids_TK: torch.Tensor,
-) -> torch.Tensor:
-    """Expert MLPs read straight from the slot pool; (token, k) pairs whose slot id is -1 contribute 0.
-
-    Same arithmetic as transformers' grouped_mm experts (sort by slot, grouped GEMMs, weight,
-    restore order, sum over k in order), so outputs match it to the last bit on the CPU.
-    """
-    T, K = slot_ids_TK.shape
-    if T == 1 and not hidden_TD.is_cuda:
-        # Decoding one sequence: a token's K experts differ, so every group is one row, and grouped_mm
-        # runs one torch.mm per group; calling torch.mm per pair is the same arithmetic without the
-        # sort (bit-identical in fp32/bf16/fp16, kernels' bench: 0.09 vs 0.23 ms at the default model).
-        y_KD = hidden_TD.new_zeros(K, hidden_TD.shape[-1], dtype=gate_up_S2ID.dtype)
-        x_1D = hidden_TD.to(gate_up_S2ID.dtype)
-        for k, s in enumerate(slot_ids_TK[0].tolist()):  # host sync: the slots to read
-            if s >= 0:
-                y_KD[k] = (module._apply_gate(x_1D @ gate_up_S2ID[s].t()) @ down_SDI[s].t())[0]
-        return (y_KD * weights_TK.reshape(-1, 1)).view(1, K, -1).sum(dim=1).to(hidden_TD.dtype)
-    S = gate_up_S2ID.shape[0]
-    flat_ids = slot_ids_TK.reshape(-1)
-    valid = flat_ids >= 0
-    sorted_ids, perm = torch.sort(torch.where(valid, flat_ids, S))
-    n_valid = int(valid.sum())  # host sync: rows that belong to this wave
-    sorted_ids, perm = sorted_ids[:n_valid], perm[:n_valid]
-    x_ND = hidden_TD[perm // K]
-    offsets_S = torch.cumsum(torch.bincount(sorted_ids, minlength=S), dim=0, dtype=torch.int32)
-    h_N2I = torch.nn.functional.grouped_mm(x_ND.to(gate_up_S2ID.dtype), gate_up_S2ID.transpose(-2, -1), offs=offsets_S)
-    h_NI = module._apply_gate(h_N2I)
-    y_ND = torch.nn.functional.grouped_mm(h_NI, down_SDI.transpose(-2, -1), offs=offsets_S)
-    y_ND = y_ND * weights_TK.reshape(-1)[perm].unsqueeze(-1)
-    out_TKD = torch.zeros(T * K, hidden_TD.shape[-1], dtype=y_ND.dtype, device=y_ND.device)
-    out_TKD[perm] = y_ND
-    return out_TKD.view(T, K, -1).sum(dim=1).to(hidden_TD.dtype)
