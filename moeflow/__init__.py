@@ -36,7 +36,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "DEFAULT_MODEL": "moeflow.engine",
+    "DEFAULT_MODEL": "moeflow.config",
     "Engine": "moeflow.engine",
     "EngineConfig": "moeflow.config",
     "GenerationResult": "moeflow.engine",
@@ -82,10 +82,9 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from moeflow.config import SamplingParams
     from moeflow.build import load
-    from moeflow.config import EngineConfig
-    from moeflow.engine import DEFAULT_MODEL, Engine, GenerationResult
+    from moeflow.config import DEFAULT_MODEL, EngineConfig, SamplingParams
+    from moeflow.engine import Engine, GenerationResult
     from moeflow.errors import BudgetError, CheckpointError, MoeflowError, RequestError, UnsupportedArchitectureError
     from moeflow.offload.plans import PrefetchPlan, RoutingPlan
     from moeflow.offload.stats import CacheStats, LayerStats

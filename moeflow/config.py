@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal, get_args
 
 from moeflow.errors import MoeflowError, RequestError
@@ -18,6 +19,7 @@ ReplayPolicy = Literal["lru", "lfu", "predictive", "belady"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Admission = Literal["fifo", "rebatch"]
 
+DEFAULT_MODEL = Path(__file__).parent / "default_model"  # shipped with the package (its model card: README.md)
 DEFAULT_LOOKAHEAD = 1  # MoE layers between a prediction and the layer it is for
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from moeflow.config import EngineConfig, SamplingParams
+from moeflow.config import DEFAULT_MODEL, EngineConfig, SamplingParams
 from moeflow.engine.batch import DecodeBatch, SequenceState
 from moeflow.engine.driver import StepDriver
 from moeflow.errors import MoeflowError, RequestError
@@ -38,7 +38,6 @@ from moeflow.offload.transfer import TransferEngine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
 @dataclass(frozen=True, kw_only=True)

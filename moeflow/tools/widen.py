@@ -1,0 +1,74 @@
+"""An I/O-bound copy of a model with the same outputs: every expert widened with zeros.
+
+Each expert's intermediate size grows from I to `intermediate_size` by appending zero rows to its
+gate and up projections and zero columns to its down projection. The new units compute
+SiLU(0) * 0 = 0 and contribute 0 through their zero down columns, so the model's routing and its
+greedy tokens are those of the original (tests/tools/test_widen.py checks it token for token), the
+trained routing predictors still apply, and every expert miss moves many more bytes. This is the
+regime of a Mixtral on a small GPU: reading an expert costs far more than computing it, and the
+routing is learned, hence predictable. `bench/expertflow.py` builds one on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from moeflow.errors import MoeflowError
+from moeflow.model.checkpoint import open_checkpoint
+from moeflow.model.families import PER_EXPERT_KEY, family_for
+
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+           "heldout_files.txt", "train_files.txt")  # fmt: skip
+
+
+def widen_experts(src: str | Path, out: str | Path, intermediate_size: int, *, progress: bool = True) -> Path:
+    """Write `src` with every expert widened to `intermediate_size` (one shard per MoE layer) to `out`."""
+    src, out = Path(src), Path(out)
+    ckpt = open_checkpoint(src)
+    family = family_for(ckpt.config.get("model_type"))
+    key = "moe_intermediate_size" if "moe_intermediate_size" in ckpt.config else "intermediate_size"
+    inter = int(ckpt.config[key])
+    if intermediate_size < inter:
+        raise MoeflowError(f"intermediate_size {intermediate_size} is below the model's {inter}; widen, not narrow")
+    out.mkdir(parents=True, exist_ok=True)
+    names_by_file: dict[Path, list[str]] = {}
+    for name, span in ckpt.tensors.items():
+        names_by_file.setdefault(span.file, []).append(name)
+    for loc in ckpt.experts.values():
+        for span in loc.spans:
+            names_by_file.setdefault(span.file, [])
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for file in tqdm(sorted(names_by_file), desc="widening", unit="shard", disable=not progress):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                t = f.get_tensor(name)
+                m = PER_EXPERT_KEY.match(name)
+                if m is not None and m["proj"] in (family.gate, family.up):
+                    t = torch.cat([t, t.new_zeros(intermediate_size - t.shape[0], t.shape[1])])
+                elif m is not None and m["proj"] == family.down:
+                    t = torch.cat([t, t.new_zeros(t.shape[0], intermediate_size - t.shape[1])], dim=1)
+                elif "experts." in name:
+                    raise MoeflowError(f"{name}: only per-expert checkpoints can be widened")
+                shard = f"layer-{m['prefix'].split('.layers.')[1].split('.')[0]}" if m is not None else "dense"
+                shards.setdefault(shard, {})[name] = t.contiguous()
+    weight_map = {}
+    for shard, tensors in shards.items():
+        fname = f"model-{shard}.safetensors"
+        save_file(tensors, out / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config = dict(ckpt.config, **{key: intermediate_size})
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for name in _COPIED:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    if (src / "predictors").is_dir():
+        shutil.copytree(src / "predictors", out / "predictors", dirs_exist_ok=True)
+    return out
