@@ -223,7 +223,7 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from moeflow.tools.profile import default_label, profile_model, read_report
-    from moeflow.tools.profile_report import compare_lines, plot_compare, summary_lines
+    from moeflow.tools.profile.plot import compare_lines, plot_compare, summary_lines
 
     if args.compare is not None:
         a, b = (read_report(p) for p in args.compare)

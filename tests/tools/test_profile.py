@@ -186,7 +186,7 @@ def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
 def test_report_of_a_deep_model_draws(tmp_path):
     # 10 layers: the table drops per-layer columns and co-activation shows first, middle and last pairs.
     from moeflow.tools.profile import run_profile
-    from moeflow.tools.profile_report import plot_report, summary_lines
+    from moeflow.tools.profile.plot import plot_report, summary_lines
 
     rng = np.random.default_rng(3)
     trace = synthetic_trace(random_routing(rng, N=60, L=10, E=6, K=2), 6)

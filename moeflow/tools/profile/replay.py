@@ -529,7 +529,7 @@ def profile_model(
                     d["routing_agreement"] = float((seen_NLK == np.asarray(trace.experts)).mean())
                     report["results"].append(d)
     if out is not None:
-        from moeflow.tools.profile_report import plot_report
+        from moeflow.tools.profile.plot import plot_report
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
