@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import subprocess
@@ -21,8 +20,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import dense_bytes, disk_bandwidth, drop_caches, run_child, runtime_baseline_bytes, storage_read_bytes  # noqa: E402
+
 BENCH = "offload_decode"
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,22 +105,14 @@ def greedy_decode(model, prompt: list[int], n: int) -> tuple[list[int], float, f
     return out, t1 - t0, t2 - t1
 
 
-def _read_bytes() -> int:
-    """Bytes this process caused to be read from storage (page cache misses and O_DIRECT)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    return 0
-
-
-def run_child(c: Contender, ckpt: Path, shape: Shape, prompt: list[int], tokens: int, workdir: Path) -> dict:
+def contender_run(c: Contender, ckpt: Path, shape: Shape, prompt: list[int], tokens: int, workdir: Path) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from moeflow.engine import peak_rss_bytes
 
     t0 = time.perf_counter()
-    io0 = _read_bytes()
+    io0 = storage_read_bytes()
     extra: dict = {}
     if c.kind == "moeflow":
         import moeflow
@@ -168,7 +161,7 @@ def run_child(c: Contender, ckpt: Path, shape: Shape, prompt: list[int], tokens:
         "decode_s": decode_s,
         "decode_tokens_per_s": (len(ids) - 1) / decode_s,
         "peak_rss_bytes": peak_rss_bytes(),
-        "storage_read_bytes": _read_bytes() - io0,
+        "storage_read_bytes": storage_read_bytes() - io0,
         **extra,
     }
 
@@ -176,74 +169,10 @@ def run_child(c: Contender, ckpt: Path, shape: Shape, prompt: list[int], tokens:
 # ---- orchestration --------------------------------------------------------------------------------
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def disk_bandwidth(path: Path, nbytes: int = 1 << 30) -> float:
-    """Cold sequential O_DIRECT read of the first shard, 4 MiB requests: bytes per second."""
-    drop_caches()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, 4 << 20)
-    done = 0
-    t0 = time.perf_counter()
-    while done < nbytes:
-        n = os.preadv(fd, [buf], done)
-        if n <= 0:
-            break
-        done += n
-    os.close(fd)
-    return done / (time.perf_counter() - t0)
-
-
 def spawn(c: Contender, args: argparse.Namespace, limit_bytes: int | None) -> dict:
     cmd = [sys.executable, __file__, "--child", c.name, "--workdir", str(args.workdir), "--tokens", str(args.tokens)]
-    group = None
-    if limit_bytes is not None and CGROUP_ROOT.is_dir():
-        group = CGROUP_ROOT / f"moeflow-bench-{os.getpid()}"
-        group.mkdir(exist_ok=True)
-        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
-        cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs; exec "$@"', "sh", *cmd]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired:
-        return {"name": c.name, **asdict(c), "error": f"timed out after {args.child_timeout} s"}
-    finally:
-        if group is not None:
-            for _ in range(50):
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-    if proc.returncode != 0:
-        return {"name": c.name, **asdict(c), "error": proc.stderr[-2000:]}
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    row["memory_limit_bytes"] = limit_bytes if group is not None else None
-    return row
-
-
-def runtime_baseline_bytes() -> int:
-    """Peak RSS of a process that imports everything a contender imports but loads no weights."""
-    code = (
-        "import torch, transformers, accelerate, moeflow; from moeflow.engine import peak_rss_bytes; "
-        "print(peak_rss_bytes())"
-    )
-    return int(
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
-    )
-
-
-def dense_bytes(ckpt: Path) -> int:
-    from moeflow.model.checkpoint import open_checkpoint
-
-    c = open_checkpoint(ckpt)
-    return sum(s.nbytes for s in c.tensors.values())
+    row = run_child(cmd, limit_bytes=limit_bytes, timeout_s=args.child_timeout)
+    return {"name": c.name, **asdict(c), **row} if "error" in row else row
 
 
 def plot(result: dict, path: Path) -> None:
@@ -298,7 +227,7 @@ def main() -> int:
         return 0
     if args.child:
         contender = next(c for c in CONTENDERS if c.name == args.child)
-        print(json.dumps(run_child(contender, ckpt, shape, prompt, args.tokens, args.workdir)))
+        print(json.dumps(contender_run(contender, ckpt, shape, prompt, args.tokens, args.workdir)))
         return 0
 
     args.workdir.mkdir(parents=True, exist_ok=True)

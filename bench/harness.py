@@ -1,0 +1,117 @@
+"""What the benchmarks share: the machine's description, cold caches, equal memory ceilings, child processes.
+
+A disk-backed contender is only honest when the page cache cannot quietly turn its disk into RAM:
+each one runs as a fresh process inside a cgroup-v1 memory group (page cache is charged to it) with
+the same limit as its rivals, after the page cache is dropped (root on Linux; where either is not
+possible the result says so). See ../shared/ENVIRONMENT.md for how this was measured on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def machine() -> dict:
+    """The hardware and software a result was measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def drop_caches() -> bool:
+    """Empty the page cache (root only); False where that is not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def disk_bandwidth(path: Path, nbytes: int = 1 << 30, block: int = 4 << 20) -> float:
+    """Cold sequential O_DIRECT read of `path` in `block`-sized requests: bytes per second."""
+    drop_caches()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, block)
+    done = 0
+    t0 = time.perf_counter()
+    try:
+        while done < nbytes:
+            n = os.preadv(fd, [buf], done)
+            if n <= 0:
+                break
+            done += n
+    finally:
+        os.close(fd)
+    return done / (time.perf_counter() - t0)
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process caused to be read from storage (page-cache misses and O_DIRECT)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_child(cmd: list[str], *, limit_bytes: int | None, timeout_s: float) -> dict:
+    """Run `cmd` (it prints one JSON object as its last stdout line), inside a memory cgroup of
+    `limit_bytes` when given and available; returns that object, or {"error": ...}."""
+    group = None
+    if limit_bytes is not None and CGROUP_ROOT.is_dir():
+        group = CGROUP_ROOT / f"moeflow-bench-{os.getpid()}"
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs; exec "$@"', "sh", *cmd]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s"}
+    finally:
+        if group is not None:
+            for _ in range(50):
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-3000:]}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["memory_limit_bytes"] = limit_bytes if group is not None else None
+    return row
+
+
+def runtime_baseline_bytes() -> int:
+    """Peak RSS of a process that imports everything a contender imports but loads no weights."""
+    code = (
+        "import torch, transformers, accelerate, moeflow.build, moeflow.engine; "
+        "from moeflow.engine import peak_rss_bytes; print(peak_rss_bytes())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+def dense_bytes(ckpt: Path) -> int:
+    """Bytes of a checkpoint's non-expert tensors (what every contender holds besides its experts)."""
+    from moeflow.model.checkpoint import open_checkpoint
+
+    return sum(s.nbytes for s in open_checkpoint(ckpt).tensors.values())
