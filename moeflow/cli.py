@@ -188,10 +188,10 @@ def cmd_predictor_train(args: argparse.Namespace) -> int:
             )
         report = train_predictors(engine, trace, _names(args.predictors), lookahead=args.lookahead, epochs=args.epochs)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps({name: r.to_json() for name, r in report.items()}))
     else:
         for name, r in report.items():
-            done = f"saved {r['path']} ({r['train_seconds']:.1f} s)" if r["trained"] else r["why"]
+            done = f"saved {r.path} ({r.train_seconds:.1f} s)" if r.trained else r.why
             print(f"{name}: {done}", file=sys.stderr)
     return 0
 
@@ -199,7 +199,7 @@ def cmd_predictor_train(args: argparse.Namespace) -> int:
 def cmd_predictor_eval(args: argparse.Namespace) -> int:
     from moeflow.build import load
     from moeflow.predictor.apply import available_predictors
-    from moeflow.tools.predictor_eval import evaluate, plot_eval, write_report
+    from moeflow.tools.predictor_eval import evaluate, plot_eval
 
     with load(args.model, expert_budget="all", store="ram") as engine:
         names = _names(args.predictors) if args.predictors else available_predictors(engine.checkpoint.path)
@@ -207,30 +207,31 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
             engine, names, args.data or default_data_files(), lookahead=args.lookahead, max_tokens=args.max_tokens
         )
     if args.out is not None:
-        write_report(report, args.out / "predictor_eval.json")
+        report.write(args.out / "predictor_eval.json")
         plot_eval(report, args.out / "predictor_eval.png")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report.to_json()))
     else:
-        for p in report["predictors"]:
+        for p in report.predictors:
             print(
-                f"{p['name']:>12}: recall@k {p['recall_at_k']:.3f}  recall@2k {p['recall_at_2k']:.3f}  "
-                f"path accuracy {p['path_accuracy']:.3f}  {p['us_per_token']:.1f} us/token",
+                f"{p.name:>12}: recall@k {p.recall_at_k:.3f}  recall@2k {p.recall_at_2k:.3f}  "
+                f"path accuracy {p.path_accuracy:.3f}  {p.us_per_token:.1f} us/token",
                 file=sys.stderr,
             )
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from moeflow.tools.profile import default_label, profile_model, read_report
     from moeflow.tools.profile.plot import compare_lines, plot_compare, summary_lines
+    from moeflow.tools.profile.report import read_report
+    from moeflow.tools.profile.run import profile_model
 
     if args.compare is not None:
         a, b = (read_report(p) for p in args.compare)
-        label_a, label_b = (default_label(r, p) for r, p in zip((a, b), args.compare))
+        label_a, label_b = (r.label(p) for r, p in zip((a, b), args.compare))
         png = plot_compare(a, b, label_a, label_b, (args.out or Path(".")) / "profile_compare.png")
         if args.json:
-            print(json.dumps({"a": a["results"], "b": b["results"], "png": str(png)}))
+            print(json.dumps({"a": a.to_json()["results"], "b": b.to_json()["results"], "png": str(png)}))
         else:
             print("\n".join(compare_lines(a, b, label_a, label_b)))
             print(f"[wrote {png}]", file=sys.stderr)
@@ -240,11 +241,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         args.model, config, data=args.data, trace_dir=args.trace, out=args.out, progress=not args.json
     )
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report.to_json()))
     else:
         print("\n".join(summary_lines(report)))
         where = f"wrote {args.out}/profile.json and profile.png" if args.out else "pass --out DIR for JSON + PNG"
-        print(f"[{report['tokens']:,} tokens replayed; {where}]", file=sys.stderr)
+        print(f"[{report.tokens:,} tokens replayed; {where}]", file=sys.stderr)
     return 0
 
 

@@ -10,10 +10,11 @@ Metrics, per layer and averaged over layers and tokens (K = the model's top-k):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +24,83 @@ from moeflow.errors import MoeflowError
 from moeflow.predictor.apply import build_predictor, routing_shape
 from moeflow.predictor.base import RoutePredictor, save_predictor
 from moeflow.predictor.predictors import PREDICTORS
+from moeflow.tools.profile.plot import save_png
+from moeflow.tools.profile.report import to_plain, write_json
 from moeflow.tools.trace import Trace, record_trace
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainRecord:
+    """One predictor's training: where it was saved and what it took, or why it was not trained."""
+
+    trained: bool
+    why: str | None = None  # not trained
+    path: str | None = None  # trained: the saved predictor, next to the model
+    train_tokens: int | None = None
+    train_seconds: float | None = None
+    epochs: int | None = None
+    losses: tuple[float, ...] | None = None  # mean loss of each epoch
+    lookahead: int | None = None
+    trace_files: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainRecord:
+        return cls(**{**d, "losses": tuple(d["losses"]) if "losses" in d else None})
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerScore:
+    layer: int
+    recall_at_k: float
+    recall_at_2k: float
+    exact: float  # share of tokens whose predicted top-K set is this layer's true set
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictorScore:
+    """How well one predictor's recorded predictions match the true routing."""
+
+    name: str
+    recall_at_k: float
+    recall_at_2k: float
+    path_accuracy: float
+    us_per_token: float  # nan where the trace did not time the predictor
+    lookahead: int | None  # what the trace recorded it at
+    per_layer: tuple[LayerScore, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PredictorScore:
+        return cls(**{**d, "per_layer": tuple(LayerScore(**x) for x in d["per_layer"])})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport:
+    """`moeflow predictor eval`: every predictor scored on the same held-out tokens."""
+
+    tokens: int
+    top_k: int
+    num_experts: int
+    predictors: tuple[PredictorScore, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EvalReport:
+        return cls(**{**d, "predictors": tuple(PredictorScore.from_json(p) for p in d["predictors"])})
+
+    def write(self, path: str | Path) -> Path:
+        return write_json(self.to_json(), path)
+
+
 def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, lookahead: int = DEFAULT_LOOKAHEAD,
-                     epochs: int = 12, progress: bool = True) -> dict[str, dict]:
+                     epochs: int = 12, progress: bool = True) -> dict[str, TrainRecord]:
     """Fit every trainable predictor in `names` on `trace` and save it next to `engine`'s model."""
     shape = routing_shape(engine)
     if list(trace.layers) != list(shape.layers) or trace.num_experts != shape.num_experts:
@@ -38,7 +111,7 @@ def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, look
             raise MoeflowError(f"unknown predictor {name!r}; choose from: {', '.join(PREDICTORS)}")
         cls = PREDICTORS[name]
         if not cls.trainable:
-            report[name] = {"trained": False, "why": "training-free"}
+            report[name] = TrainRecord(trained=False, why="training-free")
             continue
         predictor = cls(shape, lookahead=lookahead)
         t0 = time.perf_counter()
@@ -48,11 +121,11 @@ def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, look
         meta = {"train_tokens": trace.num_tokens, "train_seconds": seconds, "epochs": epochs, "losses": losses,
                 "lookahead": lookahead, "trace_files": len(trace.meta.get("files", []))}
         path = save_predictor(predictor, engine.checkpoint.path, meta)
-        report[name] = {"trained": True, "path": str(path), **meta}
+        report[name] = TrainRecord(trained=True, path=str(path), **{**meta, "losses": tuple(losses)})
     return report
 
 
-def score_predictions(trace: Trace, name: str) -> dict:
+def score_predictions(trace: Trace, name: str) -> PredictorScore:
     """Recall at K and 2K, exact-path accuracy, per layer and overall, of `trace`'s recorded predictions."""
     if name not in trace.predictions:
         raise MoeflowError(f"the trace has no predictions of {name!r}")
@@ -66,68 +139,56 @@ def score_predictions(trace: Trace, name: str) -> dict:
     at_k, at_2k = hits(K) / K, hits(min(2 * K, pred_NLM.shape[-1])) / K
     exact_NL = at_k == 1.0
     meta = trace.meta.get("predictions", {}).get(name, {})
-    return {
-        "name": name,
-        "recall_at_k": float(at_k.mean()),
-        "recall_at_2k": float(at_2k.mean()),
-        "path_accuracy": float(exact_NL.all(axis=1).mean()),
-        "us_per_token": float(meta.get("us_per_token", float("nan"))),
-        "lookahead": meta.get("lookahead"),
-        "per_layer": [
-            {"layer": int(layer), "recall_at_k": float(at_k[:, i].mean()), "recall_at_2k": float(at_2k[:, i].mean()),
-             "exact": float(exact_NL[:, i].mean())}
+    return PredictorScore(
+        name=name,
+        recall_at_k=float(at_k.mean()),
+        recall_at_2k=float(at_2k.mean()),
+        path_accuracy=float(exact_NL.all(axis=1).mean()),
+        us_per_token=float(meta.get("us_per_token", float("nan"))),
+        lookahead=meta.get("lookahead"),
+        per_layer=tuple(
+            LayerScore(layer=int(layer), recall_at_k=float(at_k[:, i].mean()), recall_at_2k=float(at_2k[:, i].mean()),
+                       exact=float(exact_NL[:, i].mean()))
             for i, layer in enumerate(trace.layers)
-        ],
-    }
+        ),
+    )
 
 
 def evaluate(engine: Engine, names: Sequence[str], files: Sequence[str | Path], *, lookahead: int = DEFAULT_LOOKAHEAD,
-             context: int = 256, max_tokens: int | None = None, progress: bool = True) -> dict:
+             context: int = 256, max_tokens: int | None = None, progress: bool = True) -> EvalReport:
     """Run `files` through the model with every predictor attached; score what each predicted."""
     predictors: list[RoutePredictor] = [build_predictor(engine, n, lookahead=lookahead) for n in names]
     trace = record_trace(engine, files, context=context, max_tokens=max_tokens, predictors=predictors,
                          progress=progress)
-    return {"tokens": trace.num_tokens, "top_k": trace.top_k, "num_experts": trace.num_experts,
-            "predictors": [score_predictions(trace, n) for n in names]}
+    return EvalReport(tokens=trace.num_tokens, top_k=trace.top_k, num_experts=trace.num_experts,
+                      predictors=tuple(score_predictions(trace, n) for n in names))
 
 
-def plot_eval(report: dict, out_png: str | Path) -> Path:
+def plot_eval(report: EvalReport, out_png: str | Path) -> Path:
     """Recall at K and 2K per predictor (bars) and per layer (lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    preds = report["predictors"]
+    preds = report.predictors
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     x = np.arange(len(preds))
-    ax1.bar(x - 0.2, [p["recall_at_k"] for p in preds], 0.4, label="recall@K")
-    ax1.bar(x + 0.2, [p["recall_at_2k"] for p in preds], 0.4, label="recall@2K")
+    ax1.bar(x - 0.2, [p.recall_at_k for p in preds], 0.4, label="recall@K")
+    ax1.bar(x + 0.2, [p.recall_at_2k for p in preds], 0.4, label="recall@2K")
     for i, p in enumerate(preds):
-        ax1.text(i, p["recall_at_2k"] + 0.01, f"{p['us_per_token']:.1f} µs/tok", ha="center", fontsize=7)
-    ax1.set_xticks(x, [p["name"] for p in preds])
+        ax1.text(i, p.recall_at_2k + 0.01, f"{p.us_per_token:.1f} µs/tok", ha="center", fontsize=7)
+    ax1.set_xticks(x, [p.name for p in preds])
     ax1.set_ylim(0, 1.05)
     ax1.set_ylabel("share of true top-K experts predicted")
-    ax1.set_title(f"routing prediction on held-out text ({report['tokens']:,} tokens)")
+    ax1.set_title(f"routing prediction on held-out text ({report.tokens:,} tokens)")
     ax1.legend(loc="lower right")
     for p in preds:
-        layers = [r["layer"] for r in p["per_layer"]]
-        ax2.plot(layers, [r["recall_at_k"] for r in p["per_layer"]], marker="o", label=p["name"])
+        ax2.plot([r.layer for r in p.per_layer], [r.recall_at_k for r in p.per_layer], marker="o", label=p.name)
     ax2.set_xlabel("MoE layer")
     ax2.set_ylabel("recall@K")
     ax2.set_ylim(0, 1.05)
     ax2.set_title("per layer")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
-
-
-def write_report(report: dict, out_json: str | Path) -> Path:
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(report, indent=1))
-    return out_json
+    return save_png(fig, out_png, dpi=120)

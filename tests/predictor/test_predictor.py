@@ -128,13 +128,13 @@ def test_scores_of_an_oracle_and_of_a_wrong_predictor():
     oracle = np.concatenate([true, wrong], axis=2).astype(np.int16)
     t = Trace(**{**trace.__dict__, "predictions": {"oracle": oracle, "wrong": oracle[:, :, ::-1].copy()}})
     good = score_predictions(t, "oracle")
-    assert good["recall_at_k"] == 1.0 and good["path_accuracy"] == 1.0
+    assert good.recall_at_k == 1.0 and good.path_accuracy == 1.0
     bad = score_predictions(t, "wrong")
-    assert bad["recall_at_2k"] == 1.0  # the true ones are ranks 3 and 4
+    assert bad.recall_at_2k == 1.0  # the true ones are ranks 3 and 4
     overlap = [len(set(w) & set(r)) / 2 for w, r in zip(wrong.reshape(-1, 2), true.reshape(-1, 2))]
-    assert bad["recall_at_k"] == pytest.approx(float(np.mean(overlap)))
-    assert bad["recall_at_k"] < 0.5 and bad["path_accuracy"] < 0.5
-    assert [r["layer"] for r in good["per_layer"]] == [0, 1, 2]
+    assert bad.recall_at_k == pytest.approx(float(np.mean(overlap)))
+    assert bad.recall_at_k < 0.5 and bad.path_accuracy < 0.5
+    assert [r.layer for r in good.per_layer] == [0, 1, 2]
 
 
 @pytest.fixture()
@@ -159,7 +159,7 @@ def test_trace_records_what_each_predictor_said(mixtral_copy, tmp_path):
         assert pred.shape == (N, L, 2 * K) and pred.min() >= 0 and pred.max() < loaded.num_experts
     assert loaded.meta["predictions"]["gate"]["us_per_token"] > 0
     # The text repeats: a table trained on it predicts the repeats well.
-    assert score_predictions(loaded, "token_freq")["recall_at_2k"] > 0.8
+    assert score_predictions(loaded, "token_freq").recall_at_2k > 0.8
     sub = loaded.select(np.ones(int(loaded.seq_ids.max()) + 1, bool))
     assert sub.predictions["gate"].shape == loaded.predictions["gate"].shape
 

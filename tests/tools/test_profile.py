@@ -12,17 +12,10 @@ from moeflow.config import EngineConfig
 from moeflow.errors import MoeflowError
 from moeflow.offload.policy import BeladyPolicy
 from moeflow.offload.transfer import TransferEngine
-from moeflow.tools.profile import (
-    BudgetPoint,
-    Geometry,
-    activation_counts,
-    coactivation,
-    live_run,
-    parse_budgets,
-    parse_policies,
-    replay,
-    reuse_distances,
-)
+from moeflow.tools.profile.analysis import activation_counts, coactivation, reuse_distances
+from moeflow.tools.profile.live import live_run
+from moeflow.tools.profile.replay import replay
+from moeflow.tools.profile.setting import BudgetPoint, Geometry, parse_budgets, parse_policies
 from moeflow.tools.trace import FORMAT, Trace, record_trace
 
 
@@ -185,13 +178,13 @@ def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
 
 def test_report_of_a_deep_model_draws(tmp_path):
     # 10 layers: the table drops per-layer columns and co-activation shows first, middle and last pairs.
-    from moeflow.tools.profile import run_profile
     from moeflow.tools.profile.plot import plot_report, summary_lines
+    from moeflow.tools.profile.run import run_profile
 
     rng = np.random.default_rng(3)
     trace = synthetic_trace(random_routing(rng, N=60, L=10, E=6, K=2), 6)
     report = run_profile(trace, geometry_for(trace), budgets=[slots(4), slots(12)], policies=["lru", "belady"],
                          links={"link": 1e9})
-    assert [pair["layers"] for pair in report["analysis"]["coactivation"]] == [[0, 1], [4, 5], [8, 9]]
+    assert [pair.layers for pair in report.analysis.coactivation] == [(0, 1), (4, 5), (8, 9)]
     assert "L0" not in summary_lines(report)[0]
     assert plot_report(report, tmp_path / "deep.png").stat().st_size > 10_000

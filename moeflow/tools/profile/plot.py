@@ -1,4 +1,4 @@
-"""Pictures and tables of a `moeflow profile` report (the JSON `moeflow.tools.profile.run_profile` returns).
+"""Pictures and tables of a `moeflow profile` report (`moeflow.tools.profile.report.ProfileReport`).
 
 One PNG answers "how big must my expert cache be, and what will a miss cost": hit rate per policy
 against the budget with Belady's optimum as the reference, predicted stall time per token on
@@ -8,27 +8,35 @@ how soon an expert is reused, which experts follow which across layers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from moeflow.tools.profile.report import ProfileReport, RunRecord
 
 BELADY_LABEL = "belady (offline optimum, no prefetch)"
 _LINK_STYLES = ("-", "--", ":", "-.")
 
 
-def run_label(result: dict) -> str:
-    if result["policy"] == "predictive" and result.get("predictor"):
-        return f"predictive ({result['predictor']})"
-    return BELADY_LABEL if result["policy"] == "belady" else result["policy"]
+def run_label(run: RunRecord) -> str:
+    if run.policy == "predictive" and run.predictor:
+        return f"predictive ({run.predictor})"
+    return BELADY_LABEL if run.policy == "belady" else run.policy
 
 
-def _curves(report: dict, key: str = "hit_rate") -> dict[str, tuple[list[float], list[float]]]:
+def _hit_rate(run: RunRecord) -> float:
+    return run.hit_rate
+
+
+def _curves(
+    report: ProfileReport, value: Callable[[RunRecord], float] = _hit_rate
+) -> dict[str, tuple[list[float], list[float]]]:
     """label -> (budgets, values) over the replayed results, budgets ascending."""
     out: dict[str, list[tuple[float, float]]] = {}
-    for r in report["results"]:
-        if r.get("mode", "replay") == "replay":
-            out.setdefault(run_label(r), []).append((r["budget"], r[key]))
+    for r in report.replayed:
+        out.setdefault(run_label(r), []).append((r.budget, value(r)))
     return {label: tuple(map(list, zip(*sorted(points)))) for label, points in out.items()}
 
 
@@ -42,7 +50,7 @@ def _colors(labels: Sequence[str]) -> dict[str, object]:
     return colors
 
 
-def _plot_hit_rates(ax, report: dict, colors: dict, *, linestyle: str = "-", suffix: str = "") -> None:
+def _plot_hit_rates(ax, report: ProfileReport, colors: dict, *, linestyle: str = "-", suffix: str = "") -> None:
     for label, (budgets, rates) in _curves(report).items():
         is_belady = label == BELADY_LABEL
         ax.plot(
@@ -60,27 +68,27 @@ def _short(label: str) -> str:
     return label.replace(" (offline optimum, no prefetch)", "")
 
 
-def _stall_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    layers = report["layers"]
+def _stall_table(report: ProfileReport) -> tuple[list[str], list[list[str]]]:
+    layers = report.layers
     per_layer_cols = len(layers) <= 8
-    links = list(report["links"])
+    links = list(report.links)
     header = ["policy", "budget", "slots", "hit rate"]
     if per_layer_cols:
         header += [f"L{layer}" for layer in layers]
     header += ["MiB read/tok"] + [f"stall ms/tok\n{name}" for name in links]
     rows = []
-    for r in report["results"]:
-        name = _short(run_label(r)) + (" (live)" if r.get("mode") == "live" else "")
-        row = [name, f"{100 * r['budget']:g}%", str(r["slots"]), f"{100 * r['hit_rate']:.1f}%"]
+    for r in report.results:
+        name = _short(run_label(r)) + (" (live)" if r.mode == "live" else "")
+        row = [name, f"{100 * r.budget:g}%", str(r.slots), f"{100 * r.hit_rate:.1f}%"]
         if per_layer_cols:
-            row += [f"{100 * pl['hit_rate']:.0f}%" for pl in r["per_layer"]]
-        row += [f"{r['bytes_per_token'] / 2**20:.2f}"]
-        row += [f"{1e3 * r['stall_s_per_token'][name]:.3g}" for name in links]
+            row += [f"{100 * pl.hit_rate:.0f}%" for pl in r.per_layer]
+        row += [f"{r.bytes_per_token / 2**20:.2f}"]
+        row += [f"{1e3 * r.stall_s_per_token[name]:.3g}" for name in links]
         rows.append(row)
     return header, rows
 
 
-def plot_report(report: dict, out_png: str | Path, *, title: str | None = None) -> Path:
+def plot_report(report: ProfileReport, out_png: str | Path, *, title: str | None = None) -> Path:
     """The one-page picture of a profile."""
     import matplotlib
 
@@ -89,15 +97,15 @@ def plot_report(report: dict, out_png: str | Path, *, title: str | None = None) 
 
     curves = _curves(report)
     colors = _colors(list(curves))
-    n_rows_table = len(report["results"])
+    n_rows_table = len(report.results)
     fig = plt.figure(figsize=(16, 19 + 0.22 * n_rows_table))
     grid = fig.add_gridspec(4, 2, height_ratios=[1.0, 0.25 + 0.045 * n_rows_table, 1.0, 0.8], hspace=0.35,
                             wspace=0.22, top=0.95)
     fig.suptitle(
         title
-        or f"moeflow profile: {Path(str(report.get('model') or 'model')).name}, {report['tokens']:,} tokens, "
-        f"{len(report['layers'])} MoE layers x {report['num_experts']} experts, top-{report['top_k']}, "
-        f"{report['expert_bytes'] / 2**20:.2f} MiB per expert",
+        or f"moeflow profile: {Path(report.model or 'model').name}, {report.tokens:,} tokens, "
+        f"{len(report.layers)} MoE layers x {report.num_experts} experts, top-{report.top_k}, "
+        f"{report.expert_bytes / 2**20:.2f} MiB per expert",
         fontsize=14,
         y=0.975,
     )
@@ -107,18 +115,18 @@ def plot_report(report: dict, out_png: str | Path, *, title: str | None = None) 
     ax.set_xlabel("expert budget (% of all experts resident)")
     ax.set_ylabel("hit rate (%)")
     ax.set_ylim(0, 100)
-    ax.set_xticks(sorted({100 * r["budget"] for r in report["results"]}))
+    ax.set_xticks(sorted({100 * r.budget for r in report.results}))
     ax.grid(alpha=0.3)
     ax.set_title("cache hit rate vs budget (one decode step per token)")
     ax.legend(fontsize=9, loc="lower right")
 
     ax = fig.add_subplot(grid[0, 1])
-    for li, bw in enumerate(report["links"].values()):
+    for li, bw in enumerate(report.links.values()):
         style = _LINK_STYLES[li % len(_LINK_STYLES)]
-        for label, (budgets, demand) in _curves(report, "demand_bytes_per_token").items():
+        for label, (budgets, demand) in _curves(report, lambda r: r.demand_bytes_per_token).items():
             ax.plot([100 * b for b in budgets], [1e3 * d / bw for d in demand], linestyle=style, marker=".",
                     color=colors[label])
-    for li, (link, bw) in enumerate(report["links"].items()):
+    for li, (link, bw) in enumerate(report.links.items()):
         style = _LINK_STYLES[li % len(_LINK_STYLES)]
         ax.plot([], [], linestyle=style, color="gray", label=f"{link}: {bw / 1e9:.3g} GB/s")
     ax.set_yscale("log")
@@ -142,31 +150,30 @@ def plot_report(report: dict, out_png: str | Path, *, title: str | None = None) 
     ax.set_title("per policy and budget: hit rate (overall and per MoE layer), bytes read, predicted stall per token",
                  pad=12)
 
-    act = np.asarray(report["analysis"]["activation"], dtype=float)
+    act = np.asarray(report.analysis.activation, dtype=float)
     share = act / np.maximum(act.sum(axis=1, keepdims=True), 1)
     ax = fig.add_subplot(grid[2, 0])
     im = ax.imshow(100 * share, aspect="auto", cmap="viridis")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(report["layers"])), [str(layer) for layer in report["layers"]])
-    ax.set_title(f"expert activation (% of the layer's routed tokens; uniform = {100 / report['num_experts']:.1f}%)")
+    ax.set_yticks(range(len(report.layers)), [str(layer) for layer in report.layers])
+    ax.set_title(f"expert activation (% of the layer's routed tokens; uniform = {100 / report.num_experts:.1f}%)")
     fig.colorbar(im, ax=ax, fraction=0.04)
 
     ax = fig.add_subplot(grid[2, 1])
-    reuse = report["analysis"]["reuse_distance"]
-    starts, counts = np.asarray(reuse["bin_starts"]), np.asarray(reuse["counts"], dtype=float)
-    total = counts.sum() + reuse["first_uses"]
+    reuse = report.analysis.reuse_distance
+    starts, counts = np.asarray(reuse.bin_starts), np.asarray(reuse.counts, dtype=float)
+    total = counts.sum() + reuse.first_uses
     widths = np.diff(np.r_[starts, starts[-1] + max(1, starts[-1] - starts[-2] if len(starts) > 1 else 1)])
     ax.bar(starts + 1, 100 * counts / max(total, 1), width=widths, align="edge", color="#4c72b0", edgecolor="white")
     if starts[-1] >= 160:
         ax.set_xscale("log")
     seen = set()
-    for r in report["results"]:
-        if r["slots"] not in seen:
-            seen.add(r["slots"])
-            ax.axvline(r["slots"] + 1, color="gray", linestyle=":")
-            ax.text(r["slots"] + 1, ax.get_ylim()[1] * 0.95, f" {r['slots']} slots", fontsize=8, color="gray",
-                    va="top")
+    for r in report.results:
+        if r.slots not in seen:
+            seen.add(r.slots)
+            ax.axvline(r.slots + 1, color="gray", linestyle=":")
+            ax.text(r.slots + 1, ax.get_ylim()[1] * 0.95, f" {r.slots} slots", fontsize=8, color="gray", va="top")
     share_below = 100 * np.cumsum(counts) / max(total, 1)  # distance < next bin start
     twin = ax.twinx()
     twin.step(np.r_[starts[1:], starts[-1] + widths[-1]] + 1, share_below, where="pre", color="#dd8452")
@@ -174,43 +181,53 @@ def plot_report(report: dict, out_png: str | Path, *, title: str | None = None) 
     twin.set_ylabel("cumulative % (= LRU hit rate with that many slots)", color="#dd8452")
     ax.set_xlabel("reuse distance + 1 (distinct experts used in between)")
     ax.set_ylabel("% of accesses")
-    first = 100 * reuse["first_uses"] / max(total, 1)
+    first = 100 * reuse.first_uses / max(total, 1)
     ax.set_title(f"reuse distance: LRU with C slots hits those left of C ({first:.2f}% first uses)")
 
-    coact = report["analysis"]["coactivation"]
+    coact = report.analysis.coactivation
     if coact:
         sub = grid[3, :].subgridspec(1, len(coact), wspace=0.3)
         for i, pair in enumerate(coact):
             ax = fig.add_subplot(sub[0, i])
-            counts = np.asarray(pair["counts"], dtype=float)
+            counts = np.asarray(pair.counts, dtype=float)
             cond = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
             im = ax.imshow(100 * cond, cmap="magma", aspect="auto")
-            la, lb = pair["layers"]
+            la, lb = pair.layers
             ax.set_xlabel(f"expert in layer {lb}")
             ax.set_ylabel(f"expert in layer {la}")
             ax.set_title(f"co-activation {la} → {lb}: P(next | this), %", fontsize=10)
             fig.colorbar(im, ax=ax, fraction=0.04)
+    return save_png(fig, out_png, dpi=90, bbox_inches="tight")
+
+
+def save_png(fig: Any, out_png: str | Path, **savefig: Any) -> Path:
+    """Write `fig` to `out_png` (folders made) and close it."""
+    import matplotlib.pyplot as plt
+
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=90, bbox_inches="tight")
+    fig.savefig(out_png, **savefig)
     plt.close(fig)
     return out_png
 
 
-def summary_lines(report: dict) -> list[str]:
-    header, rows = _stall_table(report)
-    header = [h.replace("\n", " ") for h in header]
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Right-aligned columns, two spaces apart: the header line, then one line per row."""
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     return [fmt.format(*header)] + [fmt.format(*row) for row in rows]
 
 
-def compare_lines(a: dict, b: dict, label_a: str, label_b: str) -> list[str]:
+def summary_lines(report: ProfileReport) -> list[str]:
+    header, rows = _stall_table(report)
+    return text_table([h.replace("\n", " ") for h in header], rows)
+
+
+def compare_lines(a: ProfileReport, b: ProfileReport, label_a: str, label_b: str) -> list[str]:
     """Side by side: every (policy, budget) either report has, hit rates and bytes per token."""
 
-    def index(report: dict) -> dict[tuple[str, float], dict]:
-        replayed = (r for r in report["results"] if r.get("mode", "replay") == "replay")
-        return {(run_label(r), round(r["budget"], 6)): r for r in replayed}
+    def index(report: ProfileReport) -> dict[tuple[str, float], RunRecord]:
+        return {(run_label(r), round(r.budget, 6)): r for r in report.replayed}
 
     ia, ib = index(a), index(b)
     header = ["policy", "budget", "hit A", "hit B", "B - A", "MiB/tok A", "MiB/tok B"]
@@ -218,20 +235,18 @@ def compare_lines(a: dict, b: dict, label_a: str, label_b: str) -> list[str]:
     for key in sorted(set(ia) | set(ib), key=lambda k: (k[0], k[1])):
         ra, rb = ia.get(key), ib.get(key)
 
-        def pct(r: dict | None) -> str:
-            return f"{100 * r['hit_rate']:.1f}%" if r else "-"
+        def pct(r: RunRecord | None) -> str:
+            return f"{100 * r.hit_rate:.1f}%" if r else "-"
 
-        def mib(r: dict | None) -> str:
-            return f"{r['bytes_per_token'] / 2**20:.2f}" if r else "-"
+        def mib(r: RunRecord | None) -> str:
+            return f"{r.bytes_per_token / 2**20:.2f}" if r else "-"
 
-        delta = f"{100 * (rb['hit_rate'] - ra['hit_rate']):+.1f} pt" if ra and rb else "-"
+        delta = f"{100 * (rb.hit_rate - ra.hit_rate):+.1f} pt" if ra and rb else "-"
         rows.append([_short(key[0]), f"{100 * key[1]:g}%", pct(ra), pct(rb), delta, mib(ra), mib(rb)])
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return [f"A: {label_a}", f"B: {label_b}", fmt.format(*header)] + [fmt.format(*row) for row in rows]
+    return [f"A: {label_a}", f"B: {label_b}", *text_table(header, rows)]
 
 
-def plot_compare(a: dict, b: dict, label_a: str, label_b: str, out_png: str | Path) -> Path:
+def plot_compare(a: ProfileReport, b: ProfileReport, label_a: str, label_b: str, out_png: str | Path) -> Path:
     """Both reports' hit-rate curves in one plot: A solid, B dashed, one colour per policy."""
     import matplotlib
 
@@ -250,7 +265,7 @@ def plot_compare(a: dict, b: dict, label_a: str, label_b: str, out_png: str | Pa
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"A: {label_a}\nB: {label_b}", fontsize=10)
     for report, style, tag in ((a, "-", "A"), (b, ":", "B")):
-        for label, (budgets, values) in _curves(report, "bytes_per_token").items():
+        for label, (budgets, values) in _curves(report, lambda r: r.bytes_per_token).items():
             ax2.plot([100 * x for x in budgets], [v / 2**20 for v in values], linestyle=style, marker="o",
                      color=colors[label], label=f"{label} — {tag}")
     ax2.set_xlabel("expert budget (% of all experts resident)")
@@ -258,8 +273,4 @@ def plot_compare(a: dict, b: dict, label_a: str, label_b: str, out_png: str | Pa
     ax2.grid(alpha=0.3)
     ax2.set_title("bytes moved per token (A solid, B dotted)")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_png(fig, out_png, dpi=100)
