@@ -2,6 +2,8 @@
 report built by replay survives its own JSON, and a damaged file is a clear error."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +123,12 @@ def test_eval_and_train_records_round_trip():
     assert list(trained.to_json()) == ["trained", "path", "train_tokens", "train_seconds", "epochs", "losses",
                                        "lookahead", "trace_files"]
     assert TrainRecord.from_json(json.loads(json.dumps(trained.to_json()))) == trained
+
+
+def test_reading_and_tabling_a_report_imports_no_torch():
+    code = ("import sys; from moeflow.tools.profile.report import read_report; "
+            "from moeflow.tools.profile.plot import compare_lines, summary_lines; "
+            f"r = read_report({str(COMMITTED_PROFILES[0])!r}); summary_lines(r); compare_lines(r, r, 'a', 'b'); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"

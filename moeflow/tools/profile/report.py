@@ -1,8 +1,9 @@
 """What `moeflow profile` reports, as typed records, and their JSON (`moeflow-profile/1`).
 
-The records are plain data: no torch, so reading and comparing reports (`moeflow profile --compare`)
-never loads the engine. `to_json()` writes the keys the format has always had, in the same order;
-`from_json()` reads them back, refusing a dict that lacks one or has one it does not know.
+The records are plain data: this module and `plot` import no torch, so a report can be read,
+tabled and drawn where the engine is not installed or not wanted. `to_json()` writes the keys the
+format has always had, in the same order; `from_json()` reads them back, refusing a dict that lacks
+one or has one it does not know.
 """
 
 from __future__ import annotations
