@@ -235,6 +235,7 @@ def test_prefetch_keeps_output_exact(tiny_checkpoints):
         ref = engine.generate(PROMPT, max_new_tokens=6).token_ids
     with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%") as engine:
         engine.transfer.prefetch(PrefetchPlan(keys=((0, 0), (0, 1), (1, 0), (1, 1))))
+        engine.transfer.drain()  # the reads land before generation (else the compute thread may take them over)
         out = engine.generate(PROMPT, max_new_tokens=6).token_ids
         s = engine.stats()
     assert out == ref
