@@ -1,16 +1,24 @@
-"""ExpertFlow core on the default model: predictive prefetch vs LRU/LFU, and the token re-batcher vs FIFO.
+"""ExpertFlow's promise, measured in tokens/s: predictive prefetch vs LRU, and the token re-batcher vs FIFO.
 
-Two parts, each side by side in one process with interleaved rounds (best round kept), prompts cut
-from the held-out corpus files, experts read from disk with O_DIRECT:
+Three models, because prediction must pay where users are and must not cost where it cannot help:
 
-- ``decode``: greedy decode tokens/s, one sequence at a time, at the given budget (default 25%) with
-  ``--store disk``: lru, lfu, predictive with each predictor. Every contender's tokens must equal
-  the lru run's (exactness is checked, not assumed).
-- ``rebatch``: ``generate --prompts`` style batch generation at B = 8 and 32: FIFO vs the re-batcher;
-  mean distinct experts per layer per decode step, tokens/s, cache hit rate; outputs must be equal.
+- ``iobound``: the shipped model with every expert zero-widened to ~18 MiB (`moeflow.tools.widen`):
+  the same routing and tokens as the shipped model, learned (hence predictable) routing, and an
+  expert read costs far more than its compute — a Mixtral on a small GPU. Built on demand.
+- ``default``: the shipped model itself (0.4 MiB experts): compute-bound.
+- ``random``: a Mixtral-shaped checkpoint with random weights (bench/offload_decode.py's): routing
+  no predictor has seen; prediction must know when not to trust itself.
 
-    python bench/expertflow.py --out bench/results            # both parts
-    python bench/expertflow.py --part rebatch --prompts 128    # one part, fewer prompts
+Every contender is a fresh process inside a cgroup memory group with the same limit for all
+(runtime + dense weights + the expert budget + slack), started after the page cache is dropped,
+experts read from disk with O_DIRECT; rounds interleave the contenders and each one's best round is
+kept. Each contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
+bytes read per decode token and hit rate, with Belady's offline optimum replayed on LRU's own decode
+routing as the bytes reference; ``rebatch`` runs ``generate --prompts``-style batches on the
+I/O-bound model at B = 8 and 32, FIFO vs the re-batcher.
+
+    python bench/expertflow.py --out bench/results                      # everything
+    python bench/expertflow.py --models iobound --part decode --repeats 1
 
 Writes ``expertflow.json`` and ``expertflow.png``.
 """
@@ -19,127 +27,258 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import dense_bytes, disk_bandwidth, drop_caches, machine, run_child, runtime_baseline_bytes  # noqa: E402
 
-from moeflow.predictor.apply import available_predictors  # noqa: E402
-
-import moeflow  # noqa: E402
-from moeflow.build import make_admission  # noqa: E402
-from moeflow.model.corpus import model_corpus  # noqa: E402
-from moeflow.scheduler import run_batch  # noqa: E402
+WIDE_INTERMEDIATE = 8192  # 192 x 8192 x 3 x fp32 = 18 MiB per expert
+PROMPT_TOKENS = 24
+SLACK_BYTES = 384 << 20  # activations, KV caches, read buffers, predictor tables: the same for everyone
 
 
-def heldout_prompts(tokenizer: object, n: int, prompt_tokens: int) -> list[str]:
-    """`n` prompts of about `prompt_tokens` tokens, cut at line starts across the held-out files."""
-    prompts: list[str] = []
-    files = model_corpus(moeflow.engine.DEFAULT_MODEL, "heldout")
-    while len(prompts) < n:
-        for f in files:
-            lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
-            step = max(len(lines) // max(n // len(files), 1), 8)
-            for i in range(len(prompts) % 7, len(lines), step):
-                ids = tokenizer("".join(lines[i : i + 12]), add_special_tokens=False)["input_ids"][:prompt_tokens]
-                text = tokenizer.decode(ids)
-                if len(ids) >= prompt_tokens // 2 and text.strip():
-                    prompts.append(text)
-                if len(prompts) >= n:
-                    return prompts
+# ---- models and prompts ---------------------------------------------------------------------------------
+
+
+def prepare_model(name: str, workdir: Path) -> Path:
+    from moeflow.config import DEFAULT_MODEL
+
+    if name == "default":
+        return DEFAULT_MODEL
+    if name == "iobound":
+        out = workdir / f"iobound-{WIDE_INTERMEDIATE}"
+        if not (out / "config.json").is_file():
+            from moeflow.tools.widen import widen_experts
+
+            widen_experts(DEFAULT_MODEL, out, WIDE_INTERMEDIATE)
+        return out
+    if name == "random":
+        out = workdir / "mixtral-random"
+        if not (out / "config.json").is_file():
+            from offload_decode import Shape, build_checkpoint
+
+            build_checkpoint(out, Shape())
+        return out
+    raise ValueError(f"unknown model {name!r}")
+
+
+def heldout_prompts(n: int) -> list[list[int]]:
+    """`n` prompts of about PROMPT_TOKENS tokens (as token ids), cut at line starts across the held-out files."""
+    from transformers import AutoTokenizer
+
+    from moeflow.config import DEFAULT_MODEL
+    from moeflow.model.corpus import model_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    files = model_corpus(DEFAULT_MODEL, "heldout")
+    prompts: list[list[int]] = []
+    per_file = max(n // len(files), 1)
+    for f in files:
+        lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
+        for i in range(0, len(lines), max(len(lines) // per_file, 8)):
+            ids = tokenizer("".join(lines[i : i + 12]), add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]
+            if len(ids) >= PROMPT_TOKENS // 2:
+                prompts.append(ids)
+            if len(prompts) == n:
+                return prompts
     return prompts
 
 
-def machine() -> dict:
-    import torch
+def random_prompts(n: int, vocab: int) -> list[list[int]]:
+    import random
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    rng = random.Random(0)
+    return [[rng.randrange(vocab) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
 
 
-def decode_part(args: argparse.Namespace) -> dict:
-    predictors = [p for p in ("gate", "path", "token_freq") if p in available_predictors(args.model)]
-    with moeflow.load(args.model) as probe:
-        prompts = heldout_prompts(probe.tokenizer, args.decode_prompts, 24)
-        k = probe.top_k
-    contenders = [("lru", {"policy": "lru"}), ("lfu", {"policy": "lfu"})]
-    for p in predictors:
-        for width in (k, 2 * k):
-            options = {"policy": "predictive", "predictor": p, "lookahead": args.lookahead, "prefetch_width": width}
-            contenders.append((f"predictive/{p} w={width}", options))
+# ---- one contender, in a child process ------------------------------------------------------------------
+
+
+def decode_child(spec: dict) -> dict:
+    """Greedy decode of every prompt, one at a time; prefill and decode measured apart."""
+    import moeflow
+
+    with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
+        prefill_s = decode_s = 0.0
+        decode_bytes = decode_tokens = 0
+        tokens: list[list[int]] = []
+        routing: list[list[list[int]]] = []  # decode step -> MoE layer -> top-k experts
+        for prompt in spec["prompts"]:
+            seq = engine.new_sequence(prompt, max_new_tokens=spec["tokens"])
+            batch = engine.new_batch()
+            t0 = time.perf_counter()
+            batch.prefill(seq)
+            t1 = time.perf_counter()
+            before = engine.stats().bytes_read
+            batch.add(seq)
+            while not seq.done:
+                result = batch.step()
+                if spec["record_routing"]:
+                    routing.append([e.top_k_index_TK[0].tolist() for e in result.routing])
+            t2 = time.perf_counter()
+            engine.settle()
+            decode_bytes += engine.stats().bytes_read - before
+            decode_tokens += len(seq.generated) - 1
+            prefill_s, decode_s = prefill_s + t1 - t0, decode_s + t2 - t1
+            tokens.append(list(seq.generated))
+        stats = engine.stats()
+        counters = engine.prefetcher.counters.to_dict() if engine.prefetcher is not None else None
+    return {
+        "tokens": tokens, "routing": routing, "prefill_s": prefill_s, "decode_s": decode_s,
+        "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tokens / decode_s,
+        "decode_bytes_per_token": decode_bytes / decode_tokens, "hit_rate": stats.hit_rate,
+        "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
+        "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
+    }  # fmt: skip
+
+
+def rebatch_child(spec: dict) -> dict:
+    import moeflow
+    from moeflow.build import make_admission
+    from moeflow.scheduler import run_batch
+
+    with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", policy="lru") as engine:
+        run = run_batch(engine, spec["prompts"], batch_size=spec["batch_size"],
+                        admission=make_admission(spec["admission"], engine), max_new_tokens=spec["tokens"])
+        stats = engine.stats()
+    tokens = sum(len(r.token_ids) for r in run.results)
+    return {
+        "tokens": [r.token_ids for r in run.results], "elapsed_s": run.elapsed_s,
+        "tokens_per_s": tokens / run.elapsed_s,
+        "distinct_experts_per_step": sum(run.distinct_experts) / len(run.distinct_experts),
+        "mean_batch": sum(run.batch_sizes) / len(run.batch_sizes), "hit_rate": stats.hit_rate,
+        "bytes_per_token": stats.bytes_read / tokens,
+    }  # fmt: skip
+
+
+# ---- the parent: contenders, equal limits, interleaved rounds ---------------------------------------------
+
+
+def memory_limit(model: Path, budget: str, runtime: int) -> int:
+    """The same ceiling for every contender on `model`: runtime + dense weights + the expert budget + slack."""
+    from moeflow.model.checkpoint import open_checkpoint
+    from moeflow.offload.budget import resolve_budget
+
+    ckpt = open_checkpoint(model)
+    inter, hidden = next(iter(ckpt.experts.values())).gate.shape
+    slot_bytes = 3 * inter * hidden * 4  # the CPU engine computes in float32
+    top_k = int(ckpt.config["num_experts_per_tok"])
+    b = resolve_budget(budget, slot_bytes=slot_bytes, total_experts=len(ckpt.experts), top_k=top_k)
+    return runtime + dense_bytes(model) + b.slots * slot_bytes + SLACK_BYTES
+
+
+def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float) -> dict[str, dict]:
+    """Run every (name, spec, limit) job `repeats` times, interleaved; keep each one's fastest round."""
     best: dict[str, dict] = {}
-    reference: list[list[int]] | None = None
-    for rnd in range(args.repeats):
-        for name, options in contenders:
-            with moeflow.load(args.model, expert_budget=args.budget, store="disk", **options) as engine:
-                t0 = time.perf_counter()
-                outs = [engine.generate(p, max_new_tokens=args.tokens).token_ids for p in prompts]
-                elapsed = time.perf_counter() - t0
-                stats = engine.stats()
-                counters = engine.prefetcher.counters.to_dict() if engine.prefetcher else None
-            if reference is None:
-                reference = outs
-            tokens = sum(len(o) for o in outs)
-            row = {
-                "name": name, "tokens": tokens, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
-                "hit_rate": stats.hit_rate, "misses": stats.misses, "prefetch_hits": stats.prefetch_hits,
-                "wasted_prefetches": stats.wasted_prefetches, "bytes_read": stats.bytes_read,
-                "stall_s": stats.stall_s, "prefetch": counters, "exact": outs == reference, "round": rnd,
-            }
-            print(f"[decode round {rnd}] {name:>24}: {row['tokens_per_s']:6.1f} tok/s  hit {stats.hit_rate:.3f}  "
-                  f"stall {stats.stall_s:.2f}s  exact={row['exact']}", file=sys.stderr)
-            if name not in best or row["tokens_per_s"] > best[name]["tokens_per_s"]:
-                best[name] = row
-    return {"budget": args.budget, "store": "disk", "prompts": len(prompts), "max_new_tokens": args.tokens,
-            "lookahead": args.lookahead, "contenders": [best[n] for n, _ in contenders]}
+    for rnd in range(repeats):
+        for name, spec, limit in jobs:
+            dropped = drop_caches()
+            t0 = time.perf_counter()
+            row = run_child([sys.executable, __file__, "--child", json.dumps(spec)], limit_bytes=limit,
+                            timeout_s=timeout_s)
+            row.update(name=name, round=rnd, page_cache_dropped=dropped, wall_s=time.perf_counter() - t0)
+            speed = row.get("decode_tokens_per_s", row.get("tokens_per_s", 0.0))
+            print(f"[round {rnd + 1}/{repeats}] {name:>36}: "
+                  + (f"{speed:7.2f} tok/s" if "error" not in row else f"failed: {row['error'][-300:]}"), flush=True)
+            runs = best.get(name, {}).get("all_rounds_tokens_per_s", [])
+            if name not in best or "error" in best[name] or speed > best[name].get("speed", -1):
+                best[name] = {**row, "speed": speed}
+            best[name]["all_rounds_tokens_per_s"] = [*runs, speed]
+    return best
 
 
-def rebatch_part(args: argparse.Namespace) -> dict:
-    with moeflow.load(args.model) as probe:
-        prompts = heldout_prompts(probe.tokenizer, args.prompts, 24)
+def replay_on_routing(model: Path, routing: list[list[list[int]]], slots: int) -> dict:
+    """Replay LRU's own decode routing through the real cache (no disk) with LRU and with Belady's offline
+    optimum: bytes per decode token and hit rate, the reference for every contender's bytes."""
+    import numpy as np
+
+    from moeflow.model.checkpoint import open_checkpoint
+    from moeflow.tools.profile.replay import replay
+    from moeflow.tools.profile.setting import BudgetPoint, Geometry
+    from moeflow.tools.trace import Trace
+
+    ckpt = open_checkpoint(model)
+    geometry = Geometry.of(ckpt, int(ckpt.config["num_experts_per_tok"]))
+    experts_NLK = np.asarray(routing, dtype=np.int16)
+    N = len(experts_NLK)
+    zeros = np.zeros(N, dtype=np.int32)
+    meta = {"layers": list(geometry.layers), "num_experts": geometry.num_experts, "top_k": geometry.top_k}
+    trace = Trace(meta=meta, token_ids=zeros, positions=np.arange(N, dtype=np.int32), seq_ids=zeros, doc_ids=zeros,
+                  experts=experts_NLK, weights=np.zeros(experts_NLK.shape, dtype=np.float16))
+    budget = BudgetPoint(spec=f"{slots} slots", fraction=slots / geometry.total_experts, slots=slots)
+    out = {}
+    for policy in ("lru", "belady"):
+        stats = replay(trace, geometry, policy=policy, budget=budget).stats
+        out[policy] = {"bytes_per_token": stats.bytes_read / N, "hit_rate": stats.hit_rate}
+    return out
+
+
+def decode_part(args: argparse.Namespace, runtime: int) -> dict:
+    out = {}
+    for model_name in args.models:
+        model = prepare_model(model_name, args.workdir)
+        trained = model_name != "random"
+        if trained:
+            prompts = heldout_prompts(args.decode_prompts)
+        else:
+            from moeflow.model.checkpoint import open_checkpoint
+
+            prompts = random_prompts(max(args.decode_prompts // 3, 1), int(open_checkpoint(model).config["vocab_size"]))
+        predictors = ("path", "token_freq", "gate") if trained else ("gate",)
+        contenders = [("lru", {"policy": "lru"})]
+        contenders += [(f"predictive/{p}", {"policy": "predictive", "predictor": p}) for p in predictors]
+        limit = memory_limit(model, args.budget, runtime)
+        jobs = [
+            (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget, "options": options,
+                                      "prompts": prompts, "tokens": args.tokens, "record_routing": name == "lru"},
+             limit)
+            for name, options in contenders
+        ]  # fmt: skip
+        best = rounds(jobs, args.repeats, args.child_timeout)
+        rows = [best[name] for name, _, _ in jobs]
+        lru = rows[0]
+        for r in rows:
+            r["tokens_equal_lru"] = "error" not in r and "error" not in lru and r["tokens"] == lru["tokens"]
+        reference = {}
+        if "error" not in lru:
+            reference = replay_on_routing(model, lru["routing"], lru["capacity_slots"])
+        for r in rows:
+            r.pop("routing", None)
+            r.pop("tokens", None)
+        out[model_name] = {"model": str(model), "budget": args.budget, "memory_limit_bytes": limit,
+                           "prompts": len(prompts), "max_new_tokens": args.tokens, "contenders": rows,
+                           "replay_on_lru_routing": reference}  # fmt: skip
+    return out
+
+
+def rebatch_part(args: argparse.Namespace, runtime: int) -> dict:
+    model = prepare_model("iobound", args.workdir)
+    prompts = heldout_prompts(args.prompts)
+    limit = memory_limit(model, args.budget, runtime)
     rows = []
     for batch in args.batch_sizes:
-        outputs: dict[str, list[list[int]]] = {}
-        best: dict[str, dict] = {}
-        for rnd in range(args.repeats):
-            for admission in ("fifo", "rebatch"):
-                with moeflow.load(args.model, expert_budget=args.budget, store="disk", policy="lru") as engine:
-                    run = run_batch(engine, prompts, batch_size=batch, admission=make_admission(admission, engine),
-                                           max_new_tokens=args.rebatch_tokens)
-                    stats = engine.stats()
-                outputs[admission] = [r.token_ids for r in run.results]
-                tokens = sum(len(r.token_ids) for r in run.results)
-                row = {
-                    "batch_size": batch, "admission": admission, "tokens": tokens, "elapsed_s": run.elapsed_s,
-                    "tokens_per_s": tokens / run.elapsed_s,
-                    "distinct_experts_per_step": sum(run.distinct_experts) / len(run.distinct_experts),
-                    "steps": len(run.batch_sizes), "mean_batch": sum(run.batch_sizes) / len(run.batch_sizes),
-                    "hit_rate": stats.hit_rate, "bytes_read": stats.bytes_read, "round": rnd,
-                }
-                print(f"[rebatch B={batch} round {rnd}] {admission:>8}: distinct {row['distinct_experts_per_step']:.2f}"
-                      f"  {row['tokens_per_s']:6.1f} tok/s  hit {stats.hit_rate:.3f}", file=sys.stderr)
-                if admission not in best or row["tokens_per_s"] > best[admission]["tokens_per_s"]:
-                    best[admission] = row
-        fifo, reb = best["fifo"], best["rebatch"]
+        jobs = [
+            (f"B={batch} {admission}", {"kind": "rebatch", "model": str(model), "budget": args.budget,
+                                        "prompts": prompts, "tokens": args.rebatch_tokens, "batch_size": batch,
+                                        "admission": admission}, limit)
+            for admission in ("fifo", "rebatch")
+        ]  # fmt: skip
+        best = rounds(jobs, args.repeats, args.child_timeout)
+        fifo, reb = best[jobs[0][0]], best[jobs[1][0]]
+        ok = "error" not in fifo and "error" not in reb
         rows.append({
-            "batch_size": batch, "fifo": fifo, "rebatch": reb, "exact": outputs["fifo"] == outputs["rebatch"],
-            "distinct_reduction": 1 - reb["distinct_experts_per_step"] / fifo["distinct_experts_per_step"],
-            "speedup": reb["tokens_per_s"] / fifo["tokens_per_s"],
-        })
-    return {"budget": args.budget, "store": "disk", "prompts": len(prompts), "max_new_tokens": args.rebatch_tokens,
-            "rows": rows}
+            "batch_size": batch, "fifo": {k: v for k, v in fifo.items() if k != "tokens"},
+            "rebatch": {k: v for k, v in reb.items() if k != "tokens"},
+            "outputs_equal": ok and fifo["tokens"] == reb["tokens"],
+            "speedup": reb["speed"] / fifo["speed"] if ok else None,
+        })  # fmt: skip
+    return {"model": str(model), "budget": args.budget, "prompts": len(prompts), "max_new_tokens": args.rebatch_tokens,
+            "memory_limit_bytes": limit, "rows": rows}
+
+
+# ---- picture and entry point ---------------------------------------------------------------------------
 
 
 def plot(result: dict, path: Path) -> None:
@@ -148,41 +287,45 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [p for p in ("decode", "rebatch") if p in result]
-    fig, axes = plt.subplots(1, len(parts) * 2 if "rebatch" in parts else 2, figsize=(6 * len(parts) + 4, 4.2))
-    axes = list(axes)
-    if "decode" in result:
-        d = result["decode"]
-        names = [c["name"] for c in d["contenders"]]
+    decode = result.get("decode", {})
+    panels = len(decode) * 2 + (1 if "rebatch" in result else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4), squeeze=False)
+    axes = list(axes[0])
+    for model_name, part in decode.items():
+        rows = [r for r in part["contenders"] if "error" not in r]
+        names = [r["name"].split(" ", 1)[1] for r in rows]
+        lru = rows[0]["speed"] if rows else 1.0
         ax = axes.pop(0)
-        ax.bar(names, [c["tokens_per_s"] for c in d["contenders"]], color="tab:blue")
+        bars = ax.bar(names, [r["speed"] for r in rows], color=["#888"] + ["#1f77b4"] * (len(rows) - 1))
+        for bar, r in zip(bars, rows):
+            ax.annotate(f"{r['speed'] / lru:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"decode, experts on disk, budget {d['budget']}")
-        ax.tick_params(axis="x", rotation=30)
+        ax.set_title(f"{model_name}: decode at {part['budget']}, disk", fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
         ax = axes.pop(0)
-        ax.bar(names, [c["hit_rate"] for c in d["contenders"]], color="tab:green")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("cache hit rate (prefetched counts as hit)")
-        ax.tick_params(axis="x", rotation=30)
+        ax.bar(names, [r["decode_bytes_per_token"] / 2**20 for r in rows], color="#2ca02c")
+        if "belady" in part["replay_on_lru_routing"]:
+            ax.axhline(part["replay_on_lru_routing"]["belady"]["bytes_per_token"] / 2**20, color="black",
+                       linestyle="--", label="Belady (offline optimum)")
+            ax.legend(fontsize=7)
+        ax.set_ylabel("MiB read per decode token")
+        ax.set_title(f"{model_name}: bytes per token (lower is better)", fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
     if "rebatch" in result:
         r = result["rebatch"]
+        ax = axes.pop(0)
         labels = [f"B={row['batch_size']}" for row in r["rows"]]
         x = range(len(labels))
-        ax = axes.pop(0)
-        ax.bar([i - 0.2 for i in x], [row["fifo"]["distinct_experts_per_step"] for row in r["rows"]], 0.4, label="fifo")
-        ax.bar([i + 0.2 for i in x], [row["rebatch"]["distinct_experts_per_step"] for row in r["rows"]], 0.4,
-               label="re-batcher")
+        ax.bar([i - 0.2 for i in x], [row["fifo"].get("speed", 0) for row in r["rows"]], 0.4, label="fifo")
+        ax.bar([i + 0.2 for i in x], [row["rebatch"].get("speed", 0) for row in r["rows"]], 0.4, label="re-batcher")
         ax.set_xticks(list(x), labels)
-        ax.set_ylabel("distinct experts per layer per step")
-        ax.set_title("token re-batcher")
-        ax.legend()
-        ax = axes.pop(0)
-        ax.bar([i - 0.2 for i in x], [row["fifo"]["tokens_per_s"] for row in r["rows"]], 0.4, label="fifo")
-        ax.bar([i + 0.2 for i in x], [row["rebatch"]["tokens_per_s"] for row in r["rows"]], 0.4, label="re-batcher")
-        ax.set_xticks(list(x), labels)
-        ax.set_ylabel(f"tokens/s (disk, budget {r['budget']})")
-        ax.legend()
-    fig.suptitle(f"moeflow ExpertFlow core, default model — {result['machine']['cpu']}", fontsize=9)
+        ax.set_ylabel(f"tokens/s, iobound, {r['prompts']} prompts")
+        ax.set_title("token re-batcher vs FIFO", fontsize=9)
+        ax.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"moeflow ExpertFlow core — {m['cpu']}, {m['cores']} cores, disk "
+                 f"{result['disk_gib_s']:.2f} GiB/s O_DIRECT, {m['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -190,28 +333,58 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=moeflow.engine.DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/moeflow-bench"))
+    parser.add_argument("--models", type=lambda s: s.split(","), default=["iobound", "default", "random"])
     parser.add_argument("--part", choices=("decode", "rebatch", "all"), default="all")
     parser.add_argument("--budget", default="25%")
-    parser.add_argument("--lookahead", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per prompt")
     parser.add_argument("--decode-prompts", type=int, default=6)
     parser.add_argument("--prompts", type=int, default=256, help="rebatch: prompts in the batch job")
     parser.add_argument("--rebatch-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of each contender is kept")
+    parser.add_argument("--child-timeout", type=float, default=3600)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    result: dict = {"machine": machine(), "command": " ".join(sys.argv)}
+    if args.child is not None:
+        spec = json.loads(args.child)
+        print(json.dumps(decode_child(spec) if spec["kind"] == "decode" else rebatch_child(spec)))
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    iobound = prepare_model("iobound", args.workdir)
+    result: dict = {"machine": machine(), "command": " ".join(sys.argv),
+                    "disk_gib_s": disk_bandwidth(sorted(iobound.glob("*.safetensors"))[-1]) / 2**30}  # fmt: skip
+    runtime = runtime_baseline_bytes()
     if args.part in ("decode", "all"):
-        result["decode"] = decode_part(args)
+        result["decode"] = decode_part(args, runtime)
     if args.part in ("rebatch", "all"):
-        result["rebatch"] = rebatch_part(args)
+        result["rebatch"] = rebatch_part(args, runtime)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "expertflow.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "expertflow.png")
-    print(json.dumps(result, indent=1))
+    summary(result)
     return 0
+
+
+def summary(result: dict) -> None:
+    for model_name, part in result.get("decode", {}).items():
+        rows = [r for r in part["contenders"] if "error" not in r]
+        if not rows:
+            continue
+        lru = rows[0]
+        belady = part["replay_on_lru_routing"].get("belady", {}).get("bytes_per_token")
+        print(f"\n{model_name} at {part['budget']} (disk): {'contender':>22} {'tok/s':>8} {'x lru':>6} "
+              f"{'MiB/tok':>8} {'x belady':>8} {'hit':>6} exact")
+        for r in rows:
+            over_belady = r["decode_bytes_per_token"] / belady if belady else float("nan")
+            print(f"{'':>{len(model_name) + 18}}{r['name'].split(' ', 1)[1]:>22} {r['speed']:8.2f} "
+                  f"{r['speed'] / lru['speed']:6.2f} {r['decode_bytes_per_token'] / 2**20:8.2f} {over_belady:8.2f} "
+                  f"{r['hit_rate']:6.3f} {r['tokens_equal_lru']}")
+    for row in result.get("rebatch", {}).get("rows", []):
+        print(f"rebatch B={row['batch_size']}: fifo {row['fifo'].get('speed', 0):.2f} tok/s, re-batcher "
+              f"{row['rebatch'].get('speed', 0):.2f} tok/s, x{row['speedup'] or 0:.2f}, outputs equal: "
+              f"{row['outputs_equal']}")
 
 
 if __name__ == "__main__":
