@@ -48,7 +48,7 @@ class TensorSpan:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExpertLocation:
-    """One expert's three projections in transformers' orientation: gate/up [I, H], down [H, I]."""
+    """One expert's three projections in transformers' orientation: gate/up [I, D], down [D, I]."""
 
     gate: TensorSpan
     up: TensorSpan
