@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from moeflow.kernels.cpu import CPU_FORMULATIONS, cpu_plan  # noqa: E402
 
 from moeflow import kernels  # noqa: E402
+from moeflow.options import add_options, options_from_args
 
 BENCH = "moe_block"
 EXACT = "moeflow exact"  # experts_forward(exact=True, gate=module._apply_gate): the offload engine's path
@@ -346,16 +347,8 @@ def run(s: Settings) -> dict:
 
 def parse(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=list(f.default))
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    args = vars(parser.parse_args(argv))
-    return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    add_options(parser, Settings)
+    return options_from_args(Settings, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

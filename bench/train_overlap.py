@@ -45,8 +45,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from moeflow.options import add_options, options_from_args
 
 BENCH = "train_overlap"
 NAMESPACES = ("moeflow-bench0", "moeflow-bench1")
@@ -83,12 +85,7 @@ class BenchConfig:
 
 def _parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+    add_options(parser, BenchConfig)
     worker = parser.add_argument_group("worker (internal)")
     worker.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -98,7 +95,7 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
     worker.add_argument("--link", default="loopback", help=argparse.SUPPRESS)
     worker.add_argument("--result", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    config = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)})
+    config = options_from_args(BenchConfig, args)
     return config, args
 
 

@@ -14,7 +14,6 @@ Shape legend: T tokens, D hidden, I expert hidden, E experts, K experts per toke
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from moeflow.kernels.backend import INTERPRETING, device_key
 from moeflow.kernels.config import CONFIG_DIR, TileConfig, shape_key
+
+from moeflow.options import add_options, options_from_args
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,24 +90,15 @@ def write(settings: TuneSettings, best: dict[int, TileConfig]) -> str:
     return str(path)
 
 
-def parser_for(cls: type) -> argparse.ArgumentParser:
-    """A CLI generated from a frozen dataclass, so its defaults live in one place."""
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip() or None)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        required = f.default is dataclasses.MISSING
-        default = None if required else f.default
-        if isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=list(default))
-        else:
-            parser.add_argument(flag, type=type(default) if default is not None else int, required=required,
-                                default=default)  # fmt: skip
-    return parser
+def settings_from_argv(argv: list[str] | None = None) -> TuneSettings:
+    """`python -m moeflow.kernels.tune`'s options, generated from `TuneSettings` (moeflow.options)."""
+    parser = argparse.ArgumentParser(description=(TuneSettings.__doc__ or "").strip() or None)
+    add_options(parser, TuneSettings)
+    return options_from_args(TuneSettings, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = vars(parser_for(TuneSettings).parse_args(argv))
-    settings = TuneSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    settings = settings_from_argv(argv)
     print(f"wrote {write(settings, tune(settings))}")
 
 

@@ -37,6 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
+from moeflow.options import add_options, options_from_args
 from recipes.default_model.corpus import corpus_files, corpus_fingerprint, read_text, write_split_lists
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -340,19 +341,11 @@ def run_train(cfg: TrainConfig, argv: list[str]) -> dict:
     return training
 
 
-def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    for field in dataclasses.fields(cls):
-        default = field.default
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    _add_config_options(parser, TrainConfig)
-    args = parser.parse_args(argv)
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    training = run_train(TrainConfig(**options), argv)
+    add_options(parser, TrainConfig)
+    training = run_train(options_from_args(TrainConfig, parser.parse_args(argv)), argv)
     print(json.dumps({k: v for k, v in training.items() if k != "config"}, indent=2))
 
 

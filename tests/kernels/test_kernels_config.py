@@ -9,7 +9,7 @@ import torch
 from moeflow.kernels import config as config_mod
 from moeflow.kernels.backend import INTERPRETING
 from moeflow.kernels.config import TileConfig, get_config, shape_key
-from moeflow.kernels.tune import TuneSettings, parser_for, tune
+from moeflow.kernels.tune import TuneSettings, settings_from_argv, tune
 
 
 def test_every_stored_config_file_parses() -> None:
@@ -74,9 +74,10 @@ def test_tuning_refuses_under_the_interpreter() -> None:
 
 
 def test_tune_cli_is_generated_from_the_settings_dataclass() -> None:
-    args = vars(parser_for(TuneSettings).parse_args(["--experts", "8", "--hidden", "64", "--inter", "32",
-                                                     "--top-k", "2", "--tokens", "1", "64"]))  # fmt: skip
-    assert args == {"experts": 8, "hidden": 64, "inter": 32, "top_k": 2, "dtype": "bfloat16", "tokens": [1, 64],
-                    "seed": 0}  # fmt: skip
+    settings = settings_from_argv(["--experts", "8", "--hidden", "64", "--inter", "32", "--top-k", "2",
+                                   "--tokens", "1", "64"])  # fmt: skip
+    assert settings == TuneSettings(experts=8, hidden=64, inter=32, top_k=2, dtype="bfloat16", tokens=(1, 64), seed=0)
+    with pytest.raises(SystemExit):  # a required option left out
+        settings_from_argv(["--experts", "8"])
     with pytest.raises(ValueError, match="torch dtype"):
         TuneSettings(experts=8, hidden=64, inter=32, top_k=2, dtype="float33")
