@@ -24,7 +24,7 @@ from moeflow.model.anatomy import moe_layer_parts, token_embedding
 from moeflow.offload.plans import RoutingEvent
 
 from .base import RoutePredictor, RoutingShape, Scores, load_saved
-from .predictors import PREDICTORS, GateLookahead
+from .predictors import PREDICTORS, FrequencyPredictor, GateLookahead
 
 Sink = Callable[[RoutePredictor, int, torch.Tensor], None]
 
@@ -67,16 +67,28 @@ class PredictorHooks:
         self.sink = sink
         self.seconds = {p.name: 0.0 for p in self.predictors}
         self._pos_of = {layer: i for i, layer in enumerate(engine.checkpoint.moe_layers)}
+        # Each hook only where some predictor listens: a path predictor costs one call per forward,
+        # not one per layer as well.
+        self._stepping = self._overriding(self.predictors, "on_step")
+        self._residuals = self._overriding(self.predictors, "on_residual")
+        self._routed = self._overriding(self.predictors, "on_routing")
         model = engine.model
-        self._handles = [token_embedding(model).register_forward_hook(self._on_embedding)]
-        if any(type(p).on_residual is not RoutePredictor.on_residual for p in self.predictors):
+        self._handles = []
+        if self._residuals:
+            self._handles.append(token_embedding(model).register_forward_hook(self._on_embedding))
             for layer, pos in self._pos_of.items():
                 norm = moe_layer_parts(model, layer).norm
                 self._handles.append(norm.register_forward_pre_hook(self._residual_hook(pos)))
-        self._subscriptions = [
-            engine.driver.before_forward.subscribe(self._on_forward),
-            engine.runtime.routing.subscribe(self._on_routing),
-        ]
+        self._subscriptions = []
+        if self._stepping:
+            self._subscriptions.append(engine.driver.before_forward.subscribe(self._on_forward))
+        if self._routed:
+            self._subscriptions.append(engine.runtime.routing.subscribe(self._on_routing))
+
+    @staticmethod
+    def _overriding(predictors: list[RoutePredictor], hook: str) -> list[RoutePredictor]:
+        """The predictors whose class answers `hook` (the base class answers nothing)."""
+        return [p for p in predictors if getattr(type(p), hook) is not getattr(RoutePredictor, hook)]
 
     def close(self) -> None:
         for h in self._handles:
@@ -92,7 +104,7 @@ class PredictorHooks:
             self.sink(predictor, target, scores_TE)
 
     def _on_forward(self, start: ForwardStart) -> None:
-        for p in self.predictors:
+        for p in self._stepping:
             self._emit(p, lambda p=p: p.on_step(start.histories, start.n_new))
 
     def _on_embedding(self, module: object, args: object, out: torch.Tensor) -> None:
@@ -106,25 +118,50 @@ class PredictorHooks:
 
     def _residual(self, pos: int, hidden: torch.Tensor) -> None:
         r_TD = hidden.reshape(-1, hidden.shape[-1])
-        for p in self.predictors:
+        for p in self._residuals:
             self._emit(p, lambda p=p: p.on_residual(pos, r_TD))
 
     def _on_routing(self, event: RoutingEvent) -> None:
         pos = self._pos_of[event.plan.layer]
-        for p in self.predictors:
+        for p in self._routed:
             self._emit(p, lambda p=p: p.on_routing(pos, event.top_k_index_TK))
 
 
+def use_probabilities(predictor: RoutePredictor, scores_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[T, E] float32: `predictor`'s scores as the probability that each expert is among a token's top-k.
+
+    What a score means depends on the predictor: per-expert classifier logits (path, sklearn: the
+    sigmoid), a router's logits (gate: its softmax x top-k, capped at 1), or counts of past routing
+    (frequency, token_freq, transition: normalised to top-k per token). These are the predictor's own
+    beliefs; the prefetcher calibrates them online against what the layers really use.
+    """
+    s_TE = scores_TE.float()
+    if isinstance(predictor, GateLookahead):
+        return (torch.softmax(s_TE, dim=-1) * top_k).clamp(max=1.0)
+    if isinstance(predictor, FrequencyPredictor):
+        return (s_TE * top_k / s_TE.sum(-1, keepdim=True).clamp(min=1e-12)).clamp(0.0, 1.0)
+    return torch.sigmoid(s_TE)
+
+
+def ranked_probabilities(
+    predictor: RoutePredictor, scores_TE: torch.Tensor, m: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `m` best experts per token by score [T, M] and their probabilities of use [T, M] (`use_probabilities`)."""
+    ranked_TM = torch.topk(scores_TE.float(), min(m, scores_TE.shape[-1]), dim=-1).indices
+    return ranked_TM, use_probabilities(predictor, scores_TE, top_k).gather(-1, ranked_TM)
+
+
 def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHooks:
-    """Prefetch with `predictor`: its ranked experts go to the engine's prefetcher (policy 'predictive')."""
+    """Prefetch with `predictor`: its ranked experts and their probabilities go to the engine's prefetcher
+    (policy 'predictive')."""
     prefetcher = engine.prefetcher
     if prefetcher is None:
         raise MoeflowError("prediction feeds the predictive prefetcher; load the engine with policy='predictive'")
     layers = engine.checkpoint.moe_layers
 
     def offer(_: RoutePredictor, target: int, scores_TE: torch.Tensor) -> None:
-        k = min(prefetcher.width, scores_TE.shape[-1])
-        prefetcher.offer(layers[target], torch.topk(scores_TE.float(), k, dim=-1).indices.tolist())
+        ranked_TM, probs_TM = ranked_probabilities(predictor, scores_TE, prefetcher.width, engine.top_k)
+        prefetcher.offer(layers[target], ranked_TM.tolist(), probs_TM.tolist())
 
     hooks = PredictorHooks(engine, [predictor], offer)
     engine.on_close(hooks.close)

@@ -194,3 +194,95 @@ def test_cli_train_and_eval(mixtral_copy, tmp_path, capsys):
 
 def test_registry_names():
     assert set(PREDICTORS) == {"path", "gate", "sklearn", "frequency", "token_freq", "transition"}
+
+
+# ---- the fused path pass and the precomputed baselines --------------------------------------------
+
+
+def _heldout_windows(shape: RoutingShape, per_file: int = 600, files: int = 8) -> np.ndarray:
+    """[N, W] windows over the default model's held-out text (never trained on)."""
+    from transformers import AutoTokenizer
+
+    from moeflow.config import DEFAULT_MODEL
+    from moeflow.model.corpus import model_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    ids, positions = [], []
+    for f in model_corpus(DEFAULT_MODEL, "heldout")[:files]:
+        tokens = tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"][:per_file]
+        ids.append(np.asarray(tokens))
+        positions.append(np.arange(len(tokens)))
+    return trace_windows(np.concatenate(ids), np.concatenate(positions), PathPredictor.window, shape.vocab_size)
+
+
+def test_fused_path_pass_scores_what_the_trained_network_computes():
+    """The folded table (embedding + slot + first Linear) and one pass: the module's scores to float
+    rounding and the same ranking of every layer's experts on held-out text."""
+    from moeflow.config import DEFAULT_MODEL
+    from moeflow.predictor.base import predictor_dir
+
+    shape = RoutingShape.from_dict(torch.load(predictor_dir(DEFAULT_MODEL) / "path.pt", weights_only=False)["shape"])
+    p = load_saved(PathPredictor, DEFAULT_MODEL, shape)
+    win = _heldout_windows(shape)
+    with torch.inference_mode():
+        want_NLE = p.net(torch.from_numpy(win))
+    got_NLE = p.scores_TLE(win)
+    torch.testing.assert_close(got_NLE, want_NLE, rtol=1e-5, atol=1e-4)
+    E = shape.num_experts
+    assert torch.equal(torch.topk(got_NLE, E, dim=-1).indices, torch.topk(want_NLE, E, dim=-1).indices)
+    # on_step answers every layer from the histories' last W tokens alone
+    history = win[100].tolist()
+    answer = p.on_step([[7] * 50 + history], 1)
+    assert sorted(answer) == list(range(len(shape.layers)))
+    for pos, scores_1E in answer.items():
+        torch.testing.assert_close(scores_1E, want_NLE[100:101, pos], rtol=1e-5, atol=1e-4)
+
+
+def test_path_weights_changed_by_training_are_used_and_a_huge_table_falls_back_to_the_module():
+    trace = toy_trace(n_seqs=8)
+    p = PathPredictor(SHAPE)
+    win = trace_windows(trace.token_ids, trace.positions, p.window, SHAPE.vocab_size)
+    before = p.scores_TLE(win)
+    p.fit(trace.token_ids, trace.positions, trace.experts, epochs=1, progress=False)
+    with torch.inference_mode():
+        want = p.net(torch.from_numpy(win))
+    torch.testing.assert_close(p.scores_TLE(win), want, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(before, want)
+    small = PathPredictor(SHAPE)
+    small.restore(p.state())
+    small.max_table_bytes = 0  # a vocabulary whose table would not fit: the module itself answers
+    assert torch.equal(small.scores_TLE(win), want)
+
+
+def test_context_windows_read_only_the_tail_of_long_histories():
+    class Tail(list):
+        """A history that refuses whole reads: only slices ending at its end are allowed."""
+
+        def __iter__(self):
+            raise AssertionError("the whole history was read")
+
+    long = Tail(range(100_000))
+    assert context_windows([long, [1, 2]], 1, 3, pad_id=99).tolist() == [[99_997, 99_998, 99_999], [99, 1, 2]]
+    assert context_windows([[5, 6, 7]], 3, 2, pad_id=99).tolist() == [[99, 5], [5, 6], [6, 7]]
+
+
+def test_baselines_answer_what_their_tables_say():
+    trace = toy_trace(n_seqs=8)
+    hist = [trace.token_ids[:10].tolist(), trace.token_ids[10:13].tolist()]
+    tf = TokenFrequencyPredictor(SHAPE)
+    tf.fit(trace.token_ids, trace.positions, trace.experts)
+    prior_LE = tf.counts_LE / tf.counts_LE.sum(-1, keepdim=True).clamp(min=1)
+    want_TLE = tf.table_VLE[[h[-1] for h in hist]] + prior_LE
+    got = tf.on_step(hist, 1)
+    assert sorted(got) == [0, 1, 2] and all(torch.equal(got[p], want_TLE[:, p]) for p in got)
+    fr = FrequencyPredictor(SHAPE)
+    fr.fit(trace.token_ids, trace.positions, trace.experts)
+    assert all(torch.equal(s, fr.counts_LE[p].expand(2, -1)) for p, s in fr.on_step(hist, 1).items())
+    tr = TransitionPredictor(SHAPE, lookahead=1)
+    tr.fit(trace.token_ids, trace.positions, trace.experts)
+    assert sorted(tr.on_step(hist, 1)) == [0]
+    restored = TransitionPredictor(SHAPE, lookahead=1)
+    restored.restore(tr.state())
+    topk_TK = torch.tensor([[0, 3]])
+    want = tr.trans_PEE[0][topk_TK].sum(1) + tr.counts_LE[1] / tr.counts_LE[1].sum()
+    torch.testing.assert_close(restored.on_routing(0, topk_TK)[1], want)
