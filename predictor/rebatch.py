@@ -34,11 +34,13 @@ def predicted_sets(predictor: RoutePredictor, top_k: int) -> RoutePredict:
     """Each sequence's next-token experts (top-k per layer) from a context predictor."""
 
     def predict(seqs: list[SequenceState]) -> np.ndarray:
-        scores = predictor.on_step([s.prompt_ids + s.generated for s in seqs], 1)
+        scores = predictor.on_step([s.history for s in seqs], 1)  # histories read in place, not copied
+        positions = list(scores)  # the layers answered, all at once
+        best_BLK = torch.topk(torch.stack([scores[p] for p in positions], dim=1).float(), top_k, dim=-1).indices
+        hot_BLE = np.zeros((len(seqs), len(positions), predictor.shape.num_experts), dtype=bool)
+        np.put_along_axis(hot_BLE, best_BLK.numpy(), True, axis=2)
         out = np.zeros((len(seqs), predictor.num_layers, predictor.shape.num_experts), dtype=bool)
-        for pos, scores_BE in scores.items():
-            best = torch.topk(scores_BE.float(), top_k, dim=-1).indices.numpy()
-            np.put_along_axis(out[:, pos], best, True, axis=1)
+        out[:, positions] = hot_BLE
         return out
 
     return predict

@@ -4,17 +4,22 @@ Each sequence is prefilled alone (so its prompt sees exactly the solo computatio
 own KV cache. A `DecodeBatch` runs one token for all its members in one forward: their caches are
 left-padded to a common length and the pads masked, with explicit position ids, so every
 sequence's tokens equal its solo greedy generation. Members can join and leave between steps
-(continuous batching); the padded cache is rebuilt only when membership changes.
-Every forward goes through the engine's `StepDriver`. Shapes: the legend in `moeflow`.
+(continuous batching, the token re-batcher): at the next step only the rows that changed are
+touched — leavers get their own unpadded copy and are dropped from the batched cache, joiners are
+padded to its length and appended (or the batch is left-extended when a joiner is longer); the
+rows that stay are never re-padded. Every forward goes through the engine's `StepDriver`. Shapes:
+the legend in `moeflow`.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from moeflow.config import SamplingParams
@@ -44,21 +49,62 @@ class SequenceState:
         return len(self.prompt_ids) + len(self.generated)
 
     @property
+    def history(self) -> TokenHistory:
+        """The prompt and the generated tokens as one sequence, without copying either."""
+        return TokenHistory(self.prompt_ids, self.generated)
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
 
+class TokenHistory(Sequence[int]):
+    """`prompt + generated` read in place: a slice of the tail costs the slice, not the whole history."""
+
+    __slots__ = ("_generated", "_prompt")
+
+    def __init__(self, prompt: list[int], generated: list[int]) -> None:
+        self._prompt = prompt
+        self._generated = generated
+
+    def __len__(self) -> int:
+        return len(self._prompt) + len(self._generated)
+
+    def __getitem__(self, i: int | slice) -> int | list[int]:  # type: ignore[override]
+        P = len(self._prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return list(self)[i]
+            return self._prompt[start:stop] + self._generated[max(start - P, 0) : max(stop - P, 0)]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("history index out of range")
+        return self._prompt[i] if i < P else self._generated[i - P]
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._prompt
+        yield from self._generated
+
+
 class DecodeBatch:
-    """The sequences decoding together, and their padded KV cache."""
+    """The sequences decoding together, and their padded KV cache.
+
+    `members` are the sequences the next `step` decodes; `_rows` the sequences whose caches the
+    batched cache holds, row by row. `add` and `remove` change `members` only; `step` first brings
+    the batched cache in line (`_sync`), touching only the rows that differ.
+    """
 
     def __init__(self, driver: StepDriver, eos_token_ids: set[int]) -> None:
         self.driver = driver
         self.device = driver.device
         self.eos_token_ids = eos_token_ids
         self.members: list[SequenceState] = []
+        self._rows: list[SequenceState] = []  # row b of the batched cache holds _rows[b]'s cache
         self._cache: DynamicCache | None = None
-        self._pads: list[int] = []  # left padding of each member in the padded cache
-        self._mask_BQ: torch.Tensor | None = None
+        self._mask_BQ: torch.Tensor | None = None  # 0 on each row's left padding
+        self._pads: list[int] = []  # each row's left padding
 
     # ---- membership -----------------------------------------------------------------------------
 
@@ -75,38 +121,36 @@ class DecodeBatch:
         self._accept(seq, sample_next(result.logits_BV[0], seq.params, seq.generator))
 
     def add(self, seq: SequenceState) -> None:
-        assert seq.kv is not None and not seq.done
-        self._unpad()
+        assert (seq.kv is not None or seq in self._rows) and not seq.done
         self.members.append(seq)
 
     def remove(self, seq: SequenceState) -> None:
-        self._unpad()
         self.members.remove(seq)
 
     def evict_finished(self) -> list[SequenceState]:
         finished = [s for s in self.members if s.done]
         if finished:
-            self._unpad()
             self.members = [s for s in self.members if not s.done]
             for s in finished:
                 s.kv = None
+            if not self.members:  # nobody decodes next: free the batched cache now, not at the next step
+                self._sync()
         return finished
 
     # ---- one step -------------------------------------------------------------------------------
 
     def step(self) -> ForwardResult | None:
         """One new token for every member; the forward's result (its routing), None without members."""
+        self._sync()
         if not self.members:
             return None
-        if self._cache is None:
-            self._pad()
         B = len(self.members)
         last_B1 = torch.tensor([[s.generated[-1]] for s in self.members], device=self.device)
         positions_B1 = torch.tensor([[s.length - 1] for s in self.members], device=self.device)
         self._mask_BQ = torch.cat([self._mask_BQ, torch.ones(B, 1, dtype=torch.long, device=self.device)], dim=1)
         result = self.driver.forward(
             last_B1,
-            histories=[s.prompt_ids + s.generated for s in self.members],
+            histories=[s.history for s in self.members],
             n_new=1,
             kv=self._cache,
             attention_mask_BQ=self._mask_BQ,
@@ -127,35 +171,81 @@ class DecodeBatch:
 
     # ---- padded cache ---------------------------------------------------------------------------
 
-    def _pad(self) -> None:
-        """Left-pad every member's cache to the longest and stack them into one batched cache."""
-        lengths = [s.kv[0][0].shape[-2] for s in self.members]
-        longest = max(lengths)
-        self._pads = [longest - n for n in lengths]
-        layers = []
-        for i in range(len(self.members[0].kv)):
-            keys = [_left_pad(s.kv[i][0], p) for s, p in zip(self.members, self._pads)]
-            values = [_left_pad(s.kv[i][1], p) for s, p in zip(self.members, self._pads)]
-            layers.append((torch.cat(keys), torch.cat(values)))
-        self._cache = DynamicCache(ddp_cache_data=layers, config=self.driver.model.config)
-        self._mask_BQ = torch.tensor([[0] * p + [1] * n for p, n in zip(self._pads, lengths)], device=self.device)
-        for s in self.members:
-            s.kv = None  # the batched cache is the only copy while it exists
+    def _sync(self) -> None:
+        """Make the batched cache hold exactly `members`' caches (row order = `members` order).
 
-    def _unpad(self) -> None:
-        """Give every member its own unpadded cache back (views into the batched one)."""
-        if self._cache is None:
+        Rows that stay are copied once by `index_select` (not at all when nobody left), never
+        re-padded; a leaver still running gets its own unpadded copy (finished and cancelled ones
+        are dropped); joiners are left-padded to the batch's length and appended, the batch itself
+        left-extended first when a joiner is longer. Columns that are padding in every row go.
+        """
+        member_ids = {id(s) for s in self.members}
+        if len(self._rows) == len(self.members) and member_ids == {id(s) for s in self._rows}:
+            self.members = list(self._rows)  # nothing changed: the cache's row order
             return
-        for b, (seq, pad) in enumerate(zip(self.members, self._pads)):
-            seq.kv = [
-                (layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:]) for layer in self._cache.layers
-            ]
-        self._cache = None
-        self._mask_BQ = None
+        row_ids = {id(s) for s in self._rows}
+        keep = [b for b, s in enumerate(self._rows) if id(s) in member_ids]
+        for b, s in enumerate(self._rows):
+            if id(s) not in member_ids and not s.done:
+                s.kv = self._own_copy(b)
+        joiners = [s for s in self.members if id(s) not in row_ids]
+        layers, mask_BQ, pads = self._kept(keep)
+        if joiners:
+            lengths = [s.kv[0][0].shape[-2] for s in joiners]
+            Q = max([mask_BQ.shape[1] if keep else 0, *lengths])
+            if keep and Q > mask_BQ.shape[1]:  # a joiner is longer than the batch: left-extend the rows kept
+                grow = Q - mask_BQ.shape[1]
+                layers = [(_left_pad(k, grow), _left_pad(v, grow)) for k, v in layers]
+                mask_BQ = F.pad(mask_BQ, (grow, 0))
+                pads = [p + grow for p in pads]
+            grown = []
+            for i in range(len(joiners[0].kv)):
+                ks = [_left_pad(s.kv[i][0], Q - n) for s, n in zip(joiners, lengths)]
+                vs = [_left_pad(s.kv[i][1], Q - n) for s, n in zip(joiners, lengths)]
+                if keep:
+                    ks.insert(0, layers[i][0])
+                    vs.insert(0, layers[i][1])
+                grown.append((torch.cat(ks), torch.cat(vs)))
+            layers = grown
+            joined_mask = torch.tensor([[0] * (Q - n) + [1] * n for n in lengths], device=self.device)
+            mask_BQ = torch.cat([mask_BQ, joined_mask]) if keep else joined_mask
+            pads += [Q - n for n in lengths]
+            for s in joiners:
+                s.kv = None  # the batched cache is the only copy while it exists
+        self._rows = [self._rows[b] for b in keep] + joiners
+        self.members = list(self._rows)
+        self._pads = pads
+        self._mask_BQ = mask_BQ if self._rows else None
+        self._cache = DynamicCache(ddp_cache_data=layers, config=self.driver.model.config) if self._rows else None
+
+    def _kept(self, keep: list[int]) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor | None, list[int]]:
+        """Rows `keep` of the batched cache (per layer keys, values), their mask and left pads, without
+        the columns that are padding in every kept row; nothing when no row is kept."""
+        if not keep:
+            return [], None, []
+        layers = [(layer.keys, layer.values) for layer in self._cache.layers]
+        mask_BQ = self._mask_BQ
+        if len(keep) < len(self._rows):
+            index = torch.tensor(keep, device=self.device)
+            layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
+            mask_BQ = mask_BQ.index_select(0, index)
+        pads = [self._pads[b] for b in keep]
+        trim = min(pads)
+        if trim:
+            layers = [(k[:, :, trim:], v[:, :, trim:]) for k, v in layers]
+            mask_BQ = mask_BQ[:, trim:]
+            pads = [p - trim for p in pads]
+        return layers, mask_BQ, pads
+
+    def _own_copy(self, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row `b`'s cache without its padding, in tensors of its own (not views pinning the batch)."""
+        pad = self._pads[b]
+        return [
+            (layer.keys[b : b + 1, :, pad:].clone(), layer.values[b : b + 1, :, pad:].clone())
+            for layer in self._cache.layers
+        ]
 
 
-def _left_pad(t_1hQd: torch.Tensor, pad: int) -> torch.Tensor:
-    if pad == 0:
-        return t_1hQd
-    zeros = t_1hQd.new_zeros(*t_1hQd.shape[:-2], pad, t_1hQd.shape[-1])
-    return torch.cat([zeros, t_1hQd], dim=-2)
+def _left_pad(t_BhQd: torch.Tensor, pad: int) -> torch.Tensor:
+    """`pad` zero positions before the first cached one (dim -2)."""
+    return F.pad(t_BhQd, (0, 0, pad, 0)) if pad else t_BhQd

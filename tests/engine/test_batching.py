@@ -75,3 +75,87 @@ def test_sequence_finishing_on_first_token_never_joins(tiny_checkpoints):
         scheduler.submit(seq)
         assert scheduler.step() == [seq]
         assert scheduler.idle and scheduler.steps == 0
+
+
+# ---- re-padding only the rows that change ------------------------------------------------------------
+
+SCHEDULES = {
+    # step by step: which sequences (indices into the prompts) decode together
+    "leave_and_join_in_one_step": [[0, 1], [0, 1], [1, 2], [2, 0], [0, 1, 2]],
+    "joiner_longer_than_everyone": [[0, 2], [0, 2, 3], [3], [0, 3], [0, 2, 3]],
+    "all_leave_then_return": [[0, 1, 2], [], [1], [0, 1, 2]],
+    "one_left": [[0, 1, 2, 3], [3], [3], [1, 3], [1]],
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_membership_changes_keep_each_sequence_its_solo_tokens(tiny_checkpoints, schedule):
+    """Rows leave and join between steps (the re-batcher's pattern): the batched cache keeps the rows
+    that stay, leavers take their own copy away, joiners are padded in; tokens stay solo-exact."""
+    prompts = [[5, 9, 3], [7, 1, 4, 4, 8, 2, 6], [11, 12], [3] * 17 + [8, 9, 10, 2]]  # 3: the longest by far
+    with moeflow.load(tiny_checkpoints["qwen2_moe"], expert_budget="50%") as engine:
+        batch = engine.new_batch()
+        seqs = [engine.new_sequence(p, max_new_tokens=64) for p in prompts]
+        for s in seqs:
+            batch.prefill(s)
+        for members in SCHEDULES[schedule]:
+            for s in [s for s in batch.members if seqs.index(s) not in members]:
+                batch.remove(s)
+            for i in members:
+                if seqs[i] not in batch.members:
+                    batch.add(seqs[i])
+            assert (batch.step() is None) == (not members)
+            assert batch.members == [s for s in batch.members if seqs.index(s) in members]
+            assert sorted(seqs.index(s) for s in batch.members) == sorted(members)
+            if members:  # no column is padding in every row
+                assert bool(batch._mask_BQ[:, 0].any())
+            for s in seqs:
+                if s not in batch.members:  # a leaver holds its own unpadded cache, not a view of the batch
+                    keys = s.kv[0][0]
+                    assert keys.shape[0] == 1 and keys.shape[-2] == s.length - 1
+                    if batch._cache is not None:
+                        batched = batch._cache.layers[0].keys.untyped_storage().data_ptr()
+                        assert keys.untyped_storage().data_ptr() != batched
+        generated = [list(s.generated) for s in seqs]
+        solo = [engine.generate(p, max_new_tokens=len(g)).token_ids for p, g in zip(prompts, generated)]
+    assert generated == solo
+
+
+def test_rebatched_pool_with_varied_lengths_equals_solo(tiny_checkpoints):
+    """The re-batcher's pool: most steps someone leaves and someone joins, finishing at different times."""
+    from moeflow.predictor.rebatch import RebatchAdmission
+
+    prompts = _prompts(9, seed=7)
+    budgets = [5, 14, 3, 9, 12, 1, 7, 10, 4]
+
+    def predict(seqs: list[SequenceState]):
+        import numpy as np
+
+        out = np.zeros((len(seqs), 2, 8), dtype=bool)  # a predictor that moves everyone around
+        for b, s in enumerate(seqs):
+            out[b, :, (s.length * 3 + b) % 8] = True
+        return out
+
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="50%") as engine:
+        solo = [engine.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, budgets)]
+        scheduler = Scheduler(engine, max_batch_size=3, admission=RebatchAdmission(predict, pool_factor=2))
+        seqs = [engine.new_sequence(p, max_new_tokens=n) for p, n in zip(prompts, budgets)]
+        for s in seqs:
+            scheduler.submit(s)
+        scheduler.run_until_idle()
+        assert scheduler.batch._cache is None  # nothing held once everyone finished
+    assert [s.generated for s in seqs] == solo
+
+
+def test_token_history_reads_like_the_joined_list():
+    from moeflow.engine.batch import TokenHistory
+
+    prompt, generated = [1, 2, 3, 4], [5, 6, 7]
+    h, joined = TokenHistory(prompt, generated), prompt + generated
+    assert len(h) == 7 and list(h) == joined and h[-1] == 7 and h[2] == 3
+    for sl in [slice(-3, None), slice(2, 6), slice(0, 2), slice(5, None), slice(-100, None), slice(None, None, 2)]:
+        assert h[sl] == joined[sl]
+    generated.append(8)  # a view: it sees new tokens
+    assert h[-2:] == [7, 8]
+    with pytest.raises(IndexError):
+        h[8]
