@@ -12,9 +12,10 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -23,6 +24,7 @@ from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
 from moeflow.offload.stats import CacheStats, LayerStats
 from moeflow.offload.store import ExpertStore
 
+T = TypeVar("T")
 
 class SlotState(enum.Enum):
     FREE = "free"  # holds nothing; its index is on the free list
@@ -193,6 +195,12 @@ class ExpertCache:
         """Wrong predictions that are resident: make them the next victims."""
         with self._cv:
             self._predictive().demote(keys)
+
+    def advise(self, advice: Callable[[PredictivePolicy, int], T]) -> T:
+        """`advice(policy, free slots)` under the lock: the prefetcher reads and updates the predictive
+        policy (what it expects of the step, what it would evict) consistently with the slots."""
+        with self._cv:
+            return advice(self._predictive(), len(self._free))
 
     def _predictive(self) -> PredictivePolicy:
         assert isinstance(self.policy, PredictivePolicy), "predictive prefetch needs the predictive policy"

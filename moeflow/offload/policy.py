@@ -7,6 +7,7 @@ candidates the cache offers (resident, fully loaded, not pinned by a running lay
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from moeflow.model.checkpoint import ExpertKey
+from moeflow.offload.admission import ReuseRates
 
 
 class EvictionPolicy(ABC):
@@ -81,11 +83,14 @@ class LFUPolicy(EvictionPolicy):
 
 
 class PredictivePolicy(LRUPolicy):
-    """LRU that keeps predicted experts: a protected expert is evicted only when nothing else can be.
+    """Evicts the expert least likely to be used again; predicted experts are evicted only when nothing else can be.
 
-    The prefetcher (`moeflow.offload.prefetch.PredictivePrefetcher`) protects what it predicts for the next
-    layers and, once a layer's real routing is known, releases its predictions and demotes the wrong
-    ones to the front of the eviction order.
+    The prefetcher (`moeflow.offload.prefetch.PredictivePrefetcher`) protects the experts it reads ahead
+    and, once a layer's real routing is known, releases them and demotes the wrong ones (the next
+    victims). It also tells the policy what it expects of the rest of the step (`expect`: the
+    calibrated probability that a resident expert is used by an upcoming layer). Every other expert
+    is worth its reuse rate (`ReuseRates`, learned from the gaps between uses); the victim is the
+    unprotected candidate worth least, the least recently used among equals.
     """
 
     name = "predictive"
@@ -93,6 +98,15 @@ class PredictivePolicy(LRUPolicy):
     def __init__(self) -> None:
         super().__init__()
         self._protected: set[ExpertKey] = set()
+        self._demoted: set[ExpertKey] = set()
+        self._expected: dict[ExpertKey, float] = {}
+        self.reuse = ReuseRates()
+
+    # ---- what the prefetcher tells the policy ---------------------------------------------------------
+
+    def begin_step(self) -> None:
+        self.reuse.step += 1
+        self._expected.clear()
 
     def protect(self, keys: Iterable[ExpertKey]) -> None:
         self._protected.update(keys)
@@ -105,20 +119,60 @@ class PredictivePolicy(LRUPolicy):
         for key in keys:
             if key in self._order:
                 self._order.move_to_end(key, last=False)
+                self._demoted.add(key)
+
+    def expect(self, probabilities: dict[ExpertKey, float]) -> None:
+        """Experts an upcoming layer of this step will use with these probabilities (until `forget`)."""
+        self._expected.update(probabilities)
+
+    def forget(self, keys: Iterable[ExpertKey]) -> None:
+        for key in keys:
+            self._expected.pop(key, None)
+
+    # ---- what the policy knows --------------------------------------------------------------------------
 
     @property
     def protected(self) -> frozenset[ExpertKey]:
         return frozenset(self._protected)
 
+    def worth(self, key: ExpertKey) -> float:
+        """P(`key` is used at its next step): 0 if demoted, else what the prefetcher expects, else its reuse rate."""
+        if key in self._demoted:
+            return 0.0
+        expected = self._expected.get(key)
+        return expected if expected is not None else self.reuse.reuse(key)
+
+    def eviction_worths(self) -> list[float]:
+        """The worth of every resident unprotected expert, in the order they would be evicted."""
+        return sorted(self.worth(k) for k in self._order if k not in self._protected)
+
+    def resident(self, key: ExpertKey) -> bool:
+        return key in self._order
+
+    # ---- the policy protocol ----------------------------------------------------------------------------
+
+    def on_access(self, key: ExpertKey) -> None:
+        super().on_access(key)
+        self._demoted.discard(key)
+        self.reuse.on_use(key)
+
     def on_evict(self, key: ExpertKey) -> None:
         super().on_evict(key)
         self._protected.discard(key)
+        self._demoted.discard(key)
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         allowed = set(candidates)
         unprotected = allowed - self._protected
         pick_from = unprotected or allowed
-        return next(k for k in self._order if k in pick_from)
+        best, best_worth = None, math.inf
+        for k in self._order:  # least recently used first: ties go to it
+            if k in pick_from and (w := self.worth(k)) < best_worth:
+                best, best_worth = k, w
+                if w == 0.0:
+                    break
+        assert best is not None, "a victim among the candidates"
+        return best
 
 
 class BeladyPolicy(EvictionPolicy):

@@ -1,26 +1,33 @@
-"""Predictive prefetch with correction: bring predicted experts in ahead of their layer, fix mistakes.
+"""Predictive prefetch with admission and correction: read ahead only what pays, fix mistakes.
 
 One decode step walks the MoE layers in order (positions 0..L-1 of `layers`). Predictions for a
 layer are *offered* whenever a predictor has them (a context predictor offers every layer before
-the forward; gate lookahead offers layer i+d while layer i runs). The prefetcher issues a layer's
-prediction once the step has reached `lookahead` layers before it, protects those experts from
-eviction (`PredictivePolicy`), and when the layer's real routing is known (`on_routing`, just
-before the layer acquires its experts) it corrects itself: the predictions of that layer are
-released, the wrong ones whose reads are still queued dropped and the rest demoted to the front of
-the eviction order; the missed experts are then read on demand by the cache (which also takes over
-a right prediction whose read is still queued rather than wait behind the others). The cache
-decides hits and misses, so correctness never depends on a prediction: a wrong one costs a wasted
-read, never a wrong output.
+the forward; gate lookahead offers layer i+d while layer i runs), as ranked experts per token with
+the predictor's probability that each is used. Offered experts become the step's expectations at
+once: the eviction policy (`PredictivePolicy`) keeps a resident expert an upcoming layer is likely
+to use. Once the step has reached `lookahead` layers before the layer, the prefetcher decides which
+non-resident experts to read ahead (`moeflow.offload.admission.admit`: calibrated probability of
+use x the part of the read that overlaps compute, against the wasted read and the reuse of the
+victim it evicts, under a cap of reads per token) and protects those from eviction. When the
+layer's real routing is known (`on_routing`, just before the layer acquires its experts) every
+offered prediction is scored for calibration, the reads ahead are released, the wrong ones still
+queued dropped and the rest demoted to the front of the eviction order; the missed experts are then
+read on demand by the cache (which also takes over a right prediction whose read is still queued).
+The cache decides hits and misses, so correctness never depends on a prediction: a wrong one costs
+a wasted read, never a wrong output.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import ExpertKey
+from moeflow.offload.admission import AdmissionConfig, Calibration, admit
 from moeflow.offload.cache import ExpertCache
 from moeflow.offload.plans import PrefetchPlan
 from moeflow.offload.policy import PredictivePolicy
@@ -30,7 +37,8 @@ from moeflow.offload.policy import PredictivePolicy
 class PrefetchCounters:
     steps: int = 0
     offered: int = 0  # distinct experts predicted (after the width cap)
-    issued: int = 0  # prefetch reads queued (predicted and not resident)
+    issued: int = 0  # prefetch reads queued (admitted and not resident)
+    refused: int = 0  # predicted, not resident, and not worth reading ahead (or over the cap)
     cancelled: int = 0  # queued reads dropped before they started: their layer ran without them
     correct: int = 0  # predicted experts the layer then used
     used: int = 0  # experts the layers used
@@ -47,11 +55,54 @@ class PrefetchCounters:
         return {**vars(self), "precision": self.precision, "recall": self.recall}
 
 
+@dataclass(frozen=True, slots=True)
+class _Offer:
+    expert: int
+    raw: float | None  # the predictor's probability that some token of the step uses it (None: rank only)
+    rank: int  # its best rank among the step's tokens
+
+
+class OverlapEstimate:
+    """`hidden` measured online: the share of an expert read that `lookahead` layers of compute can hide.
+
+    Every `every` steps: compute per layer = (wall time - stall) / layers run, read time = stall / demand
+    reads, both from the cache's own statistics; `hidden = lookahead x compute / read`, capped at 1 and
+    smoothed. Until the first estimate, `initial`.
+    """
+
+    def __init__(
+        self, cache: ExpertCache, *, layers: int, lookahead: int, every: int = 8, initial: float = 0.5
+    ) -> None:
+        self.cache = cache
+        self.layers = layers
+        self.lookahead = lookahead
+        self.every = every
+        self.hidden = initial
+        self._steps = 0
+        self._mark: tuple[float, float, int] | None = None  # (wall, stall, misses) at the last estimate
+
+    def on_step(self) -> float:
+        self._steps += 1
+        if self._steps % self.every:
+            return self.hidden
+        s = self.cache.stats()
+        now = (time.perf_counter(), s.stall_s, s.misses)
+        if self._mark is not None:
+            wall, stall, misses = (a - b for a, b in zip(now, self._mark))
+            if misses > 0 and stall > 0:
+                compute_per_layer = max(wall - stall, 0.0) / (self.every * self.layers)
+                estimate = min(1.0, self.lookahead * compute_per_layer / (stall / misses))
+                self.hidden = 0.7 * self.hidden + 0.3 * estimate
+        self._mark = now
+        return self.hidden
+
+
 class PredictivePrefetcher:
-    """Turns per-layer predictions into `PrefetchPlan`s `lookahead` layers ahead, with correction.
+    """Turns per-layer predictions into admitted `PrefetchPlan`s `lookahead` layers ahead, with correction.
 
     `issue` starts the reads (the engine's `TransferEngine.prefetch`; profiling replay passes a
-    synchronous one). `width` caps how many experts per token are prefetched for one layer.
+    synchronous one). `width` caps how many experts per token are considered for one layer;
+    `admission` decides which of them are read ahead.
     """
 
     def __init__(
@@ -62,6 +113,7 @@ class PredictivePrefetcher:
         layers: Sequence[int],
         lookahead: int = DEFAULT_LOOKAHEAD,
         width: int = 2,
+        admission: AdmissionConfig | None = None,
     ) -> None:
         if not isinstance(cache.policy, PredictivePolicy):
             raise MoeflowError("predictive prefetch needs the cache policy 'predictive'")
@@ -75,63 +127,107 @@ class PredictivePrefetcher:
         self._pos_of = {layer: i for i, layer in enumerate(self.layers)}
         self.lookahead = lookahead
         self.width = width
-        # Slots one layer's predictions may take: the window holds lookahead + 1 layers.
+        self.admission = admission = admission or AdmissionConfig()
+        self.calibration = Calibration(admission)
+        self.overlap = None if admission.hidden is not None else OverlapEstimate(
+            cache, layers=len(self.layers), lookahead=lookahead)
+        self.hidden = admission.hidden if admission.hidden is not None else self.overlap.hidden
+        # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
         self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
         self.counters = PrefetchCounters()
         self._reset()
 
     def _reset(self) -> None:
         self._pos = -1  # position of the layer that runs now; -1 before the first
-        self._pending: dict[int, list[int]] = {}  # layer -> predicted experts not yet issued
-        self._predicted: dict[int, set[int]] = {}  # layer -> predicted experts issued (awaiting correction)
+        self._pending: dict[int, list[_Offer]] = {}  # layer -> offered, not yet decided
+        self._decided: dict[int, list[_Offer]] = {}  # layer -> offered and decided, awaiting its routing
+        self._issued: dict[int, set[int]] = {}  # layer -> experts read ahead (protected)
         self._current: list[ExpertKey] = []  # the running layer's experts, kept until the next layer
+        self._reads = 0  # reads ahead issued this step
+        self._tokens = 1  # tokens of this step (the most any offer had)
+
+    def fix_hidden(self, hidden: float) -> None:
+        """Assume `hidden` (the share of a read that overlaps compute) instead of measuring it: what profiling
+        replay does, which has no time to measure."""
+        if not 0.0 <= hidden <= 1.0:
+            raise ValueError(f"hidden must be in [0, 1] (a fraction of one read), got {hidden}")
+        self.overlap = None
+        self.hidden = hidden
 
     # ---- the step -------------------------------------------------------------------------------
 
     def begin_step(self) -> None:
         self.end_step()
         self.counters.steps += 1
+        if self.overlap is not None:
+            self.hidden = self.overlap.on_step()
+        self.cache.advise(lambda policy, _: policy.begin_step())
 
-    def offer(self, layer: int, ranked_TM: Sequence[Sequence[int]]) -> None:
-        """Predicted experts of `layer` for this step: one ranked list per token, best first."""
-        if layer not in self._pos_of or layer in self._pending or layer in self._predicted:
+    def offer(
+        self, layer: int, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None = None
+    ) -> None:
+        """Predicted experts of `layer` for this step: one ranked list per token, best first, and for each the
+        predictor's probability that the token uses it (None: the predictor only ranks)."""
+        if layer not in self._pos_of or layer in self._pending or layer in self._decided:
             return
-        experts: list[int] = []
-        seen: set[int] = set()
+        miss: dict[int, float] = {}  # expert -> probability that no token uses it
+        rank_of: dict[int, int] = {}
         for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
-            for ranked in ranked_TM:
-                if rank < len(ranked) and (e := int(ranked[rank])) not in seen:
-                    seen.add(e)
-                    experts.append(e)
-        self._pending[layer] = experts[: self._per_layer_cap]
+            for t, ranked in enumerate(ranked_TM):
+                if rank >= len(ranked):
+                    continue
+                e = int(ranked[rank])
+                rank_of.setdefault(e, rank)
+                if probs_TM is not None:
+                    miss[e] = miss.get(e, 1.0) * (1.0 - min(max(float(probs_TM[t][rank]), 0.0), 1.0))
+        offers = [_Offer(e, None if probs_TM is None else 1.0 - miss[e], r) for e, r in rank_of.items()]
+        self._tokens = max(self._tokens, len(ranked_TM))
+        self._pending[layer] = offers
+        expected = {(layer, o.expert): self.calibration.probability(o.raw, o.rank) for o in offers}
+        self.cache.advise(lambda policy, _: policy.expect(expected))
         self._issue_due()
 
     def on_routing(self, layer: int, expert_ids: Iterable[int]) -> None:
-        """`layer`'s real experts are known: correct its predictions, move the window on."""
+        """`layer`'s real experts are known: score and correct its predictions, move the window on."""
         used = set(expert_ids)
-        self.cache.release(self._current)
-        predicted = self._predicted.pop(layer, None)
-        if predicted is not None:  # issued: release; wrong ones not yet read are dropped, the rest go first
-            wrong = [(layer, e) for e in predicted - used]
-            self.cache.release((layer, e) for e in predicted)
-            self.counters.cancelled += self.cache.cancel_queued(wrong)
-            self.cache.demote(wrong)
-        else:  # offered too late to issue; still counts for accuracy
-            predicted = set(self._pending.pop(layer, ()))
+        offers = self._decided.pop(layer, None)
+        if offers is None:  # offered too late to decide; still counts for accuracy and calibration
+            offers = self._pending.pop(layer, [])
+        for o in offers:
+            self.calibration.observe(o.raw, o.expert in used, o.rank)
+        predicted = {o.expert for o in offers}
         self.counters.offered += len(predicted)
         self.counters.correct += len(predicted & used)
         self.counters.used += len(used)
-        self._current = [(layer, e) for e in used]
-        self.cache.protect(self._current)  # the next layer's prefetch must not evict these
+        issued = self._issued.pop(layer, set())
+        wrong = [(layer, e) for e in issued - used]
+        previous, current = self._current, [(layer, e) for e in used]
+        self._current = current
+
+        def correct(policy: PredictivePolicy, _: int) -> None:
+            policy.release(previous)
+            policy.release((layer, e) for e in issued)
+            policy.forget((layer, e) for e in predicted)
+            policy.demote(wrong)
+            policy.protect(current)  # the next layer's reads ahead must not evict these
+
+        self.cache.advise(correct)
+        if wrong:  # wrong reads ahead not yet started are dropped (demoted above if they landed)
+            self.counters.cancelled += self.cache.cancel_queued(wrong)
         self._pos = self._pos_of.get(layer, self._pos)
         self._issue_due()
 
     def end_step(self) -> None:
-        """Release everything this step protected; predictions never used are dropped."""
-        self.cache.release(self._current)
-        for layer, predicted in self._predicted.items():
-            keys = [(layer, e) for e in predicted]
-            self.cache.release(keys)
+        """Release everything this step protected; reads ahead never used are dropped if still queued."""
+        keys = [(layer, e) for layer, experts in self._issued.items() for e in experts]
+        current = self._current
+
+        def release(policy: PredictivePolicy, _: int) -> None:
+            policy.release(current)
+            policy.release(keys)
+
+        self.cache.advise(release)
+        if keys:
             self.counters.cancelled += self.cache.cancel_queued(keys)
         self._reset()
 
@@ -140,10 +236,29 @@ class PredictivePrefetcher:
     def _issue_due(self) -> None:
         due = [layer for layer in self._pending if self._pos_of[layer] <= self._pos + self.lookahead]
         for layer in sorted(due, key=self._pos_of.__getitem__):  # most urgent first
-            experts = self._pending.pop(layer)
+            offers = self._pending.pop(layer)
             if self._pos_of[layer] <= self._pos:  # its layer has run already: too late to matter
                 continue
-            keys = [(layer, e) for e in experts]
-            self.cache.protect(keys)
-            self._predicted[layer] = set(experts)
-            self.counters.issued += self.issue(PrefetchPlan(keys=tuple(keys)))
+            self._decided[layer] = offers
+            p_of = {(layer, o.expert): self.calibration.probability(o.raw, o.rank) for o in offers}
+            max_reads = min(self._per_layer_cap, int(self.admission.reads_per_token * self._tokens) - self._reads)
+            chosen, refused = self.cache.advise(partial(self._admit, p_of=p_of, max_reads=max_reads))
+            self.counters.refused += refused
+            self._issued[layer] = {e for _, e in chosen}
+            if chosen:
+                issued = self.issue(PrefetchPlan(keys=tuple(chosen)))
+                self._reads += issued
+                self.counters.issued += issued
+
+    def _admit(
+        self, policy: PredictivePolicy, free: int, *, p_of: dict[ExpertKey, float], max_reads: int
+    ) -> tuple[list[ExpertKey], int]:
+        """Under the cache's lock: the non-resident predicted experts worth reading ahead, protected; and how
+        many were refused."""
+        candidates = [(k, p) for k, p in p_of.items() if not policy.resident(k)]
+        if not candidates or max_reads <= 0:
+            return [], len(candidates)
+        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(), hidden=self.hidden,
+                       max_reads=max_reads)
+        policy.protect(chosen)
+        return chosen, len(candidates) - len(chosen)

@@ -11,6 +11,7 @@ On disk a trace is a folder of `.npy` arrays plus `meta.json`, memory-mapped on 
 | `experts.npy` | int16 [N, L, K] | top-k expert ids of each MoE layer (layer order = `meta["layers"]`) |
 | `weights.npy` | float16 [N, L, K] | the router's top-k weights, same order |
 | `pred_<name>.npy` | int16 [N, L, M] | optional: predictor `<name>`'s M best experts per layer, best first |
+| `prob_<name>.npy` | float32 [N, L, M] | optional: its probability that the token uses each of them |
 
 Predictions (`record_trace(..., predictors=...)`, `moeflow trace --predictors`) are what each
 predictor said for token n and layer l at the time it had to say it (`meta["predictions"][name]`
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
-from moeflow.predictor.apply import PredictorHooks
+from moeflow.predictor.apply import PredictorHooks, ranked_probabilities
 from moeflow.predictor.base import RoutePredictor
 
 FORMAT = "moeflow-trace/1"
@@ -52,6 +53,7 @@ class Trace:
     experts: np.ndarray
     weights: np.ndarray
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # name -> int16 [N, L, M]
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [N, L, M], if recorded
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +78,8 @@ class Trace:
             np.save(out / f"{name}.npy", getattr(self, name))
         for name, pred in self.predictions.items():
             np.save(out / f"pred_{name}.npy", pred)
+        for name, prob in self.probabilities.items():
+            np.save(out / f"prob_{name}.npy", prob)
         (out / "meta.json").write_text(json.dumps({**self.meta, "num_tokens": self.num_tokens}, indent=1))
         return out
 
@@ -90,7 +94,8 @@ class Trace:
             raise MoeflowError(f"{path}: trace format {meta.get('format')!r} is not {FORMAT!r}; record it again")
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
         preds = {name: np.load(path / f"pred_{name}.npy", mmap_mode="r") for name in meta.get("predictions", {})}
-        return cls(meta=meta, **arrays, predictions=preds)
+        probs = {name: np.load(f, mmap_mode="r") for name in preds if (f := path / f"prob_{name}.npy").is_file()}
+        return cls(meta=meta, **arrays, predictions=preds, probabilities=probs)
 
     def select(self, seq_mask: np.ndarray) -> Trace:
         """The sub-trace of the sequences where `seq_mask[seq_id]` is true (e.g. a train/eval split)."""
@@ -99,6 +104,7 @@ class Trace:
             meta=self.meta,
             **{name: np.asarray(getattr(self, name))[keep] for name in _ARRAYS},
             predictions={name: np.asarray(p)[keep] for name, p in self.predictions.items()},
+            probabilities={name: np.asarray(p)[keep] for name, p in self.probabilities.items()},
         )
 
 
@@ -149,10 +155,13 @@ def record_trace(
     ranks = ranks or 2 * engine.top_k
     pred_cols: dict[str, list[np.ndarray]] = {p.name: [] for p in predictors}
     pred_chunk: dict[str, dict[int, np.ndarray]] = {}
+    prob_cols: dict[str, list[np.ndarray]] = {p.name: [] for p in predictors}
+    prob_chunk: dict[str, dict[int, np.ndarray]] = {}
 
     def keep(predictor: RoutePredictor, target: int, scores_TE: torch.Tensor) -> None:
-        best = torch.topk(scores_TE.float(), min(ranks, scores_TE.shape[-1]), dim=-1).indices
+        best, prob = ranked_probabilities(predictor, scores_TE, ranks, engine.top_k)
         pred_chunk.setdefault(predictor.name, {})[target] = best.to(torch.int16).numpy()
+        prob_chunk.setdefault(predictor.name, {})[target] = prob.numpy()
 
     hooks = PredictorHooks(engine, predictors, keep)
     done = 0
@@ -163,6 +172,7 @@ def record_trace(
                 if not ids:
                     break
                 pred_chunk.clear()
+                prob_chunk.clear()
                 result = engine.driver.forward(torch.tensor([ids]), histories=[ids], n_new=len(ids))
                 routing = {e.plan.layer: e for e in result.routing}
                 n = len(ids)
@@ -172,6 +182,7 @@ def record_trace(
                     if missing:
                         raise MoeflowError(f"predictor {p.name!r} gave no prediction for layer positions {missing}")
                     pred_cols[p.name].append(np.stack([got[pos] for pos in range(len(layers))], axis=1))
+                    prob_cols[p.name].append(np.stack([prob_chunk[p.name][pos] for pos in range(len(layers))], axis=1))
                 cols["token_ids"].append(np.asarray(ids, dtype=np.int32))
                 cols["positions"].append(np.arange(n, dtype=np.int32))
                 cols["seq_ids"].append(np.full(n, seq, dtype=np.int32))
@@ -204,4 +215,5 @@ def record_trace(
         meta=meta,
         **{name: np.concatenate(parts) for name, parts in cols.items()},
         predictions={name: np.concatenate(parts) for name, parts in pred_cols.items()},
+        probabilities={name: np.concatenate(parts) for name, parts in prob_cols.items()},
     )

@@ -25,6 +25,7 @@ import torch
 
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import ExpertKey
+from moeflow.offload.admission import AdmissionConfig
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
@@ -126,9 +127,14 @@ def replay(
     budget: BudgetPoint,
     predictor: str | None = None,
     width: int = 0,
+    hidden: float = 1.0,
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Drive the real cache and `policy` with `trace`'s routing, one token per decode step."""
+    """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
+
+    `hidden`: the share of an expert read that prefetching hides behind compute, which the live engine
+    measures and replay cannot (`moeflow.offload.admission`; 1: reads are free next to compute).
+    """
     geometry.check_trace(trace)
     experts_NLK = np.asarray(trace.experts)
     layers = list(geometry.layers)
@@ -137,9 +143,10 @@ def replay(
     else:
         eviction = make_policy(policy)
     cache = replay_cache(geometry, budget.slots, eviction)
-    prefetcher, pred_NLM = None, None
+    prefetcher, pred_NLM, prob_NLM = None, None, None
     if policy == "predictive":
         pred_NLM, lookahead = predictions_of(trace, predictor)
+        prob_NLM = trace.probabilities.get(predictor)
         width = width or geometry.top_k
         if width > pred_NLM.shape[-1]:
             raise MoeflowError(
@@ -147,7 +154,8 @@ def replay(
                 f"{predictor!r}; lower it or record the trace again"
             )
         transfer = TransferEngine(cache, background=False)
-        prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width)
+        prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width,
+                                          admission=AdmissionConfig(hidden=hidden))
     t0 = time.perf_counter()
     for n in range(trace.num_tokens):
         if on_tokens is not None and n % 1024 == 1023:
@@ -157,7 +165,8 @@ def replay(
             # offering them all when the step begins issues each at the time the engine issues it.
             prefetcher.begin_step()
             for pos, layer in enumerate(layers):
-                prefetcher.offer(layer, [pred_NLM[n, pos, :width].tolist()])
+                probs = None if prob_NLM is None else [prob_NLM[n, pos, :width].tolist()]
+                prefetcher.offer(layer, [pred_NLM[n, pos, :width].tolist()], probs)
         for pos, layer in enumerate(layers):
             expert_ids = tuple(sorted(set(experts_NLK[n, pos].tolist())))  # the engine's torch.unique
             if prefetcher is not None:
