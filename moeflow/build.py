@@ -11,7 +11,7 @@ from pathlib import Path
 from moeflow.config import Admission, EngineConfig, check_choice
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
-from moeflow.predictor.apply import apply_prediction, build_predictor
+from moeflow.predictor.apply import apply_prediction, available_predictors, best_predictor, build_predictor
 from moeflow.predictor.rebatch import RebatchAdmission
 from moeflow.scheduler import AdmissionPolicy, FifoAdmission
 
@@ -28,7 +28,10 @@ def load(path: str | Path | None = None, **options: object) -> Engine:
     engine = Engine(path, config)
     if config.policy == "predictive":
         try:
-            apply_prediction(engine, build_predictor(engine, config.predictor, lookahead=config.lookahead))
+            name = config.predictor
+            if name == "auto":
+                name = best_predictor(available_predictors(engine.checkpoint.path))
+            apply_prediction(engine, build_predictor(engine, name, lookahead=config.lookahead))
         except BaseException:
             engine.close()
             raise

@@ -13,6 +13,7 @@ from moeflow.build import load
 from moeflow.config import DEFAULT_MODEL, ProfileConfig
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import open_checkpoint
+from moeflow.predictor.apply import available_predictors, best_predictor
 from moeflow.tools.profile.analysis import analyse
 from moeflow.tools.profile.bandwidth import LINKS, MEASURED_DISK, measure_disk_bandwidth
 from moeflow.tools.profile.live import live_records
@@ -84,6 +85,9 @@ def profile_model(
     trace = Trace.load(trace_dir) if trace_dir is not None else None
     if model is None:
         model = trace.meta["model"] if trace is not None else DEFAULT_MODEL
+    if "auto" in predictors:  # the best predictor there is: recorded in the trace, else trained for the model
+        have = list(trace.predictions) if trace is not None else available_predictors(model)
+        predictors = list(dict.fromkeys(best_predictor(have) if p == "auto" else p for p in predictors))
     checkpoint = open_checkpoint(model)
     geometry = Geometry.of(checkpoint, int(checkpoint.config["num_experts_per_tok"]))
     budgets = parse_budgets(config.budgets, geometry)
