@@ -43,8 +43,9 @@ class EngineConfig:
     dtype: Dtype = field(default="auto", metadata={"help": "compute dtype (auto: float32 on cpu)"})
     direct_io: bool = field(default=True, metadata={"help": "bypass the page cache when reading experts"})
     predictor: str = field(
-        default="gate",
-        metadata={"help": "routing predictor of --policy predictive: gate, path, token_freq, transition, sklearn, ..."},
+        default="auto",
+        metadata={"help": "routing predictor of --policy predictive: auto (the best trained one, else gate), path, "
+                  "token_freq, gate, transition, sklearn, ..."},
     )
     lookahead: int = field(
         default=DEFAULT_LOOKAHEAD, metadata={"help": "predictive: prefetch this many MoE layers ahead"}
@@ -106,7 +107,8 @@ class ProfileConfig:
         metadata={"help": f"comma-separated, from: {', '.join(choices(ReplayPolicy))}"},
     )
     predictor: str = field(
-        default="gate", metadata={"help": "predictive: routing predictor(s), comma-separated (gate, path, ...)"}
+        default="auto",
+        metadata={"help": "predictive: routing predictor(s), comma-separated: auto (the best trained), path, ..."},
     )
     lookahead: int = field(
         default=DEFAULT_LOOKAHEAD, metadata={"help": "predictive: predictions made this many MoE layers ahead"}
