@@ -1,0 +1,242 @@
+"""What a routing prediction costs per token: each predictor alone, and with its bookkeeping, before vs after.
+
+Bookkeeping is everything `PredictorHooks` adds to a decode step: its listener before the forward,
+its embedding and pre-MoE norm hooks, its routing-event listener, and the sink that turns scores
+into what the prefetcher is offered (`apply_prediction`'s: top-k per layer, `prefetcher.offer`).
+Each is called exactly as the forward calls it (the hooks and listeners the predictor registered,
+found by comparing the engine's before and after `apply_prediction`), on the shipped model at
+25%, with real routing events and held-out token histories. The prefetcher's step begins (untimed)
+before every timed step, and its reads are not issued (they are the transfer engine's cost, not
+the prediction's).
+
+Trees: a baseline commit and a candidate commit, each a temporary git worktree run in its own child
+process, interleaved round by round; each contender keeps its best round (the machine is shared).
+
+    flock /tmp/moeflow-bench.lock python bench/predictor_cost.py --baseline fb73414~1 --candidate HEAD
+
+Writes ``predictor_cost.json`` and ``predictor_cost.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine  # noqa: E402
+from startup import checkout  # noqa: E402
+
+PREDICTORS = ("path", "token_freq", "frequency", "transition", "gate")
+HISTORY = 64  # tokens of context each sequence has when it decodes
+
+
+def _mean_seconds(fn: Callable[[], object], calls: int, before: Callable[[], object]) -> float:
+    """Mean seconds of `fn()` over `calls` calls (`before()` untimed ahead of each)."""
+    total = 0.0
+    for _ in range(calls):
+        before()
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    return total / calls
+
+
+def child(spec: dict) -> dict:
+    """One tree's costs: {predictor: {batch: {"predictor_us", "total_us"} per token}}."""
+    from moeflow.predictor.apply import apply_prediction, build_predictor
+
+    from moeflow.config import DEFAULT_MODEL, EngineConfig
+    from moeflow.engine import Engine
+    from moeflow.model.anatomy import moe_layer_parts, token_embedding
+
+    out: dict = {}
+    engine = Engine(DEFAULT_MODEL, EngineConfig(expert_budget="25%", policy="predictive"))
+    try:
+        engine.prefetcher.issue = lambda plan: 0  # reads are the transfer engine's cost, not the prediction's
+        emb = token_embedding(engine.model)
+        norms = [moe_layer_parts(engine.model, layer).norm for layer in engine.checkpoint.moe_layers]
+        for name in spec["predictors"]:
+            predictor = build_predictor(engine, name)
+            before_fwd = engine.driver.before_forward._listeners
+            before_route = engine.runtime.routing._listeners
+            before_emb = set(emb._forward_hooks)
+            before_norm = [set(n._forward_pre_hooks) for n in norms]
+            hooks = apply_prediction(engine, predictor)
+            added = {
+                "forward": [f for f in engine.driver.before_forward._listeners if f not in before_fwd],
+                "routing": [f for f in engine.runtime.routing._listeners if f not in before_route],
+                "embedding": [h for k, h in emb._forward_hooks.items() if k not in before_emb],
+                "norms": [[h for k, h in n._forward_pre_hooks.items() if k not in seen]
+                          for n, seen in zip(norms, before_norm)],  # fmt: skip
+            }
+            histories = spec["histories"]
+            out[name] = {str(B): measure(engine, predictor, added, histories[:B], spec) for B in spec["batches"]}
+            hooks.close()
+    finally:
+        engine.close()
+    return out
+
+
+def measure(engine: object, predictor: object, added: dict, histories: list[list[int]], spec: dict) -> dict:
+    """Microseconds per token of one decode step's predictions: the predictor alone, and with what its
+    hooks add (the `added` listeners and module hooks, called as the forward calls them)."""
+    import torch
+
+    from moeflow.engine.driver import ForwardStart
+    from moeflow.model.anatomy import moe_layer_parts, token_embedding
+
+    B = len(histories)
+    emb = token_embedding(engine.model)
+    norms = [moe_layer_parts(engine.model, layer).norm for layer in engine.checkpoint.moe_layers]
+    ids_B1 = torch.tensor([[h[-1]] for h in histories])
+    with torch.inference_mode():
+        events = engine.driver.forward(ids_B1, histories=histories, n_new=1).routing  # real routing of B tokens
+        emb_B1D = emb(ids_B1)
+        residual_B1D = torch.randn(B, 1, emb_B1D.shape[-1])
+    start = ForwardStart(histories=histories, n_new=1)
+
+    @torch.inference_mode()
+    def with_hooks() -> None:  # what PredictorHooks adds to one decode step, sink included
+        for f in added["forward"]:
+            f(start)
+        for h in added["embedding"]:
+            h(emb, (ids_B1,), emb_B1D)
+        for norm, hs in zip(norms, added["norms"]):
+            for h in hs:
+                h(norm, (residual_B1D,))
+        for e in events:
+            for f in added["routing"]:
+                f(e)
+
+    @torch.inference_mode()
+    def alone() -> None:  # the predictor's own answers, nothing else
+        predictor.on_step(histories, 1)
+        predictor.on_residual(-1, emb_B1D.reshape(B, -1))
+        for pos, e in enumerate(events):
+            predictor.on_residual(pos, residual_B1D.reshape(B, -1))
+            predictor.on_routing(pos, e.top_k_index_TK)
+
+    result = {}
+    for key, fn in {"predictor_us": alone, "total_us": with_hooks}.items():
+        _mean_seconds(fn, spec["warmup"], engine.prefetcher.begin_step)
+        best = min(_mean_seconds(fn, spec["calls"], engine.prefetcher.begin_step) for _ in range(spec["repeats"]))
+        result[key] = best * 1e6 / B
+    return result
+
+
+def heldout_histories(n: int) -> list[list[int]]:
+    """`n` token histories of HISTORY tokens cut from the shipped model's held-out files."""
+    from transformers import AutoTokenizer
+
+    from moeflow.config import DEFAULT_MODEL
+    from moeflow.model.corpus import model_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    out = []
+    for f in model_corpus(DEFAULT_MODEL, "heldout"):
+        ids = tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        out += [ids[i : i + HISTORY] for i in range(0, len(ids) - HISTORY, 4 * HISTORY)][:2]
+        if len(out) >= n:
+            return out[:n]
+    return out
+
+
+def run_tree(tree: Path, spec: dict, timeout_s: float) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                          text=True, timeout=timeout_s, cwd=tree.parent)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"child in {tree} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = result["batches"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.4), squeeze=False)
+    names = result["predictors"]
+    width = 0.2
+    for ax, B in zip(axes[0], batches):
+        for j, (tree, style) in enumerate([("baseline", "#999"), ("candidate", "#1f77b4")]):
+            rows = [result["trees"][tree]["costs"][n][str(B)] for n in names]
+            xs = [i + (j - 0.5) * 2 * width for i in range(len(names))]
+            ax.bar([x - width / 2 for x in xs], [r["predictor_us"] for r in rows], width, color=style, alpha=0.55,
+                   label=f"{tree}: predictor")  # fmt: skip
+            ax.bar([x + width / 2 for x in xs], [r["total_us"] for r in rows], width, color=style,
+                   label=f"{tree}: + bookkeeping")  # fmt: skip
+        ax.axhline(50, color="#d62728", lw=1, ls="--", label="50 us target")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yscale("log")
+        ax.set_ylabel("microseconds per token")
+        ax.set_title(f"batch {B}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"prediction cost per token, shipped model at 25% — {result['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--baseline", help="commit measured as 'before' (required)")
+    ap.add_argument("--candidate", default="HEAD", help="commit measured as 'after'")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each tree keeps its best")
+    ap.add_argument("--calls", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if not args.baseline:
+        ap.error("--baseline COMMIT is required (the tree measured as 'before')")
+    spec = {"predictors": list(PREDICTORS), "batches": args.batches, "histories": heldout_histories(max(args.batches)),
+            "calls": args.calls, "repeats": args.repeats, "warmup": 100}  # fmt: skip
+    commits = {"baseline": args.baseline, "candidate": args.candidate}
+    best: dict[str, dict] = {}
+    with checkout(commits["baseline"]) as base, checkout(commits["candidate"]) as cand:
+        trees = {"baseline": base, "candidate": cand}
+        for _ in range(args.rounds):
+            for tree, root in trees.items():
+                costs = run_tree(root, spec, timeout_s=1200)
+                for name, per_batch in costs.items():
+                    for B, row in per_batch.items():
+                        slot = best.setdefault(tree, {}).setdefault(name, {}).setdefault(B, {})
+                        for k, v in row.items():
+                            slot[k] = min(slot.get(k, float("inf")), v)
+    described = {t: subprocess.run(["git", "log", "-1", "--format=%h %s", c], capture_output=True, text=True,
+                                   check=True).stdout.strip()[:100] for t, c in commits.items()}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "what": "microseconds per token of each predictor alone and with PredictorHooks + apply_prediction's sink",
+        "model": "shipped default model, expert budget 25%, policy predictive",
+        "batches": args.batches,
+        "predictors": list(PREDICTORS),
+        "rounds": args.rounds,
+        "trees": {t: {"commit": described[t], "costs": best[t]} for t in trees},
+        "speedup_total": {n: {str(B): best["baseline"][n][str(B)]["total_us"] / best["candidate"][n][str(B)]["total_us"]
+                              for B in args.batches} for n in PREDICTORS},  # fmt: skip
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "predictor_cost.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / "predictor_cost.png")
+    for n in PREDICTORS:
+        for B in args.batches:
+            b, c = best["baseline"][n][str(B)], best["candidate"][n][str(B)]
+            print(f"{n:>11} B={B}: predictor {b['predictor_us']:7.1f} -> {c['predictor_us']:6.1f} us/token, "
+                  f"with bookkeeping {b['total_us']:7.1f} -> {c['total_us']:6.1f} us/token")
+
+
+if __name__ == "__main__":
+    main()
