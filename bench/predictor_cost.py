@@ -1,8 +1,9 @@
 """What a routing prediction costs per token: each predictor alone, and with its bookkeeping, before vs after.
 
 Bookkeeping is everything `PredictorHooks` adds to a decode step: its listener before the forward,
-its embedding and pre-MoE norm hooks, its routing-event listener, and the sink that turns scores
-into what the prefetcher is offered (`apply_prediction`'s: top-k per layer, `prefetcher.offer`).
+its embedding and pre-MoE norm hooks, its routing-event listener (measured with a sink that does
+nothing: `hooks_us`), and then the sink that turns scores into what the prefetcher is offered
+(`apply_prediction`'s, `prefetcher.offer` included: `total_us`).
 Each is called exactly as the forward calls it (the hooks and listeners the predictor registered,
 found by comparing the engine's before and after `apply_prediction`), on the shipped model at
 25%, with real routing events and held-out token histories. The prefetcher's step begins (untimed)
@@ -48,8 +49,8 @@ def _mean_seconds(fn: Callable[[], object], calls: int, before: Callable[[], obj
 
 
 def child(spec: dict) -> dict:
-    """One tree's costs: {predictor: {batch: {"predictor_us", "total_us"} per token}}."""
-    from moeflow.predictor.apply import apply_prediction, build_predictor
+    """One tree's costs: {predictor: {batch: {"predictor_us", "hooks_us", "total_us"} per token}}."""
+    from moeflow.predictor.apply import PredictorHooks, apply_prediction, build_predictor
 
     from moeflow.config import DEFAULT_MODEL, EngineConfig
     from moeflow.engine import Engine
@@ -78,6 +79,18 @@ def child(spec: dict) -> dict:
             histories = spec["histories"]
             out[name] = {str(B): measure(engine, predictor, added, histories[:B], spec) for B in spec["batches"]}
             hooks.close()
+            # the same hooks with a sink that does nothing: PredictorHooks' own share
+            null = PredictorHooks(engine, [predictor], lambda *_: None)
+            added = {
+                "forward": [f for f in engine.driver.before_forward._listeners if f not in before_fwd],
+                "routing": [f for f in engine.runtime.routing._listeners if f not in before_route],
+                "embedding": [h for k, h in emb._forward_hooks.items() if k not in before_emb],
+                "norms": [[h for k, h in n._forward_pre_hooks.items() if k not in seen]
+                          for n, seen in zip(norms, before_norm)],  # fmt: skip
+            }
+            for B in spec["batches"]:
+                out[name][str(B)]["hooks_us"] = measure(engine, predictor, added, histories[:B], spec)["total_us"]
+            null.close()
     finally:
         engine.close()
     return out
@@ -219,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
                                    check=True).stdout.strip()[:100] for t, c in commits.items()}  # fmt: skip
     result = {
         "machine": machine(),
-        "what": "microseconds per token of each predictor alone and with PredictorHooks + apply_prediction's sink",
+        "what": "microseconds per token: each predictor alone (predictor_us), with PredictorHooks and a sink that "
+                "does nothing (hooks_us), and with apply_prediction's sink (total_us)",
         "model": "shipped default model, expert budget 25%, policy predictive",
         "batches": args.batches,
         "predictors": list(PREDICTORS),
@@ -234,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     for n in PREDICTORS:
         for B in args.batches:
             b, c = best["baseline"][n][str(B)], best["candidate"][n][str(B)]
-            print(f"{n:>11} B={B}: predictor {b['predictor_us']:7.1f} -> {c['predictor_us']:6.1f} us/token, "
-                  f"with bookkeeping {b['total_us']:7.1f} -> {c['total_us']:6.1f} us/token")
+            print(f"{n:>11} B={B}: predictor {b['predictor_us']:6.1f} -> {c['predictor_us']:5.1f}, "
+                  f"+ hooks {b['hooks_us']:6.1f} -> {c['hooks_us']:5.1f}, "
+                  f"+ hooks and sink {b['total_us']:6.1f} -> {c['total_us']:5.1f} us/token")
 
 
 if __name__ == "__main__":
