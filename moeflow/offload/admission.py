@@ -1,13 +1,17 @@
 """Prefetch admission by expected cost: read a predicted expert ahead only when it pays.
 
 A prefetch that is used saves the stall of a demand read, but only the part of the read that
-overlaps compute (`hidden`, a fraction of one read: near 1 when reading an expert is cheap next to
-a layer's compute, near 0 when the link is the bottleneck and every byte costs time). A prefetch
-that is not used costs the part of its read that does not overlap, and the slot it takes evicts a
-victim that may be needed again (its reuse probability `r`: one demand re-read). So, in units of
-one read, with `p` the calibrated probability that the expert is used:
+overlaps compute. The compute of the `lookahead` layers before the expert's own can hide `overlap`
+reads (lookahead x compute per layer / read time: well above 1 when reading an expert is cheap
+next to a layer's compute, near 0 when the link is the bottleneck and every byte costs time); one
+layer's reads ahead share that window, so its i-th read (0-based) hides `hidden = clamp(overlap - i,
+0, 1)` of itself. A prefetch that is not used costs the part of its read that does not overlap, and
+the slot it takes evicts a victim that may be needed again (its reuse probability `r`: one demand
+re-read). A read never hides all of its cost: it takes the link, cores and memory bandwidth from
+demand reads and compute (`contention`, a share of one read). So, in units of one read, with `p`
+the calibrated probability that the expert is used:
 
-    admit  <=>  p * hidden  >  (1 - p) * ((1 - hidden) + r)
+    admit  <=>  p * hidden  >  (1 - p) * (max(1 - hidden, contention) + r)
 
 (if the prefetch is used, the victim would have been evicted by the demand read anyway). Every
 term is an estimate made online from what the cache and the predictor have shown so far:
@@ -18,7 +22,7 @@ term is an estimate made online from what the cache and the predictor have shown
 - `ReuseRates`: how likely a resident expert that has been idle for `a` steps is used at its next
   step, from the gaps between uses observed so far (a discrete hazard).
 - `admit`: the decision for one layer's candidates against the eviction order, under a cap of
-  prefetch reads per token.
+  prefetch reads (the prefetcher caps them per token: a byte cap, since every expert has one size).
 
 Pure Python and deterministic; `moeflow.offload.prefetch` wires it to the cache.
 """
@@ -36,23 +40,26 @@ from moeflow.model.checkpoint import ExpertKey
 class AdmissionConfig:
     """How the predictive prefetcher decides what to read ahead."""
 
-    hidden: float | None = None  # fraction of a read a prefetch hides behind compute; None: measured online
-    reads_per_token: float = 4.0  # cap on prefetch reads per token and step (x the expert size: the byte cap)
+    overlap: float | None = None  # reads the lookahead window of compute hides; None: measured online
+    read_share: float = 0.5  # cap: reads ahead per token <= this share of the experts offered (width x layers)
+    contention: float = 0.25  # share of a read's cost that overlap never hides (an assumption, not measured)
     bins: int = 10  # calibration bins over [0, 1]
     prior_weight: float = 4.0  # pseudo-outcomes that pull an empty bin towards its raw probability
     half_life: float = 512.0  # outcomes after which an old outcome weighs half
 
     def __post_init__(self) -> None:
-        if self.hidden is not None and not 0.0 <= self.hidden <= 1.0:
-            raise ValueError(f"hidden must be in [0, 1] (a fraction of one read), got {self.hidden}")
-        if self.reads_per_token < 0 or self.bins < 1 or self.prior_weight <= 0 or self.half_life <= 0:
-            raise ValueError("reads_per_token must be >= 0; bins, prior_weight and half_life > 0")
+        if self.overlap is not None and self.overlap < 0:
+            raise ValueError(f"overlap must be >= 0 (reads hidden behind the lookahead's compute), got {self.overlap}")
+        if self.read_share < 0 or self.bins < 1 or self.prior_weight <= 0 or self.half_life <= 0:
+            raise ValueError("read_share must be >= 0; bins, prior_weight and half_life > 0")
+        if not 0.0 <= self.contention <= 1.0:
+            raise ValueError(f"contention must be in [0, 1] (a share of one read), got {self.contention}")
 
 
-def net_gain(p: float, r: float, hidden: float) -> float:
+def net_gain(p: float, r: float, hidden: float, contention: float) -> float:
     """Expected time saved by admitting a prefetch, in reads: used with probability `p`, its victim reused
-    with probability `r` (0 for a free slot), `hidden` of a read overlapping compute."""
-    return p * hidden - (1.0 - p) * ((1.0 - hidden) + r)
+    with probability `r` (0 for a free slot), `hidden` of a read overlapping compute, `contention` of it never."""
+    return p * hidden - (1.0 - p) * (max(1.0 - hidden, contention) + r)
 
 
 def admit(
@@ -60,14 +67,16 @@ def admit(
     *,
     free_slots: int,
     victims: Iterable[float],
-    hidden: float,
+    overlap: float,
+    contention: float,
     max_reads: int,
 ) -> list[ExpertKey]:
     """Which of `candidates` (non-resident experts with their calibrated probability of use) to read ahead.
 
     The most likely first; each admitted one takes a free slot while there is one, else the next victim
-    in eviction order (`victims`: their reuse probabilities, best victim first). Stops at `max_reads`,
-    at the first candidate that does not pay, and when nothing is left to evict.
+    in eviction order (`victims`: their reuse probabilities, best victim first), and hides less of its
+    read than the one before (`overlap`). Stops at `max_reads`, at the first candidate that does not pay
+    (probabilities and hidden shares only fall, victims only get dearer), and when nothing is left to evict.
     """
     admitted: list[ExpertKey] = []
     victim_iter: Iterator[float] = iter(victims)
@@ -80,7 +89,8 @@ def admit(
             r = next(victim_iter, math.inf)
             if r == math.inf:
                 break
-        if net_gain(p, r, hidden) <= 0.0:
+        hidden = min(max(overlap - len(admitted), 0.0), 1.0)
+        if net_gain(p, r, hidden, contention) <= 0.0:
             break  # candidates come most likely first and victims least valuable first: none later pays
         if free_slots > 0:
             free_slots -= 1

@@ -136,11 +136,10 @@ class PredictivePolicy(LRUPolicy):
         return frozenset(self._protected)
 
     def worth(self, key: ExpertKey) -> float:
-        """P(`key` is used at its next step): 0 if demoted, else what the prefetcher expects, else its reuse rate."""
+        """P(`key` is used at its next step): 0 if demoted, else its reuse rate raised to what is expected of it."""
         if key in self._demoted:
             return 0.0
-        expected = self._expected.get(key)
-        return expected if expected is not None else self.reuse.reuse(key)
+        return max(self._expected.get(key, 0.0), self.reuse.reuse(key))
 
     def eviction_worths(self) -> list[float]:
         """The worth of every resident unprotected expert, in the order they would be evicted."""

@@ -63,38 +63,38 @@ class _Offer:
 
 
 class OverlapEstimate:
-    """`hidden` measured online: the share of an expert read that `lookahead` layers of compute can hide.
+    """`overlap` measured online: how many expert reads the compute of `lookahead` layers can hide.
 
     Every `every` steps: compute per layer = (wall time - stall) / layers run, read time = stall / demand
-    reads, both from the cache's own statistics; `hidden = lookahead x compute / read`, capped at 1 and
-    smoothed. Until the first estimate, `initial`.
+    reads, both from the cache's own statistics; `overlap = lookahead x compute / read`, smoothed. Until
+    the first estimate, `initial`.
     """
 
     def __init__(
-        self, cache: ExpertCache, *, layers: int, lookahead: int, every: int = 8, initial: float = 0.5
+        self, cache: ExpertCache, *, layers: int, lookahead: int, every: int = 8, initial: float = 1.0
     ) -> None:
         self.cache = cache
         self.layers = layers
         self.lookahead = lookahead
         self.every = every
-        self.hidden = initial
+        self.overlap = initial
         self._steps = 0
         self._mark: tuple[float, float, int] | None = None  # (wall, stall, misses) at the last estimate
 
     def on_step(self) -> float:
         self._steps += 1
         if self._steps % self.every:
-            return self.hidden
+            return self.overlap
         s = self.cache.stats()
         now = (time.perf_counter(), s.stall_s, s.misses)
         if self._mark is not None:
             wall, stall, misses = (a - b for a, b in zip(now, self._mark))
             if misses > 0 and stall > 0:
                 compute_per_layer = max(wall - stall, 0.0) / (self.every * self.layers)
-                estimate = min(1.0, self.lookahead * compute_per_layer / (stall / misses))
-                self.hidden = 0.7 * self.hidden + 0.3 * estimate
+                estimate = self.lookahead * compute_per_layer / (stall / misses)
+                self.overlap = 0.7 * self.overlap + 0.3 * estimate
         self._mark = now
-        return self.hidden
+        return self.overlap
 
 
 class PredictivePrefetcher:
@@ -129,9 +129,10 @@ class PredictivePrefetcher:
         self.width = width
         self.admission = admission = admission or AdmissionConfig()
         self.calibration = Calibration(admission)
-        self.overlap = None if admission.hidden is not None else OverlapEstimate(
+        self.estimate = None if admission.overlap is not None else OverlapEstimate(
             cache, layers=len(self.layers), lookahead=lookahead)
-        self.hidden = admission.hidden if admission.hidden is not None else self.overlap.hidden
+        self.overlap = admission.overlap if admission.overlap is not None else self.estimate.overlap
+        self._max_reads_per_token = admission.read_share * width * len(self.layers)
         # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
         self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
         self.counters = PrefetchCounters()
@@ -141,26 +142,27 @@ class PredictivePrefetcher:
         self._pos = -1  # position of the layer that runs now; -1 before the first
         self._pending: dict[int, list[_Offer]] = {}  # layer -> offered, not yet decided
         self._decided: dict[int, list[_Offer]] = {}  # layer -> offered and decided, awaiting its routing
+        self._candidates: dict[int, set[int]] = {}  # layer -> its offered experts that were not resident when decided
         self._issued: dict[int, set[int]] = {}  # layer -> experts read ahead (protected)
         self._current: list[ExpertKey] = []  # the running layer's experts, kept until the next layer
         self._reads = 0  # reads ahead issued this step
         self._tokens = 1  # tokens of this step (the most any offer had)
 
-    def fix_hidden(self, hidden: float) -> None:
-        """Assume `hidden` (the share of a read that overlaps compute) instead of measuring it: what profiling
+    def fix_overlap(self, overlap: float) -> None:
+        """Assume `overlap` (reads the lookahead's compute hides) instead of measuring it: what profiling
         replay does, which has no time to measure."""
-        if not 0.0 <= hidden <= 1.0:
-            raise ValueError(f"hidden must be in [0, 1] (a fraction of one read), got {hidden}")
-        self.overlap = None
-        self.hidden = hidden
+        if overlap < 0:
+            raise ValueError(f"overlap must be >= 0 (reads hidden behind the lookahead's compute), got {overlap}")
+        self.estimate = None
+        self.overlap = overlap
 
     # ---- the step -------------------------------------------------------------------------------
 
     def begin_step(self) -> None:
         self.end_step()
         self.counters.steps += 1
-        if self.overlap is not None:
-            self.hidden = self.overlap.on_step()
+        if self.estimate is not None:
+            self.overlap = self.estimate.on_step()
         self.cache.advise(lambda policy, _: policy.begin_step())
 
     def offer(
@@ -191,10 +193,14 @@ class PredictivePrefetcher:
         """`layer`'s real experts are known: score and correct its predictions, move the window on."""
         used = set(expert_ids)
         offers = self._decided.pop(layer, None)
-        if offers is None:  # offered too late to decide; still counts for accuracy and calibration
+        if offers is None:  # offered too late to decide; still counts for accuracy
             offers = self._pending.pop(layer, [])
+        # Calibrated on the candidates only: a prediction of an expert that is not resident (what admission
+        # asks about) is right less often than one of an expert the layer used a moment ago.
+        candidates = self._candidates.pop(layer, set())
         for o in offers:
-            self.calibration.observe(o.raw, o.expert in used, o.rank)
+            if o.expert in candidates:
+                self.calibration.observe(o.raw, o.expert in used, o.rank)
         predicted = {o.expert for o in offers}
         self.counters.offered += len(predicted)
         self.counters.correct += len(predicted & used)
@@ -241,9 +247,10 @@ class PredictivePrefetcher:
                 continue
             self._decided[layer] = offers
             p_of = {(layer, o.expert): self.calibration.probability(o.raw, o.rank) for o in offers}
-            max_reads = min(self._per_layer_cap, int(self.admission.reads_per_token * self._tokens) - self._reads)
-            chosen, refused = self.cache.advise(partial(self._admit, p_of=p_of, max_reads=max_reads))
-            self.counters.refused += refused
+            max_reads = min(self._per_layer_cap, int(self._max_reads_per_token * self._tokens) - self._reads)
+            chosen, candidates = self.cache.advise(partial(self._admit, p_of=p_of, max_reads=max_reads))
+            self._candidates[layer] = {e for _, e in candidates}
+            self.counters.refused += len(candidates) - len(chosen)
             self._issued[layer] = {e for _, e in chosen}
             if chosen:
                 issued = self.issue(PrefetchPlan(keys=tuple(chosen)))
@@ -252,13 +259,13 @@ class PredictivePrefetcher:
 
     def _admit(
         self, policy: PredictivePolicy, free: int, *, p_of: dict[ExpertKey, float], max_reads: int
-    ) -> tuple[list[ExpertKey], int]:
-        """Under the cache's lock: the non-resident predicted experts worth reading ahead, protected; and how
-        many were refused."""
+    ) -> tuple[list[ExpertKey], list[ExpertKey]]:
+        """Under the cache's lock: the non-resident predicted experts worth reading ahead (protected), and all
+        the non-resident ones."""
         candidates = [(k, p) for k, p in p_of.items() if not policy.resident(k)]
         if not candidates or max_reads <= 0:
-            return [], len(candidates)
-        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(), hidden=self.hidden,
-                       max_reads=max_reads)
+            return [], [k for k, _ in candidates]
+        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(), overlap=self.overlap,
+                       contention=self.admission.contention, max_reads=max_reads)
         policy.protect(chosen)
-        return chosen, len(candidates) - len(chosen)
+        return chosen, [k for k, _ in candidates]

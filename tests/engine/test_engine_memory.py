@@ -217,7 +217,8 @@ def test_correction_drops_wrong_predictions_still_queued(tiny_checkpoints):
         assert store.started.wait(5)
         prefetcher.begin_step()
         layer = engine.checkpoint.moe_layers[0]
-        prefetcher.offer(layer, [[1, 2]], [[0.99, 0.99]])  # confident, and layer 0 is within the lookahead: issued
+        prefetcher.fix_overlap(4.0)  # reads ahead are cheap: both confident guesses pay
+        prefetcher.offer(layer, [[1, 2]], [[0.99, 0.99]])  # and layer 0 is within the lookahead: issued at once
         assert prefetcher.counters.issued == 2
         prefetcher.on_routing(layer, [1, 5])  # 2 was wrong and its read has not started: dropped
         assert prefetcher.counters.cancelled == 1

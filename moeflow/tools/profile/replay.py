@@ -127,13 +127,13 @@ def replay(
     budget: BudgetPoint,
     predictor: str | None = None,
     width: int = 0,
-    hidden: float = 1.0,
+    overlap: float = 4.0,
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
 
-    `hidden`: the share of an expert read that prefetching hides behind compute, which the live engine
-    measures and replay cannot (`moeflow.offload.admission`; 1: reads are free next to compute).
+    `overlap`: how many expert reads the compute of the lookahead's layers hides, which the live engine
+    measures and replay cannot (`moeflow.offload.admission`; 0: the link is the bottleneck).
     """
     geometry.check_trace(trace)
     experts_NLK = np.asarray(trace.experts)
@@ -155,7 +155,7 @@ def replay(
             )
         transfer = TransferEngine(cache, background=False)
         prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width,
-                                          admission=AdmissionConfig(hidden=hidden))
+                                          admission=AdmissionConfig(overlap=overlap))
     t0 = time.perf_counter()
     for n in range(trace.num_tokens):
         if on_tokens is not None and n % 1024 == 1023:
