@@ -178,15 +178,14 @@ def plot(result: dict, path: Path) -> None:
     batches = result["batches"]
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.4), squeeze=False)
     names = result["predictors"]
-    width = 0.2
+    shares = [("predictor_us", "predictor", 0.35), ("hooks_us", "+ hooks", 0.65), ("total_us", "+ hooks + sink", 1.0)]
+    width = 0.13
     for ax, B in zip(axes[0], batches):
-        for j, (tree, style) in enumerate([("baseline", "#999"), ("candidate", "#1f77b4")]):
+        for j, (tree, color) in enumerate([("baseline", "#777"), ("candidate", "#1f77b4")]):
             rows = [result["trees"][tree]["costs"][n][str(B)] for n in names]
-            xs = [i + (j - 0.5) * 2 * width for i in range(len(names))]
-            ax.bar([x - width / 2 for x in xs], [r["predictor_us"] for r in rows], width, color=style, alpha=0.55,
-                   label=f"{tree}: predictor")  # fmt: skip
-            ax.bar([x + width / 2 for x in xs], [r["total_us"] for r in rows], width, color=style,
-                   label=f"{tree}: + bookkeeping")  # fmt: skip
+            for k, (key, label, alpha) in enumerate(shares):
+                xs = [i + (j * 3 + k - 2.5) * width for i in range(len(names))]
+                ax.bar(xs, [r[key] for r in rows], width, color=color, alpha=alpha, label=f"{tree}: {label}")
         ax.axhline(50, color="#d62728", lw=1, ls="--", label="50 us target")
         ax.set_xticks(range(len(names)), names)
         ax.set_yscale("log")
