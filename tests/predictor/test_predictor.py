@@ -218,8 +218,9 @@ def _heldout_windows(shape: RoutingShape, per_file: int = 600, files: int = 8) -
 def test_fused_path_pass_scores_what_the_trained_network_computes():
     """The folded table (embedding + slot + first Linear) and one pass: the module's scores to float
     rounding and the same ranking of every layer's experts on held-out text."""
-    from moeflow.config import DEFAULT_MODEL
     from moeflow.predictor.base import predictor_dir
+
+    from moeflow.config import DEFAULT_MODEL
 
     shape = RoutingShape.from_dict(torch.load(predictor_dir(DEFAULT_MODEL) / "path.pt", weights_only=False)["shape"])
     p = load_saved(PathPredictor, DEFAULT_MODEL, shape)
