@@ -17,6 +17,8 @@ worktree of that commit; ``predictive-after`` replays this tree's admission with
 live engine would measure on this machine for that model (`OverlapEstimate`'s formula: lookahead x
 compute per MoE layer / demand-read time, from an LRU decode at 25% from disk, measured here first
 on each model: built in `--workdir` on demand). Prefetch width 4 for both, as in issue 13's figures.
+``oracle`` is this tree's admission fed each token's true routing with probability 1: the best any
+predictor of the current token can do (it cannot know the next token's routing, which Belady does).
 
     .venv/bin/python bench/admission.py --out bench/results
 
@@ -36,6 +38,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine  # noqa: E402
@@ -134,17 +138,31 @@ def measured_overlap(model: Path, tokens: int) -> dict:
 # ---- replay, this tree and the baseline's ------------------------------------------------------------------
 
 
+def with_oracle(trace):
+    """`trace` plus the predictor no real one can beat: each token's true experts of every layer, probability 1
+    (it knows the current token's routing, never the next token's)."""
+    from moeflow.tools.trace import Trace
+
+    experts = np.asarray(trace.experts).astype(np.int16)
+    meta = {**trace.meta, "predictions": {**trace.meta["predictions"], "oracle": {"lookahead": 1}}}
+    return Trace(**{**trace.__dict__, "meta": meta, "predictions": {**trace.predictions, "oracle": experts},
+                    "probabilities": {**trace.probabilities, "oracle": np.ones(experts.shape, np.float32)}})
+
+
 def replay_rows(trace, geometry, budgets: str, predictors: list[str], width: int, overlap: float) -> list[dict]:
     from moeflow.tools.profile.replay import replay
     from moeflow.tools.profile.setting import parse_budgets
 
     rows = []
+    oracle = with_oracle(trace)
     for point in parse_budgets(budgets, geometry):
         runs = [("lru", None), ("belady", None)] + [("predictive", p) for p in predictors]
         for policy, predictor in runs:
             r = replay(trace, geometry, policy=policy, budget=point, predictor=predictor, width=width, overlap=overlap)
             name = "predictive-after" if policy == "predictive" else policy
             rows.append(row(name, predictor, point.spec, r.stats, r.tokens, geometry.expert_bytes, r.prefetch))
+        r = replay(oracle, geometry, policy="predictive", budget=point, predictor="oracle", overlap=overlap)
+        rows.append(row("oracle", "oracle", point.spec, r.stats, r.tokens, geometry.expert_bytes, r.prefetch))
     return rows
 
 
@@ -238,20 +256,21 @@ def run(s: Settings) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| model | budget | lru | belady | predictor | predictive-before | predictive-after |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | budget | lru | belady | current-token oracle | predictor | predictive-before "
+             "| predictive-after |", "|---|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
         by = {(r["policy"], r["predictor"], r["budget"]): r for r in m["rows"]}
         budgets = list(dict.fromkeys(r["budget"] for r in m["rows"]))
-        preds = list(dict.fromkeys(r["predictor"] for r in m["rows"] if r["predictor"]))
+        preds = list(dict.fromkeys(r["predictor"] for r in m["rows"] if r["predictor"] not in (None, "oracle")))
 
         def cell(r: dict) -> str:
             return f"{r['hit_rate'] * 100:.1f}% / {r['mib_per_token']:.2f}"
 
         for b in budgets:
             for p in preds:
-                lines.append(f"| {name} | {b} | {cell(by['lru', None, b])} | {cell(by['belady', None, b])} | {p} | "
-                             f"{cell(by['predictive-before', p, b])} | {cell(by['predictive-after', p, b])} |")
+                lines.append(f"| {name} | {b} | {cell(by['lru', None, b])} | {cell(by['belady', None, b])} | "
+                             f"{cell(by['oracle', 'oracle', b])} | {p} | {cell(by['predictive-before', p, b])} | "
+                             f"{cell(by['predictive-after', p, b])} |")
     return "\n".join(lines)
 
 

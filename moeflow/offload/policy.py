@@ -7,6 +7,7 @@ candidates the cache offers (resident, fully loaded, not pinned by a running lay
 
 from __future__ import annotations
 
+import heapq
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -141,9 +142,9 @@ class PredictivePolicy(LRUPolicy):
             return 0.0
         return max(self._expected.get(key, 0.0), self.reuse.reuse(key))
 
-    def eviction_worths(self) -> list[float]:
-        """The worth of every resident unprotected expert, in the order they would be evicted."""
-        return sorted(self.worth(k) for k in self._order if k not in self._protected)
+    def eviction_worths(self, n: int) -> list[float]:
+        """The worth of the next `n` victims among the resident unprotected experts, in eviction order."""
+        return heapq.nsmallest(n, (self.worth(k) for k in self._order if k not in self._protected))
 
     def resident(self, key: ExpertKey) -> bool:
         return key in self._order

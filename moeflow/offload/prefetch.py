@@ -265,7 +265,7 @@ class PredictivePrefetcher:
         candidates = [(k, p) for k, p in p_of.items() if not policy.resident(k)]
         if not candidates or max_reads <= 0:
             return [], [k for k, _ in candidates]
-        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(), overlap=self.overlap,
+        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads), overlap=self.overlap,
                        contention=self.admission.contention, max_reads=max_reads)
         policy.protect(chosen)
         return chosen, [k for k, _ in candidates]

@@ -129,7 +129,8 @@ def test_predictive_policy_evicts_the_expert_worth_least():
     assert p.victim([A, B, C]) == B  # protected go last
     assert p.victim([C]) == C  # ...unless nothing else can go
     p.forget([A])
-    assert p.eviction_worths() == sorted(p.worth(k) for k in (A, B))
+    assert p.eviction_worths(5) == sorted(p.worth(k) for k in (A, B))
+    assert p.eviction_worths(1) == [min(p.worth(k) for k in (A, B))]
 
 
 # ---- the prefetcher on a real cache ---------------------------------------------------------------------
