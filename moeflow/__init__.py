@@ -33,7 +33,24 @@ A digit is a literal size (``x_1D``); ``2I`` is twice I.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
+
+
+def _default_openmp_wait_policy() -> None:
+    """Idle OpenMP workers sleep instead of spinning, unless the user chose (OMP_WAIT_POLICY, GOMP_SPINCOUNT).
+
+    libgomp reads these once, when torch loads it, so this can only take effect before torch is imported;
+    importing `moeflow` (and so the `moeflow` command) comes first in most programs. Why and the numbers:
+    `moeflow.engine.engine.compute_threads` and bench/results/threads.json.
+    """
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+_default_openmp_wait_policy()
 
 _EXPORTS = {
     "DEFAULT_MODEL": "moeflow.config",

@@ -53,6 +53,10 @@ class EngineConfig:
     prefetch_width: int = field(
         default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
     )
+    threads: int = field(
+        default=0,
+        metadata={"help": "torch/OpenMP compute threads, process-wide (0: automatic, leaves a core to the readers)"},
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.store, Store, "store")
@@ -69,6 +73,8 @@ class EngineConfig:
             raise MoeflowError(f"--lookahead must be at least 1 layer, got {self.lookahead}")
         if self.prefetch_width < 0:
             raise MoeflowError(f"--prefetch-width must be >= 0 (0: top-k), got {self.prefetch_width}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise MoeflowError(f"--threads must be an integer >= 0 (0: automatic), got {self.threads!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:

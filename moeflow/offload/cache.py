@@ -21,6 +21,7 @@ import torch
 
 from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
+from moeflow.offload.readers import ReaderPool
 from moeflow.offload.stats import CacheStats, LayerStats
 from moeflow.offload.store import ExpertStore
 
@@ -32,6 +33,9 @@ class SlotState(enum.Enum):
     #                    read over; a correction may cancel it)
     LOADING = "loading"  # a read is writing the slot now
     READY = "ready"  # holds its expert
+
+
+_SETTLED = (SlotState.READY, SlotState.QUEUED)  # what a layer waiting on a prefetch read wakes up to
 
 
 @dataclass(slots=True)
@@ -83,10 +87,14 @@ class _LayerCounters:
 
 
 class ExpertCache:
-    """Maps experts to slots. Thread-safe: the compute thread acquires, the transfer thread fills.
+    """Maps experts to slots. Thread-safe: the compute thread acquires, reader threads fill.
 
     Every change to slots or to the eviction policy happens under one lock (`_cv`), including the
     prefetcher's protect/release/demote, so a policy is only ever called by one thread at a time.
+    Reads happen outside the lock, into slots in state LOADING that nobody else may touch.
+
+    `readers`: reader threads (`ReaderPool`) shared by demand misses and prefetches; 0 reads every
+    miss in the compute thread, one after another (profiling replay, where nothing is timed).
     """
 
     def __init__(
@@ -97,9 +105,13 @@ class ExpertCache:
         policy: EvictionPolicy,
         layers: Sequence[int],
         budget_bytes: int,
+        readers: int = 0,
     ) -> None:
         self.pool = pool
         self.store = store
+        self.readers = ReaderPool(readers)
+        device = pool.gate_up_S2ID.device
+        self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.policy = policy
         self.budget_bytes = budget_bytes
         n = pool.capacity
@@ -116,9 +128,13 @@ class ExpertCache:
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[dict[int, int]]:
         """Pin `experts` of `layer` in slots for the duration of the block; returns expert -> slot.
 
-        Resident experts are hits; the rest are read synchronously (demand misses). An expert whose
-        prefetch is still queued is a miss too: this thread reads it now instead of waiting for the
-        transfer thread to reach it. At most `capacity` experts may be acquired at once.
+        Resident experts are hits; the rest are demand misses, all read at once by the reader pool
+        (this thread reads those no reader has started) and waited for together. An expert whose
+        prefetch is still queued is a miss too: its read joins the demand reads instead of waiting
+        for a reader to reach it; one whose prefetch read fails while this thread waits for it is read
+        here. If a demand read fails, its slot is freed (never READY with garbage) once every read of
+        the layer has finished, and the error reaches the caller. At most `capacity` experts may be
+        acquired at once.
         """
         assert len(experts) <= self.pool.capacity, "caller must split a layer into waves of <= capacity"
         t0 = time.perf_counter()
@@ -155,17 +171,21 @@ class ExpertCache:
                 self.policy.on_access(key)
                 slot_of[e] = s
                 to_read.append((key, s))
+        mine = [(s, self._slots[s]) for s in slot_of.values()]
         try:
-            for key, s in to_read:
-                nbytes = self.store.read_into(key, self.pool.gate_up_S2ID[s], self.pool.down_SDI[s])
+            pending = list(to_read)
+            while True:
+                self._read_demand(pending, counters)
                 with self._cv:
-                    counters.bytes_read += nbytes
-                    self._slots[s].state = SlotState.READY
-                    self._cv.notify_all()
-            with self._cv:
-                # Wait for experts a prefetch is still bringing in.
-                self._cv.wait_for(lambda: all(self._slots[s].state is SlotState.READY for s in slot_of.values()))
-                events = [self._slots[s].ready_event for s in slot_of.values()]
+                    # Wait for experts a prefetch is still bringing in; a failed one comes back QUEUED.
+                    self._cv.wait_for(lambda: all(slot.state in _SETTLED for _, slot in mine))
+                    pending = [(slot.key, s) for s, slot in mine if slot.state is SlotState.QUEUED]
+                    for _, s in pending:
+                        self._slots[s].state = SlotState.LOADING
+                    to_read.extend(pending)
+                    if not pending:
+                        events = [self._slots[s].ready_event for s in slot_of.values()]
+                        break
             for event in events:
                 if event is not None:
                     torch.cuda.current_stream().wait_event(event)  # compute waits for the copy stream, no host sync
@@ -179,6 +199,21 @@ class ExpertCache:
                     if self._slots[s].state is not SlotState.READY:  # the demand read failed: the slot holds garbage
                         self._evict_locked(s, count_waste=False)
                 self._cv.notify_all()
+
+    def _read_demand(self, to_read: list[tuple[ExpertKey, int]], counters: _LayerCounters) -> None:
+        """Read slots this thread holds in LOADING, all at once; those that landed become READY, then the
+        first error (if any) is raised. Returns only when every read has finished."""
+        jobs = self.readers.run([lambda key=key, s=s: self.read_slot(key, s) for key, s in to_read])
+        with self._cv:
+            for (_, s), job in zip(to_read, jobs):
+                if job.error is None:
+                    nbytes, self._slots[s].ready_event = job.result
+                    counters.bytes_read += nbytes
+                    self._slots[s].state = SlotState.READY
+            self._cv.notify_all()
+        failed = next((job.error for job in jobs if job.error is not None), None)
+        if failed is not None:
+            raise failed
 
     # ---- prefetcher: eviction preferences of a predictive policy ---------------------------------
 
@@ -206,7 +241,27 @@ class ExpertCache:
         assert isinstance(self.policy, PredictivePolicy), "predictive prefetch needs the predictive policy"
         return self.policy
 
-    # ---- transfer thread ------------------------------------------------------------------------
+    # ---- reads (any thread) ---------------------------------------------------------------------
+
+    def read_slot(self, key: ExpertKey, s: int) -> tuple[int, object | None]:
+        """Read `key` into slot `s`, which the caller holds in state LOADING; no lock is held. Returns the
+        bytes read and, on CUDA, the event of the copy stream that the compute stream must wait on."""
+        pool = self.pool
+        if self._copy_stream is None:
+            return self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s]), None
+        # The slot's previous expert may still be read by queued kernels: order after them.
+        self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
+        with torch.cuda.stream(self._copy_stream):
+            nbytes = self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s])
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return nbytes, event
+
+    def close(self) -> None:
+        """Stop the reader threads (queued prefetches are dropped, reads in progress finish)."""
+        self.readers.close()
+
+    # ---- prefetches (reader threads) ------------------------------------------------------------
 
     def reserve_for_prefetch(self, key: ExpertKey) -> int | None:
         """Claim a slot for `key` without waiting; None if resident already or nothing is evictable."""
@@ -252,9 +307,13 @@ class ExpertCache:
             self._cv.notify_all()
 
     def cancel_prefetch(self, key: ExpertKey, s: int) -> None:
-        """A reserved prefetch failed: give the slot back."""
+        """A prefetch read failed: give the slot back, or, if a layer is waiting for it, hand the read to
+        that layer (back to QUEUED, which `acquire` takes over)."""
         with self._cv:
-            self._evict_locked(s, count_waste=False)
+            if self._slots[s].pins:
+                self._slots[s].state = SlotState.QUEUED
+            else:
+                self._evict_locked(s, count_waste=False)
             self._cv.notify_all()
 
     # ---- slots ----------------------------------------------------------------------------------

@@ -3,10 +3,15 @@
 `DiskStore` reads each expert from the safetensors shards with O_DIRECT, so the page cache cannot
 quietly turn a disk-backed run into a RAM-backed one. `RamStore` keeps one host copy of every
 expert (pinned when the fast tier is a GPU).
+
+Both are called from several threads at once (the reader pool, `moeflow.offload.readers`, and the
+compute thread). Every step of a read releases the GIL: `os.preadv`, and the copy into the slot,
+which is one `memmove` when source and slot share a dtype on the CPU (`_copy`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -25,11 +30,26 @@ _ALIGN = 4096  # O_DIRECT wants file offset, length and buffer address aligned t
 _COALESCE_GAP = 1 << 20  # read two spans of one expert in one request when at most 1 MiB apart
 
 
+def _copy(dest: torch.Tensor, src: torch.Tensor) -> None:
+    """`dest.copy_(src)`, as one GIL-free memmove where it is a plain byte copy on the CPU.
+
+    torch's copy would split a large copy over OpenMP threads, and OpenMP gives every thread that
+    starts a parallel region its own team: each reader thread would bring one more team of compute
+    threads (spinning, under OpenMP's default wait policy) onto cores the forward is using.
+    """
+    if dest.device.type == "cpu" and src.dtype == dest.dtype and dest.is_contiguous() and src.is_contiguous():
+        assert dest.nbytes == src.nbytes
+        ctypes.memmove(dest.data_ptr(), src.data_ptr(), dest.nbytes)  # ctypes releases the GIL during the call
+    else:
+        dest.copy_(src)
+
+
 class ExpertStore(Protocol):
     direct_io: bool
 
     def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
-        """Copy expert `key` into the given slot views (any device, any float dtype). Returns bytes read."""
+        """Copy expert `key` into the given slot views (any device, any float dtype). Returns bytes read.
+        Safe to call from several threads at once, for different slots."""
         ...
 
     def close(self) -> None: ...
@@ -41,6 +61,7 @@ class DiskStore:
     def __init__(self, checkpoint: Checkpoint, *, direct_io: bool = True) -> None:
         self._ckpt = checkpoint
         self._fds: dict[Path, int] = {}
+        self._retired: list[int] = []  # descriptors replaced by a fall-back; a concurrent read may still use one
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
@@ -93,7 +114,7 @@ class DiskStore:
                         self._fall_back(f"O_DIRECT read refused on {path.name}")
                         for p, old in list(self._fds.items()):
                             self._fds[p] = os.open(p, os.O_RDONLY)
-                            os.close(old)
+                            self._retired.append(old)
                 fd = self._fds[path]
                 continue
             if n == 0:
@@ -116,13 +137,14 @@ class DiskStore:
             total += n
             for span, dest in group:
                 src = torch.frombuffer(buf, dtype=torch.uint8, count=span.nbytes, offset=base + span.offset - start)
-                dest.copy_(src.view(span.dtype).view(span.shape))
+                _copy(dest, src.view(span.dtype).view(span.shape))
         return total
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._retired]:
             os.close(fd)
         self._fds.clear()
+        self._retired.clear()
 
 
 def _coalesce(pairs: list[tuple[TensorSpan, torch.Tensor]]) -> list[list[tuple[TensorSpan, torch.Tensor]]]:
@@ -156,9 +178,12 @@ class RamStore:
 
     def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
         src_gu, src_d = self._gate_up[key], self._down[key]
-        non_blocking = gate_up_2ID.device.type == "cuda"  # pinned source: async H2D on the current stream
-        gate_up_2ID.copy_(src_gu, non_blocking=non_blocking)
-        down_DI.copy_(src_d, non_blocking=non_blocking)
+        if gate_up_2ID.device.type == "cuda":  # pinned source: async H2D on the current stream
+            gate_up_2ID.copy_(src_gu, non_blocking=True)
+            down_DI.copy_(src_d, non_blocking=True)
+        else:
+            _copy(gate_up_2ID, src_gu)
+            _copy(down_DI, src_d)
         return src_gu.nbytes + src_d.nbytes
 
     def close(self) -> None:

@@ -1,17 +1,17 @@
-"""The transfer engine: reads experts ahead of need on a background thread.
+"""The transfer engine: reads experts ahead of need, several at once, on the cache's reader pool.
 
-Misses are read synchronously by the cache in the compute thread. `prefetch(PrefetchPlan)` reserves
-slots and queues reads here so I/O overlaps compute. On CUDA the fill runs on a dedicated copy
-stream and the slot carries an event that the compute stream waits on (no host sync).
+`prefetch(PrefetchPlan)` reserves slots and queues their reads as background work of the reader
+pool (`moeflow.offload.readers`), so I/O overlaps compute and prefetches overlap each other. Demand
+misses go through the same pool ahead of every prefetch (`ExpertCache.acquire`), and a prefetch
+still queued when its layer needs it is taken over by the compute thread. On CUDA each read fills
+through a dedicated copy stream and the slot carries an event that the compute stream waits on (no
+host sync; `ExpertCache.read_slot`).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-
-import torch
 
 from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.cache import ExpertCache
@@ -26,59 +26,46 @@ class TransferEngine:
 
     def __init__(self, cache: ExpertCache, *, background: bool = True) -> None:
         self.cache = cache
-        self._queue: queue.Queue[tuple[ExpertKey, int] | None] = queue.Queue()
-        device = cache.pool.gate_up_S2ID.device
-        self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-        self._thread: threading.Thread | None = None
-        if background:
-            self._thread = threading.Thread(target=self._run, name="moeflow-transfer", daemon=True)
-            self._thread.start()
+        self.background = background
+        self._pending = 0  # prefetch reads queued or in progress
+        self._idle = threading.Condition()
 
     def prefetch(self, plan: PrefetchPlan) -> int:
-        """Reserve slots for the plan's experts that are not resident and queue their reads (or, without a
-        background thread, read them now); returns how many were issued. Every key is reserved before
-        any is filled, so a slot still loading is never an eviction candidate of the same plan."""
+        """Reserve slots for the plan's experts that are not resident and queue their reads (or, without
+        `background`, read them now); returns how many were issued. Every key is reserved before any is
+        filled, so a slot still loading is never an eviction candidate of the same plan."""
         reserved = [(key, slot) for key in plan.keys if (slot := self.cache.reserve_for_prefetch(key)) is not None]
-        for item in reserved:
-            if self._thread is not None:
-                self._queue.put(item)
-            elif self.cache.start_prefetch(*item):
-                self._fill(*item)
+        for key, slot in reserved:
+            if not self.background:
+                self._fill(key, slot)
+                continue
+            with self._idle:
+                self._pending += 1
+            self.cache.readers.submit(lambda key=key, slot=slot: self._run(key, slot))
         return len(reserved)
 
     def drain(self) -> None:
         """Block until every queued prefetch has landed."""
-        self._queue.join()
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
+        """Let the prefetches already queued land (the reader threads are the cache's; it stops them)."""
+        self.drain()
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if self.cache.start_prefetch(*item):  # else cancelled, or read on demand meanwhile
-                    self._fill(*item)
-            finally:
-                self._queue.task_done()
+    def _run(self, key: ExpertKey, slot: int) -> None:
+        try:
+            self._fill(key, slot)
+        finally:
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
 
     def _fill(self, key: ExpertKey, slot: int) -> None:
-        pool = self.cache.pool
+        if not self.cache.start_prefetch(key, slot):  # cancelled, or taken over by the compute thread
+            return
         try:
-            if self._copy_stream is None:
-                nbytes = self.cache.store.read_into(key, pool.gate_up_S2ID[slot], pool.down_SDI[slot])
-                event = None
-            else:
-                # The slot's previous expert may still be read by queued kernels: order after them.
-                self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
-                with torch.cuda.stream(self._copy_stream):
-                    nbytes = self.cache.store.read_into(key, pool.gate_up_S2ID[slot], pool.down_SDI[slot])
-                    event = torch.cuda.Event()
-                    event.record(self._copy_stream)
+            nbytes, event = self.cache.read_slot(key, slot)
         except Exception:
             log.exception("prefetch of expert %s failed; it will be read on demand", key)
             self.cache.cancel_prefetch(key, slot)

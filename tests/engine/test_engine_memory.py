@@ -137,7 +137,7 @@ def test_prefetch_hits_and_waste_are_counted(tiny_checkpoints):
 
 
 class _SlowPrefetchStore:
-    """Wraps a store so the transfer thread's reads take 0.3 s and say when they have started."""
+    """Wraps a store so reads by reader threads (prefetches here) take 0.3 s and say when they have started."""
 
     def __init__(self, inner):
         import threading
@@ -152,7 +152,7 @@ class _SlowPrefetchStore:
         import time
 
         self.reads.append(key)
-        if threading.current_thread().name == "moeflow-transfer":
+        if threading.current_thread().name.startswith("moeflow-reader"):
             self.started.set()
             time.sleep(0.3)
         return self.inner.read_into(key, gate_up, down)
@@ -182,12 +182,14 @@ def test_prefetch_in_flight_is_waited_for_not_reread(tiny_checkpoints):
     assert s.stall_s >= waited * 0.9
 
 
-def test_queued_prefetch_is_read_by_the_compute_thread_not_waited_for(tiny_checkpoints):
+def test_queued_prefetch_is_read_by_the_compute_thread_not_waited_for(tiny_checkpoints, monkeypatch):
     """A needed expert whose prefetch waits behind another read is read on demand at once, and only once."""
     import time
 
+    import moeflow.engine.engine
     from moeflow import PrefetchPlan
 
+    monkeypatch.setattr(moeflow.engine.engine, "READERS", 1)  # one reader: the second prefetch stays queued
     with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%") as engine:
         inner = engine.cache.store
         engine.cache.store = store = _SlowPrefetchStore(inner)
@@ -213,7 +215,7 @@ def test_correction_drops_wrong_predictions_still_queued(tiny_checkpoints):
         inner = engine.cache.store
         engine.cache.store = store = _SlowPrefetchStore(inner)
         prefetcher = engine.prefetcher
-        engine.transfer.prefetch(PrefetchPlan(keys=((0, 0),)))  # keeps the transfer thread busy
+        engine.transfer.prefetch(PrefetchPlan(keys=((0, 0),)))  # keeps a reader busy
         assert store.started.wait(5)
         prefetcher.begin_step()
         layer = engine.checkpoint.moe_layers[0]

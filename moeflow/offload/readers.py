@@ -1,0 +1,153 @@
+"""The reader pool: a few threads that read experts into slots, several reads in flight.
+
+A read spends its time in `os.preadv` and a memory copy, both of which release the GIL, so the
+readers overlap each other and the compute thread's forward. Two kinds of work share the threads:
+
+- *urgent* reads: a layer's demand misses. The compute thread submits them together and waits for
+  them together (`run`); while waiting it reads any of its own that no reader has started yet, so
+  a miss never waits behind prefetches already in flight and a pool of busy readers cannot stall it;
+- *background* reads: prefetches (`submit`), taken only when no urgent read is queued.
+
+The pool knows nothing of slots or keys: it runs callables. `ExpertCache` decides what is read
+where, under its own lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class ReadJob(Generic[T]):
+    """One callable, run once: by a reader, or by the thread that waits for it if no reader took it first."""
+
+    __slots__ = ("fn", "started", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self.fn = fn
+        self.started = False  # claimed by a thread (set under the pool's lock)
+        self.done = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def _execute(self) -> None:
+        try:
+            self.result = self.fn()
+        except Exception as e:  # handed to whoever waits for the job
+            self.error = e
+
+
+class ReaderPool:
+    """`threads` reader threads. `threads=0` runs every job in the thread that submits or waits for it."""
+
+    def __init__(self, threads: int, *, name: str = "moeflow-reader") -> None:
+        if threads < 0:
+            raise ValueError(f"reader threads must be >= 0, got {threads}")
+        self.threads = threads
+        self._cv = threading.Condition()
+        self._urgent: deque[ReadJob] = deque()
+        self._background: deque[ReadJob] = deque()
+        self._closed = False
+        self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for w in self._workers:
+            w.start()
+
+    def submit(self, fn: Callable[[], T]) -> ReadJob[T]:
+        """Queue a background read (a prefetch). Without reader threads it runs now, in this thread."""
+        job = ReadJob(fn)
+        if not self._workers:
+            job.started = True
+            job._execute()
+            job.done = True
+            return job
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the reader pool is closed")
+            self._background.append(job)
+            self._cv.notify()
+        return job
+
+    def run(self, fns: Sequence[Callable[[], T]]) -> list[ReadJob[T]]:
+        """Run `fns` concurrently and wait for all of them; returns their jobs (each holds a result or an error).
+
+        The first runs in this thread at once; the others are queued ahead of every background read,
+        and this thread runs those no reader has claimed by the time it is free. Returns only when
+        every job has finished, even if this thread is interrupted: no read may still be writing
+        into a slot its caller is about to give back.
+        """
+        jobs = [ReadJob(fn) for fn in fns]
+        if not jobs:
+            return jobs
+        rest = jobs[1:]
+        if rest and self._workers:
+            with self._cv:
+                self._urgent.extend(rest)
+                self._cv.notify(len(rest))
+        try:
+            for job in jobs:
+                if self._claim(job):
+                    try:
+                        job._execute()
+                    finally:
+                        self._finish(job)
+        finally:
+            with self._cv:
+                for job in rest:
+                    if not job.started:  # interrupted before reaching it: nobody will run it
+                        job.started = job.done = True
+                        self._urgent.remove(job)
+                        job.error = RuntimeError("read abandoned")
+                self._cv.wait_for(lambda: all(j.done for j in rest))
+        return jobs
+
+    def wait(self, jobs: Sequence[ReadJob]) -> None:
+        """Block until `jobs` (from `submit`) have finished."""
+        with self._cv:
+            self._cv.wait_for(lambda: all(j.done for j in jobs))
+
+    def close(self) -> None:
+        """Drop queued background reads, let reads in progress finish, stop the threads."""
+        with self._cv:
+            self._closed = True
+            dropped = list(self._background)
+            self._background.clear()
+            for job in dropped:
+                job.started = job.done = True
+                job.error = RuntimeError("reader pool closed before the read started")
+            self._cv.notify_all()
+        for w in self._workers:
+            w.join()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _claim(self, job: ReadJob) -> bool:
+        with self._cv:
+            if job.started:
+                return False
+            job.started = True
+            if job in self._urgent:
+                self._urgent.remove(job)
+            return True
+
+    def _finish(self, job: ReadJob) -> None:
+        with self._cv:
+            job.done = True
+            self._cv.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._urgent or self._background or self._closed)
+                if self._urgent:
+                    job = self._urgent.popleft()
+                elif self._background:
+                    job = self._background.popleft()
+                else:
+                    return
+                job.started = True
+            job._execute()
+            self._finish(job)

@@ -1,0 +1,128 @@
+"""The engine owns its threads: compute threads (`threads=`), the OpenMP wait policy, and the reader pool."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import moeflow
+from moeflow.cli import build_parser
+from moeflow.config import EngineConfig
+from moeflow.engine.engine import compute_threads
+
+PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
+
+
+@pytest.fixture
+def restore_torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_threads_is_validated(bad):
+    with pytest.raises(moeflow.MoeflowError, match="--threads must be an integer >= 0"):
+        EngineConfig(threads=bad)
+
+
+def test_threads_is_a_cli_option():
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--threads", "3"])
+    assert args.threads == 3
+
+
+def test_threads_is_applied(tiny_checkpoints, restore_torch_threads):
+    path = tiny_checkpoints["mixtral"]
+    with moeflow.load(path, expert_budget="all") as engine:
+        ref = engine.generate(PROMPT, max_new_tokens=6).token_ids
+    for n in (1, 2):
+        with moeflow.load(path, expert_budget="25%", threads=n) as engine:
+            assert engine.threads == n and torch.get_num_threads() == n
+            assert engine.generate(PROMPT, max_new_tokens=6).token_ids == ref
+
+
+def test_automatic_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert compute_threads(3) == 3  # asked for: applied as given
+    assert compute_threads(0) == 7  # automatic: one core left to the readers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert compute_threads(0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert compute_threads(0) is None  # the user's own setting is left alone
+    assert compute_threads(2) == 2
+
+
+@pytest.mark.parametrize(
+    "env, code, expected",
+    [
+        ({}, "import moeflow", "PASSIVE"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "import moeflow", "ACTIVE"),  # the user's choice stands
+        ({"GOMP_SPINCOUNT": "1000"}, "import moeflow", None),  # so does a spin count
+        ({}, "import torch, moeflow", None),  # too late: libgomp has read its environment
+    ],
+)
+def test_openmp_wait_policy_default(env, code, expected):
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+        env={**clean, **env}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.split()[-1] == str(expected)
+
+
+class _ConcurrentStore:
+    """Wraps the engine's store: each read lasts a few ms (so the reads of one layer overlap) and checks that it
+    writes inside the pool and that the experts resident or on their way never exceed the pool."""
+
+    def __init__(self, engine: moeflow.Engine) -> None:
+        self.inner = engine.cache.store
+        self.direct_io = self.inner.direct_io
+        self.cache = engine.cache
+        pool = engine.cache.pool
+        self.ranges = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (pool.gate_up_S2ID, pool.down_SDI)]
+        self.lock = threading.Lock()
+        self.in_flight = self.peak_in_flight = self.reads = 0
+        self.threads: set[str] = set()
+
+    def read_into(self, key, gate_up, down) -> int:
+        for dest in (gate_up, down):
+            assert any(lo <= dest.data_ptr() and dest.data_ptr() + dest.nbytes <= hi for lo, hi in self.ranges)
+        with self.lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self.reads += 1
+            self.threads.add(threading.current_thread().name)
+        assert len(self.cache.resident()) <= self.cache.pool.capacity
+        time.sleep(0.005)
+        try:
+            return self.inner.read_into(key, gate_up, down)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_budget_is_a_ceiling_with_reads_in_flight(tiny_checkpoints, policy):
+    path = tiny_checkpoints["mixtral"]
+    with moeflow.load(path, expert_budget="all") as engine:
+        ref = engine.generate(PROMPT, max_new_tokens=12).token_ids
+    with moeflow.load(path, expert_budget="25%", policy=policy) as engine:
+        probe = engine.cache.store = _ConcurrentStore(engine)
+        out = engine.generate(PROMPT, max_new_tokens=12).token_ids
+        engine.settle()
+        stats = engine.stats()
+    assert out == ref
+    if policy == "lru":  # no prefetch: every read is a demand miss
+        assert probe.reads == stats.misses
+    assert probe.peak_in_flight > 1  # the prefill's misses of one layer are read together
+    assert any(name.startswith("moeflow-reader") for name in probe.threads)
+    assert stats.resident_peak_bytes <= stats.budget_bytes
+    assert engine.cache.pool.nbytes <= stats.budget_bytes
