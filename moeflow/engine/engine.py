@@ -54,6 +54,19 @@ def reader_threads(expert_bytes: int) -> int:
     return max(1, min(READERS, READ_BUFFER_BYTES // max(expert_bytes, 1)))
 
 
+# The automatic rule: one compute thread fewer than the cores this process may use, and idle OpenMP workers
+# that sleep (OMP_WAIT_POLICY=PASSIVE, set by `import moeflow` when it can: moeflow/__init__.py). Measured by
+# bench/threads.py on the 2-core AMD EPYC (shared), 25% budget, disk store, fresh processes, 7 interleaved
+# rounds, medians (bench/results/threads.json): README demo / batch of 32 prompts at B=8 fifo, tokens/s:
+#   auto (= threads=1, passive) 223 / 324; threads=1 active 230 / 261, passive 240 / 311, default 230 / 341;
+#   threads=2 active 207 / 350, passive 210 / 243, default 209 / 342  ->  auto = 0.93x the best, both.
+# On a quiet machine the settings are within noise of each other (two identical settings differ by up to 25% in
+# one round). Under load they are not: with other work on the two cores (load ~4.5; bench/results/
+# threads_loaded.json) threads=2 with spinning workers fell to 44 / 14 (active) and 57 / 289 (default) against
+# auto's 183 / 317, because a parallel region waits for a worker the scheduler has put aside, while every
+# one-thread setting held 183-202 / 302-403. One thread has no OpenMP workers at all, so the rule holds even
+# where the wait policy could not be set (torch imported before moeflow). Machines with more cores were not
+# measured: cores - 1 keeps the same shape (one core for the readers and Python).
 def compute_threads(requested: int) -> int | None:
     """The torch/OpenMP compute threads for `EngineConfig.threads` (0: automatic); None leaves torch's choice
     alone (the user set OMP_NUM_THREADS and asked for nothing else)."""
