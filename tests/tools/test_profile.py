@@ -165,7 +165,7 @@ def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
         if engine.prefetcher is not None:
             # Fills in the caller's thread, so which slot is still loading cannot depend on thread timing.
             engine.prefetcher.issue = TransferEngine(engine.cache, background=False).prefetch
-            engine.prefetcher.fix_overlap(4.0)  # replay's, which cannot measure it
+            engine.prefetcher.fix_overlap(1.0)  # replay's, which cannot measure it
         live, seen_NLK, _ = live_run(engine, trace)
     # One token per forward with a KV cache routes like the trace's teacher-forced chunks.
     np.testing.assert_array_equal(seen_NLK, np.asarray(trace.experts))

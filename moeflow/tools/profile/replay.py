@@ -127,7 +127,7 @@ def replay(
     budget: BudgetPoint,
     predictor: str | None = None,
     width: int = 0,
-    overlap: float = 4.0,
+    overlap: float = 1.0,
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
