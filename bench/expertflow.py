@@ -288,9 +288,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     decode = result.get("decode", {})
-    panels = len(decode) * 2 + (1 if "rebatch" in result else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4), squeeze=False)
-    axes = list(axes[0])
+    rows = len(decode) + (1 if "rebatch" in result else 0)
+    fig, grid = plt.subplots(rows, 2, figsize=(10, 3.6 * rows), squeeze=False)
+    axes = list(grid.reshape(-1))
     for model_name, part in decode.items():
         rows = [r for r in part["contenders"] if "error" not in r]
         names = [r["name"].split(" ", 1)[1] for r in rows]
@@ -323,6 +323,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(f"tokens/s, iobound, {r['prompts']} prompts")
         ax.set_title("token re-batcher vs FIFO", fontsize=9)
         ax.legend(fontsize=8)
+        axes.pop(0).axis("off")
     m = result["machine"]
     fig.suptitle(f"moeflow ExpertFlow core — {m['cpu']}, {m['cores']} cores, disk "
                  f"{result['disk_gib_s']:.2f} GiB/s O_DIRECT, {m['date']}", fontsize=9)
@@ -361,6 +362,11 @@ def main() -> int:
     if args.part in ("rebatch", "all"):
         result["rebatch"] = rebatch_part(args, runtime)
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "expertflow.json"
+    if args.part != "all" and previous.is_file():  # one part re-run: keep the other part's last results
+        kept = json.loads(previous.read_text())
+        kept.pop(args.part, None)
+        result = {**{k: v for k, v in kept.items() if k in ("decode", "rebatch")}, **result}
     (args.out / "expertflow.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "expertflow.png")
     summary(result)
