@@ -35,11 +35,11 @@ from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # real timings: CPU tensors take the torch path, not the interpreter
 
+import moeflow.kernels as kernels  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from moeflow.kernels.cpu import CPU_FORMULATIONS, cpu_plan  # noqa: E402
 
-from moeflow import kernels  # noqa: E402
 from moeflow.options import add_options, options_from_args
 
 BENCH = "moe_block"

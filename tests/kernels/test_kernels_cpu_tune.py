@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
+import moeflow.kernels as kernels
 import pytest
 import torch
 from moeflow.kernels.cpu import CPU_FORMULATIONS, builtin_plan, cpu_plan, fused_moe_cpu, machine_key
 from moeflow.kernels.tune_cpu import applicable, measure, write
-
-from moeflow import kernels
 
 
 def test_machine_key_is_a_file_name_and_names_the_threads() -> None:

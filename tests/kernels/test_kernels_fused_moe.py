@@ -258,7 +258,7 @@ def test_cpu_plan_follows_the_measured_crossovers(T: int, K: int, D: int, I: int
 @pytest.fixture
 def builtin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plan by the built-in crossovers even where this machine has stored measurements."""
-    from moeflow import kernels
+    import moeflow.kernels as kernels
 
     monkeypatch.setattr(kernels.cpu, "measured_points", lambda key: ())
 
@@ -266,7 +266,7 @@ def builtin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def ran(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The ``CPU_FORMULATIONS`` keys ``fused_moe_cpu`` called, in order (results unchanged)."""
-    from moeflow import kernels
+    import moeflow.kernels as kernels
 
     names: list[str] = []
 
