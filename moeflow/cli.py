@@ -382,7 +382,11 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeflow", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="moeflow",
+        description="Run Mixture-of-Experts models with most experts on disk or in host RAM, token for token what "
+        "transformers generates; profile the expert cache; serve over gRPC. `moeflow COMMAND --help` for each.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_generate, _add_trace, _add_predictor, _add_profile, _add_serve, _add_client):
         add(sub)
