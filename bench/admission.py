@@ -34,21 +34,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine  # noqa: E402
+from harness import WIDE_INTERMEDIATE, checkout, machine, prepare_model  # noqa: E402
 
 from moeflow.options import add_options, options_from_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "admission"
-WIDE_INTERMEDIATE = 8192  # bench/expertflow.py's I/O-bound model
 MIXTRAL_INTERMEDIATE = 2304  # bench/offload_decode.py's random Mixtral-shaped model
 MiB = 1 << 20
 
@@ -65,27 +62,6 @@ class Settings:
 
 
 # ---- models, traces, the overlap the engine would measure -------------------------------------------------
-
-
-def prepare(name: str, workdir: Path) -> Path:
-    """The checkpoint `name` whose overlap is measured (built on demand)."""
-    from moeflow.config import DEFAULT_MODEL
-
-    if name == "default":
-        return DEFAULT_MODEL
-    if name == "iobound":
-        out = workdir / f"iobound-{WIDE_INTERMEDIATE}"
-        if not (out / "config.json").is_file():
-            from moeflow.tools.widen import widen_experts
-
-            widen_experts(DEFAULT_MODEL, out, WIDE_INTERMEDIATE)
-        return out
-    out = workdir / "mixtral-random"
-    if not (out / "config.json").is_file():
-        from offload_decode import Shape, build_checkpoint
-
-        build_checkpoint(out, Shape())
-    return out
 
 
 def random_routing_model(workdir: Path) -> Path:
@@ -190,20 +166,6 @@ print(json.dumps(out))
 """
 
 
-@contextmanager
-def checkout(commit: str) -> Iterator[Path]:
-    """`commit`'s tree in a temporary worktree, importable as the installed package is (package-dir folders)."""
-    root = Path(tempfile.mkdtemp(prefix="moeflow-admission-")) / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(root), commit], cwd=REPO, check=True)
-    try:
-        for folder in root.iterdir():
-            if folder.name != "moeflow" and (folder / "__init__.py").is_file():
-                (root / "moeflow" / folder.name).symlink_to(folder, target_is_directory=True)
-        yield root
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=REPO, check=True)
-
-
 def baseline_rows(tree: Path, trace_dir: Path, geometry, s: Settings, predictors: list[str]) -> list[dict]:
     arg = json.dumps({"trace": str(trace_dir), "geometry": asdict(geometry), "budgets": s.budgets,
                       "predictors": predictors, "width": s.width})
@@ -245,7 +207,7 @@ def run(s: Settings) -> dict:
                     "settings": {**asdict(s), "workdir": str(s.workdir), "out": str(s.out)}, "models": {}}
     with checkout(s.baseline) as tree:
         for name, (trace, trace_dir, geometry, predictors) in models.items():
-            overlap = measured_overlap(prepare(name, s.workdir), s.decode_tokens)
+            overlap = measured_overlap(prepare_model(name, s.workdir), s.decode_tokens)
             print(f"{name}: overlap {overlap['overlap']:.2f} (compute/layer {overlap['compute_per_layer_s'] * 1e3:.2f} "
                   f"ms, read {overlap['read_s'] * 1e3:.2f} ms)", flush=True)
             rows = replay_rows(trace, geometry, s.budgets, predictors, s.width, overlap["overlap"])

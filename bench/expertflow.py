@@ -32,36 +32,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import dense_bytes, disk_bandwidth, drop_caches, machine, run_child, runtime_baseline_bytes  # noqa: E402
+from harness import (  # noqa: E402
+    dense_bytes,
+    disk_bandwidth,
+    drop_caches,
+    machine,
+    prepare_model,
+    run_child,
+    runtime_baseline_bytes,
+)
 
-WIDE_INTERMEDIATE = 8192  # 192 x 8192 x 3 x fp32 = 18 MiB per expert
 PROMPT_TOKENS = 24
 SLACK_BYTES = 640 << 20  # activations, KV caches, reader bounce buffers (<= 256 MiB), predictor tables: same for all
 
 
 # ---- models and prompts ---------------------------------------------------------------------------------
-
-
-def prepare_model(name: str, workdir: Path) -> Path:
-    from moeflow.config import DEFAULT_MODEL
-
-    if name == "default":
-        return DEFAULT_MODEL
-    if name == "iobound":
-        out = workdir / f"iobound-{WIDE_INTERMEDIATE}"
-        if not (out / "config.json").is_file():
-            from moeflow.tools.widen import widen_experts
-
-            widen_experts(DEFAULT_MODEL, out, WIDE_INTERMEDIATE)
-        return out
-    if name == "random":
-        out = workdir / "mixtral-random"
-        if not (out / "config.json").is_file():
-            from offload_decode import Shape, build_checkpoint
-
-            build_checkpoint(out, Shape())
-        return out
-    raise ValueError(f"unknown model {name!r}")
 
 
 def heldout_prompts(n: int) -> list[list[int]]:

@@ -14,10 +14,15 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+REPO = Path(__file__).resolve().parents[1]
+WIDE_INTERMEDIATE = 8192  # the I/O-bound model: 192 x 8192 x 3 x fp32 = 18 MiB per expert
 
 
 def machine() -> dict:
@@ -115,3 +120,54 @@ def dense_bytes(ckpt: Path) -> int:
     from moeflow.model.checkpoint import open_checkpoint
 
     return sum(s.nbytes for s in open_checkpoint(ckpt).tensors.values())
+
+
+def prepare_model(name: str, workdir: Path) -> Path:
+    """A benchmark model, built on demand under `workdir`: "default" (shipped), "iobound" (the shipped
+    model with zero-widened experts, same tokens: `moeflow.tools.widen`), "random" (Mixtral-shaped,
+    random weights: bench/offload_decode.py's)."""
+    from moeflow.config import DEFAULT_MODEL
+
+    if name == "default":
+        return DEFAULT_MODEL
+    if name == "iobound":
+        out = workdir / f"iobound-{WIDE_INTERMEDIATE}"
+        if not (out / "config.json").is_file():
+            from moeflow.tools.widen import widen_experts
+
+            widen_experts(DEFAULT_MODEL, out, WIDE_INTERMEDIATE)
+        return out
+    if name == "random":
+        out = workdir / "mixtral-random"
+        if not (out / "config.json").is_file():
+            from offload_decode import Shape, build_checkpoint
+
+            build_checkpoint(out, Shape())
+        return out
+    raise ValueError(f"unknown benchmark model {name!r}; one of default, iobound, random")
+
+
+@contextmanager
+def checkout(commit: str) -> Iterator[Path]:
+    """`commit`'s tree in a temporary git worktree, importable as the installed package is: pyproject's
+    package-dir makes a top-level package folder (serve/) `moeflow.serve`, so it is linked where a plain
+    import looks."""
+    root = Path(tempfile.mkdtemp(prefix="moeflow-tree-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(root), commit], cwd=REPO, check=True)
+    try:
+        for folder in root.iterdir():
+            if folder.name != "moeflow" and (folder / "__init__.py").is_file():
+                (root / "moeflow" / folder.name).symlink_to(folder, target_is_directory=True)
+        yield root
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=REPO, check=True)
+
+
+def run_in_tree(script: str, tree: Path, spec: dict, timeout_s: float) -> dict:
+    """Run `script --child SPEC` with `tree` first on the import path; its last stdout line is the JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], env=env, capture_output=True,
+                          text=True, timeout=timeout_s, cwd=tree.parent)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"child in {tree} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -30,8 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine  # noqa: E402
-from startup import checkout  # noqa: E402
+from harness import checkout, machine, run_in_tree  # noqa: E402
 
 PREDICTORS = ("path", "token_freq", "frequency", "transition", "gate")
 HISTORY = 64  # tokens of context each sequence has when it decodes
@@ -160,15 +158,6 @@ def heldout_histories(n: int) -> list[list[int]]:
     return out
 
 
-def run_tree(tree: Path, spec: dict, timeout_s: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                          text=True, timeout=timeout_s, cwd=tree.parent)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"child in {tree} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -221,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         trees = {"baseline": base, "candidate": cand}
         for _ in range(args.rounds):
             for tree, root in trees.items():
-                costs = run_tree(root, spec, timeout_s=1200)
+                costs = run_in_tree(__file__, root, spec, timeout_s=1200)
                 for name, per_batch in costs.items():
                     for B, row in per_batch.items():
                         slot = best.setdefault(tree, {}).setdefault(name, {}).setdefault(B, {})

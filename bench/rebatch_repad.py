@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine  # noqa: E402
-from startup import checkout  # noqa: E402
+from harness import checkout, machine, run_in_tree  # noqa: E402
 
 
 def child(spec: dict) -> dict:
@@ -41,15 +39,6 @@ def child(spec: dict) -> dict:
     return {"tokens_per_s": n / run.elapsed_s, "elapsed_s": run.elapsed_s, "generated": n,
             "steps": len(run.batch_sizes), "mean_batch": sum(run.batch_sizes) / max(len(run.batch_sizes), 1),
             "tokens": tokens}  # fmt: skip
-
-
-def run_tree(tree: Path, spec: dict, timeout_s: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                          text=True, timeout=timeout_s, cwd=tree.parent)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"child in {tree} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -105,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                 for tree, root in trees.items():
                     spec = {"budget": args.budget, "prompts": prompts, "tokens": args.tokens, "batch_size": B,
                             "admission": admission}  # fmt: skip
-                    row = run_tree(root, spec, timeout_s=1800)
+                    row = run_in_tree(__file__, root, spec, timeout_s=1800)
                     key = (tree, B, admission)
                     if key not in best or row["tokens_per_s"] > best[key]["tokens_per_s"]:
                         best[key] = row

@@ -19,12 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeflow.options import add_options, options_from_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import checkout  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = "startup"
@@ -44,22 +46,6 @@ class Settings:
     warmup: int = field(default=2, metadata={"help": "untimed runs first (page cache, .pyc files)"})
     baseline: str = field(default="", metadata={"help": "also time this commit's tree, e.g. 69dd401"})
     out: Path = field(default=Path("bench/results"), metadata={"help": "folder for startup.json and startup.png"})
-
-
-@contextmanager
-def checkout(commit: str) -> Iterator[Path]:
-    """`commit`'s tree in a temporary worktree, importable as the installed package is (package-dir folders)."""
-    root = Path(tempfile.mkdtemp(prefix="moeflow-startup-")) / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(root), commit], cwd=REPO, check=True)
-    try:
-        # pyproject's package-dir: a top-level package folder (serve/) is `moeflow.serve`; link it where
-        # a plain import looks.
-        for folder in root.iterdir():
-            if folder.name != "moeflow" and (folder / "__init__.py").is_file():
-                (root / "moeflow" / folder.name).symlink_to(folder, target_is_directory=True)
-        yield root
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=REPO, check=True)
 
 
 def run_once(tree: Path, argv: list[str], cwd: Path) -> float:
