@@ -108,9 +108,12 @@ def load_saved(cls: type[RoutePredictor], model_dir: str | Path, shape: RoutingS
             f"run `moeflow predictor train --model {model_dir}` first"
         )
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain values only, so a crafted file cannot run code when it is loaded.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise MoeflowError(f"{path} is not a readable predictor ({e}); train it again") from e
+        raise MoeflowError(
+            f"{path} is not a readable predictor (it must hold only tensors and plain values: {e}); train it again"
+        ) from e
     if RoutingShape.from_dict(saved["shape"]) != shape:
         raise MoeflowError(f"{path} was trained for another model shape {saved['shape']}; train it again")
     predictor = cls(shape, lookahead=int(saved["lookahead"]))

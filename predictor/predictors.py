@@ -367,7 +367,10 @@ class SklearnPredictor(RoutePredictor):
 
     def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
-        self.models: list[object] = []
+        # Each layer's one-vs-rest decision function, kept as plain tensors (no pickled estimators, so a saved
+        # predictor loads with torch.load(weights_only=True)): scores = features @ coef_EF.T + intercept_E.
+        self.coef_LEF = torch.zeros(0)
+        self.intercept_LE = torch.zeros(0)
 
     def _features(self, win_TW: np.ndarray) -> object:
         from scipy import sparse
@@ -387,24 +390,35 @@ class SklearnPredictor(RoutePredictor):
         n = min(len(token_ids), self.max_train)
         x = self._features(trace_windows(token_ids[:n], positions[:n], self.window, self.shape.vocab_size))
         hot = multi_hot(np.asarray(experts[:n]), self.shape.num_experts).astype(np.int64)
-        self.models = []
+        coefs, intercepts = [], []
         for p in tqdm(range(self.num_layers), desc="train sklearn", unit="layer", disable=not progress):
             clf = OneVsRestClassifier(SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=8, tol=None,
-                                                    random_state=seed))
-            self.models.append(clf.fit(x, hot[:, p]))
+                                                    random_state=seed)).fit(x, hot[:, p])
+            coef_EF = np.zeros((self.shape.num_experts, x.shape[1]), dtype=np.float32)
+            intercept_E = np.zeros(self.shape.num_experts, dtype=np.float32)
+            for e, est in enumerate(clf.estimators_):
+                if hasattr(est, "coef_"):
+                    coef_EF[e], intercept_E[e] = est.coef_[0], est.intercept_[0]
+                else:  # an expert never (or always) used in training: sklearn's constant answer, 0 or 1
+                    intercept_E[e] = float(est.decision_function(x[:1])[0])
+            coefs.append(coef_EF)
+            intercepts.append(intercept_E)
+        self.coef_LEF = torch.from_numpy(np.stack(coefs))
+        self.intercept_LE = torch.from_numpy(np.stack(intercepts))
         return []
 
     def on_step(self, histories: Sequence[Sequence[int]], n_new: int) -> Scores:
         win = context_windows(histories, n_new, self.window, self.shape.vocab_size)
         x = self._features(win)
-        return {p: torch.from_numpy(np.asarray(m.decision_function(x), dtype=np.float32)).reshape(len(win), -1)
-                for p, m in enumerate(self.models)}
+        coef_LEF, intercept_LE = self.coef_LEF.numpy(), self.intercept_LE.numpy()
+        return {p: torch.from_numpy(np.asarray(x @ coef_LEF[p].T, dtype=np.float32) + intercept_LE[p])
+                for p in range(self.num_layers)}
 
     def state(self) -> dict:
-        return {"models": self.models}
+        return {"coef": self.coef_LEF, "intercept": self.intercept_LE}
 
     def restore(self, state: dict) -> None:
-        self.models = state["models"]
+        self.coef_LEF, self.intercept_LE = state["coef"], state["intercept"]
 
 
 PREDICTORS: dict[str, type[RoutePredictor]] = {

@@ -287,3 +287,42 @@ def test_baselines_answer_what_their_tables_say():
     topk_TK = torch.tensor([[0, 3]])
     want = tr.trans_PEE[0][topk_TK].sum(1) + tr.counts_LE[1] / tr.counts_LE[1].sum()
     torch.testing.assert_close(restored.on_routing(0, topk_TK)[1], want)
+
+
+def test_sklearn_predictor_keeps_its_decision_function_as_tensors(tmp_path):
+    """Its scores are the one-vs-rest classifiers' own decision functions, and it saves as plain tensors."""
+    from moeflow.predictor.predictors import multi_hot
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.multiclass import OneVsRestClassifier
+
+    trace = toy_trace(n_seqs=20)
+    p = SklearnPredictor(SHAPE)
+    p.fit(trace.token_ids, trace.positions, trace.experts, progress=False)
+    histories = [[1, 2, 3], [4, 5], [7]]
+    scores = p.on_step(histories, 1)
+    x = p._features(context_windows(histories, 1, p.window, SHAPE.vocab_size))
+    train_x = p._features(trace_windows(trace.token_ids, trace.positions, p.window, SHAPE.vocab_size))
+    hot = multi_hot(np.asarray(trace.experts), SHAPE.num_experts).astype(np.int64)
+    for pos in range(3):
+        clf = OneVsRestClassifier(SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=8, tol=None, random_state=0))
+        reference = clf.fit(train_x, hot[:, pos]).decision_function(x)
+        torch.testing.assert_close(scores[pos], torch.from_numpy(reference.astype(np.float32)), rtol=1e-5, atol=1e-5)
+    save_predictor(p, tmp_path)
+    q = load_saved(SklearnPredictor, tmp_path, SHAPE)
+    assert all(torch.equal(q.on_step(histories, 1)[pos], scores[pos]) for pos in range(3))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['MOEFLOW_PWNED'], 'w').write('ran')",))
+
+
+def test_a_crafted_predictor_file_cannot_run_code(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("MOEFLOW_PWNED", str(marker))
+    folder = tmp_path / "model" / "predictors"
+    folder.mkdir(parents=True)
+    torch.save({"name": "path", "shape": SHAPE.to_dict(), "lookahead": 1, "state": _RunsCode()}, folder / "path.pt")
+    with pytest.raises(MoeflowError, match="only tensors and plain values"):
+        load_saved(PathPredictor, tmp_path / "model", SHAPE)
+    assert not marker.exists()
