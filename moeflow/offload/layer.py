@@ -22,9 +22,6 @@ from moeflow.offload.plans import RoutingEvent, RoutingPlan
 
 IMPLEMENTATION = "moeflow"
 
-RoutingListener = Callable[[RoutingEvent], None]
-
-
 @dataclass
 class OffloadRuntime:
     """What every offloaded experts module shares: the cache, and who listens to the routing
