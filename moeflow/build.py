@@ -11,7 +11,13 @@ from pathlib import Path
 from moeflow.config import Admission, EngineConfig, check_choice
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
-from moeflow.predictor.apply import apply_prediction, available_predictors, best_predictor, build_predictor
+from moeflow.predictor.apply import (
+    apply_prediction,
+    available_predictors,
+    best_predictor,
+    build_predictor,
+    engine_predictor_dir,
+)
 from moeflow.predictor.rebatch import RebatchAdmission
 from moeflow.scheduler import AdmissionPolicy, FifoAdmission
 
@@ -30,7 +36,7 @@ def load(path: str | Path | None = None, **options: object) -> Engine:
         try:
             name = config.predictor
             if name == "auto":
-                name = best_predictor(available_predictors(engine.checkpoint.path))
+                name = best_predictor(available_predictors(engine.checkpoint.path, engine_predictor_dir(engine)))
             apply_prediction(engine, build_predictor(engine, name, lookahead=config.lookahead))
         except BaseException:
             engine.close()

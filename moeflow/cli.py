@@ -146,6 +146,15 @@ def _data_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _predictor_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--predictor-dir",
+        type=Path,
+        default=None,
+        help="folder of trained predictors, as `moeflow predictor train --out` wrote it (default: MODEL/predictors)",
+    )
+
+
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -154,7 +163,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from moeflow.build import load
     from moeflow.tools.trace import record_trace
 
-    with load(args.model, expert_budget="all", store="ram") as engine:
+    with load(args.model, expert_budget="all", store="ram", predictor_dir=args.predictor_dir) as engine:
         predictors = []
         if args.predictors:
             from moeflow.predictor.apply import build_predictor
@@ -172,11 +181,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_predictor_out(model: Path | None) -> Path:
+    """`predictor train`'s default --out: a new folder in the working directory, named after the model (never the
+    shipped model's own predictors, which a user's training must not silently replace)."""
+    from moeflow.config import DEFAULT_MODEL
+
+    return Path(f"{Path(model or DEFAULT_MODEL).resolve().name}-predictors")
+
+
 def cmd_predictor_train(args: argparse.Namespace) -> int:
     from moeflow.build import load
+    from moeflow.predictor.base import predictor_dir
     from moeflow.tools.predictor_eval import train_predictors
     from moeflow.tools.trace import Trace, record_trace
 
+    out = args.out if args.out is not None else default_predictor_out(args.model)
     with load(args.model, expert_budget="all", store="ram") as engine:
         if args.trace is not None:
             trace = Trace.load(args.trace)
@@ -186,23 +205,30 @@ def cmd_predictor_train(args: argparse.Namespace) -> int:
             trace = record_trace(
                 engine, args.data or model_corpus(engine.checkpoint.path, "train"), max_tokens=args.max_tokens
             )
-        report = train_predictors(engine, trace, _names(args.predictors), lookahead=args.lookahead, epochs=args.epochs)
+        report = train_predictors(
+            engine, trace, _names(args.predictors), out=out, overwrite=args.force, lookahead=args.lookahead,
+            epochs=args.epochs,
+        )
+        beside_model = out.resolve() == predictor_dir(engine.checkpoint.path).resolve()
     if args.json:
         print(json.dumps({name: r.to_json() for name, r in report.items()}))
     else:
         for name, r in report.items():
             done = f"saved {r.path} ({r.train_seconds:.1f} s)" if r.trained else r.why
             print(f"{name}: {done}", file=sys.stderr)
+    if not beside_model:
+        print(f"[use them with --predictor-dir {out}]", file=sys.stderr)
     return 0
 
 
 def cmd_predictor_eval(args: argparse.Namespace) -> int:
     from moeflow.build import load
-    from moeflow.predictor.apply import available_predictors
+    from moeflow.predictor.apply import available_predictors, engine_predictor_dir
     from moeflow.tools.predictor_eval import evaluate, plot_eval
 
-    with load(args.model, expert_budget="all", store="ram") as engine:
-        names = _names(args.predictors) if args.predictors else available_predictors(engine.checkpoint.path)
+    with load(args.model, expert_budget="all", store="ram", predictor_dir=args.predictor_dir) as engine:
+        have = available_predictors(engine.checkpoint.path, engine_predictor_dir(engine))
+        names = _names(args.predictors) if args.predictors else have
         report = evaluate(
             engine, names, args.data or default_data_files(), lookahead=args.lookahead, max_tokens=args.max_tokens
         )
@@ -215,8 +241,7 @@ def cmd_predictor_eval(args: argparse.Namespace) -> int:
         for p in report.predictors:
             print(
                 f"{p.name:>12}: recall@k {p.recall_at_k:.3f}  recall@2k {p.recall_at_2k:.3f}  "
-                f"path accuracy {p.path_accuracy:.3f}  {p.us_per_token:.1f} us/token",
-                file=sys.stderr,
+                f"path accuracy {p.path_accuracy:.3f}  {p.us_per_token:.1f} us/token"
             )
     return 0
 
@@ -304,6 +329,7 @@ def _add_trace(sub: argparse._SubParsersAction) -> None:
         "--predictors", default="", help="also record these predictors' predictions, comma-separated (e.g. gate,path)"
     )
     trace.add_argument("--lookahead", type=int, default=1, help="layers ahead the predictors predict (default: 1)")
+    _predictor_dir_option(trace)
     trace.set_defaults(func=cmd_trace)
 
 
@@ -324,6 +350,14 @@ def _add_predictor(sub: argparse._SubParsersAction) -> None:
     ptrain.add_argument("--max-tokens", type=int, default=400_000, help="trace at most this many tokens")
     ptrain.add_argument("--epochs", type=int, default=12, help="epochs of the path network (default: 12)")
     ptrain.add_argument("--lookahead", type=int, default=1, help="layers ahead (the transition predictor)")
+    ptrain.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder to save the trained predictors in (default: MODEL_NAME-predictors in the working directory; "
+        "MODEL/predictors is where the engine looks without --predictor-dir)",
+    )
+    ptrain.add_argument("--force", action="store_true", help="replace predictors already saved in --out")
     ptrain.add_argument("--json", action="store_true", help="print the training report as JSON")
     ptrain.set_defaults(func=cmd_predictor_train)
     peval = pred_sub.add_parser("eval", help="score predictors on held-out text: recall@k, recall@2k, path accuracy")
@@ -336,6 +370,7 @@ def _add_predictor(sub: argparse._SubParsersAction) -> None:
     peval.add_argument("--lookahead", type=int, default=1, help="layers ahead the predictions must be made")
     peval.add_argument("--out", type=Path, default=None, help="write predictor_eval.json and .png here")
     peval.add_argument("--json", action="store_true", help="print the report as JSON")
+    _predictor_dir_option(peval)
     peval.set_defaults(func=cmd_predictor_eval)
 
 

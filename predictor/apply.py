@@ -23,7 +23,7 @@ from moeflow.errors import MoeflowError
 from moeflow.model.anatomy import moe_layer_parts, token_embedding
 from moeflow.offload.plans import RoutingEvent
 
-from .base import RoutePredictor, RoutingShape, Scores, load_saved
+from .base import RoutePredictor, RoutingShape, Scores, load_saved, predictor_dir
 from .predictors import PREDICTORS, FrequencyPredictor, GateLookahead
 
 Sink = Callable[[RoutePredictor, int, torch.Tensor], None]
@@ -43,7 +43,7 @@ def build_predictor(engine: Engine, name: str, *, lookahead: int = DEFAULT_LOOKA
     cls = PREDICTORS[name]
     if issubclass(cls, GateLookahead):
         return cls.from_model(engine.model, shape, lookahead=lookahead)
-    predictor = load_saved(cls, engine.checkpoint.path, shape)
+    predictor = load_saved(cls, engine.checkpoint.path, shape, folder=engine_predictor_dir(engine))
     if predictor.lookahead != lookahead and name == "transition":
         raise MoeflowError(
             f"the transition predictor was trained for lookahead {predictor.lookahead}; "
@@ -53,9 +53,16 @@ def build_predictor(engine: Engine, name: str, *, lookahead: int = DEFAULT_LOOKA
     return predictor
 
 
-def available_predictors(model_dir: str | Path) -> list[str]:
-    """Predictors usable for the model now: the training-free ones and those trained next to it."""
-    folder = Path(model_dir) / "predictors"
+def engine_predictor_dir(engine: Engine) -> Path:
+    """Where `engine` reads trained predictors: `EngineConfig.predictor_dir`, else next to its model."""
+    folder = engine.config.predictor_dir
+    return Path(folder) if folder is not None else predictor_dir(engine.checkpoint.path)
+
+
+def available_predictors(model_dir: str | Path, folder: str | Path | None = None) -> list[str]:
+    """Predictors usable for the model now: the training-free ones and those trained in `folder` (default: next
+    to the model)."""
+    folder = Path(folder) if folder is not None else predictor_dir(model_dir)
     return [n for n, cls in PREDICTORS.items() if not cls.trainable or (folder / f"{n}.pt").is_file()]
 
 

@@ -90,22 +90,34 @@ def predictor_dir(model_dir: str | Path) -> Path:
     return Path(model_dir) / "predictors"
 
 
-def save_predictor(predictor: RoutePredictor, model_dir: str | Path, meta: dict | None = None) -> Path:
-    out = predictor_dir(model_dir)
+def save_predictor(
+    predictor: RoutePredictor, model_dir: str | Path, meta: dict | None = None, *, folder: str | Path | None = None
+) -> Path:
+    """Save `predictor` (and `meta` as JSON) into `folder` (default: next to the model, `predictor_dir(model_dir)`)."""
+    out = Path(folder) if folder is not None else predictor_dir(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{predictor.name}.pt"
+    path, record = saved_files(predictor.name, out)
     torch.save({"name": predictor.name, "shape": predictor.shape.to_dict(), "lookahead": predictor.lookahead,
                 "state": predictor.state()}, path)
-    (out / f"{predictor.name}.json").write_text(json.dumps({"name": predictor.name, **(meta or {})}, indent=1))
+    record.write_text(json.dumps({"name": predictor.name, **(meta or {})}, indent=1))
     return path
 
 
-def load_saved(cls: type[RoutePredictor], model_dir: str | Path, shape: RoutingShape) -> RoutePredictor:
-    path = predictor_dir(model_dir) / f"{cls.name}.pt"
+def saved_files(name: str, folder: str | Path) -> tuple[Path, Path]:
+    """The two files a trained predictor `name` occupies in `folder`: its state (.pt) and its record (.json)."""
+    return Path(folder) / f"{name}.pt", Path(folder) / f"{name}.json"
+
+
+def load_saved(
+    cls: type[RoutePredictor], model_dir: str | Path, shape: RoutingShape, *, folder: str | Path | None = None
+) -> RoutePredictor:
+    """The trained predictor `cls` from `folder` (default: next to the model, `predictor_dir(model_dir)`)."""
+    folder = Path(folder) if folder is not None else predictor_dir(model_dir)
+    path = saved_files(cls.name, folder)[0]
     if not path.is_file():
         raise MoeflowError(
             f"predictor {cls.name!r} has not been trained for {model_dir} (no {path}); "
-            f"run `moeflow predictor train --model {model_dir}` first"
+            f"run `moeflow predictor train --model {model_dir} --out {folder}` first"
         )
     try:
         # weights_only: tensors and plain values only, so a crafted file cannot run code when it is loaded.

@@ -21,7 +21,7 @@ from moeflow.engine.batch import SequenceState
 from moeflow.errors import MoeflowError
 from moeflow.scheduler import AdmissionPolicy
 
-from .apply import available_predictors, build_predictor
+from .apply import available_predictors, build_predictor, engine_predictor_dir
 from .base import RoutePredictor
 
 # Predicted experts of each sequence's next token: bool [B, L, E].
@@ -59,7 +59,7 @@ class RebatchAdmission(AdmissionPolicy):
 
     @classmethod
     def for_engine(cls, engine: Engine, **options: int) -> RebatchAdmission:
-        have = available_predictors(engine.checkpoint.path)
+        have = available_predictors(engine.checkpoint.path, engine_predictor_dir(engine))
         name = next((n for n in CONTEXT_PREDICTORS if n in have), None)
         if name is None:
             raise MoeflowError(

@@ -21,8 +21,8 @@ import numpy as np
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
-from moeflow.predictor.apply import build_predictor, routing_shape
-from moeflow.predictor.base import RoutePredictor, save_predictor
+from moeflow.predictor.apply import build_predictor, engine_predictor_dir, routing_shape
+from moeflow.predictor.base import RoutePredictor, save_predictor, saved_files
 from moeflow.predictor.predictors import PREDICTORS
 from moeflow.tools.profile.plot import save_png
 from moeflow.tools.profile.report import to_plain, write_json
@@ -35,7 +35,7 @@ class TrainRecord:
 
     trained: bool
     why: str | None = None  # not trained
-    path: str | None = None  # trained: the saved predictor, next to the model
+    path: str | None = None  # trained: the saved predictor (.pt)
     train_tokens: int | None = None
     train_seconds: float | None = None
     epochs: int | None = None
@@ -99,16 +99,27 @@ class EvalReport:
         return write_json(self.to_json(), path)
 
 
-def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, lookahead: int = DEFAULT_LOOKAHEAD,
-                     epochs: int = 12, progress: bool = True) -> dict[str, TrainRecord]:
-    """Fit every trainable predictor in `names` on `trace` and save it next to `engine`'s model."""
+def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, out: str | Path | None = None,
+                     overwrite: bool = False, lookahead: int = DEFAULT_LOOKAHEAD, epochs: int = 12,
+                     progress: bool = True) -> dict[str, TrainRecord]:
+    """Fit every trainable predictor in `names` on `trace` and save it in `out` (default: where `engine` reads
+    predictors, `engine_predictor_dir`). Refuses, before training anything, to replace saved predictors there
+    unless `overwrite`."""
     shape = routing_shape(engine)
     if list(trace.layers) != list(shape.layers) or trace.num_experts != shape.num_experts:
         raise MoeflowError("the trace was recorded on another model (layers or experts differ); record it again")
-    report = {}
     for name in names:
         if name not in PREDICTORS:
             raise MoeflowError(f"unknown predictor {name!r}; choose from: {', '.join(PREDICTORS)}")
+    folder = Path(out) if out is not None else engine_predictor_dir(engine)
+    taken = [str(f) for n in names if PREDICTORS[n].trainable for f in saved_files(n, folder) if f.exists()]
+    if taken and not overwrite:
+        raise MoeflowError(
+            f"{folder} already holds trained predictors ({', '.join(taken)}); pass --force to replace them, "
+            "or --out DIR to write elsewhere"
+        )
+    report = {}
+    for name in names:
         cls = PREDICTORS[name]
         if not cls.trainable:
             report[name] = TrainRecord(trained=False, why="training-free")
@@ -120,7 +131,7 @@ def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, look
         seconds = time.perf_counter() - t0
         meta = {"train_tokens": trace.num_tokens, "train_seconds": seconds, "epochs": epochs, "losses": losses,
                 "lookahead": lookahead, "trace_files": len(trace.meta.get("files", []))}
-        path = save_predictor(predictor, engine.checkpoint.path, meta)
+        path = save_predictor(predictor, engine.checkpoint.path, meta, folder=folder)
         report[name] = TrainRecord(trained=True, path=str(path), **{**meta, "losses": tuple(losses)})
     return report
 

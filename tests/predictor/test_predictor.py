@@ -177,7 +177,7 @@ def test_cli_train_and_eval(mixtral_copy, tmp_path, capsys):
     doc.write_text("class A:\n    pass\n" * 30)
     args = ["--model", str(mixtral_copy)]
     assert main(["predictor", "train", *args, "--data", str(doc), "--predictors", "path,frequency",
-                 "--epochs", "1", "--json"]) == 0
+                 "--epochs", "1", "--json", "--out", str(mixtral_copy / "predictors")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["path"]["trained"] and (mixtral_copy / "predictors" / "path.pt").is_file()
     assert main(["predictor", "eval", *args, "--data", str(doc), "--json", "--out", str(tmp_path / "ev")]) == 0

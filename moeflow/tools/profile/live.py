@@ -70,7 +70,8 @@ def live_records(
     for policy, predictor in policy_runs([p for p in policies if p != "belady"], predictors):
         for budget in budgets:
             options = dict(expert_budget=budget.spec, policy=policy, store=config.live_store,
-                           lookahead=config.lookahead, prefetch_width=config.prefetch_width)
+                           lookahead=config.lookahead, prefetch_width=config.prefetch_width,
+                           predictor_dir=config.predictor_dir)
             if predictor is not None:
                 options["predictor"] = predictor
             with load(model, **options) as engine:

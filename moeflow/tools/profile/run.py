@@ -86,7 +86,7 @@ def profile_model(
     if model is None:
         model = trace.meta["model"] if trace is not None else DEFAULT_MODEL
     if "auto" in predictors:  # the best predictor there is: recorded in the trace, else trained for the model
-        have = list(trace.predictions) if trace is not None else available_predictors(model)
+        have = list(trace.predictions) if trace is not None else available_predictors(model, config.predictor_dir)
         predictors = list(dict.fromkeys(best_predictor(have) if p == "auto" else p for p in predictors))
     checkpoint = open_checkpoint(model)
     geometry = Geometry.of(checkpoint, int(checkpoint.config["num_experts_per_tok"]))
@@ -130,7 +130,7 @@ def record_profile_trace(
     for f in data:
         if not Path(f).is_file():
             raise MoeflowError(f"data file {str(f)!r} does not exist; pass text files to --data")
-    with load(model, expert_budget="all", store="ram") as engine:
+    with load(model, expert_budget="all", store="ram", predictor_dir=config.predictor_dir) as engine:
         built = []
         if predictors:
             from moeflow.predictor.apply import build_predictor
