@@ -151,7 +151,7 @@ def heldout_histories(n: int) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     out = []
     for f in model_corpus(DEFAULT_MODEL, "heldout"):
-        ids = tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
         out += [ids[i : i + HISTORY] for i in range(0, len(ids) - HISTORY, 4 * HISTORY)][:2]
         if len(out) >= n:
             return out[:n]

@@ -146,7 +146,9 @@ def record_trace(
     layers = engine.checkpoint.moe_layers
     chunks: list[tuple[int, list[int]]] = []
     for d, (_, text) in enumerate(docs):
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # A whole document at once, cut into `context`-token chunks below: its length past the tokenizer's
+        # model_max_length is intended, so its "indexing errors" warning would be false (verbose=False).
+        ids = engine.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         chunks.extend((d, ids[i : i + context]) for i in range(0, len(ids), context) if ids[i : i + context])
     total = sum(len(c) for _, c in chunks)
     if max_tokens is not None:
