@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,15 +20,26 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 @dataclass(frozen=True, kw_only=True)
 class Response:
-    """One streamed message (new text and ids), or a whole unary reply. `finish_reason` is set on the last."""
+    """One streamed message (its new text and ids), or a whole unary reply.
+
+    A stream's every message carries the request's figures so far: `completion_tokens` counts the tokens up to
+    and including this message's, `elapsed_s` and `time_to_first_token_s` are seconds since the call started on
+    the client's clock. The last message (`finish_reason` set: stop, length or cancelled; "" before it) carries
+    the server's own figures instead, and `prompt_tokens`, which the server reports only then (None before).
+    """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
-    prompt_tokens: int
+    prompt_tokens: int | None
     completion_tokens: int
-    time_to_first_token_s: float
+    time_to_first_token_s: float | None  # None while no token has arrived
     elapsed_s: float
+
+    def to_json(self) -> dict:
+        """One JSON line of `moeflow client --json`: null for what is not known yet (finish_reason, prompt_tokens)."""
+        plain = dataclasses.asdict(self)
+        return {**plain, "token_ids": list(self.token_ids), "finish_reason": self.finish_reason or None}
 
     @classmethod
     def from_proto(cls, msg: Message) -> Response:
@@ -43,14 +55,28 @@ class Response:
 
 
 class Stream:
-    """A running `Generate` call: iterate for `Response`s; `cancel()` frees the server's slot at once."""
+    """A running `Generate` call: iterate for `Response`s; `cancel()` frees the server's slot at once.
 
-    def __init__(self, call: grpc.Call) -> None:
+    `started` is the `time.perf_counter()` at which the call was made: the client's clock for the figures of the
+    messages before the last (the server sends its own with the last only)."""
+
+    def __init__(self, call: grpc.Call, started: float) -> None:
         self._call = call
+        self._started = started
 
     def __iter__(self) -> Iterator[Response]:
+        tokens, first_token_s = 0, None
         for msg in self._call:
-            yield Response.from_proto(msg)
+            reply = Response.from_proto(msg)
+            if reply.finish_reason:
+                yield reply
+                continue
+            elapsed_s = time.perf_counter() - self._started
+            tokens += len(reply.token_ids)
+            if first_token_s is None and reply.token_ids:
+                first_token_s = elapsed_s
+            yield dataclasses.replace(reply, prompt_tokens=None, completion_tokens=tokens,
+                                      time_to_first_token_s=first_token_s, elapsed_s=elapsed_s)
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -101,7 +127,8 @@ class MoeflowClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def stream(self, prompt: str, *, timeout: float | None = None, **sampling: object) -> Stream:
-        return Stream(self._stub.Generate(make_request(prompt, **sampling), timeout=timeout or self.timeout))
+        started = time.perf_counter()
+        return Stream(self._stub.Generate(make_request(prompt, **sampling), timeout=timeout or self.timeout), started)
 
     def generate(self, prompt: str, *, timeout: float | None = None, **sampling: object) -> Response:
         """The unary call: the whole text at once."""
@@ -146,7 +173,7 @@ def run_cli(
                     print(prompt, end="", flush=True)
                 for reply in replies:
                     if as_json:
-                        print(json.dumps(dataclasses.asdict(reply)), flush=True)
+                        print(json.dumps(reply.to_json()), flush=True)
                     else:
                         print(reply.text, end="", flush=True)
                 if not as_json:
