@@ -2,12 +2,20 @@
 
 The safetensors headers are parsed here (8-byte little-endian length, then JSON), so every expert
 tensor is located as (file, byte offset, byte length, dtype, shape) and read on demand by a store.
-Non-expert tensors are read one by one through `safetensors.safe_open`.
+Non-expert tensors are read one by one.
+
+Nothing outside the model folder is read: every file named by the folder (shards listed in
+`model.safetensors.index.json`, symlinks) must resolve inside it (or, for a Hugging Face hub snapshot,
+inside its repository's `blobs/`) and be a regular file. Every header is validated as the safetensors
+library validates it (`_read_header`), so a corrupt file is refused at load, never read as wrong weights.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +37,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
 
 # An expert is named by (MoE layer index in the model, expert index within that layer).
 ExpertKey = tuple[int, int]
@@ -95,11 +103,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             f"model folder {str(root)!r} does not exist or is not a folder; pass --model a Hugging Face "
             "folder with config.json and *.safetensors (or omit --model to use the shipped default model)"
         )
+    _check_folder_entries(root)
     config = _read_config(root)
     family = family_for(config.get("model_type"))
-    shard_tensors = {}
+    shard_tensors: dict[str, TensorSpan] = {}
     for shard in _shard_files(root):
-        shard_tensors.update(_read_header(shard))
+        for name, span in _read_header(shard).items():
+            if name in shard_tensors:
+                raise CheckpointError(
+                    f"tensor {name!r} is stored twice, in {shard_tensors[name].file.name} and {shard.name}; "
+                    "the shards belong to different checkpoints: download or convert the model again"
+                )
+            shard_tensors[name] = span
     tensors, experts = _split_experts(shard_tensors, family)
     num_experts: dict[int, int] = {}
     for layer, expert in experts:
@@ -117,9 +132,70 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
+def _allowed_roots(root: Path) -> tuple[Path, ...]:
+    """Where the files of model folder `root` may lie once symlinks are resolved: the folder itself, and for
+    a Hugging Face hub snapshot (`models--org--name/snapshots/<revision>`) the repository's `blobs/`, where the
+    hub's own symlinks point."""
+    roots = [root.resolve()]
+    if root.absolute().parent.name == "snapshots":
+        roots.append(root.absolute().parent.parent.resolve() / "blobs")
+    return tuple(roots)
+
+
+def model_file(root: Path, name: str, *, named_by: str) -> Path | None:
+    """`root / name` when it is a regular file inside the model folder; None when it does not exist.
+
+    `name` may be relative (as an index lists shards) or a path below `root`. A name or symlink that leads
+    outside the folder, or a FIFO, device, socket or folder where a file is expected, is a CheckpointError:
+    a model folder must not make moeflow read (or hang on) anything but its own files. `named_by` says where
+    the name came from, for the message.
+    """
+    path = root / name
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(r) for r in _allowed_roots(root)):
+        raise CheckpointError(
+            f"{named_by} names {str(name)!r}, which resolves to {str(resolved)!r}, outside the model folder "
+            f"{str(root)!r}; moeflow reads only files inside the model folder. Copy the file into the folder "
+            "(and fix the name), or download the model again"
+        )
+    try:
+        mode = os.stat(resolved).st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"{named_by} names {str(name)!r}, which is {_file_kind(mode)}, not a regular file; moeflow reads only "
+            "regular files from a model folder. Replace it with the real file (download the model again)"
+        )
+    return path
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _check_folder_entries(root: Path) -> None:
+    """Every file at the top of the model folder (what transformers may open: config, tokenizer, generation
+    config) is a regular file inside the folder; sub-folders are checked where their files are read."""
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            continue
+        if entry.is_symlink() and entry.resolve().is_dir():
+            resolved = entry.resolve()
+            if not any(resolved.is_relative_to(r) for r in _allowed_roots(root)):
+                raise CheckpointError(
+                    f"the model folder {str(root)!r} holds {entry.name!r}, a symlink to {str(resolved)!r}, "
+                    "outside the folder; moeflow reads only files inside the model folder. Copy that folder in"
+                )
+            continue
+        model_file(root, entry.name, named_by=f"the model folder {str(root)!r}")
+
+
 def _read_config(root: Path) -> dict:
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
+    cfg_path = model_file(root, "config.json", named_by=f"the model folder {str(root)!r}")
+    if cfg_path is None:
         raise CheckpointError(f"{root} has no config.json; it is not a Hugging Face model folder")
     try:
         config = json.loads(cfg_path.read_text())
@@ -131,58 +207,122 @@ def _read_config(root: Path) -> dict:
 
 
 def _shard_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
+    index = model_file(root, "model.safetensors.index.json", named_by=f"the model folder {str(root)!r}")
+    if index is not None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            names = sorted({str(name) for name in weight_map.values() if isinstance(name, str)})
+            if len(names) != len(set(weight_map.values())):
+                raise TypeError("every shard name must be a string")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is malformed ({e}); re-save the checkpoint") from e
-        shards = sorted({root / name for name in weight_map.values()})
-        missing = [s.name for s in shards if not s.is_file()]
+        shards = {name: model_file(root, name, named_by=index.name) for name in names}
+        missing = [name for name, shard in shards.items() if shard is None]
         if missing:
             raise CheckpointError(
                 f"shard(s) {', '.join(missing)} listed in {index.name} are missing from {root}; "
                 "copy or download them again"
             )
-        return shards
-    shards = sorted(root.glob("*.safetensors"))
+        return sorted(shard for shard in shards.values() if shard is not None)
+    shards = [model_file(root, p.name, named_by=f"the model folder {str(root)!r}") for p in root.glob("*.safetensors")]
     if not shards:
         raise CheckpointError(f"{root} has no *.safetensors files; moeflow reads safetensors checkpoints only")
-    return shards
+    return sorted(shard for shard in shards if shard is not None)
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (not a bool, not a float such as 4.0): what safetensors accepts as a
+    shape entry or byte offset."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
 
 
 def _read_header(shard: Path) -> dict[str, TensorSpan]:
+    """Every tensor of one shard, after the checks the safetensors library makes when it opens a file.
+
+    The header length is within the file and the library's limit; the header is a JSON object whose
+    `__metadata__` maps strings to strings and whose every other entry has a known dtype, a shape of
+    non-negative integers and integer `data_offsets` [start, end] with start <= end; the byte length
+    end - start is exactly numel * itemsize; and the tensors, ordered by offset, cover the data section
+    exactly, one after the other: no overlap (two tensors sharing bytes), no gap, nothing past the end.
+    """
+
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{shard} has a corrupt safetensors header: {what}. The file is damaged or was written by a broken "
+            "converter; download the checkpoint again (or convert it again with safetensors' save_file)"
+        )
+
     size = shard.stat().st_size
     with open(shard, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{shard} is truncated ({size} bytes); copy or download it again")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{shard} has a corrupt safetensors header; copy or download it again")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{shard} has a corrupt safetensors header ({e})") from e
+        if header_len > _MAX_HEADER:
+            raise corrupt(f"its header claims {header_len} bytes, over safetensors' limit of {_MAX_HEADER}")
+        if header_len > size - 8:
+            raise corrupt(f"its header claims {header_len} bytes but the file has {size}")
+        raw = f.read(header_len)
+    try:
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("the header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise corrupt(f"its header is not a JSON object ({e})") from e
     base = 8 + header_len
-    out: dict[str, TensorSpan] = {}
-    end_max = base
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("its __metadata__ must map strings to strings")
+    entries: list[tuple[int, int, str, torch.dtype, tuple[int, ...]]] = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            shape = tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{shard}: tensor {name!r} has a malformed header entry") from e
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise corrupt(f"tensor {name!r} lacks its dtype, shape or data_offsets")
+        dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise corrupt(f"tensor {name!r} has dtype {info['dtype']!r}, which moeflow does not read "
+                          f"(known: {', '.join(_DTYPES)})")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise corrupt(f"tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise corrupt(f"tensor {name!r} has data_offsets {offsets!r}; they must be two non-negative integers "
+                          "[start, end]")
+        start, end = offsets
+        if end < start:
+            raise corrupt(f"tensor {name!r} has data_offsets [{start}, {end}], which end before they start")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - start != nbytes:
+            raise corrupt(f"tensor {name!r} ({info['dtype']} {shape}) needs {nbytes} bytes but its data_offsets "
+                          f"[{start}, {end}] hold {end - start}")
+        entries.append((start, end, name, dtype, tuple(shape)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    for (_, end_a, a, _, _), (start, end, name, _, _) in zip(entries, entries[1:]):
+        if start < end_a:
+            raise corrupt(f"tensors {a!r} and {name!r} share data bytes [{start}, {min(end, end_a)}): two tensors "
+                          "may not overlap (one would be read as the other)")
+    out: dict[str, TensorSpan] = {}
+    covered, previous = 0, None
+    for start, end, name, dtype, shape in entries:
+        if start != covered:
+            where = f"tensor {previous!r} ends at byte {covered}" if previous else "the data section starts at 0"
+            raise corrupt(f"tensor {name!r} starts at data byte {start} but {where}: the tensors leave a gap")
         out[name] = TensorSpan(file=shard, offset=base + start, nbytes=end - start, dtype=dtype, shape=shape)
-        end_max = max(end_max, base + end)
-    if end_max > size:
+        covered, previous = end, name
+    if base + covered > size:
         raise CheckpointError(
-            f"{shard} is truncated: its header needs {end_max} bytes but the file has {size}; "
+            f"{shard} is truncated: its header needs {base + covered} bytes but the file has {size}; "
             "copy or download it again"
         )
+    if base + covered < size:
+        raise corrupt(f"its tensors end at byte {base + covered} but the file has {size} bytes")
     return out
 
 
@@ -195,11 +335,13 @@ def _split_experts(
     for name, span in shard_tensors.items():
         m = PER_EXPERT_KEY.match(name)
         if m and m.group("proj") in role_of:
+            _check_expert_dtype(name, span)
             key = (layer_index(name), int(m.group("expert")))
             parts.setdefault(key, {})[role_of[m.group("proj")]] = span
             continue
         m = FUSED_EXPERT_KEY.match(name)
         if m:
+            _check_expert_dtype(name, span)
             _split_fused(name, span, m.group("proj"), parts)
             continue
         tensors[name] = span
@@ -212,11 +354,25 @@ def _split_experts(
     return tensors, experts
 
 
+def _check_expert_dtype(name: str, span: TensorSpan) -> None:
+    """Expert weights are floating point: an integer tensor would be read as numbers, not weights."""
+    if not span.dtype.is_floating_point:
+        dtype = next(k for k, v in _DTYPES.items() if v == span.dtype)
+        raise CheckpointError(
+            f"{span.file}: expert weight {name!r} is stored as {dtype}, not as floating point (F32, F16, BF16); "
+            "moeflow would read its integers as weights. The checkpoint is corrupt or quantized in a format "
+            "moeflow does not read: download or convert it again in a floating-point dtype"
+        )
+
+
 def _split_fused(name: str, span: TensorSpan, proj: str, parts: dict[ExpertKey, dict[str, TensorSpan]]) -> None:
     """A fused [E, 2I, H] or [E, H, I] tensor: expert e's slice is contiguous at offset + e * stride."""
     if len(span.shape) != 3:
         raise CheckpointError(f"{name} should be 3-D [experts, rows, cols], found shape {span.shape}")
     n_experts, rows, cols = span.shape
+    if proj != "down_proj" and rows % 2:
+        raise CheckpointError(f"{name} should stack gate and up projections [experts, 2 * rows, cols], found shape "
+                              f"{span.shape} with an odd row count; the checkpoint is corrupt: convert it again")
     stride = span.nbytes // n_experts
     layer = layer_index(name)
     for e in range(n_experts):
