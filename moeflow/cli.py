@@ -416,12 +416,27 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     client.set_defaults(func=cmd_client)
 
 
+def version_text() -> str:
+    """`moeflow --version`: this package's version and those of the libraries it runs on (read without importing
+    them, so it costs nothing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"moeflow {of('moeflow')} (torch {of('torch')}, transformers {of('transformers')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moeflow",
         description="Run Mixture-of-Experts models with most experts on disk or in host RAM, token for token what "
         "transformers generates; profile the expert cache; serve over gRPC. `moeflow COMMAND --help` for each.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_generate, _add_trace, _add_predictor, _add_profile, _add_serve, _add_client):
         add(sub)
