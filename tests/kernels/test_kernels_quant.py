@@ -1,0 +1,124 @@
+"""Quantized experts: round trips with stated error bounds, the stored layout, and the expert MLP over a
+quantized pool against the exact path on the dequantized weights (bit for bit)."""
+
+import pytest
+import torch
+from moeflow.kernels import experts_forward
+from moeflow.kernels.quant import ExpertFormat, QuantizedPool, dequantize, quantize, quantized_experts_forward
+
+INT8 = ExpertFormat(kind="int8")
+INT4 = {g: ExpertFormat(kind="int4", group_size=g) for g in (32, 64, 128)}
+ALL = [INT8, *INT4.values(), ExpertFormat(kind="bf16"), ExpertFormat(kind="fp16")]
+
+
+def _weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.logspace(-3, 1, rows)[:, None]  # rows of very different scale
+    w[3] = 0  # an all-zero row: scale 1, q 0, exact
+    return w
+
+
+@pytest.mark.parametrize("fmt", ALL, ids=lambda f: f.name)
+@pytest.mark.parametrize("cols", [192, 256, 40])  # 192: group 128 leaves a 64-column group; 40: below every group
+def test_round_trip_within_half_a_step(fmt, cols):
+    """|dequantize(quantize(w)) - w| <= scale / 2 per element (round to nearest; no clamping at max|w| / qmax),
+    bf16 / fp16 within half an ulp of their own rounding (of the smallest normal's, below it)."""
+    w = _weight(24, cols)
+    q, scale = quantize(w, fmt)
+    assert q.dtype == fmt.weight_dtype and tuple(q.shape) == fmt.weight_shape(24, cols)
+    nbytes = q.nbytes + (0 if scale is None else scale.nbytes)
+    assert nbytes == fmt.nbytes(24, cols)
+    d = dequantize(q, scale, fmt)
+    assert d.dtype == torch.float32 and d.shape == w.shape
+    err = (d - w).abs()
+    if fmt.kind == "int8":
+        bound = scale.expand_as(w) / 2
+    elif fmt.kind == "int4":
+        bound = scale.float().repeat_interleave(fmt.group_size, dim=1)[:, :cols] / 2
+    else:
+        info = torch.finfo(fmt.weight_dtype)  # relative half ulp; fp16 subnormals: half their absolute spacing
+        bound = torch.maximum(w.abs(), torch.tensor(info.smallest_normal)) * info.eps / 2
+    assert (err <= bound * (1 + 1e-6) + 1e-30).all(), (err - bound).max()
+    assert torch.equal(d[3], torch.zeros(cols))
+
+
+@pytest.mark.parametrize("g", [32, 128])
+def test_int4_representable_weights_are_exact_and_packed_low_nibble_first(g):
+    """Weights already on the int4 grid survive exactly: every code -8..7 in every nibble position."""
+    codes = torch.arange(-8, 8, dtype=torch.float32).repeat(2, g // 8)  # [2, 2g]: each group sees -8..7
+    scale = torch.tensor([[0.5, 0.25], [2.0, 1.0]])  # powers of two: exact in fp16 and in the products
+    w = codes * scale.repeat_interleave(g, dim=1)
+    w[:, ::g] = -8 * scale  # the group's max |w| is 8 * scale: max / 7 rounds to a different fp16 scale,
+    w[:, 1::g] = 7 * scale  # so quantize the grid as the format defines: max / 7
+    q, s = quantize(w, INT4[g])
+    d = dequantize(q, s, INT4[g])
+    assert (d - w).abs().max() <= s.float().max() / 2
+    # The layout: column 2j in the low nibble, 2j+1 in the high one, two's complement.
+    one = torch.tensor([[1.0, -1.0] * (g // 2)]) * 7
+    q1, s1 = quantize(one, INT4[g])
+    assert float(s1[0, 0]) == 1.0
+    assert q1[0, 0].item() == (7 & 0xF) | ((-7 & 0xF) << 4)
+
+
+def test_unsupported_layouts_name_the_supported_ones():
+    with pytest.raises(ValueError, match=r"int4 group size 100 is not supported; use one of \(32, 64, 128\)"):
+        ExpertFormat(kind="int4", group_size=100)
+    with pytest.raises(ValueError, match="unknown expert format 'int3'; supported: int8, int4, bf16, fp16"):
+        ExpertFormat(kind="int3")
+    with pytest.raises(ValueError, match="two columns per byte"):
+        quantize(torch.randn(4, 33), INT4[32])
+
+
+def _pool(fmt: ExpertFormat, S: int, inter: int, hidden: int, seed: int = 0):
+    """A quantized pool of S random experts and the same experts dequantized (fp32 [S, 2I, D], [S, D, I])."""
+    gu_q, gu_s, d_q, d_s = [], [], [], []
+    for s in range(S):
+        q, sc = quantize(_weight(2 * inter, hidden, seed + s) / 4, fmt)
+        gu_q.append(q), gu_s.append(sc)
+        q, sc = quantize(_weight(hidden, inter, seed + 100 + s) / 4, fmt)
+        d_q.append(q), d_s.append(sc)
+    stack = (lambda xs: None if xs[0] is None else torch.stack(xs))  # noqa: E731
+    pool = QuantizedPool(fmt=fmt, gate_up_q=torch.stack(gu_q), down_q=torch.stack(d_q), gate_up_scale=stack(gu_s),
+                         down_scale=stack(d_s), inter=inter, hidden=hidden)  # fmt: skip
+    gate_up = torch.stack([dequantize(q, s, fmt) for q, s in zip(gu_q, gu_s)])
+    down = torch.stack([dequantize(q, s, fmt) for q, s in zip(d_q, d_s)])
+    return pool, gate_up, down
+
+
+# (T, ids): why each row exists
+CASES = [
+    (1, [[2, 0]]),  # decode: one token, the pair loop
+    (1, [[-1, 1]]),  # decode with a pair served by another wave
+    (6, [[0, 1], [1, 2], [2, 0], [0, 1], [3, -1], [1, 0]]),  # prefill: sorted by slot, a sentinel
+    (4, [[1, 1], [1, 1], [1, 1], [1, 1]]),  # every pair on one slot (K == 2 to the same slot)
+    (3, [[-1, -1], [-1, -1], [-1, -1]]),  # nothing here: zeros
+]
+
+
+@pytest.mark.parametrize("fmt", [INT8, INT4[32], INT4[128], ExpertFormat(kind="bf16")], ids=lambda f: f.name)
+@pytest.mark.parametrize(("T", "ids"), CASES)
+def test_quantized_forward_equals_exact_path_on_dequantized_weights(fmt, T, ids):
+    """Bit for bit: the exact path is transformers' grouped_mm experts (tests/kernels/test_kernels_experts.py)."""
+    pool, gate_up, down = _pool(fmt, S=4, inter=48, hidden=64)
+    x = torch.randn(T, 64, generator=torch.Generator().manual_seed(1))
+    ids_TK = torch.tensor(ids)
+    w_TK = torch.rand(T, 2, generator=torch.Generator().manual_seed(2))
+    got = quantized_experts_forward(x, pool, w_TK, ids_TK)
+    want = experts_forward(x, gate_up, down, w_TK, ids_TK)
+    assert torch.equal(got, want)
+
+
+def test_quantized_forward_with_a_family_gate_and_given_scratch():
+    pool, gate_up, down = _pool(INT8, S=3, inter=32, hidden=32)
+    x = torch.randn(5, 32)
+    ids_TK = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]])
+    w_TK = torch.rand(5, 2)
+
+    def gelu_gate(h):
+        return torch.nn.functional.gelu(h[:, :32]) * h[:, 32:]
+
+    scratch = (torch.empty(64, 32), torch.empty(32, 32))
+    got = quantized_experts_forward(x, pool, w_TK, ids_TK, gate=gelu_gate, scratch=scratch)
+    assert torch.equal(got, experts_forward(x, gate_up, down, w_TK, ids_TK, gate=gelu_gate))
+    with pytest.raises(ValueError, match="activations have 16 features, the quantized experts expect 32"):
+        quantized_experts_forward(torch.randn(1, 16), pool, w_TK[:1], ids_TK[:1])
