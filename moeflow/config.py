@@ -40,7 +40,7 @@ class EngineConfig:
     store: Store = field(default="disk", metadata={"help": "backing tier: disk (O_DIRECT reads) or ram"})
     policy: LivePolicy = field(default="lru", metadata={"help": "eviction policy"})
     device: str = field(default="cpu", metadata={"help": "fast tier and compute device: cpu, cuda or cuda:N"})
-    dtype: Dtype = field(default="auto", metadata={"help": "compute dtype (auto: float32 on cpu)"})
+    dtype: Dtype = field(default="auto", metadata={"help": "compute dtype (auto: the checkpoint's)"})
     direct_io: bool = field(default=True, metadata={"help": "bypass the page cache when reading experts"})
     predictor: str = field(
         default="auto",

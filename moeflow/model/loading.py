@@ -36,10 +36,10 @@ def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
+    """The compute dtype: `name`, or for "auto" the checkpoint's experts' dtype on every device, as transformers
+    loads it (a bf16/fp16 checkpoint stays 16-bit on the CPU: upcasting would double every expert's bytes)."""
     if name != "auto":
         return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32  # exactness is defined in fp32 on the CPU; bf16 matmul is also slow there
     return next(iter(ckpt.experts.values())).gate.dtype
 
 
