@@ -100,8 +100,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(
-            f"model folder {str(root)!r} does not exist or is not a folder; pass --model a Hugging Face "
-            "folder with config.json and *.safetensors (or omit --model to use the shipped default model)"
+            f"model folder {str(root)!r} does not exist or is not a folder; give the path of a Hugging Face model "
+            "folder (config.json and *.safetensors): moeflow.load(PATH) in Python, --model PATH on the command "
+            "line; leave it out for the shipped default model"
         )
     _check_folder_entries(root)
     config = _read_config(root)
