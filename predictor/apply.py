@@ -23,7 +23,7 @@ from moeflow.errors import MoeflowError
 from moeflow.model.anatomy import moe_layer_parts, token_embedding
 from moeflow.offload.plans import RoutingEvent
 
-from .base import RoutePredictor, RoutingShape, Scores, load_saved, predictor_dir
+from .base import RoutePredictor, RoutingShape, Scores, load_saved, predictor_dir, saved_files
 from .predictors import PREDICTORS, FrequencyPredictor, GateLookahead
 
 Sink = Callable[[RoutePredictor, int, torch.Tensor], None]
@@ -63,7 +63,7 @@ def available_predictors(model_dir: str | Path, folder: str | Path | None = None
     """Predictors usable for the model now: the training-free ones and those trained in `folder` (default: next
     to the model)."""
     folder = Path(folder) if folder is not None else predictor_dir(model_dir)
-    return [n for n, cls in PREDICTORS.items() if not cls.trainable or (folder / f"{n}.pt").is_file()]
+    return [n for n, cls in PREDICTORS.items() if not cls.trainable or saved_files(n, folder)[0].is_file()]
 
 
 # Best first, by recall on the shipped model's held-out text (README: path 0.81, token_freq 0.72,

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
+from moeflow.model.checkpoint import model_file
 
 Scores = dict[int, torch.Tensor]  # target layer position -> scores [T, E]
 
@@ -78,7 +80,7 @@ class RoutePredictor(ABC):
     # ---- persistence (trainable predictors) -------------------------------------------------------
 
     def state(self) -> dict:
-        """Everything `restore` needs (tensors and JSON-able values)."""
+        """Everything `restore` needs: tensors by name, or dicts of tensors by name (a module's state_dict)."""
         raise NotImplementedError(f"{self.name} is not trainable")
 
     def restore(self, state: dict) -> None:
@@ -86,51 +88,122 @@ class RoutePredictor(ABC):
 
 
 def predictor_dir(model_dir: str | Path) -> Path:
-    """Trained predictors live next to the model they predict: ``<model>/predictors/<name>.pt``."""
+    """Trained predictors live next to the model they predict: ``<model>/predictors/<name>.safetensors``."""
     return Path(model_dir) / "predictors"
+
+
+# A saved predictor is two files: its tensors in `<name>.safetensors` (parsed by the safetensors library: no
+# pickle, nothing in the file can run code) and what else it is in `<name>.json`: its name, this format tag, the
+# model shape it predicts for, its lookahead, and how it was trained. A state's nested dicts (a state_dict) are
+# stored flat as "<key>/<name>".
+FORMAT = "moeflow-predictor-1"
+_NEST = "/"
+
+
+def saved_files(name: str, folder: str | Path) -> tuple[Path, Path]:
+    """The two files a trained predictor `name` occupies in `folder`: its tensors (.safetensors) and its record
+    (.json)."""
+    return Path(folder) / f"{name}.safetensors", Path(folder) / f"{name}.json"
 
 
 def save_predictor(
     predictor: RoutePredictor, model_dir: str | Path, meta: dict | None = None, *, folder: str | Path | None = None
 ) -> Path:
-    """Save `predictor` (and `meta` as JSON) into `folder` (default: next to the model, `predictor_dir(model_dir)`)."""
+    """Save `predictor` (and `meta`, how it was trained) into `folder` (default: next to the model,
+    `predictor_dir(model_dir)`). Returns the tensors' file."""
     out = Path(folder) if folder is not None else predictor_dir(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path, record = saved_files(predictor.name, out)
-    torch.save({"name": predictor.name, "shape": predictor.shape.to_dict(), "lookahead": predictor.lookahead,
-                "state": predictor.state()}, path)
-    record.write_text(json.dumps({"name": predictor.name, **(meta or {})}, indent=1))
-    return path
+    tensors_path, record_path = saved_files(predictor.name, out)
+    save_file(_flat(predictor.state()), tensors_path)
+    record = {"name": predictor.name, "format": FORMAT, "shape": predictor.shape.to_dict(),
+              "lookahead": predictor.lookahead, "training": meta or {}}
+    record_path.write_text(json.dumps(record, indent=1))
+    return tensors_path
 
 
-def saved_files(name: str, folder: str | Path) -> tuple[Path, Path]:
-    """The two files a trained predictor `name` occupies in `folder`: its state (.pt) and its record (.json)."""
-    return Path(folder) / f"{name}.pt", Path(folder) / f"{name}.json"
+def _flat(state: dict) -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in state.items():
+        for name, tensor in (value.items() if isinstance(value, dict) else [("", value)]):
+            assert isinstance(tensor, torch.Tensor) and not tensor.is_sparse, f"{key}{_NEST}{name}: not dense"
+            flat[f"{key}{_NEST}{name}" if name else key] = tensor.detach().cpu().contiguous()
+    return flat
+
+
+def _nested(flat: dict[str, torch.Tensor]) -> dict:
+    state: dict = {}
+    for name, tensor in flat.items():
+        key, nest, sub = name.partition(_NEST)
+        if nest:
+            state.setdefault(key, {})[sub] = tensor
+        else:
+            state[key] = tensor
+    return state
 
 
 def load_saved(
     cls: type[RoutePredictor], model_dir: str | Path, shape: RoutingShape, *, folder: str | Path | None = None
 ) -> RoutePredictor:
-    """The trained predictor `cls` from `folder` (default: next to the model, `predictor_dir(model_dir)`)."""
+    """The trained predictor `cls` from `folder` (default: next to the model, `predictor_dir(model_dir)`).
+
+    Reads only `<name>.json` (JSON) and `<name>.safetensors` (the safetensors library): never a pickle. Anything
+    else, or files that do not hold what `cls` saves, is refused with what to do.
+    """
     folder = Path(folder) if folder is not None else predictor_dir(model_dir)
-    path = saved_files(cls.name, folder)[0]
-    if not path.is_file():
+    tensors_path, record_path = saved_files(cls.name, folder)
+    retrain = f"run `moeflow predictor train --model {model_dir} --out {folder}`"
+    tensors_file = model_file(folder, tensors_path.name, named_by=f"the predictor folder {str(folder)!r}")
+    record_file = model_file(folder, record_path.name, named_by=f"the predictor folder {str(folder)!r}")
+    if tensors_file is None or record_file is None:
+        old = folder / f"{cls.name}.pt"
+        if old.exists():
+            raise MoeflowError(
+                f"{old} is a predictor saved by an older moeflow as a torch pickle, which moeflow no longer loads "
+                f"(a pickle can run code); {retrain} to save it as {tensors_path.name} + {record_path.name}"
+            )
         raise MoeflowError(
-            f"predictor {cls.name!r} has not been trained for {model_dir} (no {path}); "
-            f"run `moeflow predictor train --model {model_dir} --out {folder}` first"
+            f"predictor {cls.name!r} has not been trained for {model_dir} (no {tensors_path} and {record_path.name}); "
+            f"{retrain} first"
         )
     try:
-        # weights_only: tensors and plain values only, so a crafted file cannot run code when it is loaded.
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise MoeflowError(
-            f"{path} is not a readable predictor (it must hold only tensors and plain values: {e}); train it again"
-        ) from e
-    if RoutingShape.from_dict(saved["shape"]) != shape:
-        raise MoeflowError(f"{path} was trained for another model shape {saved['shape']}; train it again")
-    predictor = cls(shape, lookahead=int(saved["lookahead"]))
-    predictor.restore(saved["state"])
+        record = json.loads(record_file.read_text())
+        if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("name") != cls.name:
+            raise ValueError(f"it is not a {FORMAT} record of predictor {cls.name!r}")
+        saved_shape = RoutingShape.from_dict(record["shape"])
+        lookahead = record["lookahead"]
+        if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
+            raise ValueError(f"lookahead {lookahead!r} is not a positive integer")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise MoeflowError(f"{record_file} is not a readable predictor record ({e}); {retrain} again") from e
+    if saved_shape != shape:
+        raise MoeflowError(f"{tensors_path} was trained for another model shape {record['shape']}; {retrain} again")
+    try:
+        flat = load_file(tensors_file)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type; any unreadable file: same advice
+        raise MoeflowError(f"{tensors_file} is not a readable safetensors file ({e}); {retrain} again") from e
+    predictor = cls(shape, lookahead=lookahead)
+    expected = _flat(predictor.state())
+    problem = _state_mismatch(flat, expected)
+    if problem is None:
+        try:
+            predictor.restore(_nested(flat))
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            problem = str(e)
+    if problem is not None:
+        raise MoeflowError(f"{tensors_file} does not hold a {cls.name} predictor ({problem}); {retrain} again")
     return predictor
+
+
+def _state_mismatch(saved: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with `saved` as the state of a predictor whose untrained state is `fresh`, if anything:
+    the tensor names, dtypes, and every shape that does not depend on training data."""
+    if set(saved) != set(fresh):
+        return f"tensors {sorted(saved)}, expected {sorted(fresh)}"
+    for name, want in fresh.items():
+        got = saved[name]
+        if got.dtype != want.dtype or (want.numel() and got.shape != want.shape):
+            return f"{name} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}"
+    return None
 
 
 def ranked(scores_TE: torch.Tensor, m: int) -> torch.Tensor:

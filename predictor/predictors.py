@@ -308,11 +308,15 @@ class TokenFrequencyPredictor(FrequencyPredictor):
         return dict(enumerate(torch.from_numpy(self.scores_LVE.take(tok_T, axis=1)).unbind(0)))
 
     def state(self) -> dict:
-        return {"counts": self.counts_LE, "table": self.table_VLE.to_sparse()}
+        table = self.table_VLE.to_sparse().coalesce()  # most (token, layer, expert) counts are 0
+        return {"counts": self.counts_LE, "table_indices": table.indices(), "table_values": table.values()}
 
     def restore(self, state: dict) -> None:
         self.counts_LE = state["counts"]
-        self.table_VLE = state["table"].to_dense()
+        size = (self.shape.vocab_size, self.num_layers, self.shape.num_experts)
+        self.table_VLE = torch.sparse_coo_tensor(
+            state["table_indices"], state["table_values"], size, check_invariants=True
+        ).to_dense()
         self._derive()
 
 
@@ -368,7 +372,7 @@ class SklearnPredictor(RoutePredictor):
     def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
         # Each layer's one-vs-rest decision function, kept as plain tensors (no pickled estimators, so a saved
-        # predictor loads with torch.load(weights_only=True)): scores = features @ coef_EF.T + intercept_E.
+        # predictor is tensors alone): scores = features @ coef_EF.T + intercept_E.
         self.coef_LEF = torch.zeros(0)
         self.intercept_LE = torch.zeros(0)
 

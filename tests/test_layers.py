@@ -52,3 +52,14 @@ def test_the_layer_contract_holds(unpacked_wheel: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "BROKEN" not in done.stdout and "Contracts: 2 kept, 0 broken." in done.stdout
+
+
+def test_the_wheel_ships_the_default_model_and_its_predictors(unpacked_wheel: Path) -> None:
+    shipped = ROOT / "moeflow" / "default_model"
+    for f in shipped.rglob("*"):
+        if f.is_file():
+            assert unpacked_wheel.joinpath("moeflow", f.relative_to(ROOT / "moeflow")).is_file(), (
+                f"{f} is missing from the wheel: add its extension to pyproject's package-data"
+            )
+    # Predictors are stored as safetensors + JSON, never as pickles (moeflow.predictor.base).
+    assert {p.suffix for p in (shipped / "predictors").iterdir()} == {".json", ".safetensors"}

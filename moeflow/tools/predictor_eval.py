@@ -35,7 +35,7 @@ class TrainRecord:
 
     trained: bool
     why: str | None = None  # not trained
-    path: str | None = None  # trained: the saved predictor (.pt)
+    path: str | None = None  # trained: the saved predictor (.safetensors; its record beside it, .json)
     train_tokens: int | None = None
     train_seconds: float | None = None
     epochs: int | None = None

@@ -33,7 +33,7 @@ def test_default_out_is_a_new_folder_in_the_working_directory(model_copy, doc, t
     monkeypatch.chdir(work)
     assert _train(model_copy, doc) == 0
     err = capsys.readouterr().err
-    assert (work / "mixtral-predictors" / "token_freq.pt").is_file()
+    assert (work / "mixtral-predictors" / "token_freq.safetensors").is_file()
     assert not (model_copy / "predictors").exists()  # the model folder is not touched
     assert "--predictor-dir mixtral-predictors" in err
     # The engine finds them where it is told to look.
@@ -48,15 +48,15 @@ def test_default_out_is_a_new_folder_in_the_working_directory(model_copy, doc, t
 def test_saved_predictors_are_not_replaced_without_force(model_copy, doc, capsys):
     out = model_copy / "predictors"
     assert _train(model_copy, doc, "--out", str(out)) == 0
-    saved = (out / "token_freq.pt").read_bytes()
-    (out / "token_freq.pt").write_bytes(b"a user's own predictor")
+    saved = (out / "token_freq.safetensors").read_bytes()
+    (out / "token_freq.safetensors").write_bytes(b"a user's own predictor")
     capsys.readouterr()
     assert _train(model_copy, doc, "--out", str(out)) == 2
     err = capsys.readouterr().err
-    assert "already holds trained predictors" in err and "token_freq.pt" in err and "--force" in err
-    assert (out / "token_freq.pt").read_bytes() == b"a user's own predictor"
+    assert "already holds trained predictors" in err and "token_freq.safetensors" in err and "--force" in err
+    assert (out / "token_freq.safetensors").read_bytes() == b"a user's own predictor"
     assert _train(model_copy, doc, "--out", str(out), "--force") == 0
-    assert (out / "token_freq.pt").read_bytes() == saved  # same data, same predictor
+    assert (out / "token_freq.safetensors").read_bytes() == saved  # same data, same predictor
 
 
 def test_shipped_predictors_untouched_by_a_default_train(doc, tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_shipped_predictors_untouched_by_a_default_train(doc, tmp_path, monkeypa
     shipped = {p.name: p.stat().st_mtime_ns for p in (DEFAULT_MODEL / "predictors").iterdir()}
     monkeypatch.chdir(tmp_path)
     assert _train(DEFAULT_MODEL, doc) == 0
-    assert (tmp_path / "default_model-predictors" / "token_freq.pt").is_file()
+    assert (tmp_path / "default_model-predictors" / "token_freq.safetensors").is_file()
     assert {p.name: p.stat().st_mtime_ns for p in (DEFAULT_MODEL / "predictors").iterdir()} == shipped
 
 
