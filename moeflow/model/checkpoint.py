@@ -106,6 +106,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         )
     _check_folder_entries(root)
     config = _read_config(root)
+    _check_config_counts(root / "config.json", config)
     family = family_for(config.get("model_type"))
     shard_tensors: dict[str, TensorSpan] = {}
     for shard in _shard_files(root):
@@ -128,6 +129,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"no expert tensors found in {root}; expected keys like '...experts.0.{family.gate}.weight'"
         )
+    _check_moe_config(root / "config.json", config, num_experts)
     return Checkpoint(
         path=root, config=config, family=family, tensors=tensors, experts=experts, num_experts=num_experts
     )
@@ -205,6 +207,52 @@ def _read_config(root: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path} must hold a JSON object")
     return config
+
+
+# Sizes and counts a config.json may set that must be positive integers when present: transformers would build
+# a model from 0, -1 or 2.5 and fail mid-forward (a division by zero, a negative dimension, top-k out of range).
+_POSITIVE_INTS = ("num_experts_per_tok", "num_local_experts", "num_experts", "n_routed_experts", "hidden_size",
+                  "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "decoder_sparse_step", "n_group",
+                  "topk_group")
+
+
+def _bad_config(cfg_path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{cfg_path}: {what}. Fix config.json (or download the model again)")
+
+
+def _check_config_counts(cfg_path: Path, config: dict) -> None:
+    """Before any model is built from config.json: its sizes and counts are positive integers."""
+    for key in _POSITIVE_INTS:
+        value = config.get(key)
+        if key in config and (value is not None or key == "num_experts_per_tok"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise _bad_config(cfg_path, f"{key} is {value!r}; it must be a positive integer")
+
+
+def _check_moe_config(cfg_path: Path, config: dict, num_experts: dict[int, int]) -> None:
+    """The MoE settings of config.json make sense for the experts on disk (a clear error, not a traceback inside
+    the model's forward): top-k routing picks at most the experts a layer has, and DeepSeek-style grouped
+    routing splits them into equal groups of at least two."""
+
+    def bad(what: str) -> CheckpointError:
+        return _bad_config(cfg_path, what)
+
+    experts = min(num_experts.values())
+    top_k = config.get("num_experts_per_tok")
+    if top_k is not None and top_k > experts:
+        raise bad(f"num_experts_per_tok is {top_k} but the checkpoint's MoE layers have {experts} experts; top-k "
+                  f"routing picks at most {experts}")
+    groups, top_groups = config.get("n_group"), config.get("topk_group")
+    if groups is not None and config.get("model_type") in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
+        if experts % groups or experts // groups < 2:
+            raise bad(f"n_group is {groups}: the {experts} routed experts must split into n_group equal groups of "
+                      "at least 2")
+        if top_groups is not None and top_groups > groups:
+            raise bad(f"topk_group is {top_groups} but there are only n_group = {groups} groups")
+        if top_groups is not None and top_k is not None and top_k > top_groups * (experts // groups):
+            raise bad(f"num_experts_per_tok is {top_k} but the {top_groups} chosen group(s) of {experts // groups} "
+                      f"experts hold only {top_groups * (experts // groups)}")
 
 
 def _shard_files(root: Path) -> list[Path]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from moeflow.errors import BudgetError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
+# No machine has an exbibyte of memory: a larger budget is a typo (or 1e309 written out), not a ceiling.
+MAX_BUDGET_BYTES = 2**60
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +43,7 @@ def _parse(spec: str | int | float, total_bytes: int) -> int:
     if isinstance(spec, int):
         value = spec
     elif isinstance(spec, float):
-        if not 0 < spec <= 1:
+        if not math.isfinite(spec) or not 0 < spec <= 1:
             raise BudgetError(f"a fractional expert budget must be in (0, 1], got {spec}")
         value = int(spec * total_bytes)
     else:
@@ -57,7 +61,22 @@ def _parse(spec: str | int | float, total_bytes: int) -> int:
         m = _SIZE.match(text)
         if m is None:
             raise BudgetError(f"cannot read expert budget {spec!r}; write e.g. 25%, 512MiB, 2GB or all")
-        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+        # Exact arithmetic: a long digit string is a (too) large number, not a float overflowing to inf.
+        digits = m.group(1)
+        value = MAX_BUDGET_BYTES + 1 if len(digits) > 40 else int(Fraction(digits) * _UNITS[(m.group(2) or "").lower()])
     if value <= 0:
         raise BudgetError(f"expert budget must be positive, got {spec!r}")
+    if value > MAX_BUDGET_BYTES:
+        raise BudgetError(
+            f"expert budget {_shown(spec)} is more than 1 EiB, more than any machine's memory; "
+            "write e.g. 25%, 512MiB, 2GB, or all to hold every expert"
+        )
     return value
+
+
+def _shown(spec: str | int) -> str:
+    """The spec for a message, a very long one abridged (an int beyond 4300 digits cannot even be printed)."""
+    if isinstance(spec, int) and spec.bit_length() > 128:
+        return f"(an integer of {spec.bit_length()} bits)"
+    text = repr(spec)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"

@@ -293,3 +293,34 @@ def test_an_expert_of_the_wrong_shape_is_refused(model, used):
 def test_an_lm_head_of_the_wrong_shape_is_refused(model):
     _edit(model, lambda h: h["lm_head.weight"].update(shape=[32, 128]))
     _refused(model, r"lm_head.weight has shape \(32, 128\), the model expects \(128, 32\)")
+
+
+# ---- config.json: MoE settings the model would fail on mid-forward -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, change, match",
+    [
+        ("mixtral", {"num_experts_per_tok": 0}, "num_experts_per_tok is 0; it must be a positive integer"),
+        ("mixtral", {"num_experts_per_tok": -1}, "num_experts_per_tok is -1; it must be a positive integer"),
+        ("mixtral", {"num_experts_per_tok": 9}, "num_experts_per_tok is 9 but the checkpoint's MoE layers have 8"),
+        ("mixtral", {"num_experts_per_tok": 2.5}, "num_experts_per_tok is 2.5; it must be a positive integer"),
+        ("mixtral", {"num_experts_per_tok": True}, "num_experts_per_tok is True"),
+        ("mixtral", {"num_experts_per_tok": None}, "num_experts_per_tok is None"),
+        ("mixtral", {"num_local_experts": -1}, "num_local_experts is -1; it must be a positive integer"),
+        ("mixtral", {"hidden_size": 0}, "hidden_size is 0"),
+        ("qwen2_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step is 0"),
+        ("qwen2_moe", {"num_experts_per_tok": 17}, "num_experts_per_tok is 17 but .* have 8 experts"),
+        ("deepseek_v3", {"n_group": 0}, "n_group is 0"),
+        ("deepseek_v3", {"n_group": 3}, "n_group is 3: the 8 routed experts must split into n_group equal groups"),
+        ("deepseek_v3", {"n_group": 8, "topk_group": 2}, "groups of at least 2"),
+        ("deepseek_v3", {"topk_group": 5}, "topk_group is 5 but there are only n_group = 4 groups"),
+        ("deepseek_v3", {"topk_group": 1, "num_experts_per_tok": 3}, "the 1 chosen group.* hold only 2"),
+    ],
+)
+def test_invalid_moe_settings_are_refused_at_load(tiny_checkpoints, tmp_path, family, change, match):
+    model = Path(shutil.copytree(tiny_checkpoints[family], tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    err = _refused(model, match)
+    assert "config.json" in str(err) and "Fix config.json" in str(err)

@@ -56,3 +56,30 @@ def test_budget_larger_than_model_is_capped():
 def test_budget_below_top_k_names_minimum(spec):
     with pytest.raises(BudgetError, match="minimum is 2048 bytes"):
         resolve_budget(spec, slot_bytes=1024, total_experts=16, top_k=2)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("1" + "0" * 309, r"'1000000000000000000\.\.\.000000000' \(312 characters\) is more than 1 EiB"),
+        ("9" * 5000, "more than 1 EiB"),  # beyond the digits Python converts to an int by default
+        (10**400, r"\(an integer of 1329 bits\) is more than 1 EiB"),
+        ("99999999999999999999GiB", "'99999999999999999999GiB' is more than 1 EiB"),
+        (2**60 + 1, "more than 1 EiB"),
+        (float("nan"), "must be in \\(0, 1\\], got nan"),
+        (float("inf"), "must be in \\(0, 1\\], got inf"),
+        ("nan%", "percentage must be in \\(0, 100\\]"),
+        ("1e309%", "percentage must be in \\(0, 100\\]"),
+        ("1e309", "cannot read expert budget '1e309'"),
+        (-5, "must be positive"),
+        ("-5GiB", "cannot read expert budget"),
+    ],
+)
+def test_absurd_budgets_are_refused_clearly(spec, match):
+    with pytest.raises(BudgetError, match=match):
+        resolve_budget(spec, slot_bytes=1024, total_experts=16, top_k=2)
+
+
+def test_the_largest_budget_still_holds_every_expert():
+    assert resolve_budget(2**60, slot_bytes=1024, total_experts=16, top_k=2).slots == 16
+    assert resolve_budget(str(2**60), slot_bytes=1024, total_experts=16, top_k=2).slots == 16
