@@ -101,8 +101,11 @@ class Scheduler:
         if free > 0 and self.waiting:
             for seq in self.admission.choose(list(self.waiting), list(self.active), free):
                 self.waiting.remove(seq)
-                self.batch.prefill(seq)
-                if seq.done:  # finished on its first token
+                try:
+                    self.batch.prefill(seq)
+                except Exception as e:  # a prefill is this sequence's own forward: it alone fails
+                    seq.fail(e)
+                if seq.done:  # finished on its first token, or failed
                     finished.append(seq)
                 else:
                     self.active.append(seq)
@@ -114,7 +117,10 @@ class Scheduler:
                 self.batch.add(seq)
         if self.batch.members:
             self.batch_sizes.append(len(self.batch.members))
-            result = self.batch.step()
+            try:
+                result = self.batch.step()
+            except Exception as e:
+                return finished + self._fail_batch(e)
             if result is not None and result.routing:
                 self.distinct_experts.append(
                     sum(len(e.plan.expert_ids) for e in result.routing) / len(result.routing)
@@ -127,6 +133,16 @@ class Scheduler:
         if done:
             self.active = [s for s in self.active if not s.done]
         return finished
+
+    def _fail_batch(self, error: Exception) -> list[SequenceState]:
+        """A decode forward raised: it was shared, so every member fails; the batched cache may be half
+        extended, so it goes too. Active sequences outside this step keep their own caches and go on."""
+        failed = list(self.batch.members)
+        for seq in failed:
+            seq.fail(error)
+        self.batch = self.engine.new_batch()
+        self.active = [s for s in self.active if not s.done]
+        return failed
 
     def run_until_idle(self) -> None:
         while not self.idle:

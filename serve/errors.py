@@ -16,4 +16,9 @@ class DrainingError(ServeError):
 
 
 class EngineFailure(ServeError):
-    """The engine raised during a decode step; the requests in that batch are lost."""
+    """The engine raised on this request (its prefill or sampling), or in a decode step it shared; the
+    server goes on with the others."""
+
+
+class EngineDead(ServeError):
+    """The engine thread has stopped for good: every request is refused until the server is restarted."""

@@ -16,7 +16,7 @@ from moeflow.config import SamplingParams
 from moeflow.errors import RequestError
 
 from .config import ServerConfig
-from .errors import CapacityError, DrainingError
+from .errors import CapacityError, DrainingError, EngineDead
 from .handle import RequestHandle
 
 if TYPE_CHECKING:
@@ -96,12 +96,16 @@ class Intake:
         self._rejected = 0
         self._draining = False
         self._closing = False
+        self._dead: EngineDead | None = None  # set once the engine thread has stopped for good
 
     # ---- handler threads --------------------------------------------------------------------------
 
     def admit(self, handle: RequestHandle) -> None:
         """Take the request, or raise CapacityError (every place taken) or DrainingError (shutting down)."""
         with self._wake:
+            if self._dead is not None:
+                self._rejected += 1
+                raise self._dead
             if self._draining:
                 self._rejected += 1
                 raise DrainingError("the server is shutting down and takes no new requests; retry on another server")
@@ -123,6 +127,8 @@ class Intake:
 
     def ask_stats(self, future: Future[ServeStats]) -> None:
         with self._wake:
+            if self._dead is not None:
+                raise self._dead
             self._stats_wanted.append(future)
             self._wake.notify_all()
 
@@ -144,6 +150,11 @@ class Intake:
             return self._wake.wait_for(lambda: self._outstanding == 0, timeout)
 
     @property
+    def dead(self) -> EngineDead | None:
+        with self._wake:
+            return self._dead
+
+    @property
     def rejected(self) -> int:
         with self._wake:
             return self._rejected
@@ -163,6 +174,18 @@ class Intake:
             mail = Mail(self._requests, self._cancels, self._stats_wanted, self._closing)
             self._requests, self._cancels, self._stats_wanted = [], [], []
         return mail
+
+    def kill(self, error: EngineDead) -> tuple[list[RequestHandle], list[Future[ServeStats]]]:
+        """The engine thread is stopping for good: refuse everything from now on. Returns the requests and
+        stats asks it never took (the caller fails them); their places are freed here."""
+        with self._wake:
+            self._dead = error
+            self._draining = True
+            orphans, asks = self._requests, self._stats_wanted
+            self._requests, self._cancels, self._stats_wanted = [], [], []
+            self._outstanding -= len(orphans)
+            self._wake.notify_all()
+        return orphans, asks
 
     def finished(self, count: int = 1) -> None:
         """`count` taken requests ended (done, cancelled or failed): their places are free."""

@@ -66,7 +66,13 @@ def start(
     """
     if admission is None:
         admission = make_admission(config.admission, engine)
-    worker = EngineWorker(engine, config, admission, model=model_name)
+    health_servicer = health.HealthServicer()
+
+    def on_death(_: Exception) -> None:
+        for service in ("", SERVICE_NAME):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    worker = EngineWorker(engine, config, admission, model=model_name, on_death=on_death)
     threads = config.capacity + SPARE_THREADS
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeflow-grpc")
     server = grpc.server(
@@ -78,7 +84,6 @@ def start(
         ],
     )
     moeflow_pb2_grpc.add_MoeflowServicer_to_server(MoeflowServicer(worker), server)
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -90,6 +95,8 @@ def start(
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if worker.dead is not None:  # it died before SERVING was set
+        on_death(worker.dead)
     return RunningServer(
         server=server, worker=worker, health=health_servicer, executor=executor, address=f"{host}:{port}"
     )

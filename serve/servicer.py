@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 
 from moeflow.errors import RequestError
 
-from .errors import CapacityError, DrainingError, EngineFailure
+from .errors import CapacityError, DrainingError, EngineDead, EngineFailure
 from .handle import Chunk, RequestHandle
 from .intake import GenerateRequest
 from .proto import moeflow_pb2, moeflow_pb2_grpc
@@ -29,7 +29,7 @@ class MoeflowServicer(moeflow_pb2_grpc.MoeflowServicer):
         try:
             for chunk in handle.chunks():
                 yield response_from_chunk(chunk)
-        except DrainingError as e:
+        except (DrainingError, EngineDead) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except EngineFailure as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
@@ -38,13 +38,16 @@ class MoeflowServicer(moeflow_pb2_grpc.MoeflowServicer):
         handle = self._submit(request, context)
         try:
             return response_from_chunk(handle.result())
-        except DrainingError as e:
+        except (DrainingError, EngineDead) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except EngineFailure as e:
             context.abort(grpc.StatusCode.INTERNAL, str(e))
 
     def GetStats(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return stats_response(self._worker.stats())
+        try:
+            return stats_response(self._worker.stats())
+        except EngineDead as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     def _submit(self, request: Message, context: grpc.ServicerContext) -> RequestHandle:
         unknown = unknown_fields.UnknownFieldSet(request)
@@ -61,7 +64,7 @@ class MoeflowServicer(moeflow_pb2_grpc.MoeflowServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except CapacityError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except DrainingError as e:
+        except (DrainingError, EngineDead) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         # The callback runs when the RPC ends: done, cancelled or past its deadline. False: it already ended.
         if not context.add_callback(handle.cancel):

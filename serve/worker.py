@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from moeflow.engine import Engine
 from moeflow.scheduler import AdmissionPolicy, Scheduler
 
 from .config import ServerConfig
-from .errors import DrainingError, EngineFailure, ServeError
+from .errors import DrainingError, EngineDead, EngineFailure, ServeError
 from .handle import LockedTokenizer, RequestHandle
 from .intake import GenerateRequest, Intake, RequestLimits
 from .stats import ServeStats, StatsRecorder
@@ -26,10 +27,27 @@ from .stats import ServeStats, StatsRecorder
 log = logging.getLogger(__name__)
 
 
-class EngineWorker:
-    """Owns the scheduler and the thread that drives it."""
+# Steps in a row that fail outside any one request (the scheduler itself raised) before the engine is declared
+# dead: one such failure may be a passing fault, the same fault every step is an engine that cannot serve.
+MAX_FAILED_STEPS = 3
 
-    def __init__(self, engine: Engine, config: ServerConfig, admission: AdmissionPolicy, model: str = "") -> None:
+
+class EngineWorker:
+    """Owns the scheduler and the thread that drives it.
+
+    `on_death(error)` is called (on the engine thread) if that thread stops for good: an exception escaped
+    its loop, or MAX_FAILED_STEPS steps failed in a row. From then on every request, waiting or new, fails
+    at once with `EngineDead`, and `dead` says why.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServerConfig,
+        admission: AdmissionPolicy,
+        model: str = "",
+        on_death: Callable[[EngineDead], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
         self._admission = admission
@@ -40,6 +58,8 @@ class EngineWorker:
         self._intake = Intake(config)
         self._stats = StatsRecorder(config, admission=admission.name, model=model)
         self._live: dict[int, RequestHandle] = {}  # engine thread: seq_id -> handle of what the scheduler holds
+        self._on_death = on_death
+        self._failed_steps = 0  # engine thread: steps failed in a row
         self._thread = threading.Thread(target=self._loop, name="moeflow-engine", daemon=True)
         self._thread.start()
 
@@ -60,6 +80,11 @@ class EngineWorker:
         self._intake.ask_stats(future)
         return future.result(timeout)
 
+    @property
+    def dead(self) -> EngineDead | None:
+        """Why the engine thread stopped for good; None while it serves."""
+        return self._intake.dead
+
     def drain(self) -> None:
         """Refuse new requests from now on; the ones already taken run to the end."""
         self._intake.drain()
@@ -79,6 +104,23 @@ class EngineWorker:
         return Scheduler(self.engine, max_batch_size=self.config.max_batch_size, admission=self._admission)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - whatever stopped the thread, no client may wait for it
+            log.exception("the engine thread stopped")
+            self._die(EngineDead(f"the engine stopped ({e!r}); this server cannot serve until it is restarted"))
+
+    def _die(self, error: EngineDead) -> None:
+        orphans, asks = self._intake.kill(error)
+        self._fail_all(error)
+        for handle in orphans:
+            handle.fail(error)
+        for future in asks:
+            future.set_exception(error)
+        if self._on_death is not None:
+            self._on_death(error)
+
+    def _serve(self) -> None:
         while True:
             mail = self._intake.take(wait=self._scheduler.idle)
             for handle in mail.requests:
@@ -107,16 +149,26 @@ class EngineWorker:
         t0 = time.perf_counter()
         try:
             finished = self._scheduler.step()
-        except Exception as e:  # an engine bug must not leave every client waiting forever
+        except Exception as e:  # the scheduler itself failed (the engine's failures come back per sequence)
             log.exception("decode step failed")
+            self._failed_steps += 1
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise
             self._fail_all(EngineFailure(f"the engine failed during a decode step ({e!r}); see the server log"))
             self._scheduler = self._new_scheduler()
             return
+        self._failed_steps = 0
         t1 = time.perf_counter()
         # Every live request, not only this step's batch: a prefill (first token) can happen without a decode.
         new_tokens = sum(handle.publish() for handle in self._live.values())
         for seq in finished:
-            self._finish(self._live.pop(seq.seq_id))
+            handle = self._live.pop(seq.seq_id)
+            if seq.error is None:
+                self._finish(handle)
+                continue
+            log.error("request %d failed", seq.seq_id, exc_info=seq.error)
+            handle.fail(EngineFailure(f"the engine failed on this request ({seq.error!r}); see the server log"))
+            self._intake.finished()
         self._stats.step(self._scheduler, t_start=t0, t_end=t1, new_tokens=new_tokens)
 
     def _finish(self, handle: RequestHandle) -> None:

@@ -37,7 +37,8 @@ class SequenceState:
     params: SamplingParams
     seq_id: int = field(default_factory=lambda: next(_ids))
     generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled", None while running
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error", None while running
+    error: Exception | None = None  # why this sequence failed (finish_reason "error"; see `fail`)
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, L, d], no padding
     generator: torch.Generator | None = None
     t_submit: float = field(default_factory=time.perf_counter)
@@ -56,6 +57,14 @@ class SequenceState:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def fail(self, error: Exception) -> None:
+        """End this sequence with `error` (its prefill or sampling raised, or a decode forward it shared);
+        the sequences decoding with it are not touched."""
+        self.finish_reason = "error"
+        self.error = error
+        self.kv = None
+        self.t_done = time.perf_counter()
 
 
 class TokenHistory(Sequence[int]):
@@ -118,7 +127,7 @@ class DecodeBatch:
         result = self.driver.forward(ids_1T, histories=[seq.prompt_ids], n_new=len(seq.prompt_ids), kv=cache)
         seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
         seq.t_first_token = time.perf_counter()
-        self._accept(seq, sample_next(result.logits_BV[0], seq.params, seq.generator))
+        self._sample(seq, result.logits_BV[0])
 
     def add(self, seq: SequenceState) -> None:
         assert (seq.kv is not None or seq in self._rows) and not seq.done
@@ -157,8 +166,16 @@ class DecodeBatch:
             position_ids_BT=positions_B1,
         )
         for b, seq in enumerate(self.members):
-            self._accept(seq, sample_next(result.logits_BV[b], seq.params, seq.generator))
+            self._sample(seq, result.logits_BV[b])
         return result
+
+    def _sample(self, seq: SequenceState, logits_V: torch.Tensor) -> None:
+        try:
+            token = sample_next(logits_V, seq.params, seq.generator)
+        except Exception as e:  # this sequence's own sampling: it alone fails, the batch goes on
+            seq.fail(e)
+            return
+        self._accept(seq, token)
 
     def _accept(self, seq: SequenceState, token: int) -> None:
         seq.generated.append(token)

@@ -242,6 +242,9 @@ class Engine:
         return self.result(seq)
 
     def result(self, seq: SequenceState) -> GenerationResult:
+        """`seq`'s output; raises what made it fail, if it failed (`SequenceState.fail`)."""
+        if seq.error is not None:
+            raise seq.error
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True) if self.tokenizer is not None else None
         assert seq.t_first_token is not None and seq.t_done is not None
         return GenerationResult(
