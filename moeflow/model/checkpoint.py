@@ -13,6 +13,7 @@ library validates it (`_read_header`), so a corrupt file is refused at load, nev
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import stat
@@ -38,6 +39,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
+
+log = logging.getLogger(__name__)
 
 # An expert is named by (MoE layer index in the model, expert index within that layer).
 ExpertKey = tuple[int, int]
@@ -85,14 +88,20 @@ class Checkpoint:
         return sum(s.nbytes for loc in self.experts.values() for s in loc.spans)
 
     def read_tensor(self, name: str) -> torch.Tensor:
-        """Read one non-expert tensor into host memory (a copy, never an mmap view)."""
+        """Read one non-expert tensor into host memory (a copy, never an mmap view); warn if it holds NaN/Inf."""
         span = self.tensors[name]
         with open(span.file, "rb") as f:
             f.seek(span.offset)
             raw = f.read(span.nbytes)
         if len(raw) != span.nbytes:
             raise CheckpointError(f"{span.file.name} ended while reading {name}; the shard is truncated")
-        return torch.frombuffer(bytearray(raw), dtype=span.dtype).reshape(span.shape)
+        tensor = torch.frombuffer(bytearray(raw), dtype=span.dtype).reshape(span.shape)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            log.warning(
+                "%s in %s holds NaN or Inf values: the model's output will not be numbers. The checkpoint is "
+                "corrupt; download or convert it again", name, span.file.name
+            )
+        return tensor
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

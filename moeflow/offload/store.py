@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
@@ -65,6 +66,7 @@ class DiskStore:
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
+        self._checked: set[ExpertKey] = set()  # experts whose weights were checked for NaN/Inf (on first read)
         for path in sorted({s.file for loc in checkpoint.experts.values() for s in loc.spans}):
             self._fds[path] = self._open(path)
 
@@ -130,6 +132,7 @@ class DiskStore:
         inter = loc.gate.shape[0]
         dests = (gate_up_2ID[:inter], gate_up_2ID[inter:], down_DI)
         total = 0
+        check, finite = key not in self._checked, True
         for group in _coalesce(list(zip(loc.spans, dests))):
             start = group[0][0].offset
             end = max(s.offset + s.nbytes for s, _ in group)
@@ -137,7 +140,16 @@ class DiskStore:
             total += n
             for span, dest in group:
                 src = torch.frombuffer(buf, dtype=torch.uint8, count=span.nbytes, offset=base + span.offset - start)
+                if check and finite:
+                    finite = _all_finite(buf, base + span.offset - start, span)
                 _copy(dest, src.view(span.dtype).view(span.shape))
+        if check:
+            self._checked.add(key)
+            if not finite:
+                log.warning(
+                    "expert %d of layer %d in %s holds NaN or Inf weights: whatever it computes is not a number. "
+                    "The checkpoint is corrupt; download or convert it again", key[1], key[0], loc.spans[0].file.name
+                )
         return total
 
     def close(self) -> None:
@@ -145,6 +157,29 @@ class DiskStore:
             os.close(fd)
         self._fds.clear()
         self._retired.clear()
+
+
+# The exponent bits of each float dtype: all ones is NaN or Inf. bfloat16 has no numpy dtype, so it is
+# checked on these bits; the others with numpy's own isfinite.
+_BF16_EXPONENT = 0x7F80
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _all_finite(buf: object, offset: int, span: TensorSpan) -> bool:
+    """Whether the float tensor `span`, read into `buf` at `offset`, holds no NaN or Inf (other dtypes: True).
+
+    numpy, not torch: this runs on reader threads, and numpy's loop stays on the calling thread and releases
+    the GIL, where torch would start an OpenMP team per thread (`_copy`). About 5.7 GB/s on the 2-core EPYC
+    (3.2 ms for an 18 MiB fp32 expert, against ~10 ms to read it from disk), once per expert per process.
+    """
+    if span.dtype == torch.bfloat16:
+        bits = np.frombuffer(buf, dtype=np.uint16, count=span.nbytes // 2, offset=offset)
+        return not bool(((bits & _BF16_EXPONENT) == _BF16_EXPONENT).any())
+    np_dtype = _NUMPY_FLOATS.get(span.dtype)
+    if np_dtype is None:
+        return True
+    values = np.frombuffer(buf, dtype=np_dtype, count=span.nbytes // span.dtype.itemsize, offset=offset)
+    return bool(np.isfinite(values).all())
 
 
 def _coalesce(pairs: list[tuple[TensorSpan, torch.Tensor]]) -> list[list[tuple[TensorSpan, torch.Tensor]]]:

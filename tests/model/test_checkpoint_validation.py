@@ -324,3 +324,65 @@ def test_invalid_moe_settings_are_refused_at_load(tiny_checkpoints, tmp_path, fa
     (model / "config.json").write_text(json.dumps({**config, **change}))
     err = _refused(model, match)
     assert "config.json" in str(err) and "Fix config.json" in str(err)
+
+
+# ---- weights that are not numbers: a warning naming them, once ------------------------------------------
+
+
+def _poison(model: Path, key: str, value: float) -> None:
+    """Set the first weight of tensor `key` to `value` (NaN or Inf), leaving the header as it is."""
+    shard = model / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    start = json.loads(data[8 : 8 + n])[key]["data_offsets"][0]
+    data[8 + n + start : 8 + n + start + 4] = struct.pack("<f", value)
+    shard.write_bytes(bytes(data))
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and text in r.getMessage()]
+
+
+@pytest.mark.parametrize("store, value", [("disk", float("nan")), ("disk", float("inf")), ("ram", float("-inf"))])
+def test_an_expert_with_nan_or_inf_weights_warns_once(model, used, caplog, store, value):
+    layer, expert = used[0]
+    _poison(model, _key(used, "w2"), value)
+    with caplog.at_level("WARNING"), moeflow.load(model, expert_budget="25%", store=store) as engine:
+        for _ in range(2):  # at 25% the expert is evicted and read again: still one warning
+            engine.generate([5, 9, 17, 3], max_new_tokens=3)
+            engine.generate(PROMPT, max_new_tokens=4)
+    found = _warnings(caplog, "NaN or Inf")
+    assert found == [
+        f"expert {expert} of layer {layer} in model.safetensors holds NaN or Inf weights: whatever it computes is "
+        "not a number. The checkpoint is corrupt; download or convert it again"
+    ]
+
+
+def test_finite_experts_give_no_warning(model, caplog):
+    with caplog.at_level("WARNING"), moeflow.load(model, expert_budget="25%") as engine:
+        engine.generate(PROMPT, max_new_tokens=4)
+    assert not _warnings(caplog, "NaN or Inf")
+
+
+def test_a_non_expert_weight_with_nan_warns_at_load(model, caplog):
+    _poison(model, "model.embed_tokens.weight", float("nan"))
+    with caplog.at_level("WARNING"), moeflow.load(model, expert_budget="25%"):
+        pass
+    assert _warnings(caplog, "NaN or Inf") == [
+        "model.embed_tokens.weight in model.safetensors holds NaN or Inf values: the model's output will not be "
+        "numbers. The checkpoint is corrupt; download or convert it again"
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finiteness_check_of_each_float_dtype(dtype):
+    from moeflow.model.checkpoint import TensorSpan
+    from moeflow.offload.store import _all_finite
+
+    info = torch.finfo(dtype)
+    good = torch.tensor([0.0, -0.0, info.max, info.min, info.tiny, info.tiny / 4, 1.0], dtype=dtype)
+    for values, finite in [(good, True)] + [(torch.cat([good, torch.tensor([v], dtype=dtype)]), False)
+                                            for v in (float("nan"), float("inf"), float("-inf"))]:
+        raw = b"\0" * 8 + values.view(torch.uint8).numpy().tobytes()
+        span = TensorSpan(file=Path("x"), offset=8, nbytes=values.nbytes, dtype=dtype, shape=tuple(values.shape))
+        assert _all_finite(raw, 8, span) is finite, (dtype, values)
