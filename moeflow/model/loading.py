@@ -109,6 +109,12 @@ def load_dense_weights(model: nn.Module, ckpt: Checkpoint, hf_config: object) ->
                 f"checkpoint tensor {disk_name} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(current.shape)}; config.json and the weights do not belong together"
             )
+        if current.is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"checkpoint tensor {disk_name} in {ckpt.tensors[disk_name].file.name} is stored as {tensor.dtype}, "
+                f"but the model's {name} holds floating-point weights; its integers would be read as weights. The "
+                "checkpoint is corrupt: download or convert it again"
+            )
         _set_tensor(model, name, tensor.to(current.dtype), is_param=name in targets)
         loaded.add(name)
     if getattr(hf_config, "tie_word_embeddings", False):

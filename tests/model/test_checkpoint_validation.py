@@ -386,3 +386,12 @@ def test_the_finiteness_check_of_each_float_dtype(dtype):
         raw = b"\0" * 8 + values.view(torch.uint8).numpy().tobytes()
         span = TensorSpan(file=Path("x"), offset=8, nbytes=values.nbytes, dtype=dtype, shape=tuple(values.shape))
         assert _all_finite(raw, 8, span) is finite, (dtype, values)
+
+
+@pytest.mark.parametrize("key", ["lm_head.weight", "model.norm.weight"])
+def test_an_integer_non_expert_weight_is_refused(model, key):
+    shard = _edit(model, lambda h: h[key].update(dtype="I32"))
+    with safe_open(str(shard), "pt") as f:  # a valid file, read as integers
+        assert f.get_tensor(key).dtype == torch.int32
+    _refused(model, f"checkpoint tensor {key} in model.safetensors is stored as torch.int32, but the model's .* holds "
+                    "floating-point weights")
