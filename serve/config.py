@@ -28,6 +28,10 @@ class ServerConfig:
         metadata={"help": "who joins the batch when more wait than fit: fifo, or rebatch (the token re-batcher)"},
     )
     grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, seconds in-flight requests get to finish"})
+    idle_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "seconds a call may take to send its request message (each, on a stream); then it is cut"},
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.admission, Admission, "admission")
@@ -39,6 +43,8 @@ class ServerConfig:
                 raise MoeflowError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.grace_s < 0:
             raise MoeflowError(f"--grace-s must be >= 0, got {self.grace_s}")
+        if not self.idle_timeout_s > 0:
+            raise MoeflowError(f"--idle-timeout-s must be > 0, got {self.idle_timeout_s}")
 
     @property
     def capacity(self) -> int:

@@ -22,12 +22,14 @@ from moeflow.errors import MoeflowError
 from moeflow.scheduler import AdmissionPolicy
 
 from .config import ServerConfig
+from .guard import CONTROL_THREADS, CallGuard
 from .proto import SERVICE_NAME, moeflow_pb2_grpc
 from .servicer import MoeflowServicer
 from .worker import EngineWorker
 
-# Handler threads beyond the request capacity: health checks, stats, and refusing requests over the
-# limit with our own message. Past capacity + spare, gRPC itself answers RESOURCE_EXHAUSTED.
+# Generation calls beyond the request capacity, so that those over it are refused with the intake's own message
+# (which names --max-queue); past capacity + spare, the call guard refuses them before reading them. Health,
+# stats and reflection have threads of their own (`guard.CONTROL_THREADS`).
 SPARE_THREADS = 8
 
 
@@ -38,6 +40,7 @@ class RunningServer:
     health: health.HealthServicer
     executor: ThreadPoolExecutor
     address: str  # host:port actually bound
+    guard: CallGuard | None = None
 
     @property
     def port(self) -> int:
@@ -54,6 +57,8 @@ class RunningServer:
         self.server.stop(grace=max(deadline - time.monotonic(), 0.0) if drained else 0.0).wait()
         self.worker.close()
         self.executor.shutdown(wait=False)
+        if self.guard is not None:
+            self.guard.close()
         return drained
 
 
@@ -75,9 +80,10 @@ def start(
     worker = EngineWorker(engine, config, admission, model=model_name, on_death=on_death)
     threads = config.capacity + SPARE_THREADS
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeflow-grpc")
+    guard = CallGuard(generation_limit=threads, control_limit=CONTROL_THREADS, idle_timeout_s=config.idle_timeout_s)
     server = grpc.server(
         executor,
-        maximum_concurrent_rpcs=threads,
+        interceptors=[guard],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
@@ -91,6 +97,7 @@ def start(
         port = server.add_insecure_port(f"{host}:{config.port}")
     except RuntimeError as e:  # gRPC raises when the address cannot be bound
         worker.close()
+        guard.close()
         raise MoeflowError(f"cannot listen on {host}:{config.port} ({e}); choose another --port, or 0 for any") from e
     server.start()
     for service in ("", SERVICE_NAME):
@@ -98,7 +105,12 @@ def start(
     if worker.dead is not None:  # it died before SERVING was set
         on_death(worker.dead)
     return RunningServer(
-        server=server, worker=worker, health=health_servicer, executor=executor, address=f"{host}:{port}"
+        server=server,
+        worker=worker,
+        health=health_servicer,
+        executor=executor,
+        address=f"{host}:{port}",
+        guard=guard,
     )
 
 

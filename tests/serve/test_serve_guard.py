@@ -1,0 +1,119 @@
+"""Calls that send their headers and never their message cannot lock anyone out (serve/guard.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from moeflow.serve.client import MoeflowClient
+from moeflow.serve.config import ServerConfig
+from moeflow.serve.proto import SERVICE_NAME
+from moeflow.serve.server import RunningServer, start
+
+import moeflow
+from moeflow.errors import MoeflowError
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoints: dict) -> Path:
+    return tiny_checkpoints["mixtral"]
+
+
+@contextmanager
+def serving(checkpoint: Path, **config: object) -> Iterator[RunningServer]:
+    engine = moeflow.load(checkpoint, expert_budget="25%")
+    running = start(engine, ServerConfig(port=0, **config), model_name="tiny-mixtral")
+    try:
+        yield running
+    finally:
+        running.shutdown(grace_s=5.0)
+        engine.close()
+
+
+@contextmanager
+def silent_calls(address: str, methods: list[str]) -> Iterator[list[grpc.Future]]:
+    """One call per method name, each sending its headers and then nothing (its request iterator blocks)."""
+    release = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        release.wait()
+        return
+        yield
+
+    with grpc.insecure_channel(address) as channel:
+        calls = []
+        for method in methods:
+            if method == f"/{SERVICE_NAME}/Generate":
+                call = channel.stream_stream(method)(nothing(), timeout=60)
+            else:
+                call = channel.stream_unary(method).future(nothing(), timeout=60)
+            calls.append(call)
+        try:
+            yield calls
+        finally:
+            release.set()
+            for call in calls:
+                call.cancel()
+
+
+def _code(call: grpc.Future) -> grpc.StatusCode:
+    try:
+        call.result() if hasattr(call, "result") else list(call)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_silent_generation_calls_leave_health_and_stats_answering(checkpoint):
+    """The issue's attack: 144 header-only Generate/GenerateUnary calls took every handler slot, and health,
+    GetStats and Generate all got RESOURCE_EXHAUSTED for as long as they were held. Now health and stats
+    answer throughout, and the idle deadline frees the generation threads."""
+    methods = [f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateUnary"] * 72
+    with serving(checkpoint, max_batch_size=1, max_queue=2, idle_timeout_s=2.0) as running:
+        with silent_calls(running.address, methods) as calls, MoeflowClient(running.address, timeout=5) as c:
+            time.sleep(0.5)  # every call has reached the server
+            t0 = time.monotonic()
+            assert c.health() == "SERVING"
+            assert c.health(SERVICE_NAME) == "SERVING"
+            assert c.stats()["requests_completed"] == 0
+            assert time.monotonic() - t0 < 1.5, "health and stats waited for generation threads"
+            with pytest.raises(grpc.RpcError) as e:  # every generation place is held: refused at once, not queued
+                c.generate("abc", max_new_tokens=2)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in e.value.details()
+            codes = [_code(call) for call in calls]
+            assert time.monotonic() - t0 < 10, "the silent calls were not cut at their idle deadline"
+            assert set(codes) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert codes.count(grpc.StatusCode.CANCELLED) == 3 + 8, "capacity + spare were held, then cut"
+            assert len(c.generate("abc", max_new_tokens=3).token_ids) == 3
+
+
+def test_silent_health_checks_are_cut_at_the_idle_deadline(checkpoint):
+    with serving(checkpoint, idle_timeout_s=1.0) as running:
+        with silent_calls(running.address, [HEALTH_CHECK] * 20) as calls, MoeflowClient(running.address) as c:
+            codes = [_code(call) for call in calls]
+            assert codes.count(grpc.StatusCode.CANCELLED) == 8 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 12
+            assert c.health(timeout=5) == "SERVING"
+            assert len(c.generate("abc", max_new_tokens=2, timeout=30).token_ids) == 2
+
+
+def test_a_unary_call_without_its_message_is_refused(checkpoint):
+    with serving(checkpoint) as running, grpc.insecure_channel(running.address) as channel:
+        call = channel.stream_unary(f"/{SERVICE_NAME}/GenerateUnary")
+        with pytest.raises(grpc.RpcError) as e:
+            call(iter([]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one request message" in e.value.details()
+        check = channel.stream_unary(HEALTH_CHECK, response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        assert check(iter([health_pb2.HealthCheckRequest().SerializeToString()]), timeout=10).status == 1  # SERVING
+
+
+def test_idle_timeout_must_be_positive():
+    with pytest.raises(MoeflowError, match="--idle-timeout-s must be > 0"):
+        ServerConfig(idle_timeout_s=0)
