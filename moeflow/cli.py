@@ -20,6 +20,8 @@ from moeflow.options import add_options, options_from_args
 from moeflow.serve.config import ServerConfig
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+# The sampling fields the gRPC API (moeflow.v1.GenerateRequest) carries; the HTTP API carries them all.
+GRPC_SAMPLING = ("max_new_tokens", "temperature", "top_p", "seed")
 
 
 def unescape(text: str) -> str:
@@ -285,7 +287,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     if args.prompt is None and not args.stats:
         raise MoeflowError("give --prompt TEXT to generate, or --stats to print the server's statistics")
-    sampling = dataclasses.asdict(options_from_args(SamplingParams, args))
+    options_from_args(SamplingParams, args, only=GRPC_SAMPLING)  # checks them
+    sampling = {name: getattr(args, name) for name in GRPC_SAMPLING}
     return run_cli(
         f"{args.host}:{args.port}",
         None if args.prompt is None else unescape(args.prompt),
@@ -412,7 +415,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--json", action="store_true", help="print each reply message as one JSON line")
     client.add_argument("--stats", action="store_true", help="print the server's statistics (JSON)")
     client.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
-    add_options(client, SamplingParams)
+    add_options(client, SamplingParams, only=GRPC_SAMPLING)
     client.set_defaults(func=cmd_client)
 
 

@@ -7,7 +7,8 @@ Every choice is a `Literal`; `choices(...)` turns one into the list the CLI and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -21,6 +22,8 @@ Admission = Literal["fifo", "rebatch"]
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"  # shipped with the package (its model card: README.md)
 DEFAULT_LOOKAHEAD = 1  # MoE layers between a prediction and the layer it is for
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (as OpenAI's top_logprobs)
+MAX_STOP = 16  # stop strings per request
 
 
 def choices(literal: object) -> tuple[str, ...]:
@@ -88,9 +91,36 @@ class EngineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
+    """One request's sampling. A field left None takes the model's default (its generation_config.json, read
+    as transformers' `generate` reads it: temperature, top_k, top_p and min_p only when it says `do_sample`),
+    else the neutral value: greedy, no truncation, no penalty. `Engine.new_sequence` resolves them."""
+
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate at most"})
-    temperature: float = field(default=0.0, metadata={"help": "0: greedy (exact); above 0: sampling"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: most likely tokens up to this mass"})
+    temperature: float | None = field(
+        default=None,
+        metadata={"help": "0: greedy (exact); above 0: sampling (default: the model's generation_config.json, else 0)"},
+    )
+    top_p: float | None = field(
+        default=None, metadata={"help": "nucleus sampling: keep the most likely tokens up to this mass (1: off)"}
+    )
+    top_k: int | None = field(default=None, metadata={"help": "sampling: keep the k most likely tokens (0: off)"})
+    min_p: float | None = field(
+        default=None,
+        metadata={"help": "sampling: drop tokens less likely than min_p x the most likely one's probability (0: off)"},
+    )
+    repetition_penalty: float | None = field(
+        default=None,
+        metadata={"help": "divide positive logits (multiply negative ones) of every token already in the prompt or "
+                  "output by this (1: off; applies to greedy too, as in transformers)"},
+    )
+    stop: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "stop when the text contains one of these strings; it is left out of the text"},
+    )
+    logprobs: int | None = field(
+        default=None,
+        metadata={"help": f"report each chosen token's log-probability and this many alternatives (0-{MAX_LOGPROBS})"},
+    )
     seed: int | None = field(default=None, metadata={"help": "random seed of sampling (default 0)"})
 
     def __post_init__(self) -> None:
@@ -98,14 +128,59 @@ class SamplingParams:
             raise RequestError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
-            raise RequestError(f"temperature must be a finite number, got {self.temperature!r}")
-        if not 0 <= self.temperature <= 100:
-            raise RequestError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.temperature is not None:
+            if not _is_number(self.temperature):
+                raise RequestError(f"temperature must be a finite number, got {self.temperature!r}")
+            if not 0 <= self.temperature <= 100:
+                raise RequestError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise RequestError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise RequestError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.min_p is not None and (not _is_number(self.min_p) or not 0 <= self.min_p <= 1):
+            raise RequestError(f"min_p must be in [0, 1] (0: off), got {self.min_p!r}")
+        if self.repetition_penalty is not None and (
+            not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0
+        ):
+            raise RequestError(
+                f"repetition_penalty must be a number > 0 (1: off, above 1 discourages repeats), "
+                f"got {self.repetition_penalty!r}"
+            )
+        if self.stop is not None:
+            if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+                raise RequestError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            if len(self.stop) > MAX_STOP:
+                raise RequestError(f"stop holds {len(self.stop)} strings; give at most {MAX_STOP}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise RequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), got {self.logprobs!r}"
+            )
+        if self.seed is not None and not _is_int(self.seed):
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+    def resolve(self, model_defaults: Mapping[str, float]) -> SamplingParams:
+        """Every None filled: from `model_defaults` (`moeflow.model.loading.generation_defaults`), else neutral."""
+        filled = {
+            name: model_defaults.get(name, neutral) if getattr(self, name) is None else getattr(self, name)
+            for name, neutral in _NEUTRAL.items()
+        }
+        return replace(self, **filled, stop=tuple(self.stop or ()))
+
+
+# The value of each optional sampling field that changes nothing (transformers' neutral settings).
+_NEUTRAL: dict[str, float] = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, kw_only=True)

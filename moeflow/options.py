@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import types
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -80,20 +81,24 @@ def _argument(cls: type, f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     return kwargs
 
 
-def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
-    """One `--kebab-name` option per field of the dataclass `cls`, with its default, help and choices."""
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, only: Collection[str] | None = None
+) -> None:
+    """One `--kebab-name` option per field of the dataclass `cls` (or per field named in `only`), with its
+    default, help and choices."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.init:
+        if f.init and (only is None or f.name in only):
             parser.add_argument(flag(f.name), **_argument(cls, f, hints[f.name]))
 
 
-def options_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """The dataclass `cls` built from the options `add_options(parser, cls)` added (lists back to tuples)."""
+def options_from_args(cls: type[T], args: argparse.Namespace, *, only: Collection[str] | None = None) -> T:
+    """The dataclass `cls` built from the options `add_options(parser, cls, only=only)` added (lists back to
+    tuples; fields outside `only` keep their defaults)."""
     hints = get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
-        if not f.init:
+        if not f.init or (only is not None and f.name not in only):
             continue
         value = getattr(args, f.name)
         values[f.name] = tuple(value) if _is_tuple(hints[f.name]) and value is not None else value

@@ -8,7 +8,6 @@ Layout, along the data path:
 - `handle.py` — one request's events from the engine thread, turned into `Chunk`s on its handler thread;
 - `stats.py` — the running totals behind `GetStats`;
 - `errors.py` — refusals and failures that are not the request's fault;
-- `detok.py` — streamed text increments;
 - `server.py` — gRPC server with health and reflection, SIGTERM drain (`moeflow serve`);
 - `client.py` — `MoeflowClient` (`moeflow client`).
 

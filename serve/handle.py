@@ -6,13 +6,13 @@ Text decoding happens on the handler's thread, never the engine's.
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .detok import IncrementalText
+from moeflow.engine.detok import LockedTokenizer, TextStream
+
 from .errors import ServeError
 
 if TYPE_CHECKING:
@@ -54,18 +54,6 @@ class _Failed:
     error: ServeError
 
 
-class LockedTokenizer:
-    """Handler threads share the tokenizer; transformers' fast tokenizers are not safe to call concurrently."""
-
-    def __init__(self, tokenizer: object, lock: threading.Lock) -> None:
-        self._tokenizer = tokenizer
-        self._lock = lock
-
-    def decode(self, ids: list[int], **kw: object) -> str:
-        with self._lock:
-            return self._tokenizer.decode(ids, **kw)
-
-
 class RequestHandle:
     """A submitted request: iterate `chunks()` (or call `result()`) on the handler thread.
 
@@ -78,7 +66,7 @@ class RequestHandle:
         self.seq = seq
         self._on_cancel = on_cancel
         self._events: queue.SimpleQueue[_Tokens | _Done | _Failed] = queue.SimpleQueue()
-        self._text = IncrementalText(tokenizer)
+        self._text = TextStream(tokenizer, seq.params.stop)  # cut before a stop string, as the engine cuts it
         self._sent = 0  # engine thread: tokens of `seq.generated` already pushed
 
     # ---- the handler thread ------------------------------------------------------------------------

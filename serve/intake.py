@@ -32,9 +32,17 @@ class GenerateRequest:
 
     prompt: str
     max_new_tokens: int | None = None
-    temperature: float = 0.0
+    temperature: float | None = 0.0  # gRPC always sends one (0: greedy); None: the model's default
     top_p: float | None = None
     seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop: tuple[str, ...] | None = None
+    logprobs: int | None = None
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "logprobs", "seed")
 
 
 class RequestLimits:
@@ -57,14 +65,9 @@ class RequestLimits:
                 f"max_new_tokens is {max_new}, but this server allows at most {limit} (--max-new-tokens-limit); "
                 "ask for fewer tokens"
             )
-        sampling = {"top_p": request.top_p, "seed": request.seed}
+        sampling = {name: getattr(request, name) for name in SAMPLING_FIELDS}
         with self._tokenizer_lock:
-            seq = self._engine.new_sequence(
-                request.prompt,
-                max_new_tokens=max_new,
-                temperature=request.temperature,
-                **{k: v for k, v in sampling.items() if v is not None},
-            )
+            seq = self._engine.new_sequence(request.prompt, max_new_tokens=max_new, **sampling)
         if self._max_prompt_tokens and len(seq.prompt_ids) > self._max_prompt_tokens:
             raise RequestError(
                 f"the prompt is {len(seq.prompt_ids)} tokens, but this server accepts at most "

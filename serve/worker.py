@@ -20,7 +20,7 @@ from moeflow.scheduler import AdmissionPolicy, Scheduler
 
 from .config import ServerConfig
 from .errors import DrainingError, EngineDead, EngineFailure, ServeError
-from .handle import LockedTokenizer, RequestHandle
+from .handle import RequestHandle
 from .intake import GenerateRequest, Intake, RequestLimits
 from .stats import ServeStats, StatsRecorder
 
@@ -52,9 +52,8 @@ class EngineWorker:
         self.config = config
         self._admission = admission
         self._scheduler = self._new_scheduler()
-        tokenizer_lock = threading.Lock()
-        self._limits = RequestLimits(engine, config, tokenizer_lock)
-        self._tokenizer = LockedTokenizer(engine.tokenizer, tokenizer_lock) if engine.tokenizer is not None else None
+        self._limits = RequestLimits(engine, config, engine.tokenizer_lock)
+        self._tokenizer = engine.locked_tokenizer
         self._intake = Intake(config)
         self._stats = StatsRecorder(config, admission=admission.name, model=model)
         self._live: dict[int, RequestHandle] = {}  # engine thread: seq_id -> handle of what the scheduler holds

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from moeflow.config import SamplingParams
+from moeflow.engine.detok import TextStream
 from moeflow.engine.driver import ForwardResult, StepDriver
-from moeflow.engine.sampling import sample_next
+from moeflow.engine.sampling import TokenLogprob, sample_next, token_logprob
 
 _ids = itertools.count()
 
@@ -41,9 +42,15 @@ class SequenceState:
     error: Exception | None = None  # why this sequence failed (finish_reason "error"; see `fail`)
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, L, d], no padding
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token when `params.logprobs` is set
+    stop_text: TextStream | None = None  # the text watched for `params.stop` (set by `DecodeBatch.prefill`)
     t_submit: float = field(default_factory=time.perf_counter)
     t_first_token: float | None = None
     t_done: float | None = None
+
+    def __post_init__(self) -> None:
+        # Engine.new_sequence resolves against the model's defaults; a sequence built directly gets neutral ones.
+        self.params = self.params.resolve({})
 
     @property
     def length(self) -> int:
@@ -105,10 +112,11 @@ class DecodeBatch:
     the batched cache in line (`_sync`), touching only the rows that differ.
     """
 
-    def __init__(self, driver: StepDriver, eos_token_ids: set[int]) -> None:
+    def __init__(self, driver: StepDriver, eos_token_ids: set[int], tokenizer: object | None = None) -> None:
         self.driver = driver
         self.device = driver.device
         self.eos_token_ids = eos_token_ids
+        self.tokenizer = tokenizer  # decodes the text that stop strings are looked for in
         self.members: list[SequenceState] = []
         self._rows: list[SequenceState] = []  # row b of the batched cache holds _rows[b]'s cache
         self._cache: DynamicCache | None = None
@@ -122,6 +130,11 @@ class DecodeBatch:
         if seq.params.temperature > 0:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else 0)
+        if seq.params.stop:
+            assert self.tokenizer is not None, "stop strings need a tokenizer (Engine.new_sequence checks)"
+            seq.stop_text = TextStream(self.tokenizer, seq.params.stop)
+        if seq.params.logprobs is not None:
+            seq.logprobs = []
         cache = DynamicCache(config=self.driver.model.config)
         ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
         result = self.driver.forward(ids_1T, histories=[seq.prompt_ids], n_new=len(seq.prompt_ids), kv=cache)
@@ -171,15 +184,17 @@ class DecodeBatch:
 
     def _sample(self, seq: SequenceState, logits_V: torch.Tensor) -> None:
         try:
-            token = sample_next(logits_V, seq.params, seq.generator)
+            token = sample_next(logits_V, seq.params, seq.generator, seq.history)
         except Exception as e:  # this sequence's own sampling: it alone fails, the batch goes on
             seq.fail(e)
             return
+        if seq.logprobs is not None:
+            seq.logprobs.append(token_logprob(logits_V, token, seq.params.logprobs))
         self._accept(seq, token)
 
     def _accept(self, seq: SequenceState, token: int) -> None:
         seq.generated.append(token)
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids or _completes_stop(seq, token):
             seq.finish_reason = "stop"
         elif len(seq.generated) >= seq.params.max_new_tokens:
             seq.finish_reason = "length"
@@ -261,6 +276,14 @@ class DecodeBatch:
             (layer.keys[b : b + 1, :, pad:].clone(), layer.values[b : b + 1, :, pad:].clone())
             for layer in self._cache.layers
         ]
+
+
+def _completes_stop(seq: SequenceState, token: int) -> bool:
+    """Whether `token` completes one of `seq`'s stop strings (decoding on this thread, only for such requests)."""
+    if seq.stop_text is None:
+        return False
+    seq.stop_text.push([token])
+    return seq.stop_text.stopped
 
 
 def _left_pad(t_BhQd: torch.Tensor, pad: int) -> torch.Tensor:

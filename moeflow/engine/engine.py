@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import resource
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from transformers import AutoConfig
 
 from moeflow.config import DEFAULT_MODEL, EngineConfig, SamplingParams
 from moeflow.engine.batch import DecodeBatch, SequenceState
+from moeflow.engine.detok import LockedTokenizer, TextStream, cut_text
 from moeflow.engine.driver import StepDriver
+from moeflow.engine.sampling import TokenLogprob
 from moeflow.errors import MoeflowError, RequestError
 from moeflow.model.checkpoint import Checkpoint, open_checkpoint
 from moeflow.model.loading import (
@@ -24,6 +27,7 @@ from moeflow.model.loading import (
     eos_token_ids,
     expert_geometry,
     experts_modules,
+    generation_defaults,
     load_dense_weights,
     load_tokenizer,
     resolve_dtype,
@@ -91,9 +95,10 @@ class GenerationResult:
     text: str | None  # None when the model folder has no tokenizer
     token_ids: list[int]  # generated tokens only
     prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
     prefill_s: float
     elapsed_s: float
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
     @property
     def tokens_per_s(self) -> float:
@@ -163,6 +168,13 @@ class Engine:
         self.transfer = TransferEngine(self.cache)
         self.tokenizer = load_tokenizer(self.checkpoint.path)
         self.eos_token_ids = eos_token_ids(self.checkpoint.path, hf_config, self.tokenizer)
+        self.generation_defaults = generation_defaults(self.checkpoint.path)
+        # Every thread that encodes or decodes with the tokenizer holds this lock (the server's handler threads
+        # and the engine thread, which decodes to find stop strings).
+        self.tokenizer_lock = threading.Lock()
+        self.locked_tokenizer = (
+            LockedTokenizer(self.tokenizer, self.tokenizer_lock) if self.tokenizer is not None else None
+        )
         self.driver = StepDriver(self.model, self.runtime, self.device)
         self._closers: list[Callable[[], None]] = [self.driver.close]
         self.prefetcher: PredictivePrefetcher | None = None
@@ -211,41 +223,48 @@ class Engine:
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
-    def new_sequence(
-        self,
-        prompt: str | list[int],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> SequenceState:
-        """Validate a request and turn it into a sequence ready for `DecodeBatch.prefill`."""
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    def new_sequence(self, prompt: str | list[int], **sampling: object) -> SequenceState:
+        """Validate a request and turn it into a sequence ready for `DecodeBatch.prefill`.
+
+        `sampling`: the fields of `SamplingParams`; those not given (or None) take the model's
+        generation_config.json defaults, else the neutral values (greedy, no truncation, no penalty).
+        """
+        params = SamplingParams(**sampling).resolve(self.generation_defaults)  # type: ignore[arg-type]
+        if params.stop and self.tokenizer is None:
+            raise RequestError(
+                f"stop strings need text, but {self.checkpoint.path} has no tokenizer; add tokenizer files or drop stop"
+            )
         prompt_ids = self.encode(prompt)
         self._check_length(len(prompt_ids), params.max_new_tokens)
         return SequenceState(prompt_ids=prompt_ids, params=params)
 
     def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.driver, self.eos_token_ids)
+        return DecodeBatch(self.driver, self.eos_token_ids, self.locked_tokenizer)
 
-    @torch.inference_mode()
-    def generate(self, prompt: str | list[int], **sampling: object) -> GenerationResult:
-        """Generate for one prompt. `sampling`: max_new_tokens, temperature (0 = greedy), top_p, seed."""
-        seq = self.new_sequence(prompt, **sampling)
-        batch = self.new_batch()
-        batch.prefill(seq)
-        if not seq.done:
-            batch.add(seq)
-            while not seq.done:
-                batch.step()
-        return self.result(seq)
+    def generate(
+        self, prompt: str | list[int], *, stream: bool = False, **sampling: object
+    ) -> GenerationResult | Stream:
+        """Generate for one prompt. `sampling`: the fields of `SamplingParams` (max_new_tokens, temperature
+        (0 = greedy), top_p, top_k, min_p, repetition_penalty, stop, logprobs, seed). With `stream=True`, the
+        same as `stream(prompt, **sampling)`."""
+        if stream:
+            return self.stream(prompt, **sampling)
+        for _ in (run := self.stream(prompt, **sampling)):
+            pass
+        return run.result
+
+    def stream(self, prompt: str | list[int], **sampling: object) -> Stream:
+        """Generate for one prompt, giving out the text as it grows: iterate for the text increments (they add
+        up to `result.text`); `result` is the whole `GenerationResult` once the iteration ends."""
+        return Stream(self, self.new_sequence(prompt, **sampling))
 
     def result(self, seq: SequenceState) -> GenerationResult:
         """`seq`'s output; raises what made it fail, if it failed (`SequenceState.fail`)."""
         if seq.error is not None:
             raise seq.error
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True) if self.tokenizer is not None else None
+        text = None
+        if self.locked_tokenizer is not None:
+            text = cut_text(self.locked_tokenizer.decode(seq.generated, skip_special_tokens=True), seq.params.stop)
         assert seq.t_first_token is not None and seq.t_done is not None
         return GenerationResult(
             text=text,
@@ -254,6 +273,7 @@ class Engine:
             finish_reason=seq.finish_reason or "length",
             prefill_s=seq.t_first_token - seq.t_submit,
             elapsed_s=seq.t_done - seq.t_submit,
+            logprobs=None if seq.logprobs is None else list(seq.logprobs),
         )
 
     def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -282,3 +302,44 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Stream:
+    """One prompt's generation, run as it is iterated: each item is the text that the newest tokens completed
+    (an empty increment is skipped; stop strings never appear). After the last item `result` holds the whole
+    `GenerationResult`, whose text is the increments joined. Without a tokenizer there is no text: the
+    iteration yields nothing and `result.token_ids` has the tokens."""
+
+    def __init__(self, engine: Engine, seq: SequenceState) -> None:
+        self._engine = engine
+        self.seq = seq
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        assert self._result is None and self.seq.t_first_token is None, "a Stream runs once"
+        seq = self.seq
+        text = TextStream(self._engine.locked_tokenizer, seq.params.stop)
+        batch = self._engine.new_batch()
+        with torch.inference_mode():
+            batch.prefill(seq)
+        sent = 0
+        while True:
+            delta = text.push(seq.generated[sent:])
+            sent = len(seq.generated)
+            if delta:
+                yield delta
+            if seq.done:
+                break
+            with torch.inference_mode():
+                if not batch.members:
+                    batch.add(seq)
+                batch.step()
+        if tail := text.flush():
+            yield tail
+        self._result = self._engine.result(seq)
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise RuntimeError("the stream has not finished: iterate it to the end first")
+        return self._result

@@ -155,3 +155,26 @@ def eos_token_ids(path: Path, hf_config: object, tokenizer: object | None) -> se
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def generation_defaults(path: Path) -> dict[str, float]:
+    """The sampling defaults of the model's generation_config.json, as transformers' `generate` applies them.
+
+    `repetition_penalty` always; temperature, top_k, top_p and min_p only when the file says `do_sample`
+    (otherwise transformers decodes greedily and ignores them). Keys the model leaves unset are absent, so
+    the request's own values or the neutral ones apply (`moeflow.config.SamplingParams.resolve`).
+    """
+    try:
+        gen_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: nothing to default to
+        return {}
+    defaults: dict[str, float] = {}
+    if gen_config.repetition_penalty is not None and gen_config.repetition_penalty != 1.0:
+        defaults["repetition_penalty"] = float(gen_config.repetition_penalty)
+    if gen_config.do_sample:
+        defaults["temperature"] = float(gen_config.temperature if gen_config.temperature is not None else 1.0)
+        for name in ("top_k", "top_p", "min_p"):
+            value = getattr(gen_config, name)
+            if value is not None:
+                defaults[name] = int(value) if name == "top_k" else float(value)
+    return defaults

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 from moeflow.serve.config import ServerConfig
 
-from moeflow.cli import build_parser, main, read_prompts, unescape
+from moeflow.cli import GRPC_SAMPLING, build_parser, main, read_prompts, unescape
 from moeflow.config import EngineConfig, ProfileConfig, SamplingParams
 from moeflow.options import add_options, options_from_args
 
@@ -114,8 +114,10 @@ def test_serve_and_client_options_come_from_the_configs():
     assert options_from_args(ServerConfig, args) == ServerConfig(max_batch_size=3, admission="rebatch")
     assert options_from_args(EngineConfig, args) == EngineConfig(direct_io=False)
     args = build_parser().parse_args(["client", "--prompt", "hi", "--seed", "3", "--top-p", "0.5"])
-    assert options_from_args(SamplingParams, args) == SamplingParams(seed=3, top_p=0.5)
+    assert options_from_args(SamplingParams, args, only=GRPC_SAMPLING) == SamplingParams(seed=3, top_p=0.5)
     assert args.port == ServerConfig().port
+    with pytest.raises(SystemExit):  # the gRPC API does not carry top-k: the client does not offer it
+        build_parser().parse_args(["client", "--prompt", "hi", "--top-k", "3"])
 
 
 # ---- prompt escapes: one function for --prompt and --prompts -------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from moeflow.serve.detok import IncrementalText
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from moeflow.engine.detok import IncrementalText
 
 TEXTS = [
     "Once upon a time, a fox said: héllo wörld!",
