@@ -97,6 +97,8 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts is not None:
         return cmd_generate_batch(args)
+    from dataclasses import asdict
+
     from moeflow.build import load
     from moeflow.engine import peak_rss_bytes
 
@@ -104,7 +106,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = options_from_args(EngineConfig, args)
     sampling = options_from_args(SamplingParams, args)
     with load(args.model, **dataclasses.asdict(config)) as engine:
-        result = engine.generate(prompt, **dataclasses.asdict(sampling))
+        run = engine.stream(prompt, **dataclasses.asdict(sampling))
+        if not args.json:  # the text goes to stdout as it is generated
+            print(prompt, end="", flush=True)
+        for piece in run:
+            if not args.json:
+                print(piece, end="", flush=True)
+        result = run.result
         stats = engine.stats()
     if args.json:
         print(
@@ -119,11 +127,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "elapsed_s": result.elapsed_s,
                     "peak_rss_bytes": peak_rss_bytes(),
                     "cache": stats.to_dict(),
+                    **({} if result.logprobs is None else {"logprobs": [asdict(lp) for lp in result.logprobs]}),
                 }
             )
         )
     else:
-        print(prompt + (result.text if result.text is not None else str(result.token_ids)))
+        print("" if result.text is not None else str(result.token_ids))  # ends the streamed line
         print(
             f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tok/s, cache hit rate "
             f"{stats.hit_rate:.1%}, {stats.bytes_read / 2**20:.1f} MiB read, "
