@@ -19,8 +19,8 @@ term is an estimate made online from what the cache and the predictor have shown
 - `Calibration`: the realised rate at which predictions of each raw probability were right,
   decayed so recent outcomes weigh most. A predictor that is wrong (random routing, an adversary)
   is soon believed at its real precision, and admission closes: the cache behaves as plain LRU.
-- `ReuseRates`: how likely a resident expert that has been idle for `a` steps is used at its next
-  step, from the gaps between uses observed so far (a discrete hazard).
+- `NextUse`: how likely a resident expert is used the next time its layer runs, from what followed
+  what in the layer's routing so far and from the expert's recent use rate.
 - `admit`: the decision for one layer's candidates against the eviction order, under a cap of
   prefetch reads (the prefetcher caps them per token: a byte cap, since every expert has one size).
 
@@ -147,55 +147,72 @@ class Calibration:
                 for b in range(self.bins)]
 
 
-class ReuseRates:
-    """P(a resident expert is used at its next step | it has been idle `a` steps), from observed gaps.
+class NextUse:
+    """P(a resident expert is used the next time its layer runs), learned online from the experts' uses.
 
-    Every use of an expert used before records the gap in steps since its previous use; the hazard
-    h(a) = #gaps == a / #gaps >= a (gaps beyond `max_gap` pooled) answers for an expert idle `a` steps
-    (a >= 1; an expert used this step counts as a = 1). Before any gap is seen, `prior` answers.
+    Two estimates, averaged (`markov_weight`): a per-layer Markov chain over steps (how often expert `e`
+    followed each expert of the layer's latest step, smoothed towards the layer's mean use rate) and the
+    expert's recent use rate (uses per step, decayed with `half_life` steps). The first catches routing
+    that follows routing (text that repeats, code structure), the second the experts a passage keeps
+    using. Both know only the past, so both settle at the plain use rate when routing is random. For a
+    layer that has not run yet this step, its latest step is the previous one: the estimate is for this
+    step; for one that has, for the next.
     """
 
-    def __init__(self, *, max_gap: int = 64, prior: float = 0.5, refresh: int = 64) -> None:
-        self.max_gap = max_gap
-        self.prior = prior
-        self._refresh = refresh
-        self._gaps = [0] * (max_gap + 1)  # index g: gaps of g steps (max_gap: that many or more)
-        self._last: dict[ExpertKey, int] = {}
-        self._hazard: list[float] | None = None
-        self._since_refresh = 0
-        self.step = 0
+    def __init__(self, *, half_life: float = 12.0, markov_weight: float = 0.5, smoothing: float = 1.0) -> None:
+        if half_life <= 0 or not 0.0 <= markov_weight <= 1.0 or smoothing <= 0:
+            raise ValueError("half_life and smoothing must be > 0, markov_weight in [0, 1]")
+        self._decay = 0.5 ** (1.0 / half_life)
+        self.markov_weight = markov_weight
+        self.smoothing = smoothing
+        self._latest: dict[int, set[int]] = {}  # layer -> experts of its latest step
+        self._before: dict[int, set[int]] = {}  # layer -> experts of the step before that
+        self._latest_step: dict[int, int] = {}
+        self._follows: dict[tuple[int, int, int], int] = {}  # (layer, a, e): steps where e followed a
+        self._steps_after: dict[tuple[int, int], int] = {}  # (layer, a): steps that followed a step using a
+        self._uses: dict[int, list[int]] = {}  # layer -> [steps run, expert uses, distinct experts seen]
+        self._seen: set[ExpertKey] = set()
+        self._rate: dict[ExpertKey, tuple[float, int]] = {}  # decayed use count, step it was brought to
+        self._step = 0  # the latest step seen
 
-    def on_use(self, key: ExpertKey) -> None:
-        last = self._last.get(key)
-        if last is not None and last < self.step:
-            self._gaps[min(self.step - last, self.max_gap)] += 1
-            self._since_refresh += 1
-            if self._since_refresh >= self._refresh:
-                self._hazard = None
-        self._last[key] = self.step
+    def on_use(self, key: ExpertKey, step: int) -> None:
+        """`key` is used at `step` (repeats within a step count once)."""
+        layer, e = key
+        self._step = max(self._step, step)
+        latest = self._latest.setdefault(layer, set())
+        counts = self._uses.setdefault(layer, [0, 0, 0])
+        if self._latest_step.get(layer) != step:
+            before = latest if self._latest_step.get(layer) is not None else set()
+            for a in before:
+                self._steps_after[layer, a] = self._steps_after.get((layer, a), 0) + 1
+            self._before[layer], latest = before, set()
+            self._latest[layer], self._latest_step[layer] = latest, step
+            counts[0] += 1
+        if e in latest:
+            return
+        latest.add(e)
+        counts[1] += 1
+        if key not in self._seen:
+            self._seen.add(key)
+            counts[2] += 1
+        for a in self._before.get(layer, ()):
+            self._follows[layer, a, e] = self._follows.get((layer, a, e), 0) + 1
+        count, at = self._rate.get(key, (0.0, step))
+        self._rate[key] = (count * self._decay ** (step - at) + 1.0, step)
 
-    def idle_steps(self, key: ExpertKey) -> int | None:
-        last = self._last.get(key)
-        return None if last is None else self.step - last
-
-    def reuse(self, key: ExpertKey) -> float:
-        """Probability `key` is used at its next step (never used yet: the prior)."""
-        a = self.idle_steps(key)
-        if a is None:
-            return self.prior
-        return self.hazard(max(a, 1))
-
-    def hazard(self, a: int) -> float:
-        if self._hazard is None:
-            self._hazard = self._compute()
-        return self._hazard[min(a, self.max_gap)]
-
-    def _compute(self) -> list[float]:
-        self._since_refresh = 0
-        h = [self.prior] * (self.max_gap + 1)
-        at_least = 0
-        for g in range(self.max_gap, 0, -1):
-            at_least += self._gaps[g]
-            # One pseudo-gap at the prior keeps thin tails from jumping to 0 or 1.
-            h[g] = (self._gaps[g] + self.prior) / (at_least + 1.0)
-        return h
+    def probability(self, key: ExpertKey) -> float:
+        layer, e = key
+        counts = self._uses.get(layer)
+        if counts is None or counts[0] == 0:
+            return 0.0
+        mean = min(counts[1] / counts[0] / max(counts[2], 1), 1.0)  # a layer's expert, on average, per step
+        latest = self._latest[layer]
+        if latest:
+            s = self.smoothing
+            markov = sum((self._follows.get((layer, a, e), 0) + s * mean) / (self._steps_after.get((layer, a), 0) + s)
+                         for a in latest) / len(latest)
+        else:
+            markov = mean
+        count, at = self._rate.get(key, (0.0, 0))
+        rate = count * self._decay ** max(self._step - at, 0) * (1.0 - self._decay)
+        return self.markov_weight * min(markov, 1.0) + (1.0 - self.markov_weight) * min(rate, 1.0)

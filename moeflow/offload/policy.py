@@ -7,7 +7,6 @@ candidates the cache offers (resident, fully loaded, not pinned by a running lay
 
 from __future__ import annotations
 
-import heapq
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from moeflow.model.checkpoint import ExpertKey
-from moeflow.offload.admission import ReuseRates
+from moeflow.offload.admission import NextUse
 
 
 class EvictionPolicy(ABC):
@@ -34,6 +33,7 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         """Choose which of `candidates` (non-empty) to evict."""
+
 
 
 class LRUPolicy(EvictionPolicy):
@@ -83,6 +83,35 @@ class LFUPolicy(EvictionPolicy):
         return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
 
 
+class _Shadow:
+    """A cache of `capacity` keys that only counts its own misses on the real access stream (no data).
+
+    `victim(candidates)` chooses what it evicts; the keys one layer of one step uses are never victims of
+    each other (they are pinned together in the real cache). Misses fade with `decay` per step, so the
+    count is about the recent stream."""
+
+    def __init__(self, capacity: int, victim: Callable[[Sequence[ExpertKey]], ExpertKey], decay: float) -> None:
+        self.capacity = capacity
+        self._victim = victim
+        self._decay = decay
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+        self.misses = 0.0
+
+    def access(self, key: ExpertKey, pinned: set[ExpertKey]) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+            return
+        self.misses += 1.0
+        if len(self._order) >= self.capacity:
+            candidates = [k for k in self._order if k not in pinned]
+            if candidates:
+                del self._order[self._victim(candidates)]
+        self._order[key] = None
+
+    def end_step(self) -> None:
+        self.misses *= self._decay
+
+
 class PredictivePolicy(LRUPolicy):
     """Evicts the expert least likely to be used again; predicted experts are evicted only when nothing else can be.
 
@@ -90,24 +119,45 @@ class PredictivePolicy(LRUPolicy):
     and, once a layer's real routing is known, releases them and demotes the wrong ones (the next
     victims). It also tells the policy what it expects of the rest of the step (`expect`: the
     calibrated probability that a resident expert is used by an upcoming layer). Every other expert
-    is worth its reuse rate (`ReuseRates`, learned from the gaps between uses); the victim is the
-    unprotected candidate worth least, the least recently used among equals.
+    is worth `NextUse`'s estimate that its layer uses it next time; the victim is the unprotected
+    candidate worth least, the least recently used among equals.
+
+    An estimate learned from the past can be worse than recency (routing with no structure to learn,
+    a working set exactly the size of the cache): from the first eviction on, two shadow caches of the
+    same size replay the real access stream, one evicting by the estimate and one by recency. While
+    recency has missed less recently, the policy evicts as LRU does (wrong predictions still first)
+    and the prefetcher reads nothing ahead: it does no worse than the better of the two by more than
+    the time it takes to notice.
     """
 
     name = "predictive"
 
-    def __init__(self) -> None:
+    def __init__(self, *, half_life: float = 8.0, markov_weight: float = 0.5, shadow_half_life: float = 64.0) -> None:
         super().__init__()
         self._protected: set[ExpertKey] = set()
         self._demoted: set[ExpertKey] = set()
         self._expected: dict[ExpertKey, float] = {}
-        self.reuse = ReuseRates()
+        self.next_use = NextUse(half_life=half_life, markov_weight=markov_weight)
+        self.step = 0
+        self._shadow_decay = 0.5 ** (1.0 / shadow_half_life)
+        self._shadows: tuple[_Shadow, _Shadow] | None = None
+        self._layer_keys: set[ExpertKey] = set()  # keys of the layer being served (pinned together)
+        self._layer: tuple[int, int] | None = None  # (step, layer) of `_layer_keys`
+
+    def _start_shadows(self, capacity: int) -> None:
+        self._shadows = (
+            _Shadow(capacity, self._least_likely, self._shadow_decay),
+            _Shadow(capacity, lambda candidates: candidates[0], self._shadow_decay),  # oldest first: LRU
+        )
 
     # ---- what the prefetcher tells the policy ---------------------------------------------------------
 
     def begin_step(self) -> None:
-        self.reuse.step += 1
+        self.step += 1
         self._expected.clear()
+        if self._shadows is not None:
+            for shadow in self._shadows:
+                shadow.end_step()
 
     def protect(self, keys: Iterable[ExpertKey]) -> None:
         self._protected.update(keys)
@@ -136,25 +186,46 @@ class PredictivePolicy(LRUPolicy):
     def protected(self) -> frozenset[ExpertKey]:
         return frozenset(self._protected)
 
+    @property
+    def by_recency(self) -> bool:
+        """Whether recency has recently missed less than the estimate (then the policy evicts as LRU)."""
+        return self._shadows is not None and self._shadows[1].misses < self._shadows[0].misses
+
     def worth(self, key: ExpertKey) -> float:
-        """P(`key` is used at its next step): 0 if demoted, else its reuse rate raised to what is expected of it."""
+        """P(`key` is used when its layer next runs): 0 if demoted, else `NextUse`'s, raised to what is expected."""
         if key in self._demoted:
             return 0.0
-        return max(self._expected.get(key, 0.0), self.reuse.reuse(key))
+        return max(self._expected.get(key, 0.0), self.next_use.probability(key))
+
+    def _eviction_order(self) -> list[ExpertKey]:
+        """Resident unprotected experts, next victim first."""
+        keys = [k for k in self._order if k not in self._protected]
+        if self.by_recency:
+            return sorted(keys, key=lambda k: k not in self._demoted)  # stable: LRU order after the demoted
+        return sorted(keys, key=self.worth)  # stable: least recently used first among equals
 
     def eviction_worths(self, n: int) -> list[float]:
         """The worth of the next `n` victims among the resident unprotected experts, in eviction order."""
-        return heapq.nsmallest(n, (self.worth(k) for k in self._order if k not in self._protected))
+        return [self.worth(k) for k in self._eviction_order()[:n]]
 
     def resident(self, key: ExpertKey) -> bool:
         return key in self._order
+
+    def _least_likely(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        return min(candidates, key=self.next_use.probability)  # candidates come least recently used first
 
     # ---- the policy protocol ----------------------------------------------------------------------------
 
     def on_access(self, key: ExpertKey) -> None:
         super().on_access(key)
         self._demoted.discard(key)
-        self.reuse.on_use(key)
+        if self._layer != (self.step, key[0]):
+            self._layer, self._layer_keys = (self.step, key[0]), set()
+        self._layer_keys.add(key)
+        if self._shadows is not None:
+            for shadow in self._shadows:
+                shadow.access(key, self._layer_keys)
+        self.next_use.on_use(key, self.step)
 
     def on_evict(self, key: ExpertKey) -> None:
         super().on_evict(key)
@@ -162,16 +233,20 @@ class PredictivePolicy(LRUPolicy):
         self._demoted.discard(key)
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        if self._shadows is None:  # the first eviction: every slot is taken, so this is the capacity
+            self._start_shadows(len(self._order))
         allowed = set(candidates)
         unprotected = allowed - self._protected
         pick_from = unprotected or allowed
-        best, best_worth = None, math.inf
-        for k in self._order:  # least recently used first: ties go to it
-            if k in pick_from and (w := self.worth(k)) < best_worth:
+        ordered = [k for k in self._order if k in pick_from]  # least recently used first
+        if self.by_recency:
+            return next((k for k in ordered if k in self._demoted), ordered[0])
+        best, best_worth = ordered[0], math.inf
+        for k in ordered:  # ties go to the least recently used
+            if (w := self.worth(k)) < best_worth:
                 best, best_worth = k, w
                 if w == 0.0:
                     break
-        assert best is not None, "a victim among the candidates"
         return best
 
 

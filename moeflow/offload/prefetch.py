@@ -263,7 +263,8 @@ class PredictivePrefetcher:
         """Under the cache's lock: the non-resident predicted experts worth reading ahead (protected), and all
         the non-resident ones."""
         candidates = [(k, p) for k, p in p_of.items() if not policy.resident(k)]
-        if not candidates or max_reads <= 0:
+        if not candidates or max_reads <= 0 or policy.by_recency:
+            # by_recency: the routing has lately been less predictable than plain recency; read nothing ahead.
             return [], [k for k, _ in candidates]
         chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads), overlap=self.overlap,
                        contention=self.admission.contention, max_reads=max_reads)

@@ -6,7 +6,7 @@ Deterministic scenarios on the real `ExpertCache` over a meta-device pool and a 
 import pytest
 import torch
 
-from moeflow.offload.admission import AdmissionConfig, Calibration, ReuseRates, admit, net_gain
+from moeflow.offload.admission import AdmissionConfig, Calibration, NextUse, admit, net_gain
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
@@ -95,21 +95,30 @@ def test_rank_only_predictions_are_calibrated_per_rank():
     assert cal.probability(None, rank=0) > 0.9 and cal.probability(None, rank=1) < 0.1
 
 
-def test_reuse_rates_follow_observed_gaps():
-    rates = ReuseRates(max_gap=8, refresh=1)
-    assert rates.reuse(A) == rates.prior  # never used
-    for step in range(4, 200, 4):  # experts come back every fourth step
-        rates.step = step
-        rates.on_use(A)
-    rates.step = 197
-    assert rates.reuse(A) < 0.1  # idle 1 step: not yet
-    rates.step = 200
-    assert rates.reuse(A) > 0.9  # idle 4 steps: now it is due
-    rates.step = 205
-    assert rates.reuse(B) == rates.prior
-    rates.on_use(B)
-    rates.step = 206
-    assert rates.reuse(B) < 0.1  # every expert shares what the gaps say
+def test_next_use_learns_what_follows_what():
+    nu = NextUse(half_life=8.0, markov_weight=0.5)
+    for step in range(1, 101):  # layer 1 alternates between experts {0, 1} and {2, 3}
+        for e in ((0, 1) if step % 2 else (2, 3)):
+            nu.on_use((1, e), step)
+    # The latest step (100) used {2, 3}: the next uses {0, 1}.
+    assert nu.probability((1, 0)) > 0.7 > 0.3 > nu.probability((1, 2))
+    assert nu.probability((2, 0)) == 0.0  # a layer never seen
+
+
+def test_next_use_ranks_a_passages_hot_experts_above_cold_ones():
+    nu = NextUse(half_life=8.0, markov_weight=0.5)
+    for step in range(1, 61):  # expert 0 every step, expert 1+k a few times long ago, expert 9 once just now
+        nu.on_use((0, 0), step)
+        nu.on_use((0, 1 + step % 3 if step < 20 else 9 if step == 60 else 5), step)
+    assert nu.probability((0, 0)) > nu.probability((0, 5)) > nu.probability((0, 2))
+    assert 0.0 <= nu.probability((0, 9)) <= 1.0
+
+
+def test_bad_next_use_settings_are_refused():
+    with pytest.raises(ValueError):
+        NextUse(markov_weight=1.5)
+    with pytest.raises(ValueError):
+        NextUse(half_life=0)
 
 
 # ---- the policy -----------------------------------------------------------------------------------------
@@ -131,6 +140,36 @@ def test_predictive_policy_evicts_the_expert_worth_least():
     p.forget([A])
     assert p.eviction_worths(5) == sorted(p.worth(k) for k in (A, B))
     assert p.eviction_worths(1) == [min(p.worth(k) for k in (A, B))]
+
+
+def _serve(cache, stream):
+    """One expert of layer 0 per decode step; the misses it cost."""
+    before = cache.stats().misses
+    for e in stream:
+        if isinstance(cache.policy, PredictivePolicy):
+            cache.policy.begin_step()
+        serve_layer(cache, RoutingPlan(layer=0, expert_ids=(e,), num_tokens=1))
+    return cache.stats().misses - before
+
+
+def test_predictive_policy_keeps_a_passages_hot_experts_through_a_scan():
+    stream = [e for k in range(60) for e in (0, 1, 10 + 2 * k, 11 + 2 * k)]  # two hot experts, a scan of cold ones
+    predictive, lru = _cache(PredictivePolicy(), slots=3, layers=(0,)), _cache(LRUPolicy(), slots=3, layers=(0,))
+    assert _serve(predictive, stream) < 0.8 * _serve(lru, stream)  # LRU evicts a hot one at every second cold one
+    assert not predictive.policy.by_recency
+
+
+def test_predictive_policy_evicts_as_lru_while_recency_misses_less():
+    # Long passages, each cycling over three experts of its own: what was hot a moment ago is no guide,
+    # recency is (three slots hold the passage). Each new passage costs LRU three misses; the estimate
+    # keeps the old passage's experts a while and misses more, so the policy turns to recency.
+    stream = [10 * p + i % 3 for p in range(12) for i in range(30)]
+    predictive, lru = _cache(PredictivePolicy(), slots=3, layers=(0,)), _cache(LRUPolicy(), slots=3, layers=(0,))
+    misses, lru_misses = _serve(predictive, stream), _serve(lru, stream)
+    assert predictive.policy.by_recency
+    assert misses <= lru_misses + 12  # a few passages to notice, then as LRU
+    tail = [10 * 20 + i % 3 for i in range(30)]
+    assert _serve(predictive, tail) == _serve(lru, tail) == 3
 
 
 # ---- the prefetcher on a real cache ---------------------------------------------------------------------
@@ -187,7 +226,7 @@ def test_after_a_run_of_wrong_predictions_admission_closes_and_the_cache_is_lru(
             serve_layer(lru, RoutingPlan(layer=layer, expert_ids=used, num_tokens=1))
     assert issued > 0  # it was believed at first
     assert pf.counters.issued == issued  # and not any more
-    assert cache.stats().misses - misses == lru.stats().misses - lru_misses  # misses as LRU's, no worse
+    assert cache.stats().misses - misses <= lru.stats().misses - lru_misses  # no more misses than LRU
 
 
 def test_the_byte_cap_binds_per_token():
