@@ -75,12 +75,24 @@ def test_a_replayed_report_survives_its_json(tmp_path):
 def test_tables_read_the_records():
     report = small_report()
     lines = summary_lines(report)
-    assert lines[0].split()[:4] == ["policy", "budget", "slots", "hit"] and len(lines) == 1 + 4
+    assert lines[1].split()[:4] == ["policy", "budget", "slots", "hit"] and lines[6] == ""
     belady_4 = next(r for r in report.results if r.policy == "belady" and r.slots == 4)
-    assert f"{100 * belady_4.hit_rate:.1f}%" in lines[3]
+    assert f"{100 * belady_4.hit_rate:.1f}%" in lines[4]
+    cost = lines[lines.index("") + 1 :]
+    lru, belady = report.results[0], report.results[2]  # at 25%, the budget nearest a quarter
+    assert cost[-2:] == ["", f"At 25% of experts resident, lru hits {100 * lru.hit_rate:.1f}% (Belady "
+                         f"{100 * belady.hit_rate:.1f}%), reading {lru.bytes_per_token / 2**20:.2f} MiB/token."]
     cmp = compare_lines(report, report, "A", "B")
     assert cmp[:2] == ["A: A", "B: B"] and all("+0.0 pt" in line for line in cmp[3:]) and len(cmp) == 3 + 4
     assert text_table(["a", "bbb"], [["xx", "y"]]) == [" a  bbb", "xx    y"]
+    assert text_table(["a", "MiB\nread"], [["xx", "1.5"]]) == ["     MiB", " a  read", "xx   1.5"]
+
+
+@pytest.mark.parametrize("path", COMMITTED_PROFILES, ids=lambda p: p.name)
+def test_profile_text_fits_100_columns(path):
+    lines = summary_lines(read_report(path))
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert any(line.startswith("At 25% of experts resident, predictive") for line in lines)
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from moeflow.model.checkpoint import Checkpoint
+from moeflow.tools.profile.report import MEASURED_DISK
 
 # Bytes/s; the measured disk is added at run time under MEASURED_DISK.
 LINKS: dict[str, float] = {"PCIe 4 x16": 25e9, "NVMe": 3e9}
-MEASURED_DISK = "this machine's disk"
+__all__ = ["LINKS", "MEASURED_DISK", "measure_disk_bandwidth"]
 
 
 def measure_disk_bandwidth(checkpoint: Checkpoint, *, max_reads: int = 256, max_s: float = 2.0) -> float:

@@ -8,16 +8,17 @@ how soon an expert is reused, which experts follow which across layers).
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moeflow.tools.profile.report import ProfileReport, RunRecord
+from moeflow.tools.profile.report import MEASURED_DISK, ProfileReport, RunRecord
 
 BELADY_LABEL = "belady (offline optimum, no prefetch)"
-_LINK_STYLES = ("-", "--", ":", "-.")
+TEXT_WIDTH = 100  # columns the text tables are kept within
 
 
 def run_label(run: RunRecord) -> str:
@@ -68,24 +69,62 @@ def _short(label: str) -> str:
     return label.replace(" (offline optimum, no prefetch)", "")
 
 
-def _stall_table(report: ProfileReport) -> tuple[list[str], list[list[str]]]:
-    layers = report.layers
-    per_layer_cols = len(layers) <= 8
-    links = list(report.links)
-    header = ["policy", "budget", "slots", "hit rate"]
-    if per_layer_cols:
-        header += [f"L{layer}" for layer in layers]
-    header += ["MiB read/tok"] + [f"stall ms/tok\n{name}" for name in links]
+def _name(r: RunRecord) -> str:
+    return _short(run_label(r)) + (" (live)" if r.mode == "live" else "")
+
+
+def _hit_table(report: ProfileReport) -> tuple[list[str], list[list[str]]]:
+    """Hit rate per run, overall and per MoE layer (the layer columns only while there are at most 8)."""
+    per_layer = len(report.layers) <= 8
+    header = ["policy", "budget", "slots", "hit rate"] + ([f"L{layer}" for layer in report.layers] if per_layer else [])
     rows = []
     for r in report.results:
-        name = _short(run_label(r)) + (" (live)" if r.mode == "live" else "")
-        row = [name, f"{100 * r.budget:g}%", str(r.slots), f"{100 * r.hit_rate:.1f}%"]
-        if per_layer_cols:
-            row += [f"{100 * pl.hit_rate:.0f}%" for pl in r.per_layer]
-        row += [f"{r.bytes_per_token / 2**20:.2f}"]
-        row += [f"{1e3 * r.stall_s_per_token[name]:.3g}" for name in links]
-        rows.append(row)
+        row = [_name(r), f"{100 * r.budget:g}%", str(r.slots), f"{100 * r.hit_rate:.1f}%"]
+        rows.append(row + ([f"{100 * pl.hit_rate:.0f}%" for pl in r.per_layer] if per_layer else []))
     return header, rows
+
+
+def _link_name(link: str) -> str:
+    return "this disk" if link == MEASURED_DISK else link
+
+
+def _cost_table(report: ProfileReport) -> tuple[list[str], list[list[str]]]:
+    """Bytes read per token (all, and demand misses alone) and the predicted stall per link (demand / bandwidth)."""
+    header = ["policy", "budget", "MiB/tok\nread", "MiB/tok\ndemand"]
+    header += [f"stall ms/tok\n{_link_name(link)}" for link in report.links]
+    rows = []
+    for r in report.results:
+        row = [_name(r), f"{100 * r.budget:g}%", f"{r.bytes_per_token / 2**20:.2f}",
+               f"{r.demand_bytes_per_token / 2**20:.2f}"]
+        rows.append(row + [f"{1e3 * r.stall_s_per_token[link]:.3g}" for link in report.links])
+    return header, rows
+
+
+def _stall_link(report: ProfileReport) -> str:
+    """The link the picture's stall panel shows: this machine's disk when measured, else the slowest."""
+    return MEASURED_DISK if MEASURED_DISK in report.links else min(report.links, key=report.links.__getitem__)
+
+
+def takeaway(report: ProfileReport) -> str:
+    """One line: the best live-able policy at the middle budget against LRU and Belady, hit rate and bytes."""
+    budgets = sorted({r.budget for r in report.replayed})
+    if not budgets:
+        return ""
+    mid = min(budgets, key=lambda b: abs(b - 0.25)) if len(budgets) < 3 else budgets[len(budgets) // 2]
+    at = {run_label(r): r for r in report.replayed if r.budget == mid}
+    live_able = [r for label, r in at.items() if label != BELADY_LABEL]
+    if not live_able:
+        return ""
+    best = max(live_able, key=lambda r: r.hit_rate)
+    text = f"at {100 * mid:g}% of experts resident, {run_label(best)} hits {100 * best.hit_rate:.1f}%"
+    others = [f"{name} {100 * at[label].hit_rate:.1f}%" for label, name in (("lru", "LRU"), (BELADY_LABEL, "Belady"))
+              if label in at and at[label] is not best]
+    if others:
+        text += f" ({', '.join(others)})"
+    text += f", reading {best.bytes_per_token / 2**20:.2f} MiB/token"
+    if "lru" in at and at["lru"] is not best:
+        text += f" (LRU {at['lru'].bytes_per_token / 2**20:.2f})"
+    return text
 
 
 def plot_report(report: ProfileReport, out_png: str | Path, *, title: str | None = None) -> Path:
@@ -98,69 +137,77 @@ def plot_report(report: ProfileReport, out_png: str | Path, *, title: str | None
     curves = _curves(report)
     colors = _colors(list(curves))
     n_rows_table = len(report.results)
-    fig = plt.figure(figsize=(16, 19 + 0.22 * n_rows_table))
-    grid = fig.add_gridspec(4, 2, height_ratios=[1.0, 0.25 + 0.045 * n_rows_table, 1.0, 0.8], hspace=0.35,
-                            wspace=0.22, top=0.95)
-    fig.suptitle(
-        title
-        or f"moeflow profile: {Path(report.model or 'model').name}, {report.tokens:,} tokens, "
-        f"{len(report.layers)} MoE layers x {report.num_experts} experts, top-{report.top_k}, "
-        f"{report.expert_bytes / 2**20:.2f} MiB per expert",
-        fontsize=14,
-        y=0.975,
-    )
+    fig = plt.figure(figsize=(18, 19 + 0.22 * n_rows_table))
+    grid = fig.add_gridspec(4, 1, height_ratios=[1.0, 0.3 + 0.05 * n_rows_table, 1.0, 0.8], hspace=0.55, top=0.93)
+    setup = (f"{Path(report.model or 'model').name}, {report.tokens:,} tokens replayed, {len(report.layers)} MoE "
+             f"layers x {report.num_experts} experts, top-{report.top_k}, "
+             f"{report.expert_bytes / 2**20:.2f} MiB per expert")
+    line = takeaway(report)
+    fig.suptitle(title or (f"moeflow profile: {line}\n{setup}" if line else f"moeflow profile: {setup}"), fontsize=14,
+                 y=0.975)
+    top = grid[0].subgridspec(1, 3, wspace=0.28)
+    xticks = sorted({100 * r.budget for r in report.results})
 
-    ax = fig.add_subplot(grid[0, 0])
+    def budget_axis(ax: Any, ylabel: str, panel_title: str) -> None:
+        ax.set_xlabel("expert budget (% of all experts resident)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(xticks, [f"{x:g}" for x in xticks])
+        ax.grid(alpha=0.3, which="both")
+        ax.set_title(panel_title, fontsize=11)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+
+    ax = fig.add_subplot(top[0, 0])
     _plot_hit_rates(ax, report, colors)
-    ax.set_xlabel("expert budget (% of all experts resident)")
-    ax.set_ylabel("hit rate (%)")
     ax.set_ylim(0, 100)
-    ax.set_xticks(sorted({100 * r.budget for r in report.results}))
-    ax.grid(alpha=0.3)
-    ax.set_title("cache hit rate vs budget (one decode step per token)")
-    ax.legend(fontsize=9, loc="lower right")
+    budget_axis(ax, "hit rate (%)", "cache hit rate (one decode step per token)")
 
-    ax = fig.add_subplot(grid[0, 1])
-    for li, bw in enumerate(report.links.values()):
-        style = _LINK_STYLES[li % len(_LINK_STYLES)]
-        for label, (budgets, demand) in _curves(report, lambda r: r.demand_bytes_per_token).items():
-            ax.plot([100 * b for b in budgets], [1e3 * d / bw for d in demand], linestyle=style, marker=".",
-                    color=colors[label])
-    for li, (link, bw) in enumerate(report.links.items()):
-        style = _LINK_STYLES[li % len(_LINK_STYLES)]
-        ax.plot([], [], linestyle=style, color="gray", label=f"{link}: {bw / 1e9:.3g} GB/s")
-    ax.set_yscale("log")
-    ax.set_xlabel("expert budget (% of all experts resident)")
-    ax.set_ylabel("predicted stall per token (ms, log)")
-    ax.set_title("demand-miss bytes / link bandwidth (colours as left; prefetch assumed hidden)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=9)
+    ax = fig.add_subplot(top[0, 1])
+    for label, (budgets, values) in _curves(report, lambda r: r.bytes_per_token).items():
+        ax.plot([100 * b for b in budgets], [v / 2**20 for v in values], marker="o", color=colors[label],
+                linestyle="--" if label == BELADY_LABEL else "-", label=_short(label))
+    ax.set_ylim(bottom=0)
+    budget_axis(ax, "MiB read per token", "bytes read per token: demand misses + prefetches")
 
-    ax = fig.add_subplot(grid[1, :])
+    link = _stall_link(report)
+    bandwidth = report.links[link]
+    ax = fig.add_subplot(top[0, 2])
+    for label, (budgets, demand) in _curves(report, lambda r: r.demand_bytes_per_token).items():
+        ax.plot([100 * b for b in budgets], [1e3 * d / bandwidth for d in demand], marker="o", color=colors[label],
+                linestyle="--" if label == BELADY_LABEL else "-", label=_short(label))
+    ax.set_ylim(bottom=0)
+    budget_axis(ax, f"ms per token on {link} ({bandwidth / 1e9:.3g} GB/s)",
+                "predicted stall per token: demand misses only\n(prefetches counted left, assumed hidden by compute)")
+
+    ax = fig.add_subplot(grid[1])
     ax.axis("off")
-    header, rows = _stall_table(report)
-    table = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
+    header, rows = _hit_table(report)
+    cost_header, cost_rows = _cost_table(report)
+    header += cost_header[2:]
+    rows = [row + cost[2:] for row, cost in zip(rows, cost_rows)]
+    widths = [3.0 if i == 0 else 1.0 for i in range(len(header))]
+    table = ax.table(cellText=rows, colLabels=header, cellLoc="center", bbox=[0, 0, 1, 1],
+                     colWidths=[w / sum(widths) for w in widths])
     table.auto_set_font_size(False)
     table.set_fontsize(9)
-    table.scale(1, 1.35)
     for (row, _), cell in table.get_celld().items():
-        if row == 0:
-            cell.set_height(cell.get_height() * 1.8)
+        if row == 0:  # two-line names: twice a row's height (the bbox scales every row to fit)
+            cell.set_height(2 * cell.get_height())
             cell.set_facecolor("#e8e8e8")
-    ax.set_title("per policy and budget: hit rate (overall and per MoE layer), bytes read, predicted stall per token",
-                 pad=12)
+    ax.set_title("per policy and budget: hit rate (overall and per MoE layer), MiB read per token (all / demand "
+                 "misses), predicted stall per token on each link (demand misses / bandwidth)", pad=10)
 
     act = np.asarray(report.analysis.activation, dtype=float)
     share = act / np.maximum(act.sum(axis=1, keepdims=True), 1)
-    ax = fig.add_subplot(grid[2, 0])
+    middle = grid[2].subgridspec(1, 2, wspace=0.22)
+    ax = fig.add_subplot(middle[0, 0])
     im = ax.imshow(100 * share, aspect="auto", cmap="viridis")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(len(report.layers)), [str(layer) for layer in report.layers])
     ax.set_title(f"expert activation (% of the layer's routed tokens; uniform = {100 / report.num_experts:.1f}%)")
-    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="% of the layer's routed tokens")
 
-    ax = fig.add_subplot(grid[2, 1])
+    ax = fig.add_subplot(middle[0, 1])
     reuse = report.analysis.reuse_distance
     starts, counts = np.asarray(reuse.bin_starts), np.asarray(reuse.counts, dtype=float)
     total = counts.sum() + reuse.first_uses
@@ -186,7 +233,7 @@ def plot_report(report: ProfileReport, out_png: str | Path, *, title: str | None
 
     coact = report.analysis.coactivation
     if coact:
-        sub = grid[3, :].subgridspec(1, len(coact), wspace=0.3)
+        sub = grid[3].subgridspec(1, len(coact), wspace=0.3)
         for i, pair in enumerate(coact):
             ax = fig.add_subplot(sub[0, i])
             counts = np.asarray(pair.counts, dtype=float)
@@ -196,7 +243,7 @@ def plot_report(report: ProfileReport, out_png: str | Path, *, title: str | None
             ax.set_xlabel(f"expert in layer {lb}")
             ax.set_ylabel(f"expert in layer {la}")
             ax.set_title(f"co-activation {la} → {lb}: P(next | this), %", fontsize=10)
-            fig.colorbar(im, ax=ax, fraction=0.04)
+            fig.colorbar(im, ax=ax, fraction=0.04, label="% of tokens")
     return save_png(fig, out_png, dpi=90, bbox_inches="tight")
 
 
@@ -212,15 +259,25 @@ def save_png(fig: Any, out_png: str | Path, **savefig: Any) -> Path:
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Right-aligned columns, two spaces apart: the header line, then one line per row."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    """Right-aligned columns, two spaces apart: the header (a name with a newline takes two lines), then one line
+    per row."""
+    names = [h.split("\n") for h in header]
+    depth = max(len(n) for n in names)
+    names = [[""] * (depth - len(n)) + n for n in names]
+    widths = [max([len(x) for x in n] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return [fmt.format(*header)] + [fmt.format(*row) for row in rows]
+    return [fmt.format(*(n[d] for n in names)) for d in range(depth)] + [fmt.format(*row) for row in rows]
 
 
 def summary_lines(report: ProfileReport) -> list[str]:
-    header, rows = _stall_table(report)
-    return text_table([h.replace("\n", " ") for h in header], rows)
+    """`moeflow profile`'s text: hit rates, then bytes and stall, two tables each within TEXT_WIDTH columns."""
+    links = ", ".join(f"{_link_name(link)} {bw / 1e9:.3g} GB/s" for link, bw in report.links.items())
+    cost = (f"MiB read per token (all reads / demand misses) and predicted stall per token: demand misses / link "
+            f"bandwidth ({links}), prefetches assumed hidden:")
+    lines = ["hit rate per policy and budget, overall and per MoE layer:", *text_table(*_hit_table(report)), "",
+             *textwrap.wrap(cost, TEXT_WIDTH), *text_table(*_cost_table(report))]
+    line = takeaway(report)
+    return lines + (["", *textwrap.wrap(line[0].upper() + line[1:] + ".", TEXT_WIDTH)] if line else [])
 
 
 def compare_lines(a: ProfileReport, b: ProfileReport, label_a: str, label_b: str) -> list[str]:

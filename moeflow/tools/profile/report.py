@@ -16,6 +16,7 @@ from typing import Any, Literal
 from moeflow.errors import MoeflowError
 
 FORMAT = "moeflow-profile/1"
+MEASURED_DISK = "this machine's disk"  # the link name under which a profile records the disk it measured
 Mode = Literal["replay", "live"]
 
 
