@@ -7,6 +7,7 @@ server's capacity, refused while draining), cancellations and stats requests —
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -46,13 +47,22 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 
 class RequestLimits:
-    """What a request may ask of this server: `--max-new-tokens-limit`, `--max-prompt-tokens` (or the context)."""
+    """What a request may ask of this server: `--max-new-tokens-limit`, `--max-prompt-tokens` (or the context).
 
-    def __init__(self, engine: Engine, config: ServerConfig, tokenizer_lock: threading.Lock) -> None:
+    A prompt is never tokenized in full when it cannot fit: no token of the model spans more than
+    `max_token_chars` characters, so a prompt longer than that many times the token limit is refused on its
+    length alone (a 1 MiB prompt took 1.5 s of the tokenizer, and memory, before it was refused). Prompts that
+    may fit are encoded with a copy of the tokenizer under a lock of their own, never the one the streams
+    decode with (`Engine.tokenizer_lock`).
+    """
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self._engine = engine
         self._max_new_tokens = config.max_new_tokens_limit
         self._max_prompt_tokens = config.max_prompt_tokens or engine.max_context
-        self._tokenizer_lock = tokenizer_lock  # encoding the prompt shares the tokenizer with the handlers' decoding
+        self._encoder = copy.deepcopy(engine.tokenizer)
+        self._encoder_lock = threading.Lock()
+        self._token_chars = max_token_chars(engine.tokenizer) if engine.tokenizer is not None else 0
 
     def sequence(self, request: GenerateRequest) -> SequenceState:
         """The engine's sequence for `request`; RequestError says what to change when it asks too much."""
@@ -66,14 +76,33 @@ class RequestLimits:
                 "ask for fewer tokens"
             )
         sampling = {name: getattr(request, name) for name in SAMPLING_FIELDS}
-        with self._tokenizer_lock:
-            seq = self._engine.new_sequence(request.prompt, max_new_tokens=max_new, **sampling)
+        seq = self._engine.new_sequence(self._encode(request.prompt), max_new_tokens=max_new, **sampling)
         if self._max_prompt_tokens and len(seq.prompt_ids) > self._max_prompt_tokens:
             raise RequestError(
                 f"the prompt is {len(seq.prompt_ids)} tokens, but this server accepts at most "
                 f"{self._max_prompt_tokens} (--max-prompt-tokens, or the model's context); shorten the prompt"
             )
         return seq
+
+    def _encode(self, prompt: str) -> str | list[int]:
+        """The prompt's token ids (the text itself when it is empty or there is no tokenizer: the engine says why)."""
+        if not prompt or self._encoder is None:
+            return prompt
+        max_chars = self._max_prompt_tokens * self._token_chars
+        if self._max_prompt_tokens and len(prompt) > max_chars:
+            raise RequestError(
+                f"the prompt is {len(prompt)} characters, but this server accepts at most {self._max_prompt_tokens} "
+                f"tokens (--max-prompt-tokens, or the model's context) and no token of this model spans more than "
+                f"{self._token_chars} characters, so at most {max_chars} characters can fit; shorten the prompt"
+            )
+        with self._encoder_lock:
+            return list(self._encoder(prompt)["input_ids"])
+
+
+def max_token_chars(tokenizer: object) -> int:
+    """The longest text one token of `tokenizer` stands for, in characters (a vocabulary entry is at least as long
+    as its text: byte-level entries spell each byte as one character, byte fallback as <0xNN>)."""
+    return max((len(entry) for entry in tokenizer.get_vocab()), default=1)
 
 
 @dataclass(frozen=True)

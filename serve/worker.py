@@ -52,7 +52,7 @@ class EngineWorker:
         self.config = config
         self._admission = admission
         self._scheduler = self._new_scheduler()
-        self._limits = RequestLimits(engine, config, engine.tokenizer_lock)
+        self._limits = RequestLimits(engine, config)
         self._tokenizer = engine.locked_tokenizer
         self._intake = Intake(config)
         self._stats = StatsRecorder(config, admission=admission.name, model=model)

@@ -117,3 +117,27 @@ def test_a_unary_call_without_its_message_is_refused(checkpoint):
 def test_idle_timeout_must_be_positive():
     with pytest.raises(MoeflowError, match="--idle-timeout-s must be > 0"):
         ServerConfig(idle_timeout_s=0)
+
+
+def test_a_huge_prompt_is_refused_on_its_length_before_it_is_tokenized(checkpoint):
+    """A 1 MiB prompt used to be tokenized in full (1.5 s of the tokenizer here, under the lock the streams decode
+    with) before its length was checked. No token of the model spans more than a few characters, so its length in
+    characters alone says it cannot fit: refused at once, naming the limit, while another stream goes on."""
+    with serving(checkpoint, max_message_bytes=2 << 20) as running, MoeflowClient(running.address, timeout=60) as c:
+        stream = iter(c.stream("Once upon a time", max_new_tokens=120))
+        first = next(stream)
+        t0 = time.monotonic()
+        for _ in range(4):
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate("x" * (1 << 20), max_new_tokens=2)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = e.value.details()
+            assert "the prompt is 1048576 characters" in details and "at most 256 tokens" in details
+            assert "--max-prompt-tokens" in details
+        assert time.monotonic() - t0 < 2.0, "the huge prompts were tokenized"
+        rest = list(stream)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 120
+        # A prompt that may fit is still measured in tokens.
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("x" * 300, max_new_tokens=2)
+        assert "prompt is 300 tokens and max_new_tokens is 2, but the model's context is 256" in e.value.details()
