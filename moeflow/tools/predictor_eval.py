@@ -183,23 +183,29 @@ def plot_eval(report: EvalReport, out_png: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     preds = report.predictors
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    best = max(preds, key=lambda p: p.recall_at_k)
+    fig.suptitle(f"{best.name} predicts {100 * best.recall_at_k:.0f}% of each token's top-{report.top_k} experts "
+                 f"(recall@K), {100 * best.recall_at_2k:.0f}% among its best {2 * report.top_k} (recall@2K), at "
+                 f"{best.us_per_token:.1f} µs/token", fontsize=12)
     x = np.arange(len(preds))
     ax1.bar(x - 0.2, [p.recall_at_k for p in preds], 0.4, label="recall@K")
     ax1.bar(x + 0.2, [p.recall_at_2k for p in preds], 0.4, label="recall@2K")
     for i, p in enumerate(preds):
         ax1.text(i, p.recall_at_2k + 0.01, f"{p.us_per_token:.1f} µs/tok", ha="center", fontsize=7)
     ax1.set_xticks(x, [p.name for p in preds])
-    ax1.set_ylim(0, 1.05)
+    ax1.set_ylim(0, 1.18)
     ax1.set_ylabel("share of true top-K experts predicted")
-    ax1.set_title(f"routing prediction on held-out text ({report.tokens:,} tokens)")
-    ax1.legend(loc="lower right")
+    ax1.set_title(f"routing prediction on held-out text ({report.tokens:,} tokens; label: cost)", fontsize=10)
+    ax1.legend(loc="upper right", ncol=2, fontsize=9)
     for p in preds:
         ax2.plot([r.layer for r in p.per_layer], [r.recall_at_k for r in p.per_layer], marker="o", label=p.name)
+    layers = sorted({r.layer for p in preds for r in p.per_layer})
+    ax2.set_xticks(layers, [str(layer) for layer in layers])
     ax2.set_xlabel("MoE layer")
     ax2.set_ylabel("recall@K")
     ax2.set_ylim(0, 1.05)
-    ax2.set_title("per layer")
+    ax2.set_title("recall@K per MoE layer", fontsize=10)
     ax2.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, out_png, dpi=120)

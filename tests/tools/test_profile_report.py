@@ -144,3 +144,16 @@ def test_reading_and_tabling_a_report_imports_no_torch():
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_predictor_eval_plot_ticks_whole_layers_and_states_the_best(monkeypatch, tmp_path):
+    from moeflow.tools import predictor_eval
+
+    figures = []
+    monkeypatch.setattr(predictor_eval, "save_png", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    report = EvalReport.from_json(json.loads((ROOT / "bench" / "results" / "predictor_eval.json").read_text()))
+    predictor_eval.plot_eval(report, tmp_path / "e.png")
+    (fig,) = figures
+    per_layer = fig.axes[1]
+    assert list(per_layer.get_xticks()) == [r.layer for r in report.predictors[0].per_layer]
+    assert fig._suptitle.get_text().startswith("path predicts 81% of each token's top-2 experts")
