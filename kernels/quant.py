@@ -11,7 +11,9 @@ Formats (``ExpertFormat``), per projection weight ``w_NC`` (gate and up are [I, 
 - ``int4``: group-wise along the input columns, symmetric, groups of ``group_size`` columns (the last
   group holds the remainder when ``group_size`` does not divide C). ``scale_NG`` fp16 = max|w[group]| / 7,
   rounded to fp16 first, ``q`` = round(w / scale) in [-8, 7], two's complement nibbles, two per byte:
-  column 2j in the low nibble, 2j+1 in the high one (``q_N(C/2)`` uint8; C must be even).
+  byte j of a row holds column j in its low nibble and column j + C/2 in its high one (``q_N(C/2)`` uint8;
+  C must be even). Halves, not neighbours: each nibble plane unpacks into a contiguous half-row
+  (0.42 vs 0.67 ms for 16384 x 192 with neighbours interleaved, whose unpack writes with stride 2).
   Dequantized: ``q * float(scale)`` in fp32. Symmetric, without zero points: a zero point per group
   would add 2 bytes per group (6.25% more bytes at group 128, past the 1/8-of-fp32 target) for the
   asymmetric range; measured perplexity with the symmetric form is in bench/results/quantized.
@@ -131,7 +133,8 @@ def quantize(w_NC: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch
     scale_NG = torch.where(scale_NG > 0, scale_NG, torch.ones_like(scale_NG))  # an fp16 underflow: q stays 0
     q = torch.round(padded / scale_NG.float()[:, :, None]).clamp_(-8, 7).view(rows, groups * g)[:, :cols]
     q8 = q.to(torch.int8)
-    packed = (q8[:, 0::2] & 0xF) | ((q8[:, 1::2] & 0xF) << 4)
+    half = cols // 2
+    packed = (q8[:, :half] & 0xF) | ((q8[:, half:] & 0xF) << 4)
     return packed.view(torch.uint8).contiguous(), scale_NG.contiguous()
 
 
@@ -155,9 +158,12 @@ def dequantize(
         # q * s rounded once, as q.float() * s; a mixed-dtype torch.mul(q, s, out=) is 5-8x slower (1.2-2.0 vs 0.25 ms)
         return out.copy_(q).mul_(scale)
     signed = q.view(torch.int8)
-    pairs = out.view(rows, cols // 2, 2)
-    pairs[:, :, 0].copy_(torch.bitwise_right_shift(torch.bitwise_left_shift(signed, 4), 4))  # low nibble, sign kept
-    pairs[:, :, 1].copy_(torch.bitwise_right_shift(signed, 4))
+    half = cols // 2
+    nibbles = torch.empty_like(signed)
+    torch.bitwise_left_shift(signed, 4, out=nibbles).bitwise_right_shift_(4)  # the low nibble, sign extended
+    out[:, :half].copy_(nibbles)
+    torch.bitwise_right_shift(signed, 4, out=nibbles)  # the high nibble (arithmetic shift keeps the sign)
+    out[:, half:].copy_(nibbles)
     g = fmt.group_size
     full = cols // g
     s = scale.to(out.dtype)

@@ -53,11 +53,13 @@ def test_int4_representable_weights_are_exact_and_packed_low_nibble_first(g):
     q, s = quantize(w, INT4[g])
     d = dequantize(q, s, INT4[g])
     assert (d - w).abs().max() <= s.float().max() / 2
-    # The layout: column 2j in the low nibble, 2j+1 in the high one, two's complement.
-    one = torch.tensor([[1.0, -1.0] * (g // 2)]) * 7
-    q1, s1 = quantize(one, INT4[g])
-    assert float(s1[0, 0]) == 1.0
-    assert q1[0, 0].item() == (7 & 0xF) | ((-7 & 0xF) << 4)
+    # The layout: byte j holds column j (low nibble) and column j + C/2 (high nibble), two's complement.
+    row = torch.zeros(1, 2 * g)
+    row[0, 0], row[0, g], row[0, 1], row[0, g + 1] = 7, -7, -3, 2
+    q1, s1 = quantize(row, INT4[g])
+    assert s1.tolist() == [[1.0, 1.0]]
+    assert q1[0, 0].item() == 7 | ((-7 & 0xF) << 4) and q1[0, 1].item() == (-3 & 0xF) | (2 << 4)
+    assert q1[0, 2:].eq(0).all()
 
 
 def test_unsupported_layouts_name_the_supported_ones():
