@@ -266,6 +266,30 @@ def rebatch_part(args: argparse.Namespace, runtime: int) -> dict:
 # ---- picture and entry point ---------------------------------------------------------------------------
 
 
+def _bar_name(name: str) -> str:
+    """'predictive/token_freq' -> two short lines, so every label sits under its own bar unrotated."""
+    return name.replace("/", "\n")
+
+
+def takeaway(result: dict) -> str:
+    """One line: the best predictive contender against LRU on each model, and the re-batcher against FIFO."""
+    parts = []
+    for model_name, part in result.get("decode", {}).items():
+        rows = [r for r in part["contenders"] if "error" not in r]
+        lru = next((r for r in rows if r["name"].endswith(" lru")), None)
+        others = [r for r in rows if r is not lru]
+        if lru and others:
+            best = max(others, key=lambda r: r["speed"])
+            parts.append(f"{model_name} {best['speed'] / lru['speed']:.2f}x")
+    text = f"predictive prefetch vs LRU, decode tokens/s: {', '.join(parts)}" if parts else ""
+    rows = [row for row in result.get("rebatch", {}).get("rows", []) if row["fifo"].get("speed")]
+    if rows:
+        ratios = ", ".join(f"B={row['batch_size']} {row['rebatch']['speed'] / row['fifo']['speed']:.2f}x"
+                           for row in rows)
+        text += ("; " if text else "") + f"re-batcher vs FIFO: {ratios}"
+    return text
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -274,44 +298,59 @@ def plot(result: dict, path: Path) -> None:
 
     decode = result.get("decode", {})
     rows = len(decode) + (1 if "rebatch" in result else 0)
-    fig, grid = plt.subplots(rows, 2, figsize=(10, 3.6 * rows), squeeze=False)
+    fig, grid = plt.subplots(rows, 2, figsize=(11, 3.5 * rows + 0.6), squeeze=False)
     axes = list(grid.reshape(-1))
+
+    def label_bars(ax, bars, texts) -> None:
+        for bar, text in zip(bars, texts):
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.set_ylim(0, 1.18 * max(bar.get_height() for bar in bars))
+
     for model_name, part in decode.items():
         rows = [r for r in part["contenders"] if "error" not in r]
-        names = [r["name"].split(" ", 1)[1] for r in rows]
-        lru = rows[0]["speed"] if rows else 1.0
+        names = [_bar_name(r["name"].split(" ", 1)[1]) for r in rows]
+        lru = rows[0] if rows else None
+        colors = ["#888"] + ["#1f77b4"] * (len(rows) - 1)
         ax = axes.pop(0)
-        bars = ax.bar(names, [r["speed"] for r in rows], color=["#888"] + ["#1f77b4"] * (len(rows) - 1))
-        for bar, r in zip(bars, rows):
-            ax.annotate(f"{r['speed'] / lru:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"{model_name}: decode at {part['budget']}, disk", fontsize=9)
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        bars = ax.bar(names, [r["speed"] for r in rows], color=colors)
+        label_bars(ax, bars, [f"{r['speed']:.1f} ({r['speed'] / lru['speed']:.2f}x)" for r in rows])
+        ax.set_ylabel("decode tokens/s (higher is better)")
+        ax.set_title(f"{model_name}: decode speed at {part['budget']} of experts, disk (x LRU)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
         ax = axes.pop(0)
-        ax.bar(names, [r["decode_bytes_per_token"] / 2**20 for r in rows], color="#2ca02c")
+        mib = [r["decode_bytes_per_token"] / 2**20 for r in rows]
+        bars = ax.bar(names, mib, color=["#888"] + ["#2ca02c"] * (len(rows) - 1))
+        label_bars(ax, bars, [f"{m:.2f}" if m < 10 else f"{m:.1f}" for m in mib])
         if "belady" in part["replay_on_lru_routing"]:
             ax.axhline(part["replay_on_lru_routing"]["belady"]["bytes_per_token"] / 2**20, color="black",
-                       linestyle="--", label="Belady (offline optimum)")
-            ax.legend(fontsize=7)
+                       linestyle="--", label="Belady (offline optimum, on LRU's routing)")
+            ax.legend(fontsize=7, loc="upper right")
         ax.set_ylabel("MiB read per decode token")
-        ax.set_title(f"{model_name}: bytes per token (lower is better)", fontsize=9)
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.set_title(f"{model_name}: bytes read per token (lower is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
     if "rebatch" in result:
         r = result["rebatch"]
         ax = axes.pop(0)
         labels = [f"B={row['batch_size']}" for row in r["rows"]]
         x = range(len(labels))
-        ax.bar([i - 0.2 for i in x], [row["fifo"].get("speed", 0) for row in r["rows"]], 0.4, label="fifo")
-        ax.bar([i + 0.2 for i in x], [row["rebatch"].get("speed", 0) for row in r["rows"]], 0.4, label="re-batcher")
+        fifo = [row["fifo"].get("speed", 0) for row in r["rows"]]
+        rebatch = [row["rebatch"].get("speed", 0) for row in r["rows"]]
+        bars_f = ax.bar([i - 0.2 for i in x], fifo, 0.4, label="fifo", color="#888")
+        bars_r = ax.bar([i + 0.2 for i in x], rebatch, 0.4, label="re-batcher", color="#ff7f0e")
+        label_bars(ax, [*bars_f, *bars_r], [f"{v:.1f}" for v in fifo] +
+                   [f"{v:.1f} ({v / f:.2f}x)" if f else f"{v:.1f}" for v, f in zip(rebatch, fifo)])
         ax.set_xticks(list(x), labels)
-        ax.set_ylabel(f"tokens/s, iobound, {r['prompts']} prompts")
-        ax.set_title("token re-batcher vs FIFO", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.set_ylabel("tokens/s (higher is better)")
+        ax.set_title(f"token re-batcher vs FIFO: iobound, {r['prompts']} prompts, batch size B", fontsize=9)
+        ax.legend(fontsize=8, loc="upper left")
         axes.pop(0).axis("off")
     m = result["machine"]
-    fig.suptitle(f"moeflow ExpertFlow core — {m['cpu']}, {m['cores']} cores, disk "
-                 f"{result['disk_gib_s']:.2f} GiB/s O_DIRECT, {m['date']}", fontsize=9)
+    equal = all(r.get("tokens_equal_lru", True) for part in decode.values() for r in part["contenders"])
+    equal = equal and all(row.get("outputs_equal", True) for row in result.get("rebatch", {}).get("rows", []))
+    fig.suptitle(f"{takeaway(result)}\n{m['cpu']}, {m['cores']} cores, disk {result['disk_gib_s']:.2f} GiB/s "
+                 f"O_DIRECT, {m['date']}" + ("; every contender's tokens equal LRU's (FIFO's)" if equal else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
