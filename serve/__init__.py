@@ -9,6 +9,9 @@ Layout, along the data path:
 - `stats.py` — the running totals behind `GetStats`;
 - `errors.py` — refusals and failures that are not the request's fault;
 - `server.py` — gRPC server with health and reflection, SIGTERM drain (`moeflow serve`);
+- `http.py` — the OpenAI-compatible HTTP API on the same worker (`moeflow serve --http-port`), Starlette on uvicorn;
+- `openai_api.py` — OpenAI request JSON <-> `GenerateRequest`, `Chunk`s -> OpenAI response and stream objects;
+- `metrics.py` — `/metrics`: the stats in Prometheus text format;
 - `client.py` — `MoeflowClient` (`moeflow client`).
 
 Importing `serve` or `serve.client` does not import torch.

@@ -12,6 +12,11 @@ from moeflow.errors import MoeflowError
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     port: int = field(default=50051, metadata={"help": "TCP port; 0 picks a free one (printed at start)"})
+    http_port: int | None = field(
+        default=None,
+        metadata={"help": "also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics) "
+                  "on this TCP port of --host, from the same engine; 0 picks a free one (default: no HTTP)"},
+    )
     max_batch_size: int = field(default=8, metadata={"help": "sequences decoding together at most"})
     max_queue: int = field(
         default=128, metadata={"help": "requests waiting for a place in the batch at most; beyond: RESOURCE_EXHAUSTED"}
@@ -38,6 +43,8 @@ class ServerConfig:
         for name in ("max_batch_size", "max_new_tokens_limit", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise MoeflowError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise MoeflowError(f"--http-port must be in [0, 65535], got {self.http_port}")
         for name in ("max_queue", "max_prompt_tokens", "port"):
             if getattr(self, name) < 0:
                 raise MoeflowError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

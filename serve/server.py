@@ -121,6 +121,13 @@ def run(model: Path | None, engine_config: EngineConfig, config: ServerConfig) -
     try:
         with load(model, **dataclasses.asdict(engine_config)) as engine:
             running = start(engine, config, model_name=engine.checkpoint.path.name)
+            http = None
+            if config.http_port is not None:
+                from .http import start_http  # starlette and uvicorn only for a server that serves HTTP
+
+                http = start_http(running.worker, host=config.host, port=config.http_port,
+                                  model_name=engine.checkpoint.path.name)  # fmt: skip
+                print(f"moeflow: OpenAI-compatible HTTP API on {http.url}/v1", file=sys.stderr, flush=True)
             print(
                 f"moeflow: serving {engine.checkpoint.path} on {running.address} (admission {config.admission}, "
                 f"batch <= {config.max_batch_size}, queue <= {config.max_queue}, expert budget "
@@ -134,6 +141,8 @@ def run(model: Path | None, engine_config: EngineConfig, config: ServerConfig) -
                 f"moeflow: draining (up to {config.grace_s:g} s); new requests are refused", file=sys.stderr, flush=True
             )
             drained = running.shutdown(config.grace_s)
+            if http is not None:
+                http.shutdown()
             print(
                 "moeflow: stopped"
                 + ("" if drained else "; requests still running after the grace period were cancelled"),

@@ -80,6 +80,11 @@ class EngineWorker:
         return future.result(timeout)
 
     @property
+    def draining(self) -> bool:
+        """New requests are refused (SIGTERM drain, or close)."""
+        return self._intake.draining
+
+    @property
     def dead(self) -> EngineDead | None:
         """Why the engine thread stopped for good; None while it serves."""
         return self._intake.dead
