@@ -3,7 +3,8 @@
 A disk-backed contender is only honest when the page cache cannot quietly turn its disk into RAM:
 each one runs as a fresh process inside a cgroup-v1 memory group (page cache is charged to it) with
 the same limit as its rivals, after the page cache is dropped (root on Linux; where either is not
-possible the result says so). See ../shared/ENVIRONMENT.md for how this was measured on this machine.
+possible the result says so). Measured on this machine: a cgroup-v1 memory group charges the page cache
+to its processes, so contenders given equal limits hold equal memory, page cache included.
 """
 
 from __future__ import annotations

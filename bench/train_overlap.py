@@ -6,7 +6,7 @@ Two links:
   loopback  both ranks in this namespace over 127.0.0.1
 
 The tbf bucket (--burst, default 128 KiB, 1 ms at 1 Gbit/s) must hold a whole 64 KiB GSO segment.
-With ENVIRONMENT.md's 32 kbit bucket tbf re-segments every segment into 1500-byte packets in software:
+With a 32 kbit bucket (`burst 32kbit`, tried first) tbf re-segments every segment into 1500-byte packets in software:
 measured here, one 4 MiB-per-rank all-to-all then cost each rank ~53 ms of CPU (vs ~4 ms with the
 128 KiB bucket) on the two cores the ranks compute on, an artifact of both "nodes" sharing one CPU
 that a NIC with segmentation offload does not have. The rate limit is the same either way.
@@ -74,7 +74,7 @@ class BenchConfig:
     links: str = "limited,loopback"
     out: str = "bench/results"
     timeout_s: int = 600
-    quick: bool = False  # reduced sizes and rounds, under two minutes
+    quick: bool = False  # reduced sizes and rounds: 50-93 s on the 2-core EPYC (load 4-6), mostly rank start-up
     json: bool = False  # print {"links": [...]} on stdout
 
     def resolved(self) -> BenchConfig:

@@ -1,7 +1,7 @@
 import os
 
 # Triton kernels launch only under the interpreter on a CPU-only host; this must be set before any
-# kernel module is imported (ENVIRONMENT.md: "set before the kernels are defined").
+# kernel module is imported (Triton reads it when the kernels are defined).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
