@@ -143,6 +143,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from moeflow.build import load
+    from moeflow.engine.chat import ChatSession, chat_prompt
+    from moeflow.errors import RequestError
+
+    config = options_from_args(EngineConfig, args)
+    sampling = {k: v for k, v in dataclasses.asdict(options_from_args(SamplingParams, args)).items() if v is not None}
+    interactive = sys.stdin.isatty()
+    with load(args.model, **dataclasses.asdict(config)) as engine:
+        session = ChatSession(engine, system=args.system and unescape(args.system), **sampling)
+        template = chat_prompt(engine.tokenizer, [{"role": "user", "content": ""}]).template
+        if interactive:
+            how = "its chat template" if template == "model" else "a plain role: content transcript (no chat template)"
+            print(f"[chat with {engine.checkpoint.path.name}, {how}; Ctrl-D ends]", file=sys.stderr)
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            text = unescape(line.rstrip("\n"))
+            if not text.strip():
+                continue
+            try:
+                for piece in session.reply(text):
+                    print(piece, end="", flush=True)
+            except RequestError as e:  # this turn is refused (too long for the context...); the chat goes on
+                print(f"moeflow: error: {e}", file=sys.stderr)
+                continue
+            print()
+            last = session.last
+            print(f"[{len(last.token_ids)} tokens, {last.tokens_per_s:.1f} tok/s]", file=sys.stderr, flush=True)
+    return 0
+
+
 def default_data_files() -> list[Path]:
     """The shipped model's held-out corpus files: what measurements use when --data is omitted."""
     from moeflow.engine import DEFAULT_MODEL
@@ -330,6 +365,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=cmd_generate)
 
 
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    chat = sub.add_parser(
+        "chat",
+        help="chat in the terminal: one message per line on stdin (\\n escapes), the replies streamed to stdout",
+    )
+    _model_option(chat)
+    chat.add_argument("--system", default=None, help="a system message that opens the conversation")
+    add_options(chat, SamplingParams)
+    add_options(chat, EngineConfig)
+    chat.set_defaults(func=cmd_chat)
+
+
 def _add_trace(sub: argparse._SubParsersAction) -> None:
     trace = sub.add_parser("trace", help="record every token's routing over text files (numpy folder)")
     _model_option(trace)
@@ -450,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_trace, _add_predictor, _add_profile, _add_serve, _add_client):
+    for add in (_add_generate, _add_chat, _add_trace, _add_predictor, _add_profile, _add_serve, _add_client):
         add(sub)
     return parser
 

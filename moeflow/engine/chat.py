@@ -10,15 +10,20 @@ shipped default model (a small Python code model, not trained to chat), gets a d
 
 one `role: content` line per message and an open `assistant:` line, stopped at the next `\\nuser:` (so the model
 does not write the user's next turn). The choice is reported (`ChatPrompt.template`) so a server can say which
-one it used.
+one it used. `ChatSession` keeps a conversation's history (`moeflow chat`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from moeflow.config import MAX_STOP
 from moeflow.errors import RequestError
+
+if TYPE_CHECKING:
+    from moeflow.engine.engine import Engine, GenerationResult
 
 ROLES = ("system", "user", "assistant")
 TRANSCRIPT_STOP = ("\nuser:",)
@@ -63,3 +68,25 @@ def chat_prompt(tokenizer: object | None, messages: object) -> ChatPrompt:
         return ChatPrompt(text=text, stop=(), template="model")
     lines = [f"{m['role']}: {m['content']}" for m in checked]
     return ChatPrompt(text="\n".join([*lines, "assistant:"]), stop=TRANSCRIPT_STOP, template="transcript")
+
+
+class ChatSession:
+    """A conversation with one engine: `reply(text)` adds the user's turn, streams the assistant's answer (text
+    increments, as `Engine.stream`) and keeps it in the history for the next turn."""
+
+    def __init__(self, engine: Engine, *, system: str | None = None, **sampling: object) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.last: GenerationResult | None = None  # the last turn's result, once its stream has ended
+
+    def reply(self, text: str) -> Iterator[str]:
+        """The assistant's answer to `text`; the turn enters the history when the stream ends. A request the engine
+        refuses (RequestError: the conversation no longer fits the context...) leaves the history as it was."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt = chat_prompt(self.engine.tokenizer, messages)
+        stop = (*prompt.stop, *(self.sampling.get("stop") or ()))[:MAX_STOP]  # type: ignore[misc]
+        stream = self.engine.stream(prompt.text, **{**self.sampling, "stop": stop or None})
+        yield from stream
+        self.last = stream.result
+        self.messages = [*messages, {"role": "assistant", "content": (stream.result.text or "").strip()}]
