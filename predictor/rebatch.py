@@ -64,7 +64,9 @@ class RebatchAdmission(AdmissionPolicy):
         if name is None:
             raise MoeflowError(
                 f"the re-batcher needs a trained context predictor ({', '.join(CONTEXT_PREDICTORS)}) for "
-                f"{engine.checkpoint.path}; run `moeflow predictor train --model {engine.checkpoint.path}`"
+                f"{engine.checkpoint.path} in {engine_predictor_dir(engine)}; run `moeflow predictor train --model "
+                f"{engine.checkpoint.path} --out {engine_predictor_dir(engine)}`, or pass --predictor-dir FOLDER "
+                "where you trained them"
             )
         return cls(predicted_sets(build_predictor(engine, name), engine.top_k), **options)
 
