@@ -4,13 +4,16 @@ Every path that runs the model — generation of one or many sequences, the serv
 and live profiling — calls `StepDriver.forward`. Before the forward it tells its listeners what is
 about to be computed (each row's tokens so far: the predictive prefetcher starts its step, context
 predictors predict); during the forward it records every MoE layer's routing; it returns the last
-position's logits with that record. One thread at a time runs forwards on an engine.
+position's logits with that record. Threads sharing an engine take turns, one forward at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -35,8 +38,26 @@ class ForwardResult:
     routing: tuple[RoutingEvent, ...]  # every MoE layer's routing, in the order the layers ran
 
 
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _one_at_a_time(method: F) -> F:
+    """Hold the driver's lock for the whole call: threads sharing an engine take turns, forward by forward."""
+
+    @functools.wraps(method)
+    def serialized(self: StepDriver, *args: object, **kwargs: object) -> object:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return serialized  # type: ignore[return-value]
+
+
 class StepDriver:
     def __init__(self, model: nn.Module, runtime: OffloadRuntime, device: torch.device) -> None:
+        # Forwards are serialized: the expert cache pins a layer's experts while it computes, and two forwards
+        # pinning at once could each hold slots the other waits for (four threads deadlocked in
+        # ExpertCache._take_slot_locked); the routing record and the prefetcher's step are one forward's too.
+        self._lock = threading.RLock()
         self.model = model
         self.device = device
         self.before_forward: Listeners[ForwardStart] = Listeners()
@@ -47,6 +68,7 @@ class StepDriver:
         if self._routing is not None:
             self._routing.append(event)
 
+    @_one_at_a_time
     @torch.inference_mode()
     def forward(
         self,
