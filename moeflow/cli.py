@@ -341,7 +341,21 @@ def cmd_client(args: argparse.Namespace) -> int:
         as_json=args.json,
         show_stats=args.stats,
         timeout=args.timeout,
+        connection=client_connection(args),
     )
+
+
+def client_connection(args: argparse.Namespace) -> dict:
+    """MoeflowClient's TLS and token keywords from `moeflow client`'s options."""
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as e:
+            raise MoeflowError(f"--token-file {args.token_file}: {e.strerror}") from e
+        if not token:
+            raise MoeflowError(f"--token-file {args.token_file} is empty; put the token in it")
+    return {"tls": args.tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "token": token}
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -471,6 +485,11 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--json", action="store_true", help="print each reply message as one JSON line")
     client.add_argument("--stats", action="store_true", help="print the server's statistics (JSON)")
     client.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
+    client.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    client.add_argument("--tls-ca", type=Path, default=None, help="connect with TLS, trusting this CA (PEM)")
+    client.add_argument("--tls-cert", type=Path, default=None, help="mutual TLS: this client's certificate (PEM)")
+    client.add_argument("--tls-key", type=Path, default=None, help="mutual TLS: this client's private key (PEM)")
+    client.add_argument("--token-file", type=Path, default=None, help="file holding the server's bearer token")
     add_options(client, SamplingParams, only=GRPC_SAMPLING)
     client.set_defaults(func=cmd_client)
 

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import Message
@@ -117,31 +118,59 @@ class MoeflowClient:
 
     Sampling keywords of `stream` and `generate`: max_new_tokens, temperature (0 = greedy), top_p, seed.
     Errors are `grpc.RpcError`s; `.code()` and `.details()` say what was wrong.
+
+    A server started with TLS: `tls=True` (the system's trusted CAs) or `tls_ca` (PEM of the CA that signed the
+    server's certificate); with mutual TLS also `tls_cert` and `tls_key`, the client's own. A server started
+    with --token-file: `token`, sent as `authorization: Bearer TOKEN` with every call.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if tls or tls_ca or tls_cert or tls_key:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
+            )
+            self._channel = grpc.secure_channel(address, credentials)
+        else:
+            self._channel = grpc.insecure_channel(address)
         self._stub = moeflow_pb2_grpc.MoeflowStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def stream(self, prompt: str, *, timeout: float | None = None, **sampling: object) -> Stream:
         started = time.perf_counter()
-        return Stream(self._stub.Generate(make_request(prompt, **sampling), timeout=timeout or self.timeout), started)
+        call = self._stub.Generate(
+            make_request(prompt, **sampling), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        return Stream(call, started)
 
     def generate(self, prompt: str, *, timeout: float | None = None, **sampling: object) -> Response:
         """The unary call: the whole text at once."""
-        msg = self._stub.GenerateUnary(make_request(prompt, **sampling), timeout=timeout or self.timeout)
+        msg = self._stub.GenerateUnary(
+            make_request(prompt, **sampling), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         return Response.from_proto(msg)
 
     def stats(self, *, timeout: float | None = None) -> dict:
         """GetStats as a JSON-able dict: field names as in the proto, every field present, numbers as numbers."""
-        return plain(self._stub.GetStats(moeflow_pb2.GetStatsRequest(), timeout=timeout or self.timeout))
+        request = moeflow_pb2.GetStatsRequest()
+        return plain(self._stub.GetStats(request, timeout=timeout or self.timeout, metadata=self._metadata))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, or SERVICE_UNKNOWN (gRPC health protocol)."""
-        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = self._health.Check(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def close(self) -> None:
@@ -163,9 +192,11 @@ def run_cli(
     as_json: bool = False,
     show_stats: bool = False,
     timeout: float | None = None,
+    connection: dict | None = None,
 ) -> int:
-    """`moeflow client`: stream (or unary) one prompt to stdout, and/or print the server's stats as JSON."""
-    with MoeflowClient(address, timeout=timeout) as client:
+    """`moeflow client`: stream (or unary) one prompt to stdout, and/or print the server's stats as JSON.
+    `connection`: MoeflowClient's TLS and token keywords."""
+    with MoeflowClient(address, timeout=timeout, **(connection or {})) as client:
         try:
             if prompt is not None:
                 replies = [client.generate(prompt, **sampling)] if unary else client.stream(prompt, **sampling)
@@ -189,3 +220,7 @@ def run_cli(
             print(f"moeflow: error: {e.code().name} from {address}: {e.details()}", file=sys.stderr)
             return 1
     return 0
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moeflow.config import Admission, check_choice
 from moeflow.errors import MoeflowError
@@ -37,6 +39,19 @@ class ServerConfig:
         default=10.0,
         metadata={"help": "seconds a call may take to send its request message (each, on a stream); then it is cut"},
     )
+    tls_cert: Path | None = field(default=None, metadata={"help": "TLS: the server's certificate chain (PEM)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "TLS: the server's private key (PEM)"})
+    tls_client_ca: Path | None = field(
+        default=None, metadata={"help": "mutual TLS: accept only clients with a certificate signed by this CA (PEM)"}
+    )
+    token_file: Path | None = field(
+        default=None,
+        metadata={"help": "file holding a bearer token that every call except health checks must send "
+                  "(metadata authorization: Bearer TOKEN)"},
+    )
+    insecure: bool = field(
+        default=False, metadata={"help": "allow a non-loopback --host without TLS or a token (anyone may connect)"}
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.admission, Admission, "admission")
@@ -52,8 +67,41 @@ class ServerConfig:
             raise MoeflowError(f"--grace-s must be >= 0, got {self.grace_s}")
         if not self.idle_timeout_s > 0:
             raise MoeflowError(f"--idle-timeout-s must be > 0, got {self.idle_timeout_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise MoeflowError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise MoeflowError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise MoeflowError(f"--{name.replace('_', '-')} {path}: no such file")
+        if not (is_loopback(self.host) or self.tls_cert or self.token_file or self.insecure):
+            raise MoeflowError(
+                f"--host {self.host} is reachable from other machines, and this server would let anyone there use it "
+                "unencrypted: give --tls-cert and --tls-key, and/or --token-file, or --insecure if that is what you "
+                "want (or serve on 127.0.0.1)"
+            )
+
+    def token(self) -> str | None:
+        """The bearer token of --token-file (surrounding whitespace dropped), None without one."""
+        if self.token_file is None:
+            return None
+        token = Path(self.token_file).read_text().strip()
+        if not token:
+            raise MoeflowError(f"--token-file {self.token_file} is empty; put the token in it")
+        return token
 
     @property
     def capacity(self) -> int:
         """Requests the server holds at once (running + waiting); one more is refused."""
         return self.max_batch_size + self.max_queue
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach `host` (127.0.0.0/8, ::1, localhost); 0.0.0.0 and :: are every interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False

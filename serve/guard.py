@@ -18,6 +18,7 @@ limit then) refused health checks, GetStats and generation alike for as long as 
 from __future__ import annotations
 
 import heapq
+import hmac
 import itertools
 import threading
 import time
@@ -30,6 +31,7 @@ import grpc
 from .proto import SERVICE_NAME
 
 GENERATION_METHODS = frozenset({f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateUnary"})
+OPEN_PREFIX = "/grpc.health.v1.Health/"  # health checks need no token (probes rarely carry one; they reveal one word)
 CONTROL_THREADS = 8  # health checks, GetStats and reflection at once
 REFUSAL_THREADS = 2  # refusals never read a message: they take no time
 
@@ -80,7 +82,10 @@ class IdleWatch:
 
 
 class CallGuard(grpc.ServerInterceptor):
-    def __init__(self, *, generation_limit: int, control_limit: int, idle_timeout_s: float) -> None:
+    def __init__(
+        self, *, generation_limit: int, control_limit: int, idle_timeout_s: float, token: str | None = None
+    ) -> None:
+        self._expected = None if token is None else f"Bearer {token}".encode()
         self._limits = {"generation": generation_limit, "control": control_limit}
         self._active = {"generation": 0, "control": 0}
         self._lock = threading.Lock()
@@ -103,10 +108,19 @@ class CallGuard(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
+        if self._expected is not None and not details.method.startswith(OPEN_PREFIX):
+            sent = next((v for k, v in details.invocation_metadata if k == "authorization"), "")
+            if not hmac.compare_digest(str(sent).encode(), self._expected):  # constant time: the token is not guessed
+                return self._refusal(
+                    handler,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "this server needs a bearer token: send metadata 'authorization: Bearer TOKEN' "
+                    "(moeflow client --token-file)",
+                )
         kind = "generation" if details.method in GENERATION_METHODS else "control"
         with self._lock:
             if self._active[kind] >= self._limits[kind]:
-                return self._refusal(handler, kind)
+                return self._over_limit(handler, kind)
             self._active[kind] += 1
         return self._guarded(handler, kind)
 
@@ -137,15 +151,19 @@ class CallGuard(grpc.ServerInterceptor):
             behavior.experimental_thread_pool = self.control_pool  # gRPC runs it there, not on the shared pool
         return _streaming_request(handler, behavior)
 
-    def _refusal(self, handler: grpc.RpcMethodHandler, kind: str) -> grpc.RpcMethodHandler:
+    def _over_limit(self, handler: grpc.RpcMethodHandler, kind: str) -> grpc.RpcMethodHandler:
         limit = self._limits[kind]
         what = "generation requests" if kind == "generation" else "health, stats and reflection calls"
         message = f"the server is handling {limit} {what} at once, its limit; retry later" + (
             " (or start it with a larger --max-queue)" if kind == "generation" else ""
         )
+        return self._refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+        """Answers `code` at once, on the refusal pool, without reading the request."""
 
         def refuse(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            context.abort(code, message)
 
         refuse.experimental_thread_pool = self._refusal_pool
         return _streaming_request(handler, refuse)

@@ -69,6 +69,7 @@ def start(
 
     `admission`: a policy object instead of the one `config.admission` names (an embedding program's own).
     """
+    token, credentials = config.token(), server_credentials(config)  # a missing or empty file fails here, first
     if admission is None:
         admission = make_admission(config.admission, engine)
     health_servicer = health.HealthServicer()
@@ -80,7 +81,12 @@ def start(
     worker = EngineWorker(engine, config, admission, model=model_name, on_death=on_death)
     threads = config.capacity + SPARE_THREADS
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moeflow-grpc")
-    guard = CallGuard(generation_limit=threads, control_limit=CONTROL_THREADS, idle_timeout_s=config.idle_timeout_s)
+    guard = CallGuard(
+        generation_limit=threads,
+        control_limit=CONTROL_THREADS,
+        idle_timeout_s=config.idle_timeout_s,
+        token=token,
+    )
     server = grpc.server(
         executor,
         interceptors=[guard],
@@ -93,8 +99,9 @@ def start(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     host = f"[{config.host}]" if ":" in config.host else config.host
+    address = f"{host}:{config.port}"
     try:
-        port = server.add_insecure_port(f"{host}:{config.port}")
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as e:  # gRPC raises when the address cannot be bound
         worker.close()
         guard.close()
@@ -111,6 +118,17 @@ def start(
         executor=executor,
         address=f"{host}:{port}",
         guard=guard,
+    )
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS from --tls-cert/--tls-key; with --tls-client-ca, clients must present a certificate that CA signed."""
+    if config.tls_cert is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=None if config.tls_client_ca is None else Path(config.tls_client_ca).read_bytes(),
+        require_client_auth=config.tls_client_ca is not None,
     )
 
 
