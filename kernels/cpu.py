@@ -91,9 +91,23 @@ def silu_and_mul(h_n2I: torch.Tensor) -> torch.Tensor:
     return F.silu(h_n2I[:, :I]).mul_(h_n2I[:, I:])
 
 
-def _expert_mlp(x_nD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, gemm: Gemm,
-                gate: Gate) -> torch.Tensor:  # fmt: skip
-    return gemm(gate(gemm(x_nD, gate_up_2ID)), down_DI)
+def _expert_mlp(x_nD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, gemm: Gemm, gate: Gate,
+                bias_2I: torch.Tensor | None = None, bias_D: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """One expert's MLP; the biases, when given, are added after each GEMM, in place, as transformers adds them."""
+    h_n2I = gemm(x_nD, gate_up_2ID)
+    if bias_2I is not None:
+        h_n2I.add_(bias_2I)
+    y_nD = gemm(gate(h_n2I), down_DI)
+    if bias_D is not None:
+        y_nD.add_(bias_D)
+    return y_nD
+
+
+Biases = tuple[torch.Tensor, torch.Tensor] | None  # per slot: gate_up bias [S, 2I], down bias [S, D]
+
+
+def _slot_biases(biases: Biases, s: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return (None, None) if biases is None else (biases[0][s], biases[1][s])
 
 
 def _per_slot(pool: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -136,6 +150,7 @@ def moe_sorted(
     ids_TK: torch.Tensor,
     gemm: str = "mm",
     gate: Gate | None = None,
+    biases: Biases = None,
 ) -> torch.Tensor:
     """Sort pairs by slot, gather their rows once, one gate/up and one down GEMM per used slot.
 
@@ -148,7 +163,8 @@ def moe_sorted(
     outs, start = [], 0
     for s, n in enumerate(counts):
         if n:
-            outs.append(_expert_mlp(x_VD[start : start + n], gate_up[s], down[s], GEMMS[gemm], gate or silu_and_mul))
+            mlp_args = (gate_up[s], down[s], GEMMS[gemm], gate or silu_and_mul, *_slot_biases(biases, s))
+            outs.append(_expert_mlp(x_VD[start : start + n], *mlp_args))
             start += n
     y_VD = torch.cat(outs) if outs else x_VD.new_zeros(0, D)
     return _weight_and_sum(_unsort(y_VD, order_V, T * K), weights_TK, hidden_TD.dtype)
@@ -162,6 +178,7 @@ def moe_pair_loop(
     ids_TK: torch.Tensor,
     gemm: str = "mm",
     gate: Gate | None = None,
+    biases: Biases = None,
 ) -> torch.Tensor:
     """One (token, k) pair at a time: no sort, no gather; for decode-sized batches."""
     T, D = hidden_TD.shape
@@ -172,7 +189,8 @@ def moe_pair_loop(
     for p, s in enumerate(ids_TK.reshape(-1).tolist()):
         t = p // K
         if 0 <= s < S:
-            rows.append(_expert_mlp(hidden_TD[t : t + 1], gate_up[s], down[s], GEMMS[gemm], gate or silu_and_mul))
+            mlp_args = (gate_up[s], down[s], GEMMS[gemm], gate or silu_and_mul, *_slot_biases(biases, s))
+            rows.append(_expert_mlp(hidden_TD[t : t + 1], *mlp_args))
         else:
             rows.append(hidden_TD.new_zeros(1, D))
     y_PD = torch.cat(rows) if rows else hidden_TD.new_zeros(0, D)
@@ -186,16 +204,23 @@ def moe_grouped_mm(
     weights_TK: torch.Tensor,
     ids_TK: torch.Tensor,
     gate: Gate | None = None,
+    biases: Biases = None,
 ) -> torch.Tensor:
     """Sort pairs by slot, then one ``F.grouped_mm`` per projection over every slot: transformers'
-    grouped_mm experts on a slot pool, the same arithmetic. Needs ``backend.grouped_mm_fits``."""
+    grouped_mm experts on a slot pool, the same arithmetic (biases gathered per row and added in place,
+    as transformers adds them). Needs ``backend.grouped_mm_fits``."""
     T, D = hidden_TD.shape
     K = ids_TK.shape[1]
     order_V, counts_S, _ = _sorted_by_slot(ids_TK, gate_up_S2ID.shape[0])
     offsets_S = counts_S.cumsum(0, dtype=torch.int32)
     x_VD = hidden_TD.index_select(0, order_V // K)
     h_V2I = F.grouped_mm(x_VD, gate_up_S2ID.transpose(-2, -1), offs=offsets_S)
+    slot_V = ids_TK.reshape(-1)[order_V] if biases is not None else None
+    if biases is not None:
+        h_V2I.add_(biases[0][slot_V])
     y_VD = F.grouped_mm((gate or silu_and_mul)(h_V2I), down_SDI.transpose(-2, -1), offs=offsets_S)
+    if biases is not None:
+        y_VD.add_(biases[1][slot_V])
     return _weight_and_sum(_unsort(y_VD, order_V, T * K), weights_TK, hidden_TD.dtype)
 
 

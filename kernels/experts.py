@@ -42,16 +42,19 @@ def experts_forward(
     slot_ids_TK: torch.Tensor,
     *,
     gate: Gate | None = None,
+    biases: tuple[torch.Tensor, torch.Tensor] | None = None,
     exact: bool = True,
 ) -> torch.Tensor:
     """The routed experts' output [T, D] in x's dtype (see the module docstring for the arithmetic).
 
     ``gate_up_S2ID [S, 2I, D]`` (gate rows, then up rows) and ``down_SDI [S, D, I]`` share x's dtype and
     may be views into a bigger pool; ``weights_TK`` is any float dtype (the products promote to it, as
-    in transformers); ``slot_ids_TK`` int32/int64, -1 for a pair computed elsewhere. ValueError for
-    shapes, dtypes or devices that disagree.
+    in transformers); ``slot_ids_TK`` int32/int64, -1 for a pair computed elsewhere. ``biases``: per slot
+    (gate_up bias [S, 2I], down bias [S, D]) for families whose experts have biases (gpt-oss), added after
+    each GEMM as transformers adds them; they take the exact path. ValueError for shapes, dtypes or
+    devices that disagree.
     """
-    if not exact and gate is None:
+    if not exact and gate is None and biases is None:
         return fused_moe(x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)  # checks its arguments
     check_moe_args(x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)
     args = (x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)
@@ -59,7 +62,7 @@ def experts_forward(
         # Decoding one sequence: a token's K experts differ, so every group is one row, and grouped_mm
         # runs one torch.mm per group; calling torch.mm per pair is the same arithmetic without the
         # sort (bit-identical in fp32/bf16/fp16; bench/moe_block.py: 0.09 vs 0.23 ms at the default model).
-        return moe_pair_loop(*args, gemm="mm", gate=gate)
+        return moe_pair_loop(*args, gemm="mm", gate=gate, biases=biases)
     if backend.grouped_mm_fits(gate_up_S2ID, down_SDI):
-        return moe_grouped_mm(*args, gate=gate)
-    return moe_sorted(*args, gemm="mm", gate=gate)
+        return moe_grouped_mm(*args, gate=gate, biases=biases)
+    return moe_sorted(*args, gemm="mm", gate=gate, biases=biases)

@@ -494,6 +494,34 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     client.set_defaults(func=cmd_client)
 
 
+def cmd_families(args: argparse.Namespace) -> int:
+    import transformers
+
+    from moeflow.model.catalog import catalog
+
+    rows = catalog()
+    if args.markdown:
+        from moeflow.model.catalog import render_markdown
+
+        print(render_markdown(rows), end="")
+        return 0
+    width = max(len(r.model_type) for r in rows)
+    for r in rows:
+        print(f"{r.model_type:<{width}}  {r.status:<7}  {r.detail}")
+    from moeflow.testing import TESTED_WITH
+
+    installed = transformers.__version__
+    note = "" if installed == TESTED_WITH else f"; the installed transformers is {installed}: re-run the tests"
+    print(f"[tested: engine-exactness suite with transformers {TESTED_WITH}{note}]", file=sys.stderr)
+    return 0
+
+
+def _add_families(sub: argparse._SubParsersAction) -> None:
+    fam = sub.add_parser("families", help="every MoE model type of the installed transformers: served or why not")
+    fam.add_argument("--markdown", action="store_true", help="print docs/families.md's table instead")
+    fam.set_defaults(func=cmd_families)
+
+
 def version_text() -> str:
     """`moeflow --version`: this package's version and those of the libraries it runs on (read without importing
     them, so it costs nothing)."""
@@ -516,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_generate, _add_chat, _add_trace, _add_predictor, _add_profile, _add_serve, _add_client):
+    adders = (_add_generate, _add_chat, _add_trace, _add_predictor, _add_profile, _add_serve, _add_client)
+    for add in (*adders, _add_families):
         add(sub)
     return parser
 

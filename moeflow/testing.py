@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")  # the default-size fixtures
 
 
 def tiny_config(
@@ -84,18 +84,121 @@ def save_char_tokenizer(path: str | Path, vocab: int = 128) -> None:
     tok.save_pretrained(path)
 
 
+# Families beyond the first five: each built by `generic_tiny_config` from its own config class, with the
+# overrides its model code needs to be small (hybrid layer patterns, MLA ranks, linear-attention heads).
+# Sizes are deliberately awkward: 7 experts (not a power of two), top-3, hidden 36.
+FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
+    "gpt_oss": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    "qwen3_5_moe": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
+    "glm4_moe": dict(first_k_dense_replace=1, n_group=1, topk_group=1, layers=3),
+    "deepseek_v2": dict(first_k_dense_replace=1, n_group=None, topk_group=None, topk_method="greedy", layers=3,
+                        num_key_value_heads=3),
+    "ernie4_5_moe": dict(moe_layer_start_index=1, moe_layer_end_index=2, layers=3),
+    "jamba": dict(layers=4, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0,
+                  mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=18, mamba_d_state=4,
+                             mamba_n_groups=1, mamba_chunk_size=8, shared_intermediate_size=28),
+    "granitemoeshared": dict(shared_intermediate_size=28),
+    "lfm2_moe": dict(num_dense_layers=1, layers=3, layer_types=["full_attention", "conv", "full_attention"]),
+    "dots1": dict(first_k_dense_replace=1, n_shared_experts=1, layers=3),
+    "exaone_moe": dict(first_k_dense_replace=1, layers=3, sliding_window=4),
+    "solar_open": dict(n_group=1, topk_group=1),
+    "glm4_moe_lite": dict(num_key_value_heads=3),
+    "deepseek_v32": dict(num_key_value_heads=3, first_k_dense_replace=1, n_group=1, topk_group=1, layers=3,
+                         index_n_heads=2, index_head_dim=8, index_topk=4),
+    "laguna": dict(layers=3),
+    "afmoe": dict(num_dense_layers=1, layers=3),
+    "hunyuan_v1_moe": dict(moe_topk=3),
+}
+# Every family the engine-exactness suite runs (tests/engine/test_engine_families.py), transformers' model_type
+# each. The first ones get the full matrix of budgets, policies and stores; the rest a lean one.
+TESTED_WITH = "5.24.0"  # the transformers version (constraints.txt) the suite ran TESTED_FAMILIES with
+FULL_MATRIX_FAMILIES = ("gpt_oss", "qwen3_next", "deepseek_v2", "jamba")
+TESTED_FAMILIES = (
+    *FULL_MATRIX_FAMILIES,
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "qwen3_5_moe", "glm4_moe", "ernie4_5_moe",
+    "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa", "phimoe", "minimax", "minimax_m2",
+    "dots1", "lfm2_moe", "flex_olmo", "exaone_moe", "solar_open", "mellum", "kolibri1",
+)  # fmt: skip
+
+_EXPERT_COUNT = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token")
+_SHARED_INTER = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
+_MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+
+def generic_tiny_config(
+    model_type: str,
+    *,
+    num_experts: int = 7,
+    top_k: int = 3,
+    hidden: int = 36,
+    heads: int = 3,
+    kv_heads: int = 1,
+    head_dim: int = 12,
+    inter: int = 20,
+    layers: int = 2,
+    vocab: int = 128,
+    **overrides: object,
+):
+    """A small config of any MoE `model_type`, from its own config class: keys the class knows are set
+    (whatever it calls its expert count, top-k and sizes); `overrides` and FAMILY_OVERRIDES win."""
+    # Qwen3.5-MoE's top-level config is a vision-language one; its language model has its own model_type.
+    cls = type(tf.AutoConfig.for_model({"qwen3_5_moe": "qwen3_5_moe_text"}.get(model_type, model_type)))
+    known = cls()
+    wanted: dict[str, object] = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=2 * inter,
+        moe_intermediate_size=inter,
+        max_position_embeddings=256,
+        eos_token_id=vocab - 1,
+        bos_token_id=0,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        **dict.fromkeys(_EXPERT_COUNT, num_experts),
+        **dict.fromkeys(_TOP_K, top_k),
+        **dict.fromkeys(_SHARED_INTER, inter + 8),
+        **_MLA,
+    )
+    if not hasattr(known, "moe_intermediate_size"):
+        wanted["intermediate_size"] = inter  # the experts' own size
+    family = dict(FAMILY_OVERRIDES.get(model_type, {}))
+    wanted["num_hidden_layers"] = family.pop("layers", wanted["num_hidden_layers"])
+    wanted.update(family)
+    wanted.update(overrides)
+    kw = {k: v for k, v in wanted.items() if hasattr(known, k) or k in family or k in overrides}
+    return cls(**kw)
+
+
+def family_config(family: str, **config_kw: object):
+    """The config the tests build `family`'s tiny checkpoint from."""
+    return tiny_config(family, **config_kw) if family in FAMILY_NAMES else generic_tiny_config(family, **config_kw)
+
+
+_RANDOM_BIASES = ("e_score_correction_bias", "gate_up_proj_bias", "down_proj_bias", "router.bias", "expert_bias")
+
+
 def save_tiny_checkpoint(
     family: str, path: str | Path, *, seed: int = 0, tokenizer: bool = False, **config_kw: object
 ) -> Path:
     """Build a random `family` model and save it as a Hugging Face folder at `path`."""
     torch.manual_seed(seed)
-    config = tiny_config(family, **config_kw)
+    config = family_config(family, **config_kw)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if family == "deepseek_v3":
-        # A non-zero correction bias so grouped routing's bias path is exercised.
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.normal_(0, 0.1)
+    with torch.no_grad():
+        # Non-zero routing and expert biases (transformers initialises them to zero), so the correction
+        # bias of grouped sigmoid routing and gpt-oss's expert and router biases are exercised.
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(_RANDOM_BIASES) and t.is_floating_point():
+                t.normal_(0, 0.1)
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer:

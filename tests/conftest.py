@@ -35,3 +35,42 @@ def transformers_greedy(tiny_checkpoints: dict):
         return cache[key]
 
     return greedy
+
+
+class _LazyCheckpoints(dict):
+    """family -> a tiny awkward-size checkpoint of it (7 experts, top-3, hidden 36), built on first use."""
+
+    def __init__(self, root) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str):
+        from moeflow.testing import save_tiny_checkpoint
+
+        self[family] = path = save_tiny_checkpoint(family, self.root / family)
+        return path
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every family of `moeflow.testing.TESTED_FAMILIES`, built lazily (a run selecting one family builds one)."""
+    return _LazyCheckpoints(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="session")
+def family_greedy(family_checkpoints: dict):
+    """`greedy(family, prompt_ids, new_tokens)`: plain transformers' greedy tokens on `family_checkpoints`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cache: dict = {}
+
+    def greedy(family: str, prompt: list[int], new_tokens: int) -> list[int]:
+        key = (family, tuple(prompt), new_tokens)
+        if key not in cache:
+            model = AutoModelForCausalLM.from_pretrained(family_checkpoints[family], dtype=torch.float32)
+            ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens)
+            cache[key] = ids[0, len(prompt) :].tolist()
+        return cache[key]
+
+    return greedy

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from moeflow.config import SamplingParams
 from moeflow.engine.detok import TextStream
 from moeflow.engine.driver import ForwardResult, StepDriver
 from moeflow.engine.sampling import TokenLogprob, sample_next, token_logprob
+from moeflow.errors import MoeflowError
 
 _ids = itertools.count()
 
@@ -40,7 +42,9 @@ class SequenceState:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error", None while running
     error: Exception | None = None  # why this sequence failed (finish_reason "error"; see `fail`)
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, L, d], no padding
+    # per layer [1, heads, L, d], no padding; or, for a cache that is more than attention keys and values
+    # (linear-attention or SSM state, sliding windows, a family's own cache class), the Cache itself
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | Cache | None = None
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprob] | None = None  # one per generated token when `params.logprobs` is set
     stop_text: TextStream | None = None  # the text watched for `params.stop` (set by `DecodeBatch.prefill`)
@@ -135,10 +139,11 @@ class DecodeBatch:
             seq.stop_text = TextStream(self.tokenizer, seq.params.stop)
         if seq.params.logprobs is not None:
             seq.logprobs = []
-        cache = DynamicCache(config=self.driver.model.config)
         ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
-        result = self.driver.forward(ids_1T, histories=[seq.prompt_ids], n_new=len(seq.prompt_ids), kv=cache)
-        seq.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        n, kv = len(seq.prompt_ids), self.driver.new_cache()
+        result = self.driver.forward(ids_1T, histories=[seq.prompt_ids], n_new=n, kv=kv, use_cache=True)
+        cache = result.cache
+        seq.kv = [(layer.keys, layer.values) for layer in cache.layers] if _is_plain(cache) else cache
         seq.t_first_token = time.perf_counter()
         self._sample(seq, result.logits_BV[0])
 
@@ -221,6 +226,9 @@ class DecodeBatch:
             if id(s) not in member_ids and not s.done:
                 s.kv = self._own_copy(b)
         joiners = [s for s in self.members if id(s) not in row_ids]
+        if any(isinstance(s.kv, Cache) for s in joiners) or (self._cache is not None and not _is_plain(self._cache)):
+            self._adopt_whole(keep, joiners)
+            return
         layers, mask_BQ, pads = self._kept(keep)
         if joiners:
             lengths = [s.kv[0][0].shape[-2] for s in joiners]
@@ -250,6 +258,25 @@ class DecodeBatch:
         self._mask_BQ = mask_BQ if self._rows else None
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.driver.model.config) if self._rows else None
 
+    def _adopt_whole(self, keep: list[int], joiners: list[SequenceState]) -> None:
+        """A cache that cannot be padded or split row by row (recurrent state, sliding windows, a family's
+        own cache class) serves one sequence at a time: the batch holds the one member's own cache."""
+        if len(keep) + len(joiners) > 1:
+            raise MoeflowError(
+                f"{self.driver.model.config.model_type} keeps a cache that is more than attention keys and values "
+                "(recurrent or windowed state), which moeflow cannot pad into a batch yet; decode its sequences "
+                "one at a time (batch size 1)"
+            )
+        if joiners:
+            seq = joiners[0]
+            self._cache, seq.kv = seq.kv, None
+            self._mask_BQ = torch.ones(1, seq.length - 1, dtype=torch.long, device=self.device)
+            self._pads = [0]
+            self._rows = [seq]
+        elif not keep:
+            self._cache, self._mask_BQ, self._pads, self._rows = None, None, [], []
+        self.members = list(self._rows)
+
     def _kept(self, keep: list[int]) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor | None, list[int]]:
         """Rows `keep` of the batched cache (per layer keys, values), their mask and left pads, without
         the columns that are padding in every kept row; nothing when no row is kept."""
@@ -270,7 +297,10 @@ class DecodeBatch:
         return layers, mask_BQ, pads
 
     def _own_copy(self, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Row `b`'s cache without its padding, in tensors of its own (not views pinning the batch)."""
+        """Row `b`'s cache without its padding, in tensors of its own (not views pinning the batch); a cache
+        that serves one sequence (`_adopt_whole`) goes back to that sequence whole."""
+        if not _is_plain(self._cache):
+            return self._cache
         pad = self._pads[b]
         return [
             (layer.keys[b : b + 1, :, pad:].clone(), layer.values[b : b + 1, :, pad:].clone())
@@ -284,6 +314,11 @@ def _completes_stop(seq: SequenceState, token: int) -> bool:
         return False
     seq.stop_text.push([token])
     return seq.stop_text.stopped
+
+
+def _is_plain(cache: Cache) -> bool:
+    """A DynamicCache of full-attention layers only: keys and values that can be padded into a batch."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _left_pad(t_BhQd: torch.Tensor, pad: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from moeflow.events import Listeners
 from moeflow.offload.layer import OffloadRuntime
@@ -36,6 +36,7 @@ class ForwardStart:
 class ForwardResult:
     logits_BV: torch.Tensor  # float32 logits of each row's last position
     routing: tuple[RoutingEvent, ...]  # every MoE layer's routing, in the order the layers ran
+    cache: Cache | None = None  # the cache the forward extended (or the one the model made itself)
 
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -68,6 +69,13 @@ class StepDriver:
         if self._routing is not None:
             self._routing.append(event)
 
+    def new_cache(self) -> Cache | None:
+        """An empty cache as transformers' `generate` makes one: a DynamicCache of the model's layer types
+        (linear-attention and SSM layers included), or None where the model makes its own (MiniMax)."""
+        if not self.model._supports_default_dynamic_cache():
+            return None
+        return DynamicCache(config=self.model.config.get_text_config(decoder=True))
+
     @_one_at_a_time
     @torch.inference_mode()
     def forward(
@@ -76,18 +84,20 @@ class StepDriver:
         *,
         histories: Sequence[Sequence[int]],
         n_new: int,
-        kv: DynamicCache | None = None,
+        kv: Cache | None = None,
+        use_cache: bool | None = None,
         attention_mask_BQ: torch.Tensor | None = None,
         position_ids_BT: torch.Tensor | None = None,
     ) -> ForwardResult:
-        """Run the model on `input_ids_BT` (with `kv`, the KV cache it extends, when decoding)."""
+        """Run the model on `input_ids_BT` (with `kv`, the cache it extends; `use_cache` defaults to whether
+        `kv` is given, and with no `kv` the model makes its own, returned in the result)."""
         self.before_forward.publish(ForwardStart(histories=histories, n_new=n_new))
         self._routing = []
         try:
             out = self.model(
                 input_ids=input_ids_BT.to(self.device),
                 cache=kv,
-                use_cache=kv is not None,
+                use_cache=kv is not None if use_cache is None else use_cache,
                 attention_mask=attention_mask_BQ,
                 position_ids=position_ids_BT,
                 logits_to_keep=1,
@@ -95,7 +105,8 @@ class StepDriver:
             routing = tuple(self._routing)
         finally:
             self._routing = None
-        return ForwardResult(logits_BV=out.logits[:, -1, :].float(), routing=routing)
+        cache = getattr(out, "cache", None)
+        return ForwardResult(logits_BV=out.logits[:, -1, :].float(), routing=routing, cache=cache)
 
     def close(self) -> None:
         self._subscription.close()

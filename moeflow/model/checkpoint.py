@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from moeflow.errors import CheckpointError
-from moeflow.model.families import FUSED_EXPERT_KEY, PER_EXPERT_KEY, Family, family_for, layer_index
+from moeflow.model.families import ExpertSource, Family, family_for
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -58,16 +58,44 @@ class TensorSpan:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ExpertLocation:
-    """One expert's three projections in transformers' orientation: gate/up [I, D], down [D, I]."""
+class ExpertPiece:
+    """One stored tensor of an expert and where it lands in the expert's slot.
 
-    gate: TensorSpan
-    up: TensorSpan
-    down: TensorSpan
+    A slot holds transformers' non-transposed layout: `gate_up` [2I, D] (gate rows then up rows, or
+    interleaved as the family keeps them in memory) and `down` [D, I]. The piece fills rows
+    [row, row + rows) of `param`; `transposed`: the span stores those rows as columns (an
+    `is_transposed` family's [D, 2I] / [I, D]).
+    """
+
+    span: TensorSpan
+    param: str  # "gate_up" or "down"
+    row: int
+    transposed: bool
 
     @property
-    def spans(self) -> tuple[TensorSpan, TensorSpan, TensorSpan]:
-        return (self.gate, self.up, self.down)
+    def rows(self) -> int:
+        return self.span.shape[1] if self.transposed else self.span.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.span.shape[0] if self.transposed else self.span.shape[1]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpertLocation:
+    """Where one expert's weights lie: its pieces, and its size (I intermediate, D hidden)."""
+
+    pieces: tuple[ExpertPiece, ...]
+    inter: int
+    hidden: int
+
+    @property
+    def spans(self) -> tuple[TensorSpan, ...]:
+        return tuple(p.span for p in self.pieces)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pieces[0].span.dtype
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +144,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     _check_folder_entries(root)
     config = _read_config(root)
     _check_config_counts(root / "config.json", config)
-    family = family_for(config.get("model_type"))
+    family = family_for(root, config)
     shard_tensors: dict[str, TensorSpan] = {}
     for shard in _shard_files(root):
         for name, span in _read_header(shard).items():
@@ -136,7 +164,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(f"layer {layer} lacks experts {missing[:8]}; the checkpoint is incomplete")
     if not experts:
         raise CheckpointError(
-            f"no expert tensors found in {root}; expected keys like '...experts.0.{family.gate}.weight'"
+            f"no expert tensors found in {root}; a {family.model_type} checkpoint names them as transformers' "
+            f"conversion mapping for {family.model_type} says (e.g. '...experts.0.gate_proj.weight')"
         )
     _check_moe_config(root / "config.json", config, num_experts)
     return Checkpoint(
@@ -387,29 +416,54 @@ def _read_header(shard: Path) -> dict[str, TensorSpan]:
 def _split_experts(
     shard_tensors: dict[str, TensorSpan], family: Family
 ) -> tuple[dict[str, TensorSpan], dict[ExpertKey, ExpertLocation]]:
+    """Expert tensors (named as the family's conversion mapping names them) apart from the rest, per expert."""
     tensors: dict[str, TensorSpan] = {}
-    parts: dict[ExpertKey, dict[str, TensorSpan]] = {}
-    role_of = {family.gate: "gate", family.up: "up", family.down: "down"}
+    parts: dict[ExpertKey, list[ExpertPiece]] = {}
+    transposed = family.layout.transposed
     for name, span in shard_tensors.items():
-        m = PER_EXPERT_KEY.match(name)
-        if m and m.group("proj") in role_of:
-            _check_expert_dtype(name, span)
-            key = (layer_index(name), int(m.group("expert")))
-            parts.setdefault(key, {})[role_of[m.group("proj")]] = span
+        source = family.expert_source(name)
+        if source is None:
+            tensors[name] = span
             continue
-        m = FUSED_EXPERT_KEY.match(name)
-        if m:
-            _check_expert_dtype(name, span)
-            _split_fused(name, span, m.group("proj"), parts)
+        _check_expert_dtype(name, span)
+        param = "gate_up" if source.param == "gate_up_proj" else "down"
+        if source.expert is None:
+            _split_fused(name, span, source, param, transposed, parts)
             continue
-        tensors[name] = span
-    experts = {}
-    for key, roles in parts.items():
-        if set(roles) != {"gate", "up", "down"}:
-            missing = sorted({"gate", "up", "down"} - set(roles))
-            raise CheckpointError(f"expert {key[1]} of layer {key[0]} lacks its {', '.join(missing)} projection")
-        experts[key] = ExpertLocation(gate=roles["gate"], up=roles["up"], down=roles["down"])
+        if len(span.shape) != 2:
+            raise CheckpointError(f"{name} should be 2-D (one expert's projection), found shape {span.shape}")
+        rows = span.shape[1] if transposed else span.shape[0]
+        piece = ExpertPiece(span=span, param=param, row=source.part * rows, transposed=transposed)
+        parts.setdefault((source.layer, source.expert), []).append(piece)
+    experts = {key: _location(key, pieces) for key, pieces in parts.items()}
     return tensors, experts
+
+
+def _location(key: ExpertKey, pieces: list[ExpertPiece]) -> ExpertLocation:
+    """The expert's pieces must tile its gate_up [2I, D] and down [D, I] exactly."""
+    by_param = {p: sorted((x for x in pieces if x.param == p), key=lambda x: x.row) for p in ("gate_up", "down")}
+    lacking = [p for p, xs in by_param.items() if not xs]
+    if lacking:
+        raise CheckpointError(f"expert {key[1]} of layer {key[0]} lacks its {' and '.join(lacking)} projection")
+    extent = {}
+    for p, xs in by_param.items():
+        cols = {x.cols for x in xs}
+        covered = 0
+        for x in xs:
+            if x.row != covered or len(cols) != 1:
+                raise CheckpointError(
+                    f"expert {key[1]} of layer {key[0]}: the pieces of its {p} projection do not fit together "
+                    f"({[x.span.shape for x in xs]}); the checkpoint is incomplete or corrupt"
+                )
+            covered += x.rows
+        extent[p] = (covered, cols.pop())
+    (gate_up_rows, hidden), (down_rows, inter) = extent["gate_up"], extent["down"]
+    if gate_up_rows != 2 * inter or down_rows != hidden:
+        raise CheckpointError(
+            f"expert {key[1]} of layer {key[0]} has gate/up {gate_up_rows}x{hidden} and down {down_rows}x{inter}; "
+            "expected [2I, D] and [D, I]. The checkpoint is corrupt: convert it again"
+        )
+    return ExpertLocation(pieces=tuple(by_param["gate_up"] + by_param["down"]), inter=inter, hidden=hidden)
 
 
 def _check_expert_dtype(name: str, span: TensorSpan) -> None:
@@ -423,23 +477,28 @@ def _check_expert_dtype(name: str, span: TensorSpan) -> None:
         )
 
 
-def _split_fused(name: str, span: TensorSpan, proj: str, parts: dict[ExpertKey, dict[str, TensorSpan]]) -> None:
-    """A fused [E, 2I, H] or [E, H, I] tensor: expert e's slice is contiguous at offset + e * stride."""
+def _split_fused(
+    name: str,
+    span: TensorSpan,
+    source: ExpertSource,
+    param: str,
+    transposed: bool,
+    parts: dict[ExpertKey, list[ExpertPiece]],
+) -> None:
+    """A fused [E, rows, cols] tensor (as the model holds it in memory): expert e's slice is contiguous at
+    offset + e * stride."""
     if len(span.shape) != 3:
         raise CheckpointError(f"{name} should be 3-D [experts, rows, cols], found shape {span.shape}")
     n_experts, rows, cols = span.shape
-    if proj != "down_proj" and rows % 2:
+    gate_up_rows = cols if transposed else rows
+    if param == "gate_up" and gate_up_rows % 2:
         raise CheckpointError(f"{name} should stack gate and up projections [experts, 2 * rows, cols], found shape "
                               f"{span.shape} with an odd row count; the checkpoint is corrupt: convert it again")
     stride = span.nbytes // n_experts
-    layer = layer_index(name)
     for e in range(n_experts):
-        off = span.offset + e * stride
-        slot = parts.setdefault((layer, e), {})
-        if proj == "down_proj":
-            slot["down"] = TensorSpan(file=span.file, offset=off, nbytes=stride, dtype=span.dtype, shape=(rows, cols))
-        else:
-            half = stride // 2
-            shape = (rows // 2, cols)
-            slot["gate"] = TensorSpan(file=span.file, offset=off, nbytes=half, dtype=span.dtype, shape=shape)
-            slot["up"] = TensorSpan(file=span.file, offset=off + half, nbytes=half, dtype=span.dtype, shape=shape)
+        piece_span = TensorSpan(
+            file=span.file, offset=span.offset + e * stride, nbytes=stride, dtype=span.dtype, shape=(rows, cols)
+        )
+        parts.setdefault((source.layer, e), []).append(
+            ExpertPiece(span=piece_span, param=param, row=0, transposed=transposed)
+        )

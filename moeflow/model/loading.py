@@ -19,20 +19,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from moeflow.errors import CheckpointError
 from moeflow.model.checkpoint import Checkpoint
-from moeflow.model.families import layer_index
+from moeflow.model.families import experts_modules  # noqa: F401 - the engine finds the experts here too
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """The routed-experts modules of a transformers MoE model, by decoder layer index."""
-    out = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and name.endswith(".experts"):
-            out[layer_index(name)] = module
-    return out
 
 
 def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
@@ -40,7 +31,7 @@ def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dt
     loads it (a bf16/fp16 checkpoint stays 16-bit on the CPU: upcasting would double every expert's bytes)."""
     if name != "auto":
         return DTYPES[name]
-    return next(iter(ckpt.experts.values())).gate.dtype
+    return next(iter(ckpt.experts.values())).dtype
 
 
 @contextmanager
@@ -67,6 +58,7 @@ def build_skeleton(hf_config: object, dtype: torch.dtype) -> nn.Module:
 
 
 def expert_geometry(ckpt: Checkpoint, modules: dict[int, nn.Module]) -> tuple[int, int]:
+    """(I, D) of every expert; the experts modules' own parameter shapes must agree with the checkpoint's."""
     if sorted(modules) != ckpt.moe_layers:
         raise CheckpointError(
             f"the config defines MoE layers {sorted(modules)} but the checkpoint has experts for layers "
@@ -74,17 +66,20 @@ def expert_geometry(ckpt: Checkpoint, modules: dict[int, nn.Module]) -> tuple[in
         )
     shapes = set()
     for layer, module in modules.items():
-        if ckpt.num_experts[layer] != module.num_experts:
+        n_experts, *gate_up = module.gate_up_proj.shape
+        if module.is_transposed:
+            gate_up.reverse()
+        inter, hidden = gate_up[0] // 2, gate_up[1]
+        if ckpt.num_experts[layer] != n_experts:
             raise CheckpointError(
-                f"layer {layer}: config says {module.num_experts} experts, checkpoint has {ckpt.num_experts[layer]}"
+                f"layer {layer}: config says {n_experts} experts, checkpoint has {ckpt.num_experts[layer]}"
             )
-        inter, hidden = module.intermediate_dim, module.hidden_dim
-        for e in range(module.num_experts):
+        for e in range(n_experts):
             loc = ckpt.experts[(layer, e)]
-            if (loc.gate.shape, loc.up.shape, loc.down.shape) != ((inter, hidden), (inter, hidden), (hidden, inter)):
+            if (loc.inter, loc.hidden) != (inter, hidden):
                 raise CheckpointError(
-                    f"expert {e} of layer {layer} has shapes gate {loc.gate.shape}, up {loc.up.shape}, down "
-                    f"{loc.down.shape}; the config expects ({inter}, {hidden}) and ({hidden}, {inter})"
+                    f"expert {e} of layer {layer} has intermediate size {loc.inter} and hidden size {loc.hidden}; "
+                    f"the config expects {inter} and {hidden}"
                 )
         shapes.add((inter, hidden))
     if len(shapes) != 1:
@@ -98,7 +93,7 @@ def load_dense_weights(model: nn.Module, ckpt: Checkpoint, hf_config: object) ->
     buffers = dict(model.named_buffers())
     loaded = set()
     for disk_name in ckpt.tensors:
-        name = ckpt.family.memory_name(disk_name)
+        name, _ = ckpt.family.memory_key(disk_name)
         current = targets.get(name, buffers.get(name))
         if current is None:
             log.debug("ignoring checkpoint tensor %s (not used by the model)", disk_name)

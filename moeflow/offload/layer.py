@@ -16,7 +16,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeflow.events import Listeners
 from moeflow.kernels import experts_forward
-from moeflow.model.loading import experts_modules
+from moeflow.model.families import experts_modules
 from moeflow.offload.cache import ExpertCache
 from moeflow.offload.plans import RoutingEvent, RoutingPlan
 
@@ -32,7 +32,8 @@ class OffloadRuntime:
 
 
 def apply_offload(model: nn.Module, cache: ExpertCache) -> OffloadRuntime:
-    """Route `model`'s experts through `cache`. The experts' own parameters are dropped."""
+    """Route `model`'s experts through `cache`. The experts' weight matrices are dropped; expert biases
+    (gpt-oss) stay resident on the module, like the router (E x (2I + D) values a layer)."""
     runtime = OffloadRuntime(cache=cache)
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
     for layer, module in experts_modules(model).items():
@@ -59,13 +60,30 @@ def offloaded_experts_forward(
     pool = runtime.cache.pool
 
     def compute(slot_of: dict[int, int]) -> torch.Tensor:
+        experts = torch.tensor(list(slot_of), device=top_k_index_TK.device)
+        slots = torch.tensor(list(slot_of.values()), device=top_k_index_TK.device)
         lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
-        lut_E[torch.tensor(list(slot_of), device=lut_E.device)] = torch.tensor(
-            list(slot_of.values()), device=lut_E.device
-        )
+        lut_E[experts] = slots
         slot_ids_TK = lut_E[top_k_index_TK]
+        biases = None
+        if self.has_bias:  # the wave's experts' resident biases, by slot
+            S = pool.capacity
+            biases = (
+                self.gate_up_proj_bias.new_zeros(S, self.gate_up_proj_bias.shape[1]).index_copy_(
+                    0, slots, self.gate_up_proj_bias[experts]
+                ),
+                self.down_proj_bias.new_zeros(S, self.down_proj_bias.shape[1]).index_copy_(
+                    0, slots, self.down_proj_bias[experts]
+                ),
+            )
         return experts_forward(
-            hidden_TD, pool.gate_up_S2ID, pool.down_SDI, top_k_weights_TK, slot_ids_TK, gate=self._apply_gate
+            hidden_TD,
+            pool.gate_up_S2ID,
+            pool.down_SDI,
+            top_k_weights_TK,
+            slot_ids_TK,
+            gate=self._apply_gate,
+            biases=biases,
         )
 
     return serve_layer(runtime.cache, plan, compute)

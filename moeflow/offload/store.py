@@ -45,6 +45,9 @@ def _copy(dest: torch.Tensor, src: torch.Tensor) -> None:
         dest.copy_(src)
 
 
+_Dest = tuple[torch.Tensor, bool]  # rows of a slot, and whether the stored piece holds their transpose
+
+
 class ExpertStore(Protocol):
     direct_io: bool
 
@@ -129,20 +132,22 @@ class DiskStore:
 
     def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
         loc = self._ckpt.experts[key]
-        inter = loc.gate.shape[0]
-        dests = (gate_up_2ID[:inter], gate_up_2ID[inter:], down_DI)
+        slot = {"gate_up": gate_up_2ID, "down": down_DI}
+        # Each piece fills its rows of the slot; a transposed family's piece is copied through its transpose.
+        pairs = [(p.span, (slot[p.param][p.row : p.row + p.rows], p.transposed)) for p in loc.pieces]
         total = 0
         check, finite = key not in self._checked, True
-        for group in _coalesce(list(zip(loc.spans, dests))):
+        for group in _coalesce(pairs):
             start = group[0][0].offset
             end = max(s.offset + s.nbytes for s, _ in group)
             buf, base, n = self._read_range(group[0][0].file, start, end)
             total += n
-            for span, dest in group:
+            for span, (dest, transposed) in group:
                 src = torch.frombuffer(buf, dtype=torch.uint8, count=span.nbytes, offset=base + span.offset - start)
                 if check and finite:
                     finite = _all_finite(buf, base + span.offset - start, span)
-                _copy(dest, src.view(span.dtype).view(span.shape))
+                src = src.view(span.dtype).view(span.shape)
+                _copy(dest, src.t() if transposed else src)
         if check:
             self._checked.add(key)
             if not finite:
@@ -182,9 +187,9 @@ def _all_finite(buf: object, offset: int, span: TensorSpan) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def _coalesce(pairs: list[tuple[TensorSpan, torch.Tensor]]) -> list[list[tuple[TensorSpan, torch.Tensor]]]:
+def _coalesce(pairs: list[tuple[TensorSpan, _Dest]]) -> list[list[tuple[TensorSpan, _Dest]]]:
     pairs = sorted(pairs, key=lambda p: (str(p[0].file), p[0].offset))
-    groups: list[list[tuple[TensorSpan, torch.Tensor]]] = []
+    groups: list[list[tuple[TensorSpan, _Dest]]] = []
     for span, dest in pairs:
         if groups:
             last = groups[-1][-1][0]
@@ -204,7 +209,7 @@ class RamStore:
         self._gate_up: dict[ExpertKey, torch.Tensor] = {}
         self._down: dict[ExpertKey, torch.Tensor] = {}
         for key, loc in checkpoint.experts.items():
-            inter, hidden = loc.gate.shape
+            inter, hidden = loc.inter, loc.hidden
             gate_up = torch.empty(2 * inter, hidden, dtype=dtype, pin_memory=pin)
             down = torch.empty(hidden, inter, dtype=dtype, pin_memory=pin)
             source.read_into(key, gate_up, down)

@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import open_checkpoint
-from moeflow.model.families import PER_EXPERT_KEY, family_for
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
            "heldout_files.txt", "train_files.txt")  # fmt: skip
@@ -32,7 +31,9 @@ def widen_experts(src: str | Path, out: str | Path, intermediate_size: int, *, p
     """Write `src` with every expert widened to `intermediate_size` (one shard per MoE layer) to `out`."""
     src, out = Path(src), Path(out)
     ckpt = open_checkpoint(src)
-    family = family_for(ckpt.config.get("model_type"))
+    family = ckpt.family
+    if family.layout.transposed:
+        raise MoeflowError(f"{family.model_type} stores its experts transposed; only [rows, D] experts can be widened")
     key = "moe_intermediate_size" if "moe_intermediate_size" in ckpt.config else "intermediate_size"
     inter = int(ckpt.config[key])
     if intermediate_size < inter:
@@ -49,14 +50,14 @@ def widen_experts(src: str | Path, out: str | Path, intermediate_size: int, *, p
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 t = f.get_tensor(name)
-                m = PER_EXPERT_KEY.match(name)
-                if m is not None and m["proj"] in (family.gate, family.up):
-                    t = torch.cat([t, t.new_zeros(intermediate_size - t.shape[0], t.shape[1])])
-                elif m is not None and m["proj"] == family.down:
-                    t = torch.cat([t, t.new_zeros(t.shape[0], intermediate_size - t.shape[1])], dim=1)
-                elif "experts." in name:
+                source = family.expert_source(name)
+                if source is not None and source.expert is None:
                     raise MoeflowError(f"{name}: only per-expert checkpoints can be widened")
-                shard = f"layer-{m['prefix'].split('.layers.')[1].split('.')[0]}" if m is not None else "dense"
+                if source is not None and source.param == "gate_up_proj":  # a gate or up piece [I, D]
+                    t = torch.cat([t, t.new_zeros(intermediate_size - t.shape[0], t.shape[1])])
+                elif source is not None:  # down [D, I]
+                    t = torch.cat([t, t.new_zeros(t.shape[0], intermediate_size - t.shape[1])], dim=1)
+                shard = f"layer-{source.layer}" if source is not None else "dense"
                 shards.setdefault(shard, {})[name] = t.contiguous()
     weight_map = {}
     for shard, tensors in shards.items():

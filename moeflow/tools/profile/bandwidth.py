@@ -28,9 +28,9 @@ def measure_disk_bandwidth(checkpoint: Checkpoint, *, max_reads: int = 256, max_
     try:
         keys = sorted(checkpoint.experts)
         loc = checkpoint.experts[keys[0]]
-        inter, hidden = loc.gate.shape
-        gate_up = torch.empty(2 * inter, hidden, dtype=loc.gate.dtype)
-        down = torch.empty(hidden, inter, dtype=loc.down.dtype)
+        inter, hidden = loc.inter, loc.hidden
+        gate_up = torch.empty(2 * inter, hidden, dtype=loc.dtype)
+        down = torch.empty(hidden, inter, dtype=loc.dtype)
         rates = []
         t_end = time.perf_counter() + max_s
         while len(rates) < max_reads and time.perf_counter() < t_end:

@@ -38,7 +38,7 @@ class Geometry:
     def of(cls, checkpoint: Checkpoint, top_k: int) -> Geometry:
         layers = tuple(checkpoint.moe_layers)
         loc = checkpoint.experts[(layers[0], 0)]
-        inter, hidden = loc.gate.shape
+        inter, hidden = loc.inter, loc.hidden
         return cls(
             layers=layers,
             num_experts=int(checkpoint.num_experts[layers[0]]),
