@@ -46,13 +46,19 @@ class RunningServer:
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
-    def shutdown(self, grace_s: float) -> bool:
+    def shutdown(self, grace_s: float, *, interrupt: threading.Event | None = None) -> bool:
         """Drain: health goes NOT_SERVING, new requests get UNAVAILABLE, requests already taken run to the end
-        (at most `grace_s`, then they are cancelled). True when every taken request finished."""
+        (at most `grace_s`, or until `interrupt` is set; then they are cancelled). True when every taken request
+        finished."""
         deadline = time.monotonic() + grace_s
         self.health.enter_graceful_shutdown()
         self.worker.drain()
-        drained = self.worker.wait_idle(grace_s)
+        if interrupt is None:
+            drained = self.worker.wait_idle(grace_s)
+        else:  # in slices, so that `interrupt` ends the wait within 0.1 s
+            drained = self.worker.wait_idle(0.0)
+            while not (drained or interrupt.is_set()) and time.monotonic() < deadline:
+                drained = self.worker.wait_idle(min(0.1, max(deadline - time.monotonic(), 0.0)))
         # The handlers still send the final messages: give them the rest of the grace period.
         self.server.stop(grace=max(deadline - time.monotonic(), 0.0) if drained else 0.0).wait()
         self.worker.close()
@@ -134,8 +140,17 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 def run(model: Path | None, engine_config: EngineConfig, config: ServerConfig) -> int:
     """`moeflow serve`: load, serve until SIGTERM or SIGINT, then drain. Exit status 0 when all requests finished."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop, now = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if stop.is_set():  # a second signal while draining: stop now; a third ends the process outright
+            now.set()
+            for sig in previous:
+                signal.signal(sig, signal.SIG_DFL)
+            print("moeflow: second signal: cancelling the requests still running", file=sys.stderr, flush=True)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with load(model, **dataclasses.asdict(engine_config)) as engine:
             running = start(engine, config, model_name=engine.checkpoint.path.name)
@@ -156,14 +171,16 @@ def run(model: Path | None, engine_config: EngineConfig, config: ServerConfig) -
             while not stop.wait(0.5):
                 pass
             print(
-                f"moeflow: draining (up to {config.grace_s:g} s); new requests are refused", file=sys.stderr, flush=True
+                f"moeflow: draining (up to {config.grace_s:g} s; a second signal stops now); new requests are refused",
+                file=sys.stderr,
+                flush=True,
             )
-            drained = running.shutdown(config.grace_s)
+            drained = running.shutdown(config.grace_s, interrupt=now)
             if http is not None:
                 http.shutdown()
             print(
                 "moeflow: stopped"
-                + ("" if drained else "; requests still running after the grace period were cancelled"),
+                + ("" if drained else "; the requests still running were cancelled"),
                 file=sys.stderr,
                 flush=True,
             )
