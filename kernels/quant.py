@@ -40,8 +40,10 @@ from typing import Literal
 import torch
 from moeflow.kernels.cpu import (
     GEMMS,
+    Biases,
     Gate,
     _expert_mlp,
+    _slot_biases,
     _sorted_by_slot,
     _unsort,
     _weight_and_sum,
@@ -202,13 +204,14 @@ def quantized_experts_forward(
     slot_ids_TK: torch.Tensor,
     *,
     gate: Gate | None = None,
+    biases: Biases = None,
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``experts_forward`` over a quantized pool (same contract: slot -1 contributes 0, sum over k in k order).
 
     Each used slot is dequantized once per call into ``scratch`` (``gate_up [2I, D]``, ``down [D, I]`` in x's
     dtype; allocated here when not given), then computed as the exact path computes: bit-identical to
-    transformers' experts on the dequantized weights."""
+    transformers' experts on the dequantized weights. ``biases``: per slot, as ``experts_forward`` takes them."""
     T, D = x_TD.shape
     K = slot_ids_TK.shape[1]
     S = pool.gate_up_q.shape[0]
@@ -227,7 +230,7 @@ def quantized_experts_forward(
         for s in slot_ids_TK.reshape(-1).tolist():
             if 0 <= s < S:
                 pool.dequantize_slot(s, gate_up_2ID, down_DI)
-                rows.append(_expert_mlp(x_TD, gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate))
+                rows.append(_expert_mlp(x_TD, gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate, *_slot_biases(biases, s)))
             else:
                 rows.append(x_TD.new_zeros(1, D))
         return _weight_and_sum(torch.cat(rows), weights_TK, x_TD.dtype)
@@ -237,7 +240,8 @@ def quantized_experts_forward(
     for s, n in enumerate(counts):
         if n:
             pool.dequantize_slot(s, gate_up_2ID, down_DI)
-            outs.append(_expert_mlp(x_VD[start : start + n], gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate))
+            mlp_args = (gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate, *_slot_biases(biases, s))
+            outs.append(_expert_mlp(x_VD[start : start + n], *mlp_args))
             start += n
     y_VD = torch.cat(outs) if outs else x_VD.new_zeros(0, D)
     return _weight_and_sum(_unsort(y_VD, order_V, T * K), weights_TK, x_TD.dtype)

@@ -19,6 +19,8 @@ LivePolicy = Literal["lru", "lfu", "predictive"]
 ReplayPolicy = Literal["lru", "lfu", "predictive", "belady"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Admission = Literal["fifo", "rebatch"]
+ExpertDtype = Literal["auto", "bf16", "fp16", "int8", "int4"]
+INT4_GROUP_SIZES = (32, 64, 128)  # columns per int4 scale (moeflow.kernels.quant)
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"  # shipped with the package (its model card: README.md)
 DEFAULT_LOOKAHEAD = 1  # MoE layers between a prediction and the layer it is for
@@ -65,9 +67,21 @@ class EngineConfig:
         default=0,
         metadata={"help": "torch/OpenMP compute threads, process-wide (0: automatic, leaves a core to the readers)"},
     )
+    expert_dtype: ExpertDtype = field(
+        default="auto",
+        metadata={"help": "how experts are held in the budget: auto (as the checkpoint stores them, at the compute "
+                  "dtype), bf16, fp16, int8 (per output channel) or int4 (group-wise); a folder written by "
+                  "`moeflow quantize` is read quantized from disk, else the experts are quantized as they are read"},
+    )
+    group_size: int = field(
+        default=128, metadata={"help": f"--expert-dtype int4: input columns per scale, one of {INT4_GROUP_SIZES}"}
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.store, Store, "store")
+        check_choice(self.expert_dtype, ExpertDtype, "expert dtype")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise MoeflowError(f"--group-size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
         if self.policy == "belady":
             raise MoeflowError(
                 "cache policy 'belady' needs the future access sequence, so it exists only in offline replay: use "

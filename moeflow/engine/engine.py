@@ -32,13 +32,14 @@ from moeflow.model.loading import (
     load_tokenizer,
     resolve_dtype,
 )
+from moeflow.model.quantized import expert_quantization, expert_slot_bytes, resolve_expert_format
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import OffloadRuntime, apply_offload
 from moeflow.offload.policy import make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.stats import CacheStats
-from moeflow.offload.store import DiskStore, ExpertStore, RamStore
+from moeflow.offload.store import DiskStore, ExpertStore, QuantizingStore, RamStore
 from moeflow.offload.transfer import TransferEngine
 
 log = logging.getLogger(__name__)
@@ -134,26 +135,41 @@ class Engine:
         if self.config.device.startswith("cuda") and not torch.cuda.is_available():
             raise MoeflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         self.device = torch.device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device, self.checkpoint)
+        quant = expert_quantization(self.checkpoint)  # a `moeflow quantize` folder: experts stored quantized
+        if quant is not None and self.config.dtype == "auto":
+            self.dtype = quant.source_dtype  # the experts' dtype before they were quantized
+        else:
+            self.dtype = resolve_dtype(self.config.dtype, self.device, self.checkpoint)
         hf_config = AutoConfig.from_pretrained(self.checkpoint.path)
         self.model = build_skeleton(hf_config, self.dtype)
         self.top_k = int(hf_config.num_experts_per_tok)
         self.max_context = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
         modules = experts_modules(self.model)
         inter, hidden = expert_geometry(self.checkpoint, modules)
-        slot_bytes = (3 * inter * hidden) * torch.empty((), dtype=self.dtype).element_size()
+        # What the slots hold (None: the compute dtype); the budget counts its bytes (moeflow.model.quantized).
+        self.expert_format = resolve_expert_format(
+            self.config.expert_dtype, self.config.group_size, stored=quant and quant.fmt, compute=self.dtype
+        )
+        slot_bytes = expert_slot_bytes(inter, hidden, self.expert_format, self.dtype)
         budget = resolve_budget(
             self.config.expert_budget,
             slot_bytes=slot_bytes,
             total_experts=len(self.checkpoint.experts),
             top_k=self.top_k,
         )
-        disk = DiskStore(self.checkpoint, direct_io=self.config.direct_io)
-        store: ExpertStore = disk
+        store: ExpertStore = DiskStore(
+            self.checkpoint, direct_io=self.config.direct_io, scales=None if quant is None else quant.scales
+        )
+        if quant is None and self.expert_format is not None and self.expert_format.scale_dtype is not None:
+            store = QuantizingStore(store, self.expert_format, inter=inter, hidden=hidden, dtype=torch.float32)
+        pool = SlotPool(
+            capacity=budget.slots, inter=inter, hidden=hidden, dtype=self.dtype, device=self.device,
+            fmt=self.expert_format,
+        )  # fmt: skip
         if self.config.store == "ram":
-            store = RamStore(self.checkpoint, disk, dtype=self.dtype, pin=self.device.type == "cuda")
-            disk.close()
-        pool = SlotPool(capacity=budget.slots, inter=inter, hidden=hidden, dtype=self.dtype, device=self.device)
+            source = store
+            store = RamStore(self.checkpoint, source, pool=pool, pin=self.device.type == "cuda")
+            source.close()
         self.cache = ExpertCache(
             pool=pool,
             store=store,

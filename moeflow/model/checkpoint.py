@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from moeflow.errors import CheckpointError
+from moeflow.kernels.quant import ExpertFormat
 from moeflow.model.families import ExpertSource, Family, family_for
+from moeflow.model.quantized import declared_format
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -154,7 +156,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                     "the shards belong to different checkpoints: download or convert the model again"
                 )
             shard_tensors[name] = span
-    tensors, experts = _split_experts(shard_tensors, family)
+    # A folder written by `moeflow quantize` stores its experts quantized (moeflow.model.quantized).
+    tensors, experts = _split_experts(shard_tensors, family, declared_format(config))
     num_experts: dict[int, int] = {}
     for layer, expert in experts:
         num_experts[layer] = max(num_experts.get(layer, 0), expert + 1)
@@ -414,9 +417,11 @@ def _read_header(shard: Path) -> dict[str, TensorSpan]:
 
 
 def _split_experts(
-    shard_tensors: dict[str, TensorSpan], family: Family
+    shard_tensors: dict[str, TensorSpan], family: Family, fmt: ExpertFormat | None = None
 ) -> tuple[dict[str, TensorSpan], dict[ExpertKey, ExpertLocation]]:
-    """Expert tensors (named as the family's conversion mapping names them) apart from the rest, per expert."""
+    """Expert tensors (named as the family's conversion mapping names them) apart from the rest, per expert.
+    `fmt`: the experts are stored quantized in that format (their integer dtype is expected, int4 packs two
+    columns per byte); `moeflow.model.quantized` checks their scales."""
     tensors: dict[str, TensorSpan] = {}
     parts: dict[ExpertKey, list[ExpertPiece]] = {}
     transposed = family.layout.transposed
@@ -425,7 +430,8 @@ def _split_experts(
         if source is None:
             tensors[name] = span
             continue
-        _check_expert_dtype(name, span)
+        if fmt is None or span.dtype != fmt.weight_dtype:
+            _check_expert_dtype(name, span)
         param = "gate_up" if source.param == "gate_up_proj" else "down"
         if source.expert is None:
             _split_fused(name, span, source, param, transposed, parts)
@@ -435,19 +441,20 @@ def _split_experts(
         rows = span.shape[1] if transposed else span.shape[0]
         piece = ExpertPiece(span=span, param=param, row=source.part * rows, transposed=transposed)
         parts.setdefault((source.layer, source.expert), []).append(piece)
-    experts = {key: _location(key, pieces) for key, pieces in parts.items()}
+    packing = 2 if fmt is not None and fmt.kind == "int4" else 1
+    experts = {key: _location(key, pieces, packing) for key, pieces in parts.items()}
     return tensors, experts
 
 
-def _location(key: ExpertKey, pieces: list[ExpertPiece]) -> ExpertLocation:
-    """The expert's pieces must tile its gate_up [2I, D] and down [D, I] exactly."""
+def _location(key: ExpertKey, pieces: list[ExpertPiece], packing: int = 1) -> ExpertLocation:
+    """The expert's pieces must tile its gate_up [2I, D] and down [D, I] exactly (`packing` columns a stored one)."""
     by_param = {p: sorted((x for x in pieces if x.param == p), key=lambda x: x.row) for p in ("gate_up", "down")}
     lacking = [p for p, xs in by_param.items() if not xs]
     if lacking:
         raise CheckpointError(f"expert {key[1]} of layer {key[0]} lacks its {' and '.join(lacking)} projection")
     extent = {}
     for p, xs in by_param.items():
-        cols = {x.cols for x in xs}
+        cols = {x.cols * packing for x in xs}
         covered = 0
         for x in xs:
             if x.row != covered or len(cols) != 1:

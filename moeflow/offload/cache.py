@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from moeflow.kernels.quant import ExpertFormat, QuantizedPool
 from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
 from moeflow.offload.readers import ReaderPool
@@ -63,17 +64,66 @@ class _Slot:
 
 
 class SlotPool:
-    """`capacity` expert slots on one device, in transformers' fused layout."""
+    """`capacity` expert slots on one device, in transformers' fused layout.
 
-    def __init__(self, *, capacity: int, inter: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    With `fmt` (a quantized or cast expert format, `moeflow.kernels.quant`), a slot holds the expert as
+    stored in that format: `gate_up_S2ID` / `down_SDI` are then the quantized weights (int8, packed int4
+    or bf16/fp16; their last dimension is the packed one) and `gate_up_scale` / `down_scale` their scales,
+    and `slot_bytes` counts all of them: the budget is a ceiling on the quantized bytes.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        inter: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        fmt: ExpertFormat | None = None,
+    ) -> None:
         self.capacity = capacity
-        self.gate_up_S2ID = torch.empty(capacity, 2 * inter, hidden, dtype=dtype, device=device)
-        self.down_SDI = torch.empty(capacity, hidden, inter, dtype=dtype, device=device)
-        self.slot_bytes = (self.gate_up_S2ID[0].nbytes + self.down_SDI[0].nbytes) if capacity else 0
+        self.inter, self.hidden, self.fmt = inter, hidden, fmt
+        self.gate_up_scale: torch.Tensor | None = None
+        self.down_scale: torch.Tensor | None = None
+        if fmt is None:
+            self.gate_up_S2ID = torch.empty(capacity, 2 * inter, hidden, dtype=dtype, device=device)
+            self.down_SDI = torch.empty(capacity, hidden, inter, dtype=dtype, device=device)
+        else:
+            wdt = fmt.weight_dtype
+            self.gate_up_S2ID = torch.empty(capacity, *fmt.weight_shape(2 * inter, hidden), dtype=wdt, device=device)
+            self.down_SDI = torch.empty(capacity, *fmt.weight_shape(hidden, inter), dtype=wdt, device=device)
+            gu_shape, d_shape = fmt.scale_shape(2 * inter, hidden), fmt.scale_shape(hidden, inter)
+            if gu_shape is not None and d_shape is not None:
+                self.gate_up_scale = torch.empty(capacity, *gu_shape, dtype=fmt.scale_dtype, device=device)
+                self.down_scale = torch.empty(capacity, *d_shape, dtype=fmt.scale_dtype, device=device)
+        self.slot_bytes = sum(t[0].nbytes for t in self._tensors()) if capacity else 0
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.gate_up_S2ID, self.down_SDI, self.gate_up_scale, self.down_scale) if t is not None]
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up_S2ID.nbytes + self.down_SDI.nbytes
+        return sum(t.nbytes for t in self._tensors())
+
+    def scale_views(self, s: int) -> dict[str, torch.Tensor]:
+        """Slot `s`'s scales as the store fills them, by parameter ("gate_up", "down"); {} when unscaled."""
+        if self.gate_up_scale is None or self.down_scale is None:
+            return {}
+        return {"gate_up": self.gate_up_scale[s], "down": self.down_scale[s]}
+
+    def quantized(self) -> QuantizedPool:
+        """The pool as `moeflow.kernels.quant.quantized_experts_forward` reads it (formatted pools only)."""
+        assert self.fmt is not None
+        return QuantizedPool(
+            fmt=self.fmt,
+            gate_up_q=self.gate_up_S2ID,
+            down_q=self.down_SDI,
+            gate_up_scale=self.gate_up_scale,
+            down_scale=self.down_scale,
+            inter=self.inter,
+            hidden=self.hidden,
+        )
 
 
 @dataclass
@@ -247,12 +297,14 @@ class ExpertCache:
         """Read `key` into slot `s`, which the caller holds in state LOADING; no lock is held. Returns the
         bytes read and, on CUDA, the event of the copy stream that the compute stream must wait on."""
         pool = self.pool
+        scales = pool.scale_views(s)
+        extra = {"scales": scales} if scales else {}
         if self._copy_stream is None:
-            return self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s]), None
+            return self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s], **extra), None
         # The slot's previous expert may still be read by queued kernels: order after them.
         self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
         with torch.cuda.stream(self._copy_stream):
-            nbytes = self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s])
+            nbytes = self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s], **extra)
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         return nbytes, event

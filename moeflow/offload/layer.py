@@ -16,6 +16,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeflow.events import Listeners
 from moeflow.kernels import experts_forward
+from moeflow.kernels.quant import quantized_experts_forward
 from moeflow.model.families import experts_modules
 from moeflow.offload.cache import ExpertCache
 from moeflow.offload.plans import RoutingEvent, RoutingPlan
@@ -29,6 +30,20 @@ class OffloadRuntime:
 
     cache: ExpertCache
     routing: Listeners[RoutingEvent] = field(default_factory=Listeners)
+    # Quantized slots: one expert dequantized at a time, in the compute dtype (working memory beside the
+    # budget, like the activations; 18 MiB for the I/O-bound benchmark model's experts in fp32).
+    _scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def scratch_for(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dequantization buffers (gate_up [2I, D], down [D, I]) in x's dtype and device."""
+        pool = self.cache.pool
+        s = self._scratch
+        if s is None or s[0].dtype != x_TD.dtype or s[0].device != x_TD.device:
+            s = self._scratch = (
+                torch.empty(2 * pool.inter, pool.hidden, dtype=x_TD.dtype, device=x_TD.device),
+                torch.empty(pool.hidden, pool.inter, dtype=x_TD.dtype, device=x_TD.device),
+            )
+        return s
 
 
 def apply_offload(model: nn.Module, cache: ExpertCache) -> OffloadRuntime:
@@ -76,6 +91,11 @@ def offloaded_experts_forward(
                     0, slots, self.down_proj_bias[experts]
                 ),
             )
+        if pool.fmt is not None:  # quantized or cast slots: each used slot dequantized, then the exact arithmetic
+            return quantized_experts_forward(
+                hidden_TD, pool.quantized(), top_k_weights_TK, slot_ids_TK, gate=self._apply_gate, biases=biases,
+                scratch=runtime.scratch_for(hidden_TD),
+            )  # fmt: skip
         return experts_forward(
             hidden_TD,
             pool.gate_up_S2ID,

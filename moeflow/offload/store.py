@@ -23,7 +23,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from moeflow.kernels.quant import ExpertFormat, quantize
 from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
+from moeflow.model.quantized import ScalePiece
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,18 @@ def _copy(dest: torch.Tensor, src: torch.Tensor) -> None:
 
 
 _Dest = tuple[torch.Tensor, bool]  # rows of a slot, and whether the stored piece holds their transpose
+Scales = dict[str, torch.Tensor]  # a quantized slot's scales: "gate_up" [2I, G], "down" [D, G]
 
 
 class ExpertStore(Protocol):
     direct_io: bool
 
-    def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
-        """Copy expert `key` into the given slot views (any device, any float dtype). Returns bytes read.
-        Safe to call from several threads at once, for different slots."""
+    def read_into(
+        self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None
+    ) -> int:
+        """Copy expert `key` into the given slot views (any device, any float dtype; for a quantized slot,
+        the quantized weights and `scales`, the slot's scales by parameter: `SlotPool.scale_views`).
+        Returns bytes read. Safe to call from several threads at once, for different slots."""
         ...
 
     def close(self) -> None: ...
@@ -62,15 +68,24 @@ class ExpertStore(Protocol):
 class DiskStore:
     """Reads experts on demand from the checkpoint's shards, bypassing the page cache where allowed."""
 
-    def __init__(self, checkpoint: Checkpoint, *, direct_io: bool = True) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        direct_io: bool = True,
+        scales: dict[ExpertKey, tuple[ScalePiece, ...]] | None = None,
+    ) -> None:
         self._ckpt = checkpoint
+        self._scales = scales or {}  # a quantized checkpoint's scale spans (`moeflow.model.quantized`)
         self._fds: dict[Path, int] = {}
         self._retired: list[int] = []  # descriptors replaced by a fall-back; a concurrent read may still use one
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self._checked: set[ExpertKey] = set()  # experts whose weights were checked for NaN/Inf (on first read)
-        for path in sorted({s.file for loc in checkpoint.experts.values() for s in loc.spans}):
+        files = {s.file for loc in checkpoint.experts.values() for s in loc.spans}
+        files |= {p.span.file for pieces in self._scales.values() for p in pieces}
+        for path in sorted(files):
             self._fds[path] = self._open(path)
 
     def _open(self, path: Path) -> int:
@@ -130,11 +145,15 @@ class DiskStore:
         del view
         return buf, start - a_start, done
 
-    def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
+    def read_into(
+        self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None
+    ) -> int:
         loc = self._ckpt.experts[key]
         slot = {"gate_up": gate_up_2ID, "down": down_DI}
         # Each piece fills its rows of the slot; a transposed family's piece is copied through its transpose.
         pairs = [(p.span, (slot[p.param][p.row : p.row + p.rows], p.transposed)) for p in loc.pieces]
+        if scales:  # a quantized slot: each weight piece's scale fills the same rows of the slot's scales
+            pairs += [(p.span, (scales[p.param][p.row : p.row + p.span.shape[0]], False)) for p in self._scales[key]]
         total = 0
         check, finite = key not in self._checked, True
         for group in _coalesce(pairs):
@@ -200,32 +219,75 @@ def _coalesce(pairs: list[tuple[TensorSpan, _Dest]]) -> list[list[tuple[TensorSp
     return groups
 
 
+class QuantizingStore:
+    """Quantizes a full-precision checkpoint's experts as they are read (`--expert-dtype int8|int4` on a
+    checkpoint that `moeflow quantize` has not written): the slots hold quantized bytes, so the budget holds
+    more experts, but every miss still reads the full-precision bytes from disk; `moeflow quantize` writes
+    a folder whose reads are small too. Each reader thread keeps one full-precision expert to quantize from."""
+
+    def __init__(self, inner: ExpertStore, fmt: ExpertFormat, *, inter: int, hidden: int, dtype: torch.dtype) -> None:
+        self._inner, self._fmt = inner, fmt
+        self._shapes = ((2 * inter, hidden), (hidden, inter))
+        self._dtype = dtype
+        self._local = threading.local()
+        self.direct_io = inner.direct_io
+
+    def read_into(
+        self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None
+    ) -> int:
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = tuple(torch.empty(s, dtype=self._dtype) for s in self._shapes)
+        nbytes = self._inner.read_into(key, *staging)
+        gu_q, gu_s = quantize(staging[0], self._fmt)
+        d_q, d_s = quantize(staging[1], self._fmt)
+        gate_up_2ID.copy_(gu_q)
+        down_DI.copy_(d_q)
+        if scales:
+            scales["gate_up"].copy_(gu_s)
+            scales["down"].copy_(d_s)
+        return nbytes
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class RamStore:
-    """One host copy of every expert, in the compute dtype; filled once from a disk store."""
+    """One host copy of every expert, laid out as one slot of `pool` (so quantized experts stay quantized in
+    RAM); filled once from a disk store."""
 
     direct_io = False
 
-    def __init__(self, checkpoint: Checkpoint, source: DiskStore, *, dtype: torch.dtype, pin: bool) -> None:
-        self._gate_up: dict[ExpertKey, torch.Tensor] = {}
-        self._down: dict[ExpertKey, torch.Tensor] = {}
-        for key, loc in checkpoint.experts.items():
-            inter, hidden = loc.inter, loc.hidden
-            gate_up = torch.empty(2 * inter, hidden, dtype=dtype, pin_memory=pin)
-            down = torch.empty(hidden, inter, dtype=dtype, pin_memory=pin)
-            source.read_into(key, gate_up, down)
-            self._gate_up[key], self._down[key] = gate_up, down
-        self.nbytes = sum(t.nbytes for t in self._gate_up.values()) + sum(t.nbytes for t in self._down.values())
+    def __init__(self, checkpoint: Checkpoint, source: ExpertStore, *, pool: SlotPoolLayout, pin: bool) -> None:
+        self._copies: dict[ExpertKey, tuple[torch.Tensor, ...]] = {}
+        for key in checkpoint.experts:
+            gate_up = torch.empty_like(pool.gate_up_S2ID[0], device="cpu", pin_memory=pin)
+            down = torch.empty_like(pool.down_SDI[0], device="cpu", pin_memory=pin)
+            scales = {p: torch.empty_like(s, device="cpu", pin_memory=pin) for p, s in pool.scale_views(0).items()}
+            source.read_into(key, gate_up, down, **({"scales": scales} if scales else {}))
+            self._copies[key] = (gate_up, down, *scales.values())
+        self.nbytes = sum(t.nbytes for copy in self._copies.values() for t in copy)
 
-    def read_into(self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> int:
-        src_gu, src_d = self._gate_up[key], self._down[key]
-        if gate_up_2ID.device.type == "cuda":  # pinned source: async H2D on the current stream
-            gate_up_2ID.copy_(src_gu, non_blocking=True)
-            down_DI.copy_(src_d, non_blocking=True)
-        else:
-            _copy(gate_up_2ID, src_gu)
-            _copy(down_DI, src_d)
-        return src_gu.nbytes + src_d.nbytes
+    def read_into(
+        self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None
+    ) -> int:
+        copy = self._copies[key]
+        dests = (gate_up_2ID, down_DI, *(scales or {}).values())
+        for dest, src in zip(dests, copy, strict=True):
+            if dest.device.type == "cuda":  # pinned source: async H2D on the current stream
+                dest.copy_(src, non_blocking=True)
+            else:
+                _copy(dest, src)
+        return sum(t.nbytes for t in copy)
 
     def close(self) -> None:
-        self._gate_up.clear()
-        self._down.clear()
+        self._copies.clear()
+
+
+class SlotPoolLayout(Protocol):
+    """What `RamStore` needs of a slot pool: one slot's tensors (`moeflow.offload.cache.SlotPool`)."""
+
+    gate_up_S2ID: torch.Tensor
+    down_SDI: torch.Tensor
+
+    def scale_views(self, s: int) -> Scales: ...

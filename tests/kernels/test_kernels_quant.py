@@ -110,6 +110,17 @@ def test_quantized_forward_equals_exact_path_on_dequantized_weights(fmt, T, ids)
     assert torch.equal(got, want)
 
 
+def test_quantized_forward_with_biases_equals_exact_path():
+    """Expert biases (gpt-oss) are added after each GEMM as the exact path adds them."""
+    pool, gate_up, down = _pool(INT4[32], S=3, inter=32, hidden=64)
+    biases = (torch.randn(3, 64), torch.randn(3, 64))
+    for T, ids in ((1, [[2, 0]]), (4, [[0, 1], [1, 2], [2, -1], [0, 2]])):
+        x, ids_TK, w_TK = torch.randn(T, 64), torch.tensor(ids), torch.rand(T, 2)
+        got = quantized_experts_forward(x, pool, w_TK, ids_TK, biases=biases)
+        assert torch.equal(got, experts_forward(x, gate_up, down, w_TK, ids_TK, biases=biases))
+        assert not torch.equal(got, quantized_experts_forward(x, pool, w_TK, ids_TK))
+
+
 def test_quantized_forward_with_a_family_gate_and_given_scratch():
     pool, gate_up, down = _pool(INT8, S=3, inter=32, hidden=32)
     x = torch.randn(5, 32)

@@ -1,0 +1,116 @@
+"""`moeflow quantize`: write a copy of a model whose experts are stored quantized, so each miss reads few bytes.
+
+Every routed expert's gate, up and down weight is quantized (`moeflow.kernels.quant`, layout in
+docs/quantization.md) and stored per expert under its own name, its scale beside it as `<name>_scale`;
+every other tensor (attention, norms, embeddings, routers, shared experts) is copied unchanged.
+config.json gains `moeflow_quantization`, which is how the engine knows to read the experts quantized.
+One output shard per input shard; tokenizer, generation config, corpus lists and predictors are copied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from moeflow.errors import MoeflowError
+from moeflow.kernels.quant import ExpertFormat, quantize
+from moeflow.model.checkpoint import open_checkpoint
+from moeflow.model.quantized import CONFIG_KEY, FORMAT_VERSION, SCALE_SUFFIX, STORED_KINDS, declared_format
+
+
+def quantize_checkpoint(
+    src: str | Path, out: str | Path, expert_dtype: str, *, group_size: int = 128, progress: bool = True
+) -> Path:
+    """Write `src` with its experts stored as `expert_dtype` (int8, or int4 with `group_size`) to `out`."""
+    src, out = Path(src), Path(out)
+    if expert_dtype not in STORED_KINDS:
+        raise MoeflowError(f"moeflow quantize writes {' or '.join(STORED_KINDS)} experts, not {expert_dtype!r}")
+    try:
+        fmt = ExpertFormat(kind=expert_dtype, group_size=group_size if expert_dtype == "int4" else 0)
+    except ValueError as e:
+        raise MoeflowError(str(e)) from None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MoeflowError(f"{out} already exists and is not an empty folder; moeflow quantize never overwrites: "
+                           "choose a new --out or remove it first")  # fmt: skip
+    ckpt = open_checkpoint(src)
+    if declared_format(ckpt.config) is not None:
+        raise MoeflowError(f"{src} is already quantized ({ckpt.config[CONFIG_KEY]}); quantize the full-precision model")
+    if ckpt.family.layout.transposed:
+        raise MoeflowError(
+            f"{ckpt.family.model_type} stores its experts transposed; moeflow quantize writes [out, in] weights only. "
+            "Load the full-precision folder with --expert-dtype int8 or int4 instead"
+        )
+    dtypes = {loc.dtype for loc in ckpt.experts.values()}
+    source_dtype = str(dtypes.pop()).removeprefix("torch.")
+    if dtypes:
+        raise MoeflowError(f"{src} stores its experts in several dtypes; moeflow quantize needs one")
+    files = {s.file for s in ckpt.tensors.values()} | {s.file for loc in ckpt.experts.values() for s in loc.spans}
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    pieces = sum(len(loc.pieces) for loc in ckpt.experts.values())
+    bar = tqdm(total=pieces, desc=f"quantizing experts to {fmt.name}", unit="tensor", disable=not progress)
+    for shard in sorted(files):
+        tensors: dict[str, torch.Tensor] = {}
+        experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # each expert's tensors, written together
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                source = ckpt.family.expert_source(name)
+                if source is None:
+                    tensors[name] = f.get_tensor(name).contiguous()
+                    continue
+                if source.expert is None:
+                    raise MoeflowError(
+                        f"{name} holds every expert of its layer in one tensor; moeflow quantize writes per-expert "
+                        "tensors from per-expert checkpoints (as transformers' save_pretrained writes them)"
+                    )
+                q, scale = quantize(f.get_tensor(name), fmt)
+                mine = experts.setdefault((source.layer, source.expert), {})
+                mine[name], mine[name + SCALE_SUFFIX] = q, scale
+                bar.update(1)
+        for key in sorted(experts):
+            tensors.update(experts[key])
+        save_ordered(tensors, out / shard.name)
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+    bar.close()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    spec = {"expert_dtype": fmt.kind, "group_size": fmt.group_size, "source_dtype": source_dtype,
+            "version": FORMAT_VERSION}  # fmt: skip
+    (out / "config.json").write_text(json.dumps({**ckpt.config, CONFIG_KEY: spec}, indent=1))
+    for entry in src.iterdir():
+        if entry.name in ("config.json", "model.safetensors.index.json") or entry.suffix == ".safetensors":
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, out / entry.name)
+        else:
+            shutil.copy2(entry, out / entry.name)
+    return out
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+
+
+def save_ordered(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file with the tensors' data in the dict's order (safetensors' own writer groups them by
+    dtype, which would put an expert's fp16 scales megabytes away from its int8 weights: two reads per miss).
+    Here each expert's weights and scales are adjacent, so the store reads them in one request."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
