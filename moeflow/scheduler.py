@@ -19,6 +19,27 @@ from moeflow.engine.batch import DecodeBatch, SequenceState
 from moeflow.engine.engine import Engine, GenerationResult
 
 
+# Prompts admitted together are prefilled in one forward of at most this many (padded) tokens: each expert
+# is then read once per group instead of once per prompt.
+PREFILL_TOKENS = 2048
+
+
+def prefill_groups(seqs: list[SequenceState], max_tokens: int) -> list[list[SequenceState]]:
+    """`seqs` in admission order, cut into groups whose left-padded prompts (group size x longest prompt)
+    fit `max_tokens`; a prompt longer than that alone is a group of one."""
+    groups: list[list[SequenceState]] = []
+    longest = 0
+    for seq in seqs:
+        n = len(seq.prompt_ids)
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= max_tokens:
+            groups[-1].append(seq)
+            longest = max(longest, n)
+        else:
+            groups.append([seq])
+            longest = n
+    return groups
+
+
 class AdmissionPolicy(ABC):
     """Decides who is prefilled into the active pool, and which active sequences decode each step.
 
@@ -59,14 +80,18 @@ class Scheduler:
         max_batch_size: int,
         admission: AdmissionPolicy,
         on_step: Callable[[DecodeBatch], None] | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.engine = engine
         self.batch = engine.new_batch()
         self.max_batch_size = max_batch_size
         self.admission = admission
         self.on_step = on_step
+        self.prefill_tokens = prefill_tokens
         self.waiting: list[SequenceState] = []
         self.active: list[SequenceState] = []  # prefilled and unfinished; `batch.members` is this step's subset
         self.steps = 0
@@ -99,16 +124,16 @@ class Scheduler:
         finished: list[SequenceState] = []
         free = self.admission.pool_size(self.max_batch_size) - len(self.active)
         if free > 0 and self.waiting:
-            for seq in self.admission.choose(list(self.waiting), list(self.active), free):
+            admitted = self.admission.choose(list(self.waiting), list(self.active), free)
+            for seq in admitted:
                 self.waiting.remove(seq)
-                try:
-                    self.batch.prefill(seq)
-                except Exception as e:  # a prefill is this sequence's own forward: it alone fails
-                    seq.fail(e)
-                if seq.done:  # finished on its first token, or failed
-                    finished.append(seq)
-                else:
-                    self.active.append(seq)
+            for group in prefill_groups(admitted, self.prefill_tokens):
+                self.batch.prefill_many(group)  # a sequence whose own prefill fails is failed, alone
+                for seq in group:
+                    if seq.done:  # finished on its first token, or failed
+                        finished.append(seq)
+                    else:
+                        self.active.append(seq)
         chosen = self.admission.select(list(self.active), self.max_batch_size) if self.active else []
         for seq in [s for s in self.batch.members if s not in chosen]:
             self.batch.remove(seq)

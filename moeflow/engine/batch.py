@@ -131,6 +131,57 @@ class DecodeBatch:
 
     def prefill(self, seq: SequenceState) -> None:
         """Run `seq`'s prompt alone, sample its first token, keep its cache; it is not a member yet."""
+        self._start(seq)
+        ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
+        n, kv = len(seq.prompt_ids), self.driver.new_cache()
+        result = self.driver.forward(ids_1T, histories=[seq.prompt_ids], n_new=n, kv=kv, use_cache=True)
+        cache = result.cache
+        seq.kv = [(layer.keys, layer.values) for layer in cache.layers] if _is_plain(cache) else cache
+        seq.t_first_token = time.perf_counter()
+        self._sample(seq, result.logits_BV[0])
+
+    def prefill_many(self, seqs: Sequence[SequenceState]) -> None:
+        """Prefill `seqs` in one forward: their prompts left-padded to the longest, the pads masked, with
+        explicit position ids (as a decode step's rows), so each expert is read once for all of them instead
+        of once per prompt. Each sequence then keeps its own unpadded cache and first token, as `prefill`
+        gives. A cache that cannot be split by rows (recurrent or windowed state) prefills one by one. If the
+        shared forward fails, each sequence is prefilled alone, and one whose own prefill fails is failed
+        (`SequenceState.fail`): the failure stays with the sequence that caused it."""
+        kv = self.driver.new_cache()
+        if len(seqs) == 1 or kv is None or not _is_plain(kv):
+            for seq in seqs:
+                self._prefill_alone(seq)
+            return
+        for seq in seqs:
+            self._start(seq)
+        lengths = [len(s.prompt_ids) for s in seqs]
+        T = max(lengths)
+        pad_id = seqs[0].prompt_ids[0]  # any token: a pad is masked out of every real position's attention
+        ids_BT = torch.tensor([[pad_id] * (T - n) + s.prompt_ids for s, n in zip(seqs, lengths)], device=self.device)
+        mask_BT = torch.tensor([[0] * (T - n) + [1] * n for n in lengths], device=self.device)
+        positions_BT = (mask_BT.cumsum(dim=1) - 1).clamp(min=0)
+        try:
+            result = self.driver.forward(ids_BT, histories=ids_BT.tolist(), n_new=T, kv=kv, use_cache=True,
+                                         attention_mask_BQ=mask_BT, position_ids_BT=positions_BT)
+        except Exception:
+            for seq in seqs:
+                self._prefill_alone(seq)
+            return
+        now = time.perf_counter()
+        for b, (seq, n) in enumerate(zip(seqs, lengths)):
+            seq.kv = [(layer.keys[b : b + 1, :, T - n :].clone(), layer.values[b : b + 1, :, T - n :].clone())
+                      for layer in result.cache.layers]
+            seq.t_first_token = now
+            self._sample(seq, result.logits_BV[b])
+
+    def _prefill_alone(self, seq: SequenceState) -> None:
+        try:
+            self.prefill(seq)
+        except Exception as e:  # a prefill is this sequence's own forward: it alone fails
+            seq.fail(e)
+
+    def _start(self, seq: SequenceState) -> None:
+        """A sequence's sampling state before its first token."""
         if seq.params.temperature > 0:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else 0)
@@ -139,13 +190,6 @@ class DecodeBatch:
             seq.stop_text = TextStream(self.tokenizer, seq.params.stop)
         if seq.params.logprobs is not None:
             seq.logprobs = []
-        ids_1T = torch.tensor([seq.prompt_ids], device=self.device)
-        n, kv = len(seq.prompt_ids), self.driver.new_cache()
-        result = self.driver.forward(ids_1T, histories=[seq.prompt_ids], n_new=n, kv=kv, use_cache=True)
-        cache = result.cache
-        seq.kv = [(layer.keys, layer.values) for layer in cache.layers] if _is_plain(cache) else cache
-        seq.t_first_token = time.perf_counter()
-        self._sample(seq, result.logits_BV[0])
 
     def add(self, seq: SequenceState) -> None:
         assert (seq.kv is not None or seq in self._rows) and not seq.done

@@ -6,7 +6,7 @@ import torch
 import moeflow
 from moeflow.config import SamplingParams
 from moeflow.engine.batch import SequenceState
-from moeflow.scheduler import FifoAdmission, Scheduler, run_batch
+from moeflow.scheduler import FifoAdmission, Scheduler, prefill_groups, run_batch
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -75,6 +75,47 @@ def test_sequence_finishing_on_first_token_never_joins(tiny_checkpoints):
         scheduler.submit(seq)
         assert scheduler.step() == [seq]
         assert scheduler.idle and scheduler.steps == 0
+
+
+# ---- prompts admitted together are prefilled together --------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_grouped_prefill_equals_solo_prefill(tiny_checkpoints, family):
+    prompts = _prompts(5, seed=7)  # lengths 3, 11, 7, 19, 2: four of five rows padded
+    with moeflow.load(tiny_checkpoints[family], expert_budget="25%") as engine:
+        solo = [engine.generate(p, max_new_tokens=6).token_ids for p in prompts]
+        batch = engine.new_batch()
+        seqs = [engine.new_sequence(p, max_new_tokens=6) for p in prompts]
+        batch.prefill_many(seqs)
+        assert [s.kv[0][0].shape[-2] for s in seqs] == [len(p) for p in prompts]  # each cache its own, unpadded
+        for s in seqs:
+            batch.add(s)
+        while batch.members:
+            batch.step()
+            batch.evict_finished()
+    assert [s.generated for s in seqs] == solo
+
+
+def test_grouped_prefill_reads_each_expert_once_for_the_group(tiny_checkpoints):
+    prompts = _prompts(6, seed=2)
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="25%", policy="lru") as engine:
+        engine.cache.reset_stats()
+        for p in prompts:
+            engine.new_batch().prefill(engine.new_sequence(p, max_new_tokens=1))
+        alone = engine.stats().misses
+        engine.cache.reset_stats()
+        engine.new_batch().prefill_many([engine.new_sequence(p, max_new_tokens=1) for p in prompts])
+        grouped = engine.stats().misses
+    assert grouped <= len(engine.checkpoint.experts) < alone  # at most every expert once, against re-reads
+
+
+def test_prefill_groups_fit_the_token_limit():
+    seqs = [SequenceState(prompt_ids=[1] * n, params=SamplingParams()) for n in (4, 4, 8, 2, 30, 3)]
+    groups = prefill_groups(seqs, 16)
+    assert [[len(s.prompt_ids) for s in g] for g in groups] == [[4, 4], [8, 2], [30], [3]]  # 2 x 8 <= 16 < 3 x 8
+    assert [s for g in groups for s in g] == seqs  # admission order kept
+    assert prefill_groups(seqs, 10**6) == [seqs]
 
 
 # ---- re-padding only the rows that change ------------------------------------------------------------
