@@ -13,9 +13,11 @@ Every contender is a fresh process inside a cgroup memory group with the same li
 (runtime + dense weights + the expert budget + slack), started after the page cache is dropped,
 experts read from disk with O_DIRECT; rounds interleave the contenders and each one's best round is
 kept. Each contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
-bytes read per decode token and hit rate, with Belady's offline optimum replayed on LRU's own decode
-routing as the bytes reference; ``rebatch`` runs ``generate --prompts``-style batches on the
-I/O-bound model at B = 8 and 32, FIFO vs the re-batcher.
+bytes read per decode token and decode hit rate, with Belady's offline optimum replayed on LRU's own
+decode routing as the bytes reference, and each predictive contender's own decode replayed
+(`moeflow.tools.profile.replay`, with the overlap the live engine measured) next to its live hit
+rate; ``rebatch`` runs ``generate --prompts``-style batches on the I/O-bound model at B = 8 and 32,
+FIFO vs the re-batcher.
 
     python bench/expertflow.py --out bench/results                      # everything
     python bench/expertflow.py --models iobound --part decode --repeats 1
@@ -87,7 +89,7 @@ def decode_child(spec: dict) -> dict:
 
     with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
         prefill_s = decode_s = 0.0
-        decode_bytes = decode_tokens = 0
+        decode_bytes = decode_tokens = decode_hits = decode_misses = 0
         tokens: list[list[int]] = []
         routing: list[list[list[int]]] = []  # decode step -> MoE layer -> top-k experts
         for prompt in spec["prompts"]:
@@ -96,7 +98,7 @@ def decode_child(spec: dict) -> dict:
             t0 = time.perf_counter()
             batch.prefill(seq)
             t1 = time.perf_counter()
-            before = engine.stats().bytes_read
+            before = engine.stats()
             batch.add(seq)
             while not seq.done:
                 result = batch.step()
@@ -104,18 +106,23 @@ def decode_child(spec: dict) -> dict:
                     routing.append([e.top_k_index_TK[0].tolist() for e in result.routing])
             t2 = time.perf_counter()
             engine.settle()
-            decode_bytes += engine.stats().bytes_read - before
+            after = engine.stats()
+            decode_bytes += after.bytes_read - before.bytes_read
+            decode_hits += after.hits - before.hits
+            decode_misses += after.misses - before.misses
             decode_tokens += len(seq.generated) - 1
             prefill_s, decode_s = prefill_s + t1 - t0, decode_s + t2 - t1
             tokens.append(list(seq.generated))
         stats = engine.stats()
         counters = engine.prefetcher.counters.to_dict() if engine.prefetcher is not None else None
+        overlap = engine.prefetcher.overlap if engine.prefetcher is not None else None
     return {
         "tokens": tokens, "routing": routing, "prefill_s": prefill_s, "decode_s": decode_s,
         "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tokens / decode_s,
         "decode_bytes_per_token": decode_bytes / decode_tokens, "hit_rate": stats.hit_rate,
         "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
         "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
+        "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1), "overlap": overlap,
     }  # fmt: skip
 
 
@@ -200,6 +207,37 @@ def replay_on_routing(model: Path, routing: list[list[list[int]]], slots: int) -
     return out
 
 
+def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[int]], predictor: str, slots: int,
+                  overlap: float) -> dict:
+    """The live decode replayed (`moeflow.tools.profile.replay`): each prompt + its generated tokens traced
+    with `predictor` (teacher forcing gives the decode's routing exactly), the decode tokens replayed one per
+    step through the same cache size, with the overlap the live engine measured; its hit rate and bytes per
+    decode token are what profiling would have predicted for that run."""
+    import numpy as np
+
+    import moeflow
+    from moeflow.model.checkpoint import open_checkpoint
+    from moeflow.predictor.apply import build_predictor
+    from moeflow.tools.profile.replay import replay
+    from moeflow.tools.profile.setting import BudgetPoint, Geometry
+    from moeflow.tools.trace import Trace, record_token_ids
+
+    chunks = [(i, list(p) + list(g)) for i, (p, g) in enumerate(zip(prompts, generated))]
+    with moeflow.load(model, expert_budget="all", store="ram") as engine:
+        trace = record_token_ids(engine, chunks, context=max(len(c) for _, c in chunks),
+                                 predictors=[build_predictor(engine, predictor)])
+    decode = np.concatenate([np.asarray(trace.positions)[trace.seq_ids == i] >= len(p) for i, p in enumerate(prompts)])
+    cut = {k: np.asarray(getattr(trace, k))[decode] for k in ("token_ids", "positions", "seq_ids", "doc_ids",
+                                                                "experts", "weights")}
+    trace = Trace(meta=trace.meta, **cut, predictions={k: v[decode] for k, v in trace.predictions.items()},
+                  probabilities={k: v[decode] for k, v in trace.probabilities.items()})
+    ckpt = open_checkpoint(model)
+    geometry = Geometry.of(ckpt, int(ckpt.config["num_experts_per_tok"]))
+    budget = BudgetPoint(spec=f"{slots} slots", fraction=slots / geometry.total_experts, slots=slots)
+    r = replay(trace, geometry, policy="predictive", budget=budget, predictor=predictor, overlap=overlap)
+    return {"hit_rate": r.stats.hit_rate, "bytes_per_token": r.stats.bytes_read / r.tokens, "tokens": r.tokens}
+
+
 def decode_part(args: argparse.Namespace, runtime: int) -> dict:
     out = {}
     for model_name in args.models:
@@ -229,6 +267,10 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         reference = {}
         if "error" not in lru:
             reference = replay_on_routing(model, lru["routing"], lru["capacity_slots"])
+        for (_, options), r in zip(contenders, rows):
+            if "predictor" in options and "error" not in r:
+                r["replay"] = replay_decode(model, prompts, r["tokens"], options["predictor"], r["capacity_slots"],
+                                            r["overlap"])
         for r in rows:
             r.pop("routing", None)
             r.pop("tokens", None)
@@ -405,12 +447,14 @@ def summary(result: dict) -> None:
         lru = rows[0]
         belady = part["replay_on_lru_routing"].get("belady", {}).get("bytes_per_token")
         print(f"\n{model_name} at {part['budget']} (disk): {'contender':>22} {'tok/s':>8} {'x lru':>6} "
-              f"{'MiB/tok':>8} {'x belady':>8} {'hit':>6} exact")
+              f"{'MiB/tok':>8} {'x belady':>8} {'hit':>6} {'replay':>6} exact")
         for r in rows:
             over_belady = r["decode_bytes_per_token"] / belady if belady else float("nan")
+            replayed = r.get("replay", {}).get("hit_rate")
             print(f"{'':>{len(model_name) + 18}}{r['name'].split(' ', 1)[1]:>22} {r['speed']:8.2f} "
                   f"{r['speed'] / lru['speed']:6.2f} {r['decode_bytes_per_token'] / 2**20:8.2f} {over_belady:8.2f} "
-                  f"{r['hit_rate']:6.3f} {r['tokens_equal_lru']}")
+                  f"{r.get('decode_hit_rate', r['hit_rate']):6.3f} "
+                  f"{'' if replayed is None else f'{replayed:.3f}':>6} {r['tokens_equal_lru']}")
     for row in result.get("rebatch", {}).get("rows", []):
         print(f"rebatch B={row['batch_size']}: fifo {row['fifo'].get('speed', 0):.2f} tok/s, re-batcher "
               f"{row['rebatch'].get('speed', 0):.2f} tok/s, x{row['speedup'] or 0:.2f}, outputs equal: "

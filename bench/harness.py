@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,9 @@ def prepare_model(name: str, workdir: Path) -> Path:
             from moeflow.tools.widen import widen_experts
 
             widen_experts(DEFAULT_MODEL, out, WIDE_INTERMEDIATE)
+        else:  # built earlier: its predictors are the shipped ones as they are now (their format may have moved on)
+            shutil.rmtree(out / "predictors", ignore_errors=True)
+            shutil.copytree(DEFAULT_MODEL / "predictors", out / "predictors")
         return out
     if name == "random":
         out = workdir / "mixtral-random"

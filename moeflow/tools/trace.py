@@ -143,13 +143,30 @@ def record_trace(
         raise MoeflowError(f"{engine.checkpoint.path} has no tokenizer; tracing text needs one")
     docs = read_documents(files)
     context = min(context, engine.max_context or context)
-    layers = engine.checkpoint.moe_layers
     chunks: list[tuple[int, list[int]]] = []
     for d, (_, text) in enumerate(docs):
         # A whole document at once, cut into `context`-token chunks below: its length past the tokenizer's
         # model_max_length is intended, so its "indexing errors" warning would be false (verbose=False).
         ids = engine.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         chunks.extend((d, ids[i : i + context]) for i in range(0, len(ids), context) if ids[i : i + context])
+    return record_token_ids(engine, chunks, context=context, max_tokens=max_tokens, predictors=predictors,
+                            ranks=ranks, progress=progress, files=[name for name, _ in docs])
+
+
+def record_token_ids(
+    engine: Engine,
+    chunks: Sequence[tuple[int, list[int]]],
+    *,
+    context: int,
+    max_tokens: int | None = None,
+    predictors: Sequence[RoutePredictor] = (),
+    ranks: int | None = None,
+    progress: bool = False,
+    files: Sequence[str] = (),
+) -> Trace:
+    """Record the routing of token sequences given as ids: `chunks` are (document index, ids), each one
+    forward (at most `context` ids, as `record_trace` cuts them), in order."""
+    layers = engine.checkpoint.moe_layers
     total = sum(len(c) for _, c in chunks)
     if max_tokens is not None:
         total = min(total, max_tokens)
@@ -206,7 +223,7 @@ def record_trace(
         "num_experts": int(engine.checkpoint.num_experts[layers[0]]),
         "top_k": engine.top_k,
         "context": context,
-        "files": [name for name, _ in docs],
+        "files": list(files),
     }
     if predictors:
         meta["predictions"] = {
