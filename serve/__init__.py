@@ -8,7 +8,8 @@ Layout, along the data path:
 - `handle.py` — one request's events from the engine thread, turned into `Chunk`s on its handler thread;
 - `stats.py` — the running totals behind `GetStats`;
 - `errors.py` — refusals and failures that are not the request's fault;
-- `server.py` — gRPC server with health and reflection, SIGTERM drain (`moeflow serve`);
+- `guard.py` — no client can take every handler thread: per-class call limits and pools, the idle deadline, the token;
+- `server.py` — gRPC server with health and reflection, TLS, SIGTERM drain (`moeflow serve`);
 - `http.py` — the OpenAI-compatible HTTP API on the same worker (`moeflow serve --http-port`), Starlette on uvicorn;
 - `openai_api.py` — OpenAI request JSON <-> `GenerateRequest`, `Chunk`s -> OpenAI response and stream objects;
 - `metrics.py` — `/metrics`: the stats in Prometheus text format;

@@ -81,6 +81,12 @@ class ServerConfig:
                 "unencrypted: give --tls-cert and --tls-key, and/or --token-file, or --insecure if that is what you "
                 "want (or serve on 127.0.0.1)"
             )
+        if self.http_port is not None and not (is_loopback(self.host) or self.insecure):
+            raise MoeflowError(
+                f"--http-port on --host {self.host}: the HTTP API has neither TLS nor a token check yet, so anyone "
+                "who reaches it could use it; serve it on 127.0.0.1 (behind a proxy that authenticates), or give "
+                "--insecure"
+            )
 
     def token(self) -> str | None:
         """The bearer token of --token-file (surrounding whitespace dropped), None without one."""

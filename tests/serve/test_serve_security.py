@@ -110,6 +110,9 @@ def test_a_bind_other_machines_reach_needs_tls_a_token_or_insecure(pki, host, ca
     ServerConfig(host=host, token_file=pki / "token")
     ServerConfig(host=host, tls_cert=pki / "server.pem", tls_key=pki / "server.key")
     assert main(["serve", "--host", host, "--port", "0"]) == 2  # refused before the model loads
+    with pytest.raises(MoeflowError, match="the HTTP API has neither TLS nor a token check"):
+        ServerConfig(host=host, token_file=pki / "token", http_port=0)
+    ServerConfig(host=host, insecure=True, http_port=0)
     assert f"--host {host} is reachable from other machines" in capsys.readouterr().err
 
 
