@@ -166,7 +166,9 @@ def evaluate(model_dir: Path, *, threads: int = 2, context: int | None = None, s
     samples = []
     for prompt in SAMPLE_PROMPTS:
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        generated = model.generate(input_ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False)
+        # Plain greedy, what the model itself does (the card's samples); generation_config.json's repetition
+        # penalty is the runtime's sampling default, not part of the model.
+        generated = model.generate(input_ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False, repetition_penalty=1.0)
         new_ids = generated[0, input_ids.shape[1] :].tolist()
         samples.append(
             Sample(

@@ -44,6 +44,7 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in this order
 PROG = "recipes.default_model.train"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "moeflow" / "default_model"
+REPETITION_PENALTY = 1.2  # the shipped generation_config.json's sampling default (why: where run_train saves the model)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,6 +319,10 @@ def run_train(cfg: TrainConfig, argv: list[str]) -> dict:
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     model.eval()
+    # The model's sampling default (generation_config.json; transformers' generate and moeflow both apply it, to greedy
+    # too): greedy alone loops ("The list of directories to the list of directories ..." after "def"); a penalty of
+    # 1.2 on tokens already seen reads as Python (`moeflow generate --prompt def --repetition-penalty 1.0 / 1.2`).
+    model.generation_config.repetition_penalty = REPETITION_PENALTY
     model.save_pretrained(cfg.out)
     tokenizer.model_max_length = cfg.seq_len
     tokenizer.save_pretrained(cfg.out)
