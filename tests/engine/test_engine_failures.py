@@ -77,3 +77,17 @@ def test_a_failed_prefill_fails_that_sequence_only(tiny_checkpoints, monkeypatch
         scheduler.run_until_idle()
     assert isinstance(seqs[1].error, MemoryError) and seqs[1].generated == []
     assert [seqs[0].generated, seqs[2].generated] == [solo[0], solo[2]]
+
+
+def test_cli_generate_with_a_tiny_temperature_prints_greedy_tokens(tiny_checkpoints, capsys):
+    """`moeflow generate --temperature 1e-40` printed a traceback (the softmax was nan); now it prints the argmax."""
+    import json
+
+    from moeflow.cli import main
+
+    args = ["generate", "--model", str(tiny_checkpoints["mixtral"]), "--prompt", "abc", "--max-new-tokens", "6"]
+    assert main([*args, "--json"]) == 0
+    greedy = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*args, "--json", "--temperature", "1e-40", "--seed", "5"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["token_ids"] == greedy and "Traceback" not in out.err
