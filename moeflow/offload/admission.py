@@ -33,6 +33,8 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from moeflow.model.checkpoint import ExpertKey
 
 
@@ -165,54 +167,106 @@ class NextUse:
         self._decay = 0.5 ** (1.0 / half_life)
         self.markov_weight = markov_weight
         self.smoothing = smoothing
-        self._latest: dict[int, set[int]] = {}  # layer -> experts of its latest step
-        self._before: dict[int, set[int]] = {}  # layer -> experts of the step before that
-        self._latest_step: dict[int, int] = {}
-        self._follows: dict[tuple[int, int, int], int] = {}  # (layer, a, e): steps where e followed a
-        self._steps_after: dict[tuple[int, int], int] = {}  # (layer, a): steps that followed a step using a
-        self._uses: dict[int, list[int]] = {}  # layer -> [steps run, expert uses, distinct experts seen]
-        self._seen: set[ExpertKey] = set()
-        self._rate: dict[ExpertKey, tuple[float, int]] = {}  # decayed use count, step it was brought to
+        self._layers: dict[int, _LayerUses] = {}
         self._step = 0  # the latest step seen
 
     def on_use(self, key: ExpertKey, step: int) -> None:
         """`key` is used at `step` (repeats within a step count once)."""
         layer, e = key
         self._step = max(self._step, step)
-        latest = self._latest.setdefault(layer, set())
-        counts = self._uses.setdefault(layer, [0, 0, 0])
-        if self._latest_step.get(layer) != step:
-            before = latest if self._latest_step.get(layer) is not None else set()
-            for a in before:
-                self._steps_after[layer, a] = self._steps_after.get((layer, a), 0) + 1
-            self._before[layer], latest = before, set()
-            self._latest[layer], self._latest_step[layer] = latest, step
-            counts[0] += 1
-        if e in latest:
-            return
-        latest.add(e)
-        counts[1] += 1
-        if key not in self._seen:
-            self._seen.add(key)
-            counts[2] += 1
-        for a in self._before.get(layer, ()):
-            self._follows[layer, a, e] = self._follows.get((layer, a, e), 0) + 1
-        count, at = self._rate.get(key, (0.0, step))
-        self._rate[key] = (count * self._decay ** (step - at) + 1.0, step)
+        uses = self._layers.get(layer)
+        if uses is None:
+            uses = self._layers[layer] = _LayerUses()
+        uses.use(e, step, self._decay)
 
     def probability(self, key: ExpertKey) -> float:
         layer, e = key
-        counts = self._uses.get(layer)
-        if counts is None or counts[0] == 0:
+        uses = self._layers.get(layer)
+        if uses is None or uses.steps == 0:
             return 0.0
-        mean = min(counts[1] / counts[0] / max(counts[2], 1), 1.0)  # a layer's expert, on average, per step
-        latest = self._latest[layer]
-        if latest:
-            s = self.smoothing
-            markov = sum((self._follows.get((layer, a, e), 0) + s * mean) / (self._steps_after.get((layer, a), 0) + s)
-                         for a in latest) / len(latest)
-        else:
-            markov = mean
-        count, at = self._rate.get(key, (0.0, 0))
-        rate = count * self._decay ** max(self._step - at, 0) * (1.0 - self._decay)
-        return self.markov_weight * min(markov, 1.0) + (1.0 - self.markov_weight) * min(rate, 1.0)
+        if uses.memo_step != self._step:  # the use rates decay every step
+            uses.memo.clear()
+            uses.memo_step = self._step
+        p = uses.memo.get(e)
+        if p is None:
+            markov = uses.markov(self.smoothing)
+            m = markov[e] if e < len(markov) else uses.unseen(self.smoothing)
+            count, at = (uses.count[e], uses.at[e]) if e < len(uses.count) else (0.0, 0)
+            rate = count * self._decay ** max(self._step - at, 0) * (1.0 - self._decay)
+            p = uses.memo[e] = self.markov_weight * m + (1.0 - self.markov_weight) * min(rate, 1.0)
+        return p
+
+
+class _LayerUses:
+    """One layer's history for `NextUse`: which experts followed which (counts), each expert's decayed use
+    count, and the Markov estimate for the layer's latest experts, recomputed only after a use changed it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.follows = np.zeros((0, 0))  # [a, e]: steps in which e followed a step using a
+        self.steps_after = np.zeros(0)  # [a]: steps that followed a step using a
+        self.count: list[float] = []  # decayed use count, brought up to date at step `at`
+        self.at: list[int] = []
+        self.seen: list[bool] = []
+        self.latest: list[int] = []  # the experts of the layer's latest step
+        self.before: list[int] = []  # ...and of the step before it
+        self.latest_step: int | None = None
+        self.steps = self.uses = self.distinct = 0
+        self._markov: list[float] | None = None
+        self.memo: dict[int, float] = {}  # probability by expert, until a use or a new step changes it
+        self.memo_step = -1
+
+    def _grow(self, e: int) -> None:
+        size = max(e + 1, 2 * self.size)
+        follows = np.zeros((size, size))
+        follows[: self.size, : self.size] = self.follows
+        self.follows = follows
+        self.steps_after = np.concatenate([self.steps_after, np.zeros(size - self.size)])
+        grow = size - self.size
+        self.count += [0.0] * grow
+        self.at += [0] * grow
+        self.seen += [False] * grow
+        self.size = size
+
+    def use(self, e: int, step: int, decay: float) -> None:
+        if e >= self.size:
+            self._grow(e)
+        if self.latest_step != step:
+            if self.latest_step is not None:
+                self.steps_after[self.latest] += 1.0
+            self.before, self.latest, self.latest_step = self.latest if self.latest_step is not None else [], [], step
+            self.steps += 1
+        if e in self.latest:
+            return
+        self.latest.append(e)
+        self.uses += 1
+        if not self.seen[e]:
+            self.seen[e] = True
+            self.distinct += 1
+        if self.before:
+            self.follows[self.before, e] += 1.0
+        self.count[e] = self.count[e] * decay ** (step - self.at[e]) + 1.0
+        self.at[e] = step
+        self._markov = None
+        self.memo.clear()
+
+    def mean_rate(self) -> float:
+        """A layer's expert, on average, per step: what an unseen pair is smoothed towards."""
+        return min(self.uses / self.steps / max(self.distinct, 1), 1.0)
+
+    def unseen(self, smoothing: float) -> float:
+        """The Markov estimate of an expert this layer has never used."""
+        if not self.latest:
+            return self.mean_rate()
+        return float((smoothing * self.mean_rate() / (self.steps_after[self.latest] + smoothing)).mean())
+
+    def markov(self, smoothing: float) -> list[float]:
+        if self._markov is None:
+            mean = self.mean_rate()
+            if self.latest:
+                rows = self.follows[self.latest]
+                p = (rows + smoothing * mean) / (self.steps_after[self.latest] + smoothing)[:, None]
+                self._markov = np.minimum(p.mean(axis=0), 1.0).tolist()
+            else:
+                self._markov = [mean] * self.size
+        return self._markov
