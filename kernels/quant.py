@@ -18,6 +18,10 @@ Formats (``ExpertFormat``), per projection weight ``w_NC`` (gate and up are [I, 
   would add 2 bytes per group (6.25% more bytes at group 128, past the 1/8-of-fp32 target) for the
   asymmetric range; measured perplexity with the symmetric form is in bench/results/quantized.
 - ``bf16`` / ``fp16``: the weights cast, no scale. Dequantized: cast to the compute dtype.
+- ``fp8``: DeepSeek-V3's block-wise FP8 (float8_e4m3fn), as its checkpoints ship it: ``weight_scale_inv``
+  fp32 ``[N / bm, C / bn]`` per block of ``block`` = (bm, bn) (128 x 128 in DeepSeek-V3); dequantized
+  ``float(q) * scale_inv`` of the block, transformers' ``Fp8Dequantize`` formula. Read, never written here
+  except by ``quantize`` (scale = max|w[block]| / 448), which tests use to build such checkpoints.
 
 Expert compute (``quantized_experts_forward``): each slot a (token, k) pair needs is dequantized into
 one expert-sized scratch buffer in the compute dtype, then computed with the exact path's arithmetic
@@ -50,14 +54,15 @@ from moeflow.kernels.cpu import (
     silu_and_mul,
 )
 
-QuantKind = Literal["int8", "int4", "bf16", "fp16"]
-QUANT_KINDS: tuple[str, ...] = ("int8", "int4", "bf16", "fp16")
+QuantKind = Literal["int8", "int4", "bf16", "fp16", "fp8"]
+QUANT_KINDS: tuple[str, ...] = ("int8", "int4", "bf16", "fp16", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP = 128
 
 _INT8_MAX = 127
 _INT4_MAX = 7  # scale = max|w| / 7; rounding may reach -8 only through the fp16 scale's rounding
 _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,10 +71,13 @@ class ExpertFormat:
 
     kind: QuantKind
     group_size: int = 0  # int4: columns per scale; else 0
+    block: tuple[int, int] = (0, 0)  # fp8: (rows, columns) per scale; else (0, 0)
 
     def __post_init__(self) -> None:
         if self.kind not in QUANT_KINDS:
             raise ValueError(f"unknown expert format {self.kind!r}; supported: {', '.join(QUANT_KINDS)}")
+        if (self.kind == "fp8") != (min(self.block) > 0):
+            raise ValueError(f"{self.kind}: a scale block (rows, columns) is for fp8 only, got {self.block}")
         if self.kind == "int4" and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(
                 f"int4 group size {self.group_size} is not supported; use one of {INT4_GROUP_SIZES}"
@@ -79,15 +87,22 @@ class ExpertFormat:
 
     @property
     def name(self) -> str:
+        if self.kind == "fp8":
+            return f"fp8-b{self.block[0]}x{self.block[1]}"
         return f"int4-g{self.group_size}" if self.kind == "int4" else self.kind
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return {"int8": torch.int8, "int4": torch.uint8}.get(self.kind) or _CAST[self.kind]
+        return {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}.get(self.kind) or _CAST[self.kind]
 
     @property
     def scale_dtype(self) -> torch.dtype | None:
-        return {"int8": torch.float32, "int4": torch.float16}.get(self.kind)
+        return {"int8": torch.float32, "int4": torch.float16, "fp8": torch.float32}.get(self.kind)
+
+    @property
+    def scale_rows(self) -> int:
+        """Weight rows per scale row (a stored piece's first row maps to its scale's first row by this)."""
+        return self.block[0] if self.kind == "fp8" else 1
 
     def weight_shape(self, rows: int, cols: int) -> tuple[int, int]:
         if self.kind == "int4":
@@ -97,6 +112,11 @@ class ExpertFormat:
         return (rows, cols)
 
     def scale_shape(self, rows: int, cols: int) -> tuple[int, int] | None:
+        if self.kind == "fp8":
+            bm, bn = self.block
+            if rows % bm or cols % bn:
+                raise ValueError(f"a {rows} x {cols} weight is not a whole number of {bm} x {bn} fp8 scale blocks")
+            return (rows // bm, cols // bn)
         if self.kind == "int8":
             return (rows, 1)
         if self.kind == "int4":
@@ -119,6 +139,13 @@ def quantize(w_NC: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch
     if fmt.kind in _CAST:
         return w_NC.detach().to(_CAST[fmt.kind]).contiguous(), None
     rows, cols = w.shape
+    if fmt.kind == "fp8":
+        (rb, cb), (bm, bn) = fmt.scale_shape(rows, cols), fmt.block
+        blocks = w.view(rb, bm, cb, bn)
+        amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+        scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+        q = (blocks / scale).to(torch.float8_e4m3fn).view(rows, cols)
+        return q.contiguous(), scale.view(rb, cb).contiguous()
     if fmt.kind == "int8":
         amax_N1 = w.abs().amax(dim=1, keepdim=True)
         scale_N1 = torch.where(amax_N1 > 0, amax_N1 / _INT8_MAX, torch.ones_like(amax_N1))
@@ -156,6 +183,10 @@ def dequantize(
     if fmt.kind in _CAST:
         return out.copy_(q)
     assert scale is not None, f"{fmt.kind} weights need their scale"
+    if fmt.kind == "fp8":  # transformers' Fp8Dequantize: float(q) * scale_inv of the block, in fp32
+        (rb, cb), (bm, bn) = scale.shape, fmt.block
+        prod = q.to(torch.float32).view(rb, bm, cb, bn) * scale.view(rb, 1, cb, 1).to(torch.float32)
+        return out.copy_(prod.view(rows, cols))
     if fmt.kind == "int8":
         # q * s rounded once, as q.float() * s; a mixed-dtype torch.mul(q, s, out=) is 5-8x slower (1.2-2.0 vs 0.25 ms)
         return out.copy_(q).mul_(scale)

@@ -38,6 +38,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "I16": torch.int16,
     "I8": torch.int8,
     "U8": torch.uint8,
+    "F8_E4M3": torch.float8_e4m3fn,  # DeepSeek-V3's block-wise FP8 (moeflow.model.quantized)
+    "F8_E5M2": torch.float8_e5m2,
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
@@ -126,7 +128,8 @@ class Checkpoint:
         if len(raw) != span.nbytes:
             raise CheckpointError(f"{span.file.name} ended while reading {name}; the shard is truncated")
         tensor = torch.frombuffer(bytearray(raw), dtype=span.dtype).reshape(span.shape)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        fp8 = tensor.is_floating_point() and tensor.element_size() == 1  # torch has no isfinite for float8
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float() if fp8 else tensor).all()):
             log.warning(
                 "%s in %s holds NaN or Inf values: the model's output will not be numbers. The checkpoint is "
                 "corrupt; download or convert it again", name, span.file.name

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from moeflow.errors import CheckpointError
 from moeflow.model.checkpoint import Checkpoint
 from moeflow.model.families import experts_modules  # noqa: F401 - the engine finds the experts here too
+from moeflow.model.quantized import FP8_SCALE_SUFFIX, dequantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ def load_dense_weights(model: nn.Module, ckpt: Checkpoint, hf_config: object) ->
             log.debug("ignoring checkpoint tensor %s (not used by the model)", disk_name)
             continue
         tensor = ckpt.read_tensor(disk_name)
+        if disk_name + FP8_SCALE_SUFFIX in ckpt.tensors:  # DeepSeek-V3's block FP8: dequantized as transformers does
+            tensor = dequantize_fp8(tensor, ckpt.read_tensor(disk_name + FP8_SCALE_SUFFIX), name=disk_name)
         if tuple(tensor.shape) != tuple(current.shape):
             raise CheckpointError(
                 f"checkpoint tensor {disk_name} has shape {tuple(tensor.shape)}, the model expects "

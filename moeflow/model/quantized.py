@@ -6,6 +6,11 @@ config.json names the format under `moeflow_quantization` ({"expert_dtype": "int
 format's packing), and its scale sits beside it as `...experts.<e>.<proj>.weight_scale`.
 `expert_quantization` finds the scales, checks them against the format, and refuses a folder that lacks
 any of them.
+
+A DeepSeek-V3-style FP8 checkpoint (config.json `quantization_config` {"quant_method": "fp8", "fmt": "e4m3",
+"weight_block_size": [128, 128]}) is read the same way: its expert weights are float8_e4m3fn, each with a
+per-block `weight_scale_inv` beside it (`moeflow.kernels.quant`'s fp8 format); its dense FP8 weights are
+dequantized as they load (`moeflow.model.loading`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeflow.errors import CheckpointError
-from moeflow.kernels.quant import INT4_GROUP_SIZES, QUANT_KINDS, ExpertFormat
+from moeflow.kernels.quant import INT4_GROUP_SIZES, QUANT_KINDS, ExpertFormat, dequantize
 
 if TYPE_CHECKING:  # moeflow.model.checkpoint imports this module to parse a quantized folder
     from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
@@ -47,11 +52,56 @@ class ExpertQuantization:
 
 
 def _supported() -> str:
-    return f"supported: int8, int4 with group size {' / '.join(map(str, INT4_GROUP_SIZES))}"
+    return (f"supported: int8, int4 with group size {' / '.join(map(str, INT4_GROUP_SIZES))} (`moeflow quantize`), "
+            "and block-wise fp8 e4m3 (DeepSeek-V3's quantization_config)")  # fmt: skip
+
+
+FP8_SCALE_SUFFIX = "_scale_inv"
+
+
+def _again(fmt: ExpertFormat) -> str:
+    return "download or convert the checkpoint again" if fmt.kind == "fp8" else "quantize the model again"
+
+
+def scale_suffix(fmt: ExpertFormat) -> str:
+    """The name of a weight's scale: `<weight name><suffix>` (DeepSeek's FP8 keeps its own `_scale_inv`)."""
+    return FP8_SCALE_SUFFIX if fmt.kind == "fp8" else SCALE_SUFFIX
+
+
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, *, name: str) -> torch.Tensor:
+    """A dense block-FP8 weight in fp32, its block size read from the scale grid (as transformers reads it)."""
+    rows, cols = q.shape
+    srows, scols = scale_inv.shape
+    if q.dtype != torch.float8_e4m3fn or rows % srows or cols % scols:
+        raise CheckpointError(
+            f"{name} is {q.dtype} {tuple(q.shape)} with a {tuple(scale_inv.shape)} weight_scale_inv; moeflow reads "
+            "float8_e4m3fn weights whose scale grid divides them into whole blocks. The checkpoint is corrupt"
+        )
+    fmt = ExpertFormat(kind="fp8", block=(rows // srows, cols // scols))
+    return dequantize(q, scale_inv.to(torch.float32), fmt)
+
+
+def _fp8_format(spec: object) -> ExpertFormat:
+    """transformers' quantization_config of a pre-quantized checkpoint: only block-wise e4m3 FP8 is read."""
+    method = spec.get("quant_method") if isinstance(spec, dict) else None
+    if method != "fp8":
+        raise CheckpointError(
+            f"config.json's quantization_config uses quant_method {method!r}, which moeflow does not read; "
+            f"{_supported()}. Use a full-precision copy of the model (moeflow quantize can shrink its experts)"
+        )
+    block = spec.get("weight_block_size")
+    if spec.get("fmt", "e4m3") != "e4m3" or not (isinstance(block, list) and len(block) == 2):
+        raise CheckpointError(
+            f"fp8 checkpoint with fmt {spec.get('fmt')!r} and weight_block_size {block!r}; moeflow reads block-wise "
+            f"e4m3 (weight_block_size [rows, columns]), {_supported()}"
+        )
+    return ExpertFormat(kind="fp8", block=(int(block[0]), int(block[1])))
 
 
 def declared_format(config: dict) -> ExpertFormat | None:
     """The expert format config.json declares, or None for a full-precision checkpoint."""
+    if config.get("quantization_config") is not None:
+        return _fp8_format(config["quantization_config"])
     spec = config.get(CONFIG_KEY)
     if spec is None:
         return None
@@ -81,12 +131,18 @@ def expert_quantization(ckpt: Checkpoint) -> ExpertQuantization | None:
     fmt = declared_format(ckpt.config)
     if fmt is None:
         return None
-    spec = ckpt.config[CONFIG_KEY]
-    source_dtype = _DTYPE_NAMES.get(spec.get("source_dtype", "float32"))
-    if source_dtype is None:
-        raise CheckpointError(f"config.json's {CONFIG_KEY} names source_dtype {spec['source_dtype']!r}; "
-                              f"one of {', '.join(_DTYPE_NAMES)} is expected: quantize the model again")  # fmt: skip
-    found = _scale_spans(ckpt)
+    if fmt.kind == "fp8":  # the dtype the model was trained in, as transformers reads it
+        source_dtype = _DTYPE_NAMES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"), torch.bfloat16)
+    else:
+        spec = ckpt.config[CONFIG_KEY]
+        source_dtype = _DTYPE_NAMES.get(spec.get("source_dtype", "float32"))
+        if source_dtype is None:
+            raise CheckpointError(
+                f"config.json's {CONFIG_KEY} names source_dtype {spec['source_dtype']!r}; "
+                f"one of {', '.join(_DTYPE_NAMES)} is expected: quantize the model again"
+            )
+    suffix = scale_suffix(fmt)
+    found = _scale_spans(ckpt, suffix)
     scales = {}
     for key, loc in ckpt.experts.items():
         pieces = []
@@ -97,32 +153,35 @@ def expert_quantization(ckpt: Checkpoint) -> ExpertQuantization | None:
                     f"{ckpt.family.model_type} stores its experts transposed; moeflow's int8/int4 layout is for "
                     "[out, in] weights only. Load the full-precision folder with --expert-dtype int8 or int4 instead"
                 )
-            scale = found.pop((key, piece.param, piece.row), None)
+            scale = found.pop((key, piece.param, piece.row // fmt.scale_rows), None)
             if scale is None:
                 raise CheckpointError(
-                    f"the scale of {what} (a `...weight{SCALE_SUFFIX}` tensor beside its weight) is missing: "
+                    f"the scale of {what} (a `...weight{suffix}` tensor beside its weight) is missing: "
                     f"config.json declares {fmt.name} experts, and a quantized weight cannot be read without its "
-                    "scale. The folder is incomplete; quantize the model again"
+                    f"scale. The folder is incomplete; {_again(fmt)}"
                 )
-            shape = fmt.scale_shape(piece.rows, piece.cols * (2 if fmt.kind == "int4" else 1))
+            try:
+                shape = fmt.scale_shape(piece.rows, piece.cols * (2 if fmt.kind == "int4" else 1))
+            except ValueError as e:
+                raise CheckpointError(f"{what}: {e}; this checkpoint's experts cannot be read block by block") from None
             if scale.dtype != fmt.scale_dtype or tuple(scale.shape) != shape:
                 raise CheckpointError(
                     f"the scale of {what} is {scale.dtype} {tuple(scale.shape)}; a {fmt.name} expert's scale is "
-                    f"{fmt.scale_dtype} {shape} (docs/quantization.md). The folder is corrupt; quantize the model again"
+                    f"{fmt.scale_dtype} {shape} (docs/quantization.md). The folder is corrupt; {_again(fmt)}"
                 )
-            pieces.append(ScalePiece(span=scale, param=piece.param, row=piece.row))
+            pieces.append(ScalePiece(span=scale, param=piece.param, row=piece.row // fmt.scale_rows))
         scales[key] = tuple(pieces)
     return ExpertQuantization(fmt=fmt, source_dtype=source_dtype, scales=scales)
 
 
-def _scale_spans(ckpt: Checkpoint) -> dict[tuple[ExpertKey, str, int], TensorSpan]:
-    """Every expert scale by (expert, slot parameter, first row): a scale sits among the non-expert tensors
-    under its weight's name + `_scale`, and the family says which expert rows that weight fills."""
+def _scale_spans(ckpt: Checkpoint, suffix: str) -> dict[tuple[ExpertKey, str, int], TensorSpan]:
+    """Every expert scale by (expert, slot parameter, first scale row): a scale sits among the non-expert
+    tensors under its weight's name + `suffix`, and the family says which expert rows that weight fills."""
     out = {}
     for name, span in ckpt.tensors.items():
-        if not name.endswith(SCALE_SUFFIX):
+        if not name.endswith(suffix):
             continue
-        source = ckpt.family.expert_source(name.removesuffix(SCALE_SUFFIX))
+        source = ckpt.family.expert_source(name.removesuffix(suffix))
         if source is None or source.expert is None:
             continue
         param = "gate_up" if source.param == "gate_up_proj" else "down"

@@ -62,10 +62,27 @@ def test_int4_representable_weights_are_exact_and_packed_low_nibble_first(g):
     assert q1[0, 2:].eq(0).all()
 
 
+@pytest.mark.parametrize("block", [(16, 16), (128, 128), (8, 32)])
+def test_fp8_block_round_trip(block):
+    """fp8 e4m3 keeps 3 mantissa bits: |error| <= |w| / 16 (normal range), or half the smallest subnormal step
+    (2^-10) of the block's scale below it; dequantize is transformers' float(q) * scale_inv of the block."""
+    fmt = ExpertFormat(kind="fp8", block=block)
+    w = _weight(256, 256)
+    q, scale_inv = quantize(w, fmt)
+    assert q.dtype == torch.float8_e4m3fn and tuple(scale_inv.shape) == (256 // block[0], 256 // block[1])
+    assert q.nbytes + scale_inv.nbytes == fmt.nbytes(256, 256)
+    d = dequantize(q, scale_inv, fmt)
+    per_elem = scale_inv.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    assert torch.equal(d, q.float() * per_elem)
+    assert ((d - w).abs() <= torch.maximum(w.abs() / 16, per_elem * 2**-10)).all()
+    with pytest.raises(ValueError, match="not a whole number of"):
+        fmt.scale_shape(100, 256)
+
+
 def test_unsupported_layouts_name_the_supported_ones():
     with pytest.raises(ValueError, match=r"int4 group size 100 is not supported; use one of \(32, 64, 128\)"):
         ExpertFormat(kind="int4", group_size=100)
-    with pytest.raises(ValueError, match="unknown expert format 'int3'; supported: int8, int4, bf16, fp16"):
+    with pytest.raises(ValueError, match="unknown expert format 'int3'; supported: int8, int4, bf16, fp16, fp8"):
         ExpertFormat(kind="int3")
     with pytest.raises(ValueError, match="two columns per byte"):
         quantize(torch.randn(4, 33), INT4[32])
