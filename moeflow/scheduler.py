@@ -95,6 +95,7 @@ class Scheduler:
         self.waiting: list[SequenceState] = []
         self.active: list[SequenceState] = []  # prefilled and unfinished; `batch.members` is this step's subset
         self.steps = 0
+        self.failed_steps_in_a_row = 0  # decode forwards that raised since the last one that did not
         self.batch_sizes: list[int] = []
         self.distinct_experts: list[float] = []  # per decode step: distinct experts, mean over MoE layers
 
@@ -146,6 +147,7 @@ class Scheduler:
                 result = self.batch.step()
             except Exception as e:
                 return finished + self._fail_batch(e)
+            self.failed_steps_in_a_row = 0
             if result is not None and result.routing:
                 self.distinct_experts.append(
                     sum(len(e.plan.expert_ids) for e in result.routing) / len(result.routing)
@@ -165,6 +167,7 @@ class Scheduler:
         failed = list(self.batch.members)
         for seq in failed:
             seq.fail(error)
+        self.failed_steps_in_a_row += 1
         self.batch = self.engine.new_batch()
         self.active = [s for s in self.active if not s.done]
         return failed

@@ -27,8 +27,9 @@ from .stats import ServeStats, StatsRecorder
 log = logging.getLogger(__name__)
 
 
-# Steps in a row that fail outside any one request (the scheduler itself raised) before the engine is declared
-# dead: one such failure may be a passing fault, the same fault every step is an engine that cannot serve.
+# Steps in a row that fail, in the scheduler itself or in a shared decode forward (a read the cache cannot make,
+# say), before the engine is declared dead: one may be a passing fault, the same fault every step is an engine
+# that cannot serve. A request's own failure (its prefill or sampling) never counts.
 MAX_FAILED_STEPS = 3
 
 
@@ -162,6 +163,9 @@ class EngineWorker:
             self._scheduler = self._new_scheduler()
             return
         self._failed_steps = 0
+        if self._scheduler.failed_steps_in_a_row >= MAX_FAILED_STEPS:
+            failed = next((seq.error for seq in finished if seq.error is not None), None)
+            raise RuntimeError(f"the last {MAX_FAILED_STEPS} decode steps failed, the last with {failed!r}")
         t1 = time.perf_counter()
         # Every live request, not only this step's batch: a prefill (first token) can happen without a decode.
         new_tokens = sum(handle.publish() for handle in self._live.values())

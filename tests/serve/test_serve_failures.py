@@ -167,3 +167,35 @@ def test_dead_engine_fails_everyone_fast_and_health_says_so(checkpoint):
         t0 = time.monotonic()
         assert running.shutdown(grace_s=30.0)
         assert time.monotonic() - t0 < 10
+
+
+def test_an_engine_whose_every_decode_fails_is_declared_dead(checkpoint, monkeypatch):
+    """A fault the engine cannot get past (here every decode forward raises, as when the expert store is gone)
+    failed each batch with INTERNAL while health said SERVING forever. After MAX_FAILED_STEPS such steps in a row
+    the engine is declared dead: NOT_SERVING, and requests fail at once with UNAVAILABLE."""
+    from moeflow.serve.worker import MAX_FAILED_STEPS
+
+    with serving(checkpoint, max_batch_size=1) as running:
+        driver = running.worker.engine.driver
+        real = driver.forward
+
+        def forward(input_ids_BT, **kw):
+            if kw["n_new"] == 1:
+                raise OSError("injected: the expert store is gone")
+            return real(input_ids_BT, **kw)
+
+        monkeypatch.setattr(driver, "forward", forward)
+        with MoeflowClient(running.address, timeout=30) as c:
+            for _ in range(MAX_FAILED_STEPS - 1):
+                with pytest.raises(grpc.RpcError) as e:
+                    c.generate("abc", max_new_tokens=5)
+                assert e.value.code() == grpc.StatusCode.INTERNAL and "the expert store is gone" in e.value.details()
+                assert c.health() == "SERVING"
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate("abc", max_new_tokens=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"the last {MAX_FAILED_STEPS} decode steps failed" in e.value.details()
+            _wait_for(lambda: c.health() == "NOT_SERVING", "health to report the dead engine", timeout=5)
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate("abc", max_new_tokens=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
