@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from transformers import AutoConfig
@@ -256,6 +257,14 @@ class Engine:
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(self.driver, self.eos_token_ids, self.locked_tokenizer)
+
+    @overload
+    def generate(
+        self, prompt: str | list[int], *, stream: Literal[False] = False, **sampling: object
+    ) -> GenerationResult: ...
+
+    @overload
+    def generate(self, prompt: str | list[int], *, stream: Literal[True], **sampling: object) -> Stream: ...
 
     def generate(
         self, prompt: str | list[int], *, stream: bool = False, **sampling: object
