@@ -88,7 +88,8 @@ class Scheduler:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.engine = engine
         self.batch = engine.new_batch()
-        self.max_batch_size = max_batch_size
+        # A cache with recurrent or windowed state cannot be padded into a batch: one sequence decodes at a time.
+        self.max_batch_size = 1 if engine.checkpoint.family.one_sequence_cache else max_batch_size
         self.admission = admission
         self.on_step = on_step
         self.prefill_tokens = prefill_tokens

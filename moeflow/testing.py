@@ -91,7 +91,7 @@ FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
-    "qwen3_5_moe": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8),
     "glm4_moe": dict(first_k_dense_replace=1, n_group=1, topk_group=1, layers=3),
     "deepseek_v2": dict(first_k_dense_replace=1, n_group=None, topk_group=None, topk_method="greedy", layers=3,
@@ -119,11 +119,14 @@ TESTED_WITH = "5.24.0"  # the transformers version (constraints.txt) the suite r
 FULL_MATRIX_FAMILIES = ("gpt_oss", "qwen3_next", "deepseek_v2", "jamba")
 TESTED_FAMILIES = (
     *FULL_MATRIX_FAMILIES,
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "qwen3_5_moe", "glm4_moe", "ernie4_5_moe",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "qwen3_5_moe", "qwen3_5_moe_text", "glm4_moe",
+    "ernie4_5_moe", "hunyuan_v1_moe", "afmoe", "cohere2_moe", "deepseek_v32", "laguna", "glm4_moe_lite",
     "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa", "phimoe", "minimax", "minimax_m2",
     "dots1", "lfm2_moe", "flex_olmo", "exaone_moe", "solar_open", "mellum", "kolibri1",
 )  # fmt: skip
 
+# Vision-language model types whose language model transformers' AutoModelForCausalLM serves: their text model_type.
+_VISION_LANGUAGE = {"qwen3_5_moe": "qwen3_5_moe_text"}
 _EXPERT_COUNT = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk", "num_experts_per_token")
 _SHARED_INTER = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
@@ -146,8 +149,13 @@ def generic_tiny_config(
 ):
     """A small config of any MoE `model_type`, from its own config class: keys the class knows are set
     (whatever it calls its expert count, top-k and sizes); `overrides` and FAMILY_OVERRIDES win."""
-    # Qwen3.5-MoE's top-level config is a vision-language one; its language model has its own model_type.
-    cls = type(tf.AutoConfig.for_model({"qwen3_5_moe": "qwen3_5_moe_text"}.get(model_type, model_type)))
+    if model_type in _VISION_LANGUAGE:  # the checkpoint a user downloads: a small vision tower beside the text model
+        text = generic_tiny_config(_VISION_LANGUAGE[model_type], num_experts=num_experts, top_k=top_k, hidden=hidden,
+                                   heads=heads, kv_heads=kv_heads, head_dim=head_dim, inter=inter, layers=layers,
+                                   vocab=vocab, **overrides)  # fmt: skip
+        vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden)
+        return tf.AutoConfig.for_model(model_type, text_config=text.to_dict(), vision_config=vision)
+    cls = type(tf.AutoConfig.for_model(model_type))
     known = cls()
     wanted: dict[str, object] = dict(
         vocab_size=vocab,
@@ -192,7 +200,9 @@ def save_tiny_checkpoint(
     """Build a random `family` model and save it as a Hugging Face folder at `path`."""
     torch.manual_seed(seed)
     config = family_config(family, **config_kw)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # A vision-language family is saved whole (vision tower and all), as its checkpoints are published.
+    auto = tf.AutoModelForImageTextToText if family in _VISION_LANGUAGE else tf.AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         # Non-zero routing and expert biases (transformers initialises them to zero), so the correction
         # bias of grouped sigmoid routing and gpt-oss's expert and router biases are exercised.
@@ -202,5 +212,5 @@ def save_tiny_checkpoint(
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer:
-        save_char_tokenizer(path, config.vocab_size)
+        save_char_tokenizer(path, config.get_text_config(decoder=True).vocab_size)
     return path

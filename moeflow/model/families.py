@@ -83,7 +83,9 @@ class ExpertSource:
 class Family:
     model_type: str
     layout: ExpertsLayout
-    hybrid_cache: bool  # the model's cache holds more than attention keys and values (linear attention, SSM states)
+    # The model's cache is more than full-attention keys and values (linear-attention or SSM state, sliding
+    # windows, a cache class of its own): it cannot be left-padded into a batch, one sequence decodes at a time.
+    one_sequence_cache: bool
     _renamings: list = field(repr=False, compare=False)
     _converters: list = field(repr=False, compare=False)
     _prefix: str = field(repr=False, compare=False)
@@ -211,7 +213,7 @@ def describe_model(model: nn.Module) -> Family:
     return Family(
         model_type=model_type,
         layout=layout,
-        hybrid_cache=_hybrid_cache(model.config),
+        one_sequence_cache=_one_sequence_cache(model),
         _renamings=renamings,
         _converters=converters,
         _prefix=model.base_model_prefix,
@@ -268,11 +270,13 @@ def _check_converters(model_type: str, converters: list, layout: ExpertsLayout) 
             )
 
 
-def _hybrid_cache(config: PreTrainedConfig) -> bool:
+def _one_sequence_cache(model: nn.Module) -> bool:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    return any(t not in ("full_attention", "sliding_attention", "chunked_attention", "dummy") for t in layer_types)
+    if not model._supports_default_dynamic_cache():  # MiniMax: a cache class of its own
+        return True
+    layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    return any(t not in ("full_attention", "dummy") for t in layer_types)
 
 
 def unhooked_reason(model: nn.Module) -> str:

@@ -94,3 +94,37 @@ def test_budget_ceiling_and_per_layer_stats(family_checkpoints, family):
     assert sum(s.misses for s in stats.per_layer) == stats.misses
     assert sum(s.hits for s in stats.per_layer) == stats.hits
     assert sum(s.bytes_read for s in stats.per_layer) == stats.bytes_read
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba", "gpt_oss"])
+def test_a_cache_with_state_serves_one_sequence_at_a_time(family_checkpoints, family_greedy, family):
+    """Linear-attention, SSM and sliding-window caches cannot be left-padded into a batch: one sequence decodes
+    at a time (exact), and a second one joining is refused with a message saying so."""
+    from moeflow.errors import MoeflowError
+
+    with moeflow.load(family_checkpoints[family], expert_budget="50%") as engine:
+        for _ in range(2):  # the batch's cache is given back and a new one adopted
+            assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == family_greedy(
+                family, PROMPT, NEW_TOKENS
+            )
+        batch = engine.new_batch()
+        seqs = [engine.new_sequence(PROMPT[: 6 + i], max_new_tokens=4) for i in range(2)]
+        for seq in seqs:
+            batch.prefill(seq)
+            batch.add(seq)
+        with pytest.raises(MoeflowError, match="one at a time"):
+            batch.step()
+
+
+def test_scheduler_decodes_a_stateful_cache_one_sequence_at_a_time(family_checkpoints, family_greedy):
+    from moeflow.scheduler import FifoAdmission, Scheduler
+
+    with moeflow.load(family_checkpoints["qwen3_next"], expert_budget="50%") as engine:
+        scheduler = Scheduler(engine, max_batch_size=4, admission=FifoAdmission())
+        seqs = [engine.new_sequence(PROMPT[: 8 + i], max_new_tokens=5) for i in range(3)]
+        for seq in seqs:
+            scheduler.submit(seq)
+        scheduler.run_until_idle()
+    assert scheduler.max_batch_size == 1 and max(scheduler.batch_sizes) == 1
+    for i, seq in enumerate(seqs):
+        assert seq.generated == family_greedy("qwen3_next", PROMPT[: 8 + i], 5)

@@ -38,10 +38,10 @@ def test_gpt_oss_layout_from_its_decorator():
     assert family.expert_source("model.layers.0.mlp.experts.gate_up_proj_bias") is None  # resident, not in slots
 
 
-def test_hybrid_cache_is_detected():
-    assert describe(family_config("qwen3_next")).hybrid_cache
-    assert describe(family_config("jamba")).hybrid_cache
-    assert not describe(family_config("qwen3_moe")).hybrid_cache
+def test_caches_that_cannot_be_batched_are_detected():
+    for model_type in ("qwen3_next", "jamba", "gpt_oss", "minimax"):  # linear attention, SSM, sliding, own class
+        assert describe(family_config(model_type)).one_sequence_cache, model_type
+    assert not describe(family_config("qwen3_moe")).one_sequence_cache
 
 
 def test_dense_model_refused_with_reason():
