@@ -206,3 +206,32 @@ def test_moeflow_serve_http_port(tiny_checkpoints):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_concurrent_requests_with_different_settings(served):
+    """Requests decoding together keep their own sampling settings and get what they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, expected = served["client"], served["expected"]
+    plain = {"prompt": PROMPT, "max_tokens": 12}
+    penalised = {**plain, "extra_body": {"repetition_penalty": 1.5, "top_k": 3}}
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client.completions.create, model="m", **kw) for kw in [plain, penalised] * 3]
+        texts = [f.result().choices[0].text for f in futures]
+    assert texts == [expected["completion"].text, expected["penalised"].text] * 3
+
+
+def test_draining_server_answers_503(tiny_checkpoints):
+    with moeflow.load(tiny_checkpoints["mixtral"]) as engine:
+        running = start(engine, ServerConfig(port=0), model_name="m")
+        http = start_http(running.worker, host="127.0.0.1", port=0, model_name="m")
+        try:
+            running.worker.drain()
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"{http.url}/health", timeout=30)
+            assert e.value.code == 503
+            status, body = _post(f"{http.url}/v1/completions", {"prompt": "abc", "max_tokens": 2})
+            assert status == 503 and "shutting down" in body["error"]["message"]
+        finally:
+            http.shutdown()
+            running.shutdown(5)
