@@ -31,9 +31,15 @@ if TYPE_CHECKING:
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 
-# Accepted only at the value that changes nothing.
-_NEUTRAL_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": None, "presence_penalty": 0,
-                 "frequency_penalty": 0, "tools": None, "tool_choice": None, "functions": None}  # fmt: skip
+# Accepted only at the value that changes nothing (None: absent or empty), with what to do instead.
+_ONE = "send one request per output"
+_PENALTY = "use repetition_penalty instead"
+_NEUTRAL_ONLY: dict[str, tuple[object, str]] = {
+    "n": (1, _ONE), "best_of": (1, _ONE), "echo": (False, "prepend the prompt yourself"),
+    "suffix": (None, "this server does not fill in the middle"), "logit_bias": (None, "this server has no logit bias"),
+    "presence_penalty": (0, _PENALTY), "frequency_penalty": (0, _PENALTY), "tools": (None, "this server has no tools"),
+    "tool_choice": (None, "this server has no tools"), "functions": (None, "this server has no tools"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,12 +82,10 @@ def _stop(body: Mapping) -> tuple[str, ...] | None:
 
 
 def _refuse_unsupported(body: Mapping) -> None:
-    for name, neutral in _NEUTRAL_ONLY.items():
-        if name in body and body[name] not in (None, neutral) and body[name] != neutral:
-            raise RequestError(
-                f"{name}={body[name]!r} is not supported by this server (leave it out); "
-                + ("use repetition_penalty instead" if name.endswith("_penalty") else "send one request per output")
-            )
+    for name, (neutral, instead) in _NEUTRAL_ONLY.items():
+        value = body.get(name)
+        if value is not None and value != neutral and not (neutral is None and value in ("", [], {})):
+            raise RequestError(f"{name}={value!r} is not supported by this server (leave it out; {instead})")
 
 
 def _sampling(body: Mapping, *, max_tokens: object, logprobs: int | None) -> dict[str, object]:

@@ -118,6 +118,7 @@ def test_logprobs_and_stop(served):
         ({"temperature": -1}, "temperature must be in [0, 100]"),
         ({"n": 2}, "n=2 is not supported"),
         ({"frequency_penalty": 0.5}, "use repetition_penalty instead"),
+        ({"logit_bias": {"5": 3}}, "logit_bias={'5': 3} is not supported"),
         ({"max_tokens": 100_000}, "this server allows at most 1024"),
         ({"prompt": ["a", "b"]}, "send one request per prompt"),
         ({"logprobs": 9}, "logprobs must be an integer in [0, 5]"),
