@@ -236,3 +236,26 @@ def test_draining_server_answers_503(tiny_checkpoints):
         finally:
             http.shutdown()
             running.shutdown(5)
+
+
+def test_streamed_characters_split_over_tokens(tmp_path):
+    """Server-sent text deltas add up to the non-streamed text when tokens end inside UTF-8 characters."""
+    from moeflow.config import DEFAULT_MODEL
+    from moeflow.testing import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint("mixtral", tmp_path / "m", vocab=4096)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL / name, path / name)
+    with moeflow.load(path) as engine:
+        want = engine.generate("héllo 🦊", max_new_tokens=48, temperature=1.0, seed=1)
+        assert any(engine.tokenizer.decode([t]).endswith("\ufffd") for t in want.token_ids)
+        running = start(engine, ServerConfig(port=0), model_name="m")
+        http = start_http(running.worker, host="127.0.0.1", port=0, model_name="m")
+        try:
+            client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="unused", max_retries=0, timeout=60)
+            kw = {"model": "m", "prompt": "héllo 🦊", "max_tokens": 48, "temperature": 1.0, "seed": 1}
+            pieces = [c.choices[0].text for c in client.completions.create(stream=True, **kw)]
+            assert "".join(pieces) == want.text == client.completions.create(**kw).choices[0].text
+        finally:
+            http.shutdown()
+            running.shutdown(5)
