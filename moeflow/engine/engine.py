@@ -143,8 +143,9 @@ class Engine:
             self.dtype = resolve_dtype(self.config.dtype, self.device, self.checkpoint)
         hf_config = AutoConfig.from_pretrained(self.checkpoint.path)
         self.model = build_skeleton(hf_config, self.dtype)
-        self.top_k = int(hf_config.num_experts_per_tok)
-        self.max_context = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+        # A vision-language config (qwen3_5_moe) keeps the language model's fields in its text config.
+        self.top_k = int(hf_config.get_text_config(decoder=True).num_experts_per_tok)
+        self.max_context = int(getattr(hf_config.get_text_config(decoder=True), "max_position_embeddings", 0) or 0)
         modules = experts_modules(self.model)
         inter, hidden = expert_geometry(self.checkpoint, modules)
         # What the slots hold (None: the compute dtype); the budget counts its bytes (moeflow.model.quantized).
