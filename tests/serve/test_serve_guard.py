@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from moeflow.serve.client import MoeflowClient
 from moeflow.serve.config import ServerConfig
+from moeflow.serve.guard import CONTROL_THREADS
 from moeflow.serve.proto import SERVICE_NAME
 from moeflow.serve.server import RunningServer, start
 
@@ -36,6 +37,14 @@ def serving(checkpoint: Path, **config: object) -> Iterator[RunningServer]:
     finally:
         running.shutdown(grace_s=5.0)
         engine.close()
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
 
 
 @contextmanager
@@ -77,29 +86,32 @@ def test_silent_generation_calls_leave_health_and_stats_answering(checkpoint):
     GetStats and Generate all got RESOURCE_EXHAUSTED for as long as they were held. Now health and stats
     answer throughout, and the idle deadline frees the generation threads."""
     methods = [f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateUnary"] * 72
-    with serving(checkpoint, max_batch_size=1, max_queue=2, idle_timeout_s=2.0) as running:
+    with serving(checkpoint, max_batch_size=1, max_queue=2, idle_timeout_s=5.0) as running:
         with silent_calls(running.address, methods) as calls, MoeflowClient(running.address, timeout=5) as c:
-            time.sleep(0.5)  # every call has reached the server
+            held = 3 + 8  # capacity + spare
+            _wait_for(lambda: running.guard.active("generation") == held, "silent calls to hold every place")
+            with pytest.raises(grpc.RpcError) as e:  # every generation place is held: refused at once, not queued
+                c.generate("abc", max_new_tokens=2)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in e.value.details()
             t0 = time.monotonic()
             assert c.health() == "SERVING"
             assert c.health(SERVICE_NAME) == "SERVING"
             assert c.stats()["requests_completed"] == 0
-            assert time.monotonic() - t0 < 1.5, "health and stats waited for generation threads"
-            with pytest.raises(grpc.RpcError) as e:  # every generation place is held: refused at once, not queued
-                c.generate("abc", max_new_tokens=2)
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in e.value.details()
+            assert time.monotonic() - t0 < 3.0, "health and stats waited for generation threads"
             codes = [_code(call) for call in calls]
-            assert time.monotonic() - t0 < 10, "the silent calls were not cut at their idle deadline"
+            assert time.monotonic() - t0 < 20, "the silent calls were not cut at their idle deadline"
             assert set(codes) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-            assert codes.count(grpc.StatusCode.CANCELLED) == 3 + 8, "capacity + spare were held, then cut"
+            assert codes.count(grpc.StatusCode.CANCELLED) >= held, "the calls holding places were cut"
             assert len(c.generate("abc", max_new_tokens=3).token_ids) == 3
 
 
 def test_silent_health_checks_are_cut_at_the_idle_deadline(checkpoint):
-    with serving(checkpoint, idle_timeout_s=1.0) as running:
+    with serving(checkpoint, idle_timeout_s=3.0) as running:
         with silent_calls(running.address, [HEALTH_CHECK] * 20) as calls, MoeflowClient(running.address) as c:
+            _wait_for(lambda: running.guard.active("control") == CONTROL_THREADS, "silent checks to hold the pool")
             codes = [_code(call) for call in calls]
-            assert codes.count(grpc.StatusCode.CANCELLED) == 8 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 12
+            assert set(codes) == {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert codes.count(grpc.StatusCode.CANCELLED) >= CONTROL_THREADS
             assert c.health(timeout=5) == "SERVING"
             assert len(c.generate("abc", max_new_tokens=2, timeout=30).token_ids) == 2
 
@@ -134,7 +146,7 @@ def test_a_huge_prompt_is_refused_on_its_length_before_it_is_tokenized(checkpoin
             details = e.value.details()
             assert "the prompt is 1048576 characters" in details and "at most 256 tokens" in details
             assert "--max-prompt-tokens" in details
-        assert time.monotonic() - t0 < 2.0, "the huge prompts were tokenized"
+        assert time.monotonic() - t0 < 4.0, "the huge prompts were tokenized (4 x 1.5 s here before)"
         rest = list(stream)
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 120
         # A prompt that may fit is still measured in tokens.
