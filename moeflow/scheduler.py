@@ -18,7 +18,6 @@ import torch
 from moeflow.engine.batch import DecodeBatch, SequenceState
 from moeflow.engine.engine import Engine, GenerationResult
 
-
 # Prompts admitted together are prefilled in one forward of at most this many (padded) tokens: each expert
 # is then read once per group instead of once per prompt.
 PREFILL_TOKENS = 2048
