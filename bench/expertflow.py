@@ -214,10 +214,10 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
     step through the same cache size, with the overlap the live engine measured; its hit rate and bytes per
     decode token are what profiling would have predicted for that run."""
     import numpy as np
+    from moeflow.predictor.apply import build_predictor
 
     import moeflow
     from moeflow.model.checkpoint import open_checkpoint
-    from moeflow.predictor.apply import build_predictor
     from moeflow.tools.profile.replay import replay
     from moeflow.tools.profile.setting import BudgetPoint, Geometry
     from moeflow.tools.trace import Trace, record_token_ids
