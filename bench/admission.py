@@ -19,6 +19,8 @@ compute per MoE layer / demand-read time, from an LRU decode at 25% from disk, m
 on each model: built in `--workdir` on demand). Prefetch width 4 for both, as in issue 13's figures.
 ``oracle`` is this tree's admission fed each token's true routing with probability 1: the best any
 predictor of the current token can do (it cannot know the next token's routing, which Belady does).
+``horizon-h`` is demand eviction that knows the next h tokens' routing exactly (h = 1, 2, 4): how much
+future a predictor would need to know for its bytes to come near Belady's.
 
     .venv/bin/python bench/admission.py --out bench/results
 
@@ -125,6 +127,46 @@ def with_oracle(trace):
                     "probabilities": {**trace.probabilities, "oracle": np.ones(experts.shape, np.float32)}})
 
 
+HORIZONS = (1, 2, 4)  # tokens of future the horizon oracles know
+
+
+def horizon_oracle(trace, geometry, budget, horizon: int):
+    """Demand eviction that knows the next `horizon` tokens exactly: the victim is the resident expert its
+    layer uses least often in them (never again in them: first), the least recently used among equals.
+    What eviction could do with a perfect predictor of `horizon` tokens; Belady knows the whole future."""
+    from moeflow.offload.layer import serve_layer
+    from moeflow.offload.plans import RoutingPlan
+    from moeflow.offload.policy import LRUPolicy
+    from moeflow.tools.profile.replay import replay_cache
+
+    experts_NLK = np.asarray(trace.experts)
+    layers = list(geometry.layers)
+    pos = {layer: i for i, layer in enumerate(layers)}
+    clock = {"n": 0, "l": 0}
+
+    class Horizon(LRUPolicy):
+        def victim(self, candidates):
+            n, here = clock["n"], clock["l"]
+
+            def uses(key):
+                i = pos[key[0]]
+                start = n if i > here else n + 1  # its layer's next run: this token or the next
+                return int((experts_NLK[start : start + horizon, i] == key[1]).any(axis=-1).sum())
+
+            allowed = set(candidates)
+            order = [k for k in self._order if k in allowed]  # least recently used first
+            return min(order, key=uses)
+
+    cache = replay_cache(geometry, budget.slots, Horizon())
+    for n in range(trace.num_tokens):
+        clock["n"] = n
+        for i, layer in enumerate(layers):
+            clock["l"] = i
+            ids = tuple(sorted(set(experts_NLK[n, i].tolist())))
+            serve_layer(cache, RoutingPlan(layer=layer, expert_ids=ids, num_tokens=1))
+    return cache.stats()
+
+
 def replay_rows(trace, geometry, budgets: str, predictors: list[str], width: int, overlap: float) -> list[dict]:
     from moeflow.tools.profile.replay import replay
     from moeflow.tools.profile.setting import parse_budgets
@@ -139,6 +181,9 @@ def replay_rows(trace, geometry, budgets: str, predictors: list[str], width: int
             rows.append(row(name, predictor, point.spec, r.stats, r.tokens, geometry.expert_bytes, r.prefetch))
         r = replay(oracle, geometry, policy="predictive", budget=point, predictor="oracle", overlap=overlap)
         rows.append(row("oracle", "oracle", point.spec, r.stats, r.tokens, geometry.expert_bytes, r.prefetch))
+        for h in HORIZONS:
+            stats = horizon_oracle(trace, geometry, point, h)
+            rows.append(row(f"horizon-{h}", None, point.spec, stats, trace.num_tokens, geometry.expert_bytes, None))
     return rows
 
 
@@ -233,6 +278,15 @@ def table(result: dict) -> str:
                 lines.append(f"| {name} | {b} | {cell(by['lru', None, b])} | {cell(by['belady', None, b])} | "
                              f"{cell(by['oracle', 'oracle', b])} | {p} | {cell(by['predictive-before', p, b])} | "
                              f"{cell(by['predictive-after', p, b])} |")
+    ahead = " | ".join(f"knows {h} token(s) ahead" for h in HORIZONS)
+    lines += ["", f"| model | budget | lru | {ahead} | belady |", "|---|---|---|" + "---|" * len(HORIZONS) + "---|"]
+    for name, m in result["models"].items():
+        by = {(r["policy"], r["budget"]): r for r in m["rows"]}
+        for b in dict.fromkeys(r["budget"] for r in m["rows"]):
+            cells = [by[f"horizon-{h}", b]["mib_per_token"] for h in HORIZONS if (f"horizon-{h}", b) in by]
+            if len(cells) == len(HORIZONS):
+                lines.append(f"| {name} | {b} | {by['lru', b]['mib_per_token']:.2f} | "
+                             + " | ".join(f"{c:.2f}" for c in cells) + f" | {by['belady', b]['mib_per_token']:.2f} |")
     return "\n".join(lines)
 
 

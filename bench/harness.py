@@ -138,9 +138,10 @@ def prepare_model(name: str, workdir: Path) -> Path:
             from moeflow.tools.widen import widen_experts
 
             widen_experts(DEFAULT_MODEL, out, WIDE_INTERMEDIATE)
-        else:  # built earlier: its predictors are the shipped ones as they are now (their format may have moved on)
+        else:  # built earlier: its predictors and generation defaults are the shipped ones as they are now
             shutil.rmtree(out / "predictors", ignore_errors=True)
             shutil.copytree(DEFAULT_MODEL / "predictors", out / "predictors")
+            shutil.copy2(DEFAULT_MODEL / "generation_config.json", out / "generation_config.json")
         return out
     if name == "random":
         out = workdir / "mixtral-random"
