@@ -22,6 +22,11 @@ Formats (``ExpertFormat``), per projection weight ``w_NC`` (gate and up are [I, 
   fp32 ``[N / bm, C / bn]`` per block of ``block`` = (bm, bn) (128 x 128 in DeepSeek-V3); dequantized
   ``float(q) * scale_inv`` of the block, transformers' ``Fp8Dequantize`` formula. Read, never written here
   except by ``quantize`` (scale = max|w[block]| / 448), which tests use to build such checkpoints.
+- ``mxfp4``: gpt-oss's MXFP4 experts: FP4 (e2m1) codes two per byte, column 2j in the low nibble and 2j+1 in
+  the high one (``q_N(C/2)`` uint8, the checkpoint's ``*_blocks`` [.., C/32, 16] flattened), and one E8M0
+  exponent per 32 columns (``scale_N(C/32)`` uint8). Dequantized ``FP4[code] * 2^(e - 127)``, transformers'
+  ``convert_moe_packed_tensors`` formula (exact in fp32). ``quantize``: e = ceil(log2(max|w| / 6)) + 127,
+  codes rounded to the nearest e2m1 value; tests use it to build such checkpoints.
 
 Expert compute (``quantized_experts_forward``): each slot a (token, k) pair needs is dequantized into
 one expert-sized scratch buffer in the compute dtype, then computed with the exact path's arithmetic
@@ -54,8 +59,8 @@ from moeflow.kernels.cpu import (
     silu_and_mul,
 )
 
-QuantKind = Literal["int8", "int4", "bf16", "fp16", "fp8"]
-QUANT_KINDS: tuple[str, ...] = ("int8", "int4", "bf16", "fp16", "fp8")
+QuantKind = Literal["int8", "int4", "bf16", "fp16", "fp8", "mxfp4"]
+QUANT_KINDS: tuple[str, ...] = ("int8", "int4", "bf16", "fp16", "fp8", "mxfp4")
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP = 128
 
@@ -63,6 +68,8 @@ _INT8_MAX = 127
 _INT4_MAX = 7  # scale = max|w| / 7; rounding may reach -8 only through the fp16 scale's rounding
 _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1 codes
+MXFP4_BLOCK = 32  # columns per E8M0 exponent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,11 +100,17 @@ class ExpertFormat:
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}.get(self.kind) or _CAST[self.kind]
+        packed = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn, "mxfp4": torch.uint8}
+        return packed.get(self.kind) or _CAST[self.kind]
 
     @property
     def scale_dtype(self) -> torch.dtype | None:
-        return {"int8": torch.float32, "int4": torch.float16, "fp8": torch.float32}.get(self.kind)
+        return {"int8": torch.float32, "int4": torch.float16, "fp8": torch.float32, "mxfp4": torch.uint8}.get(self.kind)
+
+    @property
+    def packing(self) -> int:
+        """Weight columns per stored element (two nibbles a byte for int4 and mxfp4)."""
+        return 2 if self.kind in ("int4", "mxfp4") else 1
 
     @property
     def scale_rows(self) -> int:
@@ -105,6 +118,9 @@ class ExpertFormat:
         return self.block[0] if self.kind == "fp8" else 1
 
     def weight_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        if self.kind == "mxfp4":
+            self.scale_shape(rows, cols)  # refuses a partial block
+            return (rows, cols // 2)
         if self.kind == "int4":
             if cols % 2:
                 raise ValueError(f"int4 packs two columns per byte: a projection with {cols} columns cannot be packed")
@@ -112,6 +128,10 @@ class ExpertFormat:
         return (rows, cols)
 
     def scale_shape(self, rows: int, cols: int) -> tuple[int, int] | None:
+        if self.kind == "mxfp4":
+            if cols % MXFP4_BLOCK:
+                raise ValueError(f"mxfp4 scales whole blocks of {MXFP4_BLOCK} columns; a weight has {cols} columns")
+            return (rows, cols // MXFP4_BLOCK)
         if self.kind == "fp8":
             bm, bn = self.block
             if rows % bm or cols % bn:
@@ -139,6 +159,18 @@ def quantize(w_NC: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch
     if fmt.kind in _CAST:
         return w_NC.detach().to(_CAST[fmt.kind]).contiguous(), None
     rows, cols = w.shape
+    if fmt.kind == "mxfp4":
+        groups = fmt.scale_shape(rows, cols)[1]
+        blocks = w.view(rows, groups, MXFP4_BLOCK)
+        amax = blocks.abs().amax(dim=2, keepdim=True)
+        exp = torch.ceil(torch.log2(torch.where(amax > 0, amax / 6.0, torch.ones_like(amax)))).clamp_(-127, 127)
+        scaled = blocks / torch.ldexp(torch.ones_like(exp), exp.int())
+        values = torch.tensor(_FP4_VALUES[:8])
+        code = (scaled.abs()[..., None] - values).abs().argmin(dim=-1).to(torch.uint8)  # nearest magnitude
+        code |= (scaled < 0).to(torch.uint8) << 3
+        code = code.view(rows, cols)
+        packed = code[:, 0::2] | (code[:, 1::2] << 4)
+        return packed.contiguous(), (exp.view(rows, groups) + 127).to(torch.uint8).contiguous()
     if fmt.kind == "fp8":
         (rb, cb), (bm, bn) = fmt.scale_shape(rows, cols), fmt.block
         blocks = w.view(rb, bm, cb, bn)
@@ -177,12 +209,19 @@ def dequantize(
 ) -> torch.Tensor:
     """The weight ``[N, C]`` in ``dtype`` from its stored form (into ``out`` when given, [N, C] contiguous)."""
     rows = q.shape[0]
-    cols = q.shape[1] * 2 if fmt.kind == "int4" else q.shape[1]
+    cols = q.shape[1] * 2 if fmt.kind in ("int4", "mxfp4") else q.shape[1]
     if out is None:
         out = torch.empty(rows, cols, dtype=dtype, device=q.device)
     if fmt.kind in _CAST:
         return out.copy_(q)
     assert scale is not None, f"{fmt.kind} weights need their scale"
+    if fmt.kind == "mxfp4":  # transformers' convert_moe_packed_tensors: FP4[code] * 2^(e - 127), exact in fp32
+        lut = torch.tensor(_FP4_VALUES, dtype=out.dtype, device=q.device)
+        pairs = out.view(rows, cols // 2, 2)
+        pairs[:, :, 0] = lut[(q & 0x0F).int()]
+        pairs[:, :, 1] = lut[(q >> 4).int()]
+        exp = (scale.to(torch.int32) - 127).repeat_interleave(MXFP4_BLOCK, dim=1)
+        return torch.ldexp(out, exp, out=out)
     if fmt.kind == "fp8":  # transformers' Fp8Dequantize: float(q) * scale_inv of the block, in fp32
         (rb, cb), (bm, bn) = scale.shape, fmt.block
         prod = q.to(torch.float32).view(rb, bm, cb, bn) * scale.view(rb, 1, cb, 1).to(torch.float32)

@@ -26,7 +26,7 @@ import torch
 from moeflow.errors import CheckpointError
 from moeflow.kernels.quant import ExpertFormat
 from moeflow.model.families import ExpertSource, Family, family_for
-from moeflow.model.quantized import declared_format
+from moeflow.model.quantized import MXFP4_BLOCKS, declared_format
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -430,6 +430,9 @@ def _split_experts(
     transposed = family.layout.transposed
     for name, span in shard_tensors.items():
         source = family.expert_source(name)
+        if source is None and fmt is not None and fmt.kind == "mxfp4" and name.endswith(MXFP4_BLOCKS):
+            _split_mxfp4_blocks(name, span, family.expert_source(name.removesuffix(MXFP4_BLOCKS)), parts)
+            continue
         if source is None:
             tensors[name] = span
             continue
@@ -444,7 +447,7 @@ def _split_experts(
         rows = span.shape[1] if transposed else span.shape[0]
         piece = ExpertPiece(span=span, param=param, row=source.part * rows, transposed=transposed)
         parts.setdefault((source.layer, source.expert), []).append(piece)
-    packing = 2 if fmt is not None and fmt.kind == "int4" else 1
+    packing = 1 if fmt is None else fmt.packing
     experts = {key: _location(key, pieces, packing) for key, pieces in parts.items()}
     return tensors, experts
 
@@ -485,6 +488,23 @@ def _check_expert_dtype(name: str, span: TensorSpan) -> None:
             "moeflow would read its integers as weights. The checkpoint is corrupt or quantized in a format "
             "moeflow does not read: download or convert it again in a floating-point dtype"
         )
+
+
+def _split_mxfp4_blocks(
+    name: str, span: TensorSpan, source: ExpertSource | None, parts: dict[ExpertKey, list[ExpertPiece]]
+) -> None:
+    """gpt-oss's MXFP4 `<experts>.<param>_blocks` [E, rows, cols / 32, 16] (uint8, [out, in] whatever the family's
+    memory layout): expert e's packed [rows, cols / 2] is contiguous at offset + e * stride."""
+    if source is None or source.expert is not None or len(span.shape) != 4 or span.dtype != torch.uint8:
+        raise CheckpointError(f"{name} is not an MXFP4 experts tensor [experts, rows, cols / 32, 16] of uint8 "
+                              f"(found {span.dtype} {span.shape}); the checkpoint is corrupt")  # fmt: skip
+    n_experts, rows, groups, width = span.shape
+    stride = span.nbytes // n_experts
+    param = "gate_up" if source.param == "gate_up_proj" else "down"
+    for e in range(n_experts):
+        piece = TensorSpan(file=span.file, offset=span.offset + e * stride, nbytes=stride, dtype=torch.uint8,
+                           shape=(rows, groups * width))  # fmt: skip
+        parts.setdefault((source.layer, e), []).append(ExpertPiece(span=piece, param=param, row=0, transposed=False))
 
 
 def _split_fused(

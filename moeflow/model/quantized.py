@@ -53,19 +53,20 @@ class ExpertQuantization:
 
 def _supported() -> str:
     return (f"supported: int8, int4 with group size {' / '.join(map(str, INT4_GROUP_SIZES))} (`moeflow quantize`), "
-            "and block-wise fp8 e4m3 (DeepSeek-V3's quantization_config)")  # fmt: skip
+            "block-wise fp8 e4m3 (DeepSeek-V3's quantization_config) and mxfp4 experts (gpt-oss's)")  # fmt: skip
 
 
 FP8_SCALE_SUFFIX = "_scale_inv"
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"  # gpt-oss: `<experts>.gate_up_proj_blocks` / `..._scales`
 
 
 def _again(fmt: ExpertFormat) -> str:
-    return "download or convert the checkpoint again" if fmt.kind == "fp8" else "quantize the model again"
+    return "download or convert the checkpoint again" if fmt.kind in ("fp8", "mxfp4") else "quantize the model again"
 
 
 def scale_suffix(fmt: ExpertFormat) -> str:
     """The name of a weight's scale: `<weight name><suffix>` (DeepSeek's FP8 keeps its own `_scale_inv`)."""
-    return FP8_SCALE_SUFFIX if fmt.kind == "fp8" else SCALE_SUFFIX
+    return {"fp8": FP8_SCALE_SUFFIX, "mxfp4": MXFP4_SCALES}.get(fmt.kind, SCALE_SUFFIX)
 
 
 def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, *, name: str) -> torch.Tensor:
@@ -84,6 +85,8 @@ def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, *, name: str) -> to
 def _fp8_format(spec: object) -> ExpertFormat:
     """transformers' quantization_config of a pre-quantized checkpoint: only block-wise e4m3 FP8 is read."""
     method = spec.get("quant_method") if isinstance(spec, dict) else None
+    if method == "mxfp4":
+        return ExpertFormat(kind="mxfp4")
     if method != "fp8":
         raise CheckpointError(
             f"config.json's quantization_config uses quant_method {method!r}, which moeflow does not read; "
@@ -131,7 +134,7 @@ def expert_quantization(ckpt: Checkpoint) -> ExpertQuantization | None:
     fmt = declared_format(ckpt.config)
     if fmt is None:
         return None
-    if fmt.kind == "fp8":  # the dtype the model was trained in, as transformers reads it
+    if fmt.kind in ("fp8", "mxfp4"):  # the dtype the model was trained in, as transformers reads it
         source_dtype = _DTYPE_NAMES.get(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"), torch.bfloat16)
     else:
         spec = ckpt.config[CONFIG_KEY]
@@ -142,7 +145,7 @@ def expert_quantization(ckpt: Checkpoint) -> ExpertQuantization | None:
                 f"one of {', '.join(_DTYPE_NAMES)} is expected: quantize the model again"
             )
     suffix = scale_suffix(fmt)
-    found = _scale_spans(ckpt, suffix)
+    found = _mxfp4_scale_spans(ckpt) if fmt.kind == "mxfp4" else _scale_spans(ckpt, suffix)
     scales = {}
     for key, loc in ckpt.experts.items():
         pieces = []
@@ -156,12 +159,12 @@ def expert_quantization(ckpt: Checkpoint) -> ExpertQuantization | None:
             scale = found.pop((key, piece.param, piece.row // fmt.scale_rows), None)
             if scale is None:
                 raise CheckpointError(
-                    f"the scale of {what} (a `...weight{suffix}` tensor beside its weight) is missing: "
+                    f"the scale of {what} ({_scale_hint(fmt, piece.param, suffix)}) is missing: "
                     f"config.json declares {fmt.name} experts, and a quantized weight cannot be read without its "
                     f"scale. The folder is incomplete; {_again(fmt)}"
                 )
             try:
-                shape = fmt.scale_shape(piece.rows, piece.cols * (2 if fmt.kind == "int4" else 1))
+                shape = fmt.scale_shape(piece.rows, piece.cols * fmt.packing)
             except ValueError as e:
                 raise CheckpointError(f"{what}: {e}; this checkpoint's experts cannot be read block by block") from None
             if scale.dtype != fmt.scale_dtype or tuple(scale.shape) != shape:
@@ -186,6 +189,31 @@ def _scale_spans(ckpt: Checkpoint, suffix: str) -> dict[tuple[ExpertKey, str, in
             continue
         param = "gate_up" if source.param == "gate_up_proj" else "down"
         out[((source.layer, source.expert), param, source.part * span.shape[0])] = span
+    return out
+
+
+def _scale_hint(fmt: ExpertFormat, param: str, suffix: str) -> str:
+    if fmt.kind == "mxfp4":
+        return f"the layer's `...experts.{param}_proj{MXFP4_SCALES}`"
+    return f"a `...weight{suffix}` tensor beside its weight"
+
+
+def _mxfp4_scale_spans(ckpt: Checkpoint) -> dict[tuple[ExpertKey, str, int], TensorSpan]:
+    """gpt-oss's fused `<experts>.<param>_scales` [E, rows, cols / 32] (uint8), sliced per expert."""
+    from moeflow.model.checkpoint import TensorSpan  # this module is imported by moeflow.model.checkpoint
+
+    out = {}
+    for name, span in ckpt.tensors.items():
+        source = ckpt.family.expert_source(name.removesuffix(MXFP4_SCALES)) if name.endswith(MXFP4_SCALES) else None
+        if source is None or source.expert is not None or len(span.shape) != 3:
+            continue
+        n_experts, rows, groups = span.shape
+        stride = span.nbytes // n_experts
+        param = "gate_up" if source.param == "gate_up_proj" else "down"
+        for e in range(n_experts):
+            piece = TensorSpan(file=span.file, offset=span.offset + e * stride, nbytes=stride, dtype=span.dtype,
+                               shape=(rows, groups))  # fmt: skip
+            out[((source.layer, e), param, 0)] = piece
     return out
 
 

@@ -79,10 +79,27 @@ def test_fp8_block_round_trip(block):
         fmt.scale_shape(100, 256)
 
 
+def test_mxfp4_round_trip_and_layout():
+    """FP4 e2m1 keeps 1 mantissa bit: |error| <= a quarter of the block's scale 2^(e-127) times the code's step;
+    bounded here by |w| / 4 + 2^(e-127) / 4. Codes: column 2j in the low nibble, 2j+1 in the high one."""
+    fmt = ExpertFormat(kind="mxfp4")
+    w = _weight(8, 64)
+    q, e = quantize(w, fmt)
+    assert q.shape == (8, 32) and e.shape == (8, 2) and q.nbytes + e.nbytes == fmt.nbytes(8, 64)
+    d = dequantize(q, e, fmt)
+    unit = torch.ldexp(torch.ones(8, 2), e.int() - 127).repeat_interleave(32, dim=1)
+    assert ((d - w).abs() <= w.abs() / 4 + unit / 4).all()
+    exact = torch.zeros(1, 32)
+    exact[0, 0], exact[0, 1] = 6.0, -0.5  # codes 7 and 8 | 1 at scale 2^0
+    q1, e1 = quantize(exact, fmt)
+    assert e1.tolist() == [[127]] and q1[0, 0].item() == 7 | (9 << 4)
+    assert torch.equal(dequantize(q1, e1, fmt), exact)
+
+
 def test_unsupported_layouts_name_the_supported_ones():
     with pytest.raises(ValueError, match=r"int4 group size 100 is not supported; use one of \(32, 64, 128\)"):
         ExpertFormat(kind="int4", group_size=100)
-    with pytest.raises(ValueError, match="unknown expert format 'int3'; supported: int8, int4, bf16, fp16, fp8"):
+    with pytest.raises(ValueError, match="unknown expert format 'int3'; supported: int8, int4, bf16, fp16, fp8, mxfp4"):
         ExpertFormat(kind="int3")
     with pytest.raises(ValueError, match="two columns per byte"):
         quantize(torch.randn(4, 33), INT4[32])
