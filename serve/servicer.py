@@ -121,6 +121,7 @@ def stats_response(stats: ServeStats) -> Message:
         steps=stats.steps,
         requests_completed=stats.requests_completed,
         requests_cancelled=stats.requests_cancelled,
+        requests_failed=stats.requests_failed,
         requests_rejected=stats.requests_rejected,
         uptime_s=stats.uptime_s,
         busy_s=stats.busy_s,

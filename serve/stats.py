@@ -31,6 +31,7 @@ class ServeStats:
     steps: int
     requests_completed: int
     requests_cancelled: int
+    requests_failed: int  # the engine failed on them, or stopped under them
     requests_rejected: int
     uptime_s: float
     busy_s: float
@@ -63,6 +64,7 @@ class StatsRecorder:
         self._generated = 0
         self._completed = 0
         self._cancelled = 0
+        self._failed = 0
         self._busy_s = 0.0
         self._t_start = time.perf_counter()
 
@@ -79,6 +81,9 @@ class StatsRecorder:
         self._recent_tokens.append((t_end, new_tokens))
         while self._recent_tokens[0][0] < t_end - TOKENS_PER_S_WINDOW_S:
             self._recent_tokens.popleft()
+
+    def failed(self, count: int = 1) -> None:
+        self._failed += count
 
     def finished(self, *, cancelled: bool) -> None:
         if cancelled:
@@ -104,6 +109,7 @@ class StatsRecorder:
             steps=sum(self._batch_size_steps.values()),
             requests_completed=self._completed,
             requests_cancelled=self._cancelled,
+            requests_failed=self._failed,
             requests_rejected=rejected,
             uptime_s=now - self._t_start,
             busy_s=self._busy_s,

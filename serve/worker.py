@@ -176,6 +176,7 @@ class EngineWorker:
                 continue
             log.error("request %d failed", seq.seq_id, exc_info=seq.error)
             handle.fail(EngineFailure(f"the engine failed on this request ({seq.error!r}); see the server log"))
+            self._stats.failed()
             self._intake.finished()
         self._stats.step(self._scheduler, t_start=t0, t_end=t1, new_tokens=new_tokens)
 
@@ -187,5 +188,7 @@ class EngineWorker:
     def _fail_all(self, error: ServeError) -> None:
         for handle in self._live.values():
             handle.fail(error)
+        if not isinstance(error, DrainingError):
+            self._stats.failed(len(self._live))
         self._intake.finished(len(self._live))
         self._live.clear()

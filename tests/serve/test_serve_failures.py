@@ -131,6 +131,7 @@ def test_a_request_whose_sampling_raises_fails_alone(checkpoint, solo, monkeypat
             assert c.health() == "SERVING"
             assert list(c.generate("abc", max_new_tokens=40).token_ids) == solo[("abc", 40)]
             _wait_for(lambda: c.stats()["running"] == 0, "the failed request's place to be freed")
+            assert c.stats()["requests_failed"] == 1
 
 
 # ---- the engine thread dies: everyone learns at once ----------------------------------------------------------
