@@ -13,11 +13,15 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moeflow.config import Admission, EngineConfig, ProfileConfig, SamplingParams, choices
 from moeflow.errors import MoeflowError
 from moeflow.options import add_options, options_from_args
 from moeflow.serve.config import ServerConfig
+
+if TYPE_CHECKING:
+    from moeflow.offload.stats import CacheStats
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 # The sampling fields the gRPC API (moeflow.v1.GenerateRequest) carries; the HTTP API carries them all.
@@ -46,6 +50,13 @@ def read_prompts(path: Path) -> list[str]:
         raise MoeflowError(f"{path} holds no prompts; write one prompt per line")
     return prompts
 
+
+
+def reads_line(stats: CacheStats) -> str:
+    """What offloading cost: bytes read from the backing store, the time compute waited for them, and the
+    reads a prefetch did ahead of their layer that the layer then used (their wait hidden behind compute)."""
+    ahead = f", {stats.prefetch_hits} read ahead and used" if stats.prefetch_hits else ""
+    return f"{stats.bytes_read / 2**20:.1f} MiB read, {stats.stall_s:.2f} s waiting on reads{ahead}"
 
 def cmd_generate_batch(args: argparse.Namespace) -> int:
     from moeflow.build import load, make_admission
@@ -88,7 +99,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         print(
             f"[{len(results)} prompts, {tokens} tokens, {summary['tokens_per_s']:.1f} tok/s, "
             f"{summary['distinct_experts_per_step']:.2f} distinct experts per layer per step, "
-            f"cache hit rate {stats.hit_rate:.1%}]",
+            f"cache hit rate {stats.hit_rate:.1%}, {reads_line(stats)}]",
             file=sys.stderr,
         )
     return 0
@@ -135,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("" if result.text is not None else str(result.token_ids))  # ends the streamed line
         print(
             f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tok/s, cache hit rate "
-            f"{stats.hit_rate:.1%}, {stats.bytes_read / 2**20:.1f} MiB read, "
+            f"{stats.hit_rate:.1%}, {reads_line(stats)}, "
             f"{stats.capacity_slots} expert slots ({stats.capacity_slots * stats.slot_bytes / 2**20:.1f} MiB "
             f"of {stats.budget_bytes / 2**20:.1f} MiB budget)]",
             file=sys.stderr,
