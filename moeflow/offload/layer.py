@@ -17,6 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from moeflow.events import Listeners
 from moeflow.kernels import experts_forward
 from moeflow.kernels.quant import quantized_experts_forward
+from moeflow.kernels.quant_moe import TRITON_KINDS, quant_fused_moe
 from moeflow.model.families import experts_modules
 from moeflow.offload.cache import ExpertCache
 from moeflow.offload.plans import RoutingEvent, RoutingPlan
@@ -92,6 +93,11 @@ def offloaded_experts_forward(
                 ),
             )
         if pool.fmt is not None:  # quantized or cast slots: each used slot dequantized, then the exact arithmetic
+            if hidden_TD.is_cuda and biases is None and pool.fmt.kind in TRITON_KINDS:
+                # On a GPU, int8/int4 slots go through the Triton kernels: dequantization fused into the grouped GEMM.
+                return quant_fused_moe(
+                    hidden_TD, pool.quantized(), top_k_weights_TK, slot_ids_TK, gate=self._apply_gate
+                )
             return quantized_experts_forward(
                 hidden_TD, pool.quantized(), top_k_weights_TK, slot_ids_TK, gate=self._apply_gate, biases=biases,
                 scratch=runtime.scratch_for(hidden_TD),

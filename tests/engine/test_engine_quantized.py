@@ -242,3 +242,14 @@ def test_round_trip_through_a_written_folder_is_the_kernel_round_trip(tiny_check
         q, s = f.get_tensor(name), f.get_tensor(name + "_scale")
     want_q, want_s = quantize(w, FORMATS["int8"])
     assert torch.equal(q, want_q) and torch.equal(s, want_s)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("fmt_name", ["int8", "int4-g128"])
+def test_quantized_folder_on_gpu_uses_triton_and_matches_cpu(quantized_folders, fmt_name):
+    path = quantized_folders[("mixtral", fmt_name)]
+    with moeflow.load(path, expert_budget="all") as engine:
+        want = _engine_logits(engine, PROMPT)
+    with moeflow.load(path, expert_budget="25%", device="cuda") as engine:
+        got = _engine_logits(engine, PROMPT).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,156 @@
+"""The MoE expert MLP over a quantized slot pool in Triton: dequantization fused into a grouped GEMM.
+
+Shape legend: T tokens, D hidden, I expert hidden, K experts per token, S slots, P = T*K pairs, NP padded
+pair positions sorted by slot (``kernels.metadata``), NB = NP / BLOCK_M blocks; N output features and KD
+input features of one projection, G scale groups along KD.
+
+For pair p = t*K + k served by slot s with routing weight w (int8 / int4 formats of ``kernels.quant``):
+
+    h[pos]  = x[t] @ dequant(W_gu[s])^T          _quant_rows_kernel, A rows gathered by token (pos -> pair -> t)
+    a[pos]  = gate(h[pos])                       torch (the family's gate: SiLU-and-mul, gpt-oss's, ...)
+    y[p]    = w * (a[pos] @ dequant(W_d[s])^T)   _quant_rows_kernel, A rows by sorted position, weight epilogue
+    out[t]  = y[t*K] + ... + y[t*K+K-1]          ``fused_moe``'s _sum_topk_kernel (k order, no atomics)
+
+The weights are read from the pool as stored ([N, KD] int8, or [N, KD/2] uint8 nibbles: column j in the
+low nibble of byte j, column j + KD/2 in the high one) and dequantized tile by tile in registers: no
+expert is ever materialized in floating point. int8's per-row scale multiplies the fp32 accumulator once
+(x @ (q*s) = (x @ q) * s up to rounding); int4's per-group scale multiplies the tile before the dot. So
+the result is ``quantized_experts_forward``'s (the CPU path's, bit-exact with transformers on the
+dequantized weights) to fp32 rounding, not bit for bit; tests/kernels/test_kernels_quant_triton.py
+checks it under the interpreter with fp32 and fp16 activations, and on a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from moeflow.kernels.cpu import Gate, silu_and_mul
+from moeflow.kernels.fused_moe import _sum_topk
+from moeflow.kernels.metadata import launch_sort_pairs
+from moeflow.kernels.quant import QuantizedPool
+
+_KINDS = {"int8": 0, "int4": 1}
+TRITON_KINDS = tuple(_KINDS)  # the formats these kernels take (the engine's GPU path for them)
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
+
+
+@triton.jit
+def _quant_rows_kernel(
+    a_ptr,  # [rows, KD] activations: rows by token (GATHER) or by sorted position
+    q_ptr,  # [S, N, KD] int8 or [S, N, KD/2] uint8, read through strides
+    scale_ptr,  # [S, N, G]: int8 fp32 [.., 1], int4 fp16 [.., cdiv(KD, GROUP)]
+    out_ptr,  # [NP or P, N] fp32
+    topk_w_ptr,  # [P] routing weights, read when WEIGHTED
+    sorted_ptr,  # [NP] int32 pair ids by sorted position
+    block_slot_ptr,  # [NB] int32
+    num_padded_ptr,  # [1] int32
+    P,
+    N,
+    KD,
+    stride_am,
+    stride_ak,
+    stride_qs,
+    stride_qn,
+    stride_qk,
+    stride_ss,
+    stride_sn,
+    stride_sg,
+    stride_om,
+    stride_on,
+    TOP_K: tl.constexpr,
+    KIND: tl.constexpr,  # 0 int8, 1 int4
+    GROUP: tl.constexpr,  # int4 columns per scale
+    GATHER: tl.constexpr,  # A rows are tokens: row = pair // TOP_K; else sorted positions
+    WEIGHTED: tl.constexpr,  # multiply by the pair's routing weight, store by pair; else store by position
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Grid (NB, cdiv(N, BLOCK_N)). out[row] = a[row] @ dequant(q[slot])^T for the block's BLOCK_M positions,
+    all served by one slot. Activations of any float dtype are cast to fp32; accumulation is fp32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    pos = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pair = tl.load(sorted_ptr + pos).to(tl.int64)
+    row_ok = pair < P
+    a_row = pair // TOP_K if GATHER else pos
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    kk = tl.arange(0, BLOCK_K)
+    half = KD // 2
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < KD
+        a = tl.load(a_ptr + a_row[:, None] * stride_am + k[None, :] * stride_ak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        if KIND == 0:
+            q_ptrs = q_ptr + slot * stride_qs + n[None, :] * stride_qn + k[:, None] * stride_qk
+            w = tl.load(q_ptrs, mask=w_mask, other=0).to(tl.float32)
+        else:
+            low = k < half
+            byte = tl.where(low, k, k - half)
+            b = tl.load(q_ptr + slot * stride_qs + n[None, :] * stride_qn + byte[:, None] * stride_qk, mask=w_mask,
+                        other=0).to(tl.int8, bitcast=True)  # fmt: skip
+            nib = tl.where(low[:, None], (b << 4) >> 4, b >> 4)  # arithmetic shifts keep the nibble's sign
+            s = tl.load(scale_ptr + slot * stride_ss + n[None, :] * stride_sn + (k // GROUP)[:, None] * stride_sg,
+                        mask=w_mask, other=0.0).to(tl.float32)  # fmt: skip
+            w = nib.to(tl.float32) * s
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+    if KIND == 0:
+        acc = acc * tl.load(scale_ptr + slot * stride_ss + n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if WEIGHTED:
+        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        out_row = pair
+    else:
+        out_row = pos
+    tl.store(out_ptr + out_row[:, None] * stride_om + n[None, :] * stride_on, acc, mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _launch_rows(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, weights_P: torch.Tensor,
+                 meta: tuple, pool: QuantizedPool, top_k: int, *, gather: bool, weighted: bool) -> None:  # fmt: skip
+    sorted_ids, block_slot, _, _, num_padded, _ = meta
+    N, KD = q.shape[1], a.shape[1]
+    _quant_rows_kernel[(block_slot.shape[0], triton.cdiv(N, BLOCK_N))](
+        a, q, scale, out, weights_P, sorted_ids, block_slot, num_padded, weights_P.numel(), N, KD,
+        a.stride(0), a.stride(1), *q.stride(), *scale.stride(), out.stride(0), out.stride(1),
+        TOP_K=top_k, KIND=_KINDS[pool.fmt.kind], GROUP=max(pool.fmt.group_size, 1), GATHER=gather,
+        WEIGHTED=weighted, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+
+
+def quant_fused_moe(
+    x_TD: torch.Tensor,
+    pool: QuantizedPool,
+    weights_TK: torch.Tensor,
+    ids_TK: torch.Tensor,
+    *,
+    gate: Gate | None = None,
+) -> torch.Tensor:
+    """``quantized_experts_forward`` with Triton kernels (GPU, or the interpreter): int8 and int4 pools. Slot ids
+    outside [0, S) contribute 0. Returns [T, D] in x's dtype."""
+    if pool.fmt.kind not in _KINDS:
+        raise ValueError(f"the Triton quantized kernels take {' and '.join(_KINDS)} pools, not {pool.fmt.name}")
+    if x_TD.shape[1] != pool.hidden:
+        raise ValueError(f"activations have {x_TD.shape[1]} features, the quantized experts expect {pool.hidden}")
+    T, D = x_TD.shape
+    S, K, I = pool.gate_up_q.shape[0], ids_TK.shape[1], pool.inter
+    assert pool.gate_up_scale is not None and pool.down_scale is not None
+    out = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
+    if T * K == 0:
+        return out
+    meta = launch_sort_pairs(ids_TK, S, BLOCK_M)
+    NP = meta[0].shape[0]
+    weights_P = weights_TK.reshape(-1).contiguous()
+    h = torch.zeros(NP, 2 * I, device=x_TD.device, dtype=torch.float32)
+    _launch_rows(x_TD, pool.gate_up_q, pool.gate_up_scale, h, weights_P, meta, pool, K, gather=True, weighted=False)
+    act = (gate or silu_and_mul)(h.to(x_TD.dtype)).contiguous()
+    y = torch.zeros(T * K, D, device=x_TD.device, dtype=torch.float32)
+    _launch_rows(act, pool.down_q, pool.down_scale, y, weights_P, meta, pool, K, gather=False, weighted=True)
+    _sum_topk(y, ids_TK.reshape(-1).contiguous(), out, S, K)
+    return out

@@ -1,0 +1,80 @@
+"""The Triton quantized MoE (kernels/quant_moe.py) against the torch reference: under the interpreter here
+(TRITON_INTERPRET=1, tests/conftest.py), on a GPU when one is present."""
+
+import pytest
+import torch
+from moeflow.kernels.quant import ExpertFormat, QuantizedPool, quantize, quantized_experts_forward
+from moeflow.kernels.quant_moe import quant_fused_moe
+
+FORMATS = [ExpertFormat(kind="int8"), ExpertFormat(kind="int4", group_size=32)]
+
+
+def _pool(fmt: ExpertFormat, S: int, inter: int, hidden: int, device: str = "cpu") -> QuantizedPool:
+    g = torch.Generator().manual_seed(S * 100 + inter)
+    gu = [quantize(torch.randn(2 * inter, hidden, generator=g) / 4, fmt) for _ in range(S)]
+    dn = [quantize(torch.randn(hidden, inter, generator=g) / 4, fmt) for _ in range(S)]
+    def stack(xs: list) -> torch.Tensor:
+        return torch.stack(xs).to(device)
+
+    return QuantizedPool(fmt=fmt, gate_up_q=stack([q for q, _ in gu]), down_q=stack([q for q, _ in dn]),
+                         gate_up_scale=stack([s for _, s in gu]), down_scale=stack([s for _, s in dn]),
+                         inter=inter, hidden=hidden)  # fmt: skip
+
+
+def _cpu(pool: QuantizedPool) -> QuantizedPool:
+    return QuantizedPool(fmt=pool.fmt, gate_up_q=pool.gate_up_q.cpu(), down_q=pool.down_q.cpu(),
+                         gate_up_scale=pool.gate_up_scale.cpu(), down_scale=pool.down_scale.cpu(),
+                         inter=pool.inter, hidden=pool.hidden)  # fmt: skip
+
+
+# (S, I, D, ids): why each row exists
+CASES = [
+    (3, 48, 64, [[2, 0]]),  # T = 1: one block per used slot
+    (3, 48, 64, [[0, 1], [1, 2], [2, -1], [0, 2], [1, 0]]),  # a sentinel pair (another wave's)
+    (4, 32, 64, [[1, 1]] * 6),  # every pair on one slot; slots 0, 2, 3 get nothing
+    (2, 32, 64, [[0, 1], [1, 0], [0, 1]]),  # K == S
+    (5, 24, 40, [[4, 3], [0, 2], [1, 4], [3, 0]]),  # prime S; I, D not multiples of the blocks; int4: an 8-column group
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize(("S", "I", "D", "ids"), CASES)
+def test_triton_quantized_moe_matches_torch_fp32(fmt, S, I, D, ids):
+    pool = _pool(fmt, S, I, D)
+    T = len(ids)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    ids_TK, w_TK = torch.tensor(ids), torch.rand(T, 2, generator=torch.Generator().manual_seed(1))
+    want = quantized_experts_forward(x, pool, w_TK, ids_TK)
+    got = quant_fused_moe(x, pool, w_TK, ids_TK)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_triton_quantized_moe_fp16_activations(fmt):
+    """fp16 activations in, fp16 out, fp32 accumulation: within fp16 rounding of the fp32 reference."""
+    pool = _pool(fmt, 3, 48, 64)
+    x = torch.randn(5, 64)
+    ids_TK, w_TK = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]]), torch.rand(5, 2)
+    want = quantized_experts_forward(x.half().float(), pool, w_TK, ids_TK)
+    got = quant_fused_moe(x.half(), pool, w_TK.half(), ids_TK)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_triton_quantized_moe_refuses_other_formats():
+    pool = _pool(ExpertFormat(kind="int8"), 2, 32, 32)
+    fp8 = QuantizedPool(fmt=ExpertFormat(kind="fp8", block=(16, 16)), gate_up_q=pool.gate_up_q, down_q=pool.down_q,
+                        gate_up_scale=pool.gate_up_scale, down_scale=pool.down_scale, inter=32, hidden=32)  # fmt: skip
+    with pytest.raises(ValueError, match="take int8 and int4 pools, not fp8-b16x16"):
+        quant_fused_moe(torch.randn(1, 32), fp8, torch.rand(1, 2), torch.tensor([[0, 1]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_triton_quantized_moe_on_gpu(fmt):
+    pool = _pool(fmt, 8, 256, 512, device="cuda")
+    x = torch.randn(33, 512, device="cuda")
+    ids_TK = torch.randint(0, 8, (33, 2), device="cuda")
+    w_TK = torch.rand(33, 2, device="cuda")
+    want = quantized_experts_forward(x.cpu(), _cpu(pool), w_TK.cpu(), ids_TK.cpu())
+    torch.testing.assert_close(quant_fused_moe(x, pool, w_TK, ids_TK).cpu(), want, rtol=1e-4, atol=1e-4)
