@@ -539,7 +539,7 @@ def cmd_families(args: argparse.Namespace) -> int:
         return 0
     width = max(len(r.model_type) for r in rows)
     for r in rows:
-        print(f"{r.model_type:<{width}}  {r.status:<7}  {r.detail}")
+        print(f"{r.model_type:<{width}}  {r.status:<11}  {r.detail}")
     from moeflow.testing import TESTED_WITH
 
     installed = transformers.__version__

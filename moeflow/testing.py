@@ -111,6 +111,8 @@ FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
                          index_n_heads=2, index_head_dim=8, index_topk=4),
     "laguna": dict(layers=3),
     "afmoe": dict(num_dense_layers=1, layers=3),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], first_k_dense_replace=0,
+                        num_key_value_heads=3, linear_head_dim=12, linear_num_heads=3),
     "hunyuan_v1_moe": dict(moe_topk=3),
 }
 # Every family the engine-exactness suite runs (tests/engine/test_engine_families.py), transformers' model_type
@@ -122,7 +124,7 @@ TESTED_FAMILIES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "qwen3_5_moe", "qwen3_5_moe_text", "glm4_moe",
     "ernie4_5_moe", "hunyuan_v1_moe", "afmoe", "cohere2_moe", "deepseek_v32", "laguna", "glm4_moe_lite",
     "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa", "phimoe", "minimax", "minimax_m2",
-    "dots1", "lfm2_moe", "flex_olmo", "exaone_moe", "solar_open", "mellum", "kolibri1",
+    "dots1", "lfm2_moe", "flex_olmo", "exaone_moe", "solar_open", "mellum", "kolibri1", "kimi_linear", "lara_mini",
 )  # fmt: skip
 
 # Vision-language model types whose language model transformers' AutoModelForCausalLM serves: their text model_type.

@@ -110,13 +110,41 @@ class Family:
         if pattern is None:
             return ExpertSource(layer=layer, param=param)
         converter = next(c for c in self._converters if pattern in c.source_patterns)
-        regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+        regex = pattern.replace("*.", r"(\d+)\.")  # transformers reads a source pattern as a regex, `*` an index
         m = re.search(regex, disk_key)
         assert m is not None, (disk_key, pattern)
         sources = converter.source_patterns
         return ExpertSource(
             layer=layer, param=param, expert=int(m.group(1)), part=sources.index(pattern), parts=len(sources)
         )
+
+
+    def convert_dense(
+        self, name: str, tensors: dict[str, torch.Tensor], model: nn.Module, config: PreTrainedConfig
+    ) -> dict[str, torch.Tensor]:
+        """What transformers' converter makes of the checkpoint tensors `tensors` (disk name -> tensor), which all
+        feed the model's `name` (their `memory_key`): its operations in order (concatenate, split, permute...),
+        then the results named as the model names them."""
+        by_pattern: dict[str, list[torch.Tensor]] = {}
+        converter = None
+        for disk_key, tensor in tensors.items():
+            _, pattern = self.memory_key(disk_key)
+            converter = next(c for c in self._converters if pattern in c.source_patterns)
+            by_pattern.setdefault(pattern, []).append(tensor)
+        assert converter is not None
+        out: dict = by_pattern
+        for op in converter.operations:
+            out = op.convert(
+                out,
+                source_patterns=converter.source_patterns,
+                target_patterns=converter.target_patterns,
+                full_layer_name=name,
+                model=model,
+                config=config,
+            )
+        key = next(k for k in out if k in name)  # the target `name` was rendered from; the others share its place
+        prefix, _, suffix = name.partition(key)
+        return {prefix + k + suffix: v for k, v in out.items()}
 
 
 class _NameSet(dict):
@@ -255,11 +283,8 @@ def _check_converters(model_type: str, converters: list, layout: ExpertsLayout) 
         targets = " ".join(c.target_patterns)
         ops = [type(op).__name__ for op in c.operations]
         expert_target = any(t.endswith(f"experts.{p}") for t in c.target_patterns for p in EXPERT_PARAMS)
-        if not expert_target:
-            raise Refused(
-                f"its checkpoint converter for {targets} ({', '.join(ops)}) changes non-expert tensors while "
-                "loading, which moeflow's tensor-by-tensor loader does not do"
-            )
+        if not expert_target:  # a dense tensor transformers converts as it loads: `Family.convert_dense` runs it
+            continue
         ok = isinstance(c.operations[0], MergeModulelist) and c.operations[0].dim == 0
         if len(c.operations) == 2:
             ok = ok and isinstance(c.operations[1], Concatenate) and c.operations[1].dim == concat_dim

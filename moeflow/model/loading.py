@@ -93,8 +93,12 @@ def load_dense_weights(model: nn.Module, ckpt: Checkpoint, hf_config: object) ->
     targets = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
     loaded = set()
+    converted: dict[str, list[str]] = {}  # a converted tensor's model name -> the checkpoint tensors it is made of
     for disk_name in ckpt.tensors:
-        name, _ = ckpt.family.memory_key(disk_name)
+        name, pattern = ckpt.family.memory_key(disk_name)
+        if pattern is not None:  # transformers converts it while loading (concatenated, split, ...): below
+            converted.setdefault(name, []).append(disk_name)
+            continue
         current = targets.get(name, buffers.get(name))
         if current is None:
             log.debug("ignoring checkpoint tensor %s (not used by the model)", disk_name)
@@ -115,6 +119,19 @@ def load_dense_weights(model: nn.Module, ckpt: Checkpoint, hf_config: object) ->
             )
         _set_tensor(model, name, tensor.to(current.dtype), is_param=name in targets)
         loaded.add(name)
+    for name, disk_names in converted.items():
+        sources = {d: ckpt.read_tensor(d) for d in disk_names}
+        for target, tensor in ckpt.family.convert_dense(name, sources, model, hf_config).items():
+            current = targets.get(target, buffers.get(target))
+            if current is None:
+                continue
+            if tuple(tensor.shape) != tuple(current.shape):
+                raise CheckpointError(
+                    f"checkpoint tensors {disk_names} convert to {target} of shape {tuple(tensor.shape)}, the model "
+                    f"expects {tuple(current.shape)}; config.json and the weights do not belong together"
+                )
+            _set_tensor(model, target, tensor.to(current.dtype), is_param=target in targets)
+            loaded.add(target)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
         loaded |= {n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type != "meta"}

@@ -58,7 +58,6 @@ def test_dense_model_refused_with_reason():
         ("jetmoe", "not behind use_experts_implementation: .* is JetMoeParallelExperts"),
         ("llama4_text", "not behind use_experts_implementation: .* is Llama4TextExperts"),
         ("nemotron_h", r"no gate projection \(use_experts_implementation\(has_gate=False\)"),
-        ("lara_mini", r"converter for .* \(Split\) changes non-expert tensors"),
         ("switch_transformers", "no causal-LM class"),
     ],
 )
@@ -71,3 +70,21 @@ def test_refusals_name_the_reason(model_type, reason):
 def test_tested_families_are_described_as_tested():
     for model_type in ("gpt_oss", "qwen3_next", "jamba", "mixtral"):
         assert family_status(model_type).status == "tested"
+
+
+@pytest.mark.parametrize(("family", "converted"), [("lara_mini", "linear_attn.in_proj_"), ("kimi_linear", "conv1d")])
+def test_dense_tensors_transformers_converts_are_converted_alike(family_checkpoints, family, converted):
+    """lara_mini splits in_proj_qkvz into four projections while loading, kimi_linear concatenates its q/k/v
+    convolutions: moeflow runs the same converters (it refused both families before)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import moeflow
+
+    path = family_checkpoints[family]
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    with moeflow.load(path, expert_budget="all") as engine:
+        ours = {n: p for n, p in engine.model.named_parameters() if converted in n}
+    assert ours
+    for name, param in ours.items():
+        assert torch.equal(param, reference[name]), name
