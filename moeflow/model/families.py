@@ -182,6 +182,22 @@ def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
     }
 
 
+# What transformers' configs call the experts a token is routed to; Gemma 4 names it top_k_experts.
+_TOP_K_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_k", "moe_topk", "num_experts_per_token")
+
+
+def routed_top_k(hf_config: PreTrainedConfig) -> int:
+    """Experts per token, from the language model's config (a vision-language config keeps it in its text config)."""
+    text = hf_config.get_text_config(decoder=True)
+    for key in _TOP_K_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise UnsupportedArchitectureError(
+        f"model_type {hf_config.model_type!r}: its config names the experts per token none of {', '.join(_TOP_K_KEYS)}"
+    )
+
+
 def family_for(root: Path, config: dict) -> Family:
     """The family of the checkpoint folder `root` (whose parsed config.json is `config`)."""
     model_type = config.get("model_type")
@@ -314,5 +330,8 @@ def unhooked_reason(model: nn.Module) -> str:
                 inner = ", ".join(kinds)
                 return f"its experts are not behind use_experts_implementation: {name} is an nn.ModuleList of {inner}"
             return f"its experts are not behind use_experts_implementation: {name} is {type(module).__name__}"
-    return "it has no routed experts (no module behind use_experts_implementation): it is not an MoE model"
+    return (
+        "its config builds no routed experts (no module behind use_experts_implementation): a dense model, or an "
+        "MoE switch in its config is off"
+    )
 
