@@ -23,7 +23,6 @@ from moeflow.engine.driver import StepDriver
 from moeflow.engine.sampling import TokenLogprob
 from moeflow.errors import MoeflowError, RequestError
 from moeflow.model.checkpoint import Checkpoint, open_checkpoint
-from moeflow.model.families import routed_top_k
 from moeflow.model.loading import (
     build_skeleton,
     eos_token_ids,
@@ -144,7 +143,7 @@ class Engine:
             self.dtype = resolve_dtype(self.config.dtype, self.device, self.checkpoint)
         hf_config = AutoConfig.from_pretrained(self.checkpoint.path)
         self.model = build_skeleton(hf_config, self.dtype)
-        self.top_k = routed_top_k(hf_config)
+        self.top_k = self.checkpoint.family.top_k
         # A vision-language config (qwen3_5_moe) keeps the language model's fields in its text config.
         self.max_context = int(getattr(hf_config.get_text_config(decoder=True), "max_position_embeddings", 0) or 0)
         modules = experts_modules(self.model)

@@ -83,6 +83,7 @@ class ExpertSource:
 class Family:
     model_type: str
     layout: ExpertsLayout
+    top_k: int  # experts per token (`routed_top_k`)
     # The model's cache is more than full-attention keys and values (linear-attention or SSM state, sliding
     # windows, a cache class of its own): it cannot be left-padded into a batch, one sequence decodes at a time.
     one_sequence_cache: bool
@@ -193,9 +194,7 @@ def routed_top_k(hf_config: PreTrainedConfig) -> int:
         value = getattr(text, key, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    raise UnsupportedArchitectureError(
-        f"model_type {hf_config.model_type!r}: its config names the experts per token none of {', '.join(_TOP_K_KEYS)}"
-    )
+    raise Refused(f"its config names the experts per token none of {', '.join(_TOP_K_KEYS)}")
 
 
 def family_for(root: Path, config: dict) -> Family:
@@ -257,6 +256,7 @@ def describe_model(model: nn.Module) -> Family:
     return Family(
         model_type=model_type,
         layout=layout,
+        top_k=routed_top_k(model.config),
         one_sequence_cache=_one_sequence_cache(model),
         _renamings=renamings,
         _converters=converters,

@@ -89,7 +89,7 @@ def profile_model(
         have = list(trace.predictions) if trace is not None else available_predictors(model, config.predictor_dir)
         predictors = list(dict.fromkeys(best_predictor(have) if p == "auto" else p for p in predictors))
     checkpoint = open_checkpoint(model)
-    geometry = Geometry.of(checkpoint, int(checkpoint.config["num_experts_per_tok"]))
+    geometry = Geometry.of(checkpoint, checkpoint.family.top_k)
     budgets = parse_budgets(config.budgets, geometry)
     if trace is None:
         trace = record_profile_trace(model, config, data, predictors, progress)
