@@ -114,6 +114,9 @@ FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], first_k_dense_replace=0,
                         num_key_value_heads=3, linear_head_dim=12, linear_num_heads=3),
     "hunyuan_v1_moe": dict(moe_topk=3),
+    "glm_moe_dsa": dict(num_key_value_heads=3, first_k_dense_replace=1, n_group=1, topk_group=1, layers=3,
+                        index_n_heads=2, index_head_dim=8, index_topk=4),
+    "hy_v4": dict(layers=3),
     "gemma4_text": dict(enable_moe_block=True, per_layer_config={}, layer_types=["sliding_attention", "full_attention"],
                         hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, sliding_window=4),
 }
@@ -127,7 +130,7 @@ TESTED_FAMILIES = (
     "ernie4_5_moe", "hunyuan_v1_moe", "afmoe", "cohere2_moe", "deepseek_v32", "laguna", "glm4_moe_lite",
     "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa", "phimoe", "minimax", "minimax_m2",
     "dots1", "lfm2_moe", "flex_olmo", "exaone_moe", "solar_open", "mellum", "kolibri1", "kimi_linear", "lara_mini",
-    "gemma4_text",
+    "gemma4_text", "aria_text", "minimax_m3_vl_text", "glm_moe_dsa", "hy_v4",
 )  # fmt: skip
 
 # Vision-language model types whose language model transformers' AutoModelForCausalLM serves: their text model_type.
