@@ -154,7 +154,8 @@ def memory_limit(model: Path, budget: str, runtime: int) -> int:
     from moeflow.offload.budget import resolve_budget
 
     ckpt = open_checkpoint(model)
-    inter, hidden = next(iter(ckpt.experts.values())).gate.shape
+    loc = next(iter(ckpt.experts.values()))
+    inter, hidden = loc.inter, loc.hidden
     slot_bytes = 3 * inter * hidden * 4  # the CPU engine computes in float32
     top_k = int(ckpt.config["num_experts_per_tok"])
     b = resolve_budget(budget, slot_bytes=slot_bytes, total_experts=len(ckpt.experts), top_k=top_k)

@@ -106,8 +106,7 @@ def run_raw(ranges: list, inflight: int) -> tuple[int, float]:
 def run_store(ckpt, keys: list, inflight: int) -> tuple[int, float]:
     """The engine's read path on a reader pool of `inflight` threads, one slot per read in flight."""
     loc = ckpt.experts[keys[0]]
-    inter, hidden = loc.gate.shape
-    pool = SlotPool(capacity=inflight, inter=inter, hidden=hidden, dtype=loc.gate.dtype, device=torch.device("cpu"))
+    pool = SlotPool(capacity=inflight, inter=loc.inter, hidden=loc.hidden, dtype=loc.dtype, device=torch.device("cpu"))
     pool.gate_up_S2ID.fill_(0)  # touch the pages, as a running engine's pool is
     pool.down_SDI.fill_(0)
     store = DiskStore(ckpt, direct_io=True)
