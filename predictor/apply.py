@@ -66,9 +66,11 @@ def available_predictors(model_dir: str | Path, folder: str | Path | None = None
     return [n for n, cls in PREDICTORS.items() if not cls.trainable or saved_files(n, folder)[0].is_file()]
 
 
-# Best first, by recall on the shipped model's held-out text (README: path 0.81, token_freq 0.72,
-# sklearn 0.73 at 4x the cost, gate 0.65); gate needs no training, so one is always available.
-PREFERENCE = ("path", "token_freq", "sklearn", "gate")
+# Best first, by live decode speed on the I/O-bound bench model (bench/expertflow.py, 25%, disk): token_freq
+# 1.14x LRU's tokens/s, gate 1.07x, path 0.77x on 2026-12-01 (token_freq 1.30x, path 1.17x in the run before),
+# although path has the best recall (README: path 0.81, token_freq 0.72, sklearn 0.73 at 4x the cost, gate
+# 0.65); gate needs no training, so one is always available.
+PREFERENCE = ("token_freq", "path", "sklearn", "gate")
 
 
 def best_predictor(have: Sequence[str]) -> str:
