@@ -327,7 +327,8 @@ def takeaway(result: dict) -> str:
     text = f"predictive prefetch vs LRU, decode tokens/s: {', '.join(parts)}" if parts else ""
     rows = [row for row in result.get("rebatch", {}).get("rows", []) if row["fifo"].get("speed")]
     if rows:
-        ratios = ", ".join(f"B={row['batch_size']} {row['rebatch']['speed'] / row['fifo']['speed']:.2f}x"
+        ratios = ", ".join(f"B={row['batch_size']} " + (f"{row['rebatch']['speed'] / row['fifo']['speed']:.2f}x"
+                                                         if row["rebatch"].get("speed") else "failed")
                            for row in rows)
         text += ("; " if text else "") + f"re-batcher vs FIFO: {ratios}"
     return text
@@ -382,7 +383,7 @@ def plot(result: dict, path: Path) -> None:
         bars_f = ax.bar([i - 0.2 for i in x], fifo, 0.4, label="fifo", color="#888")
         bars_r = ax.bar([i + 0.2 for i in x], rebatch, 0.4, label="re-batcher", color="#ff7f0e")
         label_bars(ax, [*bars_f, *bars_r], [f"{v:.1f}" for v in fifo] +
-                   [f"{v:.1f} ({v / f:.2f}x)" if f else f"{v:.1f}" for v, f in zip(rebatch, fifo)])
+                   [(f"{v:.1f} ({v / f:.2f}x)" if f else f"{v:.1f}") if v else "failed" for v, f in zip(rebatch, fifo)])
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("tokens/s (higher is better)")
         ax.set_title(f"token re-batcher vs FIFO: iobound, {r['prompts']} prompts, batch size B", fontsize=9)
