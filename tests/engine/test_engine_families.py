@@ -1,14 +1,16 @@
 """Every family moeflow serves, from transformers' own config class at awkward sizes (7 experts, top-3,
 hidden 36): greedy tokens equal plain transformers', the budget is a ceiling, per-layer stats add up.
 
-Families in FULL_MATRIX_FAMILIES (biases and clamped SwiGLU, hybrid linear-attention and SSM caches,
-MLA with dense-first layers) run every budget x policy x store; the others run a lean matrix (all and
-the minimum budget, lru and predictive with the gate predictor, the disk store).
+Every family runs every budget x policy (predictive: the gate predictor) x store. By default (a bare
+`pytest`) only a lean matrix runs: all and the minimum budget, lru and predictive, the disk store, and
+for FULL_MATRIX_FAMILIES (biases and clamped SwiGLU, hybrid linear-attention and SSM caches, MLA with
+dense-first layers) the minimum budget from disk; the rest is marked slow, which CI runs.
 """
 
 import pytest
 
 import moeflow
+from moeflow.errors import BudgetError
 from moeflow.testing import FULL_MATRIX_FAMILIES, TESTED_FAMILIES
 
 PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
@@ -22,10 +24,11 @@ def _matrix() -> list:
     cases = []
     for family in TESTED_FAMILIES:
         full = family in FULL_MATRIX_FAMILIES
-        for budget in BUDGETS if full else ("all", "minimum"):
+        for budget in BUDGETS:
             for policy in POLICIES:
-                for store in STORES if full else ("disk",):
-                    marks = [pytest.mark.slow] if full and (budget, store) != ("minimum", "disk") else []
+                for store in STORES:
+                    lean = store == "disk" and budget in (("minimum",) if full else ("all", "minimum"))
+                    marks = [] if lean else [pytest.mark.slow]
                     cases.append(pytest.param(family, budget, policy, store, marks=marks))
     return cases
 
@@ -40,7 +43,12 @@ def test_greedy_equals_transformers(family_checkpoints, family_greedy, family, b
     path = family_checkpoints[family]
     spec = _minimum_budget(path) if budget == "minimum" else budget
     kw = {"predictor": "gate"} if policy == "predictive" else {}
-    with moeflow.load(path, expert_budget=spec, policy=policy, store=store, **kw) as engine:
+    try:
+        loaded = moeflow.load(path, expert_budget=spec, policy=policy, store=store, **kw)
+    except BudgetError as e:  # a share of few experts (dense-first, one MoE layer) can be below one layer's top-k
+        assert budget in ("50%", "25%") and "the minimum is" in str(e)
+        return
+    with loaded as engine:
         result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
         stats = engine.stats()
         assert engine.checkpoint.family.model_type == engine.model.config.model_type
