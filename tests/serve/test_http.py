@@ -83,7 +83,9 @@ def test_streams_add_up_to_the_whole_text(served):
         c.choices[0].text
         for c in client.completions.create(model="m", prompt=PROMPT, max_tokens=12, stream=True)
     ]
-    assert "".join(pieces) == served["expected"]["completion"].text and len(pieces) > 2
+    # Tokens the engine produced while the last piece was being sent go out together: how many pieces there
+    # are depends on timing (2 of 12 tokens on a quiet CI machine), but a stream is never one piece.
+    assert "".join(pieces) == served["expected"]["completion"].text and len(pieces) >= 2
     chunks = list(
         client.chat.completions.create(
             model="m", messages=MESSAGES, max_tokens=12, stream=True, stream_options={"include_usage": True}
