@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from moeflow.serve.client import MoeflowClient
-from moeflow.serve.config import ServerConfig
-from moeflow.serve.server import RunningServer, start
+from test_serve import serving  # a server on a free loopback port over a fresh engine at 25%
+from test_serve_guard import _wait_for
 
 import moeflow
 import moeflow.engine.batch
@@ -30,25 +29,6 @@ def checkpoint(tiny_checkpoints: dict) -> Path:
 def solo(checkpoint: Path) -> dict[tuple[str, int], list[int]]:
     with moeflow.load(checkpoint) as engine:
         return {(p, n): engine.generate(p, max_new_tokens=n).token_ids for p, n in [*OTHERS, (LONG_PROMPT, 24)]}
-
-
-@contextmanager
-def serving(checkpoint: Path, **config: object) -> Iterator[RunningServer]:
-    engine = moeflow.load(checkpoint, expert_budget="25%")
-    running = start(engine, ServerConfig(port=0, **config), model_name="tiny-mixtral")
-    try:
-        yield running
-    finally:
-        running.shutdown(grace_s=5.0)
-        engine.close()
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def _together(address: str, calls: list[Callable[[MoeflowClient], object]]) -> list[object]:

@@ -15,9 +15,8 @@ from moeflow.serve.client import MoeflowClient
 from moeflow.serve.config import ServerConfig
 from moeflow.serve.guard import CONTROL_THREADS
 from moeflow.serve.proto import SERVICE_NAME
-from moeflow.serve.server import RunningServer, start
+from test_serve import serving  # a server on a free loopback port over a fresh engine at 25%
 
-import moeflow
 from moeflow.errors import MoeflowError
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -26,17 +25,6 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoints: dict) -> Path:
     return tiny_checkpoints["mixtral"]
-
-
-@contextmanager
-def serving(checkpoint: Path, **config: object) -> Iterator[RunningServer]:
-    engine = moeflow.load(checkpoint, expert_budget="25%")
-    running = start(engine, ServerConfig(port=0, **config), model_name="tiny-mixtral")
-    try:
-        yield running
-    finally:
-        running.shutdown(grace_s=5.0)
-        engine.close()
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 from moeflow.serve.client import MoeflowClient
 from moeflow.serve.config import ServerConfig
-from moeflow.serve.server import RunningServer, start
+from test_serve import serving  # a server on a free loopback port over a fresh engine at 25%
 
-import moeflow
 from moeflow.cli import main
 from moeflow.errors import MoeflowError
 
@@ -45,17 +42,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")  # fmt: skip
     (d / "token").write_text("s3cret-token\n")
     return d
-
-
-@contextmanager
-def serving(checkpoint: Path, **config: object) -> Iterator[RunningServer]:
-    engine = moeflow.load(checkpoint, expert_budget="25%")
-    running = start(engine, ServerConfig(port=0, **config), model_name="tiny-mixtral")
-    try:
-        yield running
-    finally:
-        running.shutdown(grace_s=5.0)
-        engine.close()
 
 
 def _refused(call: object) -> grpc.RpcError:
