@@ -47,7 +47,7 @@ class ServerConfig:
     token_file: Path | None = field(
         default=None,
         metadata={"help": "file holding a bearer token that every call except health checks must send "
-                  "(metadata authorization: Bearer TOKEN)"},
+                  "(gRPC metadata authorization: Bearer TOKEN; HTTP header Authorization: Bearer TOKEN)"},
     )
     insecure: bool = field(
         default=False, metadata={"help": "allow a non-loopback --host without TLS or a token (anyone may connect)"}
@@ -80,12 +80,6 @@ class ServerConfig:
                 f"--host {self.host} is reachable from other machines, and this server would let anyone there use it "
                 "unencrypted: give --tls-cert and --tls-key, and/or --token-file, or --insecure if that is what you "
                 "want (or serve on 127.0.0.1)"
-            )
-        if self.http_port is not None and not (is_loopback(self.host) or self.insecure):
-            raise MoeflowError(
-                f"--http-port on --host {self.host}: the HTTP API has neither TLS nor a token check yet, so anyone "
-                "who reaches it could use it; serve it on 127.0.0.1 (behind a proxy that authenticates), or give "
-                "--insecure"
             )
 
     def token(self) -> str | None:

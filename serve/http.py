@@ -5,13 +5,19 @@ in `data: [DONE]`), GET /v1/models, GET /health (200 while serving, 503 when dra
 GET /metrics (Prometheus text: requests, tokens, and the expert cache's hits, misses, prefetch hits, bytes
 read and stall seconds). A bad request gets a 4xx with OpenAI's error object; the server goes on serving.
 Handlers run the worker's blocking calls in threads, so the event loop never waits on the engine.
+
+The gRPC server's protections apply here too: with --token-file every route but /health needs the header
+`Authorization: Bearer TOKEN` (what OpenAI clients send as their API key; 401 otherwise), and --tls-cert /
+--tls-key (with --tls-client-ca: mutual TLS) serve HTTPS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import ssl
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,12 +25,15 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moeflow.errors import MoeflowError, RequestError
 
+from .config import ServerConfig
 from .errors import CapacityError, DrainingError, EngineDead, ServeError
 from .handle import Chunk, RequestHandle
 from .metrics import CONTENT_TYPE, prometheus_text
@@ -50,10 +59,32 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-class OpenAIApp:
-    """The routes over one worker; `app` is the ASGI application."""
+OPEN_PATHS = frozenset({"/health"})  # as gRPC's health service: probes rarely carry a token, and it reveals one word
 
-    def __init__(self, worker: EngineWorker, model_name: str) -> None:
+
+class BearerToken:
+    """ASGI middleware: every HTTP route but OPEN_PATHS needs `Authorization: Bearer TOKEN` (401 otherwise)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(sent, self._expected):  # constant time: the token is not guessed
+                response = _error(401, "this server needs a bearer token: send the header 'Authorization: Bearer "
+                                  "TOKEN' (an OpenAI client's api_key)", "invalid_request_error")  # fmt: skip
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class OpenAIApp:
+    """The routes over one worker; `app` is the ASGI application (behind BearerToken when `token` is given)."""
+
+    def __init__(self, worker: EngineWorker, model_name: str, token: str | None = None) -> None:
         self.worker = worker
         self.model_name = model_name
         self._tokenizer = worker.engine.locked_tokenizer
@@ -66,6 +97,7 @@ class OpenAIApp:
                 Route("/metrics", self.metrics, methods=["GET"]),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
+            middleware=[] if token is None else [Middleware(BearerToken, token=token)],
         )
 
     # ---- routes
@@ -174,11 +206,12 @@ class RunningHttp:
     thread: threading.Thread
     host: str
     port: int
+    tls: bool
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def shutdown(self) -> None:
         """Stop accepting connections and end the serving thread (open streams are closed)."""
@@ -186,18 +219,27 @@ class RunningHttp:
         self.thread.join()
 
 
-def start_http(worker: EngineWorker, *, host: str, port: int, model_name: str) -> RunningHttp:
-    """Serve the OpenAI API of `worker` on `host:port` (0: a free port; see `.port`) from a thread of its own."""
-    config = uvicorn.Config(
-        OpenAIApp(worker, model_name).app, host=host, port=port, log_level="warning", lifespan="off",
-        timeout_graceful_shutdown=1,
-    )  # fmt: skip
-    server = uvicorn.Server(config)
+def start_http(worker: EngineWorker, config: ServerConfig, *, model_name: str) -> RunningHttp:
+    """Serve the OpenAI API of `worker` on `config.host:config.http_port` (0: a free port; see `.port`) from a
+    thread of its own, with the config's token and TLS settings."""
+    port = config.http_port
+    if port is None:
+        raise MoeflowError("start_http needs config.http_port (0 for a free port)")
+    tls = {}
+    if config.tls_cert is not None:
+        tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
+        if config.tls_client_ca is not None:
+            tls |= {"ssl_ca_certs": str(config.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    app = OpenAIApp(worker, model_name, token=config.token()).app
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=port, log_level="warning", lifespan="off",
+                       timeout_graceful_shutdown=1, **tls)  # fmt: skip
+    )
     thread = threading.Thread(target=server.run, name="moeflow-http", daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():
-            raise MoeflowError(f"cannot serve HTTP on {host}:{port}; choose another --http-port, or 0 for any")
+            raise MoeflowError(f"cannot serve HTTP on {config.host}:{port}; choose another --http-port, or 0 for any")
         thread.join(0.01)
     bound = server.servers[0].sockets[0].getsockname()[1]
-    return RunningHttp(server=server, thread=thread, host=host, port=bound)
+    return RunningHttp(server=server, thread=thread, host=config.host, port=bound, tls=bool(tls))

@@ -158,8 +158,7 @@ def run(model: Path | None, engine_config: EngineConfig, config: ServerConfig) -
             if config.http_port is not None:
                 from .http import start_http  # starlette and uvicorn only for a server that serves HTTP
 
-                http = start_http(running.worker, host=config.host, port=config.http_port,
-                                  model_name=engine.checkpoint.path.name)  # fmt: skip
+                http = start_http(running.worker, config, model_name=engine.checkpoint.path.name)
                 print(f"moeflow: OpenAI-compatible HTTP API on {http.url}/v1", file=sys.stderr, flush=True)
             print(
                 f"moeflow: serving {engine.checkpoint.path} on {running.address} (admission {config.admission}, "

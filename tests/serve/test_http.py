@@ -35,7 +35,7 @@ def served(tiny_checkpoints):
         "penalised": engine.generate(PROMPT, max_new_tokens=12, repetition_penalty=1.5, top_k=3),
     }
     running = start(engine, ServerConfig(port=0, max_batch_size=4), model_name="tiny-qwen3")
-    http = start_http(running.worker, host="127.0.0.1", port=0, model_name="tiny-qwen3")
+    http = start_http(running.worker, ServerConfig(http_port=0), model_name="tiny-qwen3")
     client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="unused", max_retries=0, timeout=60)
     yield {"http": http, "grpc": running, "client": client, "expected": expected, "engine": engine}
     http.shutdown()
@@ -227,7 +227,7 @@ def test_concurrent_requests_with_different_settings(served):
 def test_draining_server_answers_503(tiny_checkpoints):
     with moeflow.load(tiny_checkpoints["mixtral"]) as engine:
         running = start(engine, ServerConfig(port=0), model_name="m")
-        http = start_http(running.worker, host="127.0.0.1", port=0, model_name="m")
+        http = start_http(running.worker, ServerConfig(http_port=0), model_name="m")
         try:
             running.worker.drain()
             with pytest.raises(urllib.error.HTTPError) as e:
@@ -252,7 +252,7 @@ def test_streamed_characters_split_over_tokens(tmp_path):
         want = engine.generate("héllo 🦊", max_new_tokens=48, temperature=1.0, seed=1)
         assert any(engine.tokenizer.decode([t]).endswith("\ufffd") for t in want.token_ids)
         running = start(engine, ServerConfig(port=0), model_name="m")
-        http = start_http(running.worker, host="127.0.0.1", port=0, model_name="m")
+        http = start_http(running.worker, ServerConfig(http_port=0), model_name="m")
         try:
             client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="unused", max_retries=0, timeout=60)
             kw = {"model": "m", "prompt": "héllo 🦊", "max_tokens": 48, "temperature": 1.0, "seed": 1}

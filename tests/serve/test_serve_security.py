@@ -1,16 +1,23 @@
-"""TLS, mutual TLS and a bearer token; a server reachable from other machines is refused without one of them."""
+"""TLS, mutual TLS and a bearer token, over gRPC and over the HTTP API; a server reachable from other machines is
+refused without one of them."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from moeflow.serve.client import MoeflowClient
 from moeflow.serve.config import ServerConfig
+from moeflow.serve.http import start_http
 from test_serve import serving  # a server on a free loopback port over a fresh engine at 25%
 
 from moeflow.cli import main
@@ -95,10 +102,8 @@ def test_a_bind_other_machines_reach_needs_tls_a_token_or_insecure(pki, host, ca
     ServerConfig(host=host, insecure=True)
     ServerConfig(host=host, token_file=pki / "token")
     ServerConfig(host=host, tls_cert=pki / "server.pem", tls_key=pki / "server.key")
-    assert main(["serve", "--host", host, "--port", "0"]) == 2  # refused before the model loads
-    with pytest.raises(MoeflowError, match="the HTTP API has neither TLS nor a token check"):
-        ServerConfig(host=host, token_file=pki / "token", http_port=0)
-    ServerConfig(host=host, insecure=True, http_port=0)
+    assert main(["serve", "--host", host, "--port", "0", "--http-port", "0"]) == 2  # refused before the model loads
+    ServerConfig(host=host, token_file=pki / "token", http_port=0)  # HTTP checks the same token and serves the TLS
     assert f"--host {host} is reachable from other machines" in capsys.readouterr().err
 
 
@@ -117,3 +122,60 @@ def test_security_settings_are_checked(pki, tmp_path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(MoeflowError, match="is empty"):
         ServerConfig(token_file=tmp_path / "empty").token()
+
+
+@contextmanager
+def http_serving(checkpoint: Path, **config: object):
+    """The HTTP API (and gRPC) on free loopback ports with these security settings."""
+    with serving(checkpoint, **config) as running:
+        http = start_http(running.worker, ServerConfig(port=0, http_port=0, **config), model_name="m")
+        try:
+            yield http
+        finally:
+            http.shutdown()
+
+
+def _http(url: str, *, token: str | None = None, context: ssl.SSLContext | None = None) -> tuple[int, dict]:
+    """GET `url` (a completion POST for /v1/completions); the status and JSON body, errors included."""
+    body = json.dumps({"prompt": "abc", "max_tokens": 3}).encode() if url.endswith("/completions") else None
+    headers = {"Content-Type": "application/json"} | ({} if token is None else {"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60,
+                                    context=context) as r:  # fmt: skip
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_bearer_token(checkpoint, pki):
+    with http_serving(checkpoint, token_file=pki / "token") as http:
+        for token in (None, "wrong", "S3CRET-TOKEN", "s3cret-toke"):
+            for route in ("/v1/completions", "/v1/models", "/metrics"):
+                status, body = _http(http.url + route, token=token)
+                assert status == 401 and "Authorization: Bearer" in body["error"]["message"], route
+            assert _http(http.url + "/health", token=token) == (200, {"status": "ok"}), "health needs no token"
+        status, body = _http(http.url + "/v1/completions", token="s3cret-token")
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="s3cret-token", max_retries=0, timeout=60)
+        assert client.models.list().data[0].id == "m"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{http.url}/v1", api_key="wrong", max_retries=0, timeout=60).models.list()
+
+
+def test_http_tls_and_mutual_tls(checkpoint, pki):
+    trusting = ssl.create_default_context(cafile=pki / "ca.pem")
+    with http_serving(checkpoint, tls_cert=pki / "server.pem", tls_key=pki / "server.key") as http:
+        assert http.url.startswith("https://")
+        status, body = _http(http.url + "/v1/completions", context=trusting)
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _http(http.url + "/health")  # the system's CAs do not know this server
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            _http(http.url.replace("https://", "http://") + "/health")  # plain HTTP to a TLS port
+    mutual = dict(tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem")
+    with http_serving(checkpoint, **mutual) as http:
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            _http(http.url + "/health", context=trusting)  # no client certificate
+        trusting.load_cert_chain(pki / "client.pem", pki / "client.key")
+        status, body = _http(http.url + "/v1/completions", context=trusting)
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
