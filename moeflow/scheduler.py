@@ -98,7 +98,10 @@ class Scheduler:
         self.waiting: list[SequenceState] = []
         self.active: list[SequenceState] = []  # prefilled and unfinished; `batch.members` is this step's subset
         self.steps = 0
-        self.failed_steps_in_a_row = 0  # decode forwards that raised since the last one that did not
+        # Decode forwards, and prefill forwards, that raised since the last of their kind that did not: the same
+        # fault every time is an engine that cannot serve (the server declares it dead), one now and then is not.
+        self.failed_decodes_in_a_row = 0
+        self.failed_prefills_in_a_row = 0
         self.batch_sizes: list[int] = []
         self.distinct_experts: list[float] = []  # per decode step: distinct experts, mean over MoE layers
 
@@ -132,7 +135,8 @@ class Scheduler:
             for seq in admitted:
                 self.waiting.remove(seq)
             for group in prefill_groups(admitted, self.prefill_tokens):
-                self.batch.prefill_many(group)  # a sequence whose own prefill fails is failed, alone
+                failed = self.batch.prefill_many(group)  # a sequence whose own prefill fails is failed, alone
+                self.failed_prefills_in_a_row = self.failed_prefills_in_a_row + failed if failed == len(group) else 0
                 for seq in group:
                     if seq.done:  # finished on its first token, or failed
                         finished.append(seq)
@@ -150,7 +154,7 @@ class Scheduler:
                 result = self.batch.step()
             except Exception as e:
                 return finished + self._fail_batch(e)
-            self.failed_steps_in_a_row = 0
+            self.failed_decodes_in_a_row = 0
             if result is not None and result.routing:
                 self.distinct_experts.append(
                     sum(len(e.plan.expert_ids) for e in result.routing) / len(result.routing)
@@ -170,7 +174,7 @@ class Scheduler:
         failed = list(self.batch.members)
         for seq in failed:
             seq.fail(error)
-        self.failed_steps_in_a_row += 1
+        self.failed_decodes_in_a_row += 1
         self.batch = self.engine.new_batch()
         self.active = [s for s in self.active if not s.done]
         return failed

@@ -27,9 +27,10 @@ from .stats import ServeStats, StatsRecorder
 log = logging.getLogger(__name__)
 
 
-# Steps in a row that fail, in the scheduler itself or in a shared decode forward (a read the cache cannot make,
-# say), before the engine is declared dead: one may be a passing fault, the same fault every step is an engine
-# that cannot serve. A request's own failure (its prefill or sampling) never counts.
+# Steps in a row that fail in the scheduler itself, decode forwards in a row that raise, or prefill forwards in a
+# row that raise (a read the cache cannot make, say), before the engine is declared dead: one may be a passing
+# fault, the same fault every time is an engine that cannot serve. A request's own sampling failure never counts;
+# a forward of the same kind that succeeds starts the count again.
 MAX_FAILED_STEPS = 3
 
 
@@ -37,8 +38,8 @@ class EngineWorker:
     """Owns the scheduler and the thread that drives it.
 
     `on_death(error)` is called (on the engine thread) if that thread stops for good: an exception escaped
-    its loop, or MAX_FAILED_STEPS steps failed in a row. From then on every request, waiting or new, fails
-    at once with `EngineDead`, and `dead` says why.
+    its loop, or MAX_FAILED_STEPS steps (or forwards of one kind) failed in a row. From then on every request,
+    waiting or new, fails at once with `EngineDead`, and `dead` says why.
     """
 
     def __init__(
@@ -163,9 +164,10 @@ class EngineWorker:
             self._scheduler = self._new_scheduler()
             return
         self._failed_steps = 0
-        if self._scheduler.failed_steps_in_a_row >= MAX_FAILED_STEPS:
-            failed = next((seq.error for seq in finished if seq.error is not None), None)
-            raise RuntimeError(f"the last {MAX_FAILED_STEPS} decode steps failed, the last with {failed!r}")
+        for kind in ("decode", "prefill"):
+            if getattr(self._scheduler, f"failed_{kind}s_in_a_row") >= MAX_FAILED_STEPS:
+                failed = next((seq.error for seq in finished if seq.error is not None), None)
+                raise RuntimeError(f"the last {MAX_FAILED_STEPS} {kind} forwards failed, the last with {failed!r}")
         t1 = time.perf_counter()
         # Every live request, not only this step's batch: a prefill (first token) can happen without a decode.
         new_tokens = sum(handle.publish() for handle in self._live.values())

@@ -140,18 +140,17 @@ class DecodeBatch:
         seq.t_first_token = time.perf_counter()
         self._sample(seq, result.logits_BV[0])
 
-    def prefill_many(self, seqs: Sequence[SequenceState]) -> None:
+    def prefill_many(self, seqs: Sequence[SequenceState]) -> int:
         """Prefill `seqs` in one forward: their prompts left-padded to the longest, the pads masked, with
         explicit position ids (as a decode step's rows), so each expert is read once for all of them instead
         of once per prompt. Each sequence then keeps its own unpadded cache and first token, as `prefill`
         gives. A cache that cannot be split by rows (recurrent or windowed state) prefills one by one. If the
         shared forward fails, each sequence is prefilled alone, and one whose own prefill fails is failed
-        (`SequenceState.fail`): the failure stays with the sequence that caused it."""
+        (`SequenceState.fail`): the failure stays with the sequence that caused it. Returns how many sequences'
+        prefill forwards raised (a sampling failure is the sequence's own, not counted)."""
         kv = self.driver.new_cache()
         if len(seqs) == 1 or kv is None or not _is_plain(kv):
-            for seq in seqs:
-                self._prefill_alone(seq)
-            return
+            return sum(not self._prefill_alone(seq) for seq in seqs)
         for seq in seqs:
             self._start(seq)
         lengths = [len(s.prompt_ids) for s in seqs]
@@ -164,21 +163,23 @@ class DecodeBatch:
             result = self.driver.forward(ids_BT, histories=ids_BT.tolist(), n_new=T, kv=kv, use_cache=True,
                                          attention_mask_BQ=mask_BT, position_ids_BT=positions_BT)
         except Exception:
-            for seq in seqs:
-                self._prefill_alone(seq)
-            return
+            return sum(not self._prefill_alone(seq) for seq in seqs)
         now = time.perf_counter()
         for b, (seq, n) in enumerate(zip(seqs, lengths)):
             seq.kv = [(layer.keys[b : b + 1, :, T - n :].clone(), layer.values[b : b + 1, :, T - n :].clone())
                       for layer in result.cache.layers]
             seq.t_first_token = now
             self._sample(seq, result.logits_BV[b])
+        return 0
 
-    def _prefill_alone(self, seq: SequenceState) -> None:
+    def _prefill_alone(self, seq: SequenceState) -> bool:
+        """`prefill`; False when its forward raised (the sequence is failed with that error)."""
         try:
             self.prefill(seq)
         except Exception as e:  # a prefill is this sequence's own forward: it alone fails
             seq.fail(e)
+            return False
+        return True
 
     def _start(self, seq: SequenceState) -> None:
         """A sequence's sampling state before its first token."""

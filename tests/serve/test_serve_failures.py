@@ -150,10 +150,12 @@ def test_dead_engine_fails_everyone_fast_and_health_says_so(checkpoint):
         assert time.monotonic() - t0 < 10
 
 
-def test_an_engine_whose_every_decode_fails_is_declared_dead(checkpoint, monkeypatch):
-    """A fault the engine cannot get past (here every decode forward raises, as when the expert store is gone)
-    failed each batch with INTERNAL while health said SERVING forever. After MAX_FAILED_STEPS such steps in a row
-    the engine is declared dead: NOT_SERVING, and requests fail at once with UNAVAILABLE."""
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_an_engine_whose_every_forward_fails_is_declared_dead(checkpoint, monkeypatch, kind):
+    """A fault the engine cannot get past (here every decode forward, or every prompt's prefill, raises, as when
+    the expert store is gone) failed each request with INTERNAL while health said SERVING forever. After
+    MAX_FAILED_STEPS such forwards in a row the engine is declared dead: NOT_SERVING, and requests fail at once
+    with UNAVAILABLE."""
     from moeflow.serve.worker import MAX_FAILED_STEPS
 
     with serving(checkpoint, max_batch_size=1) as running:
@@ -161,7 +163,7 @@ def test_an_engine_whose_every_decode_fails_is_declared_dead(checkpoint, monkeyp
         real = driver.forward
 
         def forward(input_ids_BT, **kw):
-            if kw["n_new"] == 1:
+            if kw.get("use_cache", False) == (kind == "prefill"):  # a prefill asks for a new cache
                 raise OSError("injected: the expert store is gone")
             return real(input_ids_BT, **kw)
 
@@ -175,7 +177,7 @@ def test_an_engine_whose_every_decode_fails_is_declared_dead(checkpoint, monkeyp
             with pytest.raises(grpc.RpcError) as e:
                 c.generate("abc", max_new_tokens=5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert f"the last {MAX_FAILED_STEPS} decode steps failed" in e.value.details()
+            assert f"the last {MAX_FAILED_STEPS} {kind} forwards failed" in e.value.details()
             _wait_for(lambda: c.health() == "NOT_SERVING", "health to report the dead engine", timeout=5)
             with pytest.raises(grpc.RpcError) as e:
                 c.generate("abc", max_new_tokens=5)
