@@ -9,14 +9,21 @@ Formats (``ExpertFormat``), per projection weight ``w_NC`` (gate and up are [I, 
 - ``int8``: per output channel, symmetric. ``scale_N1`` fp32 = max|w[n]| / 127 (1 for an all-zero row),
   ``q_NC`` int8 = round(w / scale) in [-127, 127]. Dequantized: ``q * scale`` in fp32.
 - ``int4``: group-wise along the input columns, symmetric, groups of ``group_size`` columns (the last
-  group holds the remainder when ``group_size`` does not divide C). ``scale_NG`` fp16 = max|w[group]| / 7,
-  rounded to fp16 first, ``q`` = round(w / scale) in [-8, 7], two's complement nibbles, two per byte:
-  byte j of a row holds column j in its low nibble and column j + C/2 in its high one (``q_N(C/2)`` uint8;
-  C must be even). Halves, not neighbours: each nibble plane unpacks into a contiguous half-row
-  (0.42 vs 0.67 ms for 16384 x 192 with neighbours interleaved, whose unpack writes with stride 2).
-  Dequantized: ``q * float(scale)`` in fp32. Symmetric, without zero points: a zero point per group
-  would add 2 bytes per group (6.25% more bytes at group 128, past the 1/8-of-fp32 target) for the
-  asymmetric range; measured perplexity with the symmetric form is in bench/results/quantized.
+  group holds the remainder when ``group_size`` does not divide C). ``scale_NG`` bf16 = max|w[group]| / 7,
+  rounded to bf16 first, ``q`` = round(w / scale) in [-8, 7], stored as the code q + 8 (0..15), two per byte,
+  in torch's CPU int4 matmul layout (``torch._convert_weight_to_int4pack_for_cpu`` on AVX2), so a miss is
+  read straight into the slot and computed from there: rows in blocks of 32; for block b and column k, 16
+  bytes, byte d holding row 32b + d in its low nibble and row 32b + d + 16 in its high one; the last block of
+  R < 32 rows (R even) holds, per column k, R/2 bytes pairing rows 2j (low) and 2j + 1 (high). ``q_N(C/2)``
+  uint8 (N and C even). A slot's gate_up [2I, D] is packed as its two halves (GATE_UP_PIECES: gate and up
+  rows, each as its own matrix, as ``moeflow quantize`` stores them), so halves whose I is not a multiple of
+  32 still compose. Repacking at every miss instead would cost ~10 ms per I/O-bound expert with torch's
+  converter (1.5-1.7 ms a projection with torch ops), against ~1.3 ms to compute it (bench/quantized.py
+  --part kernels). Dequantized: ``(code - 8) * float(scale)`` in fp32. Symmetric, without zero points: a
+  zero point per group would add 2 bytes per group (6.25% more bytes at group 128, past the 1/8-of-fp32
+  target) for the asymmetric range; measured perplexity with the symmetric form is in
+  bench/results/quantized. bf16 scales (fp16 before format version 2): torch's matmul takes bf16 scales,
+  so the weights it multiplies are exactly the stored ones.
 - ``bf16`` / ``fp16``: the weights cast, no scale. Dequantized: cast to the compute dtype.
 - ``fp8``: DeepSeek-V3's block-wise FP8 (float8_e4m3fn), as its checkpoints ship it: ``weight_scale_inv``
   fp32 ``[N / bm, C / bn]`` per block of ``block`` = (bm, bn) (128 x 128 in DeepSeek-V3); dequantized
@@ -28,20 +35,32 @@ Formats (``ExpertFormat``), per projection weight ``w_NC`` (gate and up are [I, 
   ``convert_moe_packed_tensors`` formula (exact in fp32). ``quantize``: e = ceil(log2(max|w| / 6)) + 127,
   codes rounded to the nearest e2m1 value; tests use it to build such checkpoints.
 
-Expert compute (``quantized_experts_forward``): each slot a (token, k) pair needs is dequantized into
-one expert-sized scratch buffer in the compute dtype, then computed with the exact path's arithmetic
-(``kernels.cpu``: one ``torch.mm`` per pair at T=1, pairs sorted by slot with one ``torch.mm`` per slot
-otherwise), so the result equals, bit for bit, transformers' grouped_mm experts run on the dequantized
-weights (tests/kernels/test_kernels_quant.py). Measured on the 2-core AMD EPYC, one thread, x [1, 192],
-a 16384 x 192 projection (the I/O-bound model's gate_up), ms: fp32 mm 0.34; int8: dequantize (copy into the
-scratch, multiply in place: 0.25) + mm ~0.6, ``torch._weight_int8pack_mm`` with fp32 activations
-1.9 (with bf16 activations 0.10, but bf16 activations break the fp32 exactness of the reference
-comparison); int4: ``torch._weight_int4pack_mm_for_cpu`` fp32 4.5 (bf16 0.08), nibble unpack + dequantize
-+ mm ~2 (bench/quantized.py --kernels). So fp32 activations take the dequantize + mm formulation.
+Expert compute (``quantized_experts_forward``), on the CPU, by measurement: a slot of an int8 / int4 pool serving
+at most PACKED_MAX_ROWS (token, k) rows goes through torch's packed matmuls with bf16 activations:
+``torch._weight_int8pack_mm`` (the fp32 row scale applied to its output, not rounded to bf16) and
+``torch._weight_int4pack_mm_for_cpu`` (the bf16 scales as stored, zero points 0; a group that does not divide C
+is passed as torch groups of gcd(group, C) >= 32 with repeated scales). Activations are rounded to bf16 going
+in and the output is bf16 coming out, so the result is within PACKED_ATOL x max|output| of the exact
+formulation (measured up to 4.6e-3 x; at the logits of the test models up to 3.0e-4 x max|logits|,
+tests/engine/test_engine_quantized.py). A projection those kernels cannot take (int4 pieces whose rows are not a
+multiple of 16, a C without a 32-column group, a torch whose int4 layout differs: AVX-512 blocks 64 rows), any
+other format, more rows per slot, other activation dtypes, or ``packed=False`` (the engine's
+``exact_quantized``) dequantize the slot into one expert-sized scratch buffer in the compute dtype and compute
+with the exact path's arithmetic (``kernels.cpu``), equal bit for bit to transformers' grouped_mm experts run
+on the dequantized weights (tests/kernels/test_kernels_quant.py).
+
+Measured (bench/quantized.py --part kernels: the I/O-bound model's expert, I 8192 x D 192, T = 1, one thread,
+experts rotating over 16 slots, median of interleaved rounds; 2-core AMD EPYC, load ~2 from other work), ms per
+expert: fp32 slots 2.48; int8 dequantize + mm 4.54, packed 1.01; int4-g128 dequantize + mm 8.17, packed 1.27.
+Per projection, hot in cache (16384 x 192, x [1, 192]): fp32 mm 0.42-0.51; int8pack with fp32 or fp16
+activations 2.9-3.3 (with bf16 0.28); int4pack fp32 or fp16 6.2-6.4 (bf16 0.44-0.50): only bf16 activations are
+fast on AVX2. Rows per slot (16384 x 192, ms, int8 dequantize + mm / packed; int4 likewise): 1: 1.09 / 0.28,
+1.96 / 0.45; 4: 2.0 / 0.68, 3.3 / 0.61; 16: 3.6 / 2.7, 5.8 / 2.5; 32: 5.1 / 5.5, 6.6 / 5.0: packed up to 16.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -65,7 +84,9 @@ INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP = 128
 
 _INT8_MAX = 127
-_INT4_MAX = 7  # scale = max|w| / 7; rounding may reach -8 only through the fp16 scale's rounding
+_INT4_MAX = 7  # scale = max|w| / 7; rounding may reach -8 only through the bf16 scale's rounding
+INT4_BLOCK_ROWS = 32  # rows per packed int4 block (torch's CPU int4pack layout on AVX2)
+GATE_UP_PIECES = 2  # a slot's int4 gate_up [2I, *] is packed as its two halves (as moeflow quantize stores them)
 _CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1 codes
@@ -86,9 +107,7 @@ class ExpertFormat:
         if (self.kind == "fp8") != (min(self.block) > 0):
             raise ValueError(f"{self.kind}: a scale block (rows, columns) is for fp8 only, got {self.block}")
         if self.kind == "int4" and self.group_size not in INT4_GROUP_SIZES:
-            raise ValueError(
-                f"int4 group size {self.group_size} is not supported; use one of {INT4_GROUP_SIZES}"
-            )
+            raise ValueError(f"int4 group size {self.group_size} is not supported; use one of {INT4_GROUP_SIZES}")
         if self.kind != "int4" and self.group_size:
             raise ValueError(f"{self.kind} has no group size (got {self.group_size}); only int4 is group-wise")
 
@@ -105,7 +124,8 @@ class ExpertFormat:
 
     @property
     def scale_dtype(self) -> torch.dtype | None:
-        return {"int8": torch.float32, "int4": torch.float16, "fp8": torch.float32, "mxfp4": torch.uint8}.get(self.kind)
+        scales = {"int8": torch.float32, "int4": torch.bfloat16, "fp8": torch.float32, "mxfp4": torch.uint8}
+        return scales.get(self.kind)
 
     @property
     def packing(self) -> int:
@@ -122,8 +142,11 @@ class ExpertFormat:
             self.scale_shape(rows, cols)  # refuses a partial block
             return (rows, cols // 2)
         if self.kind == "int4":
-            if cols % 2:
-                raise ValueError(f"int4 packs two columns per byte: a projection with {cols} columns cannot be packed")
+            if cols % 2 or rows % 2:
+                raise ValueError(
+                    f"int4 packs two rows per byte and stores C/2 bytes a row: a {rows} x {cols} projection cannot be "
+                    "packed (both sizes must be even)"
+                )
             return (rows, cols // 2)
         return (rows, cols)
 
@@ -153,8 +176,9 @@ class ExpertFormat:
         return n
 
 
-def quantize(w_NC: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``w_NC`` (any float dtype) -> (quantized weight, scale or None) in ``fmt`` (module docstring)."""
+def quantize(w_NC: torch.Tensor, fmt: ExpertFormat, *, pieces: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``w_NC`` (any float dtype) -> (quantized weight, scale or None) in ``fmt`` (module docstring). ``pieces``:
+    int4 packs that many equal row pieces each on its own (a slot's gate_up is its two halves: GATE_UP_PIECES)."""
     w = w_NC.detach().to(torch.float32)
     if fmt.kind in _CAST:
         return w_NC.detach().to(_CAST[fmt.kind]).contiguous(), None
@@ -183,20 +207,55 @@ def quantize(w_NC: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch
         scale_N1 = torch.where(amax_N1 > 0, amax_N1 / _INT8_MAX, torch.ones_like(amax_N1))
         q = torch.round(w / scale_N1).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
         return q.contiguous(), scale_N1.contiguous()
-    fmt.weight_shape(rows, cols)  # refuses an odd column count
+    fmt.weight_shape(rows, cols)  # refuses an odd column or row count
     g = fmt.group_size
     groups = math.ceil(cols / g)
     padded = torch.nn.functional.pad(w, (0, groups * g - cols)).view(rows, groups, g)
     amax_NG = padded.abs().amax(dim=2)
-    if amax_NG.max() / _INT4_MAX > torch.finfo(torch.float16).max:
-        raise ValueError("a weight group's scale exceeds the fp16 range; this weight cannot be stored as int4")
-    scale_NG = torch.where(amax_NG > 0, amax_NG / _INT4_MAX, torch.ones_like(amax_NG)).to(torch.float16)
-    scale_NG = torch.where(scale_NG > 0, scale_NG, torch.ones_like(scale_NG))  # an fp16 underflow: q stays 0
+    scale_NG = torch.where(amax_NG > 0, amax_NG / _INT4_MAX, torch.ones_like(amax_NG)).to(torch.bfloat16)
+    scale_NG = torch.where(scale_NG > 0, scale_NG, torch.ones_like(scale_NG))  # a bf16 underflow: q stays 0
     q = torch.round(padded / scale_NG.float()[:, :, None]).clamp_(-8, 7).view(rows, groups * g)[:, :cols]
-    q8 = q.to(torch.int8)
-    half = cols // 2
-    packed = (q8[:, :half] & 0xF) | ((q8[:, half:] & 0xF) << 4)
-    return packed.view(torch.uint8).contiguous(), scale_NG.contiguous()
+    codes = (q + 8).to(torch.uint8)  # offset binary: code = q + 8 in [0, 15]
+    piece = rows // pieces
+    if piece % 2 or rows % pieces:
+        raise ValueError(f"int4 packs rows in pairs: {rows} rows cannot be packed as {pieces} pieces of even rows")
+    packed = torch.cat([_pack_int4_rows(codes[p * piece : (p + 1) * piece]) for p in range(pieces)])
+    return packed, scale_NG.contiguous()
+
+
+def _pack_int4_rows(codes_NC: torch.Tensor) -> torch.Tensor:
+    """Codes [N, C] (uint8, 0..15) -> [N, C/2] bytes in the int4 layout (module docstring; torch's CPU int4pack)."""
+    N, C = codes_NC.shape
+    full = N // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS
+    out = torch.empty(N * C // 2, dtype=torch.uint8)
+    blocks = codes_NC[:full].reshape(-1, 2, INT4_BLOCK_ROWS // 2, C)  # [NB, low/high, d, C]
+    out[: full * C // 2].view(-1, C, INT4_BLOCK_ROWS // 2).copy_((blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2))
+    tail = codes_NC[full:]
+    out[full * C // 2 :].view(C, -1).copy_((tail[0::2] | (tail[1::2] << 4)).t())
+    return out.view(N, C // 2)
+
+
+def _unpack_int4_rows(packed: torch.Tensor, out_NC: torch.Tensor) -> torch.Tensor:
+    """The values q = code - 8 of one packed piece [N, C/2] into ``out_NC`` (any dtype that holds -8..7).
+
+    Bytes are transposed back to row order first (one uint8 pass), then each nibble plane fills whole rows: 1.9 vs
+    4.4 ms for a 16384 x 192 gate_up into fp32 with the nibbles split first (measured, 2-core EPYC, one thread)."""
+    N, C = out_NC.shape
+    half = INT4_BLOCK_ROWS // 2
+    full = N // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS
+    flat = packed.reshape(-1)
+    rowwise = torch.empty(N // 2, C, dtype=torch.uint8)  # byte r of block b: rows 32b + r (low), 32b + 16 + r
+    rowwise[: full // 2].view(-1, half, C).copy_(flat[: full * C // 2].view(-1, C, half).transpose(1, 2))
+    rowwise[full // 2 :].copy_(flat[full * C // 2 :].view(C, -1).t())  # the tail: rows 2j (low), 2j + 1
+    low = (rowwise & 0xF).view(torch.int8).sub_(8)
+    high = (rowwise >> 4).view(torch.int8).sub_(8)
+    blocks = out_NC[:full].view(-1, 2, half, C)
+    blocks[:, 0].copy_(low[: full // 2].view(-1, half, C))
+    blocks[:, 1].copy_(high[: full // 2].view(-1, half, C))
+    pairs = out_NC[full:].view(-1, 2, C)
+    pairs[:, 0].copy_(low[full // 2 :])
+    pairs[:, 1].copy_(high[full // 2 :])
+    return out_NC
 
 
 def dequantize(
@@ -206,8 +265,10 @@ def dequantize(
     *,
     dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
+    pieces: int = 1,
 ) -> torch.Tensor:
-    """The weight ``[N, C]`` in ``dtype`` from its stored form (into ``out`` when given, [N, C] contiguous)."""
+    """The weight ``[N, C]`` in ``dtype`` from its stored form (into ``out`` when given, [N, C] contiguous);
+    ``pieces`` as ``quantize`` packed it."""
     rows = q.shape[0]
     cols = q.shape[1] * 2 if fmt.kind in ("int4", "mxfp4") else q.shape[1]
     if out is None:
@@ -229,13 +290,9 @@ def dequantize(
     if fmt.kind == "int8":
         # q * s rounded once, as q.float() * s; a mixed-dtype torch.mul(q, s, out=) is 5-8x slower (1.2-2.0 vs 0.25 ms)
         return out.copy_(q).mul_(scale)
-    signed = q.view(torch.int8)
-    half = cols // 2
-    nibbles = torch.empty_like(signed)
-    torch.bitwise_left_shift(signed, 4, out=nibbles).bitwise_right_shift_(4)  # the low nibble, sign extended
-    out[:, :half].copy_(nibbles)
-    torch.bitwise_right_shift(signed, 4, out=nibbles)  # the high nibble (arithmetic shift keeps the sign)
-    out[:, half:].copy_(nibbles)
+    piece = rows // pieces
+    for p in range(pieces):
+        _unpack_int4_rows(q[p * piece : (p + 1) * piece], out[p * piece : (p + 1) * piece])
     g = fmt.group_size
     full = cols // g
     s = scale.to(out.dtype)
@@ -263,8 +320,72 @@ class QuantizedPool:
         """Slot ``s``'s weights into the given buffers (the compute dtype)."""
         gu_scale = None if self.gate_up_scale is None else self.gate_up_scale[s]
         d_scale = None if self.down_scale is None else self.down_scale[s]
-        dequantize(self.gate_up_q[s], gu_scale, self.fmt, out=gate_up_2ID)
+        dequantize(self.gate_up_q[s], gu_scale, self.fmt, out=gate_up_2ID, pieces=GATE_UP_PIECES)
         dequantize(self.down_q[s], d_scale, self.fmt, out=down_DI)
+
+    def slot_mlp(
+        self, s: int, x_nD: torch.Tensor, gate: Gate, bias_2I: torch.Tensor | None, bias_D: torch.Tensor | None,
+        scratch: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
+        """Slot ``s``'s MLP on a few rows through torch's packed CPU matmuls (bf16 activations; module docstring),
+        each projection that they cannot take dequantized into ``scratch`` and multiplied in x's dtype."""
+        h_n2I = _packed_linear(x_nD, self.gate_up_q[s], self.gate_up_scale[s], self.fmt, GATE_UP_PIECES)
+        if h_n2I is None:
+            h_n2I = GEMMS["mm"](x_nD, dequantize(self.gate_up_q[s], self.gate_up_scale[s], self.fmt,
+                                                 out=scratch[0], pieces=GATE_UP_PIECES))  # fmt: skip
+        if bias_2I is not None:
+            h_n2I.add_(bias_2I)
+        a_nI = gate(h_n2I)
+        y_nD = _packed_linear(a_nI, self.down_q[s], self.down_scale[s], self.fmt, 1)
+        if y_nD is None:
+            y_nD = GEMMS["mm"](a_nI, dequantize(self.down_q[s], self.down_scale[s], self.fmt, out=scratch[1]))
+        if bias_D is not None:
+            y_nD.add_(bias_D)
+        return y_nD
+
+
+PACKED_KINDS = ("int8", "int4")
+PACKED_MAX_ROWS = 16  # rows of one slot up to which the packed matmuls beat dequantize + mm (module docstring)
+# The packed formulation's tolerance: |packed - exact| <= PACKED_ATOL * max|exact| over an experts call's output
+# (bf16 rounding of each projection's input and output; measured up to 4.6e-3 on random experts).
+PACKED_ATOL = 1e-2
+
+
+@functools.cache
+def _int4pack_layout_matches() -> bool:
+    """Whether this torch's CPU int4pack layout is the stored one (it is on AVX2; AVX-512 blocks 64 rows)."""
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return False
+    codes = torch.randint(0, 16, (3 * INT4_BLOCK_ROWS // 2, 64), generator=torch.Generator().manual_seed(0))
+    want = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    return bool(want.shape == (codes.shape[0], 32) and torch.equal(want, _pack_int4_rows(codes.to(torch.uint8))))
+
+
+def _packed_linear(
+    x_nC: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fmt: ExpertFormat, pieces: int
+) -> torch.Tensor | None:
+    """``x @ dequant(q)^T`` [n, N] in x's dtype through torch's packed CPU matmul with bf16 activations, or None
+    where that matmul cannot take the projection (then the caller dequantizes)."""
+    N = q.shape[0]
+    if fmt.kind == "int8":
+        # The fp32 row scale is applied after the bf16 matmul (on its bf16 output), not rounded to bf16.
+        y = torch._weight_int8pack_mm(x_nC.to(torch.bfloat16), q, torch.ones(N, dtype=torch.bfloat16))
+        return y.to(x_nC.dtype).mul_(scale.view(1, N))
+    C, rows = x_nC.shape[1], N // pieces
+    group = math.gcd(fmt.group_size, C)  # torch's groups divide C: a partial last group is repeated scales
+    if rows % (INT4_BLOCK_ROWS // 2) or group < 32 or not _int4pack_layout_matches():
+        return None
+    # torch takes [C / group, rows, 2] (scale, zero point) per call; ours are symmetric, zero points 0
+    scale_zeros = torch.zeros(pieces, C // group, rows, 2, dtype=torch.bfloat16)
+    s_PGR = scale.view(pieces, rows, -1).transpose(1, 2)
+    per = fmt.group_size // group
+    if per > 1:  # each stored group's scale repeated for the torch groups it covers (not indexing: 8x slower)
+        s_PGR = s_PGR[:, :, None].expand(-1, -1, per, -1).reshape(pieces, -1, rows)[:, : C // group]
+    scale_zeros[..., 0] = s_PGR
+    x_bf16 = x_nC.to(torch.bfloat16)
+    outs = [torch._weight_int4pack_mm_for_cpu(x_bf16, q[p * rows : (p + 1) * rows], group, scale_zeros[p])
+            for p in range(pieces)]  # fmt: skip
+    return torch.cat(outs, dim=1).to(x_nC.dtype)
 
 
 def quantized_experts_forward(
@@ -276,12 +397,16 @@ def quantized_experts_forward(
     gate: Gate | None = None,
     biases: Biases = None,
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    packed: bool = True,
 ) -> torch.Tensor:
     """``experts_forward`` over a quantized pool (same contract: slot -1 contributes 0, sum over k in k order).
 
-    Each used slot is dequantized once per call into ``scratch`` (``gate_up [2I, D]``, ``down [D, I]`` in x's
-    dtype; allocated here when not given), then computed as the exact path computes: bit-identical to
-    transformers' experts on the dequantized weights. ``biases``: per slot, as ``experts_forward`` takes them."""
+    A slot serving at most PACKED_MAX_ROWS rows of an int8 / int4 pool on the CPU (fp32 or bf16 activations) goes
+    through torch's packed matmuls with bf16 activations (``QuantizedPool.slot_mlp``): within the stated bf16
+    tolerance of the exact path, not bit-identical. Every other slot, and every slot with ``packed=False``, is
+    dequantized into ``scratch`` (``gate_up [2I, D]``, ``down [D, I]`` in x's dtype; allocated here when not given)
+    and computed as the exact path computes: bit-identical to transformers' experts on the dequantized weights.
+    ``biases``: per slot, as ``experts_forward`` takes them."""
     T, D = x_TD.shape
     K = slot_ids_TK.shape[1]
     S = pool.gate_up_q.shape[0]
@@ -294,24 +419,25 @@ def quantized_experts_forward(
         )
     gate_up_2ID, down_DI = scratch
     mlp_gate = gate or silu_and_mul
+    packable = (packed and pool.fmt.kind in PACKED_KINDS and x_TD.device.type == "cpu"
+                and x_TD.dtype in (torch.float32, torch.bfloat16))  # fmt: skip
+
+    def slot_mlp(s: int, x_nD: torch.Tensor) -> torch.Tensor:
+        if packable and x_nD.shape[0] <= PACKED_MAX_ROWS:
+            return pool.slot_mlp(s, x_nD, mlp_gate, *_slot_biases(biases, s), scratch)
+        pool.dequantize_slot(s, gate_up_2ID, down_DI)
+        return _expert_mlp(x_nD, gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate, *_slot_biases(biases, s))
+
     if T == 1:
-        rows = []
-        # One host sync: the slot ids pick the weights to dequantize (as the exact path's pair loop).
-        for s in slot_ids_TK.reshape(-1).tolist():
-            if 0 <= s < S:
-                pool.dequantize_slot(s, gate_up_2ID, down_DI)
-                rows.append(_expert_mlp(x_TD, gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate, *_slot_biases(biases, s)))
-            else:
-                rows.append(x_TD.new_zeros(1, D))
+        # One host sync: the slot ids pick the weights (as the exact path's pair loop).
+        rows = [slot_mlp(s, x_TD) if 0 <= s < S else x_TD.new_zeros(1, D) for s in slot_ids_TK.reshape(-1).tolist()]
         return _weight_and_sum(torch.cat(rows), weights_TK, x_TD.dtype)
     order_V, _, counts = _sorted_by_slot(slot_ids_TK, S)
     x_VD = x_TD.index_select(0, order_V // K)
     outs, start = [], 0
     for s, n in enumerate(counts):
         if n:
-            pool.dequantize_slot(s, gate_up_2ID, down_DI)
-            mlp_args = (gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate, *_slot_biases(biases, s))
-            outs.append(_expert_mlp(x_VD[start : start + n], *mlp_args))
+            outs.append(slot_mlp(s, x_VD[start : start + n]))
             start += n
     y_VD = torch.cat(outs) if outs else x_VD.new_zeros(0, D)
     return _weight_and_sum(_unsort(y_VD, order_V, T * K), weights_TK, x_TD.dtype)

@@ -11,12 +11,13 @@ For pair p = t*K + k served by slot s with routing weight w (int8 / int4 formats
     y[p]    = w * (a[pos] @ dequant(W_d[s])^T)   _quant_rows_kernel, A rows by sorted position, weight epilogue
     out[t]  = y[t*K] + ... + y[t*K+K-1]          ``fused_moe``'s _sum_topk_kernel (k order, no atomics)
 
-The weights are read from the pool as stored ([N, KD] int8, or [N, KD/2] uint8 nibbles: column j in the
-low nibble of byte j, column j + KD/2 in the high one) and dequantized tile by tile in registers: no
-expert is ever materialized in floating point. int8's per-row scale multiplies the fp32 accumulator once
-(x @ (q*s) = (x @ q) * s up to rounding); int4's per-group scale multiplies the tile before the dot. So
-the result is ``quantized_experts_forward``'s (the CPU path's, bit-exact with transformers on the
-dequantized weights) to fp32 rounding, not bit for bit; tests/kernels/test_kernels_quant_triton.py
+The weights are read from the pool as stored ([N, KD] int8, or int4's [N, KD/2] bytes of packed rows: in
+each 32-row block, byte (k, d) holds rows d and d + 16 of column k; ``kernels.quant``) and dequantized tile by
+tile in registers: no expert is ever materialized in floating point. int8's per-row scale multiplies the fp32
+accumulator once (x @ (q*s) = (x @ q) * s up to rounding); int4's per-group scale multiplies the tile before
+the dot. So the result is ``quantized_experts_forward(packed=False)``'s (the exact CPU formulation, bit-exact
+with transformers on the dequantized weights) to fp32 rounding, not bit for bit;
+tests/kernels/test_kernels_quant_triton.py
 checks it under the interpreter with fp32 and fp16 activations, and on a GPU when one is present.
 """
 
@@ -28,7 +29,7 @@ import triton.language as tl
 from moeflow.kernels.cpu import Gate, silu_and_mul
 from moeflow.kernels.fused_moe import _sum_topk
 from moeflow.kernels.metadata import launch_sort_pairs
-from moeflow.kernels.quant import QuantizedPool
+from moeflow.kernels.quant import GATE_UP_PIECES, QuantizedPool
 
 _KINDS = {"int8": 0, "int4": 1}
 TRITON_KINDS = tuple(_KINDS)  # the formats these kernels take (the engine's GPU path for them)
@@ -38,8 +39,8 @@ BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
 @triton.jit
 def _quant_rows_kernel(
     a_ptr,  # [rows, KD] activations: rows by token (GATHER) or by sorted position
-    q_ptr,  # [S, N, KD] int8 or [S, N, KD/2] uint8, read through strides
-    scale_ptr,  # [S, N, G]: int8 fp32 [.., 1], int4 fp16 [.., cdiv(KD, GROUP)]
+    q_ptr,  # [S, N, KD] int8 read through strides, or [S, N, KD/2] uint8 (int4: each slot's rows contiguous)
+    scale_ptr,  # [S, N, G]: int8 fp32 [.., 1], int4 bf16 [.., cdiv(KD, GROUP)]
     out_ptr,  # [NP or P, N] fp32
     topk_w_ptr,  # [P] routing weights, read when WEIGHTED
     sorted_ptr,  # [NP] int32 pair ids by sorted position
@@ -61,6 +62,7 @@ def _quant_rows_kernel(
     TOP_K: tl.constexpr,
     KIND: tl.constexpr,  # 0 int8, 1 int4
     GROUP: tl.constexpr,  # int4 columns per scale
+    PIECE,  # int4: rows per packed piece (gate_up: its halves; down: all its rows)
     GATHER: tl.constexpr,  # A rows are tokens: row = pair // TOP_K; else sorted positions
     WEIGHTED: tl.constexpr,  # multiply by the pair's routing weight, store by pair; else store by position
     BLOCK_M: tl.constexpr,
@@ -81,7 +83,17 @@ def _quant_rows_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kk = tl.arange(0, BLOCK_K)
-    half = KD // 2
+    if KIND == 1:  # row n's byte of column k in int4's packed pieces (kernels.quant): byte_n + k * step_n
+        piece = n // PIECE
+        r = n - piece * PIECE
+        full = PIECE // 32 * 32
+        in_block = r < full
+        row_bytes = KD // 2
+        byte_n = piece * PIECE * row_bytes + tl.where(
+            in_block, (r // 32) * 32 * row_bytes + r % 16, full * row_bytes + (r - full) // 2
+        )
+        step_n = tl.where(in_block, 16, (PIECE - full) // 2)
+        high_n = tl.where(in_block, r % 32 >= 16, (r - full) % 2 == 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KD, BLOCK_K):
         k = k0 + kk
@@ -93,14 +105,12 @@ def _quant_rows_kernel(
             q_ptrs = q_ptr + slot * stride_qs + n[None, :] * stride_qn + k[:, None] * stride_qk
             w = tl.load(q_ptrs, mask=w_mask, other=0).to(tl.float32)
         else:
-            low = k < half
-            byte = tl.where(low, k, k - half)
-            b = tl.load(q_ptr + slot * stride_qs + n[None, :] * stride_qn + byte[:, None] * stride_qk, mask=w_mask,
-                        other=0).to(tl.int8, bitcast=True)  # fmt: skip
-            nib = tl.where(low[:, None], (b << 4) >> 4, b >> 4)  # arithmetic shifts keep the nibble's sign
+            b = tl.load(q_ptr + slot * stride_qs + (byte_n[None, :] + k[:, None] * step_n[None, :]), mask=w_mask,
+                        other=0).to(tl.int32)  # fmt: skip
+            code = tl.where(high_n[None, :], b >> 4, b & 0xF)
             s = tl.load(scale_ptr + slot * stride_ss + n[None, :] * stride_sn + (k // GROUP)[:, None] * stride_sg,
                         mask=w_mask, other=0.0).to(tl.float32)  # fmt: skip
-            w = nib.to(tl.float32) * s
+            w = (code - 8).to(tl.float32) * s
         acc = tl.dot(a, w, acc, input_precision="ieee")
     if KIND == 0:
         acc = acc * tl.load(scale_ptr + slot * stride_ss + n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -113,14 +123,16 @@ def _quant_rows_kernel(
 
 
 def _launch_rows(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, weights_P: torch.Tensor,
-                 meta: tuple, pool: QuantizedPool, top_k: int, *, gather: bool, weighted: bool) -> None:  # fmt: skip
+                 meta: tuple, pool: QuantizedPool, top_k: int, *, gather: bool, weighted: bool,
+                 pieces: int) -> None:  # fmt: skip
     sorted_ids, block_slot, _, _, num_padded, _ = meta
     N, KD = q.shape[1], a.shape[1]
+    assert pool.fmt.kind != "int4" or q[0].is_contiguous(), "int4 pieces are addressed as bytes of a contiguous slot"
     _quant_rows_kernel[(block_slot.shape[0], triton.cdiv(N, BLOCK_N))](
         a, q, scale, out, weights_P, sorted_ids, block_slot, num_padded, weights_P.numel(), N, KD,
         a.stride(0), a.stride(1), *q.stride(), *scale.stride(), out.stride(0), out.stride(1),
-        TOP_K=top_k, KIND=_KINDS[pool.fmt.kind], GROUP=max(pool.fmt.group_size, 1), GATHER=gather,
-        WEIGHTED=weighted, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        TOP_K=top_k, KIND=_KINDS[pool.fmt.kind], GROUP=max(pool.fmt.group_size, 1), PIECE=N // pieces,
+        GATHER=gather, WEIGHTED=weighted, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
 
 
@@ -148,9 +160,11 @@ def quant_fused_moe(
     NP = meta[0].shape[0]
     weights_P = weights_TK.reshape(-1).contiguous()
     h = torch.zeros(NP, 2 * I, device=x_TD.device, dtype=torch.float32)
-    _launch_rows(x_TD, pool.gate_up_q, pool.gate_up_scale, h, weights_P, meta, pool, K, gather=True, weighted=False)
+    _launch_rows(x_TD, pool.gate_up_q, pool.gate_up_scale, h, weights_P, meta, pool, K, gather=True, weighted=False,
+                 pieces=GATE_UP_PIECES)  # fmt: skip
     act = (gate or silu_and_mul)(h.to(x_TD.dtype)).contiguous()
     y = torch.zeros(T * K, D, device=x_TD.device, dtype=torch.float32)
-    _launch_rows(act, pool.down_q, pool.down_scale, y, weights_P, meta, pool, K, gather=False, weighted=True)
+    _launch_rows(act, pool.down_q, pool.down_scale, y, weights_P, meta, pool, K, gather=False, weighted=True,
+                 pieces=1)  # fmt: skip
     _sum_topk(y, ids_TK.reshape(-1).contiguous(), out, S, K)
     return out

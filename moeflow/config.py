@@ -76,6 +76,12 @@ class EngineConfig:
     group_size: int = field(
         default=128, metadata={"help": f"--expert-dtype int4: input columns per scale, one of {INT4_GROUP_SIZES}"}
     )
+    exact_quantized: bool = field(
+        default=False,
+        metadata={"help": "int8/int4 experts on the CPU: dequantize each used expert and compute in the compute dtype, "
+                  "equal to transformers on the dequantized weights (4-8x slower per expert), instead of torch's "
+                  "packed int8/int4 matmuls with bf16 activations (docs/quantization.md)"},
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.store, Store, "store")

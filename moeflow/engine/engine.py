@@ -180,7 +180,7 @@ class Engine:
             budget_bytes=budget.budget_bytes,
             readers=reader_threads(self.checkpoint.expert_bytes_on_disk // len(self.checkpoint.experts)),
         )
-        self.runtime: OffloadRuntime = apply_offload(self.model, self.cache)
+        self.runtime: OffloadRuntime = apply_offload(self.model, self.cache, packed=not self.config.exact_quantized)
         load_dense_weights(self.model, self.checkpoint, hf_config)
         self.model.to(self.device).eval()
         self.transfer = TransferEngine(self.cache)

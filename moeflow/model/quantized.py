@@ -1,7 +1,7 @@
 """Checkpoints whose experts are stored quantized (written by `moeflow quantize`; layout: docs/quantization.md).
 
 config.json names the format under `moeflow_quantization` ({"expert_dtype": "int4", "group_size": 128,
-"source_dtype": "float32", "version": 1}); each expert weight keeps its name and holds the quantized tensor
+"source_dtype": "float32", "version": 2}); each expert weight keeps its name and holds the quantized tensor
 (`...experts.<e>.<proj>.weight`, int8 or packed uint8; `moeflow.model.checkpoint` indexes it with the
 format's packing), and its scale sits beside it as `...experts.<e>.<proj>.weight_scale`.
 `expert_quantization` finds the scales, checks them against the format, and refuses a folder that lacks
@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # moeflow.model.checkpoint imports this module to parse a qua
     from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
 
 CONFIG_KEY = "moeflow_quantization"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 rows packed for torch's CPU int4 matmul, bf16 scales (1: column halves, fp16 scales)
+READABLE_VERSIONS = (1, 2)  # int8 is the same in both; a version 1 int4 folder is refused (quantize again)
 SCALE_SUFFIX = "_scale"  # `<weight name>_scale`
 STORED_KINDS = ("int8", "int4")  # what `moeflow quantize` writes and a folder may declare
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,7 +109,13 @@ def declared_format(config: dict) -> ExpertFormat | None:
     spec = config.get(CONFIG_KEY)
     if spec is None:
         return None
-    if not isinstance(spec, dict) or spec.get("version") != FORMAT_VERSION:
+    if isinstance(spec, dict) and spec.get("version") == 1 and spec.get("expert_dtype") == "int4":
+        raise CheckpointError(
+            f"config.json's {CONFIG_KEY} is {spec!r}: int4 experts of version 1 pack their nibbles by column halves "
+            f"with fp16 scales; this moeflow reads version {FORMAT_VERSION} (rows packed as torch's CPU int4 matmul "
+            "takes them, bf16 scales). Quantize the full-precision model again with `moeflow quantize`"
+        )
+    if not isinstance(spec, dict) or spec.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"config.json's {CONFIG_KEY} is {spec!r}; this moeflow reads version {FORMAT_VERSION} "
             f"({{'expert_dtype': ..., 'group_size': ..., 'version': {FORMAT_VERSION}}}), {_supported()}. "

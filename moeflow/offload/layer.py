@@ -31,6 +31,7 @@ class OffloadRuntime:
 
     cache: ExpertCache
     routing: Listeners[RoutingEvent] = field(default_factory=Listeners)
+    packed: bool = True  # int8/int4 slots on the CPU: torch's packed matmuls (False: dequantize, exact)
     # Quantized slots: one expert dequantized at a time, in the compute dtype (working memory beside the
     # budget, like the activations; 18 MiB for the I/O-bound benchmark model's experts in fp32).
     _scratch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -47,10 +48,11 @@ class OffloadRuntime:
         return s
 
 
-def apply_offload(model: nn.Module, cache: ExpertCache) -> OffloadRuntime:
+def apply_offload(model: nn.Module, cache: ExpertCache, *, packed: bool = True) -> OffloadRuntime:
     """Route `model`'s experts through `cache`. The experts' weight matrices are dropped; expert biases
-    (gpt-oss) stay resident on the module, like the router (E x (2I + D) values a layer)."""
-    runtime = OffloadRuntime(cache=cache)
+    (gpt-oss) stay resident on the module, like the router (E x (2I + D) values a layer). `packed`: as
+    `moeflow.kernels.quant.quantized_experts_forward` takes it."""
+    runtime = OffloadRuntime(cache=cache, packed=packed)
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
     for layer, module in experts_modules(model).items():
         for name in ("gate_up_proj", "down_proj"):
@@ -92,7 +94,7 @@ def offloaded_experts_forward(
                     0, slots, self.down_proj_bias[experts]
                 ),
             )
-        if pool.fmt is not None:  # quantized or cast slots: each used slot dequantized, then the exact arithmetic
+        if pool.fmt is not None:  # quantized or cast slots: packed matmuls, or each used slot dequantized
             if hidden_TD.is_cuda and biases is None and pool.fmt.kind in TRITON_KINDS:
                 # On a GPU, int8/int4 slots go through the Triton kernels: dequantization fused into the grouped GEMM.
                 return quant_fused_moe(
@@ -100,7 +102,7 @@ def offloaded_experts_forward(
                 )
             return quantized_experts_forward(
                 hidden_TD, pool.quantized(), top_k_weights_TK, slot_ids_TK, gate=self._apply_gate, biases=biases,
-                scratch=runtime.scratch_for(hidden_TD),
+                scratch=runtime.scratch_for(hidden_TD), packed=runtime.packed,
             )  # fmt: skip
         return experts_forward(
             hidden_TD,

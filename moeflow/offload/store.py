@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from moeflow.kernels.quant import ExpertFormat, quantize
+from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, quantize
 from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
 from moeflow.model.quantized import ScalePiece
 
@@ -239,7 +239,7 @@ class QuantizingStore:
         if staging is None:
             staging = self._local.staging = tuple(torch.empty(s, dtype=self._dtype) for s in self._shapes)
         nbytes = self._inner.read_into(key, *staging)
-        gu_q, gu_s = quantize(staging[0], self._fmt)
+        gu_q, gu_s = quantize(staging[0], self._fmt, pieces=GATE_UP_PIECES)
         d_q, d_s = quantize(staging[1], self._fmt)
         gate_up_2ID.copy_(gu_q)
         down_DI.copy_(d_q)

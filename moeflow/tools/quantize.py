@@ -19,7 +19,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from moeflow.errors import MoeflowError
-from moeflow.kernels.quant import ExpertFormat, quantize
+from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, quantize
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.model.quantized import CONFIG_KEY, FORMAT_VERSION, SCALE_SUFFIX, STORED_KINDS, declared_format
 
@@ -69,7 +69,11 @@ def quantize_checkpoint(
                         f"{name} holds every expert of its layer in one tensor; moeflow quantize writes per-expert "
                         "tensors from per-expert checkpoints (as transformers' save_pretrained writes them)"
                     )
-                q, scale = quantize(f.get_tensor(name), fmt)
+                # int4 packs a slot's gate_up as its two halves: a tensor holding both (one part) packs them apart
+                halves = GATE_UP_PIECES // source.parts if source.param == "gate_up_proj" else 1
+                if fmt.kind == "int4" and halves * source.parts not in (1, GATE_UP_PIECES):
+                    raise MoeflowError(f"{name} is one of {source.parts} gate/up pieces; int4 packs gate and up apart")
+                q, scale = quantize(f.get_tensor(name), fmt, pieces=max(halves, 1))
                 mine = experts.setdefault((source.layer, source.expert), {})
                 mine[name], mine[name + SCALE_SUFFIX] = q, scale
                 bar.update(1)
@@ -99,7 +103,7 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def save_ordered(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file with the tensors' data in the dict's order (safetensors' own writer groups them by
-    dtype, which would put an expert's fp16 scales megabytes away from its int8 weights: two reads per miss).
+    dtype, which would put an expert's scales megabytes away from its int8 weights: two reads per miss).
     Here each expert's weights and scales are adjacent, so the store reads them in one request."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0

@@ -1,10 +1,19 @@
 """Quantized experts: round trips with stated error bounds, the stored layout, and the expert MLP over a
-quantized pool against the exact path on the dequantized weights (bit for bit)."""
+quantized pool against the exact path on the dequantized weights: bit for bit with ``packed=False``, within
+PACKED_ATOL through torch's packed matmuls."""
 
 import pytest
 import torch
 from moeflow.kernels import experts_forward
-from moeflow.kernels.quant import ExpertFormat, QuantizedPool, dequantize, quantize, quantized_experts_forward
+from moeflow.kernels.quant import (
+    GATE_UP_PIECES,
+    PACKED_ATOL,
+    ExpertFormat,
+    QuantizedPool,
+    dequantize,
+    quantize,
+    quantized_experts_forward,
+)
 
 INT8 = ExpertFormat(kind="int8")
 INT4 = {g: ExpertFormat(kind="int4", group_size=g) for g in (32, 64, 128)}
@@ -53,13 +62,30 @@ def test_int4_representable_weights_are_exact_and_packed_low_nibble_first(g):
     q, s = quantize(w, INT4[g])
     d = dequantize(q, s, INT4[g])
     assert (d - w).abs().max() <= s.float().max() / 2
-    # The layout: byte j holds column j (low nibble) and column j + C/2 (high nibble), two's complement.
-    row = torch.zeros(1, 2 * g)
-    row[0, 0], row[0, g], row[0, 1], row[0, g + 1] = 7, -7, -3, 2
-    q1, s1 = quantize(row, INT4[g])
-    assert s1.tolist() == [[1.0, 1.0]]
-    assert q1[0, 0].item() == 7 | ((-7 & 0xF) << 4) and q1[0, 1].item() == (-3 & 0xF) | (2 << 4)
-    assert q1[0, 2:].eq(0).all()
+
+
+def test_int4_layout_is_torchs_cpu_int4pack():
+    """Codes q + 8; in each 32-row block byte (k, d) holds rows d (low nibble) and d + 16 (high) of column k, a last
+    block of R < 32 rows pairs rows 2j (low) and 2j + 1 (high) as [C, R/2]: what torch's CPU int4 matmul takes
+    (its own converter on AVX2), so a miss needs no repacking. Each piece (a gate_up half) is packed on its own."""
+    w = torch.zeros(48, 64)  # a 32-row block and a 16-row tail
+    w[0, 5], w[16, 5], w[32, 2], w[33, 2] = 7, -7, -1, 3  # block pair (0, 16); tail pair (32, 33)
+    w[32, 3] = w[33, 3] = 7  # max|w| 7 in every row: scale 1
+    q, s = quantize(w, INT4[32])
+    assert torch.equal(s, torch.ones_like(s))
+    flat = q.reshape(-1)
+    assert flat[5 * 16 + 0].item() == (7 + 8) | ((-7 + 8) << 4)
+    tail = flat[32 * 64 // 2 :].view(64, 16 // 2)  # [C, R/2]
+    assert tail[2, 0].item() == (-1 + 8) | ((3 + 8) << 4) and tail[3, 0].item() == 0xFF
+    assert torch.equal(dequantize(q, s, INT4[32]), w)
+    q2, s2 = quantize(torch.cat([w, w]), INT4[32], pieces=2)
+    assert torch.equal(q2, torch.cat([q, q])) and torch.equal(dequantize(q2, s2, INT4[32], pieces=2), torch.cat([w, w]))
+    if hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and torch.backends.cpu.get_cpu_capability() == "AVX2":
+        g = torch.Generator().manual_seed(0)
+        grid = torch.randint(-7, 8, (80, 64), generator=g).float()
+        grid[:, ::32] = 7  # scale 1 in every group: the stored codes are grid + 8
+        q, _ = quantize(grid, INT4[32])
+        assert torch.equal(q, torch._convert_weight_to_int4pack_for_cpu(grid.int() + 8, 1))
 
 
 @pytest.mark.parametrize("block", [(16, 16), (128, 128), (8, 32)])
@@ -101,22 +127,26 @@ def test_unsupported_layouts_name_the_supported_ones():
         ExpertFormat(kind="int4", group_size=100)
     with pytest.raises(ValueError, match="unknown expert format 'int3'; supported: int8, int4, bf16, fp16, fp8, mxfp4"):
         ExpertFormat(kind="int3")
-    with pytest.raises(ValueError, match="two columns per byte"):
+    with pytest.raises(ValueError, match="both sizes must be even"):
         quantize(torch.randn(4, 33), INT4[32])
+    with pytest.raises(ValueError, match="both sizes must be even"):
+        quantize(torch.randn(5, 32), INT4[32])
+    with pytest.raises(ValueError, match="cannot be packed as 2 pieces of even rows"):
+        quantize(torch.randn(6, 32), INT4[32], pieces=2)
 
 
 def _pool(fmt: ExpertFormat, S: int, inter: int, hidden: int, seed: int = 0):
     """A quantized pool of S random experts and the same experts dequantized (fp32 [S, 2I, D], [S, D, I])."""
     gu_q, gu_s, d_q, d_s = [], [], [], []
     for s in range(S):
-        q, sc = quantize(_weight(2 * inter, hidden, seed + s) / 4, fmt)
+        q, sc = quantize(_weight(2 * inter, hidden, seed + s) / 4, fmt, pieces=GATE_UP_PIECES)
         gu_q.append(q), gu_s.append(sc)
         q, sc = quantize(_weight(hidden, inter, seed + 100 + s) / 4, fmt)
         d_q.append(q), d_s.append(sc)
-    stack = (lambda xs: None if xs[0] is None else torch.stack(xs))  # noqa: E731
+    stack = lambda xs: None if xs[0] is None else torch.stack(xs)  # noqa: E731
     pool = QuantizedPool(fmt=fmt, gate_up_q=torch.stack(gu_q), down_q=torch.stack(d_q), gate_up_scale=stack(gu_s),
                          down_scale=stack(d_s), inter=inter, hidden=hidden)  # fmt: skip
-    gate_up = torch.stack([dequantize(q, s, fmt) for q, s in zip(gu_q, gu_s)])
+    gate_up = torch.stack([dequantize(q, s, fmt, pieces=GATE_UP_PIECES) for q, s in zip(gu_q, gu_s)])
     down = torch.stack([dequantize(q, s, fmt) for q, s in zip(d_q, d_s)])
     return pool, gate_up, down
 
@@ -134,14 +164,41 @@ CASES = [
 @pytest.mark.parametrize("fmt", [INT8, INT4[32], INT4[128], ExpertFormat(kind="bf16")], ids=lambda f: f.name)
 @pytest.mark.parametrize(("T", "ids"), CASES)
 def test_quantized_forward_equals_exact_path_on_dequantized_weights(fmt, T, ids):
-    """Bit for bit: the exact path is transformers' grouped_mm experts (tests/kernels/test_kernels_experts.py)."""
+    """Bit for bit with ``packed=False`` (and for bf16, never packed): the exact path is transformers' grouped_mm
+    experts (tests/kernels/test_kernels_experts.py)."""
     pool, gate_up, down = _pool(fmt, S=4, inter=48, hidden=64)
     x = torch.randn(T, 64, generator=torch.Generator().manual_seed(1))
     ids_TK = torch.tensor(ids)
     w_TK = torch.rand(T, 2, generator=torch.Generator().manual_seed(2))
-    got = quantized_experts_forward(x, pool, w_TK, ids_TK)
+    got = quantized_experts_forward(x, pool, w_TK, ids_TK, packed=fmt.kind == "bf16")
     want = experts_forward(x, gate_up, down, w_TK, ids_TK)
     assert torch.equal(got, want)
+
+
+# (I, D, int4 packed): why each geometry exists
+GEOMETRIES = [
+    (64, 64, True),  # whole 32-row blocks, groups that divide C: both projections through torch's int4 matmul
+    (48, 192, True),  # gate_up halves of 48 rows (a block and a 16-row tail); C = 192 with group 128: torch groups
+    #                   of 64 (repeated scales); int4 down (C = 48, no 32-column group) is dequantized
+    (24, 64, False),  # int4 gate_up halves of 24 rows (an 8-row tail) and down C = 24: both dequantized, exact
+]
+
+
+@pytest.mark.parametrize("fmt", [INT8, INT4[32], INT4[128]], ids=lambda f: f.name)
+@pytest.mark.parametrize(("I", "D", "int4_packed"), GEOMETRIES)
+@pytest.mark.parametrize(("T", "ids"), [*CASES, (20, [[1, 1]] * 20)])  # 40 rows on one slot: past PACKED_MAX_ROWS
+def test_packed_forward_within_its_tolerance(fmt, I, D, int4_packed, T, ids):
+    """torch's packed matmuls with bf16 activations: within PACKED_ATOL x max|exact| (a wrong byte or scale is off
+    by the weights' own size), and not the exact result where they ran (so they did run)."""
+    pool, gate_up, down = _pool(fmt, S=4, inter=I, hidden=D)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
+    ids_TK = torch.tensor(ids)
+    w_TK = torch.rand(T, 2, generator=torch.Generator().manual_seed(2))
+    got = quantized_experts_forward(x, pool, w_TK, ids_TK)
+    want = experts_forward(x, gate_up, down, w_TK, ids_TK)
+    torch.testing.assert_close(got, want, rtol=0, atol=PACKED_ATOL * want.abs().max().item())
+    ran = (fmt.kind == "int8" or int4_packed) and T * 2 <= 16 and (torch.tensor(ids) >= 0).any()
+    assert torch.equal(got, want) != ran
 
 
 def test_quantized_forward_with_biases_equals_exact_path():
@@ -150,8 +207,10 @@ def test_quantized_forward_with_biases_equals_exact_path():
     biases = (torch.randn(3, 64), torch.randn(3, 64))
     for T, ids in ((1, [[2, 0]]), (4, [[0, 1], [1, 2], [2, -1], [0, 2]])):
         x, ids_TK, w_TK = torch.randn(T, 64), torch.tensor(ids), torch.rand(T, 2)
+        want = experts_forward(x, gate_up, down, w_TK, ids_TK, biases=biases)
+        assert torch.equal(quantized_experts_forward(x, pool, w_TK, ids_TK, biases=biases, packed=False), want)
         got = quantized_experts_forward(x, pool, w_TK, ids_TK, biases=biases)
-        assert torch.equal(got, experts_forward(x, gate_up, down, w_TK, ids_TK, biases=biases))
+        torch.testing.assert_close(got, want, rtol=0, atol=PACKED_ATOL * want.abs().max().item())
         assert not torch.equal(got, quantized_experts_forward(x, pool, w_TK, ids_TK))
 
 
@@ -165,7 +224,10 @@ def test_quantized_forward_with_a_family_gate_and_given_scratch():
         return torch.nn.functional.gelu(h[:, :32]) * h[:, 32:]
 
     scratch = (torch.empty(64, 32), torch.empty(32, 32))
+    want = experts_forward(x, gate_up, down, w_TK, ids_TK, gate=gelu_gate)
+    got = quantized_experts_forward(x, pool, w_TK, ids_TK, gate=gelu_gate, scratch=scratch, packed=False)
+    assert torch.equal(got, want)
     got = quantized_experts_forward(x, pool, w_TK, ids_TK, gate=gelu_gate, scratch=scratch)
-    assert torch.equal(got, experts_forward(x, gate_up, down, w_TK, ids_TK, gate=gelu_gate))
+    torch.testing.assert_close(got, want, rtol=0, atol=PACKED_ATOL * want.abs().max().item())
     with pytest.raises(ValueError, match="activations have 16 features, the quantized experts expect 32"):
         quantized_experts_forward(torch.randn(1, 16), pool, w_TK[:1], ids_TK[:1])

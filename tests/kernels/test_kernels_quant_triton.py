@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from moeflow.kernels.quant import ExpertFormat, QuantizedPool, quantize, quantized_experts_forward
+from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, QuantizedPool, quantize, quantized_experts_forward
 from moeflow.kernels.quant_moe import quant_fused_moe
 
 FORMATS = [ExpertFormat(kind="int8"), ExpertFormat(kind="int4", group_size=32)]
@@ -11,8 +11,9 @@ FORMATS = [ExpertFormat(kind="int8"), ExpertFormat(kind="int4", group_size=32)]
 
 def _pool(fmt: ExpertFormat, S: int, inter: int, hidden: int, device: str = "cpu") -> QuantizedPool:
     g = torch.Generator().manual_seed(S * 100 + inter)
-    gu = [quantize(torch.randn(2 * inter, hidden, generator=g) / 4, fmt) for _ in range(S)]
+    gu = [quantize(torch.randn(2 * inter, hidden, generator=g) / 4, fmt, pieces=GATE_UP_PIECES) for _ in range(S)]
     dn = [quantize(torch.randn(hidden, inter, generator=g) / 4, fmt) for _ in range(S)]
+
     def stack(xs: list) -> torch.Tensor:
         return torch.stack(xs).to(device)
 
@@ -33,7 +34,9 @@ CASES = [
     (3, 48, 64, [[0, 1], [1, 2], [2, -1], [0, 2], [1, 0]]),  # a sentinel pair (another wave's)
     (4, 32, 64, [[1, 1]] * 6),  # every pair on one slot; slots 0, 2, 3 get nothing
     (2, 32, 64, [[0, 1], [1, 0], [0, 1]]),  # K == S
-    (5, 24, 40, [[4, 3], [0, 2], [1, 4], [3, 0]]),  # prime S; I, D not multiples of the blocks; int4: an 8-column group
+    # prime S; I, D not multiples of the blocks; int4: an 8-column group, gate_up halves of 24 rows (all in the
+    # pair-packed tail), down's 40 rows (a 32-row block and an 8-row tail)
+    (5, 24, 40, [[4, 3], [0, 2], [1, 4], [3, 0]]),
 ]
 
 
@@ -44,7 +47,7 @@ def test_triton_quantized_moe_matches_torch_fp32(fmt, S, I, D, ids):
     T = len(ids)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
     ids_TK, w_TK = torch.tensor(ids), torch.rand(T, 2, generator=torch.Generator().manual_seed(1))
-    want = quantized_experts_forward(x, pool, w_TK, ids_TK)
+    want = quantized_experts_forward(x, pool, w_TK, ids_TK, packed=False)  # the exact formulation
     got = quant_fused_moe(x, pool, w_TK, ids_TK)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -55,7 +58,7 @@ def test_triton_quantized_moe_fp16_activations(fmt):
     pool = _pool(fmt, 3, 48, 64)
     x = torch.randn(5, 64)
     ids_TK, w_TK = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0]]), torch.rand(5, 2)
-    want = quantized_experts_forward(x.half().float(), pool, w_TK, ids_TK)
+    want = quantized_experts_forward(x.half().float(), pool, w_TK, ids_TK, packed=False)
     got = quant_fused_moe(x.half(), pool, w_TK.half(), ids_TK)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
@@ -76,5 +79,5 @@ def test_triton_quantized_moe_on_gpu(fmt):
     x = torch.randn(33, 512, device="cuda")
     ids_TK = torch.randint(0, 8, (33, 2), device="cuda")
     w_TK = torch.rand(33, 2, device="cuda")
-    want = quantized_experts_forward(x.cpu(), _cpu(pool), w_TK.cpu(), ids_TK.cpu())
+    want = quantized_experts_forward(x.cpu(), _cpu(pool), w_TK.cpu(), ids_TK.cpu(), packed=False)
     torch.testing.assert_close(quant_fused_moe(x, pool, w_TK, ids_TK).cpu(), want, rtol=1e-4, atol=1e-4)
