@@ -1,6 +1,6 @@
 """Quantized experts: tokens/s and bytes per token from disk at a 25% budget, and what quantizing costs in perplexity.
 
-Two parts, one run, one JSON + PNG (``bench/results/quantized/``):
+Three parts, one run, one JSON + PNG (``bench/results/quantized/``):
 
 - ``speed``: the I/O-bound model (the shipped model's experts zero-widened to ~18 MiB in fp32,
   ``moeflow.tools.widen``) as stored in fp32, and written by ``moeflow quantize`` as int8 and int4
@@ -11,7 +11,11 @@ Two parts, one run, one JSON + PNG (``bench/results/quantized/``):
   The zero padding quantizes to zeros (scale 1), which changes nothing for bytes and time.
 - ``quality``: perplexity of the shipped model on its held-out files (``moeflow.model.corpus``) with its
   experts in fp32, bf16 (``--expert-dtype bf16``), int8, int4 group 128 and int4 group 32 (the last three
-  written by ``moeflow quantize``, read quantized), through the engine, all experts resident.
+  written by ``moeflow quantize``, read quantized), through the engine, all experts resident; int8/int4 with
+  decoding's arithmetic on every row (``perplexity``).
+- ``kernels``: ms per expert use at T = 1 on the I/O-bound geometry, each CPU formulation of
+  ``quantized_experts_forward`` side by side (fp32 slots, int8/int4 dequantize + mm, int8/int4 through torch's
+  packed matmuls), and what repacking a miss into torch's int4 layout would cost.
 
     python bench/quantized.py --out bench/results/quantized
 """
@@ -21,13 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from expertflow import heldout_prompts  # noqa: E402
-from harness import dense_bytes, drop_caches, machine, prepare_model, run_child, runtime_baseline_bytes  # noqa: E402
+from harness import (  # noqa: E402
+    WIDE_INTERMEDIATE,
+    dense_bytes,
+    drop_caches,
+    machine,
+    prepare_model,
+    run_child,
+    runtime_baseline_bytes,
+)
 
 SLACK_BYTES = 640 << 20  # activations, KV caches, reader bounce buffers, the dequantization scratch: same for all
 SPEED_FORMATS = (("fp32", None, 0), ("int8", "int8", 0), ("int4-g128", "int4", 128))
@@ -39,8 +53,13 @@ def quantized_folder(model: Path, kind: str | None, group_size: int, workdir: Pa
     """`model` written by `moeflow quantize` (built once under `workdir`), or `model` itself for None/bf16."""
     if kind in (None, "bf16"):
         return model
+    from moeflow.model.quantized import CONFIG_KEY, FORMAT_VERSION
+
     out = workdir / f"{model.name}-{kind}{f'-g{group_size}' if kind == 'int4' else ''}"
-    if not (out / "config.json").is_file():
+    config = out / "config.json"
+    if config.is_file() and json.loads(config.read_text())[CONFIG_KEY]["version"] != FORMAT_VERSION:
+        shutil.rmtree(out)  # written by an earlier moeflow in another layout: write it again
+    if not config.is_file():
         from moeflow.tools.quantize import quantize_checkpoint
 
         quantize_checkpoint(model, out, kind, group_size=group_size or 128, progress=False)
@@ -86,13 +105,20 @@ def decode_child(spec: dict) -> dict:
 
 
 def perplexity(model: Path, options: dict, max_tokens: int, context: int) -> dict:
-    """Mean next-token loss over the held-out files, in windows of `context` tokens, all experts resident."""
+    """Mean next-token loss over the held-out files, in windows of `context` tokens, all experts resident.
+
+    int8/int4 are scored with the arithmetic decoding uses, torch's packed matmuls with bf16 activations, on every
+    row (the engine dequantizes a slot serving more than PACKED_MAX_ROWS rows of a step, as these windows do;
+    measured on 8192 tokens: the two differ by at most 0.05% in perplexity)."""
+    import moeflow.kernels.quant
     import torch
     from transformers import AutoTokenizer
 
     import moeflow
     from moeflow.config import DEFAULT_MODEL
     from moeflow.model.corpus import model_corpus
+
+    moeflow.kernels.quant.PACKED_MAX_ROWS = context  # this child process only
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     ids: list[int] = []
@@ -166,6 +192,56 @@ def speed_part(args: argparse.Namespace) -> dict:
             "max_new_tokens": args.tokens, "repeats": args.repeats, "contenders": rows}  # fmt: skip
 
 
+def kernels_part(args: argparse.Namespace) -> dict:
+    """ms per expert use at T = 1 on the I/O-bound model's geometry (one compute thread, as the engine runs), each
+    formulation of `quantized_experts_forward` side by side, rounds interleaved, median; experts rotate over a pool
+    larger than the last-level cache. Also what repacking a miss into torch's int4 layout would cost."""
+    import statistics
+
+    import torch
+    from moeflow.kernels import experts_forward
+    from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, QuantizedPool, quantize, quantized_experts_forward
+
+    torch.set_num_threads(1)
+    inter, hidden, slots = WIDE_INTERMEDIATE, 192, 16
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(slots, 2 * inter, hidden, generator=gen) * 0.05
+    down = torch.randn(slots, hidden, inter, generator=gen) * 0.05
+    x = torch.randn(1, hidden, generator=gen)
+    weights = torch.tensor([[1.0]])
+    calls = {"fp32": lambda s: experts_forward(x, gate_up, down, weights, torch.tensor([[s]]))}
+    repack_ms = None
+    for name, fmt in (("int8", ExpertFormat(kind="int8")), ("int4-g128", ExpertFormat(kind="int4", group_size=128))):
+        gu = [quantize(w, fmt, pieces=GATE_UP_PIECES) for w in gate_up]
+        dn = [quantize(w, fmt) for w in down]
+        pool = QuantizedPool(fmt=fmt, gate_up_q=torch.stack([q for q, _ in gu]), down_q=torch.stack([q for q, _ in dn]),
+                             gate_up_scale=torch.stack([s for _, s in gu]), down_scale=torch.stack([s for _, s in dn]),
+                             inter=inter, hidden=hidden)  # fmt: skip
+        for packed in (False, True):
+            calls[f"{name} {'packed' if packed else 'dequantize'}"] = (
+                lambda s, pool=pool, packed=packed: quantized_experts_forward(
+                    x, pool, weights, torch.tensor([[s]]), packed=packed))  # fmt: skip
+        if fmt.kind == "int4":
+            codes = [torch.randint(0, 16, (2 * inter, hidden)).int(), torch.randint(0, 16, (hidden, inter)).int()]
+            t0 = time.perf_counter()
+            for c in codes:
+                torch._convert_weight_to_int4pack_for_cpu(c, 1)
+            repack_ms = (time.perf_counter() - t0) * 1e3
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for rnd in range(args.repeats * 10 + 2):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call(rnd % slots)
+            if rnd >= 2:  # warm-up rounds
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    rows = {name: round(statistics.median(t), 3) for name, t in times.items()}
+    for name, ms in rows.items():
+        print(f"[kernels] {name:>22}: {ms:.3f} ms per expert (T = 1)", flush=True)
+    print(f"[kernels] repacking one int4 expert with torch's converter (if stored otherwise): {repack_ms:.1f} ms")
+    return {"inter": inter, "hidden": hidden, "threads": 1, "ms_per_expert_t1": rows,
+            "int4_repack_ms_per_expert": round(repack_ms, 2), "load_average": os.getloadavg()}  # fmt: skip
+
+
 def quality_part(args: argparse.Namespace) -> dict:
     from moeflow.config import DEFAULT_MODEL
 
@@ -226,7 +302,7 @@ def main() -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path("bench/results/quantized"))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeflow-quantized"))
-    ap.add_argument("--part", choices=("speed", "quality", "all"), default="all")
+    ap.add_argument("--part", choices=("speed", "quality", "kernels", "all"), default="all")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
@@ -253,6 +329,8 @@ def main() -> int:
         result["speed"] = speed_part(args)
     if args.part in ("quality", "all"):
         result["quality"] = quality_part(args)
+    if args.part in ("kernels", "all"):
+        result["kernels"] = kernels_part(args)
     path.write_text(json.dumps(result, indent=1))
     plot(result, args.out / "quantized.png")
     print(f"[wrote {path} and quantized.png]")
