@@ -371,6 +371,8 @@ def _packed_linear(
         # The fp32 row scale is applied after the bf16 matmul (on its bf16 output), not rounded to bf16.
         y = torch._weight_int8pack_mm(x_nC.to(torch.bfloat16), q, torch.ones(N, dtype=torch.bfloat16))
         return y.to(x_nC.dtype).mul_(scale.view(1, N))
+    if N // pieces % INT4_BLOCK_ROWS == 0:  # whole blocks: the pieces side by side are one matrix, one call
+        pieces = 1
     C, rows = x_nC.shape[1], N // pieces
     group = math.gcd(fmt.group_size, C)  # torch's groups divide C: a partial last group is repeated scales
     if rows % (INT4_BLOCK_ROWS // 2) or group < 32 or not _int4pack_layout_matches():
