@@ -41,7 +41,7 @@ at most PACKED_MAX_ROWS (token, k) rows goes through torch's packed matmuls with
 ``torch._weight_int4pack_mm_for_cpu`` (the bf16 scales as stored, zero points 0; a group that does not divide C
 is passed as torch groups of gcd(group, C) >= 32 with repeated scales). Activations are rounded to bf16 going
 in and the output is bf16 coming out, so the result is within PACKED_ATOL x max|output| of the exact
-formulation (measured up to 4.6e-3 x; at the logits of the test models up to 3.0e-4 x max|logits|,
+formulation (measured up to 1.8e-2 x; at the logits of the test models up to 3.0e-4 x max|logits|,
 tests/engine/test_engine_quantized.py). A projection those kernels cannot take (int4 pieces whose rows are not a
 multiple of 16, a C without a 32-column group, a torch whose int4 layout differs: AVX-512 blocks 64 rows), any
 other format, more rows per slot, other activation dtypes, or ``packed=False`` (the engine's
@@ -347,8 +347,9 @@ class QuantizedPool:
 PACKED_KINDS = ("int8", "int4")
 PACKED_MAX_ROWS = 16  # rows of one slot up to which the packed matmuls beat dequantize + mm (module docstring)
 # The packed formulation's tolerance: |packed - exact| <= PACKED_ATOL * max|exact| over an experts call's output
-# (bf16 rounding of each projection's input and output; measured up to 4.6e-3 on random experts).
-PACKED_ATOL = 1e-2
+# (bf16 rounding of each projection's input and output, grown by cancellation in the down projection's sums;
+# measured up to 4.6e-3 on normal random experts, 1.8e-2 on experts whose rows span four decades of scale).
+PACKED_ATOL = 4e-2
 
 
 @functools.cache

@@ -204,9 +204,10 @@ def test_packed_forward_within_its_tolerance(fmt, I, D, int4_packed, T, ids):
 def test_quantized_forward_with_biases_equals_exact_path():
     """Expert biases (gpt-oss) are added after each GEMM as the exact path adds them."""
     pool, gate_up, down = _pool(INT4[32], S=3, inter=32, hidden=64)
-    biases = (torch.randn(3, 64), torch.randn(3, 64))
+    g = torch.Generator().manual_seed(4)
+    biases = (torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g))
     for T, ids in ((1, [[2, 0]]), (4, [[0, 1], [1, 2], [2, -1], [0, 2]])):
-        x, ids_TK, w_TK = torch.randn(T, 64), torch.tensor(ids), torch.rand(T, 2)
+        x, ids_TK, w_TK = torch.randn(T, 64, generator=g), torch.tensor(ids), torch.rand(T, 2, generator=g)
         want = experts_forward(x, gate_up, down, w_TK, ids_TK, biases=biases)
         assert torch.equal(quantized_experts_forward(x, pool, w_TK, ids_TK, biases=biases, packed=False), want)
         got = quantized_experts_forward(x, pool, w_TK, ids_TK, biases=biases)
@@ -216,9 +217,10 @@ def test_quantized_forward_with_biases_equals_exact_path():
 
 def test_quantized_forward_with_a_family_gate_and_given_scratch():
     pool, gate_up, down = _pool(INT8, S=3, inter=32, hidden=32)
-    x = torch.randn(5, 32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 32, generator=g)
     ids_TK = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]])
-    w_TK = torch.rand(5, 2)
+    w_TK = torch.rand(5, 2, generator=g)
 
     def gelu_gate(h):
         return torch.nn.functional.gelu(h[:, :32]) * h[:, 32:]
