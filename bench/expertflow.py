@@ -52,25 +52,22 @@ SLACK_BYTES = 640 << 20  # activations, KV caches, reader bounce buffers (<= 256
 
 
 def heldout_prompts(n: int) -> list[list[int]]:
-    """`n` prompts of about PROMPT_TOKENS tokens (as token ids), cut at line starts across the held-out files."""
+    """`n` prompts of about PROMPT_TOKENS tokens (as token ids): windows of 12 lines starting every 8 lines of
+    the held-out files, `n` of them evenly spaced over all (fewer only if the files hold fewer)."""
     from transformers import AutoTokenizer
 
     from moeflow.config import DEFAULT_MODEL
     from moeflow.model.corpus import model_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-    files = model_corpus(DEFAULT_MODEL, "heldout")
-    prompts: list[list[int]] = []
-    per_file = max(n // len(files), 1)
-    for f in files:
+    windows: list[list[int]] = []
+    for f in model_corpus(DEFAULT_MODEL, "heldout"):
         lines = f.read_text(encoding="utf-8").splitlines(keepends=True)
-        for i in range(0, len(lines), max(len(lines) // per_file, 8)):
+        for i in range(0, len(lines), 8):
             ids = tokenizer("".join(lines[i : i + 12]), add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]
             if len(ids) >= PROMPT_TOKENS // 2:
-                prompts.append(ids)
-            if len(prompts) == n:
-                return prompts
-    return prompts
+                windows.append(ids)
+    return [windows[i * len(windows) // n] for i in range(min(n, len(windows)))]
 
 
 def random_prompts(n: int, vocab: int) -> list[list[int]]:
