@@ -159,7 +159,8 @@ def speed_part(args: argparse.Namespace) -> dict:
     jobs = []
     for name, kind, group in SPEED_FORMATS:
         spec = {"kind": "decode", "model": str(quantized_folder(base, kind, group, args.workdir)),
-                "budget": args.budget, "options": {}, "prompts": prompts, "tokens": args.tokens}  # fmt: skip
+                "budget": args.budget, "options": {"threads": args.threads}, "prompts": prompts,
+                "tokens": args.tokens}  # fmt: skip
         jobs.append((name, spec))
     best: dict[str, dict] = {}
     for rnd in range(args.repeats):
@@ -189,7 +190,8 @@ def speed_part(args: argparse.Namespace) -> dict:
     for r in rows:
         r.pop("tokens", None)
     return {"model": str(base), "budget": args.budget, "memory_limit_bytes": limit, "prompts": len(prompts),
-            "max_new_tokens": args.tokens, "repeats": args.repeats, "contenders": rows}  # fmt: skip
+            "max_new_tokens": args.tokens, "repeats": args.repeats, "threads": args.threads or "auto",
+            "contenders": rows}  # fmt: skip
 
 
 def kernels_part(args: argparse.Namespace) -> dict:
@@ -307,6 +309,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="speed: compute threads (0: the engine's rule)")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--child-timeout", type=float, default=1800)
