@@ -326,7 +326,7 @@ def main() -> int:
     path = args.out / "quantized.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     result["machine"] = machine()
-    result["note"] = ("shared 2-core machine, other sessions running: compare ratios within one run, not absolute "
+    result["note"] = ("a 2-core machine that other work may share: compare ratios within one run, not absolute "
                       "figures across runs")  # fmt: skip
     if args.part in ("speed", "all"):
         result["speed"] = speed_part(args)
