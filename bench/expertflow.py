@@ -138,7 +138,8 @@ def rebatch_child(spec: dict) -> dict:
         "tokens_per_s": tokens / run.elapsed_s,
         "distinct_experts_per_step": sum(run.distinct_experts) / len(run.distinct_experts),
         "mean_batch": sum(run.batch_sizes) / len(run.batch_sizes), "hit_rate": stats.hit_rate,
-        "bytes_per_token": stats.bytes_read / tokens,
+        "bytes_per_token": stats.bytes_read / tokens, "stall_s": stats.stall_s,
+        "read_gib_s": stats.bytes_read / stats.stall_s / 2**30 if stats.stall_s else None,
     }  # fmt: skip
 
 

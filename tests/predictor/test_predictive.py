@@ -150,6 +150,17 @@ def test_rebatcher_groups_overlapping_sequences():
     assert [s.seq_id for s in second] == [1, 3, 5]  # the skipped ones now waited longest
 
 
+def test_rebatcher_refills_its_pool_a_batch_at_a_time():
+    """Refilling place by place prefilled every new prompt alone (each read most experts of every layer)."""
+    admission = RebatchAdmission(lambda seqs: np.zeros((len(seqs), 1, 8), bool), pool_factor=4)
+    waiting, active = list(range(20)), list(range(10))  # pool of 12 at batch 3: 10 active, 2 places free
+    assert admission.choose(waiting, active, free=2) == []  # fewer than a batch free, and a batch still decodes
+    assert admission.choose(waiting, list(range(9)), free=3) == [0, 1, 2]  # a batch's worth free
+    assert admission.choose(waiting, [0, 1], free=10) == waiting[:10]  # the pool no longer fills a batch
+    assert admission.choose([7], active, free=2) == [7]  # the last prompts do not wait for company
+    assert admission.choose(waiting, [], free=12) == waiting[:12]  # the first fill
+
+
 def test_rebatch_admission_for_engine(tiny_checkpoints, tmp_path):
     path = shutil.copytree(tiny_checkpoints["qwen3_moe"], tmp_path / "m")
     doc = tmp_path / "d.txt"
