@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,3 +106,9 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a name: it may resolve to anything
         return False
+
+
+def authorized(sent: bytes, token: str) -> bool:
+    """`sent` (an authorization header or metadata value) is exactly `Bearer TOKEN`; compared in constant time, so
+    the token cannot be guessed byte by byte. gRPC and HTTP check the same way."""
+    return hmac.compare_digest(sent, f"Bearer {token}".encode())

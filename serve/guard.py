@@ -22,7 +22,6 @@ limit then) refused health checks, GetStats and generation alike for as long as 
 from __future__ import annotations
 
 import heapq
-import hmac
 import itertools
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from .config import authorized
 from .proto import SERVICE_NAME
 
 GENERATION_METHODS = frozenset({f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateUnary"})
@@ -89,7 +89,7 @@ class CallGuard(grpc.ServerInterceptor):
     def __init__(
         self, *, generation_limit: int, control_limit: int, idle_timeout_s: float, token: str | None = None
     ) -> None:
-        self._expected = None if token is None else f"Bearer {token}".encode()
+        self._token = token
         self._limits = {"generation": generation_limit, "control": control_limit}
         self._active = {"generation": 0, "control": 0}
         self._lock = threading.Lock()
@@ -112,9 +112,9 @@ class CallGuard(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        if self._expected is not None and not details.method.startswith(OPEN_PREFIX):
+        if self._token is not None and not details.method.startswith(OPEN_PREFIX):
             sent = next((v for k, v in details.invocation_metadata if k == "authorization"), "")
-            if not hmac.compare_digest(str(sent).encode(), self._expected):  # constant time: the token is not guessed
+            if not authorized(str(sent).encode(), self._token):
                 return self._refusal(
                     handler,
                     grpc.StatusCode.UNAUTHENTICATED,

@@ -14,7 +14,6 @@ The gRPC server's protections apply here too: with --token-file every route but 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import ssl
@@ -33,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moeflow.errors import MoeflowError, RequestError
 
-from .config import ServerConfig
+from .config import ServerConfig, authorized
 from .errors import CapacityError, DrainingError, EngineDead, ServeError
 from .handle import Chunk, RequestHandle
 from .metrics import CONTENT_TYPE, prometheus_text
@@ -67,12 +66,12 @@ class BearerToken:
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             sent = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(sent, self._expected):  # constant time: the token is not guessed
+            if not authorized(sent, self._token):
                 response = _error(401, "this server needs a bearer token: send the header 'Authorization: Bearer "
                                   "TOKEN' (an OpenAI client's api_key)", "invalid_request_error")  # fmt: skip
                 response.headers["WWW-Authenticate"] = "Bearer"
