@@ -63,6 +63,11 @@ class EngineConfig:
     prefetch_width: int = field(
         default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
     )
+    prediction_trial: bool = field(
+        default=True,
+        metadata={"help": "predictive: time decode steps with and without prediction and predict only while it makes "
+                  "them faster (--no-prediction-trial: always predict, to study a predictor)"},
+    )
     threads: int = field(
         default=0,
         metadata={"help": "torch/OpenMP compute threads, process-wide (0: automatic, leaves a core to the readers)"},

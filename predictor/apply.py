@@ -79,11 +79,20 @@ def best_predictor(have: Sequence[str]) -> str:
 
 
 class PredictorHooks:
-    """Feeds `predictors` from inside `engine`'s forwards; their answers go to `sink`. `close()` detaches."""
+    """Feeds `predictors` from inside `engine`'s forwards; their answers go to `sink`. `close()` detaches.
+    While `active()` is False the predictors are not called at all (the hooks stay attached)."""
 
-    def __init__(self, engine: Engine, predictors: Sequence[RoutePredictor], sink: Sink) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        predictors: Sequence[RoutePredictor],
+        sink: Sink,
+        *,
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.predictors = list(predictors)
         self.sink = sink
+        self.active = active
         self.seconds = {p.name: 0.0 for p in self.predictors}
         self._pos_of = {layer: i for i, layer in enumerate(engine.checkpoint.moe_layers)}
         # Each hook only where some predictor listens: a path predictor costs one call per forward,
@@ -123,6 +132,8 @@ class PredictorHooks:
             self.sink(predictor, target, scores_TE)
 
     def _on_forward(self, start: ForwardStart) -> None:
+        if not self.active():
+            return
         for p in self._stepping:
             self._emit(p, lambda p=p: p.on_step(start.histories, start.n_new))
 
@@ -136,11 +147,15 @@ class PredictorHooks:
         return hook
 
     def _residual(self, pos: int, hidden: torch.Tensor) -> None:
+        if not self.active():
+            return
         r_TD = hidden.reshape(-1, hidden.shape[-1])
         for p in self._residuals:
             self._emit(p, lambda p=p: p.on_residual(pos, r_TD))
 
     def _on_routing(self, event: RoutingEvent) -> None:
+        if not self.active():
+            return
         pos = self._pos_of[event.plan.layer]
         for p in self._routed:
             self._emit(p, lambda p=p: p.on_routing(pos, event.top_k_index_TK))
@@ -182,6 +197,6 @@ def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHook
         ranked_TM, probs_TM = ranked_probabilities(predictor, scores_TE, prefetcher.width, engine.top_k)
         prefetcher.offer(layers[target], ranked_TM.tolist(), probs_TM.tolist())
 
-    hooks = PredictorHooks(engine, [predictor], offer)
+    hooks = PredictorHooks(engine, [predictor], offer, active=lambda: prefetcher.predicting)
     engine.on_close(hooks.close)
     return hooks

@@ -62,6 +62,7 @@ class StepDriver:
         self.model = model
         self.device = device
         self.before_forward: Listeners[ForwardStart] = Listeners()
+        self.after_forward: Listeners[ForwardStart] = Listeners()  # the same event, once the forward returned
         self._routing: list[RoutingEvent] | None = None
         self._subscription = runtime.routing.subscribe(self._record)
 
@@ -91,7 +92,8 @@ class StepDriver:
     ) -> ForwardResult:
         """Run the model on `input_ids_BT` (with `kv`, the cache it extends; `use_cache` defaults to whether
         `kv` is given, and with no `kv` the model makes its own, returned in the result)."""
-        self.before_forward.publish(ForwardStart(histories=histories, n_new=n_new))
+        start = ForwardStart(histories=histories, n_new=n_new)
+        self.before_forward.publish(start)
         self._routing = []
         try:
             out = self.model(
@@ -105,6 +107,7 @@ class StepDriver:
             routing = tuple(self._routing)
         finally:
             self._routing = None
+        self.after_forward.publish(start)
         cache = getattr(out, "cache", None)
         return ForwardResult(logits_BV=out.logits[:, -1, :].float(), routing=routing, cache=cache)
 

@@ -34,6 +34,7 @@ from moeflow.model.loading import (
     resolve_dtype,
 )
 from moeflow.model.quantized import expert_quantization, expert_slot_bytes, resolve_expert_format
+from moeflow.offload.admission import PredictionTrial
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import OffloadRuntime, apply_offload
@@ -203,11 +204,14 @@ class Engine:
                 layers=self.checkpoint.moe_layers,
                 lookahead=self.config.lookahead,
                 width=self.config.prefetch_width or self.top_k,
+                trial=PredictionTrial() if self.config.prediction_trial else None,
             )
             prefetcher = self.prefetcher
             # Subscribed first, so each step begins before any predictor offers, and every layer's
             # correction happens before the layer acquires its experts.
-            self._closers.append(self.driver.before_forward.subscribe(lambda _: prefetcher.begin_step()).close)
+            self._closers.append(self.driver.before_forward.subscribe(
+                lambda start: prefetcher.begin_step(len(start.histories) if start.n_new == 1 else 0)).close)
+            self._closers.append(self.driver.after_forward.subscribe(lambda _: prefetcher.end_forward()).close)
             self._closers.append(
                 self.runtime.routing.subscribe(lambda e: prefetcher.on_routing(e.plan.layer, e.plan.expert_ids)).close
             )

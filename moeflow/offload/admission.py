@@ -270,3 +270,77 @@ class _LayerUses:
             else:
                 self._markov = [mean] * self.size
         return self._markov
+
+
+class PredictionTrial:
+    """Whether predicting makes decoding faster, found by timing it: the wall-clock arbiter of prediction.
+
+    Every estimate above prices reads; none prices the prediction itself. Calling the predictor, offering,
+    admitting and scoring cost CPU time on the compute thread every layer of every step, and reads ahead
+    compete with the demand reads and with compute for the cores. Where reads are cheap next to that (a
+    small model, a fast link) prediction slows decoding down, however right it is; where they are dear it
+    pays many times over. Rather than model that, the trial measures it: decode steps run in one mode (the
+    best so far), and every `gap` measured steps the other mode (predicting, or plain LRU with no
+    prediction at all) runs for a `window` of steps. A window's figure is its mean seconds per row
+    without its slowest step (one stray hiccup of the machine does not decide). The other mode becomes
+    the best when it beats the best's latest window by `margin`; each trial it loses makes the next one
+    `growth` times rarer (up to `max_gap`), so a mode that keeps losing costs less and less of the run.
+    The first `settle` steps after a switch are not measured (the cache is still changing hands between
+    the modes). Steps begin predicting.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 4,
+        settle: int = 1,
+        margin: float = 0.03,
+        first_gap: int = 8,
+        growth: int = 4,
+        max_gap: int = 1024,
+    ) -> None:
+        if window < 1 or settle < 0 or first_gap < 1 or growth < 1 or max_gap < first_gap or not 0 <= margin < 1:
+            raise ValueError("window, first_gap, growth >= 1; settle >= 0; max_gap >= first_gap; margin in [0, 1)")
+        self.window, self.settle, self.margin = window, settle, margin
+        self.first_gap, self.growth, self.max_gap = first_gap, growth, max_gap
+        self.predicting = True  # the mode of the next step
+        self.best = True  # the mode the run keeps to between trials
+        self.gap = first_gap  # measured steps of the best mode before the other is tried
+        self.trials = self.switches = 0
+        self.seconds_per_row: dict[bool, float] = {}  # each mode's latest window
+        self._since = 0  # measured steps of the best mode since the last trial
+        self._skip = settle
+        self._per_row: list[float] = []  # seconds per row of the window's steps so far
+
+    def observe(self, seconds: float, rows: int) -> None:
+        """A decode step of the current mode took `seconds` for `rows` rows; may change the next step's mode."""
+        if self._skip:
+            self._skip -= 1
+            return
+        self._per_row.append(seconds / max(rows, 1))
+        if len(self._per_row) < self.window:
+            return
+        kept = sorted(self._per_row)[: max(self.window - 1, 1)]
+        self._per_row = []
+        mean = sum(kept) / len(kept)
+        self.seconds_per_row[self.predicting] = mean
+        if self.predicting == self.best:
+            self._since += self.window
+            if self._since >= self.gap:  # time to try the other mode
+                self.trials += 1
+                self._set(not self.best)
+            return
+        best_mean = self.seconds_per_row.get(self.best, math.inf)
+        self._since = 0
+        if mean < best_mean * (1.0 - self.margin):  # the other mode won: it is the best now
+            self.best = self.predicting
+            self.gap = self.first_gap
+            self.switches += 1
+        else:
+            self.gap = min(self.gap * self.growth, self.max_gap)
+        self._set(self.best)
+
+    def _set(self, predicting: bool) -> None:
+        if predicting != self.predicting:
+            self.predicting = predicting
+            self._skip = self.settle

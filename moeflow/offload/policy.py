@@ -127,7 +127,8 @@ class PredictivePolicy(LRUPolicy):
     same size replay the real access stream, one evicting by the estimate and one by recency. While
     recency has missed less recently, the policy evicts as LRU does (wrong predictions still first)
     and the prefetcher reads nothing ahead: it does no worse than the better of the two by more than
-    the time it takes to notice.
+    the time it takes to notice. While `dormant` (the prefetcher's `PredictionTrial` has found decoding
+    faster without prediction) it is plain LRU and learns nothing, which costs what LRU costs.
     """
 
     name = "predictive"
@@ -143,6 +144,7 @@ class PredictivePolicy(LRUPolicy):
         self._shadows: tuple[_Shadow, _Shadow] | None = None
         self._layer_keys: set[ExpertKey] = set()  # keys of the layer being served (pinned together)
         self._layer: tuple[int, int] | None = None  # (step, layer) of `_layer_keys`
+        self.dormant = False  # prediction paused (`PredictionTrial`): evict as LRU and learn nothing
 
     def _start_shadows(self, capacity: int) -> None:
         self._shadows = (
@@ -219,6 +221,8 @@ class PredictivePolicy(LRUPolicy):
     def on_access(self, key: ExpertKey) -> None:
         super().on_access(key)
         self._demoted.discard(key)
+        if self.dormant:
+            return
         if self._layer != (self.step, key[0]):
             self._layer, self._layer_keys = (self.step, key[0]), set()
         self._layer_keys.add(key)
@@ -239,7 +243,7 @@ class PredictivePolicy(LRUPolicy):
         unprotected = allowed - self._protected
         pick_from = unprotected or allowed
         ordered = [k for k in self._order if k in pick_from]  # least recently used first
-        if self.by_recency:
+        if self.dormant or self.by_recency:
             return next((k for k in ordered if k in self._demoted), ordered[0])
         best, best_worth = ordered[0], math.inf
         for k in ordered:  # ties go to the least recently used

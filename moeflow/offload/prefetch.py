@@ -14,7 +14,9 @@ offered prediction is scored for calibration, the reads ahead are released, the 
 queued dropped and the rest demoted to the front of the eviction order; the missed experts are then
 read on demand by the cache (which also takes over a right prediction whose read is still queued).
 The cache decides hits and misses, so correctness never depends on a prediction: a wrong one costs
-a wasted read, never a wrong output.
+a wasted read, never a wrong output. With a `PredictionTrial` the prefetcher times its decode steps
+and, while the trial finds them faster without prediction, does nothing at all: the predictor is
+not called (`predicting` is False) and the policy is plain LRU (`PredictivePolicy.dormant`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from functools import partial
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import ExpertKey
-from moeflow.offload.admission import AdmissionConfig, Calibration, admit
+from moeflow.offload.admission import AdmissionConfig, Calibration, PredictionTrial, admit
 from moeflow.offload.cache import ExpertCache
 from moeflow.offload.plans import PrefetchPlan
 from moeflow.offload.policy import PredictivePolicy
@@ -42,6 +44,7 @@ class PrefetchCounters:
     cancelled: int = 0  # queued reads dropped before they started: their layer ran without them
     correct: int = 0  # predicted experts the layer then used
     used: int = 0  # experts the layers used
+    dormant_steps: int = 0  # steps run without prediction (`PredictionTrial`)
 
     @property
     def precision(self) -> float:
@@ -102,7 +105,8 @@ class PredictivePrefetcher:
 
     `issue` starts the reads (the engine's `TransferEngine.prefetch`; profiling replay passes a
     synchronous one). `width` caps how many experts per token are considered for one layer;
-    `admission` decides which of them are read ahead.
+    `admission` decides which of them are read ahead. `trial` (the engine's; profiling replay has none and
+    always predicts) decides from timed decode steps whether to predict at all.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class PredictivePrefetcher:
         lookahead: int = DEFAULT_LOOKAHEAD,
         width: int = 2,
         admission: AdmissionConfig | None = None,
+        trial: PredictionTrial | None = None,
     ) -> None:
         if not isinstance(cache.policy, PredictivePolicy):
             raise MoeflowError("predictive prefetch needs the cache policy 'predictive'")
@@ -136,6 +141,9 @@ class PredictivePrefetcher:
         # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
         self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
         self.counters = PrefetchCounters()
+        self.trial = trial
+        self.predicting = True
+        self._timing: tuple[float, int] | None = None  # (start, rows) of the decode step being timed
         self._reset()
 
     def _reset(self) -> None:
@@ -158,19 +166,35 @@ class PredictivePrefetcher:
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def begin_step(self) -> None:
+    def begin_step(self, decode_rows: int = 0) -> None:
+        """A forward begins; `decode_rows` > 0: it is a decode step of that many rows (the trial times those)."""
         self.end_step()
         self.counters.steps += 1
-        if self.estimate is not None:
+        if self.trial is not None:
+            if self.trial.predicting != self.predicting:
+                self.predicting = self.trial.predicting
+                dormant = not self.predicting
+                self.cache.advise(lambda policy, _: setattr(policy, "dormant", dormant))
+            self._timing = (time.perf_counter(), decode_rows) if decode_rows > 0 else None
+        if not self.predicting:
+            self.counters.dormant_steps += 1
+        elif self.estimate is not None:
             self.overlap = self.estimate.on_step()
         self.cache.advise(lambda policy, _: policy.begin_step())
+
+    def end_forward(self) -> None:
+        """The forward `begin_step` began has returned: a timed decode step goes to the trial."""
+        if self._timing is not None and self.trial is not None:
+            start, rows = self._timing
+            self._timing = None
+            self.trial.observe(time.perf_counter() - start, rows)
 
     def offer(
         self, layer: int, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None = None
     ) -> None:
         """Predicted experts of `layer` for this step: one ranked list per token, best first, and for each the
         predictor's probability that the token uses it (None: the predictor only ranks)."""
-        if layer not in self._pos_of or layer in self._pending or layer in self._decided:
+        if not self.predicting or layer not in self._pos_of or layer in self._pending or layer in self._decided:
             return
         miss: dict[int, float] = {}  # expert -> probability that no token uses it
         rank_of: dict[int, int] = {}
@@ -191,6 +215,8 @@ class PredictivePrefetcher:
 
     def on_routing(self, layer: int, expert_ids: Iterable[int]) -> None:
         """`layer`'s real experts are known: score and correct its predictions, move the window on."""
+        if not self.predicting:
+            return
         used = set(expert_ids)
         offers = self._decided.pop(layer, None)
         if offers is None:  # offered too late to decide; still counts for accuracy
@@ -227,6 +253,9 @@ class PredictivePrefetcher:
         """Release everything this step protected; reads ahead never used are dropped if still queued."""
         keys = [(layer, e) for layer, experts in self._issued.items() for e in experts]
         current = self._current
+        if not keys and not current:
+            self._reset()
+            return
 
         def release(policy: PredictivePolicy, _: int) -> None:
             policy.release(current)

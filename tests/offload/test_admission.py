@@ -6,7 +6,7 @@ Deterministic scenarios on the real `ExpertCache` over a meta-device pool and a 
 import pytest
 import torch
 
-from moeflow.offload.admission import AdmissionConfig, Calibration, NextUse, admit, net_gain
+from moeflow.offload.admission import AdmissionConfig, Calibration, NextUse, PredictionTrial, admit, net_gain
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
@@ -246,3 +246,86 @@ def test_a_wrong_admitted_read_is_demoted_and_released():
     assert (0, 3) not in cache.policy.protected and cache.policy.worth((0, 3)) == 0.0  # the next victim
     pf.end_step()
     assert cache.policy.protected == frozenset()
+
+
+# ---- the wall-clock trial -------------------------------------------------------------------------------
+
+
+def _run_trial(trial, seconds_per_row, steps, rows=1):
+    """Feed `steps` decode steps timed by `seconds_per_row(predicting, step)`; the mode of each step."""
+    modes = []
+    for n in range(steps):
+        modes.append(trial.predicting)
+        trial.observe(seconds_per_row(trial.predicting, n) * rows, rows)
+    return modes
+
+
+def test_the_trial_stops_predicting_where_prediction_costs_time_and_tries_again_ever_more_rarely():
+    trial = PredictionTrial()
+    modes = _run_trial(trial, lambda predicting, _: 0.013 if predicting else 0.010, 2000)
+    assert not trial.best and trial.switches == 1
+    first = trial.settle + trial.first_gap  # predicting until the first trial of the other mode
+    assert all(modes[:first]) and not any(modes[first:first + trial.settle + trial.window])
+    later = modes[1000:]
+    assert sum(later) / len(later) < 0.02  # the losing mode's trials have become rare
+    assert trial.seconds_per_row[True] > trial.seconds_per_row[False]
+
+
+def test_the_trial_keeps_predicting_where_it_pays():
+    trial = PredictionTrial()
+    modes = _run_trial(trial, lambda predicting, _: 0.050 if predicting else 0.070, 2000, rows=8)
+    assert trial.best and trial.switches == 0
+    assert sum(modes) / len(modes) > 0.97
+
+
+def test_the_trial_follows_a_change_of_regime():
+    trial = PredictionTrial()
+    # Prediction pays for the first 600 steps (an I/O-bound passage), then costs (everything is resident).
+    modes = _run_trial(trial, lambda predicting, n: (0.05 if predicting else 0.07) if n < 600 else
+                       (0.012 if predicting else 0.010), 1400)
+    assert trial.best is False and not any(modes[-100:])
+    assert sum(modes[:600]) > 550
+
+
+def test_a_difference_within_the_margin_changes_nothing():
+    trial = PredictionTrial(margin=0.05)
+    _run_trial(trial, lambda predicting, _: 0.0100 if predicting else 0.0097, 500)
+    assert trial.best and trial.switches == 0 and trial.trials > 0
+
+
+def test_settle_steps_after_a_switch_are_not_measured():
+    trial = PredictionTrial(window=2, settle=3, first_gap=2)
+    # Right after each switch the step is slow whatever the mode (the cache changing hands): not counted.
+    seen = []
+
+    def seconds(predicting, n):
+        fresh = len(seen) == 0 or seen[-1] != predicting
+        seen.append(predicting)
+        return 1.0 if fresh else (0.02 if predicting else 0.01)
+
+    _run_trial(trial, seconds, 200)
+    assert trial.seconds_per_row == {True: 0.02, False: 0.01} and not trial.best
+
+
+@pytest.mark.parametrize("bad", [dict(window=0), dict(settle=-1), dict(margin=1.0), dict(first_gap=0),
+                                 dict(max_gap=4, first_gap=8), dict(growth=0)])
+def test_bad_trial_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        PredictionTrial(**bad)
+
+
+def test_a_dormant_prefetcher_neither_predicts_nor_reads_ahead_and_its_policy_is_lru():
+    cache = _cache(PredictivePolicy())
+    trial = PredictionTrial(window=1, settle=0, first_gap=1)
+    pf = PredictivePrefetcher(cache, TransferEngine(cache, background=False).prefetch, layers=[0, 1], lookahead=1,
+                              width=2, admission=AdmissionConfig(overlap=4.0), trial=trial)
+    pf.begin_step(decode_rows=1)
+    assert pf.predicting and not cache.policy.dormant
+    pf.end_forward()  # the predicting window is over: the trial tries the other mode next
+    assert not trial.predicting
+    routing = [(0, 1), (2, 3)]
+    offers = [(0, [0, 1], [0.99, 0.99]), (1, [2, 3], [0.99, 0.99])]
+    _step(pf, cache, routing, offers)
+    assert not pf.predicting and cache.policy.dormant
+    assert pf.counters.issued == 0 and pf.counters.offered == 0 and pf.counters.dormant_steps == 1
+    assert cache.stats().misses == 4 and cache.policy.protected == frozenset()

@@ -12,6 +12,7 @@ from moeflow.predictor.rebatch import RebatchAdmission
 import moeflow
 from moeflow.build import make_admission
 from moeflow.errors import MoeflowError
+from moeflow.offload.admission import PredictionTrial
 from moeflow.offload.policy import PredictivePolicy
 from moeflow.scheduler import Scheduler, run_batch
 from moeflow.testing import FAMILY_NAMES
@@ -60,6 +61,17 @@ def test_predictive_greedy_equals_transformers(
         assert counters.precision < 0.35  # it really was wrong, and the output did not care
     else:
         assert counters.correct > 0
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_switching_prediction_on_and_off_never_changes_the_output(tiny_checkpoints, transformers_greedy, family):
+    with moeflow.load(tiny_checkpoints[family], expert_budget="25%", policy="predictive", predictor="gate") as engine:
+        # A trial that changes its mind every step: every switch in both directions, mid-generation.
+        engine.prefetcher.trial = PredictionTrial(window=1, settle=0, first_gap=1, growth=1, max_gap=1)
+        result = engine.generate(PROMPT, max_new_tokens=16)
+        counters = engine.prefetcher.counters
+    assert result.token_ids == transformers_greedy(family, PROMPT, 16)
+    assert 0 < counters.dormant_steps < counters.steps and counters.issued > 0
 
 
 def test_gate_lookahead_beats_its_adversary(tiny_checkpoints, anti_gate):

@@ -160,7 +160,8 @@ def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
     trace, geometry = tiny_trace
     point = parse_budgets(budget, geometry)[0]
     replayed = replay(trace, geometry, policy=policy, budget=point, predictor="gate").stats
-    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget=budget, policy=policy, predictor="gate") as engine:
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget=budget, policy=policy, predictor="gate",
+                      prediction_trial=False) as engine:
         assert engine.cache.pool.capacity == point.slots
         if engine.prefetcher is not None:
             # Fills in the caller's thread, so which slot is still loading cannot depend on thread timing.

@@ -69,9 +69,10 @@ def live_records(
     records = []
     for policy, predictor in policy_runs([p for p in policies if p != "belady"], predictors):
         for budget in budgets:
+            # prediction_trial off: the profile measures what the predictor does, on every step, as replay does.
             options = dict(expert_budget=budget.spec, policy=policy, store=config.live_store,
                            lookahead=config.lookahead, prefetch_width=config.prefetch_width,
-                           predictor_dir=config.predictor_dir)
+                           predictor_dir=config.predictor_dir, prediction_trial=False)
             if predictor is not None:
                 options["predictor"] = predictor
             with load(model, **options) as engine:
