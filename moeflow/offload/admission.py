@@ -30,6 +30,7 @@ Pure Python and deterministic; `moeflow.offload.prefetch` wires it to the cache.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -279,68 +280,101 @@ class PredictionTrial:
     admitting and scoring cost CPU time on the compute thread every layer of every step, and reads ahead
     compete with the demand reads and with compute for the cores. Where reads are cheap next to that (a
     small model, a fast link) prediction slows decoding down, however right it is; where they are dear it
-    pays many times over. Rather than model that, the trial measures it: decode steps run in one mode (the
-    best so far), and every `gap` measured steps the other mode (predicting, or plain LRU with no
-    prediction at all) runs for a `window` of steps. A window's figure is its mean seconds per row
-    without its slowest step (one stray hiccup of the machine does not decide). The other mode becomes
-    the best when it beats the best's latest window by `margin`; each trial it loses makes the next one
-    `growth` times rarer (up to `max_gap`), so a mode that keeps losing costs less and less of the run.
-    The first `settle` steps after a switch are not measured (the cache is still changing hands between
-    the modes). Steps begin predicting.
+    pays many times over. Rather than model that, the trial measures it, in seconds per row of decode steps.
+
+    Steps run in the best mode so far (at first: predicting). Every `gap` measured steps the other mode
+    (predicting, or plain LRU with no prediction at all) is tried: from `window` steps on, its steps are
+    compared with the best mode's latest `history` steps (Welch's test: the difference of the means
+    against `z` standard errors). It becomes the best when it is faster by more than `margin` beyond the
+    noise; the trial ends as a loss as soon as it is slower beyond the noise, or after `max_window` steps
+    that settled nothing (the best mode stays: only a clear win moves it). Each loss makes the next trial
+    `growth` times rarer (up to `max_gap`), so a mode that keeps losing costs less and less of the run; a
+    win brings the gap back to `first_gap`. Step times vary with the misses each token meets, so a small
+    real difference may never be clear: then nothing changes. The first `settle` steps after a switch are
+    not measured (the cache is still changing hands between the modes).
     """
 
     def __init__(
         self,
         *,
         window: int = 4,
+        max_window: int = 12,
+        history: int = 32,
+        z: float = 2.0,
         settle: int = 1,
         margin: float = 0.03,
         first_gap: int = 8,
         growth: int = 4,
         max_gap: int = 1024,
     ) -> None:
-        if window < 1 or settle < 0 or first_gap < 1 or growth < 1 or max_gap < first_gap or not 0 <= margin < 1:
-            raise ValueError("window, first_gap, growth >= 1; settle >= 0; max_gap >= first_gap; margin in [0, 1)")
-        self.window, self.settle, self.margin = window, settle, margin
+        if not 2 <= window <= max_window <= history or settle < 0 or z < 0 or not 0 <= margin < 1:
+            raise ValueError("need 2 <= window <= max_window <= history, settle >= 0, z >= 0, margin in [0, 1)")
+        if first_gap < 1 or growth < 1 or max_gap < first_gap:
+            raise ValueError("need first_gap >= 1, growth >= 1, max_gap >= first_gap")
+        self.window, self.max_window, self.z, self.settle, self.margin = window, max_window, z, settle, margin
         self.first_gap, self.growth, self.max_gap = first_gap, growth, max_gap
         self.predicting = True  # the mode of the next step
         self.best = True  # the mode the run keeps to between trials
         self.gap = first_gap  # measured steps of the best mode before the other is tried
         self.trials = self.switches = 0
-        self.seconds_per_row: dict[bool, float] = {}  # each mode's latest window
+        self.seconds_per_row: dict[bool, float] = {}  # each mode's mean over its latest measured steps
+        self._best: deque[float] = deque(maxlen=history)  # seconds per row of the best mode's latest steps
+        self._trial: list[float] = []  # ...and of the trial in progress
         self._since = 0  # measured steps of the best mode since the last trial
         self._skip = settle
-        self._per_row: list[float] = []  # seconds per row of the window's steps so far
 
     def observe(self, seconds: float, rows: int) -> None:
         """A decode step of the current mode took `seconds` for `rows` rows; may change the next step's mode."""
         if self._skip:
             self._skip -= 1
             return
-        self._per_row.append(seconds / max(rows, 1))
-        if len(self._per_row) < self.window:
-            return
-        kept = sorted(self._per_row)[: max(self.window - 1, 1)]
-        self._per_row = []
-        mean = sum(kept) / len(kept)
-        self.seconds_per_row[self.predicting] = mean
+        x = seconds / max(rows, 1)
         if self.predicting == self.best:
-            self._since += self.window
-            if self._since >= self.gap:  # time to try the other mode
+            self._best.append(x)
+            self._since += 1
+            if self._since >= self.gap and len(self._best) >= self.window:
+                self.seconds_per_row[self.best] = _mean(self._best)
                 self.trials += 1
+                self._trial = []
                 self._set(not self.best)
             return
-        best_mean = self.seconds_per_row.get(self.best, math.inf)
+        self._trial.append(x)
+        if len(self._trial) < self.window:
+            return
+        verdict = self._verdict()
+        if verdict is None and len(self._trial) < self.max_window:
+            return
+        self.seconds_per_row[self.predicting] = _mean(self._trial)
         self._since = 0
-        if mean < best_mean * (1.0 - self.margin):  # the other mode won: it is the best now
+        if verdict is True:  # the other mode won: it is the best now
             self.best = self.predicting
             self.gap = self.first_gap
             self.switches += 1
+            self._best = deque(self._trial, maxlen=self._best.maxlen)
         else:
             self.gap = min(self.gap * self.growth, self.max_gap)
         self._set(self.best)
+
+    def _verdict(self) -> bool | None:
+        """True: the trial's mode is faster beyond margin and noise; False: slower beyond noise; None: not clear."""
+        best, trial = _mean(self._best), _mean(self._trial)
+        se = math.sqrt(_var(self._best) / len(self._best) + _var(self._trial) / len(self._trial))
+        if best - trial > self.margin * best + self.z * se:
+            return True
+        if trial - best > self.z * se:
+            return False
+        return None
 
     def _set(self, predicting: bool) -> None:
         if predicting != self.predicting:
             self.predicting = predicting
             self._skip = self.settle
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _var(xs: Sequence[float]) -> float:
+    m = _mean(xs)
+    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)

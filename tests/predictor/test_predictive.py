@@ -67,7 +67,8 @@ def test_predictive_greedy_equals_transformers(
 def test_switching_prediction_on_and_off_never_changes_the_output(tiny_checkpoints, transformers_greedy, family):
     with moeflow.load(tiny_checkpoints[family], expert_budget="25%", policy="predictive", predictor="gate") as engine:
         # A trial that changes its mind every step: every switch in both directions, mid-generation.
-        engine.prefetcher.trial = PredictionTrial(window=1, settle=0, first_gap=1, growth=1, max_gap=1)
+        engine.prefetcher.trial = PredictionTrial(window=2, max_window=2, history=2, settle=0, first_gap=1, growth=1,
+                                                  max_gap=1)
         result = engine.generate(PROMPT, max_new_tokens=16)
         counters = engine.prefetcher.counters
     assert result.token_ids == transformers_greedy(family, PROMPT, 16)
