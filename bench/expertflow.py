@@ -9,15 +9,10 @@ Three models, because prediction must pay where users are and must not cost wher
 - ``random``: a Mixtral-shaped checkpoint with random weights (bench/offload_decode.py's): routing
   no predictor has seen; prediction must know when not to trust itself.
 
-Decode (``--paired``, the default for every model): each round is one fresh process, started after
-the page cache is dropped, holding every contender's engine (each with its own expert budget, experts
-read from disk with O_DIRECT) inside a cgroup memory group of one runtime plus each contender's share
-(dense weights + the expert budget + slack); the contenders take turns prompt by prompt, the order
-rotating, so a machine whose speed drifts over seconds (this one does, by +-15%) slows all of them
-alike; a contender's speed is its decode tokens over its decode seconds summed over the rounds.
-Otherwise (and for ``rebatch``) every contender is a fresh process in a cgroup with the same limit for
-all (runtime + dense weights + the expert budget + slack); rounds interleave the contenders and each
-one's best round is kept. Each contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
+Every contender is a fresh process inside a cgroup memory group with the same limit for all
+(runtime + dense weights + the expert budget + slack), started after the page cache is dropped,
+experts read from disk with O_DIRECT; rounds interleave the contenders and each one's best round is
+kept. Each contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
 bytes read per decode token and decode hit rate, with Belady's offline optimum replayed on LRU's own
 decode routing as the bytes reference, and each predictive contender's own decode replayed
 (`moeflow.tools.profile.replay`, with the overlap the live engine measured) next to its live hit
@@ -85,71 +80,47 @@ def random_prompts(n: int, vocab: int) -> list[list[int]]:
 # ---- one contender, in a child process ------------------------------------------------------------------
 
 
-def decode_prompt(engine, prompt: list[int], tokens: int, record_routing: bool) -> dict:
-    """Greedy decode of one prompt; prefill and decode measured apart, with the cache counters of the decode."""
-    seq = engine.new_sequence(prompt, max_new_tokens=tokens)
-    batch = engine.new_batch()
-    t0 = time.perf_counter()
-    batch.prefill(seq)
-    t1 = time.perf_counter()
-    before = engine.stats()
-    batch.add(seq)
-    routing: list[list[list[int]]] = []  # decode step -> MoE layer -> top-k experts
-    while not seq.done:
-        result = batch.step()
-        if record_routing:
-            routing.append([e.top_k_index_TK[0].tolist() for e in result.routing])
-    t2 = time.perf_counter()
-    engine.settle()
-    after = engine.stats()
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "bytes": after.bytes_read - before.bytes_read,
-            "hits": after.hits - before.hits, "misses": after.misses - before.misses,
-            "decode_tokens": len(seq.generated) - 1, "tokens": list(seq.generated), "routing": routing}
-
-
-def decode_row(engine, runs: list[dict]) -> dict:
-    """A contender's result over its prompts' `decode_prompt` runs."""
-    total = {k: sum(r[k] for r in runs) for k in ("prefill_s", "decode_s", "bytes", "hits", "misses", "decode_tokens")}
-    stats = engine.stats()
-    return {
-        "tokens": [r["tokens"] for r in runs], "routing": [step for r in runs for step in r["routing"]],
-        "prefill_s": total["prefill_s"], "decode_s": total["decode_s"], "decode_tokens": total["decode_tokens"],
-        "decode_tokens_per_s": total["decode_tokens"] / total["decode_s"],
-        "decode_bytes_per_token": total["bytes"] / total["decode_tokens"], "hit_rate": stats.hit_rate,
-        "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
-        "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots,
-        "prefetch": engine.prefetcher.counters.to_dict() if engine.prefetcher is not None else None,
-        "decode_hit_rate": total["hits"] / max(total["hits"] + total["misses"], 1),
-        "overlap": engine.prefetcher.overlap if engine.prefetcher is not None else None,
-    }  # fmt: skip
-
-
 def decode_child(spec: dict) -> dict:
-    """Greedy decode of every prompt, one at a time."""
+    """Greedy decode of every prompt, one at a time; prefill and decode measured apart."""
     import moeflow
 
     with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
-        runs = [decode_prompt(engine, p, spec["tokens"], spec["record_routing"]) for p in spec["prompts"]]
-        return decode_row(engine, runs)
-
-
-def paired_child(spec: dict) -> dict:
-    """Every contender's engine loaded in one process, each prompt decoded by all of them in turn (the order
-    rotating from prompt to prompt): a machine whose speed drifts over seconds slows every contender alike."""
-    import moeflow
-
-    engines = {name: moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **options)
-               for name, options in spec["contenders"]}  # fmt: skip
-    try:
-        names = list(engines)
-        runs: dict[str, list[dict]] = {name: [] for name in names}
-        for i, prompt in enumerate(spec["prompts"]):
-            for name in names[i % len(names):] + names[: i % len(names)]:
-                runs[name].append(decode_prompt(engines[name], prompt, spec["tokens"], name == "lru"))
-        return {"rows": {name: decode_row(engines[name], runs[name]) for name in names}}
-    finally:
-        for engine in engines.values():
-            engine.close()
+        prefill_s = decode_s = 0.0
+        decode_bytes = decode_tokens = decode_hits = decode_misses = 0
+        tokens: list[list[int]] = []
+        routing: list[list[list[int]]] = []  # decode step -> MoE layer -> top-k experts
+        for prompt in spec["prompts"]:
+            seq = engine.new_sequence(prompt, max_new_tokens=spec["tokens"])
+            batch = engine.new_batch()
+            t0 = time.perf_counter()
+            batch.prefill(seq)
+            t1 = time.perf_counter()
+            before = engine.stats()
+            batch.add(seq)
+            while not seq.done:
+                result = batch.step()
+                if spec["record_routing"]:
+                    routing.append([e.top_k_index_TK[0].tolist() for e in result.routing])
+            t2 = time.perf_counter()
+            engine.settle()
+            after = engine.stats()
+            decode_bytes += after.bytes_read - before.bytes_read
+            decode_hits += after.hits - before.hits
+            decode_misses += after.misses - before.misses
+            decode_tokens += len(seq.generated) - 1
+            prefill_s, decode_s = prefill_s + t1 - t0, decode_s + t2 - t1
+            tokens.append(list(seq.generated))
+        stats = engine.stats()
+        counters = engine.prefetcher.counters.to_dict() if engine.prefetcher is not None else None
+        overlap = engine.prefetcher.overlap if engine.prefetcher is not None else None
+    return {
+        "tokens": tokens, "routing": routing, "prefill_s": prefill_s, "decode_s": decode_s,
+        "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tokens / decode_s,
+        "decode_bytes_per_token": decode_bytes / decode_tokens, "hit_rate": stats.hit_rate,
+        "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
+        "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
+        "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1), "overlap": overlap,
+    }  # fmt: skip
 
 
 def rebatch_child(spec: dict) -> dict:
@@ -207,39 +178,6 @@ def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float) ->
                 best[name] = {**row, "speed": speed}
             best[name]["all_rounds_tokens_per_s"] = [*runs, speed]
     return best
-
-
-def paired_rounds(model_name: str, model: Path, args: argparse.Namespace, contenders: list[tuple[str, dict]],
-                  prompts: list[list[int]], limit: int) -> list[dict]:
-    """`paired_child` `repeats` times; each contender's speed is its decode tokens over its decode seconds summed
-    over every round (the same prompts, the same moments of the machine for all)."""
-    spec = {"kind": "paired", "model": str(model), "budget": args.budget, "contenders": contenders,
-            "prompts": prompts, "tokens": args.tokens}  # fmt: skip
-    totals: dict[str, dict] = {}
-    for rnd in range(args.repeats):
-        dropped = drop_caches()
-        out = run_child([sys.executable, __file__, "--child", json.dumps(spec)], limit_bytes=limit,
-                        timeout_s=args.child_timeout)
-        if "error" in out:
-            print(f"[round {rnd + 1}/{args.repeats}] {model_name} paired: failed: {out['error'][-300:]}", flush=True)
-            continue
-        for name, row in out["rows"].items():
-            t = totals.setdefault(name, {"decode_s": 0.0, "decode_tokens": 0, "rounds": []})
-            t["decode_s"] += row["decode_s"]
-            t["decode_tokens"] += row["decode_tokens"]
-            t["rounds"].append(row["decode_tokens_per_s"])
-            t["row"] = {**row, "name": f"{model_name} {name}", "round": rnd, "page_cache_dropped": dropped,
-                        "paired": True}
-        print(f"[round {rnd + 1}/{args.repeats}] {model_name} paired: " + ", ".join(
-            f"{name} {row['decode_tokens_per_s']:.2f}" for name, row in out["rows"].items()) + " tok/s", flush=True)
-    rows = []
-    for name, _ in contenders:
-        t = totals.get(name)
-        if t is None:
-            rows.append({"name": f"{model_name} {name}", "error": "every paired round failed"})
-            continue
-        rows.append({**t["row"], "speed": t["decode_tokens"] / t["decode_s"], "all_rounds_tokens_per_s": t["rounds"]})
-    return rows
 
 
 def replay_on_routing(model: Path, routing: list[list[list[int]]], slots: int) -> dict:
@@ -316,18 +254,14 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         contenders = [("lru", {"policy": "lru"})]
         contenders += [(f"predictive/{p}", {"policy": "predictive", "predictor": p}) for p in predictors]
         limit = memory_limit(model, args.budget, runtime)
-        if model_name in args.paired:
-            shared = runtime + len(contenders) * (limit - runtime)  # one runtime, each engine's own share
-            rows = paired_rounds(model_name, model, args, contenders, prompts, shared)
-        else:
-            jobs = [
-                (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget,
-                                          "options": options, "prompts": prompts, "tokens": args.tokens,
-                                          "record_routing": name == "lru"}, limit)
-                for name, options in contenders
-            ]  # fmt: skip
-            best = rounds(jobs, args.repeats, args.child_timeout)
-            rows = [best[name] for name, _, _ in jobs]
+        jobs = [
+            (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget, "options": options,
+                                      "prompts": prompts, "tokens": args.tokens, "record_routing": name == "lru"},
+             limit)
+            for name, options in contenders
+        ]  # fmt: skip
+        best = rounds(jobs, args.repeats, args.child_timeout)
+        rows = [best[name] for name, _, _ in jobs]
         lru = rows[0]
         for r in rows:
             r["tokens_equal_lru"] = "error" not in r and "error" not in lru and r["tokens"] == lru["tokens"]
@@ -476,9 +410,6 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per prompt")
     parser.add_argument("--decode-prompts", type=int, default=6)
     parser.add_argument("--default-prompts", type=int, default=24, help="decode: prompts on the shipped model")
-    parser.add_argument("--paired", type=lambda s: s.split(",") if s else [], default=["iobound", "default", "random"],
-                        help="decode: models whose contenders share one process, taking turns prompt by prompt "
-                             "(a machine whose speed drifts over seconds slows all alike); others: one process each")
     parser.add_argument("--prompts", type=int, default=256, help="rebatch: prompts in the batch job")
     parser.add_argument("--rebatch-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
@@ -488,8 +419,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child is not None:
         spec = json.loads(args.child)
-        child = {"decode": decode_child, "paired": paired_child, "rebatch": rebatch_child}[spec["kind"]]
-        print(json.dumps(child(spec)))
+        print(json.dumps(decode_child(spec) if spec["kind"] == "decode" else rebatch_child(spec)))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     iobound = prepare_model("iobound", args.workdir)

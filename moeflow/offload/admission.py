@@ -300,7 +300,7 @@ class PredictionTrial:
         window: int = 4,
         max_window: int = 12,
         history: int = 32,
-        z: float = 3.0,
+        z: float = 2.0,
         settle: int = 1,
         margin: float = 0.03,
         first_gap: int = 8,
