@@ -306,7 +306,9 @@ def dequantize(
 @dataclass(frozen=True, kw_only=True)
 class QuantizedPool:
     """A slot pool of quantized experts: ``gate_up_q [S, 2I, *]`` and ``down_q [S, D, *]`` in ``fmt``'s weight
-    layout, their scales ``[S, 2I, G]`` / ``[S, D, G]`` (None for bf16/fp16), and the sizes I and D."""
+    layout, their scales ``[S, 2I, G]`` / ``[S, D, G]`` (None for bf16/fp16), and the sizes I and D.
+    int4 on the CPU: ``*_scale_zeros``, where the pool keeps them, the same scales in torch's int4 matmul layout
+    ``[S, P, C / group, rows, 2]`` (``fill_int4pack_scales``), so a use does not rebuild them."""
 
     fmt: ExpertFormat
     gate_up_q: torch.Tensor
@@ -315,6 +317,8 @@ class QuantizedPool:
     down_scale: torch.Tensor | None
     inter: int
     hidden: int
+    gate_up_scale_zeros: torch.Tensor | None = None
+    down_scale_zeros: torch.Tensor | None = None
 
     def dequantize_slot(self, s: int, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> None:
         """Slot ``s``'s weights into the given buffers (the compute dtype)."""
@@ -329,14 +333,16 @@ class QuantizedPool:
     ) -> torch.Tensor:  # fmt: skip
         """Slot ``s``'s MLP on a few rows through torch's packed CPU matmuls (bf16 activations; module docstring),
         each projection that they cannot take dequantized into ``scratch`` and multiplied in x's dtype."""
-        h_n2I = _packed_linear(x_nD, self.gate_up_q[s], self.gate_up_scale[s], self.fmt, GATE_UP_PIECES)
+        gu_sz, d_sz = self.gate_up_scale_zeros, self.down_scale_zeros
+        h_n2I = _packed_linear(x_nD, self.gate_up_q[s], self.gate_up_scale[s], self.fmt, GATE_UP_PIECES,
+                               None if gu_sz is None else gu_sz[s])  # fmt: skip
         if h_n2I is None:
             h_n2I = GEMMS["mm"](x_nD, dequantize(self.gate_up_q[s], self.gate_up_scale[s], self.fmt,
                                                  out=scratch[0], pieces=GATE_UP_PIECES))  # fmt: skip
         if bias_2I is not None:
             h_n2I.add_(bias_2I)
         a_nI = gate(h_n2I)
-        y_nD = _packed_linear(a_nI, self.down_q[s], self.down_scale[s], self.fmt, 1)
+        y_nD = _packed_linear(a_nI, self.down_q[s], self.down_scale[s], self.fmt, 1, None if d_sz is None else d_sz[s])
         if y_nD is None:
             y_nD = GEMMS["mm"](a_nI, dequantize(self.down_q[s], self.down_scale[s], self.fmt, out=scratch[1]))
         if bias_D is not None:
@@ -362,30 +368,69 @@ def _int4pack_layout_matches() -> bool:
     return bool(want.shape == (codes.shape[0], 32) and torch.equal(want, _pack_int4_rows(codes.to(torch.uint8))))
 
 
+def int4pack_scales_shape(fmt: ExpertFormat, rows: int, cols: int, pieces: int) -> tuple[int, int, int] | None:
+    """(pieces, torch groups, rows per piece) of the bf16 scale + zero point tensor that torch's CPU int4 matmul
+    takes for a ``rows x cols`` int4 projection stored as ``pieces``, or None where that matmul cannot take it."""
+    if fmt.kind != "int4":
+        return None
+    if rows // pieces % INT4_BLOCK_ROWS == 0:  # whole blocks: the pieces side by side are one matrix, one call
+        pieces = 1
+    group = math.gcd(fmt.group_size, cols)  # torch's groups divide C: a partial last group is repeated scales
+    if rows // pieces % (INT4_BLOCK_ROWS // 2) or group < 32 or not _int4pack_layout_matches():
+        return None
+    return pieces, cols // group, rows // pieces
+
+
+def int4pack_scales_shapes(fmt: ExpertFormat, inter: int, hidden: int) -> tuple[tuple[int, ...] | None, ...]:
+    """``int4pack_scales_shape`` of an expert's gate_up and down projections (None for one the matmul cannot take)."""
+    return (int4pack_scales_shape(fmt, 2 * inter, hidden, GATE_UP_PIECES), int4pack_scales_shape(fmt, hidden, inter, 1))
+
+
+def int4pack_scales_nbytes(fmt: ExpertFormat, inter: int, hidden: int) -> int:
+    """Bytes per slot of an expert's scales kept in torch's int4 matmul layout (bf16 scale + zero point)."""
+    return sum(4 * math.prod(shape) for shape in int4pack_scales_shapes(fmt, inter, hidden) if shape is not None)
+
+
+def fill_int4pack_scales(scale_NG: torch.Tensor, fmt: ExpertFormat, cols: int, out_PGR2: torch.Tensor) -> None:
+    """Stored int4 scales ``[N, G]`` of a projection with ``cols`` columns into the scale halves ``[..., 0]`` of
+    torch's ``[P, C / group, rows, 2]`` (``int4pack_scales_shape``), each stored group's scale into every torch
+    group it covers. The zero-point halves are not written: the caller's buffer holds zeros there."""
+    pieces, groups, rows = out_PGR2.shape[:3]
+    s_PGR = scale_NG.view(pieces, rows, -1).transpose(1, 2)
+    per, full = fmt.group_size // math.gcd(fmt.group_size, cols), cols // fmt.group_size
+    if full:
+        out_PGR2[:, : full * per].view(pieces, full, per, rows, 2)[..., 0] = s_PGR[:, :full, None]
+    if full * per < groups:  # the partial last stored group
+        out_PGR2[:, full * per :, :, 0] = s_PGR[:, full:]
+
+
 def _packed_linear(
-    x_nC: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fmt: ExpertFormat, pieces: int
+    x_nC: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    fmt: ExpertFormat,
+    pieces: int,
+    scale_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """``x @ dequant(q)^T`` [n, N] in x's dtype through torch's packed CPU matmul with bf16 activations, or None
-    where that matmul cannot take the projection (then the caller dequantizes)."""
+    where that matmul cannot take the projection (then the caller dequantizes). int4: ``scale_zeros``, the
+    scales already in torch's layout (``fill_int4pack_scales``, as a slot pool keeps them), else built here."""
     N = q.shape[0]
     if fmt.kind == "int8":
         # The fp32 row scale is applied after the bf16 matmul (on its bf16 output), not rounded to bf16.
         y = torch._weight_int8pack_mm(x_nC.to(torch.bfloat16), q, torch.ones(N, dtype=torch.bfloat16))
         return y.to(x_nC.dtype).mul_(scale.view(1, N))
-    if N // pieces % INT4_BLOCK_ROWS == 0:  # whole blocks: the pieces side by side are one matrix, one call
-        pieces = 1
-    C, rows = x_nC.shape[1], N // pieces
-    group = math.gcd(fmt.group_size, C)  # torch's groups divide C: a partial last group is repeated scales
-    if rows % (INT4_BLOCK_ROWS // 2) or group < 32 or not _int4pack_layout_matches():
-        return None
-    # torch takes [C / group, rows, 2] (scale, zero point) per call; ours are symmetric, zero points 0
-    scale_zeros = torch.zeros(pieces, C // group, rows, 2, dtype=torch.bfloat16)
-    s_PGR = scale.view(pieces, rows, -1).transpose(1, 2)
-    per = fmt.group_size // group
-    if per > 1:  # each stored group's scale repeated for the torch groups it covers (not indexing: 8x slower)
-        s_PGR = s_PGR[:, :, None].expand(-1, -1, per, -1).reshape(pieces, -1, rows)[:, : C // group]
-    scale_zeros[..., 0] = s_PGR
+    C = x_nC.shape[1]
+    if scale_zeros is None:
+        shape = int4pack_scales_shape(fmt, N, C, pieces)
+        if shape is None:
+            return None
+        scale_zeros = torch.zeros(*shape, 2, dtype=torch.bfloat16)
+        fill_int4pack_scales(scale, fmt, C, scale_zeros)
+    pieces, group, rows = scale_zeros.shape[0], C // scale_zeros.shape[1], scale_zeros.shape[2]
     x_bf16 = x_nC.to(torch.bfloat16)
+    if pieces == 1:
+        return torch._weight_int4pack_mm_for_cpu(x_bf16, q, group, scale_zeros[0]).to(x_nC.dtype)
     outs = [torch._weight_int4pack_mm_for_cpu(x_bf16, q[p * rows : (p + 1) * rows], group, scale_zeros[p])
             for p in range(pieces)]  # fmt: skip
     return torch.cat(outs, dim=1).to(x_nC.dtype)

@@ -153,7 +153,9 @@ class Engine:
         self.expert_format = resolve_expert_format(
             self.config.expert_dtype, self.config.group_size, stored=quant and quant.fmt, compute=self.dtype
         )
-        slot_bytes = expert_slot_bytes(inter, hidden, self.expert_format, self.dtype)
+        # int4 slots computed by torch's CPU matmul also keep their scales in its layout (counted in the budget)
+        packed_scales = self.device.type == "cpu" and not self.config.exact_quantized
+        slot_bytes = expert_slot_bytes(inter, hidden, self.expert_format, self.dtype, packed_scales=packed_scales)
         budget = resolve_budget(
             self.config.expert_budget,
             slot_bytes=slot_bytes,
@@ -167,7 +169,7 @@ class Engine:
             store = QuantizingStore(store, self.expert_format, inter=inter, hidden=hidden, dtype=torch.float32)
         pool = SlotPool(
             capacity=budget.slots, inter=inter, hidden=hidden, dtype=self.dtype, device=self.device,
-            fmt=self.expert_format,
+            fmt=self.expert_format, packed_scales=packed_scales,
         )  # fmt: skip
         if self.config.store == "ram":
             source = store

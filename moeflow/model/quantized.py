@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeflow.errors import CheckpointError
-from moeflow.kernels.quant import INT4_GROUP_SIZES, QUANT_KINDS, ExpertFormat, dequantize
+from moeflow.kernels.quant import INT4_GROUP_SIZES, QUANT_KINDS, ExpertFormat, dequantize, int4pack_scales_nbytes
 
 if TYPE_CHECKING:  # moeflow.model.checkpoint imports this module to parse a quantized folder
     from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
@@ -250,8 +250,12 @@ def resolve_expert_format(
     return ExpertFormat(kind=requested, group_size=group_size if requested == "int4" else 0)
 
 
-def expert_slot_bytes(inter: int, hidden: int, fmt: ExpertFormat | None, compute: torch.dtype) -> int:
-    """Bytes of one slot: what the budget counts per resident expert."""
+def expert_slot_bytes(
+    inter: int, hidden: int, fmt: ExpertFormat | None, compute: torch.dtype, *, packed_scales: bool = False
+) -> int:
+    """Bytes of one slot: what the budget counts per resident expert (``packed_scales``: also its int4 scales
+    in torch's matmul layout, as a CPU slot pool keeps them; ``SlotPool``)."""
     if fmt is None:
         return 3 * inter * hidden * compute.itemsize
-    return fmt.nbytes(2 * inter, hidden) + fmt.nbytes(hidden, inter)
+    extra = int4pack_scales_nbytes(fmt, inter, hidden) if packed_scales else 0
+    return fmt.nbytes(2 * inter, hidden) + fmt.nbytes(hidden, inter) + extra

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from moeflow.kernels.quant import ExpertFormat, QuantizedPool
+from moeflow.kernels.quant import ExpertFormat, QuantizedPool, fill_int4pack_scales, int4pack_scales_shapes
 from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
 from moeflow.offload.readers import ReaderPool
@@ -81,11 +81,15 @@ class SlotPool:
         dtype: torch.dtype,
         device: torch.device,
         fmt: ExpertFormat | None = None,
+        packed_scales: bool = False,
     ) -> None:
         self.capacity = capacity
         self.inter, self.hidden, self.fmt = inter, hidden, fmt
         self.gate_up_scale: torch.Tensor | None = None
         self.down_scale: torch.Tensor | None = None
+        # int4 on the CPU (`packed_scales`): the scales also in torch's matmul layout, written once per read
+        self.gate_up_scale_zeros: torch.Tensor | None = None
+        self.down_scale_zeros: torch.Tensor | None = None
         if fmt is None:
             self.gate_up_S2ID = torch.empty(capacity, 2 * inter, hidden, dtype=dtype, device=device)
             self.down_SDI = torch.empty(capacity, hidden, inter, dtype=dtype, device=device)
@@ -97,10 +101,24 @@ class SlotPool:
             if gu_shape is not None and d_shape is not None:
                 self.gate_up_scale = torch.empty(capacity, *gu_shape, dtype=fmt.scale_dtype, device=device)
                 self.down_scale = torch.empty(capacity, *d_shape, dtype=fmt.scale_dtype, device=device)
+            if packed_scales and device.type == "cpu":
+                gu_sz, d_sz = (None if shape is None else torch.zeros(capacity, *shape, 2, dtype=torch.bfloat16)
+                               for shape in int4pack_scales_shapes(fmt, inter, hidden))  # fmt: skip
+                self.gate_up_scale_zeros, self.down_scale_zeros = gu_sz, d_sz
         self.slot_bytes = sum(t[0].nbytes for t in self._tensors()) if capacity else 0
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.gate_up_S2ID, self.down_SDI, self.gate_up_scale, self.down_scale) if t is not None]
+        every = (self.gate_up_S2ID, self.down_SDI, self.gate_up_scale, self.down_scale, self.gate_up_scale_zeros,
+                 self.down_scale_zeros)  # fmt: skip
+        return [t for t in every if t is not None]
+
+    def prepare_slot(self, s: int) -> None:
+        """After slot `s` was read: its int4 scales into torch's matmul layout, where the pool keeps them."""
+        assert self.fmt is not None or self.gate_up_scale_zeros is None
+        if self.gate_up_scale_zeros is not None:
+            fill_int4pack_scales(self.gate_up_scale[s], self.fmt, self.hidden, self.gate_up_scale_zeros[s])
+        if self.down_scale_zeros is not None:
+            fill_int4pack_scales(self.down_scale[s], self.fmt, self.inter, self.down_scale_zeros[s])
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +141,8 @@ class SlotPool:
             down_scale=self.down_scale,
             inter=self.inter,
             hidden=self.hidden,
+            gate_up_scale_zeros=self.gate_up_scale_zeros,
+            down_scale_zeros=self.down_scale_zeros,
         )
 
 
@@ -300,7 +320,9 @@ class ExpertCache:
         scales = pool.scale_views(s)
         extra = {"scales": scales} if scales else {}
         if self._copy_stream is None:
-            return self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s], **extra), None
+            nbytes = self.store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s], **extra)
+            pool.prepare_slot(s)
+            return nbytes, None
         # The slot's previous expert may still be read by queued kernels: order after them.
         self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
         with torch.cuda.stream(self._copy_stream):

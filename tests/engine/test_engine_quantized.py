@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from moeflow.kernels.quant import ExpertFormat, dequantize, quantize
+from moeflow.kernels.quant import ExpertFormat, dequantize, int4pack_scales_nbytes, quantize
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -157,16 +157,22 @@ def test_quantized_as_read_equals_reference_in_every_layout(family_checkpoints, 
 
 
 def test_budget_counts_quantized_bytes(tiny_checkpoints):
-    """Slots hold quantized bytes: the same byte budget holds ~4x (int8) / ~7x (int4) the fp32 experts."""
+    """Slots hold quantized bytes: the same byte budget holds ~4x (int8) / ~6x (int4) the fp32 experts. An int4
+    slot computed by torch's CPU matmul also holds its scales in that matmul's layout: counted too."""
     path = tiny_checkpoints["mixtral"]
     with moeflow.load(path) as engine:
         fp32_slot = engine.cache.pool.slot_bytes
         inter, hidden = engine.cache.pool.inter, engine.cache.pool.hidden
     budget = 3 * fp32_slot
     for expert_dtype, fmt in (("int8", FORMATS["int8"]), ("int4", FORMATS["int4-g128"])):
+        stored = fmt.nbytes(2 * inter, hidden) + fmt.nbytes(hidden, inter)
+        with moeflow.load(path, expert_budget=budget, expert_dtype=expert_dtype, exact_quantized=True) as engine:
+            assert engine.cache.pool.slot_bytes == stored
         with moeflow.load(path, expert_budget=budget, expert_dtype=expert_dtype) as engine:
             pool = engine.cache.pool
-            assert pool.slot_bytes == fmt.nbytes(2 * inter, hidden) + fmt.nbytes(hidden, inter)
+            torch_layout = int4pack_scales_nbytes(fmt, inter, hidden) if expert_dtype == "int4" else 0
+            assert (torch_layout > 0) == (expert_dtype == "int4")
+            assert pool.slot_bytes == stored + torch_layout
             assert pool.nbytes <= budget
             assert pool.capacity == min(budget // pool.slot_bytes, len(engine.checkpoint.experts)) > 3 * 3
             engine.generate(PROMPT, max_new_tokens=4)

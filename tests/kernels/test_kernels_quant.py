@@ -2,6 +2,8 @@
 quantized pool against the exact path on the dequantized weights: bit for bit with ``packed=False``, within
 PACKED_ATOL through torch's packed matmuls."""
 
+import dataclasses
+
 import pytest
 import torch
 from moeflow.kernels import experts_forward
@@ -11,6 +13,8 @@ from moeflow.kernels.quant import (
     ExpertFormat,
     QuantizedPool,
     dequantize,
+    fill_int4pack_scales,
+    int4pack_scales_shapes,
     quantize,
     quantized_experts_forward,
 )
@@ -199,6 +203,27 @@ def test_packed_forward_within_its_tolerance(fmt, I, D, int4_packed, T, ids):
     torch.testing.assert_close(got, want, rtol=0, atol=PACKED_ATOL * want.abs().max().item())
     ran = (fmt.kind == "int8" or int4_packed) and T * 2 <= 16 and (torch.tensor(ids) >= 0).any()
     assert torch.equal(got, want) != ran
+
+
+@pytest.mark.parametrize("fmt", [INT4[32], INT4[128]], ids=lambda f: f.name)
+@pytest.mark.parametrize(("I", "D"), [(64, 64), (48, 192), (64, 320)])  # 320 with group 128: a partial group
+def test_pool_kept_int4_scales_equal_the_ones_built_per_call(fmt, I, D):
+    """A slot pool keeps its int4 scales in torch's matmul layout (filled once per read): the same result, bit for
+    bit, as building them at every call, on both projections; the buffer's zero points stay zero."""
+    pool, _, _ = _pool(fmt, S=3, inter=I, hidden=D)
+    shapes = int4pack_scales_shapes(fmt, I, D)
+    assert shapes[0] is not None
+    kept = [None if sh is None else torch.zeros(3, *sh, 2, dtype=torch.bfloat16) for sh in shapes]
+    for s in range(3):
+        for buf, scale, cols in zip(kept, (pool.gate_up_scale, pool.down_scale), (D, I)):
+            if buf is not None:
+                fill_int4pack_scales(scale[s], fmt, cols, buf[s])
+                assert not buf[s][..., 1].any() and buf[s][..., 0].ne(0).any()
+    prepared = dataclasses.replace(pool, gate_up_scale_zeros=kept[0], down_scale_zeros=kept[1])
+    x = torch.randn(2, D, generator=torch.Generator().manual_seed(1))
+    ids_TK, w_TK = torch.tensor([[2, 0], [1, 2]]), torch.rand(2, 2, generator=torch.Generator().manual_seed(2))
+    got = quantized_experts_forward(x, prepared, w_TK, ids_TK)
+    assert torch.equal(got, quantized_experts_forward(x, pool, w_TK, ids_TK))
 
 
 def test_quantized_forward_with_biases_equals_exact_path():
