@@ -8,6 +8,10 @@ Public API:
         the one expert-MLP entry, called by the offload engine and by training: exact=True is transformers'
         grouped_mm arithmetic to the last bit on the CPU, with the family's gate; exact=False is the
         fastest measured path (``fused_moe``). Slot id -1: the pair contributes 0.
+    experts_rows(x_TD, gate_up_S2ID, down_SDI, slot_ids_TK, *, gate=None) -> rows_PD;  weighted_sum(rows_PD,
+    weights_TK, out_dtype) -> out_TD
+        the exact path in two steps: each pair's row before its routing weight, then the sum over k; a layer
+        whose experts arrive in batches computes each batch's rows as they land (bit for bit the same).
     fused_moe(hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK, topk_ids_TK) -> out_TD
         transformers' layout (gate rows then up rows; SiLU). Ids index the first weight dimension, so
         a slot pool works as is; an id outside [0, E) is a pair not computed here (contributes 0).
@@ -26,7 +30,7 @@ that one, and must not take this package for it (tests/kernels/test_kernels_name
 """
 
 from moeflow.kernels.config import TileConfig
-from moeflow.kernels.experts import experts_forward
+from moeflow.kernels.experts import experts_forward, experts_rows, weighted_sum
 from moeflow.kernels.fused_moe import fused_moe
 from moeflow.kernels.metadata import SortedPairs, sort_pairs, sort_pairs_reference
 from moeflow.kernels.reference import fused_moe_reference
@@ -41,6 +45,7 @@ __all__ = [
     "SortedPairs",
     "TileConfig",
     "experts_forward",
+    "experts_rows",
     "fused_moe",
     "fused_moe_reference",
     "grouped_topk_sigmoid",
@@ -49,4 +54,5 @@ __all__ = [
     "sort_pairs_reference",
     "topk_softmax",
     "topk_softmax_reference",
+    "weighted_sum",
 ]

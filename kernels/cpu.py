@@ -116,7 +116,11 @@ def _per_slot(pool: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
     return pool.unbind(0) if pool.requires_grad and torch.is_grad_enabled() else pool
 
 
-def _weight_and_sum(y_PD: torch.Tensor, weights_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _weight_and_sum(y_PD: torch.Tensor, weights_TK: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum over k, in k order, of weights[t, k] * y[t * K + k]; with no weights, the pairs' rows
+    themselves (``experts_rows``: summed later, when every pair has its row)."""
+    if weights_TK is None:
+        return y_PD
     T, K = weights_TK.shape
     w_P1 = weights_TK.reshape(-1, 1)
     y_PD = y_PD.mul_(w_P1) if w_P1.dtype == y_PD.dtype else y_PD * w_P1
@@ -146,7 +150,7 @@ def moe_sorted(
     hidden_TD: torch.Tensor,
     gate_up_S2ID: torch.Tensor,
     down_SDI: torch.Tensor,
-    weights_TK: torch.Tensor,
+    weights_TK: torch.Tensor | None,
     ids_TK: torch.Tensor,
     gemm: str = "mm",
     gate: Gate | None = None,
@@ -174,7 +178,7 @@ def moe_pair_loop(
     hidden_TD: torch.Tensor,
     gate_up_S2ID: torch.Tensor,
     down_SDI: torch.Tensor,
-    weights_TK: torch.Tensor,
+    weights_TK: torch.Tensor | None,
     ids_TK: torch.Tensor,
     gemm: str = "mm",
     gate: Gate | None = None,
@@ -201,7 +205,7 @@ def moe_grouped_mm(
     hidden_TD: torch.Tensor,
     gate_up_S2ID: torch.Tensor,
     down_SDI: torch.Tensor,
-    weights_TK: torch.Tensor,
+    weights_TK: torch.Tensor | None,
     ids_TK: torch.Tensor,
     gate: Gate | None = None,
     biases: Biases = None,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 from moeflow.kernels import backend
-from moeflow.kernels.cpu import Gate, moe_grouped_mm, moe_pair_loop, moe_sorted
+from moeflow.kernels.cpu import Gate, _weight_and_sum, moe_grouped_mm, moe_pair_loop, moe_sorted
 from moeflow.kernels.fused_moe import check_moe_args, fused_moe
 
 
@@ -56,6 +56,40 @@ def experts_forward(
     """
     if not exact and gate is None and biases is None:
         return fused_moe(x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)  # checks its arguments
+    return _exact(x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK, gate, biases)
+
+
+def experts_rows(
+    x_TD: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
+    slot_ids_TK: torch.Tensor,
+    *,
+    gate: Gate | None = None,
+    biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each pair's expert output before its routing weight, ``[T * K, D]`` (row t * K + k), zeros for pairs whose
+    slot is -1: the exact path's rows, so the exact ``experts_forward`` is ``weighted_sum`` of them. A layer
+    whose experts arrive in batches computes each batch's pairs as it lands and sums once at the end: every
+    pair's row is the same whichever other slots a call serves (each slot's rows go through one GEMM either way)."""
+    return _exact(x_TD, gate_up_S2ID, down_SDI, None, slot_ids_TK, gate, biases)
+
+
+def weighted_sum(rows_PD: torch.Tensor, weights_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``experts_forward``'s output from the pairs' rows (``experts_rows``): the sum over k, in k order, of the
+    routing weight times the row, in ``out_dtype``. Scales ``rows_PD`` in place where the dtypes agree."""
+    return _weight_and_sum(rows_PD, weights_TK, out_dtype)
+
+
+def _exact(
+    x_TD: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
+    weights_TK: torch.Tensor | None,
+    slot_ids_TK: torch.Tensor,
+    gate: Gate | None,
+    biases: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
     check_moe_args(x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)
     args = (x_TD, gate_up_S2ID, down_SDI, weights_TK, slot_ids_TK)
     if x_TD.shape[0] == 1 and x_TD.device.type == "cpu":

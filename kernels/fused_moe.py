@@ -358,10 +358,11 @@ def check_moe_args(
     hidden_TD: torch.Tensor,
     gate_up_proj_E2ID: torch.Tensor,
     down_proj_EDI: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor | None,
     topk_ids_TK: torch.Tensor,
 ) -> None:
-    """ValueError, saying what is expected, for arguments ``fused_moe`` cannot take."""
+    """ValueError, saying what is expected, for arguments ``fused_moe`` cannot take (``topk_weights_TK`` None:
+    the pairs' rows before the routing weights are asked for, ``experts_rows``)."""
     if hidden_TD.dim() != 2 or gate_up_proj_E2ID.dim() != 3 or down_proj_EDI.dim() != 3:
         raise ValueError(
             "expected hidden [T, D], gate_up_proj [E, 2I, D], down_proj [E, D, I]; got "
@@ -374,21 +375,22 @@ def check_moe_args(
             f"shapes disagree: hidden {tuple(hidden_TD.shape)}, gate_up_proj {tuple(gate_up_proj_E2ID.shape)} "
             f"(want [E, 2I, D]), down_proj {tuple(down_proj_EDI.shape)} (want [E, D, I])"
         )
-    if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != T or topk_weights_TK.shape != topk_ids_TK.shape:
+    weights = topk_ids_TK.float() if topk_weights_TK is None else topk_weights_TK  # no weights: nothing to check
+    if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != T or weights.shape != topk_ids_TK.shape:
         raise ValueError(
-            f"topk_weights {tuple(topk_weights_TK.shape)} and topk_ids {tuple(topk_ids_TK.shape)} "
+            f"topk_weights {tuple(weights.shape)} and topk_ids {tuple(topk_ids_TK.shape)} "
             f"must both be [T={T}, K]"
         )
-    if topk_ids_TK.dtype not in (torch.int32, torch.int64) or not topk_weights_TK.is_floating_point():
+    if topk_ids_TK.dtype not in (torch.int32, torch.int64) or not weights.is_floating_point():
         raise ValueError(
-            f"topk_ids must be int32/int64 and topk_weights float; got {topk_ids_TK.dtype}, {topk_weights_TK.dtype}"
+            f"topk_ids must be int32/int64 and topk_weights float; got {topk_ids_TK.dtype}, {weights.dtype}"
         )
     if not hidden_TD.dtype == gate_up_proj_E2ID.dtype == down_proj_EDI.dtype:
         raise ValueError(
             f"hidden, gate_up_proj and down_proj must share a dtype, got {hidden_TD.dtype}, "
             f"{gate_up_proj_E2ID.dtype}, {down_proj_EDI.dtype}"
         )
-    devices = {t.device for t in (hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK, topk_ids_TK)}
+    devices = {t.device for t in (hidden_TD, gate_up_proj_E2ID, down_proj_EDI, weights, topk_ids_TK)}
     if len(devices) != 1:
         raise ValueError(f"all fused_moe tensors must be on one device, got {sorted(map(str, devices))}")
 

@@ -439,7 +439,7 @@ def _packed_linear(
 def quantized_experts_forward(
     x_TD: torch.Tensor,
     pool: QuantizedPool,
-    weights_TK: torch.Tensor,
+    weights_TK: torch.Tensor | None,
     slot_ids_TK: torch.Tensor,
     *,
     gate: Gate | None = None,
@@ -454,7 +454,8 @@ def quantized_experts_forward(
     tolerance of the exact path, not bit-identical. Every other slot, and every slot with ``packed=False``, is
     dequantized into ``scratch`` (``gate_up [2I, D]``, ``down [D, I]`` in x's dtype; allocated here when not given)
     and computed as the exact path computes: bit-identical to transformers' experts on the dequantized weights.
-    ``biases``: per slot, as ``experts_forward`` takes them."""
+    ``biases``: per slot, as ``experts_forward`` takes them. ``weights_TK`` None: the pairs' rows before their
+    routing weights, ``[T * K, D]`` (``kernels.experts_rows``; ``kernels.weighted_sum`` sums them)."""
     T, D = x_TD.shape
     K = slot_ids_TK.shape[1]
     S = pool.gate_up_q.shape[0]

@@ -22,7 +22,7 @@ import torch
 from moeflow.kernels.quant import ExpertFormat, QuantizedPool, fill_int4pack_scales, int4pack_scales_shapes
 from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
-from moeflow.offload.readers import ReaderPool
+from moeflow.offload.readers import ReaderPool, ReadJob
 from moeflow.offload.stats import CacheStats, LayerStats
 from moeflow.offload.store import ExpertStore
 
@@ -196,15 +196,28 @@ class ExpertCache:
 
     @contextmanager
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[dict[int, int]]:
-        """Pin `experts` of `layer` in slots for the duration of the block; returns expert -> slot.
+        """Pin `experts` of `layer` in slots for the duration of the block; returns expert -> slot once every
+        one of them is ready (`arrivals`, all gathered)."""
+        with self.arrivals(layer, experts) as batches:
+            slot_of: dict[int, int] = {}
+            for ready in batches:
+                slot_of.update(ready)
+            yield slot_of
 
-        Resident experts are hits; the rest are demand misses, all read at once by the reader pool
-        (this thread reads those no reader has started) and waited for together. An expert whose
-        prefetch is still queued is a miss too: its read joins the demand reads instead of waiting
-        for a reader to reach it; one whose prefetch read fails while this thread waits for it is read
-        here. If a demand read fails, its slot is freed (never READY with garbage) once every read of
-        the layer has finished, and the error reaches the caller. At most `capacity` experts may be
-        acquired at once.
+    @contextmanager
+    def arrivals(self, layer: int, experts: Sequence[int]) -> Iterator[Iterator[dict[int, int]]]:
+        """Pin `experts` of `layer` in slots for the duration of the block; yields an iterator of
+        expert -> slot batches, each handed out as soon as its experts are ready: first the resident ones,
+        then each read as it lands, so the caller computes with those while the readers read the rest.
+
+        Resident experts are hits; the rest are demand misses, all queued at once to the reader pool ahead
+        of every prefetch; whenever the caller asks for the next batch and none is ready, this thread reads
+        one that no reader has started. An expert whose prefetch is still queued is a miss too: its read
+        joins the demand reads instead of waiting for a reader to reach it; one whose prefetch read fails
+        while this thread waits for it is read here. If a demand read fails, the iterator raises its error;
+        its slot is freed (never READY with garbage) once every read of the layer has finished, which the
+        block's exit waits for. At most `capacity` experts may be acquired at once. Stall: the time spent
+        in here and in the iterator, not in the block's own work.
         """
         assert len(experts) <= self.pool.capacity, "caller must split a layer into waves of <= capacity"
         t0 = time.perf_counter()
@@ -241,27 +254,54 @@ class ExpertCache:
                 self.policy.on_access(key)
                 slot_of[e] = s
                 to_read.append((key, s))
-        mine = [(s, self._slots[s]) for s in slot_of.values()]
-        try:
-            pending = list(to_read)
-            while True:
-                self._read_demand(pending, counters)
+        failed: dict[int, BaseException] = {}  # slot -> its demand read's error
+        jobs: list[ReadJob] = []
+
+        def read(pending: list[tuple[ExpertKey, int]]) -> None:
+            fns = [lambda key=key, s=s: self._demand_read(key, s, counters, failed) for key, s in pending]
+            jobs.extend(self.readers.start(fns))
+
+        def batches() -> Iterator[dict[int, int]]:
+            waiting = dict(slot_of)
+            while waiting:
+                t = time.perf_counter()
                 with self._cv:
-                    # Wait for experts a prefetch is still bringing in; a failed one comes back QUEUED.
-                    self._cv.wait_for(lambda: all(slot.state in _SETTLED for _, slot in mine))
-                    pending = [(slot.key, s) for s, slot in mine if slot.state is SlotState.QUEUED]
-                    for _, s in pending:
+                    error = next((failed[s] for s in waiting.values() if s in failed), None)
+                if error is not None:  # the layer's other reads land first (and stay), then the error is raised
+                    while self.readers.help(jobs):
+                        pass
+                    self.readers.finish(jobs)
+                    raise error
+                with self._cv:
+                    ready = {e: s for e, s in waiting.items() if self._slots[s].state is SlotState.READY}
+                    # A prefetch read that failed while this thread waited came back QUEUED: read it here.
+                    requeued = [(self._slots[s].key, s) for s in waiting.values()
+                                if self._slots[s].state is SlotState.QUEUED]  # fmt: skip
+                    for _, s in requeued:
                         self._slots[s].state = SlotState.LOADING
-                    to_read.extend(pending)
-                    if not pending:
-                        events = [self._slots[s].ready_event for s in slot_of.values()]
-                        break
-            for event in events:
-                if event is not None:
-                    torch.cuda.current_stream().wait_event(event)  # compute waits for the copy stream, no host sync
+                    to_read.extend(requeued)
+                if requeued:
+                    read(requeued)
+                if not ready:
+                    if not self.readers.help(jobs):
+                        with self._cv:
+                            self._cv.wait_for(lambda: any(self._slots[s].state in _SETTLED or s in failed
+                                                          for s in waiting.values()))  # fmt: skip
+                    counters.stall_s += time.perf_counter() - t
+                    continue
+                for e, s in ready.items():
+                    del waiting[e]
+                    if self._slots[s].ready_event is not None:
+                        torch.cuda.current_stream().wait_event(self._slots[s].ready_event)  # no host sync
+                counters.stall_s += time.perf_counter() - t
+                yield ready
+
+        try:
+            read(to_read)
             counters.stall_s += time.perf_counter() - t0
-            yield slot_of
+            yield batches()
         finally:
+            self.readers.finish(jobs)  # no read may still be writing into a slot given back below
             with self._cv:
                 for s in slot_of.values():
                     self._slots[s].pins -= 1
@@ -270,20 +310,23 @@ class ExpertCache:
                         self._evict_locked(s, count_waste=False)
                 self._cv.notify_all()
 
-    def _read_demand(self, to_read: list[tuple[ExpertKey, int]], counters: _LayerCounters) -> None:
-        """Read slots this thread holds in LOADING, all at once; those that landed become READY, then the
-        first error (if any) is raised. Returns only when every read has finished."""
-        jobs = self.readers.run([lambda key=key, s=s: self.read_slot(key, s) for key, s in to_read])
+    def _demand_read(
+        self, key: ExpertKey, s: int, counters: _LayerCounters, failed: dict[int, BaseException]
+    ) -> None:  # fmt: skip
+        """Read slot `s`, which the acquiring thread holds in LOADING (any thread runs this); it becomes READY,
+        or its error is recorded in `failed`."""
+        try:
+            nbytes, event = self.read_slot(key, s)
+        except Exception as e:
+            with self._cv:
+                failed[s] = e
+                self._cv.notify_all()
+            raise
         with self._cv:
-            for (_, s), job in zip(to_read, jobs):
-                if job.error is None:
-                    nbytes, self._slots[s].ready_event = job.result
-                    counters.bytes_read += nbytes
-                    self._slots[s].state = SlotState.READY
+            counters.bytes_read += nbytes
+            self._slots[s].ready_event = event
+            self._slots[s].state = SlotState.READY
             self._cv.notify_all()
-        failed = next((job.error for job in jobs if job.error is not None), None)
-        if failed is not None:
-            raise failed
 
     # ---- prefetcher: eviction preferences of a predictive policy ---------------------------------
 

@@ -7,7 +7,7 @@ cache. Model code is untouched. Shapes: the legend in `moeflow`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeflow.events import Listeners
-from moeflow.kernels import experts_forward
+from moeflow.kernels import experts_forward, experts_rows, weighted_sum
 from moeflow.kernels.quant import quantized_experts_forward
 from moeflow.kernels.quant_moe import TRITON_KINDS, quant_fused_moe
 from moeflow.model.families import experts_modules
@@ -76,8 +76,11 @@ def offloaded_experts_forward(
         event = RoutingEvent(plan=plan, top_k_index_TK=top_k_index_TK, top_k_weights_TK=top_k_weights_TK)
         runtime.routing.publish(event)
     pool = runtime.cache.pool
+    on_cpu = hidden_TD.device.type == "cpu"
 
-    def compute(slot_of: dict[int, int]) -> torch.Tensor:
+    def compute(slot_of: dict[int, int], weights_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts of `slot_of` on their pairs: the layer's output part (`weights_TK`), or with None the
+        pairs' rows before their routing weights (CPU); and the pairs' slot ids (-1: another batch's)."""
         experts = torch.tensor(list(slot_of), device=top_k_index_TK.device)
         slots = torch.tensor(list(slot_of.values()), device=top_k_index_TK.device)
         lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
@@ -97,43 +100,63 @@ def offloaded_experts_forward(
         if pool.fmt is not None:  # quantized or cast slots: packed matmuls, or each used slot dequantized
             if hidden_TD.is_cuda and biases is None and pool.fmt.kind in TRITON_KINDS:
                 # On a GPU, int8/int4 slots go through the Triton kernels: dequantization fused into the grouped GEMM.
-                return quant_fused_moe(
-                    hidden_TD, pool.quantized(), top_k_weights_TK, slot_ids_TK, gate=self._apply_gate
-                )
-            return quantized_experts_forward(
-                hidden_TD, pool.quantized(), top_k_weights_TK, slot_ids_TK, gate=self._apply_gate, biases=biases,
+                out = quant_fused_moe(hidden_TD, pool.quantized(), weights_TK, slot_ids_TK, gate=self._apply_gate)
+                return out, slot_ids_TK
+            out = quantized_experts_forward(
+                hidden_TD, pool.quantized(), weights_TK, slot_ids_TK, gate=self._apply_gate, biases=biases,
                 scratch=runtime.scratch_for(hidden_TD), packed=runtime.packed,
             )  # fmt: skip
-        return experts_forward(
-            hidden_TD,
-            pool.gate_up_S2ID,
-            pool.down_SDI,
-            top_k_weights_TK,
-            slot_ids_TK,
-            gate=self._apply_gate,
-            biases=biases,
-        )
+            return out, slot_ids_TK
+        if weights_TK is None:
+            out = experts_rows(hidden_TD, pool.gate_up_S2ID, pool.down_SDI, slot_ids_TK, gate=self._apply_gate,
+                               biases=biases)  # fmt: skip
+            return out, slot_ids_TK
+        out = experts_forward(hidden_TD, pool.gate_up_S2ID, pool.down_SDI, weights_TK, slot_ids_TK,
+                              gate=self._apply_gate, biases=biases)  # fmt: skip
+        return out, slot_ids_TK
 
-    return serve_layer(runtime.cache, plan, compute)
+    def compute_arrivals(batches: Iterator[dict[int, int]]) -> torch.Tensor:
+        """On the CPU, each batch of experts as it lands (the first: those resident), its pairs' rows kept,
+        and one weighted sum at the end: bit for bit the all-at-once result (`kernels.experts_rows`), while
+        the readers bring the rest. On a GPU reads are asynchronous copies already: all at once."""
+        if not on_cpu:
+            slot_of: dict[int, int] = {}
+            for ready in batches:
+                slot_of.update(ready)
+            return compute(slot_of, top_k_weights_TK)[0]
+        rows_PD = None
+        for ready in batches:
+            part_PD, slot_ids_TK = compute(ready, None)
+            rows_PD = part_PD if rows_PD is None else torch.where(slot_ids_TK.reshape(-1, 1) >= 0, part_PD, rows_PD)
+        assert rows_PD is not None, "a wave has at least one expert"
+        return weighted_sum(rows_PD, top_k_weights_TK, hidden_TD.dtype)
+
+    return serve_layer(runtime.cache, plan, compute_arrivals)
 
 
 def serve_layer(
-    cache: ExpertCache, plan: RoutingPlan, compute: Callable[[dict[int, int]], torch.Tensor] | None = None
+    cache: ExpertCache,
+    plan: RoutingPlan,
+    compute: Callable[[Iterator[dict[int, int]]], torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The per-layer cache protocol, shared by the live forward and profiling replay.
 
     The layer's experts are split into waves that fit the pool, resident ones first so they stay;
     each wave is acquired (hits, demand reads, waits for prefetches in flight) and, when `compute`
-    is given, computed from its slots (expert -> slot); the waves' outputs are summed in order.
-    Replay passes no `compute`: it counts exactly what a live run with the same routing counts.
+    is given, computed from its slots as they arrive (batches of expert -> slot, `ExpertCache.arrivals`);
+    the waves' outputs are summed in order. Replay passes no `compute`: it counts exactly what a live
+    run with the same routing counts.
     """
     resident = cache.resident()
     ordered = sorted(plan.expert_ids, key=lambda e: (plan.layer, e) not in resident)
     cap = cache.pool.capacity
     out = None
     for i in range(0, len(ordered), cap):
-        with cache.acquire(plan.layer, ordered[i : i + cap]) as slot_of:
-            if compute is not None:
-                part = compute(slot_of)
-                out = part if out is None else out + part
+        with cache.arrivals(plan.layer, ordered[i : i + cap]) as batches:
+            if compute is None:
+                for _ in batches:
+                    pass
+                continue
+            part = compute(batches)
+            out = part if out is None else out + part
     return out

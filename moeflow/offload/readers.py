@@ -3,9 +3,10 @@
 A read spends its time in `os.preadv` and a memory copy, both of which release the GIL, so the
 readers overlap each other and the compute thread's forward. Two kinds of work share the threads:
 
-- *urgent* reads: a layer's demand misses. The compute thread submits them together and waits for
-  them together (`run`); while waiting it reads any of its own that no reader has started yet, so
+- *urgent* reads: a layer's demand misses. The compute thread queues them together (`start`) and,
+  whenever it has nothing to compute, reads any of its own that no reader has started yet (`help`), so
   a miss never waits behind prefetches already in flight and a pool of busy readers cannot stall it;
+  `run` is the same, waiting for all of them at once;
 - *background* reads: prefetches (`submit`), taken only when no urgent read is queued.
 
 The pool knows nothing of slots or keys: it runs callables. `ExpertCache` decides what is read
@@ -79,30 +80,50 @@ class ReaderPool:
         every job has finished, even if this thread is interrupted: no read may still be writing
         into a slot its caller is about to give back.
         """
-        jobs = [ReadJob(fn) for fn in fns]
-        if not jobs:
-            return jobs
-        rest = jobs[1:]
-        if rest and self._workers:
-            with self._cv:
-                self._urgent.extend(rest)
-                self._cv.notify(len(rest))
+        if not fns:
+            return []
+        jobs = [ReadJob(fns[0]), *self.start(fns[1:])]
         try:
-            for job in jobs:
-                if self._claim(job):
-                    try:
-                        job._execute()
-                    finally:
-                        self._finish(job)
+            while self.help(jobs):
+                pass
         finally:
-            with self._cv:
-                for job in rest:
-                    if not job.started:  # interrupted before reaching it: nobody will run it
-                        job.started = job.done = True
-                        self._urgent.remove(job)
-                        job.error = RuntimeError("read abandoned")
-                self._cv.wait_for(lambda: all(j.done for j in rest))
+            self.finish(jobs)
         return jobs
+
+    def start(self, fns: Sequence[Callable[[], T]]) -> list[ReadJob[T]]:
+        """Queue `fns` as urgent reads, ahead of every background read, and return at once. The caller runs
+        those no reader has claimed when it is free (`help`) and must `finish` them all."""
+        jobs = [ReadJob(fn) for fn in fns]
+        if jobs and self._workers:
+            with self._cv:
+                if self._closed:
+                    raise RuntimeError("the reader pool is closed")
+                self._urgent.extend(jobs)
+                self._cv.notify(len(jobs))
+        return jobs
+
+    def help(self, jobs: Sequence[ReadJob]) -> bool:
+        """Run, in this thread, one of `jobs` that no thread has started; False when every one has started."""
+        for job in jobs:
+            if self._claim(job):
+                try:
+                    job._execute()
+                finally:
+                    self._finish(job)
+                return True
+        return False
+
+    def finish(self, jobs: Sequence[ReadJob]) -> None:
+        """Wait until every job of `jobs` has finished; those no thread has started are abandoned (their error
+        says so): after an interruption, no read of `jobs` is still writing anywhere once this returns."""
+        with self._cv:
+            for job in jobs:
+                if not job.started:
+                    job.started = job.done = True
+                    if job in self._urgent:
+                        self._urgent.remove(job)
+                    job.error = RuntimeError("read abandoned")
+            self._cv.wait_for(lambda: all(j.done for j in jobs))
 
     def wait(self, jobs: Sequence[ReadJob]) -> None:
         """Block until `jobs` (from `submit`) have finished."""

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from moeflow.kernels import experts_forward
+from moeflow.kernels import experts_forward, experts_rows, weighted_sum
 from moeflow.kernels.quant import (
     GATE_UP_PIECES,
     PACKED_ATOL,
@@ -224,6 +224,31 @@ def test_pool_kept_int4_scales_equal_the_ones_built_per_call(fmt, I, D):
     ids_TK, w_TK = torch.tensor([[2, 0], [1, 2]]), torch.rand(2, 2, generator=torch.Generator().manual_seed(2))
     got = quantized_experts_forward(x, prepared, w_TK, ids_TK)
     assert torch.equal(got, quantized_experts_forward(x, pool, w_TK, ids_TK))
+
+
+@pytest.mark.parametrize("fmt", [None, INT8, INT4[128]], ids=lambda f: "fp32" if f is None else f.name)
+@pytest.mark.parametrize(("T", "ids"), CASES[:3])
+def test_rows_computed_batch_by_batch_sum_to_the_whole(fmt, T, ids):
+    """A layer computes its experts as they arrive (the resident ones first): each batch's pairs' rows, kept
+    where the batch has the pair's slot, then one weighted sum. Bit for bit the all-at-once output."""
+    pool, gate_up, down = _pool(fmt or INT8, S=4, inter=48, hidden=64)
+    x = torch.randn(T, 64, generator=torch.Generator().manual_seed(1))
+    ids_TK = torch.tensor(ids)
+    w_TK = torch.rand(T, 2, generator=torch.Generator().manual_seed(2))
+
+    def rows(batch_ids: torch.Tensor) -> torch.Tensor:
+        if fmt is None:
+            return experts_rows(x, gate_up, down, batch_ids)
+        return quantized_experts_forward(x, pool, None, batch_ids)
+
+    whole = experts_forward(x, gate_up, down, w_TK, ids_TK) if fmt is None else quantized_experts_forward(
+        x, pool, w_TK, ids_TK)  # fmt: skip
+    for first_batch in ({0}, {1, 2}, {0, 1, 2, 3}):
+        in_first = torch.isin(ids_TK, torch.tensor(sorted(first_batch)))
+        batches = [torch.where(in_first, ids_TK, -1), torch.where(in_first | (ids_TK < 0), -1, ids_TK)]
+        rows_PD = rows(batches[0])
+        rows_PD = torch.where(batches[1].reshape(-1, 1) >= 0, rows(batches[1]), rows_PD)
+        assert torch.equal(weighted_sum(rows_PD, w_TK, x.dtype), whole)
 
 
 def test_quantized_forward_with_biases_equals_exact_path():

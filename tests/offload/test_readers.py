@@ -74,6 +74,39 @@ def test_demand_misses_of_a_layer_are_read_together():
         cache.close()
 
 
+@pytest.mark.parametrize("readers", [0, 1])
+def test_resident_experts_arrive_while_the_misses_are_read(readers):
+    """`arrivals` hands out the resident experts at once and each miss when it lands: with a reader, the caller
+    holds the hit while the miss is still being read (the read waits for the caller to have it); without
+    one, the caller reads the miss itself when it asks for the next batch."""
+    store = FakeStore()
+    cache = make_cache(capacity=4, readers=readers, store=store)
+    try:
+        with cache.acquire(0, [1]):
+            pass
+        handed_out = threading.Event()
+
+        def wait_for_the_hit() -> None:
+            if not handed_out.wait(10):
+                raise AssertionError("the hit was not handed out before the miss landed")
+
+        if readers:
+            store.before[(0, 2)] = wait_for_the_hit
+        with cache.arrivals(0, [2, 1]) as batches:
+            first = next(batches)
+            assert set(first) == {1} and slot_value(cache, first[1]) == 1.0
+            handed_out.set()
+            second = next(batches)
+            assert set(second) == {2} and slot_value(cache, second[2]) == 2.0
+            assert next(batches, None) is None
+        assert store.reads[-1] == ((0, 2), "moeflow-reader-0" if readers else "MainThread")
+        s = cache.stats().per_layer[0]
+        assert (s.hits, s.misses) == (1, 2)
+        assert all(slot.pins == 0 for slot in cache._slots)
+    finally:
+        cache.close()
+
+
 def test_queued_prefetch_is_taken_over_by_the_compute_thread():
     """One reader, busy with one prefetch; the second prefetch is queued behind it. The layer that needs
     the second reads it itself at once (not waiting for the busy reader), and it is read only once."""
