@@ -4,10 +4,13 @@ Three parts, one run, one JSON + PNG (``bench/results/quantized/``):
 
 - ``speed``: the I/O-bound model (the shipped model's experts zero-widened to ~18 MiB in fp32,
   ``moeflow.tools.widen``) as stored in fp32, and written by ``moeflow quantize`` as int8 and int4
-  (group 128). Each contender decodes the same held-out prompts greedily, a fresh process in a cgroup
+  (group 128). Each contender decodes the same held-out prompts, a fresh process in a cgroup
   memory group with the same limit for all (runtime + dense weights + the fp32 contender's 25% budget +
   slack), page cache dropped before each, experts read with O_DIRECT; rounds interleave the contenders
-  and each one's best round is kept. Reports decode tokens/s, bytes read per decode token and per miss.
+  and each one's best round is kept. fp32 decodes greedily; the quantized contenders decode the same text
+  (each step's input is fp32's token, teacher forcing), so all read experts for the same tokens and bytes per
+  token compare the formats, not two different texts; how often their own greedy choice was fp32's token is
+  reported beside (``greedy_agreement``). Reports decode tokens/s, bytes read per decode token and per miss.
   The zero padding quantizes to zeros (scale 1), which changes nothing for bytes and time.
 - ``quality``: perplexity of the shipped model on its held-out files (``moeflow.model.corpus``) with its
   experts in fp32, bf16 (``--expert-dtype bf16``), int8, int4 group 128 and int4 group 32 (the last three
@@ -74,18 +77,23 @@ def decode_child(spec: dict) -> dict:
     from moeflow.engine import peak_rss_bytes
 
     with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
-        decode_s, decode_bytes, decode_tokens, misses = 0.0, 0, 0, 0
+        decode_s, decode_bytes, decode_tokens, misses, agree = 0.0, 0, 0, 0, 0
         tokens = []
-        for prompt in spec["prompts"]:
+        forced_texts = spec.get("forced") or [None] * len(spec["prompts"])
+        for prompt, forced in zip(spec["prompts"], forced_texts, strict=True):
             seq = engine.new_sequence(prompt, max_new_tokens=spec["tokens"])
             batch = engine.new_batch()
             batch.prefill(seq)
+            if forced is not None:
+                agree += force_token(seq, forced)
             engine.settle()
             before = engine.stats()
             t0 = time.perf_counter()
             batch.add(seq)
             while not seq.done:
                 batch.step()
+                if forced is not None:
+                    agree += force_token(seq, forced)
             decode_s += time.perf_counter() - t0
             engine.settle()
             after = engine.stats()
@@ -101,7 +109,19 @@ def decode_child(spec: dict) -> dict:
         "decode_misses_per_token": misses / decode_tokens, "bytes_per_miss": decode_bytes / max(misses, 1),
         "hit_rate": stats.hit_rate, "capacity_slots": stats.capacity_slots, "slot_bytes": stats.slot_bytes,
         "expert_format": None if fmt is None else fmt.name, "peak_rss_bytes": peak_rss_bytes(),
+        "forced": spec.get("forced") is not None,
+        "greedy_agreement": agree / sum(map(len, tokens)) if spec.get("forced") else None,
     }  # fmt: skip
+
+
+def force_token(seq: object, forced: list[int]) -> bool:
+    """Teacher forcing: the token just sampled becomes the reference's token at that position (the next step
+    reads it), the sequence ends where the reference ended. Whether the sampled one was it."""
+    i = len(seq.generated) - 1
+    agreed = seq.generated[i] == forced[i]
+    seq.generated[i] = forced[i]
+    seq.finish_reason = None if i + 1 < len(forced) else "length"
+    return agreed
 
 
 def perplexity(model: Path, options: dict, max_tokens: int, context: int) -> dict:
@@ -165,6 +185,8 @@ def speed_part(args: argparse.Namespace) -> dict:
     best: dict[str, dict] = {}
     for rnd in range(args.repeats):
         for name, spec in jobs:
+            if name != "fp32" and "tokens" in best.get("fp32", {}):
+                spec["forced"] = best["fp32"]["tokens"]  # the same text as fp32 (greedy: every round's)
             dropped = drop_caches()
             row = run_child([sys.executable, __file__, "--child", json.dumps(spec)], limit_bytes=limit,
                             timeout_s=args.child_timeout)  # fmt: skip
@@ -172,6 +194,7 @@ def speed_part(args: argparse.Namespace) -> dict:
             speed = row.get("decode_tokens_per_s", 0.0)
             print(f"[round {rnd + 1}/{args.repeats}] {name:>10}: "
                   + (f"{speed:6.2f} tok/s, {row['decode_bytes_per_token'] / 2**20:7.2f} MiB/token"
+                     + (f", greedy agreement {row['greedy_agreement']:.1%}" if row["forced"] else "")
                      if "error" not in row else f"failed: {row['error'][-300:]}"), flush=True)  # fmt: skip
             rounds = [*best.get(name, {}).get("all_rounds_tokens_per_s", []), speed]
             if name not in best or "error" in best[name] or speed > best[name].get("decode_tokens_per_s", -1):
@@ -185,7 +208,8 @@ def speed_part(args: argparse.Namespace) -> dict:
             r["speedup_vs_fp32"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
             r["bytes_per_token_vs_fp32"] = r["decode_bytes_per_token"] / fp32["decode_bytes_per_token"]
             r["bytes_per_miss_vs_fp32"] = r["bytes_per_miss"] / fp32["bytes_per_miss"]
-            r["tokens_equal_fp32"] = r["tokens"] == fp32["tokens"]
+            if not r["forced"]:  # forced contenders decode fp32's text by construction (greedy_agreement instead)
+                r["tokens_equal_fp32"] = r["tokens"] == fp32["tokens"]
         rows.append(r)
     for r in rows:
         r.pop("tokens", None)
