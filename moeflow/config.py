@@ -20,6 +20,7 @@ ReplayPolicy = Literal["lru", "lfu", "predictive", "belady"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Admission = Literal["fifo", "rebatch"]
 ExpertDtype = Literal["auto", "bf16", "fp16", "int8", "int4"]
+Kernels = Literal["torch", "triton"]
 INT4_GROUP_SIZES = (32, 64, 128)  # columns per int4 scale (moeflow.kernels.quant)
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"  # shipped with the package (its model card: README.md)
@@ -81,6 +82,13 @@ class EngineConfig:
     group_size: int = field(
         default=128, metadata={"help": f"--expert-dtype int4: input columns per scale, one of {INT4_GROUP_SIZES}"}
     )
+    kernels: Kernels = field(
+        default="torch",
+        metadata={"help": "expert compute: torch (transformers' arithmetic for full-precision experts: greedy output "
+                  "equal to transformers; int8/int4 slots on a GPU take the Triton kernels) or triton (every slot "
+                  "through the fused Triton kernels, kernels.fused_moe / quant_fused_moe: within fp32 rounding, not "
+                  "bit for bit; needs a CUDA device, or TRITON_INTERPRET=1 to run them slowly on the CPU)"},
+    )
     exact_quantized: bool = field(
         default=False,
         metadata={"help": "int8/int4 experts on the CPU: dequantize each used expert and compute in the compute dtype, "
@@ -91,6 +99,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_choice(self.store, Store, "store")
         check_choice(self.expert_dtype, ExpertDtype, "expert dtype")
+        check_choice(self.kernels, Kernels, "kernels")
         if self.group_size not in INT4_GROUP_SIZES:
             raise MoeflowError(f"--group-size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
         if self.policy == "belady":

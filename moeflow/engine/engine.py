@@ -22,6 +22,7 @@ from moeflow.engine.detok import LockedTokenizer, TextStream, cut_text
 from moeflow.engine.driver import StepDriver
 from moeflow.engine.sampling import TokenLogprob
 from moeflow.errors import MoeflowError, RequestError
+from moeflow.kernels import backend
 from moeflow.model.checkpoint import Checkpoint, open_checkpoint
 from moeflow.model.loading import (
     build_skeleton,
@@ -137,6 +138,12 @@ class Engine:
         if self.config.device.startswith("cuda") and not torch.cuda.is_available():
             raise MoeflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         self.device = torch.device(self.config.device)
+        if self.config.kernels == "triton" and self.device.type != "cuda" and not backend.INTERPRETING:
+            raise MoeflowError(
+                f"--kernels triton runs the Triton kernels, which need a CUDA device; this engine computes on "
+                f"{self.device}: use --device cuda, or --kernels torch (TRITON_INTERPRET=1 runs them on the CPU, "
+                "slowly, for testing)"
+            )
         quant = expert_quantization(self.checkpoint)  # a `moeflow quantize` folder: experts stored quantized
         if quant is not None and self.config.dtype == "auto":
             self.dtype = quant.source_dtype  # the experts' dtype before they were quantized
@@ -183,7 +190,9 @@ class Engine:
             budget_bytes=budget.budget_bytes,
             readers=reader_threads(self.checkpoint.expert_bytes_on_disk // len(self.checkpoint.experts)),
         )
-        self.runtime: OffloadRuntime = apply_offload(self.model, self.cache, packed=not self.config.exact_quantized)
+        self.runtime: OffloadRuntime = apply_offload(
+            self.model, self.cache, packed=not self.config.exact_quantized, triton=self.config.kernels == "triton"
+        )
         load_dense_weights(self.model, self.checkpoint, hf_config)
         self.model.to(self.device).eval()
         self.transfer = TransferEngine(self.cache)

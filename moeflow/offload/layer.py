@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 
 from moeflow.events import Listeners
 from moeflow.kernels import experts_forward, experts_rows, weighted_sum
@@ -32,6 +33,7 @@ class OffloadRuntime:
     cache: ExpertCache
     routing: Listeners[RoutingEvent] = field(default_factory=Listeners)
     packed: bool = True  # int8/int4 slots on the CPU: torch's packed matmuls (False: dequantize, exact)
+    triton: bool = False  # every slot through the fused Triton kernels (`EngineConfig.kernels`)
     # Quantized slots: one expert dequantized at a time, in the compute dtype (working memory beside the
     # budget, like the activations; 18 MiB for the I/O-bound benchmark model's experts in fp32).
     _scratch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -48,11 +50,12 @@ class OffloadRuntime:
         return s
 
 
-def apply_offload(model: nn.Module, cache: ExpertCache, *, packed: bool = True) -> OffloadRuntime:
+def apply_offload(model: nn.Module, cache: ExpertCache, *, packed: bool = True, triton: bool = False) -> OffloadRuntime:
     """Route `model`'s experts through `cache`. The experts' weight matrices are dropped; expert biases
     (gpt-oss) stay resident on the module, like the router (E x (2I + D) values a layer). `packed`: as
-    `moeflow.kernels.quant.quantized_experts_forward` takes it."""
-    runtime = OffloadRuntime(cache=cache, packed=packed)
+    `moeflow.kernels.quant.quantized_experts_forward` takes it. `triton`: slots computed by the fused Triton
+    kernels where they apply (no expert biases; full precision: transformers' SiLU gate, which they fuse)."""
+    runtime = OffloadRuntime(cache=cache, packed=packed, triton=triton)
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
     for layer, module in experts_modules(model).items():
         for name in ("gate_up_proj", "down_proj"):
@@ -77,6 +80,7 @@ def offloaded_experts_forward(
         runtime.routing.publish(event)
     pool = runtime.cache.pool
     on_cpu = hidden_TD.device.type == "cpu"
+    silu_gate = type(self)._apply_gate is _default_apply_gate and isinstance(self.act_fn, (nn.SiLU, SiLUActivation))
 
     def compute(slot_of: dict[int, int], weights_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts of `slot_of` on their pairs: the layer's output part (`weights_TK`), or with None the
@@ -98,7 +102,7 @@ def offloaded_experts_forward(
                 ),
             )
         if pool.fmt is not None:  # quantized or cast slots: packed matmuls, or each used slot dequantized
-            if hidden_TD.is_cuda and biases is None and pool.fmt.kind in TRITON_KINDS:
+            if (hidden_TD.is_cuda or runtime.triton) and biases is None and pool.fmt.kind in TRITON_KINDS:
                 # On a GPU, int8/int4 slots go through the Triton kernels: dequantization fused into the grouped GEMM.
                 out = quant_fused_moe(hidden_TD, pool.quantized(), weights_TK, slot_ids_TK, gate=self._apply_gate)
                 return out, slot_ids_TK
@@ -111,6 +115,9 @@ def offloaded_experts_forward(
             out = experts_rows(hidden_TD, pool.gate_up_S2ID, pool.down_SDI, slot_ids_TK, gate=self._apply_gate,
                                biases=biases)  # fmt: skip
             return out, slot_ids_TK
+        if runtime.triton and biases is None and silu_gate:  # kernels.fused_moe: the fused Triton kernels
+            return experts_forward(hidden_TD, pool.gate_up_S2ID, pool.down_SDI, weights_TK, slot_ids_TK,
+                                   exact=False), slot_ids_TK  # fmt: skip
         out = experts_forward(hidden_TD, pool.gate_up_S2ID, pool.down_SDI, weights_TK, slot_ids_TK,
                               gate=self._apply_gate, biases=biases)  # fmt: skip
         return out, slot_ids_TK
@@ -118,8 +125,9 @@ def offloaded_experts_forward(
     def compute_arrivals(batches: Iterator[dict[int, int]]) -> torch.Tensor:
         """On the CPU, each batch of experts as it lands (the first: those resident), its pairs' rows kept,
         and one weighted sum at the end: bit for bit the all-at-once result (`kernels.experts_rows`), while
-        the readers bring the rest. On a GPU reads are asynchronous copies already: all at once."""
-        if not on_cpu:
+        the readers bring the rest. On a GPU reads are asynchronous copies already, and the Triton kernels
+        weight and sum inside: all at once."""
+        if not on_cpu or runtime.triton:
             slot_of: dict[int, int] = {}
             for ready in batches:
                 slot_of.update(ready)
