@@ -102,9 +102,11 @@ def offloaded_experts_forward(
                 ),
             )
         if pool.fmt is not None:  # quantized or cast slots: packed matmuls, or each used slot dequantized
-            if (hidden_TD.is_cuda or runtime.triton) and biases is None and pool.fmt.kind in TRITON_KINDS:
-                # On a GPU, int8/int4 slots go through the Triton kernels: dequantization fused into the grouped GEMM.
-                out = quant_fused_moe(hidden_TD, pool.quantized(), weights_TK, slot_ids_TK, gate=self._apply_gate)
+            if (hidden_TD.is_cuda or runtime.triton) and pool.fmt.kind in TRITON_KINDS:
+                # On a GPU, int8/int4/fp8/mxfp4 slots go through the Triton kernels: dequantization fused into the
+                # grouped GEMM.
+                out = quant_fused_moe(hidden_TD, pool.quantized(), weights_TK, slot_ids_TK, gate=self._apply_gate,
+                                      biases=biases)  # fmt: skip
                 return out, slot_ids_TK
             out = quantized_experts_forward(
                 hidden_TD, pool.quantized(), weights_TK, slot_ids_TK, gate=self._apply_gate, biases=biases,
