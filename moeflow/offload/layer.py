@@ -72,8 +72,11 @@ def offloaded_experts_forward(
 ) -> torch.Tensor:
     runtime: OffloadRuntime = self._moeflow_runtime
     layer = self._moeflow_layer
-    # One host sync: the distinct expert ids the cache must provide for this step.
-    expert_ids = torch.unique(top_k_index_TK).tolist()
+    # One host sync: the distinct expert ids the cache must provide for this step (one token's K ids in Python:
+    # cheaper than torch.unique at decode's sizes).
+    one_token = top_k_index_TK.shape[0] == 1
+    token_experts = top_k_index_TK[0].tolist() if one_token else None
+    expert_ids = sorted(set(token_experts)) if token_experts is not None else torch.unique(top_k_index_TK).tolist()
     plan = RoutingPlan(layer=layer, expert_ids=tuple(expert_ids), num_tokens=hidden_TD.shape[0])
     if runtime.routing:
         event = RoutingEvent(plan=plan, top_k_index_TK=top_k_index_TK, top_k_weights_TK=top_k_weights_TK)
@@ -85,13 +88,16 @@ def offloaded_experts_forward(
     def compute(slot_of: dict[int, int], weights_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts of `slot_of` on their pairs: the layer's output part (`weights_TK`), or with None the
         pairs' rows before their routing weights (CPU); and the pairs' slot ids (-1: another batch's)."""
-        experts = torch.tensor(list(slot_of), device=top_k_index_TK.device)
-        slots = torch.tensor(list(slot_of.values()), device=top_k_index_TK.device)
-        lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
-        lut_E[experts] = slots
-        slot_ids_TK = lut_E[top_k_index_TK]
+        if token_experts is not None:  # one token: its K slots looked up in Python
+            slot_ids_TK = torch.tensor([[slot_of.get(e, -1) for e in token_experts]], device=top_k_index_TK.device)
+        else:
+            lut_E = torch.full((self.num_experts,), -1, dtype=torch.long, device=top_k_index_TK.device)
+            lut_E[list(slot_of)] = torch.tensor(list(slot_of.values()), device=top_k_index_TK.device)
+            slot_ids_TK = lut_E[top_k_index_TK]
         biases = None
         if self.has_bias:  # the wave's experts' resident biases, by slot
+            experts = torch.tensor(list(slot_of), device=top_k_index_TK.device)
+            slots = torch.tensor(list(slot_of.values()), device=top_k_index_TK.device)
             S = pool.capacity
             biases = (
                 self.gate_up_proj_bias.new_zeros(S, self.gate_up_proj_bias.shape[1]).index_copy_(
