@@ -6,7 +6,7 @@ readers overlap each other and the compute thread's forward. Two kinds of work s
 - *urgent* reads: a layer's demand misses. The compute thread queues them together (`start`) and,
   whenever it has nothing to compute, reads any of its own that no reader has started yet (`help`), so
   a miss never waits behind prefetches already in flight and a pool of busy readers cannot stall it;
-  `run` is the same, waiting for all of them at once;
+  `finish` waits for all of them, so no read outlives the slots it writes into;
 - *background* reads: prefetches (`submit`), taken only when no urgent read is queued.
 
 The pool knows nothing of slots or keys: it runs callables. `ExpertCache` decides what is read
@@ -72,27 +72,10 @@ class ReaderPool:
             self._cv.notify()
         return job
 
-    def run(self, fns: Sequence[Callable[[], T]]) -> list[ReadJob[T]]:
-        """Run `fns` concurrently and wait for all of them; returns their jobs (each holds a result or an error).
-
-        The first runs in this thread at once; the others are queued ahead of every background read,
-        and this thread runs those no reader has claimed by the time it is free. Returns only when
-        every job has finished, even if this thread is interrupted: no read may still be writing
-        into a slot its caller is about to give back.
-        """
-        if not fns:
-            return []
-        jobs = [ReadJob(fns[0]), *self.start(fns[1:])]
-        try:
-            while self.help(jobs):
-                pass
-        finally:
-            self.finish(jobs)
-        return jobs
-
     def start(self, fns: Sequence[Callable[[], T]]) -> list[ReadJob[T]]:
         """Queue `fns` as urgent reads, ahead of every background read, and return at once. The caller runs
-        those no reader has claimed when it is free (`help`) and must `finish` them all."""
+        those no reader has claimed when it is free (`help`) and must `finish` them all, even when interrupted:
+        no read may still be writing into a slot its caller is about to give back."""
         jobs = [ReadJob(fn) for fn in fns]
         if jobs and self._workers:
             with self._cv:

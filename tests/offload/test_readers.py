@@ -84,9 +84,10 @@ def test_resident_experts_arrive_while_the_misses_are_read(readers):
     try:
         with cache.acquire(0, [1]):
             pass
-        handed_out = threading.Event()
+        reading, handed_out = threading.Event(), threading.Event()
 
         def wait_for_the_hit() -> None:
+            reading.set()
             if not handed_out.wait(10):
                 raise AssertionError("the hit was not handed out before the miss landed")
 
@@ -95,6 +96,8 @@ def test_resident_experts_arrive_while_the_misses_are_read(readers):
         with cache.arrivals(0, [2, 1]) as batches:
             first = next(batches)
             assert set(first) == {1} and slot_value(cache, first[1]) == 1.0
+            if readers:
+                assert reading.wait(10)  # the reader is reading the miss while the caller holds the hit
             handed_out.set()
             second = next(batches)
             assert set(second) == {2} and slot_value(cache, second[2]) == 2.0
@@ -283,7 +286,10 @@ def test_pool_runs_urgent_reads_before_background_ones():
         queued = pool.submit(lambda: order.append("background"))
 
         def urgent_from_another_thread() -> None:
-            pool.run([lambda: order.append("urgent-0"), lambda: order.append("urgent-1")])
+            jobs = pool.start([lambda: order.append("urgent-0"), lambda: order.append("urgent-1")])
+            while pool.help(jobs):
+                pass
+            pool.finish(jobs)
 
         t = threading.Thread(target=urgent_from_another_thread)
         t.start()
