@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import moeflow
-import moeflow.offload.layer
 from moeflow.errors import CheckpointError
 from moeflow.testing import save_tiny_checkpoint
 
@@ -61,19 +60,9 @@ def transformers_mxfp4(mxfp4_checkpoint):
     return logits, tokens.tolist()
 
 
-def test_mxfp4_checkpoint_through_the_triton_kernels(mxfp4_checkpoint, transformers_mxfp4, monkeypatch):
-    """--kernels triton (Triton's interpreter here): the mxfp4 bytes decoded inside the fused kernels; logits within
-    fp32 rounding of transformers', the same greedy tokens."""
-    calls = []
-    real = moeflow.offload.layer.quant_fused_moe
-    monkeypatch.setattr(moeflow.offload.layer, "quant_fused_moe", lambda *a, **k: calls.append(1) or real(*a, **k))
-    want_logits, want_tokens = transformers_mxfp4
-    with moeflow.load(mxfp4_checkpoint, dtype="float32", expert_budget="25%", kernels="triton") as engine:
-        with torch.no_grad():
-            logits = engine.model(torch.tensor([PROMPT])).logits
-        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
-        assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == want_tokens
-    assert calls
+def test_mxfp4_checkpoint_through_the_triton_kernels(mxfp4_checkpoint, transformers_mxfp4, check_triton_kernels):
+    """--kernels triton: the mxfp4 bytes decoded inside the fused kernels, as transformers computes them."""
+    check_triton_kernels(mxfp4_checkpoint, transformers_mxfp4, PROMPT, NEW_TOKENS)
 
 
 @pytest.mark.parametrize(("budget", "store"), [("all", "disk"), ("25%", "disk"), ("50%", "ram")])
