@@ -375,22 +375,25 @@ def check_moe_args(
             f"shapes disagree: hidden {tuple(hidden_TD.shape)}, gate_up_proj {tuple(gate_up_proj_E2ID.shape)} "
             f"(want [E, 2I, D]), down_proj {tuple(down_proj_EDI.shape)} (want [E, D, I])"
         )
-    weights = topk_ids_TK.float() if topk_weights_TK is None else topk_weights_TK  # no weights: nothing to check
-    if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != T or weights.shape != topk_ids_TK.shape:
+    w = topk_weights_TK  # None: the pairs' rows are asked for, there are no weights to check
+    w_shape = topk_ids_TK.shape if w is None else w.shape
+    if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != T or w_shape != topk_ids_TK.shape:
         raise ValueError(
-            f"topk_weights {tuple(weights.shape)} and topk_ids {tuple(topk_ids_TK.shape)} "
-            f"must both be [T={T}, K]"
+            f"topk_weights {tuple(w_shape)} and topk_ids {tuple(topk_ids_TK.shape)} must both be [T={T}, K]"
         )
-    if topk_ids_TK.dtype not in (torch.int32, torch.int64) or not weights.is_floating_point():
+    if topk_ids_TK.dtype not in (torch.int32, torch.int64) or not (w is None or w.is_floating_point()):
         raise ValueError(
-            f"topk_ids must be int32/int64 and topk_weights float; got {topk_ids_TK.dtype}, {weights.dtype}"
+            "topk_ids must be int32/int64 and topk_weights float; got "
+            f"{topk_ids_TK.dtype}, {None if w is None else w.dtype}"
         )
     if not hidden_TD.dtype == gate_up_proj_E2ID.dtype == down_proj_EDI.dtype:
         raise ValueError(
             f"hidden, gate_up_proj and down_proj must share a dtype, got {hidden_TD.dtype}, "
             f"{gate_up_proj_E2ID.dtype}, {down_proj_EDI.dtype}"
         )
-    devices = {t.device for t in (hidden_TD, gate_up_proj_E2ID, down_proj_EDI, weights, topk_ids_TK)}
+    devices = {t.device for t in (hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_ids_TK)}
+    if w is not None:
+        devices.add(w.device)
     if len(devices) != 1:
         raise ValueError(f"all fused_moe tensors must be on one device, got {sorted(map(str, devices))}")
 
