@@ -352,6 +352,10 @@ class QuantizedPool:
 
 PACKED_KINDS = ("int8", "int4")
 PACKED_MAX_ROWS = 16  # rows of one slot up to which the packed matmuls beat dequantize + mm (module docstring)
+# torch's CPU int8 matmul takes the columns 8 at a time: with another column count and more than one row it reads
+# past each row (wrong sums, or a crash; measured on torch 2.13, e.g. 2 x 20 activations). Such projections (tiny
+# test geometries; real models' widths are multiples of 64) are dequantized instead.
+INT8PACK_COLS = 8
 # The packed formulation's tolerance: |packed - exact| <= PACKED_ATOL * max|exact| over an experts call's output
 # (bf16 rounding of each projection's input and output, grown by cancellation in the down projection's sums;
 # measured up to 4.6e-3 on normal random experts, 1.8e-2 on experts whose rows span four decades of scale).
@@ -415,12 +419,13 @@ def _packed_linear(
     """``x @ dequant(q)^T`` [n, N] in x's dtype through torch's packed CPU matmul with bf16 activations, or None
     where that matmul cannot take the projection (then the caller dequantizes). int4: ``scale_zeros``, the
     scales already in torch's layout (``fill_int4pack_scales``, as a slot pool keeps them), else built here."""
-    N = q.shape[0]
+    N, C = q.shape[0], x_nC.shape[1]
     if fmt.kind == "int8":
+        if C % INT8PACK_COLS:
+            return None
         # The fp32 row scale is applied after the bf16 matmul (on its bf16 output), not rounded to bf16.
         y = torch._weight_int8pack_mm(x_nC.to(torch.bfloat16), q, torch.ones(N, dtype=torch.bfloat16))
         return y.to(x_nC.dtype).mul_(scale.view(1, N))
-    C = x_nC.shape[1]
     if scale_zeros is None:
         shape = int4pack_scales_shape(fmt, N, C, pieces)
         if shape is None:

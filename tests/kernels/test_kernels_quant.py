@@ -179,19 +179,21 @@ def test_quantized_forward_equals_exact_path_on_dequantized_weights(fmt, T, ids)
     assert torch.equal(got, want)
 
 
-# (I, D, int4 packed): why each geometry exists
+# (I, D, int4 packed, int8 packed): why each geometry exists
 GEOMETRIES = [
-    (64, 64, True),  # whole 32-row blocks, groups that divide C: both projections through torch's int4 matmul
-    (48, 192, True),  # gate_up halves of 48 rows (a block and a 16-row tail); C = 192 with group 128: torch groups
-    #                   of 64 (repeated scales); int4 down (C = 48, no 32-column group) is dequantized
-    (24, 64, False),  # int4 gate_up halves of 24 rows (an 8-row tail) and down C = 24: both dequantized, exact
+    (64, 64, True, True),  # whole 32-row blocks, groups that divide C: both projections through torch's int4 matmul
+    (48, 192, True, True),  # gate_up halves of 48 rows (a block and a 16-row tail); C = 192 with group 128: torch
+    #                         groups of 64 (repeated scales); int4 down (C = 48, no 32-column group) is dequantized
+    (24, 64, False, True),  # int4 gate_up halves of 24 rows (an 8-row tail) and down C = 24: both dequantized, exact
+    (20, 36, False, False),  # C = 36 and 20: not whole 8-column vectors of torch's int8 matmul (INT8PACK_COLS; it
+    #                          crashed on 2 rows), nor int4 groups: dequantized, exact (granitemoe's test widths)
 ]
 
 
 @pytest.mark.parametrize("fmt", [INT8, INT4[32], INT4[128]], ids=lambda f: f.name)
-@pytest.mark.parametrize(("I", "D", "int4_packed"), GEOMETRIES)
+@pytest.mark.parametrize(("I", "D", "int4_packed", "int8_packed"), GEOMETRIES)
 @pytest.mark.parametrize(("T", "ids"), [*CASES, (20, [[1, 1]] * 20)])  # 40 rows on one slot: past PACKED_MAX_ROWS
-def test_packed_forward_within_its_tolerance(fmt, I, D, int4_packed, T, ids):
+def test_packed_forward_within_its_tolerance(fmt, I, D, int4_packed, int8_packed, T, ids):
     """torch's packed matmuls with bf16 activations: within PACKED_ATOL x max|exact| (a wrong byte or scale is off
     by the weights' own size), and not the exact result where they ran (so they did run)."""
     pool, gate_up, down = _pool(fmt, S=4, inter=I, hidden=D)
@@ -201,7 +203,7 @@ def test_packed_forward_within_its_tolerance(fmt, I, D, int4_packed, T, ids):
     got = quantized_experts_forward(x, pool, w_TK, ids_TK)
     want = experts_forward(x, gate_up, down, w_TK, ids_TK)
     torch.testing.assert_close(got, want, rtol=0, atol=PACKED_ATOL * want.abs().max().item())
-    ran = (fmt.kind == "int8" or int4_packed) and T * 2 <= 16 and (torch.tensor(ids) >= 0).any()
+    ran = (int8_packed if fmt.kind == "int8" else int4_packed) and T * 2 <= 16 and (torch.tensor(ids) >= 0).any()
     assert torch.equal(got, want) != ran
 
 
