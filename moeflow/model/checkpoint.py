@@ -26,7 +26,7 @@ import torch
 from moeflow.errors import CheckpointError
 from moeflow.kernels.quant import ExpertFormat
 from moeflow.model.families import ExpertSource, Family, family_for
-from moeflow.model.quantized import MXFP4_BLOCKS, declared_format
+from moeflow.model.quantized import MXFP4_BLOCKS, STORED_KINDS, declared_format, stored_expert_source
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -427,9 +427,10 @@ def _split_experts(
     columns per byte); `moeflow.model.quantized` checks their scales."""
     tensors: dict[str, TensorSpan] = {}
     parts: dict[ExpertKey, list[ExpertPiece]] = {}
-    transposed = family.layout.transposed
+    stored = fmt is not None and fmt.kind in STORED_KINDS  # `moeflow quantize` wrote them: [out, in], per expert
+    transposed = family.layout.transposed and not stored
     for name, span in shard_tensors.items():
-        source = family.expert_source(name)
+        source = stored_expert_source(family, name) if stored else family.expert_source(name)
         if source is None and fmt is not None and fmt.kind == "mxfp4" and name.endswith(MXFP4_BLOCKS):
             _split_mxfp4_blocks(name, span, family.expert_source(name.removesuffix(MXFP4_BLOCKS)), parts)
             continue

@@ -3,7 +3,10 @@
 config.json names the format under `moeflow_quantization` ({"expert_dtype": "int4", "group_size": 128,
 "source_dtype": "float32", "version": 2}); each expert weight keeps its name and holds the quantized tensor
 (`...experts.<e>.<proj>.weight`, int8 or packed uint8; `moeflow.model.checkpoint` indexes it with the
-format's packing), and its scale sits beside it as `...experts.<e>.<proj>.weight_scale`.
+format's packing), and its scale sits beside it as `...experts.<e>.<proj>.weight_scale`. A family whose
+checkpoints hold a layer's experts in one fused tensor (gpt-oss, granitemoe, ...) is stored per expert under
+the fused name and the expert's index (`...experts.gate_up_proj.<e>`, `stored_expert_source`). Stored
+weights are always [out, in] (the slot's layout), whatever the family's: transposed families included.
 `expert_quantization` finds the scales, checks them against the format, and refuses a folder that lacks
 any of them.
 
@@ -15,6 +18,8 @@ dequantized as they load (`moeflow.model.loading`).
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +30,7 @@ from moeflow.kernels.quant import INT4_GROUP_SIZES, QUANT_KINDS, ExpertFormat, d
 
 if TYPE_CHECKING:  # moeflow.model.checkpoint imports this module to parse a quantized folder
     from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
+    from moeflow.model.families import ExpertSource, Family
 
 CONFIG_KEY = "moeflow_quantization"
 FORMAT_VERSION = 2  # 2: int4 rows packed for torch's CPU int4 matmul, bf16 scales (1: column halves, fp16 scales)
@@ -32,6 +38,26 @@ READABLE_VERSIONS = (1, 2)  # int8 is the same in both; a version 1 int4 folder 
 SCALE_SUFFIX = "_scale"  # `<weight name>_scale`
 STORED_KINDS = ("int8", "int4")  # what `moeflow quantize` writes and a folder may declare
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FUSED_SLICE = re.compile(r"^(?P<fused>.+)\.(?P<expert>\d+)$")  # `<fused experts tensor name>.<e>`
+
+
+def fused_slice_name(fused_name: str, expert: int) -> str:
+    """The name `moeflow quantize` stores expert `expert` of a fused [E, ...] checkpoint tensor under."""
+    return f"{fused_name}.{expert}"
+
+
+def stored_expert_source(family: Family, name: str) -> ExpertSource | None:
+    """What tensor `name` of a `moeflow quantize` folder holds of an expert: a per-expert name as the family's
+    checkpoints spell it, or `fused_slice_name` (one expert of a family whose checkpoints fuse a layer's experts).
+    None for every other tensor."""
+    source = family.expert_source(name)
+    if source is not None:
+        return source
+    m = _FUSED_SLICE.match(name)
+    fused = family.expert_source(m["fused"]) if m else None
+    if fused is None or fused.expert is not None:
+        return None
+    return dataclasses.replace(fused, expert=int(m["expert"]))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -158,10 +184,11 @@ def expert_quantization(ckpt: Checkpoint) -> ExpertQuantization | None:
         pieces = []
         for piece in loc.pieces:
             what = f"the {piece.param} rows {piece.row}..{piece.row + piece.rows} of expert {key[1]} in layer {key[0]}"
-            if piece.transposed:
+            if piece.transposed:  # `moeflow quantize` stores [out, in] (`_split_experts`); fp8 is read as shipped
                 raise CheckpointError(
-                    f"{ckpt.family.model_type} stores its experts transposed; moeflow's int8/int4 layout is for "
-                    "[out, in] weights only. Load the full-precision folder with --expert-dtype int8 or int4 instead"
+                    f"{ckpt.family.model_type} stores its experts transposed; moeflow reads {fmt.name} experts as "
+                    "[out, in] weights only. Load a full-precision folder of the model with --expert-dtype int8 or "
+                    "int4, or store it with `moeflow quantize`"
                 )
             scale = found.pop((key, piece.param, piece.row // fmt.scale_rows), None)
             if scale is None:
@@ -191,7 +218,7 @@ def _scale_spans(ckpt: Checkpoint, suffix: str) -> dict[tuple[ExpertKey, str, in
     for name, span in ckpt.tensors.items():
         if not name.endswith(suffix):
             continue
-        source = ckpt.family.expert_source(name.removesuffix(suffix))
+        source = stored_expert_source(ckpt.family, name.removesuffix(suffix))
         if source is None or source.expert is None:
             continue
         param = "gate_up" if source.param == "gate_up_proj" else "down"

@@ -1,7 +1,9 @@
 """`moeflow quantize`: write a copy of a model whose experts are stored quantized, so each miss reads few bytes.
 
 Every routed expert's gate, up and down weight is quantized (`moeflow.kernels.quant`, layout in
-docs/quantization.md) and stored per expert under its own name, its scale beside it as `<name>_scale`;
+docs/quantization.md) and stored per expert, [out, in], under its own name (a family whose checkpoints fuse a
+layer's experts into one tensor: under that tensor's name and the expert's index, `<name>.<e>`), its scale
+beside it as `<name>_scale`;
 every other tensor (attention, norms, embeddings, routers, shared experts) is copied unchanged.
 config.json gains `moeflow_quantization`, which is how the engine knows to read the experts quantized.
 One output shard per input shard; tokenizer, generation config, corpus lists and predictors are copied.
@@ -21,7 +23,14 @@ from tqdm import tqdm
 from moeflow.errors import MoeflowError
 from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, quantize
 from moeflow.model.checkpoint import open_checkpoint
-from moeflow.model.quantized import CONFIG_KEY, FORMAT_VERSION, SCALE_SUFFIX, STORED_KINDS, declared_format
+from moeflow.model.quantized import (
+    CONFIG_KEY,
+    FORMAT_VERSION,
+    SCALE_SUFFIX,
+    STORED_KINDS,
+    declared_format,
+    fused_slice_name,
+)
 
 
 def quantize_checkpoint(
@@ -41,15 +50,11 @@ def quantize_checkpoint(
     ckpt = open_checkpoint(src)
     if declared_format(ckpt.config) is not None:
         raise MoeflowError(f"{src} is already quantized ({ckpt.config[CONFIG_KEY]}); quantize the full-precision model")
-    if ckpt.family.layout.transposed:
-        raise MoeflowError(
-            f"{ckpt.family.model_type} stores its experts transposed; moeflow quantize writes [out, in] weights only. "
-            "Load the full-precision folder with --expert-dtype int8 or int4 instead"
-        )
     dtypes = {loc.dtype for loc in ckpt.experts.values()}
     source_dtype = str(dtypes.pop()).removeprefix("torch.")
     if dtypes:
         raise MoeflowError(f"{src} stores its experts in several dtypes; moeflow quantize needs one")
+    transposed = ckpt.family.layout.transposed
     files = {s.file for s in ckpt.tensors.values()} | {s.file for loc in ckpt.experts.values() for s in loc.spans}
     out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
@@ -64,19 +69,21 @@ def quantize_checkpoint(
                 if source is None:
                     tensors[name] = f.get_tensor(name).contiguous()
                     continue
-                if source.expert is None:
-                    raise MoeflowError(
-                        f"{name} holds every expert of its layer in one tensor; moeflow quantize writes per-expert "
-                        "tensors from per-expert checkpoints (as transformers' save_pretrained writes them)"
-                    )
+                # Per expert, [out, in] as the slot holds it: a fused [E, ...] tensor is sliced (each slice stored
+                # under `fused_slice_name`), a transposed family's weight turned back (granitemoe, gpt-oss, ...).
+                whole = f.get_tensor(name)
+                slices = [(name, source.expert, whole)] if source.expert is not None else [
+                    (fused_slice_name(name, e), e, whole[e]) for e in range(whole.shape[0])]  # fmt: skip
                 # int4 packs a slot's gate_up as its two halves: a tensor holding both (one part) packs them apart
                 halves = GATE_UP_PIECES // source.parts if source.param == "gate_up_proj" else 1
                 if fmt.kind == "int4" and halves * source.parts not in (1, GATE_UP_PIECES):
                     raise MoeflowError(f"{name} is one of {source.parts} gate/up pieces; int4 packs gate and up apart")
-                q, scale = quantize(f.get_tensor(name), fmt, pieces=max(halves, 1))
-                mine = experts.setdefault((source.layer, source.expert), {})
-                mine[name], mine[name + SCALE_SUFFIX] = q, scale
-                bar.update(1)
+                for stored_name, expert, weight in slices:
+                    w = weight.t() if transposed else weight
+                    q, scale = quantize(w.contiguous(), fmt, pieces=max(halves, 1))
+                    mine = experts.setdefault((source.layer, expert), {})
+                    mine[stored_name], mine[stored_name + SCALE_SUFFIX] = q, scale
+                    bar.update(1)
         for key in sorted(experts):
             tensors.update(experts[key])
         save_ordered(tensors, out / shard.name)

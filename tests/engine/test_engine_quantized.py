@@ -156,6 +156,39 @@ def test_quantized_as_read_equals_reference_in_every_layout(family_checkpoints, 
         assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == want.tolist()
 
 
+# Families whose checkpoints fuse a layer's experts into one tensor or keep them transposed (gpt-oss: both,
+# interleaved gate/up rows and expert biases too). `moeflow quantize` stores them per expert, [out, in].
+FUSED_OR_TRANSPOSED = ("gpt_oss", "aria_text", "granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa",
+                       "lara_mini", "gemma4_text", "minimax_m3_vl_text", "hy_v4")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FUSED_OR_TRANSPOSED)
+def test_quantized_folder_of_fused_or_transposed_family_equals_reference(family_checkpoints, family, tmp_path):
+    src = family_checkpoints[family]
+    ckpt = open_checkpoint(src)
+    names = [n for file in {s.file for loc in ckpt.experts.values() for s in loc.spans}
+             for n in safe_open(file, framework="pt").keys()]  # fmt: skip
+    fused = any(getattr(ckpt.family.expert_source(n), "expert", 0) is None for n in names)
+    assert fused or ckpt.family.layout.transposed  # the list above stays what it says
+    fmt_name = "int8" if family == "granitemoe" else "int4-g32"
+    fmt = FORMATS[fmt_name]
+    path = _write(src, tmp_path / "q", fmt)
+    stored = open_checkpoint(path)
+    assert stored.experts.keys() == ckpt.experts.keys()
+    assert all(not p.transposed and len(p.span.shape) == 2 for loc in stored.experts.values() for p in loc.pieces)
+    ref = _reference_quantized_in_memory(src, fmt)
+    want = ref.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS)[0, len(PROMPT) :]
+    with torch.no_grad():
+        want_logits = ref(torch.tensor([PROMPT])).logits
+    with moeflow.load(path, expert_budget="50%", exact_quantized=True) as engine:
+        torch.testing.assert_close(_engine_logits(engine, PROMPT), want_logits, **LOGITS_TOL)
+    with moeflow.load(path, expert_budget="50%") as engine:
+        assert engine.expert_format == fmt
+        assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == want.tolist()
+        assert engine.stats().misses > 0
+
+
 def test_budget_counts_quantized_bytes(tiny_checkpoints):
     """Slots hold quantized bytes: the same byte budget holds ~4x (int8) / ~6x (int4) the fp32 experts. An int4
     slot computed by torch's CPU matmul also holds its scales in that matmul's layout: counted too."""

@@ -8,6 +8,7 @@ import transformers as tf
 from moeflow.errors import UnsupportedArchitectureError
 from moeflow.model.catalog import family_status
 from moeflow.model.families import describe
+from moeflow.model.quantized import fused_slice_name, stored_expert_source
 from moeflow.testing import family_config
 
 
@@ -36,6 +37,20 @@ def test_gpt_oss_layout_from_its_decorator():
     # gpt-oss has no conversion mapping: its experts are stored as in memory, fused
     assert family.expert_source("model.layers.0.mlp.experts.gate_up_proj").expert is None
     assert family.expert_source("model.layers.0.mlp.experts.gate_up_proj_bias") is None  # resident, not in slots
+
+
+def test_quantized_folders_name_one_expert_of_a_fused_tensor_by_its_index():
+    family = describe(family_config("gpt_oss"))
+    name = fused_slice_name("model.layers.1.mlp.experts.down_proj", 5)
+    source = stored_expert_source(family, name)
+    assert (source.layer, source.param, source.expert, source.part, source.parts) == (1, "down_proj", 5, 0, 1)
+    assert stored_expert_source(family, "model.layers.1.mlp.experts.gate_up_proj_bias.5") is None  # not an expert
+    assert stored_expert_source(family, "model.layers.1.self_attn.q_proj.weight") is None
+    mixtral = describe(family_config("mixtral"))
+    per_expert = stored_expert_source(mixtral, "model.layers.1.block_sparse_moe.experts.3.w3.weight")
+    assert (per_expert.expert, per_expert.part) == (3, 1)  # per-expert names as the family spells them
+    # a per-expert name with an index appended is no expert: only a fused tensor's slice takes one
+    assert stored_expert_source(mixtral, "model.layers.1.block_sparse_moe.experts.3.w3.weight.0") is None
 
 
 def test_caches_that_cannot_be_batched_are_detected():
