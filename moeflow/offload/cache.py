@@ -258,7 +258,13 @@ class ExpertCache:
         jobs: list[ReadJob] = []
 
         def read(pending: list[tuple[ExpertKey, int]]) -> None:
-            fns = [lambda key=key, s=s: self._demand_read(key, s, counters, failed) for key, s in pending]
+            fns: list[Callable[[], None]] = []
+            for key, s in pending:
+                parts = self._read_parts(key, s)
+                if parts is None:
+                    fns.append(lambda key=key, s=s: self._demand_read(key, s, counters, failed))
+                else:
+                    fns.extend(_PartedRead(self, s, parts, counters, failed).jobs())
             jobs.extend(self.readers.start(fns))
 
         def batches() -> Iterator[dict[int, int]]:
@@ -355,6 +361,15 @@ class ExpertCache:
         return self.policy
 
     # ---- reads (any thread) ---------------------------------------------------------------------
+
+    def _read_parts(self, key: ExpertKey, s: int) -> list[Callable[[], int]] | None:
+        """A demand read of `key` into slot `s` as parts for several threads (`DiskStore.read_parts`), or None:
+        one job (a store that reads whole experts, a GPU slot, a small expert)."""
+        read_parts = getattr(self.store, "read_parts", None)
+        if read_parts is None or self._copy_stream is not None:
+            return None
+        pool = self.pool
+        return read_parts(key, pool.gate_up_S2ID[s], pool.down_SDI[s], pool.scale_views(s) or None)
 
     def read_slot(self, key: ExpertKey, s: int) -> tuple[int, object | None]:
         """Read `key` into slot `s`, which the caller holds in state LOADING; no lock is held. Returns the
@@ -500,3 +515,60 @@ class ExpertCache:
     def reset_stats(self) -> None:
         with self._cv:
             self._counters = {layer: _LayerCounters() for layer in self._counters}
+
+
+class _PartedRead:
+    """One demand read of slot `s` run as independent parts by any threads (`ExpertCache._read_parts`): the part
+    that finishes last prepares the slot and makes it READY, or records the first part's error in `failed`, as
+    `ExpertCache._demand_read` does for a whole read. A part abandoned unstarted (`ReaderPool.finish`) leaves the
+    slot LOADING, which the acquiring block's exit evicts."""
+
+    def __init__(
+        self,
+        cache: ExpertCache,
+        s: int,
+        parts: list[Callable[[], int]],
+        counters: _LayerCounters,
+        failed: dict[int, BaseException],
+    ) -> None:
+        self.cache, self.s, self.parts, self.counters, self.failed = cache, s, parts, counters, failed
+        self._lock = threading.Lock()
+        self._left = len(parts)
+        self._nbytes = 0
+        self._errors: list[BaseException] = []
+
+    def jobs(self) -> list[Callable[[], None]]:
+        return [lambda part=part: self._run(part) for part in self.parts]
+
+    def _run(self, part: Callable[[], int]) -> None:
+        error = None
+        try:
+            n = part()
+        except Exception as e:
+            error, n = e, 0
+        with self._lock:
+            self._nbytes += n
+            if error is not None:
+                self._errors.append(error)
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._settle()
+        if error is not None:
+            raise error
+
+    def _settle(self) -> None:
+        cache, s = self.cache, self.s
+        if not self._errors:
+            try:
+                cache.pool.prepare_slot(s)
+            except Exception as e:
+                self._errors.append(e)
+        with cache._cv:
+            if self._errors:
+                self.failed[s] = self._errors[0]
+            else:
+                self.counters.bytes_read += self._nbytes
+                cache._slots[s].ready_event = None
+                cache._slots[s].state = SlotState.READY
+            cache._cv.notify_all()

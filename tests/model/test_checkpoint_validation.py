@@ -343,10 +343,18 @@ def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and text in r.getMessage()]
 
 
-@pytest.mark.parametrize("store, value", [("disk", float("nan")), ("disk", float("inf")), ("ram", float("-inf"))])
-def test_an_expert_with_nan_or_inf_weights_warns_once(model, used, caplog, store, value):
+@pytest.mark.parametrize(
+    "store, value, parts",
+    [("disk", float("nan"), False), ("disk", float("inf"), False), ("ram", float("-inf"), False),
+     ("disk", float("nan"), True)],
+)  # fmt: skip
+def test_an_expert_with_nan_or_inf_weights_warns_once(model, used, caplog, monkeypatch, store, value, parts):
+    """parts: demand reads go in parts of one block (`DiskStore.read_parts`), several of them poisoned."""
     layer, expert = used[0]
     _poison(model, _key(used, "w2"), value)
+    if parts:
+        monkeypatch.setattr("moeflow.offload.store.READ_PART_BYTES", 4096)
+        _poison(model, _key(used, "w1"), value)
     with caplog.at_level("WARNING"), moeflow.load(model, expert_budget="25%", store=store) as engine:
         for _ in range(2):  # at 25% the expert is evicted and read again: still one warning
             engine.generate([5, 9, 17, 3], max_new_tokens=3)

@@ -317,3 +317,81 @@ def test_pool_close_drops_queued_background_reads():
     assert ran == [] and isinstance(queued.error, RuntimeError)
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(lambda: None)
+
+
+class PartedStore(FakeStore):
+    """Reads each expert as `parts` parts (`DiskStore.read_parts`): part i fills gate_up row i (of 2 * INTER) and,
+    the last one, down; hooks run before a part by (key, part)."""
+
+    def __init__(self, parts: int) -> None:
+        super().__init__()
+        self.parts = parts
+        self.part_hooks: dict[tuple[tuple[int, int], int], object] = {}
+
+    def read_parts(self, key, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales=None):
+        assert scales is None
+        value = float(key[0] * 100 + key[1])
+
+        def part(i: int) -> int:
+            with self._lock:
+                self.reads.append((key, threading.current_thread().name))
+            hook = self.part_hooks.get((key, i))
+            if hook is not None:
+                hook()
+            rows = gate_up_2ID[i * 2 * INTER // self.parts : (i + 1) * 2 * INTER // self.parts]
+            rows.fill_(value)
+            if i == self.parts - 1:
+                down_DI.fill_(value)
+            return rows.nbytes + (down_DI.nbytes if i == self.parts - 1 else 0)
+
+        return [lambda i=i: part(i) for i in range(self.parts)]
+
+
+def test_parts_of_one_miss_are_read_at_once_and_the_slot_is_ready_after_the_last():
+    """One miss in four parts, two readers and the compute thread: three parts in flight at once (a barrier), the
+    slot still LOADING when each part starts, the expert handed out once all four have landed, bytes counted once."""
+    store = PartedStore(parts=4)
+    cache = make_cache(capacity=2, readers=2, store=store)
+    barrier = threading.Barrier(3, timeout=10)
+    states = []
+
+    def hook(wait: bool) -> None:
+        with cache._cv:
+            states.append(cache._slots[cache._slot_of[(0, 5)]].state)
+        if wait:
+            barrier.wait()
+
+    for i in range(4):
+        store.part_hooks[((0, 5), i)] = lambda i=i: hook(i < 3)
+    try:
+        with cache.arrivals(0, [5]) as batches:
+            seen = list(batches)
+        assert states == [SlotState.LOADING] * 4
+        assert len(seen) == 1 and slot_value(cache, seen[0][5]) == 5.0
+        assert float(cache.pool.down_SDI[seen[0][5]].mean()) == 5.0
+        assert len(store.reads) == 4 and len({name for _, name in store.reads}) == 3
+        s = cache.stats().per_layer[0]
+        assert (s.misses, s.bytes_read) == (1, cache.pool.slot_bytes)
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("readers", [0, 2])
+def test_a_failed_part_fails_the_read_and_frees_the_slot(readers):
+    store = PartedStore(parts=3)
+
+    def fail() -> None:
+        raise OSError(5, "injected part error")
+
+    store.part_hooks[((0, 2), 1)] = fail
+    cache = make_cache(capacity=4, readers=readers, store=store)
+    try:
+        with pytest.raises(OSError, match="injected part error"), cache.acquire(0, [1, 2]):
+            pytest.fail("the block must not run when a read failed")
+        assert cache.resident() == {(0, 1)}
+        assert all(slot.pins == 0 for slot in cache._slots)
+        del store.part_hooks[((0, 2), 1)]
+        with cache.acquire(0, [1, 2]) as slot_of:
+            assert {e: slot_value(cache, s) for e, s in slot_of.items()} == {1: 1.0, 2: 2.0}
+    finally:
+        cache.close()
