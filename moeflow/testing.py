@@ -33,39 +33,25 @@ def tiny_config(
     )
     common.update(overrides)
     if family == "mixtral":
-        return tf.MixtralConfig(intermediate_size=48, num_local_experts=num_experts, **common)
+        return tf.MixtralConfig(**{"intermediate_size": 48, "num_local_experts": num_experts, **common})
     if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(
-            intermediate_size=48,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=40,
-            num_experts=num_experts,
-            decoder_sparse_step=1,
-            **common,
-        )
+        return tf.Qwen2MoeConfig(**{
+            "intermediate_size": 48, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+            "num_experts": num_experts, "decoder_sparse_step": 1, **common,
+        })  # fmt: skip
     if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(
-            intermediate_size=48, moe_intermediate_size=24, head_dim=8, num_experts=num_experts, **common
-        )
+        return tf.Qwen3MoeConfig(**{
+            "intermediate_size": 48, "moe_intermediate_size": 24, "head_dim": 8, "num_experts": num_experts, **common,
+        })  # fmt: skip
     if family == "olmoe":
-        return tf.OlmoeConfig(intermediate_size=24, num_experts=num_experts, **common)
+        return tf.OlmoeConfig(**{"intermediate_size": 24, "num_experts": num_experts, **common})
     if family == "deepseek_v3":
-        common.update(num_hidden_layers=layers + 1, num_key_value_heads=4)
-        return tf.DeepseekV3Config(
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            first_k_dense_replace=1,
-            n_routed_experts=num_experts,
-            n_shared_experts=1,
-            n_group=4,
-            topk_group=2,
-            kv_lora_rank=16,
-            q_lora_rank=24,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            **common,
-        )
+        common = {"num_hidden_layers": layers + 1, "num_key_value_heads": 4, **common, **overrides}
+        return tf.DeepseekV3Config(**{
+            "intermediate_size": 48, "moe_intermediate_size": 16, "first_k_dense_replace": 1,
+            "n_routed_experts": num_experts, "n_shared_experts": 1, "n_group": 4, "topk_group": 2, "kv_lora_rank": 16,
+            "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, **common,
+        })  # fmt: skip
     raise ValueError(f"unknown family {family!r}; one of {FAMILY_NAMES}")
 
 
