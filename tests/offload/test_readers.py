@@ -5,6 +5,7 @@ deadlocks into a barrier timeout (a failure) if they do not.
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -184,14 +185,18 @@ def test_prefetch_that_fails_while_a_layer_waits_for_it_is_read_by_that_layer():
     store = FakeStore()
     cache = make_cache(capacity=2, readers=1, store=store)
     attempts = []
+    pinned: list[bool] = []
     reading = threading.Event()
 
     def fail_once_the_layer_waits() -> None:
         attempts.append(threading.current_thread().name)
         if len(attempts) == 1:
             reading.set()
-            with cache._cv:  # the compute thread has pinned the slot and waits for this read
-                assert cache._cv.wait_for(lambda: any(slot.pins for slot in cache._slots), timeout=10)
+            deadline = time.monotonic() + 10
+            with cache._cv:  # the compute thread has pinned the slot and waits for this read (pinning notifies
+                while not any(slot.pins for slot in cache._slots) and time.monotonic() < deadline:  # no one)
+                    cache._cv.wait(0.005)
+                pinned.append(any(slot.pins for slot in cache._slots))  # checked below: an error here is a read's
             raise OSError(5, "injected read error")
 
     store.before[(0, 1)] = fail_once_the_layer_waits
@@ -203,6 +208,7 @@ def test_prefetch_that_fails_while_a_layer_waits_for_it_is_read_by_that_layer():
             assert slot_value(cache, slot_of[1]) == 1.0
         transfer.drain()
         assert attempts == ["moeflow-reader-0", "MainThread"]
+        assert pinned == [True]  # the prefetch failed while the layer was waiting for it
         assert cache.resident() == {(0, 1)}
     finally:
         cache.close()
