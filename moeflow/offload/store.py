@@ -35,8 +35,10 @@ _COALESCE_GAP = 1 << 20  # read two spans of one expert in one request when at m
 # A demand read of an expert of 2 to 8 MiB goes as parts of about 1 MiB, read and copied by several threads at
 # once (`DiskStore.read_parts`): more requests in flight where the kernel would send one or two (it splits a
 # request into max_sectors_kb pieces itself, 4 MiB on the measuring VM). Measured on the I/O-bound benchmark
-# model, 25%, disk, page cache dropped, alternating runs (2-core AMD EPYC VM): int8 experts (4.6 MiB) 6% more
-# tokens/s in three pairs of runs; fp32 experts (18 MiB) 5-34% fewer with 2 MiB parts, hence the ceiling.
+# model, 25%, disk, page cache dropped before each run, alternating runs (2-core AMD EPYC VM, 2026-12-01):
+# int8 experts (4.6 MiB) +9 / +15 / +9% tokens/s in three pairs (+6% in three with 2 MiB parts); int4 (2.3 MiB)
+# -12% to +19% in seven pairs, five faster, median +5%; fp32 (18 MiB) -5 to -34% with 2 or 4 MiB parts, hence
+# the ceiling.
 READ_PART_BYTES = 1 << 20
 READ_PARTED_MAX_BYTES = 8 << 20
 
