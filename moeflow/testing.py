@@ -46,7 +46,7 @@ def tiny_config(
     if family == "olmoe":
         return tf.OlmoeConfig(**{"intermediate_size": 24, "num_experts": num_experts, **common})
     if family == "deepseek_v3":
-        common = {"num_hidden_layers": layers + 1, "num_key_value_heads": 4, **common, **overrides}
+        common = {**common, "num_hidden_layers": layers + 1, "num_key_value_heads": 4, **overrides}
         return tf.DeepseekV3Config(**{
             "intermediate_size": 48, "moe_intermediate_size": 16, "first_k_dense_replace": 1,
             "n_routed_experts": num_experts, "n_shared_experts": 1, "n_group": 4, "topk_group": 2, "kv_lora_rank": 16,
