@@ -324,14 +324,28 @@ class ExpertCache:
         try:
             nbytes, event = self.read_slot(key, s)
         except Exception as e:
-            with self._cv:
-                failed[s] = e
-                self._cv.notify_all()
+            self._landed(s, counters, failed, error=e)
             raise
+        self._landed(s, counters, failed, nbytes=nbytes, event=event)
+
+    def _landed(
+        self,
+        s: int,
+        counters: _LayerCounters,
+        failed: dict[int, BaseException],
+        *,
+        nbytes: int = 0,
+        event: object | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """A demand read of slot `s` ended: READY with its bytes counted, or its error recorded in `failed`."""
         with self._cv:
-            counters.bytes_read += nbytes
-            self._slots[s].ready_event = event
-            self._slots[s].state = SlotState.READY
+            if error is not None:
+                failed[s] = error
+            else:
+                counters.bytes_read += nbytes
+                self._slots[s].ready_event = event
+                self._slots[s].state = SlotState.READY
             self._cv.notify_all()
 
     # ---- prefetcher: eviction preferences of a predictive policy ---------------------------------
@@ -558,17 +572,10 @@ class _PartedRead:
             raise error
 
     def _settle(self) -> None:
-        cache, s = self.cache, self.s
         if not self._errors:
             try:
-                cache.pool.prepare_slot(s)
+                self.cache.pool.prepare_slot(self.s)
             except Exception as e:
                 self._errors.append(e)
-        with cache._cv:
-            if self._errors:
-                self.failed[s] = self._errors[0]
-            else:
-                self.counters.bytes_read += self._nbytes
-                cache._slots[s].ready_event = None
-                cache._slots[s].state = SlotState.READY
-            cache._cv.notify_all()
+        error = self._errors[0] if self._errors else None
+        self.cache._landed(self.s, self.counters, self.failed, nbytes=self._nbytes, error=error)
