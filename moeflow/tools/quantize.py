@@ -48,8 +48,12 @@ def quantize_checkpoint(
         raise MoeflowError(f"{out} already exists and is not an empty folder; moeflow quantize never overwrites: "
                            "choose a new --out or remove it first")  # fmt: skip
     ckpt = open_checkpoint(src)
-    if declared_format(ckpt.config) is not None:
-        raise MoeflowError(f"{src} is already quantized ({ckpt.config[CONFIG_KEY]}); quantize the full-precision model")
+    stored = declared_format(ckpt.config)
+    if stored is not None:
+        raise MoeflowError(
+            f"{src} is already quantized ({stored.name} experts); moeflow quantize starts from a full-precision model. "
+            f"Load this folder as it is (moeflow reads {stored.name} experts), or quantize the full-precision model"
+        )
     dtypes = {loc.dtype for loc in ckpt.experts.values()}
     source_dtype = str(dtypes.pop()).removeprefix("torch.")
     if dtypes:

@@ -118,3 +118,12 @@ def test_missing_scale_inv_is_refused(fp8_checkpoint, tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"scale of the down rows 0..32 of expert 3 .*weight_scale_inv.* missing"):
         moeflow.load(path)
+
+
+def test_quantize_refuses_an_fp8_checkpoint_by_name(fp8_checkpoint, tmp_path):
+    from moeflow.errors import MoeflowError
+    from moeflow.tools.quantize import quantize_checkpoint
+
+    message = r"already quantized \(fp8-b16x16 experts\).*moeflow reads fp8-b16x16 experts"
+    with pytest.raises(MoeflowError, match=message):
+        quantize_checkpoint(fp8_checkpoint, tmp_path / "q", "int8", progress=False)

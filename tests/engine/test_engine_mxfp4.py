@@ -90,3 +90,12 @@ def test_mxfp4_missing_scales_are_refused(mxfp4_checkpoint, tmp_path):
     (path / "config.json").write_text((mxfp4_checkpoint / "config.json").read_text())
     with pytest.raises(CheckpointError, match=r"scale of the down rows 0..64 of expert 0 in layer 1 .*down_proj_scale"):
         moeflow.load(path)
+
+
+def test_quantize_refuses_an_mxfp4_checkpoint_by_name(mxfp4_checkpoint, tmp_path):
+    from moeflow.errors import MoeflowError
+    from moeflow.tools.quantize import quantize_checkpoint
+
+    with pytest.raises(MoeflowError, match=r"already quantized \(mxfp4 experts\).*Load this folder as it is"):
+        quantize_checkpoint(mxfp4_checkpoint, tmp_path / "q", "int4", progress=False)
+    assert not (tmp_path / "q").exists()
