@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from moeflow.errors import MoeflowError
 from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, quantize
-from moeflow.model.checkpoint import open_checkpoint
+from moeflow.model.checkpoint import Checkpoint, open_checkpoint
 from moeflow.model.quantized import (
     CONFIG_KEY,
     FORMAT_VERSION,
@@ -58,9 +58,22 @@ def quantize_checkpoint(
     source_dtype = str(dtypes.pop()).removeprefix("torch.")
     if dtypes:
         raise MoeflowError(f"{src} stores its experts in several dtypes; moeflow quantize needs one")
+    existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_folder(ckpt, src, out, fmt, source_dtype, progress)
+    except BaseException:  # nothing half-written stays behind: the folder is left as it was (absent, or empty)
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir(parents=True, exist_ok=True)
+        raise
+    return out
+
+
+def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, source_dtype: str, progress: bool) -> None:
+    """The quantized copy of `src` into the empty folder `out`: shards, index, config.json, the other files."""
     transposed = ckpt.family.layout.transposed
     files = {s.file for s in ckpt.tensors.values()} | {s.file for loc in ckpt.experts.values() for s in loc.spans}
-    out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     pieces = sum(len(loc.pieces) for loc in ckpt.experts.values())
     bar = tqdm(total=pieces, desc=f"quantizing experts to {fmt.name}", unit="tensor", disable=not progress)
@@ -84,7 +97,10 @@ def quantize_checkpoint(
                     raise MoeflowError(f"{name} is one of {source.parts} gate/up pieces; int4 packs gate and up apart")
                 for stored_name, expert, weight in slices:
                     w = weight.t() if transposed else weight
-                    q, scale = quantize(w.contiguous(), fmt, pieces=max(halves, 1))
+                    try:
+                        q, scale = quantize(w.contiguous(), fmt, pieces=max(halves, 1))
+                    except ValueError as e:
+                        raise MoeflowError(f"{stored_name}: {e}. Quantize this model to int8 (any size)") from None
                     mine = experts.setdefault((source.layer, expert), {})
                     mine[stored_name], mine[stored_name + SCALE_SUFFIX] = q, scale
                     bar.update(1)
@@ -104,7 +120,6 @@ def quantize_checkpoint(
             shutil.copytree(entry, out / entry.name)
         else:
             shutil.copy2(entry, out / entry.name)
-    return out
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

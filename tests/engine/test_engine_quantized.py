@@ -23,7 +23,7 @@ from moeflow.errors import CheckpointError, MoeflowError
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.model.families import experts_modules
 from moeflow.model.quantized import CONFIG_KEY
-from moeflow.testing import FAMILY_NAMES, FULL_MATRIX_FAMILIES
+from moeflow.testing import FAMILY_NAMES, FULL_MATRIX_FAMILIES, save_tiny_checkpoint
 from moeflow.tools.quantize import quantize_checkpoint, save_ordered
 
 PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
@@ -258,6 +258,21 @@ def test_quantize_refuses_to_overwrite_or_requantize(tiny_checkpoints, tmp_path)
         _write(out, tmp_path / "q2", FORMATS["int4-g32"])
     with pytest.raises(MoeflowError, match="moeflow quantize writes int8 or int4 experts, not 'bf16'"):
         quantize_checkpoint(tiny_checkpoints["mixtral"], tmp_path / "q3", "bf16")
+
+
+def test_quantize_refuses_sizes_int4_cannot_pack_and_leaves_nothing_behind(tmp_path):
+    src = save_tiny_checkpoint("mixtral", tmp_path / "src", intermediate_size=47)  # odd rows: no int4 byte pairs
+    out = tmp_path / "q"
+    with pytest.raises(MoeflowError, match=r"experts\.0\.w1\.weight: int4 packs two rows .* to int8 \(any size\)"):
+        quantize_checkpoint(src, out, "int4", group_size=32, progress=False)
+    assert not out.exists()  # no half-written folder to trip the next attempt
+    out.mkdir()
+    with pytest.raises(MoeflowError, match="int4 packs two rows"):
+        quantize_checkpoint(src, out, "int4", group_size=32, progress=False)
+    assert out.is_dir() and not any(out.iterdir())  # an empty folder given as --out stays, empty
+    quantize_checkpoint(src, out, "int8", progress=False)
+    with moeflow.load(out, expert_budget="50%") as engine:
+        assert engine.expert_format == FORMATS["int8"]
 
 
 def test_quantized_folder_is_small_and_each_expert_is_one_read(tiny_checkpoints, tmp_path):
