@@ -162,7 +162,13 @@ class Engine:
         )
         # int4 slots computed by torch's CPU matmul also keep their scales in its layout (counted in the budget)
         packed_scales = self.device.type == "cpu" and not self.config.exact_quantized
-        slot_bytes = expert_slot_bytes(inter, hidden, self.expert_format, self.dtype, packed_scales=packed_scales)
+        try:
+            slot_bytes = expert_slot_bytes(inter, hidden, self.expert_format, self.dtype, packed_scales=packed_scales)
+        except ValueError as e:  # a format that cannot hold these experts' sizes (int4: odd ones)
+            raise MoeflowError(
+                f"--expert-dtype {self.config.expert_dtype} cannot hold this model's experts (intermediate {inter}, "
+                f"hidden {hidden}): {e}. Use --expert-dtype int8, or the compute dtype"
+            ) from None
         budget = resolve_budget(
             self.config.expert_budget,
             slot_bytes=slot_bytes,

@@ -273,6 +273,8 @@ def test_quantize_refuses_sizes_int4_cannot_pack_and_leaves_nothing_behind(tmp_p
     quantize_checkpoint(src, out, "int8", progress=False)
     with moeflow.load(out, expert_budget="50%") as engine:
         assert engine.expert_format == FORMATS["int8"]
+    with pytest.raises(MoeflowError, match=r"--expert-dtype int4 cannot hold this model's experts \(intermediate 47"):
+        moeflow.load(src, expert_budget="50%", expert_dtype="int4", group_size=32)  # quantized as read: the same
 
 
 def test_quantized_folder_is_small_and_each_expert_is_one_read(tiny_checkpoints, tmp_path):
