@@ -39,6 +39,7 @@ from expertflow import heldout_prompts  # noqa: E402
 from harness import (  # noqa: E402
     WIDE_INTERMEDIATE,
     dense_bytes,
+    disk_bandwidth,
     drop_caches,
     machine,
     prepare_model,
@@ -77,7 +78,7 @@ def decode_child(spec: dict) -> dict:
     from moeflow.engine import peak_rss_bytes
 
     with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
-        decode_s, decode_bytes, decode_tokens, misses, agree = 0.0, 0, 0, 0, 0
+        decode_s, decode_bytes, decode_tokens, misses, agree, stall = 0.0, 0, 0, 0, 0, 0.0
         tokens = []
         forced_texts = spec.get("forced") or [None] * len(spec["prompts"])
         for prompt, forced in zip(spec["prompts"], forced_texts, strict=True):
@@ -99,6 +100,7 @@ def decode_child(spec: dict) -> dict:
             after = engine.stats()
             decode_bytes += after.bytes_read - before.bytes_read
             misses += after.misses - before.misses
+            stall += after.stall_s - before.stall_s
             decode_tokens += len(seq.generated) - 1
             tokens.append(list(seq.generated))
         stats = engine.stats()
@@ -107,6 +109,7 @@ def decode_child(spec: dict) -> dict:
         "tokens": tokens, "decode_s": decode_s, "decode_tokens": decode_tokens,
         "decode_tokens_per_s": decode_tokens / decode_s, "decode_bytes_per_token": decode_bytes / decode_tokens,
         "decode_misses_per_token": misses / decode_tokens, "bytes_per_miss": decode_bytes / max(misses, 1),
+        "decode_stall_ms_per_token": 1e3 * stall / decode_tokens,
         "hit_rate": stats.hit_rate, "capacity_slots": stats.capacity_slots, "slot_bytes": stats.slot_bytes,
         "expert_format": None if fmt is None else fmt.name, "peak_rss_bytes": peak_rss_bytes(),
         "forced": spec.get("forced") is not None,
@@ -193,7 +196,8 @@ def speed_part(args: argparse.Namespace) -> dict:
             row.update(name=name, round=rnd, page_cache_dropped=dropped)
             speed = row.get("decode_tokens_per_s", 0.0)
             print(f"[round {rnd + 1}/{args.repeats}] {name:>10}: "
-                  + (f"{speed:6.2f} tok/s, {row['decode_bytes_per_token'] / 2**20:7.2f} MiB/token"
+                  + (f"{speed:6.2f} tok/s, {row['decode_bytes_per_token'] / 2**20:7.2f} MiB/token, "
+                     f"stall {row['decode_stall_ms_per_token']:5.1f} ms/token"
                      + (f", greedy agreement {row['greedy_agreement']:.1%}" if row["forced"] else "")
                      if "error" not in row else f"failed: {row['error'][-300:]}"), flush=True)  # fmt: skip
             rounds = [*best.get(name, {}).get("all_rounds_tokens_per_s", []), speed]
@@ -213,7 +217,10 @@ def speed_part(args: argparse.Namespace) -> dict:
         rows.append(r)
     for r in rows:
         r.pop("tokens", None)
+    # The disk decides these figures more than anything else on this VM: its cold read rate, after the run.
+    disk = disk_bandwidth(sorted(base.glob("*.safetensors"))[-1]) / 2**30
     return {"model": str(base), "budget": args.budget, "memory_limit_bytes": limit, "prompts": len(prompts),
+            "disk_gib_s": disk,
             "max_new_tokens": args.tokens, "repeats": args.repeats, "threads": args.threads or "auto",
             "contenders": rows}  # fmt: skip
 
@@ -302,7 +309,9 @@ def plot(result: dict, path: Path) -> None:
     axes[0].bar(names, [r["decode_tokens_per_s"] for r in speed], color=["#777", "#3a7", "#37a"][: len(names)])
     for i, r in enumerate(speed):
         axes[0].text(i, r["decode_tokens_per_s"], f"{r.get('speedup_vs_fp32', 1):.2f}x", ha="center", va="bottom")
-    axes[0].set_title(f"decode tok/s, I/O-bound model, {result.get('speed', {}).get('budget')} budget, disk")
+    part = result.get("speed", {})
+    disk = f" ({part['disk_gib_s']:.2f} GiB/s cold)" if "disk_gib_s" in part else ""
+    axes[0].set_title(f"decode tok/s, I/O-bound model, {part.get('budget')} budget, disk{disk}")
     colors = ["#777", "#3a7", "#37a"][: len(names)]
     axes[1].bar(names, [r["decode_bytes_per_token"] / 2**20 for r in speed], color=colors)
     for i, r in enumerate(speed):
