@@ -116,6 +116,8 @@ def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, sou
     for entry in src.iterdir():
         if entry.name in ("config.json", "model.safetensors.index.json") or entry.suffix == ".safetensors":
             continue
+        if entry.resolve() == out.resolve():  # --out inside --model: not a copy of itself
+            continue
         if entry.is_dir():
             shutil.copytree(entry, out / entry.name)
         else:

@@ -273,6 +273,10 @@ def test_quantize_refuses_sizes_int4_cannot_pack_and_leaves_nothing_behind(tmp_p
     quantize_checkpoint(src, out, "int8", progress=False)
     with moeflow.load(out, expert_budget="50%") as engine:
         assert engine.expert_format == FORMATS["int8"]
+    inside = quantize_checkpoint(src, src / "int8", "int8", progress=False)  # --out inside --model
+    assert not (inside / "int8").exists()
+    with moeflow.load(inside, expert_budget="50%") as engine:
+        assert engine.expert_format == FORMATS["int8"]
     with pytest.raises(MoeflowError, match=r"--expert-dtype int4 cannot hold this model's experts \(intermediate 47"):
         moeflow.load(src, expert_budget="50%", expert_dtype="int4", group_size=32)  # quantized as read: the same
 
