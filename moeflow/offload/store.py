@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ def _copy(dest: torch.Tensor, src: torch.Tensor) -> None:
 
 
 _Dest = tuple[torch.Tensor, bool]  # rows of a slot, and whether the stored piece holds their transpose
+D = TypeVar("D")  # what `_coalesce` carries beside each span
 Scales = dict[str, torch.Tensor]  # a quantized slot's scales: "gate_up" [2I, G], "down" [D, G]
 
 
@@ -98,6 +99,7 @@ class DiskStore:
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self._checked: set[ExpertKey] = set()  # experts whose weights were checked for NaN/Inf (on first read)
         self._warned: set[ExpertKey] = set()  # ...and found holding some
+        self._read_total: dict[tuple[ExpertKey, bool], int] = {}  # `_read_bytes`
         files = {s.file for loc in checkpoint.experts.values() for s in loc.spans}
         files |= {p.span.file for pieces in self._scales.values() for p in pieces}
         for path in sorted(files):
@@ -180,14 +182,13 @@ class DiskStore:
         flight, and a part's copy into the slot overlaps the other parts' reads. None where the expert is under
         two parts or over `parted_max_bytes` (READ_PART_BYTES' note), or where a piece is more than a byte copy
         (another dtype, a transpose, a GPU slot)."""
+        if not 2 * self.part_bytes <= self._read_bytes(key, bool(scales)) <= self.parted_max_bytes:
+            return None  # decided from the spans alone: most experts are read whole, at no cost here
         pairs = self._pairs(key, gate_up_2ID, down_DI, scales)
         if any(dest.device.type != "cpu" or transposed or dest.dtype != span.dtype or not dest.is_contiguous()
                or span.offset % span.dtype.itemsize for span, (dest, transposed) in pairs):  # fmt: skip
             return None
         groups = [(g, g[0][0].offset, max(s.offset + s.nbytes for s, _ in g)) for g in _coalesce(pairs)]
-        total = sum(end - start for _, start, end in groups)
-        if not 2 * self.part_bytes <= total <= self.parted_max_bytes:
-            return None
         check = key not in self._checked
         self._checked.add(key)
         parts: list[Callable[[], int]] = []
@@ -198,6 +199,18 @@ class DiskStore:
                 a, b = max(lo, start), min(lo + step, end)
                 parts.append(lambda group=group, a=a, b=b: self._read_part(key, group, a, b, check))
         return parts
+
+    def _read_bytes(self, key: ExpertKey, with_scales: bool) -> int:
+        """The bytes `read_into` requests for `key` (its coalesced spans; with its scales' where the slot has
+        them), remembered per expert."""
+        memo = (key, with_scales)
+        total = self._read_total.get(memo)
+        if total is None:
+            spans = [*self._ckpt.experts[key].spans, *(p.span for p in self._scales.get(key, ()) if with_scales)]
+            groups = _coalesce([(span, None) for span in spans])
+            total = sum(max(s.offset + s.nbytes for s, _ in g) - g[0][0].offset for g in groups)
+            self._read_total[memo] = total
+        return total
 
     def _read_part(self, key: ExpertKey, group: list[tuple[TensorSpan, _Dest]], a: int, b: int, check: bool) -> int:
         """Bytes [a, b) of one coalesced group into the slot rows they belong to (plain byte copies)."""
@@ -281,9 +294,9 @@ def _all_finite(buf: object, offset: int, span: TensorSpan, nbytes: int | None =
     return bool(np.isfinite(values).all())
 
 
-def _coalesce(pairs: list[tuple[TensorSpan, _Dest]]) -> list[list[tuple[TensorSpan, _Dest]]]:
+def _coalesce(pairs: list[tuple[TensorSpan, D]]) -> list[list[tuple[TensorSpan, D]]]:
     pairs = sorted(pairs, key=lambda p: (str(p[0].file), p[0].offset))
-    groups: list[list[tuple[TensorSpan, _Dest]]] = []
+    groups: list[list[tuple[TensorSpan, D]]] = []
     for span, dest in pairs:
         if groups:
             last = groups[-1][-1][0]
