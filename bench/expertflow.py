@@ -11,8 +11,10 @@ Three models, because prediction must pay where users are and must not cost wher
 
 Every contender is a fresh process inside a cgroup memory group with the same limit for all
 (runtime + dense weights + the expert budget + slack), started after the page cache is dropped,
-experts read from disk with O_DIRECT; rounds interleave the contenders and each one's best round is
-kept. Each contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
+experts read from disk with O_DIRECT; rounds interleave the contenders, the order rotating each round
+and a pause (``--pause``) before every run: this VM's disk reads faster after an idle spell, and a fixed
+order gave it to whoever ran first (``harness.round_order``). Each one's best round is kept, and its
+median. Each contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
 bytes read per decode token and decode hit rate, with Belady's offline optimum replayed on LRU's own
 decode routing as the bytes reference, and each predictive contender's own decode replayed
 (`moeflow.tools.profile.replay`, with the overlap the live engine measured) next to its live hit
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +43,7 @@ from harness import (  # noqa: E402
     drop_caches,
     machine,
     prepare_model,
+    round_order,
     run_child,
     runtime_baseline_bytes,
 )
@@ -87,6 +91,8 @@ def decode_child(spec: dict) -> dict:
     with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
         prefill_s = decode_s = 0.0
         decode_bytes = decode_tokens = decode_hits = decode_misses = 0
+        trial = engine.prefetcher.trial if engine.prefetcher is not None else None
+        by_mode = {True: [0, 0], False: [0, 0]}  # predicting? -> [hits, misses] of its decode steps
         tokens: list[list[int]] = []
         routing: list[list[list[int]]] = []  # decode step -> MoE layer -> top-k experts
         for prompt in spec["prompts"]:
@@ -98,7 +104,12 @@ def decode_child(spec: dict) -> dict:
             before = engine.stats()
             batch.add(seq)
             while not seq.done:
+                predicting = engine.prefetcher is not None and (trial is None or trial.predicting)  # this step's mode
+                mark = engine.stats()
                 result = batch.step()
+                now = engine.stats()
+                by_mode[predicting][0] += now.hits - mark.hits
+                by_mode[predicting][1] += now.misses - mark.misses
                 if spec["record_routing"]:
                     routing.append([e.top_k_index_TK[0].tolist() for e in result.routing])
             t2 = time.perf_counter()
@@ -113,6 +124,10 @@ def decode_child(spec: dict) -> dict:
         stats = engine.stats()
         counters = engine.prefetcher.counters.to_dict() if engine.prefetcher is not None else None
         overlap = engine.prefetcher.overlap if engine.prefetcher is not None else None
+        verdicts = None if trial is None else {"trials": trial.trials, "switches": trial.switches,
+                                               "predicting_at_end": trial.best,
+                                               "ms_per_row": {("predicting" if k else "lru"): 1e3 * v
+                                                              for k, v in trial.seconds_per_row.items()}}  # fmt: skip
     return {
         "tokens": tokens, "routing": routing, "prefill_s": prefill_s, "decode_s": decode_s,
         "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tokens / decode_s,
@@ -120,6 +135,10 @@ def decode_child(spec: dict) -> dict:
         "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
         "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
         "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1), "overlap": overlap,
+        "trial": verdicts,
+        # The decode steps run predicting, and those the trial ran as plain LRU, apart: replay always predicts.
+        "decode_hit_rate_by_mode": {("predicting" if mode else "lru"): {"hit_rate": h / max(h + m, 1), "lookups": h + m}
+                                    for mode, (h, m) in by_mode.items() if h + m},
     }  # fmt: skip
 
 
@@ -160,16 +179,20 @@ def memory_limit(model: Path, budget: str, runtime: int) -> int:
     return runtime + dense_bytes(model) + b.slots * slot_bytes + SLACK_BYTES
 
 
-def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float) -> dict[str, dict]:
-    """Run every (name, spec, limit) job `repeats` times, interleaved; keep each one's fastest round."""
+def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float, pause_s: float = 0.0) -> dict[str, dict]:
+    """Run every (name, spec, limit) job `repeats` times, interleaved, the order rotating each round (`round_order`:
+    with as many rounds as jobs, each runs once in every position), after `pause_s` idle before each; keep each
+    one's fastest round, and the median of all."""
     best: dict[str, dict] = {}
     for rnd in range(repeats):
-        for name, spec, limit in jobs:
+        for position, (name, spec, limit) in enumerate(round_order(jobs, rnd)):
+            time.sleep(pause_s)
             dropped = drop_caches()
             t0 = time.perf_counter()
             row = run_child([sys.executable, __file__, "--child", json.dumps(spec)], limit_bytes=limit,
                             timeout_s=timeout_s)
-            row.update(name=name, round=rnd, page_cache_dropped=dropped, wall_s=time.perf_counter() - t0)
+            row.update(name=name, round=rnd, position=position, page_cache_dropped=dropped,
+                       wall_s=time.perf_counter() - t0)
             speed = row.get("decode_tokens_per_s", row.get("tokens_per_s", 0.0))
             print(f"[round {rnd + 1}/{repeats}] {name:>36}: "
                   + (f"{speed:7.2f} tok/s" if "error" not in row else f"failed: {row['error'][-300:]}"), flush=True)
@@ -177,6 +200,7 @@ def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float) ->
             if name not in best or "error" in best[name] or speed > best[name].get("speed", -1):
                 best[name] = {**row, "speed": speed}
             best[name]["all_rounds_tokens_per_s"] = [*runs, speed]
+            best[name]["median_tokens_per_s"] = statistics.median(best[name]["all_rounds_tokens_per_s"])
     return best
 
 
@@ -260,7 +284,7 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
              limit)
             for name, options in contenders
         ]  # fmt: skip
-        best = rounds(jobs, args.repeats, args.child_timeout)
+        best = rounds(jobs, args.repeats, args.child_timeout, args.pause)
         rows = [best[name] for name, _, _ in jobs]
         lru = rows[0]
         for r in rows:
@@ -293,7 +317,7 @@ def rebatch_part(args: argparse.Namespace, runtime: int) -> dict:
                                         "admission": admission}, limit)
             for admission in ("fifo", "rebatch")
         ]  # fmt: skip
-        best = rounds(jobs, args.repeats, args.child_timeout)
+        best = rounds(jobs, args.repeats, args.child_timeout, args.pause)
         fifo, reb = best[jobs[0][0]], best[jobs[1][0]]
         ok = "error" not in fifo and "error" not in reb
         rows.append({
@@ -414,6 +438,7 @@ def main() -> int:
     parser.add_argument("--rebatch-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of each contender is kept")
+    parser.add_argument("--pause", type=float, default=15.0, help="seconds idle before each run (the disk recovers)")
     parser.add_argument("--child-timeout", type=float, default=3600)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -450,16 +475,20 @@ def summary(result: dict) -> None:
         lru = rows[0]
         belady = part["replay_on_lru_routing"].get("belady", {}).get("bytes_per_token")
         print(f"\n{model_name} at {part['budget']} (disk): {'contender':>22} {'tok/s':>8} {'x lru':>6} "
-              f"{'MiB/tok':>8} {'x belady':>8} {'hit':>6} {'replay':>6} {'pred%':>5} exact")
+              f"{'med x':>6} {'MiB/tok':>8} {'x belady':>8} {'hit':>6} {'h pred':>6} {'replay':>6} {'pred%':>5} exact")
         for r in rows:
             over_belady = r["decode_bytes_per_token"] / belady if belady else float("nan")
             replayed = r.get("replay", {}).get("hit_rate")
             counters = r.get("prefetch")  # the share of steps that predicted (the rest: the trial found LRU faster)
             share = 1 - counters.get("dormant_steps", 0) / counters["steps"] if counters else None
             predicting = f"{100 * share:5.0f}" if share is not None else " " * 5
+            on_predicting = r.get("decode_hit_rate_by_mode", {}).get("predicting", {}).get("hit_rate")
+            median = r.get("median_tokens_per_s", r["speed"])
             print(f"{'':>{len(model_name) + 18}}{r['name'].split(' ', 1)[1]:>22} {r['speed']:8.2f} "
-                  f"{r['speed'] / lru['speed']:6.2f} {r['decode_bytes_per_token'] / 2**20:8.2f} {over_belady:8.2f} "
+                  f"{r['speed'] / lru['speed']:6.2f} {median / lru.get('median_tokens_per_s', lru['speed']):6.2f} "
+                  f"{r['decode_bytes_per_token'] / 2**20:8.2f} {over_belady:8.2f} "
                   f"{r.get('decode_hit_rate', r['hit_rate']):6.3f} "
+                  f"{'' if on_predicting is None else f'{on_predicting:.3f}':>6} "
                   f"{'' if replayed is None else f'{replayed:.3f}':>6} {predicting} {r['tokens_equal_lru']}")
     for row in result.get("rebatch", {}).get("rows", []):
         print(f"rebatch B={row['batch_size']}: fifo {row['fifo'].get('speed', 0):.2f} tok/s, re-batcher "

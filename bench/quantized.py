@@ -6,8 +6,10 @@ Three parts, one run, one JSON + PNG (``bench/results/quantized/``):
   ``moeflow.tools.widen``) as stored in fp32, and written by ``moeflow quantize`` as int8 and int4
   (group 128). Each contender decodes the same held-out prompts, a fresh process in a cgroup
   memory group with the same limit for all (runtime + dense weights + the fp32 contender's 25% budget +
-  slack), page cache dropped before each, experts read with O_DIRECT; rounds interleave the contenders
-  and each one's best round is kept. fp32 decodes greedily; the quantized contenders decode the same text
+  slack), page cache dropped before each, experts read with O_DIRECT; rounds interleave the contenders,
+  the order rotating each round after fp32 opens the first, with a pause before every run
+  (``harness.round_order``: this VM's disk reads faster after an idle spell); each one's best round and
+  median are kept. fp32 decodes greedily; the quantized contenders decode the same text
   (each step's input is fp32's token, teacher forcing), so all read experts for the same tokens and bytes per
   token compare the formats, not two different texts; how often their own greedy choice was fp32's token is
   reported beside (``greedy_agreement``). Reports decode tokens/s, bytes read per decode token and per miss.
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ from harness import (  # noqa: E402
     drop_caches,
     machine,
     prepare_model,
+    round_order,
     run_child,
     runtime_baseline_bytes,
 )
@@ -187,13 +191,14 @@ def speed_part(args: argparse.Namespace) -> dict:
         jobs.append((name, spec))
     best: dict[str, dict] = {}
     for rnd in range(args.repeats):
-        for name, spec in jobs:
+        for position, (name, spec) in enumerate(round_order(jobs, rnd)):  # round 0: fp32 first, for its text
             if name != "fp32" and "tokens" in best.get("fp32", {}):
                 spec["forced"] = best["fp32"]["tokens"]  # the same text as fp32 (greedy: every round's)
+            time.sleep(args.pause)
             dropped = drop_caches()
             row = run_child([sys.executable, __file__, "--child", json.dumps(spec)], limit_bytes=limit,
                             timeout_s=args.child_timeout)  # fmt: skip
-            row.update(name=name, round=rnd, page_cache_dropped=dropped)
+            row.update(name=name, round=rnd, position=position, page_cache_dropped=dropped)
             speed = row.get("decode_tokens_per_s", 0.0)
             print(f"[round {rnd + 1}/{args.repeats}] {name:>10}: "
                   + (f"{speed:6.2f} tok/s, {row['decode_bytes_per_token'] / 2**20:7.2f} MiB/token, "
@@ -204,12 +209,14 @@ def speed_part(args: argparse.Namespace) -> dict:
             if name not in best or "error" in best[name] or speed > best[name].get("decode_tokens_per_s", -1):
                 best[name] = row
             best[name]["all_rounds_tokens_per_s"] = rounds
+            best[name]["median_tokens_per_s"] = statistics.median(rounds)
     fp32 = best["fp32"]
     rows = []
     for name, _ in jobs:
         r = best[name]
         if "error" not in r and "error" not in fp32:
             r["speedup_vs_fp32"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"]
+            r["median_speedup_vs_fp32"] = r["median_tokens_per_s"] / fp32["median_tokens_per_s"]
             r["bytes_per_token_vs_fp32"] = r["decode_bytes_per_token"] / fp32["decode_bytes_per_token"]
             r["bytes_per_miss_vs_fp32"] = r["bytes_per_miss"] / fp32["bytes_per_miss"]
             if not r["forced"]:  # forced contenders decode fp32's text by construction (greedy_agreement instead)
@@ -229,8 +236,6 @@ def kernels_part(args: argparse.Namespace) -> dict:
     """ms per expert use at T = 1 on the I/O-bound model's geometry (one compute thread, as the engine runs), each
     formulation of `quantized_experts_forward` side by side, rounds interleaved, median; experts rotate over a pool
     larger than the last-level cache. Also what repacking a miss into torch's int4 layout would cost."""
-    import statistics
-
     import torch
     from moeflow.kernels import experts_forward
     from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, QuantizedPool, quantize, quantized_experts_forward
@@ -308,10 +313,12 @@ def plot(result: dict, path: Path) -> None:
     names = [r["name"] for r in speed]
     axes[0].bar(names, [r["decode_tokens_per_s"] for r in speed], color=["#777", "#3a7", "#37a"][: len(names)])
     for i, r in enumerate(speed):
-        axes[0].text(i, r["decode_tokens_per_s"], f"{r.get('speedup_vs_fp32', 1):.2f}x", ha="center", va="bottom")
+        med = f"\nmedian {r['median_speedup_vs_fp32']:.2f}x" if "median_speedup_vs_fp32" in r else ""
+        axes[0].text(i, r["decode_tokens_per_s"], f"{r.get('speedup_vs_fp32', 1):.2f}x{med}", ha="center",
+                     va="bottom")  # fmt: skip
     part = result.get("speed", {})
     disk = f" ({part['disk_gib_s']:.2f} GiB/s cold)" if "disk_gib_s" in part else ""
-    axes[0].set_title(f"decode tok/s, I/O-bound model, {part.get('budget')} budget, disk{disk}")
+    axes[0].set_title(f"decode tok/s (best round), I/O-bound model, {part.get('budget')} budget, disk{disk}")
     colors = ["#777", "#3a7", "#37a"][: len(names)]
     axes[1].bar(names, [r["decode_bytes_per_token"] / 2**20 for r in speed], color=colors)
     for i, r in enumerate(speed):
@@ -345,6 +352,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="speed: compute threads (0: the engine's rule)")
     ap.add_argument("--ppl-tokens", type=int, default=32768)
     ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--pause", type=float, default=15.0, help="speed: seconds idle before each run (the disk recovers)")
     ap.add_argument("--child-timeout", type=float, default=1800)
     args = ap.parse_args()
     if args.child is not None:
