@@ -318,7 +318,9 @@ def plot(result: dict, path: Path) -> None:
                      va="bottom")  # fmt: skip
     part = result.get("speed", {})
     disk = f" ({part['disk_gib_s']:.2f} GiB/s cold)" if "disk_gib_s" in part else ""
-    axes[0].set_title(f"decode tok/s (best round), I/O-bound model, {part.get('budget')} budget, disk{disk}")
+    axes[0].set_title(f"decode tok/s (best round), I/O-bound model,\n{part.get('budget')} budget, disk{disk}")
+    if speed:
+        axes[0].set_ylim(0, max(r["decode_tokens_per_s"] for r in speed) * 1.25)
     colors = ["#777", "#3a7", "#37a"][: len(names)]
     axes[1].bar(names, [r["decode_bytes_per_token"] / 2**20 for r in speed], color=colors)
     for i, r in enumerate(speed):
