@@ -101,15 +101,15 @@ def decode_child(spec: dict) -> dict:
             t0 = time.perf_counter()
             batch.prefill(seq)
             t1 = time.perf_counter()
-            before = engine.stats()
+            before = mark = engine.stats()
             batch.add(seq)
             while not seq.done:
                 predicting = engine.prefetcher is not None and (trial is None or trial.predicting)  # this step's mode
-                mark = engine.stats()
                 result = batch.step()
-                now = engine.stats()
+                now = engine.stats()  # one read a step: its end is the next step's start
                 by_mode[predicting][0] += now.hits - mark.hits
                 by_mode[predicting][1] += now.misses - mark.misses
+                mark = now
                 if spec["record_routing"]:
                     routing.append([e.top_k_index_TK[0].tolist() for e in result.routing])
             t2 = time.perf_counter()
