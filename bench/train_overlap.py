@@ -115,7 +115,6 @@ def _worker(config: BenchConfig, args: argparse.Namespace) -> None:
         MASTER_ADDR=args.master,
         MASTER_PORT=str(args.port),
     )
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moeflow/torch_extensions"))
     import torch
     import torch.distributed as dist
 
@@ -123,12 +122,13 @@ def _worker(config: BenchConfig, args: argparse.Namespace) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank, world_size=2)
     import deepspeed
     import deepspeed.comm as ds_comm
-    from moeflow.training.deepspeed_compat import deepspeed_moe_baseline
+    from moeflow.training.deepspeed_compat import deepspeed_moe_baseline, prepare_extension_dir
     from moeflow.training.grad_buckets import BucketConfig, GradBucketReducer
     from moeflow.training.moe_layer import MoELayer, MoELayerConfig
     from moeflow.training.routing import TopKSoftmax
     from moeflow.training.timeline import Timeline
 
+    prepare_extension_dir()
     deepspeed.init_distributed(dist_backend="gloo")
     grad_group = dist.new_group([0, 1])  # router-gradient averaging off the all-to-all group's queue
     say = _log if args.rank == 0 else (lambda message: None)

@@ -15,6 +15,11 @@ Shapes: the project legend (moeflow/__init__.py).
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -25,6 +30,25 @@ from deepspeed.utils import groups
 from moeflow.training.lm import moe_layers
 from moeflow.training.moe_layer import MoELayerConfig
 from torch import Tensor, nn
+
+
+def prepare_extension_dir(*, stale_after_s: float = 600.0) -> Path:
+    """Point torch's JIT extension builds (DeepSpeed builds its CPU shared-memory op on first
+    `init_distributed`) at a folder inside this Python environment, unless TORCH_EXTENSIONS_DIR is
+    already set, and remove build locks older than `stale_after_s`. torch waits forever on a lock
+    left by a process killed mid-build; the build itself takes ~25 s here. Call it before
+    `deepspeed.init_distributed`, in the launcher or in each rank (it is idempotent)."""
+    folder = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "var", "torch_extensions")))
+    now = time.time()
+    for lock in folder.glob("*/lock"):
+        try:
+            age_s = now - lock.stat().st_mtime
+            if age_s > stale_after_s:
+                lock.unlink()
+                warnings.warn(f"removed a stale extension build lock ({age_s:.0f} s old): {lock}", stacklevel=2)
+        except FileNotFoundError:  # another rank removed it or its build finished
+            pass
+    return folder
 
 
 class DeepSpeedMoEMarker(MoE):

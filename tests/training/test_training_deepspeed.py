@@ -6,6 +6,8 @@ as the single-process steps do (the hook of `update_routing_bias_every_step` on 
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import pytest
 import torch
@@ -43,9 +45,10 @@ def _model(group):
 
 
 def deepspeed_worker(rank: int, world: int, stages: list[int]) -> None:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/moeflow/torch_extensions"))
     import deepspeed
-    from moeflow.training.deepspeed_compat import prepare_for_deepspeed
+    from moeflow.training.deepspeed_compat import prepare_extension_dir, prepare_for_deepspeed
+
+    prepare_extension_dir()
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(1)
@@ -84,6 +87,25 @@ def deepspeed_worker(rank: int, world: int, stages: list[int]) -> None:
                 want, start = want[local], start[local]
             assert_close(value, want, msg=lambda m, name=name, stage=stage: f"ZeRO {stage}, {name}: {m}")
             assert not torch.equal(value, start), f"{name} did not train under ZeRO {stage}"
+
+
+def test_extension_dir_is_private_and_stale_build_locks_are_removed(tmp_path, monkeypatch):
+    from moeflow.training.deepspeed_compat import prepare_extension_dir
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "old_op" / "lock", tmp_path / "new_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    with pytest.warns(UserWarning, match="stale extension build lock"):
+        assert prepare_extension_dir(stale_after_s=600) == tmp_path
+    assert not stale.exists() and fresh.exists()  # a lock younger than a build may be a live build
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    folder = prepare_extension_dir()
+    assert folder.is_relative_to(sys.prefix)  # one per environment: a fresh clone never meets an old lock
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(folder)
 
 
 @pytest.mark.multiprocess
