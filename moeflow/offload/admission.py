@@ -34,8 +34,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from moeflow.model.checkpoint import ExpertKey
 
 
@@ -146,8 +144,10 @@ class Calibration:
 
     def table(self) -> list[tuple[float, float, float]]:
         """(raw probability of the bin, calibrated probability, weight of outcomes) per probability bin."""
-        return [((b + 0.5) / self.bins, self.probability((b + 0.5) / self.bins), self._seen.get(b, 0.0))
-                for b in range(self.bins)]
+        return [
+            ((b + 0.5) / self.bins, self.probability((b + 0.5) / self.bins), self._seen.get(b, 0.0))
+            for b in range(self.bins)
+        ]
 
 
 class NextUse:
@@ -190,9 +190,8 @@ class NextUse:
             uses.memo_step = self._step
         p = uses.memo.get(e)
         if p is None:
-            markov = uses.markov(self.smoothing)
-            m = markov[e] if e < len(markov) else uses.unseen(self.smoothing)
-            count, at = (uses.count[e], uses.at[e]) if e < len(uses.count) else (0.0, 0)
+            m = uses.markov(e, self.smoothing)
+            count, at = (uses.count[e], uses.at[e]) if e < uses.size else (0.0, 0)
             rate = count * self._decay ** max(self._step - at, 0) * (1.0 - self._decay)
             p = uses.memo[e] = self.markov_weight * m + (1.0 - self.markov_weight) * min(rate, 1.0)
         return p
@@ -200,12 +199,13 @@ class NextUse:
 
 class _LayerUses:
     """One layer's history for `NextUse`: which experts followed which (counts), each expert's decayed use
-    count, and the Markov estimate for the layer's latest experts, recomputed only after a use changed it."""
+    count. Plain lists: a layer has tens of experts and is touched a few times a step, where numpy's
+    per-call overhead is most of the cost (the live policy calls this on every expert access)."""
 
     def __init__(self) -> None:
         self.size = 0
-        self.follows = np.zeros((0, 0))  # [a, e]: steps in which e followed a step using a
-        self.steps_after = np.zeros(0)  # [a]: steps that followed a step using a
+        self.follows: list[list[float]] = []  # [a][e]: steps in which e followed a step using a
+        self.steps_after: list[float] = []  # [a]: steps that followed a step using a
         self.count: list[float] = []  # decayed use count, brought up to date at step `at`
         self.at: list[int] = []
         self.seen: list[bool] = []
@@ -213,17 +213,16 @@ class _LayerUses:
         self.before: list[int] = []  # ...and of the step before it
         self.latest_step: int | None = None
         self.steps = self.uses = self.distinct = 0
-        self._markov: list[float] | None = None
         self.memo: dict[int, float] = {}  # probability by expert, until a use or a new step changes it
         self.memo_step = -1
 
     def _grow(self, e: int) -> None:
         size = max(e + 1, 2 * self.size)
-        follows = np.zeros((size, size))
-        follows[: self.size, : self.size] = self.follows
-        self.follows = follows
-        self.steps_after = np.concatenate([self.steps_after, np.zeros(size - self.size)])
         grow = size - self.size
+        for row in self.follows:
+            row += [0.0] * grow
+        self.follows += [[0.0] * size for _ in range(grow)]
+        self.steps_after += [0.0] * grow
         self.count += [0.0] * grow
         self.at += [0] * grow
         self.seen += [False] * grow
@@ -234,7 +233,8 @@ class _LayerUses:
             self._grow(e)
         if self.latest_step != step:
             if self.latest_step is not None:
-                self.steps_after[self.latest] += 1.0
+                for a in self.latest:
+                    self.steps_after[a] += 1.0
             self.before, self.latest, self.latest_step = self.latest if self.latest_step is not None else [], [], step
             self.steps += 1
         if e in self.latest:
@@ -244,33 +244,31 @@ class _LayerUses:
         if not self.seen[e]:
             self.seen[e] = True
             self.distinct += 1
-        if self.before:
-            self.follows[self.before, e] += 1.0
+        for a in self.before:
+            self.follows[a][e] += 1.0
         self.count[e] = self.count[e] * decay ** (step - self.at[e]) + 1.0
         self.at[e] = step
-        self._markov = None
         self.memo.clear()
 
     def mean_rate(self) -> float:
         """A layer's expert, on average, per step: what an unseen pair is smoothed towards."""
         return min(self.uses / self.steps / max(self.distinct, 1), 1.0)
 
-    def unseen(self, smoothing: float) -> float:
-        """The Markov estimate of an expert this layer has never used."""
+    def markov(self, e: int, smoothing: float) -> float:
+        """The Markov estimate that `e` follows the layer's latest experts: the mean over them of the smoothed
+        share of their steps that `e` followed (an expert the layer never used: the smoothed prior alone)."""
+        mean = self.mean_rate()
         if not self.latest:
-            return self.mean_rate()
-        return float((smoothing * self.mean_rate() / (self.steps_after[self.latest] + smoothing)).mean())
-
-    def markov(self, smoothing: float) -> list[float]:
-        if self._markov is None:
-            mean = self.mean_rate()
-            if self.latest:
-                rows = self.follows[self.latest]
-                p = (rows + smoothing * mean) / (self.steps_after[self.latest] + smoothing)[:, None]
-                self._markov = np.minimum(p.mean(axis=0), 1.0).tolist()
-            else:
-                self._markov = [mean] * self.size
-        return self._markov
+            return mean
+        prior = smoothing * mean
+        total = 0.0
+        if e < self.size:
+            for a in self.latest:
+                total += (self.follows[a][e] + prior) / (self.steps_after[a] + smoothing)
+        else:
+            for a in self.latest:
+                total += prior / (self.steps_after[a] + smoothing)
+        return min(total / len(self.latest), 1.0)
 
 
 class PredictionTrial:
