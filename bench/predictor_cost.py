@@ -10,6 +10,11 @@ found by comparing the engine's before and after `apply_prediction`), on the shi
 before every timed step, and its reads are not issued (they are the transfer engine's cost, not
 the prediction's).
 
+It also times the eviction policy's own bookkeeping (``policy``): the held-out histories' real routing
+(one prefill each) fed, token by token and layer by layer, to a fresh `PredictivePolicy` over a slot pool
+of the engine's capacity, as `ExpertCache` calls it (`on_access` per expert used, `victim` and `on_evict`
+when a slot must be freed): microseconds per token, with `LRUPolicy` on the same stream beside it (the floor).
+
 Trees: a baseline commit and a candidate commit, each a temporary git worktree run in its own child
 process, interleaved round by round; each contender keeps its best round (the machine is shared).
 
@@ -89,9 +94,48 @@ def child(spec: dict) -> dict:
             for B in spec["batches"]:
                 out[name][str(B)]["hooks_us"] = measure(engine, predictor, added, histories[:B], spec)["total_us"]
             null.close()
+        out["policy"] = policy_cost(engine, spec)
     finally:
         engine.close()
     return out
+
+
+def policy_cost(engine: object, spec: dict) -> dict:
+    """Microseconds per token of the eviction policies' bookkeeping on real routing ({"predictive_us", "lru_us"})."""
+    import torch
+
+    from moeflow.offload.policy import LRUPolicy, PredictivePolicy
+
+    stream = []  # per token: each MoE layer's distinct experts, in layer order
+    with torch.inference_mode():
+        for history in spec["histories"]:
+            events = engine.driver.forward(torch.tensor([history]), histories=[history], n_new=len(history)).routing
+            for t in range(len(history)):
+                stream.append([(e.plan.layer, sorted(set(e.top_k_index_TK[t].tolist()))) for e in events])
+    capacity = engine.stats().capacity_slots
+
+    def replay(policy: object) -> float:
+        resident: list = []  # slot order does not matter to the policies
+        t0 = time.perf_counter()
+        for token in stream:
+            if hasattr(policy, "begin_step"):
+                policy.begin_step()
+            for layer, experts in token:
+                pinned = {(layer, e) for e in experts}
+                for e in experts:
+                    key = (layer, e)
+                    if key not in resident:
+                        if len(resident) >= capacity:
+                            victim = policy.victim([k for k in resident if k not in pinned])
+                            resident.remove(victim)
+                            policy.on_evict(victim)
+                        resident.append(key)
+                        policy.on_insert(key)
+                    policy.on_access(key)
+        return (time.perf_counter() - t0) * 1e6 / len(stream)
+
+    return {name: min(replay(make()) for _ in range(spec["repeats"]))
+            for name, make in (("predictive_us", PredictivePolicy), ("lru_us", LRUPolicy))}  # fmt: skip
 
 
 def measure(engine: object, predictor: object, added: dict, histories: list[list[int]], spec: dict) -> dict:
@@ -165,7 +209,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = result["batches"]
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(6 * len(batches) + 3, 4.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [2] * len(batches) + [1]})  # fmt: skip
     names = result["predictors"]
     shares = [("predictor_us", "predictor", 0.35), ("hooks_us", "+ hooks", 0.65), ("total_us", "+ hooks + sink", 1.0)]
     width = 0.13
@@ -181,6 +226,15 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("microseconds per token")
         ax.set_title(f"batch {B}")
         ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for j, (tree, color) in enumerate([("baseline", "#777"), ("candidate", "#1f77b4")]):
+        policy = result["trees"][tree]["policy"]
+        ax.bar([i + (j - 0.5) * 0.35 for i in range(2)], [policy["predictive_us"], policy["lru_us"]], 0.35,
+               color=color, label=tree)  # fmt: skip
+    ax.set_xticks(range(2), ["predictive", "lru"])
+    ax.set_ylabel("microseconds per token")
+    ax.set_title("eviction policy bookkeeping")
+    ax.legend(fontsize=7)
     fig.suptitle(f"prediction cost per token, shipped model at 25% — {result['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -211,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for tree, root in trees.items():
                 costs = run_in_tree(__file__, root, spec, timeout_s=1200)
+                policy = best.setdefault(tree, {}).setdefault("policy", {})
+                for k, v in costs.pop("policy").items():
+                    policy[k] = min(policy.get(k, float("inf")), v)
                 for name, per_batch in costs.items():
                     for B, row in per_batch.items():
                         slot = best.setdefault(tree, {}).setdefault(name, {}).setdefault(B, {})
@@ -221,12 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": machine(),
         "what": "microseconds per token: each predictor alone (predictor_us), with PredictorHooks and a sink that "
-                "does nothing (hooks_us), and with apply_prediction's sink (total_us)",
+                "does nothing (hooks_us), and with apply_prediction's sink (total_us); policy: the eviction policies' "
+                "bookkeeping on the held-out routing (predictive_us, lru_us)",
         "model": "shipped default model, expert budget 25%, policy predictive",
         "batches": args.batches,
         "predictors": list(PREDICTORS),
         "rounds": args.rounds,
-        "trees": {t: {"commit": described[t], "costs": best[t]} for t in trees},
+        "trees": {t: {"commit": described[t], "costs": {n: best[t][n] for n in PREDICTORS}, "policy": best[t]["policy"]}
+                  for t in trees},  # fmt: skip
         "speedup_total": {n: {str(B): best["baseline"][n][str(B)]["total_us"] / best["candidate"][n][str(B)]["total_us"]
                               for B in args.batches} for n in PREDICTORS},  # fmt: skip
     }
@@ -239,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n:>11} B={B}: predictor {b['predictor_us']:6.1f} -> {c['predictor_us']:5.1f}, "
                   f"+ hooks {b['hooks_us']:6.1f} -> {c['hooks_us']:5.1f}, "
                   f"+ hooks and sink {b['total_us']:6.1f} -> {c['total_us']:5.1f} us/token")
+    b, c = best["baseline"]["policy"], best["candidate"]["policy"]
+    print(f"eviction bookkeeping per token: predictive {b['predictive_us']:6.1f} -> {c['predictive_us']:5.1f} us "
+          f"(lru {b['lru_us']:5.1f} -> {c['lru_us']:5.1f})")
 
 
 if __name__ == "__main__":
