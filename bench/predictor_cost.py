@@ -60,7 +60,10 @@ def child(spec: dict) -> dict:
     from moeflow.model.anatomy import moe_layer_parts, token_embedding
 
     out: dict = {}
-    engine = Engine(DEFAULT_MODEL, EngineConfig(expert_budget="25%", policy="predictive"))
+    # Always predicting: a PredictionTrial that finds decoding faster without prediction would switch the hooks off
+    # (trees from before the trial have no such option).
+    always = {"prediction_trial": False} if "prediction_trial" in EngineConfig.__dataclass_fields__ else {}
+    engine = Engine(DEFAULT_MODEL, EngineConfig(expert_budget="25%", policy="predictive", **always))
     try:
         engine.prefetcher.issue = lambda plan: 0  # reads are the transfer engine's cost, not the prediction's
         emb = token_embedding(engine.model)
