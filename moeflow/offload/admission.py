@@ -262,12 +262,9 @@ class _LayerUses:
             return mean
         prior = smoothing * mean
         total = 0.0
-        if e < self.size:
-            for a in self.latest:
-                total += (self.follows[a][e] + prior) / (self.steps_after[a] + smoothing)
-        else:
-            for a in self.latest:
-                total += prior / (self.steps_after[a] + smoothing)
+        for a in self.latest:
+            followed = self.follows[a][e] if e < self.size else 0.0
+            total += (followed + prior) / (self.steps_after[a] + smoothing)
         return min(total / len(self.latest), 1.0)
 
 
