@@ -49,7 +49,12 @@ class ReaderPool:
         if threads < 0:
             raise ValueError(f"reader threads must be >= 0, got {threads}")
         self.threads = threads
-        self._cv = threading.Condition()
+        # Two conditions on one lock: readers wait for work, waiters for finished reads. A finished read wakes only
+        # its waiters; with one condition it woke every idle reader too, all of which took the GIL to go back to
+        # sleep, once per read (many reads per token, and the cost of a read is small for a quantized expert).
+        self._lock = threading.Lock()
+        self._work_cv = threading.Condition(self._lock)
+        self._done_cv = threading.Condition(self._lock)
         self._urgent: deque[ReadJob] = deque()
         self._background: deque[ReadJob] = deque()
         self._closed = False
@@ -65,11 +70,11 @@ class ReaderPool:
             job._execute()
             job.done = True
             return job
-        with self._cv:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("the reader pool is closed")
             self._background.append(job)
-            self._cv.notify()
+            self._work_cv.notify()
         return job
 
     def start(self, fns: Sequence[Callable[[], T]]) -> list[ReadJob[T]]:
@@ -78,11 +83,11 @@ class ReaderPool:
         no read may still be writing into a slot its caller is about to give back."""
         jobs = [ReadJob(fn) for fn in fns]
         if jobs and self._workers:
-            with self._cv:
+            with self._lock:
                 if self._closed:
                     raise RuntimeError("the reader pool is closed")
                 self._urgent.extend(jobs)
-                self._cv.notify(len(jobs))
+                self._work_cv.notify(len(jobs))
         return jobs
 
     def help(self, jobs: Sequence[ReadJob]) -> bool:
@@ -99,37 +104,38 @@ class ReaderPool:
     def finish(self, jobs: Sequence[ReadJob]) -> None:
         """Wait until every job of `jobs` has finished; those no thread has started are abandoned (their error
         says so): after an interruption, no read of `jobs` is still writing anywhere once this returns."""
-        with self._cv:
+        with self._lock:
             for job in jobs:
                 if not job.started:
                     job.started = job.done = True
                     if job in self._urgent:
                         self._urgent.remove(job)
                     job.error = RuntimeError("read abandoned")
-            self._cv.wait_for(lambda: all(j.done for j in jobs))
+            self._done_cv.wait_for(lambda: all(j.done for j in jobs))
 
     def wait(self, jobs: Sequence[ReadJob]) -> None:
         """Block until `jobs` (from `submit`) have finished."""
-        with self._cv:
-            self._cv.wait_for(lambda: all(j.done for j in jobs))
+        with self._lock:
+            self._done_cv.wait_for(lambda: all(j.done for j in jobs))
 
     def close(self) -> None:
         """Drop queued background reads, let reads in progress finish, stop the threads."""
-        with self._cv:
+        with self._lock:
             self._closed = True
             dropped = list(self._background)
             self._background.clear()
             for job in dropped:
                 job.started = job.done = True
                 job.error = RuntimeError("reader pool closed before the read started")
-            self._cv.notify_all()
+            self._work_cv.notify_all()
+            self._done_cv.notify_all()
         for w in self._workers:
             w.join()
 
     # ---- internals ------------------------------------------------------------------------------
 
     def _claim(self, job: ReadJob) -> bool:
-        with self._cv:
+        with self._lock:
             if job.started:
                 return False
             job.started = True
@@ -138,14 +144,14 @@ class ReaderPool:
             return True
 
     def _finish(self, job: ReadJob) -> None:
-        with self._cv:
+        with self._lock:
             job.done = True
-            self._cv.notify_all()
+            self._done_cv.notify_all()
 
     def _work(self) -> None:
         while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._urgent or self._background or self._closed)
+            with self._lock:
+                self._work_cv.wait_for(lambda: self._urgent or self._background or self._closed)
                 if self._urgent:
                     job = self._urgent.popleft()
                 elif self._background:

@@ -325,6 +325,31 @@ def test_pool_close_drops_queued_background_reads():
         pool.submit(lambda: None)
 
 
+def test_a_finished_read_does_not_wake_the_idle_readers(monkeypatch):
+    """Readers wait for work on their own condition: a read that finishes wakes its waiter, not the other readers
+    (with one condition for both, each finished read woke all seven idle readers here, for nothing)."""
+    wakes = [0]
+
+    class CountingCondition(threading.Condition):
+        def wait(self, timeout=None):
+            try:
+                return super().wait(timeout)
+            finally:
+                if threading.current_thread().name.startswith("moeflow-reader"):
+                    wakes[0] += 1
+
+    monkeypatch.setattr(threading, "Condition", CountingCondition)
+    pool = ReaderPool(8)
+    try:
+        time.sleep(0.1)  # every reader is asleep
+        wakes[0] = 0
+        for _ in range(50):
+            pool.wait([pool.submit(lambda: None)])
+        assert wakes[0] <= 2 * 50, wakes[0]  # the reader that takes each read (and a rare spurious wake)
+    finally:
+        pool.close()
+
+
 class PartedStore(FakeStore):
     """Reads each expert as `parts` parts (`DiskStore.read_parts`): part i fills gate_up row i (of 2 * INTER) and,
     the last one, down; hooks run before a part by (key, part)."""
