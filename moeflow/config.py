@@ -73,6 +73,11 @@ class EngineConfig:
         default=0,
         metadata={"help": "torch/OpenMP compute threads, process-wide (0: automatic, leaves a core to the readers)"},
     )
+    readers: int = field(
+        default=0,
+        metadata={"help": "threads that read experts from the store, several reads in flight (0: automatic, by the "
+                  "size of an expert on disk)"},
+    )
     expert_dtype: ExpertDtype = field(
         default="auto",
         metadata={"help": "how experts are held in the budget: auto (as the checkpoint stores them, at the compute "
@@ -117,6 +122,8 @@ class EngineConfig:
             raise MoeflowError(f"--prefetch-width must be >= 0 (0: top-k), got {self.prefetch_width}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise MoeflowError(f"--threads must be an integer >= 0 (0: automatic), got {self.threads!r}")
+        if isinstance(self.readers, bool) or not isinstance(self.readers, int) or self.readers < 0:
+            raise MoeflowError(f"--readers must be an integer >= 0 (0: automatic), got {self.readers!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:

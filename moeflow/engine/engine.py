@@ -48,18 +48,28 @@ from moeflow.offload.transfer import TransferEngine
 log = logging.getLogger(__name__)
 
 # Reader threads of the expert cache (demand misses and prefetches; the compute thread reads too while it
-# waits). bench/io.py, 18 MiB experts of the widened default model, page cache dropped, 2-core AMD EPYC with
-# a virtio disk (bench/results/io.json): the engine's store read a median 1.00 / 1.20 / 1.21 / 1.43 / 1.81 GiB/s
-# with 1 / 2 / 4 / 8 / 16 reads in flight (raw O_DIRECT of the same ranges: 1.15 / 1.40 / 1.21 / 1.28 / 1.56),
-# so more in flight keeps paying on this disk. But every reader keeps a bounce buffer as large as one expert
-# on disk, so the count is also held to READ_BUFFER_BYTES of buffers: 8 readers for the shipped and the
-# widened model, 1 for a Mixtral-8x7B expert (336 MiB in bf16; that regime is not measured here).
+# waits): one per READER_BYTES of an expert on disk, at least 2 and at most READERS, and no more than
+# READ_BUFFER_BYTES of bounce buffers (each reader keeps one as large as an expert).
+# Large experts want reads in flight: bench/io.py, 18 MiB experts of the widened default model, page cache
+# dropped, 2-core AMD EPYC with a virtio disk (bench/results/io.json): the engine's store read a median
+# 1.00 / 1.20 / 1.21 / 1.43 / 1.81 GiB/s with 1 / 2 / 4 / 8 / 16 reads in flight (raw O_DIRECT of the same
+# ranges: 1.15 / 1.40 / 1.21 / 1.28 / 1.56). Small ones do not: a batch-1 decode step misses at most top-k
+# experts a layer, each read in a few milliseconds, and idle readers only compete with the compute thread for
+# the cores. Decode at 25% from disk, 6 held-out prompts x 32 tokens, page cache dropped, runs alternating on
+# the same VM (tok/s per round, 2 readers against 8): int4-g128 experts of the I/O-bound model (2.3 MiB)
+# 31.4 / 39.1 / 41.7 against 30.4 / 31.6 / 34.0, int8 (4.5 MiB) 31.9 / 32.3 / 32.9 against 29.3 / 30.0 / 31.6,
+# the shipped model (0.4 MiB) 85 / 111 / 107 against 96 / 100 / 93; its fp32 experts (18 MiB) 13.6 / 11.0
+# against 12.3 / 13.5 (no difference at batch 1; 8 keep the bandwidth above for batches and prefetches).
+# A Mixtral-8x7B expert (336 MiB in bf16) gets 1 for its buffer; that regime is not measured here.
 READERS = 8
+READER_BYTES = 2 << 20
 READ_BUFFER_BYTES = 256 << 20
 
 
 def reader_threads(expert_bytes: int) -> int:
-    return max(1, min(READERS, READ_BUFFER_BYTES // max(expert_bytes, 1)))
+    """The automatic reader count for experts of `expert_bytes` on disk (EngineConfig.readers = 0)."""
+    wanted = min(READERS, max(2, expert_bytes // READER_BYTES))
+    return max(1, min(wanted, READ_BUFFER_BYTES // max(expert_bytes, 1)))
 
 
 # The automatic rule: one compute thread fewer than the cores this process may use, and idle OpenMP workers
@@ -194,7 +204,8 @@ class Engine:
             policy=make_policy(self.config.policy),
             layers=sorted(modules),
             budget_bytes=budget.budget_bytes,
-            readers=reader_threads(self.checkpoint.expert_bytes_on_disk // len(self.checkpoint.experts)),
+            readers=self.config.readers
+            or reader_threads(self.checkpoint.expert_bytes_on_disk // len(self.checkpoint.experts)),
         )
         self.runtime: OffloadRuntime = apply_offload(
             self.model, self.cache, packed=not self.config.exact_quantized, triton=self.config.kernels == "triton"

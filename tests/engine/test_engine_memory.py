@@ -186,11 +186,10 @@ def test_queued_prefetch_is_read_by_the_compute_thread_not_waited_for(tiny_check
     """A needed expert whose prefetch waits behind another read is read on demand at once, and only once."""
     import time
 
-    import moeflow.engine.engine
     from moeflow import PrefetchPlan
 
-    monkeypatch.setattr(moeflow.engine.engine, "READERS", 1)  # one reader: the second prefetch stays queued
-    with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%") as engine:
+    # one reader: the second prefetch stays queued
+    with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%", readers=1) as engine:
         inner = engine.cache.store
         engine.cache.store = store = _SlowPrefetchStore(inner)
         engine.transfer.prefetch(PrefetchPlan(keys=((0, 1), (0, 3))))

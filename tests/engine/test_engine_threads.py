@@ -12,7 +12,7 @@ import torch
 import moeflow
 from moeflow.cli import build_parser
 from moeflow.config import EngineConfig
-from moeflow.engine.engine import compute_threads
+from moeflow.engine.engine import compute_threads, reader_threads
 
 PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
 
@@ -31,8 +31,34 @@ def test_threads_is_validated(bad):
 
 
 def test_threads_is_a_cli_option():
-    args = build_parser().parse_args(["generate", "--prompt", "x", "--threads", "3"])
-    assert args.threads == 3
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--threads", "3", "--readers", "5"])
+    assert (args.threads, args.readers) == (3, 5)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_readers_is_validated(bad):
+    with pytest.raises(moeflow.MoeflowError, match="--readers must be an integer >= 0"):
+        EngineConfig(readers=bad)
+
+
+def test_automatic_readers_follow_the_expert_size():
+    MiB = 1 << 20
+    assert reader_threads(MiB // 2) == 2  # the shipped model's experts: two readers
+    assert reader_threads(2 * MiB + 300_000) == 2  # int4 experts of the I/O-bound model
+    assert reader_threads(9 * MiB) == 4
+    assert reader_threads(18 * MiB) == 8  # its fp32 experts: reads in flight pay
+    assert reader_threads(100 * MiB) == 2  # held to 256 MiB of bounce buffers
+    assert reader_threads(336 * MiB) == 1  # a Mixtral-8x7B expert in bf16
+
+
+def test_readers_are_applied(tiny_checkpoints):
+    path = tiny_checkpoints["mixtral"]
+    with moeflow.load(path, expert_budget="all") as engine:
+        ref = engine.generate(PROMPT, max_new_tokens=6).token_ids
+    for n, threads in ((0, 2), (1, 1), (3, 3)):  # 0: the automatic rule (tiny experts: 2)
+        with moeflow.load(path, expert_budget="25%", store="disk", readers=n) as engine:
+            assert engine.cache.readers.threads == threads
+            assert engine.generate(PROMPT, max_new_tokens=6).token_ids == ref
 
 
 def test_threads_is_applied(tiny_checkpoints, restore_torch_threads):
