@@ -185,9 +185,15 @@ class Engine:
             total_experts=len(self.checkpoint.experts),
             top_k=self.top_k,
         )
-        store: ExpertStore = DiskStore(
+        readers = self.config.readers or reader_threads(
+            self.checkpoint.expert_bytes_on_disk // len(self.checkpoint.experts)
+        )
+        disk = DiskStore(
             self.checkpoint, direct_io=self.config.direct_io, scales=None if quant is None else quant.scales
         )
+        store: ExpertStore = disk
+        if self.config.store == "disk":
+            disk.reserve_buffers(readers + 1)  # the readers and the compute thread, before anything else runs
         if quant is None and self.expert_format is not None and self.expert_format.scale_dtype is not None:
             store = QuantizingStore(store, self.expert_format, inter=inter, hidden=hidden, dtype=torch.float32)
         pool = SlotPool(
@@ -204,8 +210,7 @@ class Engine:
             policy=make_policy(self.config.policy),
             layers=sorted(modules),
             budget_bytes=budget.budget_bytes,
-            readers=self.config.readers
-            or reader_threads(self.checkpoint.expert_bytes_on_disk // len(self.checkpoint.experts)),
+            readers=readers,
         )
         self.runtime: OffloadRuntime = apply_offload(
             self.model, self.cache, packed=not self.config.exact_quantized, triton=self.config.kernels == "triton"

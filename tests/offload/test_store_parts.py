@@ -55,3 +55,39 @@ def test_experts_outside_the_parted_range_or_not_byte_copies_are_read_whole(fold
         store.part_bytes = 4096
         key = next(iter(engine.checkpoint.experts))
         assert store.read_parts(key, pool.gate_up_S2ID[0], pool.down_SDI[0]) is None
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4"])
+def test_reserved_read_buffers_are_taken_by_the_reading_threads(folders, kind):
+    """The engine maps a read buffer per reader and one for the compute thread as it opens the store
+    (`DiskStore.reserve_buffers`: pages faulted before anything else can free memory); reads take those."""
+    import threading
+
+    with moeflow.load(folders[kind], expert_budget="25%", store="disk", readers=2) as engine:
+        store, pool = engine.cache.store, engine.cache.pool
+        largest = max(store._read_bytes(k, k in store._scales) for k in engine.checkpoint.experts)
+        reserved = list(store._reserved)
+        assert len(reserved) == 3  # two readers and the compute thread
+        assert all(len(b) >= largest for b in reserved)
+        keys = list(engine.checkpoint.experts)[:2]
+        expected = []
+        for s, key in enumerate(keys):  # the reference: read by this thread
+            store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s], pool.scale_views(s) or None)
+            expected.append([t.clone() for t in _slot(pool, s)])
+            for t in _slot(pool, s):
+                t.zero_()
+        taken = []
+
+        def read(s: int, key) -> None:
+            store.read_into(key, pool.gate_up_S2ID[s], pool.down_SDI[s], pool.scale_views(s) or None)
+            taken.append(store._local.buf)
+
+        threads = [threading.Thread(target=read, args=(s, key)) for s, key in enumerate(keys)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(any(b is r for r in reserved) for b in taken)  # no thread mapped a buffer of its own
+        for s in range(len(keys)):
+            assert all(torch.equal(a, b) for a, b in zip(_slot(pool, s), expected[s], strict=True))
+    assert store._reserved == []  # unmapped with the store
