@@ -126,16 +126,16 @@ class DiskStore:
         """Map and fault `count` read buffers now, each as large as this store's largest read; the threads that
         read later take these before mapping their own.
 
-        Where a buffer's pages come from decides how fast an O_DIRECT read into it is. The kernel splits a
-        read into requests of at most `max_segments` physically contiguous runs (254 on a virtio disk): an
-        18 MiB expert is ~5 requests into pages handed out in address order, ~19 into 4 KiB pages handed out
-        in reverse, as the kernel does right after the process freed a few hundred MiB (a predictor's table
-        built, its temporaries freed; per-CPU page lists hand back the last freed page first). Measured on this
-        project's 2-core AMD EPYC VM (/tmp script, 16 expert-sized reads, page cache dropped): 8.8-9.8 ms a read
-        into a fresh buffer, 30-36 ms into one faulted after 268 MiB were freed, 11-12 ms into one faulted
-        before that free; the path predictor's table, built after the engine's first reads, had made every
-        later read of the I/O-bound model ~2.5x slower (decode 1.8x slower, LRU alike). The engine reserves a
-        buffer per reader and one for the compute thread as it opens the store, before anything else runs."""
+        Where a buffer's pages come from decides how fast an O_DIRECT read into it is. Measured on this
+        project's 2-core AMD EPYC VM (/tmp script, 16 expert-sized 18 MiB reads, page cache dropped, modes
+        alternating): 8.8-9.8 ms a read into a fresh buffer, 30-36 ms into one faulted after the process had
+        freed 268 MiB, 11-12 ms into one faulted before that free. The likely cause: a read is split into
+        requests of at most `max_segments` physically contiguous runs (254 on this virtio disk, requests of
+        up to 4 MiB), and pages handed out right after a large free come back from the per-CPU lists in reverse
+        order, one run each, so a read needs ~4x the requests. In the engine the path predictor's table (built
+        after the store opened, its temporaries freed) had made every later read of the I/O-bound model ~2.5x
+        slower and LRU decoding 1.6-1.9x slower. The engine reserves a buffer per reader and one for the compute
+        thread as it opens the store, before anything else runs."""
         if count <= 0 or not self._ckpt.experts:
             return
         size = max(self._read_bytes(key, key in self._scales) for key in self._ckpt.experts) + 2 * _ALIGN
