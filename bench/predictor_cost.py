@@ -3,7 +3,9 @@
 Bookkeeping is everything `PredictorHooks` adds to a decode step: its listener before the forward,
 its embedding and pre-MoE norm hooks, its routing-event listener (measured with a sink that does
 nothing: `hooks_us`), and then the sink that turns scores into what the prefetcher is offered
-(`apply_prediction`'s, `prefetcher.offer` included: `total_us`).
+(`apply_prediction`'s, `prefetcher.offer` included: `total_us`), and then the prefetcher's own work at
+every layer as the engine calls it (`prefetcher.on_routing`: scoring the layer's predictions, dropping
+the wrong reads ahead, deciding the next layer's: `step_us`, everything prediction adds to a step).
 Each is called exactly as the forward calls it (the hooks and listeners the predictor registered,
 found by comparing the engine's before and after `apply_prediction`), on the shipped model at
 25%, with real routing events and held-out token histories. The prefetcher's step begins (untimed)
@@ -172,6 +174,11 @@ def measure(engine: object, predictor: object, added: dict, histories: list[list
             for f in added["routing"]:
                 f(e)
 
+    def step() -> None:  # and the prefetcher's per-layer decisions, as the engine's routing listener calls them
+        with_hooks()
+        for e in events:
+            engine.prefetcher.on_routing(e.plan.layer, e.plan.expert_ids)
+
     @torch.inference_mode()
     def alone() -> None:  # the predictor's own answers, nothing else
         predictor.on_step(histories, 1)
@@ -181,7 +188,7 @@ def measure(engine: object, predictor: object, added: dict, histories: list[list
             predictor.on_routing(pos, e.top_k_index_TK)
 
     result = {}
-    for key, fn in {"predictor_us": alone, "total_us": with_hooks}.items():
+    for key, fn in {"predictor_us": alone, "total_us": with_hooks, "step_us": step}.items():
         _mean_seconds(fn, spec["warmup"], engine.prefetcher.begin_step)
         best = min(_mean_seconds(fn, spec["calls"], engine.prefetcher.begin_step) for _ in range(spec["repeats"]))
         result[key] = best * 1e6 / B
@@ -215,14 +222,15 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(6 * len(batches) + 3, 4.4), squeeze=False,
                              gridspec_kw={"width_ratios": [2] * len(batches) + [1]})  # fmt: skip
     names = result["predictors"]
-    shares = [("predictor_us", "predictor", 0.35), ("hooks_us", "+ hooks", 0.65), ("total_us", "+ hooks + sink", 1.0)]
-    width = 0.13
+    shares = [("predictor_us", "predictor", 0.25), ("hooks_us", "+ hooks", 0.5), ("total_us", "+ hooks + sink", 0.75),
+              ("step_us", "+ per-layer decisions", 1.0)]  # fmt: skip
+    width = 0.1
     for ax, B in zip(axes[0], batches):
         for j, (tree, color) in enumerate([("baseline", "#777"), ("candidate", "#1f77b4")]):
             rows = [result["trees"][tree]["costs"][n][str(B)] for n in names]
             for k, (key, label, alpha) in enumerate(shares):
-                xs = [i + (j * 3 + k - 2.5) * width for i in range(len(names))]
-                ax.bar(xs, [r[key] for r in rows], width, color=color, alpha=alpha, label=f"{tree}: {label}")
+                xs = [i + (j * len(shares) + k - len(shares) + 0.5) * width for i in range(len(names))]
+                ax.bar(xs, [r.get(key, 0.0) for r in rows], width, color=color, alpha=alpha, label=f"{tree}: {label}")
         ax.axhline(50, color="#d62728", lw=1, ls="--", label="50 us target")
         ax.set_xticks(range(len(names)), names)
         ax.set_yscale("log")
@@ -281,8 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": machine(),
         "what": "microseconds per token: each predictor alone (predictor_us), with PredictorHooks and a sink that "
-                "does nothing (hooks_us), and with apply_prediction's sink (total_us); policy: the eviction policies' "
-                "bookkeeping on the held-out routing (predictive_us, lru_us)",
+                "does nothing (hooks_us), with apply_prediction's sink (total_us), and with the prefetcher's "
+                "per-layer decisions (step_us); policy: the eviction policies' bookkeeping on the held-out routing "
+                "(predictive_us, lru_us)",
         "model": "shipped default model, expert budget 25%, policy predictive",
         "batches": args.batches,
         "predictors": list(PREDICTORS),
@@ -300,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             b, c = best["baseline"][n][str(B)], best["candidate"][n][str(B)]
             print(f"{n:>11} B={B}: predictor {b['predictor_us']:6.1f} -> {c['predictor_us']:5.1f}, "
                   f"+ hooks {b['hooks_us']:6.1f} -> {c['hooks_us']:5.1f}, "
-                  f"+ hooks and sink {b['total_us']:6.1f} -> {c['total_us']:5.1f} us/token")
+                  f"+ hooks and sink {b['total_us']:6.1f} -> {c['total_us']:5.1f}, "
+                  f"+ per-layer decisions {b['step_us']:6.1f} -> {c['step_us']:5.1f} us/token")
     b, c = best["baseline"]["policy"], best["candidate"]["policy"]
     print(f"eviction bookkeeping per token: predictive {b['predictive_us']:6.1f} -> {c['predictive_us']:5.1f} us "
           f"(lru {b['lru_us']:5.1f} -> {c['lru_us']:5.1f})")

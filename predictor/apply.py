@@ -3,9 +3,10 @@
 
 `PredictorHooks` listens to the engine's step driver (each forward's token histories), to a forward
 hook on the token embedding and pre-hooks on each MoE layer's pre-MoE norm (its input is the
-residual after attention), and to the offload runtime's routing events. Each predictor's answers go
-to a sink as (predictor, target position, scores): `apply_prediction` offers them to the engine's
-prefetcher; trace recording stores them.
+residual after attention), and to the offload runtime's routing events. Each answer of a predictor
+goes to a sink whole, as (predictor, {target position: scores}): `apply_prediction` ranks every
+target layer in one numpy pass and offers them to the engine's prefetcher in one call; trace
+recording stores them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moeflow.config import DEFAULT_LOOKAHEAD
@@ -26,7 +28,7 @@ from moeflow.offload.plans import RoutingEvent
 from .base import RoutePredictor, RoutingShape, Scores, load_saved, predictor_dir, saved_files
 from .predictors import PREDICTORS, FrequencyPredictor, GateLookahead
 
-Sink = Callable[[RoutePredictor, int, torch.Tensor], None]
+Sink = Callable[[RoutePredictor, Scores], None]  # one call per answer: every target position at once
 
 
 def routing_shape(engine: Engine) -> RoutingShape:
@@ -128,8 +130,8 @@ class PredictorHooks:
         t0 = time.perf_counter()
         scores = answer()
         self.seconds[predictor.name] += time.perf_counter() - t0
-        for target, scores_TE in scores.items():
-            self.sink(predictor, target, scores_TE)
+        if scores:
+            self.sink(predictor, scores)
 
     def _on_forward(self, start: ForwardStart) -> None:
         if not self.active():
@@ -161,28 +163,44 @@ class PredictorHooks:
             self._emit(p, lambda p=p: p.on_routing(pos, event.top_k_index_TK))
 
 
-def use_probabilities(predictor: RoutePredictor, scores_TE: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[T, E] float32: `predictor`'s scores as the probability that each expert is among a token's top-k.
+def scores_array(scores_XE: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Scores as a float32 numpy array on the host (a view where they already are one)."""
+    if isinstance(scores_XE, torch.Tensor):
+        if scores_XE.dtype is not torch.float32 or not scores_XE.is_cpu or scores_XE.requires_grad:
+            scores_XE = scores_XE.detach().to(device="cpu", dtype=torch.float32)
+        return scores_XE.numpy()
+    return np.asarray(scores_XE, dtype=np.float32)
+
+
+def use_probabilities(predictor: RoutePredictor, scores_XE: np.ndarray, top_k: int) -> np.ndarray:
+    """[..., E] float32: `predictor`'s scores as the probability that each expert is among a token's top-k.
 
     What a score means depends on the predictor: per-expert classifier logits (path, sklearn: the
     sigmoid), a router's logits (gate: its softmax x top-k, capped at 1), or counts of past routing
     (frequency, token_freq, transition: normalised to top-k per token). These are the predictor's own
-    beliefs; the prefetcher calibrates them online against what the layers really use.
+    beliefs; the prefetcher calibrates them online against what the layers really use. Numpy, not torch:
+    at batch 1 these are a few dozen values, and a torch op costs more in dispatch than in arithmetic.
     """
-    s_TE = scores_TE.float()
+    s = scores_array(scores_XE)
     if isinstance(predictor, GateLookahead):
-        return (torch.softmax(s_TE, dim=-1) * top_k).clamp(max=1.0)
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        return np.minimum(e * (top_k / e.sum(axis=-1, keepdims=True)), 1.0)
     if isinstance(predictor, FrequencyPredictor):
-        return (s_TE * top_k / s_TE.sum(-1, keepdim=True).clamp(min=1e-12)).clamp(0.0, 1.0)
-    return torch.sigmoid(s_TE)
+        return np.clip(s * top_k / np.maximum(s.sum(axis=-1, keepdims=True), 1e-12), 0.0, 1.0)
+    return 0.5 + 0.5 * np.tanh(0.5 * s)  # the sigmoid, without exp's overflow for very negative logits
 
 
 def ranked_probabilities(
-    predictor: RoutePredictor, scores_TE: torch.Tensor, m: int, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `m` best experts per token by score [T, M] and their probabilities of use [T, M] (`use_probabilities`)."""
-    ranked_TM = torch.topk(scores_TE.float(), min(m, scores_TE.shape[-1]), dim=-1).indices
-    return ranked_TM, use_probabilities(predictor, scores_TE, top_k).gather(-1, ranked_TM)
+    predictor: RoutePredictor, scores_XE: torch.Tensor | np.ndarray, m: int, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `m` best experts per row by score [..., M] (best first, ties to the lower id) and their probabilities
+    of use [..., M] (`use_probabilities`); any leading dimensions (tokens, or layers x tokens)."""
+    s = scores_array(scores_XE)
+    *lead, E = s.shape
+    s_NE = s.reshape(-1, E)
+    ranked_NM = np.argsort(-s_NE, axis=1, kind="stable")[:, : min(m, E)]
+    probs_NM = use_probabilities(predictor, s_NE, top_k)[np.arange(len(s_NE))[:, None], ranked_NM]
+    return ranked_NM.reshape(*lead, -1), probs_NM.reshape(*lead, -1)
 
 
 def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHooks:
@@ -193,9 +211,11 @@ def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHook
         raise MoeflowError("prediction feeds the predictive prefetcher; load the engine with policy='predictive'")
     layers = engine.checkpoint.moe_layers
 
-    def offer(_: RoutePredictor, target: int, scores_TE: torch.Tensor) -> None:
-        ranked_TM, probs_TM = ranked_probabilities(predictor, scores_TE, prefetcher.width, engine.top_k)
-        prefetcher.offer(layers[target], ranked_TM.tolist(), probs_TM.tolist())
+    def offer(_: RoutePredictor, scores: Scores) -> None:
+        # One pass over every target layer of the answer: one ranking, one list conversion, one offer.
+        s_LTE = scores_array(torch.stack(list(scores.values())))
+        ranked_LTM, probs_LTM = ranked_probabilities(predictor, s_LTE, prefetcher.width, engine.top_k)
+        prefetcher.offer_layers([layers[t] for t in scores], ranked_LTM.tolist(), probs_LTM.tolist())
 
     hooks = PredictorHooks(engine, [predictor], offer, active=lambda: prefetcher.predicting)
     engine.on_close(hooks.close)

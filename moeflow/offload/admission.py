@@ -111,10 +111,12 @@ class Calibration:
         self.bins = config.bins
         self.prior_weight = config.prior_weight
         self._decay = 0.5 ** (1.0 / config.half_life)
+        # Outcomes fade by `decay` each, so a bin's weights are kept scaled up by 1 / `_scale` (`_scale` =
+        # decay ** outcomes since the last rescale): an outcome adds 1 / `_scale`, and reading a bin costs one
+        # multiplication instead of bringing its fade up to date.
         self._hits: dict[int, float] = {}
         self._seen: dict[int, float] = {}
-        self._tick: dict[int, int] = {}  # outcome count when the bin was last brought up to date
-        self._outcomes = 0
+        self._scale = 1.0
 
     def _bin(self, raw: float | None, rank: int) -> tuple[int, float]:
         if raw is None:
@@ -122,25 +124,23 @@ class Calibration:
         b = min(int(raw * self.bins), self.bins - 1) if raw > 0 else 0
         return b, (b + 0.5) / self.bins
 
-    def _fade(self, b: int) -> None:
-        last = self._tick.get(b, self._outcomes)
-        if last != self._outcomes:
-            f = self._decay ** (self._outcomes - last)
-            self._hits[b] = self._hits.get(b, 0.0) * f
-            self._seen[b] = self._seen.get(b, 0.0) * f
-        self._tick[b] = self._outcomes
-
     def probability(self, raw: float | None, rank: int = 0) -> float:
         b, prior = self._bin(raw, rank)
-        self._fade(b)
-        return (self._hits.get(b, 0.0) + self.prior_weight * prior) / (self._seen.get(b, 0.0) + self.prior_weight)
+        scale = self._scale
+        return (self._hits.get(b, 0.0) * scale + self.prior_weight * prior) / (
+            self._seen.get(b, 0.0) * scale + self.prior_weight
+        )
 
     def observe(self, raw: float | None, used: bool, rank: int = 0) -> None:
-        self._outcomes += 1
+        self._scale *= self._decay
+        if self._scale < 1e-200:  # fold the scale into the weights before it underflows
+            self._hits = {b: w * self._scale for b, w in self._hits.items()}
+            self._seen = {b: w * self._scale for b, w in self._seen.items()}
+            self._scale = 1.0
         b, _ = self._bin(raw, rank)
-        self._fade(b)
-        self._hits[b] = self._hits.get(b, 0.0) + float(used)
-        self._seen[b] = self._seen.get(b, 0.0) + 1.0
+        weight = 1.0 / self._scale
+        self._hits[b] = self._hits.get(b, 0.0) + weight * used
+        self._seen[b] = self._seen.get(b, 0.0) + weight
 
     def table(self) -> list[tuple[float, float, float]]:
         """(raw probability of the bin, calibrated probability, weight of outcomes) per probability bin."""

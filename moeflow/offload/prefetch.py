@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.errors import MoeflowError
@@ -58,11 +59,11 @@ class PrefetchCounters:
         return {**vars(self), "precision": self.precision, "recall": self.recall}
 
 
-@dataclass(frozen=True, slots=True)
-class _Offer:
+class _Offer(NamedTuple):  # a tuple: the prefetcher makes a few per layer and token
     expert: int
     raw: float | None  # the predictor's probability that some token of the step uses it (None: rank only)
     rank: int  # its best rank among the step's tokens
+    p: float  # the calibrated probability that the step uses it, as the calibration stood when it was offered
 
 
 class OverlapEstimate:
@@ -193,24 +194,49 @@ class PredictivePrefetcher:
         self, layer: int, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None = None
     ) -> None:
         """Predicted experts of `layer` for this step: one ranked list per token, best first, and for each the
-        predictor's probability that the token uses it (None: the predictor only ranks)."""
-        if not self.predicting or layer not in self._pos_of or layer in self._pending or layer in self._decided:
+        predictor's probability in [0, 1] that the token uses it (None: the predictor only ranks)."""
+        self.offer_layers((layer,), (ranked_TM,), None if probs_TM is None else (probs_TM,))
+
+    def offer_layers(
+        self,
+        layers: Sequence[int],
+        ranked_LTM: Sequence[Sequence[Sequence[int]]],
+        probs_LTM: Sequence[Sequence[Sequence[float]]] | None = None,
+    ) -> None:
+        """`offer` for several layers at once (a context predictor's answer for the whole step): one visit to the
+        cache's lock for all of them."""
+        if not self.predicting:
             return
-        miss: dict[int, float] = {}  # expert -> probability that no token uses it
-        rank_of: dict[int, int] = {}
-        for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
-            for t, ranked in enumerate(ranked_TM):
-                if rank >= len(ranked):
-                    continue
-                e = int(ranked[rank])
-                rank_of.setdefault(e, rank)
-                if probs_TM is not None:
-                    miss[e] = miss.get(e, 1.0) * (1.0 - min(max(float(probs_TM[t][rank]), 0.0), 1.0))
-        offers = [_Offer(e, None if probs_TM is None else 1.0 - miss[e], r) for e, r in rank_of.items()]
-        self._tokens = max(self._tokens, len(ranked_TM))
-        self._pending[layer] = offers
-        expected = {(layer, o.expert): self.calibration.probability(o.raw, o.rank) for o in offers}
-        self.cache.advise(lambda policy, _: policy.expect(expected))
+        expected: dict[ExpertKey, float] = {}
+        probability = self.calibration.probability
+        added = False
+        for i, layer in enumerate(layers):
+            if layer not in self._pos_of or layer in self._pending or layer in self._decided:
+                continue
+            ranked_TM = ranked_LTM[i]
+            probs_TM = None if probs_LTM is None else probs_LTM[i]
+            miss: dict[int, float] = {}  # expert -> probability that no token uses it
+            rank_of: dict[int, int] = {}
+            for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
+                for t, ranked in enumerate(ranked_TM):
+                    if rank >= len(ranked):
+                        continue
+                    e = int(ranked[rank])
+                    rank_of.setdefault(e, rank)
+                    if probs_TM is not None:
+                        miss[e] = miss.get(e, 1.0) * (1.0 - probs_TM[t][rank])
+            offers = []
+            for e, rank in rank_of.items():
+                raw = None if probs_TM is None else 1.0 - miss[e]
+                offers.append(_Offer(e, raw, rank, p := probability(raw, rank)))
+                expected[(layer, e)] = p
+            self._tokens = max(self._tokens, len(ranked_TM))
+            self._pending[layer] = offers
+            added = True
+        if not added:
+            return
+        if expected:
+            self.cache.advise(lambda policy, _: policy.expect(expected))
         self._issue_due()
 
     def on_routing(self, layer: int, expert_ids: Iterable[int]) -> None:
@@ -275,7 +301,7 @@ class PredictivePrefetcher:
             if self._pos_of[layer] <= self._pos:  # its layer has run already: too late to matter
                 continue
             self._decided[layer] = offers
-            p_of = {(layer, o.expert): self.calibration.probability(o.raw, o.rank) for o in offers}
+            p_of = {(layer, o.expert): o.p for o in offers}
             max_reads = min(self._per_layer_cap, int(self._max_reads_per_token * self._tokens) - self._reads)
             chosen, candidates = self.cache.advise(partial(self._admit, p_of=p_of, max_reads=max_reads))
             self._candidates[layer] = {e for _, e in candidates}

@@ -89,6 +89,19 @@ def test_calibration_believes_the_predictor_until_outcomes_say_otherwise():
     assert cal.probability(0.9) > 0.9
 
 
+def test_calibration_weighs_each_outcome_by_its_age_across_the_rescale():
+    # decay 0.5 per outcome: the scale underflows past 1e-200 after ~665 outcomes and is folded back.
+    config = AdmissionConfig(half_life=1.0, prior_weight=1.0)
+    cal = Calibration(config)
+    outcomes = [(n * 7) % 3 == 0 for n in range(1500)]
+    for used in outcomes:
+        cal.observe(0.55, used)
+    weights = [0.5 ** age for age in range(len(outcomes))]  # the newest outcome weighs 1
+    hits = sum(w for w, used in zip(weights, reversed(outcomes)) if used)
+    want = (hits + config.prior_weight * 0.55) / (sum(weights) + config.prior_weight)
+    assert cal.probability(0.55) == pytest.approx(want, rel=1e-9)
+
+
 def test_rank_only_predictions_are_calibrated_per_rank():
     cal = Calibration(AdmissionConfig())
     for _ in range(50):
@@ -236,6 +249,27 @@ def test_the_byte_cap_binds_per_token():
     pf = _prefetcher(cache, overlap=8.0, read_share=0.25)  # width 2 x 2 layers x 0.25: one read per token
     _step(pf, cache, [(0, 1), (2, 3)], [(0, [0, 1], [0.99, 0.99]), (1, [2, 3], [0.99, 0.99])])
     assert pf.counters.issued == 1 and pf.counters.refused == 3
+
+
+def test_layers_offered_together_are_all_expected_before_the_first_read_ahead_is_decided():
+    # Resident, oldest use first: layer 1's {4, 5}, then layer 0's {2, 3}. This step predicts layer 0 -> {0, 1},
+    # layer 1 -> {4, 5}. Layer 0's reads ahead are decided at once and need two victims.
+    kept = {}
+    for together in (False, True):
+        cache = _cache(PredictivePolicy())
+        pf = _prefetcher(cache, overlap=4.0, read_share=1.0)
+        serve_layer(cache, RoutingPlan(layer=1, expert_ids=(4, 5), num_tokens=1))
+        serve_layer(cache, RoutingPlan(layer=0, expert_ids=(2, 3), num_tokens=1))
+        pf.begin_step()
+        if together:
+            pf.offer_layers([0, 1], [[[0, 1]], [[4, 5]]], [[[0.99, 0.99]], [[0.99, 0.99]]])
+        else:
+            pf.offer(0, [[0, 1]], [[0.99, 0.99]])
+            pf.offer(1, [[4, 5]], [[0.99, 0.99]])
+        kept[together] = {e for e in (4, 5) if cache.policy.resident((1, e))}
+        assert pf.counters.issued == 2
+    assert kept[True] == {4, 5}  # layer 1's expected experts are not the victims: layer 0's old ones are
+    assert kept[False] != {4, 5}  # one by one, layer 0 decides before layer 1's expectations are known
 
 
 def test_a_wrong_admitted_read_is_demoted_and_released():

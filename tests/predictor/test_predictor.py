@@ -327,3 +327,25 @@ def test_a_crafted_predictor_file_cannot_run_code(tmp_path, monkeypatch):
     with pytest.raises(MoeflowError, match="path.pt is a predictor saved by an older moeflow as a torch pickle"):
         load_saved(PathPredictor, tmp_path / "model", SHAPE)
     assert not marker.exists()
+
+
+def test_ranked_probabilities_rank_every_layer_at_once_as_each_alone():
+    from moeflow.predictor.apply import ranked_probabilities
+
+    rng = np.random.default_rng(0)
+    s_LTE = torch.from_numpy(rng.standard_normal((3, 5, 8)).astype(np.float32) * 4)
+    for predictor in (PathPredictor(SHAPE), FrequencyPredictor(SHAPE)):
+        scores = s_LTE.abs() if isinstance(predictor, FrequencyPredictor) else s_LTE  # counts are >= 0
+        ranked_LTM, probs_LTM = ranked_probabilities(predictor, scores, 3, SHAPE.top_k)
+        assert ranked_LTM.shape == probs_LTM.shape == (3, 5, 3)
+        for layer in range(3):
+            ranked_TM, probs_TM = ranked_probabilities(predictor, scores[layer], 3, SHAPE.top_k)
+            np.testing.assert_array_equal(ranked_LTM[layer], ranked_TM)
+            np.testing.assert_array_equal(probs_LTM[layer], probs_TM)
+        want = torch.topk(scores, 3, dim=-1)
+        np.testing.assert_array_equal(ranked_LTM, want.indices.numpy())  # distinct random scores: no ties
+        if isinstance(predictor, PathPredictor):  # a classifier's logits: the sigmoid
+            np.testing.assert_allclose(probs_LTM, torch.sigmoid(want.values).numpy(), rtol=1e-6, atol=1e-7)
+        else:  # counts: each token's share of its top-k uses
+            share = scores * SHAPE.top_k / scores.sum(-1, keepdim=True)
+            np.testing.assert_allclose(probs_LTM, share.clamp(max=1.0).gather(-1, want.indices).numpy(), rtol=1e-6)
