@@ -213,7 +213,8 @@ def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHook
 
     def offer(_: RoutePredictor, scores: Scores) -> None:
         # One pass over every target layer of the answer: one ranking, one list conversion, one offer.
-        s_LTE = scores_array(torch.stack(list(scores.values())))
+        values = list(scores.values())
+        s_LTE = scores_array(torch.stack(values) if len(values) > 1 else values[0][None])
         ranked_LTM, probs_LTM = ranked_probabilities(predictor, s_LTE, prefetcher.width, engine.top_k)
         prefetcher.offer_layers([layers[t] for t in scores], ranked_LTM.tolist(), probs_LTM.tolist())
 
