@@ -142,13 +142,6 @@ class Calibration:
         self._hits[b] = self._hits.get(b, 0.0) + weight * used
         self._seen[b] = self._seen.get(b, 0.0) + weight
 
-    def table(self) -> list[tuple[float, float, float]]:
-        """(raw probability of the bin, calibrated probability, weight of outcomes) per probability bin."""
-        return [
-            ((b + 0.5) / self.bins, self.probability((b + 0.5) / self.bins), self._seen.get(b, 0.0))
-            for b in range(self.bins)
-        ]
-
 
 class NextUse:
     """P(a resident expert is used the next time its layer runs), learned online from the experts' uses.
