@@ -180,8 +180,8 @@ def record_token_ids(
     def keep(predictor: RoutePredictor, scores: Scores) -> None:
         for target, scores_TE in scores.items():
             best, prob = ranked_probabilities(predictor, scores_TE, ranks, engine.top_k)
-            pred_chunk.setdefault(predictor.name, {})[target] = best.astype(np.int16)
-            prob_chunk.setdefault(predictor.name, {})[target] = prob
+            pred_chunk.setdefault(predictor.name, {})[target] = best.to(torch.int16).numpy()
+            prob_chunk.setdefault(predictor.name, {})[target] = prob.numpy()
 
     hooks = PredictorHooks(engine, predictors, keep)
     done = 0

@@ -340,12 +340,11 @@ def test_ranked_probabilities_rank_every_layer_at_once_as_each_alone():
         assert ranked_LTM.shape == probs_LTM.shape == (3, 5, 3)
         for layer in range(3):
             ranked_TM, probs_TM = ranked_probabilities(predictor, scores[layer], 3, SHAPE.top_k)
-            np.testing.assert_array_equal(ranked_LTM[layer], ranked_TM)
-            np.testing.assert_array_equal(probs_LTM[layer], probs_TM)
-        want = torch.topk(scores, 3, dim=-1)
-        np.testing.assert_array_equal(ranked_LTM, want.indices.numpy())  # distinct random scores: no ties
+            assert torch.equal(ranked_LTM[layer], ranked_TM) and torch.equal(probs_LTM[layer], probs_TM)
+        best = torch.sort(scores, dim=-1, descending=True)
+        assert torch.equal(ranked_LTM, best.indices[..., :3])  # distinct random scores: no ties
         if isinstance(predictor, PathPredictor):  # a classifier's logits: the sigmoid
-            np.testing.assert_allclose(probs_LTM, torch.sigmoid(want.values).numpy(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(probs_LTM, torch.sigmoid(best.values[..., :3]))
         else:  # counts: each token's share of its top-k uses
-            share = scores * SHAPE.top_k / scores.sum(-1, keepdim=True)
-            np.testing.assert_allclose(probs_LTM, share.clamp(max=1.0).gather(-1, want.indices).numpy(), rtol=1e-6)
+            share = (scores * SHAPE.top_k / scores.sum(-1, keepdim=True)).clamp(max=1.0)
+            torch.testing.assert_close(probs_LTM, share.gather(-1, best.indices[..., :3]))
