@@ -59,6 +59,9 @@ class RoutePredictor(ABC):
 
     name: ClassVar[str]
     trainable: ClassVar[bool] = False
+    # Whether one answer (`on_step`'s, before the forward) covers every MoE layer: the engine then offers them in
+    # one call, and profiling replay does the same.
+    whole_step: ClassVar[bool] = False
 
     def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         self.shape = shape

@@ -127,6 +127,7 @@ class PathPredictor(RoutePredictor):
     """From the last W tokens alone, before the forward, the experts of every MoE layer (one small MLP)."""
 
     name = "path"
+    whole_step = True
     trainable = True
     window = 8
     dim = 64
@@ -250,6 +251,7 @@ class FrequencyPredictor(RoutePredictor):
     """The experts each layer used most often in the training trace, for every token alike."""
 
     name = "frequency"
+    whole_step = True
     trainable = True
 
     def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
@@ -327,6 +329,7 @@ class TransitionPredictor(FrequencyPredictor):
     """
 
     name = "transition"
+    whole_step = False  # before any routing it answers the first layer only
 
     def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
         super().__init__(shape, lookahead=lookahead)
@@ -365,6 +368,7 @@ class SklearnPredictor(RoutePredictor):
     """scikit-learn baseline: one-vs-rest logistic regression (SGD) per layer on the last tokens' ids."""
 
     name = "sklearn"
+    whole_step = True
     trainable = True
     window = 2
     max_train = 120_000

@@ -190,3 +190,33 @@ def test_report_of_a_deep_model_draws(tmp_path):
     assert [pair.layers for pair in report.analysis.coactivation] == [(0, 1), (4, 5), (8, 9)]
     assert "L0" not in summary_lines(report)[0]
     assert plot_report(report, tmp_path / "deep.png").stat().st_size > 10_000
+
+
+def test_replay_equals_live_for_a_predictor_that_answers_the_whole_step(tiny_checkpoints, tiny_trace, tmp_path):
+    # token_freq answers every layer before the forward: the engine offers them in one call, and replay must too.
+    from moeflow.predictor.apply import build_predictor, routing_shape
+    from moeflow.predictor.base import save_predictor
+    from moeflow.predictor.predictors import TokenFrequencyPredictor
+
+    gate_trace, geometry = tiny_trace
+    folder = tmp_path / "predictors"
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="all", store="ram", predictor_dir=folder) as engine:
+        predictor = TokenFrequencyPredictor(routing_shape(engine))
+        t = gate_trace
+        predictor.fit(np.asarray(t.token_ids), np.asarray(t.positions), np.asarray(t.experts))
+        save_predictor(predictor, engine.checkpoint.path, folder=folder)
+        text = tmp_path / "a.py"
+        text.write_text("def add(a, b):\n    return a + b\n\nclass Box:\n    size = 3\n" * 4)
+        trace = record_trace(engine, [text], context=40, max_tokens=120,
+                             predictors=[build_predictor(engine, "token_freq")], progress=False)
+    point = parse_budgets("25%", geometry)[0]
+    replayed = replay(trace, geometry, policy="predictive", budget=point, predictor="token_freq").stats
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="25%", policy="predictive", predictor="token_freq",
+                      predictor_dir=folder, prediction_trial=False) as engine:
+        engine.prefetcher.issue = TransferEngine(engine.cache, background=False).prefetch
+        engine.prefetcher.fix_overlap(1.0)
+        live, _, _ = live_run(engine, trace)
+    assert [(s.hits, s.misses, s.prefetch_hits, s.wasted_prefetches) for s in live.per_layer] == [
+        (s.hits, s.misses, s.prefetch_hits, s.wasted_prefetches) for s in replayed.per_layer
+    ]
+    assert replayed.prefetch_hits > 0

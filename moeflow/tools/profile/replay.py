@@ -33,6 +33,7 @@ from moeflow.offload.policy import BeladyPolicy, EvictionPolicy, make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.stats import CacheStats
 from moeflow.offload.transfer import TransferEngine
+from moeflow.predictor.predictors import PREDICTORS
 from moeflow.tools.profile.report import LayerRecord, Mode, RunRecord
 from moeflow.tools.profile.setting import BudgetPoint, Geometry
 from moeflow.tools.trace import Trace
@@ -143,10 +144,11 @@ def replay(
     else:
         eviction = make_policy(policy)
     cache = replay_cache(geometry, budget.slots, eviction)
-    prefetcher, pred_NLM, prob_NLM = None, None, None
+    prefetcher, pred_NLM, prob_NLM, whole_step = None, None, None, False
     if policy == "predictive":
         pred_NLM, lookahead = predictions_of(trace, predictor)
         prob_NLM = trace.probabilities.get(predictor)
+        whole_step = predictor in PREDICTORS and PREDICTORS[predictor].whole_step
         width = width or geometry.top_k
         if width > pred_NLM.shape[-1]:
             raise MoeflowError(
@@ -162,11 +164,16 @@ def replay(
             on_tokens(1024)
         if prefetcher is not None:
             # Every prediction in the trace was made before its layer's lookahead window opened, so
-            # offering them all when the step begins issues each at the time the engine issues it.
+            # offering them all when the step begins issues each at the time the engine issues it: in one
+            # call for a predictor whose one answer covers the step (as the engine offers it), else layer by layer.
             prefetcher.begin_step()
-            for pos, layer in enumerate(layers):
-                probs = None if prob_NLM is None else [prob_NLM[n, pos, :width].tolist()]
-                prefetcher.offer(layer, [pred_NLM[n, pos, :width].tolist()], probs)
+            probs_L1M = None if prob_NLM is None else prob_NLM[n, :, None, :width].tolist()
+            ranked_L1M = pred_NLM[n, :, None, :width].tolist()
+            if whole_step:
+                prefetcher.offer_layers(layers, ranked_L1M, probs_L1M)
+            else:
+                for pos, layer in enumerate(layers):
+                    prefetcher.offer(layer, ranked_L1M[pos], None if probs_L1M is None else probs_L1M[pos])
         for pos, layer in enumerate(layers):
             expert_ids = tuple(sorted(set(experts_NLK[n, pos].tolist())))  # the engine's torch.unique
             if prefetcher is not None:
