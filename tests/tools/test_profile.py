@@ -141,12 +141,15 @@ def test_live_engine_refuses_belady(tiny_checkpoints):
         moeflow.load(tiny_checkpoints["mixtral"], policy="belady")
 
 
+TINY_TEXT = "def add(a, b):\n    return a + b\n\nclass Box:\n    size = 3\n" * 4  # what the tiny traces record
+
+
 @pytest.fixture(scope="module")
 def tiny_trace(tiny_checkpoints, tmp_path_factory):
     from moeflow.predictor.apply import build_predictor
 
     text = tmp_path_factory.mktemp("text") / "a.py"
-    text.write_text("def add(a, b):\n    return a + b\n\nclass Box:\n    size = 3\n" * 4)
+    text.write_text(TINY_TEXT)
     with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="all", store="ram") as engine:
         trace = record_trace(engine, [text], context=40, max_tokens=120, predictors=[build_predictor(engine, "gate")],
                              progress=False)
@@ -206,7 +209,7 @@ def test_replay_equals_live_for_a_predictor_that_answers_the_whole_step(tiny_che
         predictor.fit(np.asarray(t.token_ids), np.asarray(t.positions), np.asarray(t.experts))
         save_predictor(predictor, engine.checkpoint.path, folder=folder)
         text = tmp_path / "a.py"
-        text.write_text("def add(a, b):\n    return a + b\n\nclass Box:\n    size = 3\n" * 4)
+        text.write_text(TINY_TEXT)
         trace = record_trace(engine, [text], context=40, max_tokens=120,
                              predictors=[build_predictor(engine, "token_freq")], progress=False)
     point = parse_budgets("25%", geometry)[0]
