@@ -69,36 +69,62 @@ class _Offer(NamedTuple):  # a tuple: the prefetcher makes a few per layer and t
 class OverlapEstimate:
     """`overlap` measured online: how many expert reads the compute of `lookahead` layers can hide.
 
-    Every `every` steps: compute per layer = (wall time - stall) / layers run, read time = stall / demand
-    reads, both from the cache's own statistics; `overlap = lookahead x compute / read`, smoothed. Until
-    the first estimate, `initial`.
+    Measured over windows of `every` consecutive decode steps that predicted, forward by forward (`begin` when
+    one starts, `end` when it returns): compute per layer = (forward time - stall) / layers run, read time =
+    stall / demand reads, from the cache's own statistics; `overlap = lookahead x compute / read`, smoothed.
+    Any other forward (a prefill, a step the trial ran without prediction) `interrupt`s the window and it is
+    dropped: its stall and reads are another regime's, and the time between forwards is no layer's compute.
+    Until the first estimate, `initial`.
     """
 
     def __init__(
-        self, cache: ExpertCache, *, layers: int, lookahead: int, every: int = 8, initial: float = 1.0
+        self,
+        cache: ExpertCache,
+        *,
+        layers: int,
+        lookahead: int,
+        every: int = 8,
+        initial: float = 1.0,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cache = cache
         self.layers = layers
         self.lookahead = lookahead
         self.every = every
         self.overlap = initial
-        self._steps = 0
-        self._mark: tuple[float, float, int] | None = None  # (wall, stall, misses) at the last estimate
+        self._clock = clock
+        self._window: list[float] | None = None  # [forward seconds, steps, stall, misses at the window's start]
+        self._start: float | None = None  # when the measured forward began
 
-    def on_step(self) -> float:
-        self._steps += 1
-        if self._steps % self.every:
+    def begin(self) -> None:
+        """A decode step that predicts begins."""
+        if self._window is None:
+            s = self.cache.stats()
+            self._window = [0.0, 0, s.stall_s, s.misses]
+        self._start = self._clock()
+
+    def end(self) -> float:
+        """The forward `begin` marked has returned; the estimate, updated when this closed a window."""
+        if self._start is None or self._window is None:
             return self.overlap
+        window = self._window
+        window[0] += self._clock() - self._start
+        window[1] += 1
+        self._start = None
+        if window[1] < self.every:
+            return self.overlap
+        self._window = None
         s = self.cache.stats()
-        now = (time.perf_counter(), s.stall_s, s.misses)
-        if self._mark is not None:
-            wall, stall, misses = (a - b for a, b in zip(now, self._mark))
-            if misses > 0 and stall > 0:
-                compute_per_layer = max(wall - stall, 0.0) / (self.every * self.layers)
-                estimate = self.lookahead * compute_per_layer / (stall / misses)
-                self.overlap = 0.7 * self.overlap + 0.3 * estimate
-        self._mark = now
+        stall, misses = s.stall_s - window[2], s.misses - window[3]
+        if misses > 0 and stall > 0:
+            compute_per_layer = max(window[0] - stall, 0.0) / (window[1] * self.layers)
+            estimate = self.lookahead * compute_per_layer / (stall / misses)
+            self.overlap = 0.7 * self.overlap + 0.3 * estimate
         return self.overlap
+
+    def interrupt(self) -> None:
+        """A forward that is not measured: the open window is dropped."""
+        self._window = self._start = None
 
 
 class PredictivePrefetcher:
@@ -179,12 +205,18 @@ class PredictivePrefetcher:
             self._timing = (time.perf_counter(), decode_rows) if decode_rows > 0 else None
         if not self.predicting:
             self.counters.dormant_steps += 1
-        elif self.estimate is not None:
-            self.overlap = self.estimate.on_step()
+        if self.estimate is not None:
+            if self.predicting and decode_rows > 0:
+                self.estimate.begin()
+            else:
+                self.estimate.interrupt()
         self.cache.advise(lambda policy, _: policy.begin_step())
 
     def end_forward(self) -> None:
-        """The forward `begin_step` began has returned: a timed decode step goes to the trial."""
+        """The forward `begin_step` began has returned: a timed decode step goes to the trial, a measured one to
+        the overlap estimate."""
+        if self.estimate is not None:
+            self.overlap = self.estimate.end()
         if self._timing is not None and self.trial is not None:
             start, rows = self._timing
             self._timing = None
