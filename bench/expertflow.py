@@ -95,6 +95,7 @@ def decode_child(spec: dict) -> dict:
         by_mode = {True: [0, 0], False: [0, 0]}  # predicting? -> [hits, misses] of its decode steps
         tokens: list[list[int]] = []
         routing: list[list[list[int]]] = []  # decode step -> MoE layer -> top-k experts
+        stall_by_layer = [0.0] * len(engine.checkpoint.moe_layers)  # decode stall, by MoE layer position
         for prompt in spec["prompts"]:
             seq = engine.new_sequence(prompt, max_new_tokens=spec["tokens"])
             batch = engine.new_batch()
@@ -115,6 +116,8 @@ def decode_child(spec: dict) -> dict:
             t2 = time.perf_counter()
             engine.settle()
             after = engine.stats()
+            for i, (a, b) in enumerate(zip(after.per_layer, before.per_layer)):
+                stall_by_layer[i] += a.stall_s - b.stall_s
             decode_bytes += after.bytes_read - before.bytes_read
             decode_hits += after.hits - before.hits
             decode_misses += after.misses - before.misses
@@ -135,6 +138,7 @@ def decode_child(spec: dict) -> dict:
         "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
         "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
         "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1), "overlap": overlap,
+        "decode_stall_ms_per_token_by_layer": [1e3 * s / decode_tokens for s in stall_by_layer],
         "trial": verdicts,
         # The decode steps run predicting, and those the trial ran as plain LRU, apart: replay always predicts.
         "decode_hit_rate_by_mode": {("predicting" if mode else "lru"): {"hit_rate": h / max(h + m, 1), "lookups": h + m}
@@ -490,6 +494,11 @@ def summary(result: dict) -> None:
                   f"{r.get('decode_hit_rate', r['hit_rate']):6.3f} "
                   f"{'' if on_predicting is None else f'{on_predicting:.3f}':>6} "
                   f"{'' if replayed is None else f'{replayed:.3f}':>6} {predicting} {r['tokens_equal_lru']}")
+        for r in rows:
+            if "decode_stall_ms_per_token_by_layer" in r:
+                by_layer = " / ".join(f"{ms:.1f}" for ms in r["decode_stall_ms_per_token_by_layer"])
+                print(f"{'':>{len(model_name) + 18}}{r['name'].split(' ', 1)[1]:>22} decode stall ms/token by layer: "
+                      f"{by_layer}")
     for row in result.get("rebatch", {}).get("rows", []):
         print(f"rebatch B={row['batch_size']}: fifo {row['fifo'].get('speed', 0):.2f} tok/s, re-batcher "
               f"{row['rebatch'].get('speed', 0):.2f} tok/s, x{row['speedup'] or 0:.2f}, outputs equal: "
