@@ -93,38 +93,39 @@ class OverlapEstimate:
         self.every = every
         self.overlap = initial
         self._clock = clock
-        self._window: list[float] | None = None  # [forward seconds, steps, stall, misses at the window's start]
+        # The open window: forward seconds and steps so far, and the cache's (stall, misses) when it opened.
+        self._seconds, self._steps = 0.0, 0
+        self._mark: tuple[float, int] | None = None
         self._start: float | None = None  # when the measured forward began
 
     def begin(self) -> None:
         """A decode step that predicts begins."""
-        if self._window is None:
+        if self._mark is None:
             s = self.cache.stats()
-            self._window = [0.0, 0, s.stall_s, s.misses]
+            self._seconds, self._steps, self._mark = 0.0, 0, (s.stall_s, s.misses)
         self._start = self._clock()
 
     def end(self) -> float:
         """The forward `begin` marked has returned; the estimate, updated when this closed a window."""
-        if self._start is None or self._window is None:
+        if self._start is None or self._mark is None:
             return self.overlap
-        window = self._window
-        window[0] += self._clock() - self._start
-        window[1] += 1
+        self._seconds += self._clock() - self._start
+        self._steps += 1
         self._start = None
-        if window[1] < self.every:
+        if self._steps < self.every:
             return self.overlap
-        self._window = None
         s = self.cache.stats()
-        stall, misses = s.stall_s - window[2], s.misses - window[3]
+        stall, misses = s.stall_s - self._mark[0], s.misses - self._mark[1]
+        self._mark = None
         if misses > 0 and stall > 0:
-            compute_per_layer = max(window[0] - stall, 0.0) / (window[1] * self.layers)
+            compute_per_layer = max(self._seconds - stall, 0.0) / (self._steps * self.layers)
             estimate = self.lookahead * compute_per_layer / (stall / misses)
             self.overlap = 0.7 * self.overlap + 0.3 * estimate
         return self.overlap
 
     def interrupt(self) -> None:
         """A forward that is not measured: the open window is dropped."""
-        self._window = self._start = None
+        self._mark = self._start = None
 
 
 class PredictivePrefetcher:
