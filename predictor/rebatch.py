@@ -8,12 +8,13 @@ greedily: start from the sequence that has waited longest, then keep adding the 
 the fewest new experts. A sequence skipped `max_skips` steps in a row is taken first, so nobody
 starves. Each sequence's tokens are still exactly its solo generation; only the grouping changes.
 
-The pool is refilled a batch at a time: new prompts wait until a batch's worth of places is free
-(while the pool still fills a batch), so they prefill together in one forward. A prompt of a few
-dozen tokens already touches most experts of every layer, so refilling place by place, as the pool's
-staggered finishes free them, read nearly the whole model once per finished sequence: on the I/O-bound
-model (B=8, 64 held-out prompts x 32 tokens) that took the re-batcher from 1.47x FIFO's tokens/s on the
-first pool to 1.06x over the job (bench/expertflow.py --part rebatch).
+A member of a pool of `pool_factor` x batch decodes one step in `pool_factor` on average, so `max_skips`
+must leave room above that or it, not the grouping, picks the batch: it defaults to 3 x `pool_factor`.
+The pool is a throughput choice (`bench/rebatch_pool.py`: distinct experts per layer and step, which at 25%
+is what a step reads, over the shipped model's held-out prompts, 256 x 32 tokens): B=32 FIFO 15.5, pool 4x
+11.4, 8x with max_skips 8 13.3 (the skips chose, not the grouping), 8x with the default 24 10.1 (the pool is
+then the whole job); B=8 FIFO 10.1, 4x 7.3, 8x 6.5, 32x 5.4. A larger pool also means each sequence waits
+longer between its tokens, and keeps its KV cache that much longer.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def predicted_sets(predictor: RoutePredictor, top_k: int) -> RoutePredict:
 class RebatchAdmission(AdmissionPolicy):
     name = "rebatch"
 
-    def __init__(self, predict: RoutePredict, *, pool_factor: int = 4, max_skips: int = 8) -> None:
+    def __init__(self, predict: RoutePredict, *, pool_factor: int = 8, max_skips: int | None = None) -> None:
+        if max_skips is None:
+            max_skips = 3 * pool_factor
         if pool_factor < 1 or max_skips < 1:
             raise MoeflowError("pool_factor and max_skips must be at least 1")
         self.predict = predict

@@ -163,6 +163,30 @@ def test_rebatcher_groups_overlapping_sequences():
     assert [s.seq_id for s in second] == [1, 3, 5]  # the skipped ones now waited longest
 
 
+def test_rebatcher_default_fairness_bound_leaves_the_grouping_to_choose():
+    """A pool of 8x the batch decodes each member one step in 8: a bound of 8 skips would pick the batches itself."""
+
+    class S:
+        def __init__(self, i):
+            self.seq_id = i
+
+    sets = {i: np.eye(2, 8, k=i % 2, dtype=bool)[None, 0] for i in range(16)}  # even ids use expert 0, odd expert 1
+
+    def predict(seqs):
+        return np.stack([sets[s.seq_id] for s in seqs])
+
+    pool = [S(i) for i in range(16)]
+
+    def clusters_per_step(admission):
+        return [len({s.seq_id % 2 for s in admission.select(pool, 2)}) for _ in range(48)]
+
+    default = RebatchAdmission(predict)
+    assert (default.pool_factor, default.max_skips) == (8, 24) and default.pool_size(2) == 16
+    assert clusters_per_step(default) == [1] * 48  # every batch shares its expert, and nobody starves:
+    assert max(default._skips.values()) < 24
+    assert sum(clusters_per_step(RebatchAdmission(predict, max_skips=4))) > 48  # the bound forces mixed batches
+
+
 def test_rebatcher_refills_its_pool_a_batch_at_a_time():
     """Refilling place by place prefilled every new prompt alone (each read most experts of every layer)."""
     admission = RebatchAdmission(lambda seqs: np.zeros((len(seqs), 1, 8), bool), pool_factor=4)
