@@ -44,9 +44,10 @@ def load(path: str | Path | None = None, **options: object) -> Engine:
     return engine
 
 
-def make_admission(name: str, engine: Engine) -> AdmissionPolicy:
-    """The admission policy called `name`: "fifo", or "rebatch" (the token re-batcher)."""
+def make_admission(name: str, engine: Engine, **rebatch: int) -> AdmissionPolicy:
+    """The admission policy called `name`: "fifo", or "rebatch" (the token re-batcher, with `RebatchAdmission`'s
+    options `rebatch`)."""
     check_choice(name, Admission, "admission policy")
     if name == "rebatch":
-        return RebatchAdmission.for_engine(engine)
+        return RebatchAdmission.for_engine(engine, **rebatch)
     return FifoAdmission()

@@ -65,11 +65,16 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise MoeflowError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.rebatch_pool is not None and args.admission != "rebatch":
+        raise MoeflowError("--rebatch-pool sizes the re-batcher's pool; use it with --admission rebatch")
+    if args.rebatch_pool is not None and args.rebatch_pool < 1:
+        raise MoeflowError(f"--rebatch-pool must be at least 1 (batches the pool holds), got {args.rebatch_pool}")
     prompts = read_prompts(args.prompts)
     config = options_from_args(EngineConfig, args)
     sampling = options_from_args(SamplingParams, args)
     with load(args.model, **dataclasses.asdict(config)) as engine:
-        admission = make_admission(args.admission, engine)
+        pool = {} if args.rebatch_pool is None else {"pool_factor": args.rebatch_pool}
+        admission = make_admission(args.admission, engine, **pool)
         run = run_batch(
             engine, prompts, batch_size=args.batch_size, admission=admission, **dataclasses.asdict(sampling)
         )
@@ -383,6 +388,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         choices=choices(Admission),
         default="fifo",
         help="--prompts: fifo, or rebatch (group sequences by predicted experts) (default: fifo)",
+    )
+    gen.add_argument(
+        "--rebatch-pool",
+        type=int,
+        default=None,
+        metavar="FACTOR",
+        help="--admission rebatch: sequences kept prefilled, as a multiple of --batch-size; larger groups better "
+        "(fewer experts per step) but spaces each sequence's tokens further apart (default: 8)",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, speed and cache stats")
     add_options(gen, SamplingParams)

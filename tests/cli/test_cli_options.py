@@ -151,3 +151,19 @@ def test_generate_prompt_is_unescaped(tiny_checkpoints, capsys):
         outputs.append(json.loads(capsys.readouterr().out))
     assert outputs[0]["prompt_token_ids"] == outputs[1]["prompt_token_ids"]
     assert outputs[0]["token_ids"] == outputs[1]["token_ids"]
+
+
+def test_rebatch_pool_option(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def f(x):\nimport numpy as np\nclass A:\nfor i in range(3):\nreturn self\n")
+    argv = ["generate", "--prompts", str(prompts), "--batch-size", "2", "--max-new-tokens", "4", "--json"]
+    assert main([*argv, "--admission", "rebatch", "--rebatch-pool", "2"]) == 0
+    *pooled, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # a line per prompt
+    assert main([*argv, "--admission", "fifo"]) == 0
+    *fifo, _ = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert summary["prompts"] == len(fifo) == 5 and summary["admission"] == "rebatch"
+    assert [r["token_ids"] for r in pooled] == [r["token_ids"] for r in fifo]
+    assert main([*argv, "--rebatch-pool", "2"]) == 2
+    assert "use it with --admission rebatch" in capsys.readouterr().err
+    assert main([*argv, "--admission", "rebatch", "--rebatch-pool", "0"]) == 2
+    assert "--rebatch-pool must be at least 1" in capsys.readouterr().err
