@@ -35,6 +35,11 @@ class ServerConfig:
         default="fifo",
         metadata={"help": "who joins the batch when more wait than fit: fifo, or rebatch (the token re-batcher)"},
     )
+    rebatch_pool: int = field(
+        default=4,
+        metadata={"help": "--admission rebatch: prefilled sequences, in multiples of --max-batch-size; larger "
+                  "groups better and spaces each request's tokens further apart (batch jobs: 8)"},
+    )
     grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, seconds in-flight requests get to finish"})
     idle_timeout_s: float = field(
         default=10.0,
@@ -56,7 +61,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.admission, Admission, "admission")
-        for name in ("max_batch_size", "max_new_tokens_limit", "max_message_bytes"):
+        for name in ("max_batch_size", "max_new_tokens_limit", "max_message_bytes", "rebatch_pool"):
             if getattr(self, name) < 1:
                 raise MoeflowError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.http_port is not None and not 0 <= self.http_port < 65536:

@@ -77,7 +77,7 @@ def start(
     """
     token, credentials = config.token(), server_credentials(config)  # a missing or empty file fails here, first
     if admission is None:
-        admission = make_admission(config.admission, engine)
+        admission = make_admission(config.admission, engine, pool_factor=config.rebatch_pool)
     health_servicer = health.HealthServicer()
 
     def on_death(_: Exception) -> None:

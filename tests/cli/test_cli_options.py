@@ -13,6 +13,7 @@ from moeflow.serve.config import ServerConfig
 
 from moeflow.cli import GRPC_SAMPLING, build_parser, main, read_prompts, unescape
 from moeflow.config import EngineConfig, ProfileConfig, SamplingParams
+from moeflow.errors import MoeflowError
 from moeflow.options import add_options, options_from_args
 
 Color = Literal["red", "green"]
@@ -113,6 +114,10 @@ def test_serve_and_client_options_come_from_the_configs():
     args = build_parser().parse_args(["serve", "--max-batch-size", "3", "--admission", "rebatch", "--no-direct-io"])
     assert options_from_args(ServerConfig, args) == ServerConfig(max_batch_size=3, admission="rebatch")
     assert options_from_args(EngineConfig, args) == EngineConfig(direct_io=False)
+    args = build_parser().parse_args(["serve", "--admission", "rebatch", "--rebatch-pool", "2"])
+    assert options_from_args(ServerConfig, args) == ServerConfig(admission="rebatch", rebatch_pool=2)
+    with pytest.raises(MoeflowError, match="--rebatch-pool must be at least 1"):
+        ServerConfig(rebatch_pool=0)
     args = build_parser().parse_args(["client", "--prompt", "hi", "--seed", "3", "--top-p", "0.5"])
     assert options_from_args(SamplingParams, args, only=GRPC_SAMPLING) == SamplingParams(seed=3, top_p=0.5)
     assert args.port == ServerConfig().port

@@ -72,3 +72,17 @@ def test_rebatched_server_replies_equal_solo(tiny_checkpoints):
     assert set(stats["batch_size_steps"]) <= {1, 2} and stats["batch_size_steps"].get(2, 0) > 0
     assert stats["requests_completed"] == len(REQUESTS)
     assert 1 <= stats["mean_distinct_experts"] <= 4, "top-2 experts of at most 2 sequences per step"
+
+
+def test_server_sizes_the_rebatch_pool_from_its_config():
+    from moeflow.config import DEFAULT_MODEL  # ships trained context predictors
+
+    with moeflow.load(DEFAULT_MODEL, expert_budget="50%") as engine:
+        config = ServerConfig(port=0, max_batch_size=3, admission="rebatch", rebatch_pool=2)
+        running = start(engine, config)
+        try:
+            admission = running.worker._admission
+            assert isinstance(admission, RebatchAdmission) and admission.pool_size(3) == 6
+            assert admission.max_skips == 6
+        finally:
+            running.shutdown(grace_s=1.0)
