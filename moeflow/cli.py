@@ -394,8 +394,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="FACTOR",
-        help="--admission rebatch: sequences kept prefilled, as a multiple of --batch-size; larger groups better "
-        "(fewer experts per step) but spaces each sequence's tokens further apart (default: 8)",
+        help="--admission rebatch: sequences kept prefilled, as a multiple of --batch-size; a larger pool groups "
+        "better (fewer experts per step) and spaces each sequence's tokens further apart (default: 8)",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, speed and cache stats")
     add_options(gen, SamplingParams)

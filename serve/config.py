@@ -37,8 +37,8 @@ class ServerConfig:
     )
     rebatch_pool: int = field(
         default=4,
-        metadata={"help": "--admission rebatch: prefilled sequences, in multiples of --max-batch-size; larger "
-                  "groups better and spaces each request's tokens further apart (batch jobs: 8)"},
+        metadata={"help": "--admission rebatch: prefilled sequences, in multiples of --max-batch-size; a larger "
+                  "pool groups better and spaces each request's tokens further apart (batch jobs default to 8)"},
     )
     grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, seconds in-flight requests get to finish"})
     idle_timeout_s: float = field(
