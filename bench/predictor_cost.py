@@ -180,8 +180,11 @@ def measure(engine: object, predictor: object, added: dict, histories: list[list
             engine.prefetcher.on_routing(e.plan.layer, e.plan.expert_ids)
 
     @torch.inference_mode()
-    def alone() -> None:  # the predictor's own answers, nothing else
-        predictor.on_step(histories, 1)
+    def alone() -> None:  # the predictor's own answers, nothing else (a whole-step one's fused pass, where it has one)
+        if predictor.whole_step and hasattr(predictor, "step_scores"):
+            predictor.step_scores(histories, 1)
+        else:
+            predictor.on_step(histories, 1)
         predictor.on_residual(-1, emb_B1D.reshape(B, -1))
         for pos, e in enumerate(events):
             predictor.on_residual(pos, residual_B1D.reshape(B, -1))

@@ -4,9 +4,10 @@
 `PredictorHooks` listens to the engine's step driver (each forward's token histories), to a forward
 hook on the token embedding and pre-hooks on each MoE layer's pre-MoE norm (its input is the
 residual after attention), and to the offload runtime's routing events. Each answer of a predictor
-goes to a sink whole, as (predictor, {target position: scores}): `apply_prediction` ranks every
-target layer in one pass and offers them to the engine's prefetcher in one call; trace
-recording stores them.
+goes to a sink whole, as its target positions and their scores in one array: a whole-step
+predictor's one fused pass (`step_scores`) as it is, without a tensor per layer. `apply_prediction`
+ranks every target layer in one numpy pass and offers them to the engine's prefetcher in one call;
+trace recording stores them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.special import expit
 
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.engine import Engine
@@ -27,7 +30,8 @@ from moeflow.offload.plans import RoutingEvent
 from .base import RoutePredictor, RoutingShape, Scores, load_saved, predictor_dir, saved_files
 from .predictors import PREDICTORS, FrequencyPredictor, GateLookahead
 
-Sink = Callable[[RoutePredictor, Scores], None]  # one call per answer: every target position at once
+# One call per answer: the predictor, its target layer positions, and their scores [X, T, E] (X: the targets).
+Sink = Callable[[RoutePredictor, Sequence[int], np.ndarray], None]
 
 
 def routing_shape(engine: Engine) -> RoutingShape:
@@ -98,9 +102,10 @@ class PredictorHooks:
         self._pos_of = {layer: i for i, layer in enumerate(engine.checkpoint.moe_layers)}
         # Each hook only where some predictor listens: a path predictor costs one call per forward,
         # not one per layer as well.
-        self._stepping = self._overriding(self.predictors, "on_step")
-        self._residuals = self._overriding(self.predictors, "on_residual")
-        self._routed = self._overriding(self.predictors, "on_routing")
+        self._stepping = [p for p in self.predictors if p.whole_step or self._overrides(p, "on_step")]
+        self._residuals = [p for p in self.predictors if self._overrides(p, "on_residual")]
+        self._routed = [p for p in self.predictors if self._overrides(p, "on_routing")]
+        self._all_positions = tuple(range(len(self._pos_of)))
         model = engine.model
         self._handles = []
         if self._residuals:
@@ -115,9 +120,9 @@ class PredictorHooks:
             self._subscriptions.append(engine.runtime.routing.subscribe(self._on_routing))
 
     @staticmethod
-    def _overriding(predictors: list[RoutePredictor], hook: str) -> list[RoutePredictor]:
-        """The predictors whose class answers `hook` (the base class answers nothing)."""
-        return [p for p in predictors if getattr(type(p), hook) is not getattr(RoutePredictor, hook)]
+    def _overrides(predictor: RoutePredictor, hook: str) -> bool:
+        """Whether `predictor`'s class answers `hook` (the base class answers nothing)."""
+        return getattr(type(predictor), hook) is not getattr(RoutePredictor, hook)
 
     def close(self) -> None:
         for h in self._handles:
@@ -130,13 +135,20 @@ class PredictorHooks:
         scores = answer()
         self.seconds[predictor.name] += time.perf_counter() - t0
         if scores:
-            self.sink(predictor, scores)
+            values = [_as_array(v) for v in scores.values()]
+            self.sink(predictor, list(scores), np.stack(values) if len(values) > 1 else values[0][None])
 
     def _on_forward(self, start: ForwardStart) -> None:
         if not self.active():
             return
         for p in self._stepping:
-            self._emit(p, lambda p=p: p.on_step(start.histories, start.n_new))
+            if p.whole_step:  # one fused pass for every layer, as it comes
+                t0 = time.perf_counter()
+                s_TLE = p.step_scores(start.histories, start.n_new)
+                self.seconds[p.name] += time.perf_counter() - t0
+                self.sink(p, self._all_positions, s_TLE.transpose(1, 0, 2))
+            else:
+                self._emit(p, lambda p=p: p.on_step(start.histories, start.n_new))
 
     def _on_embedding(self, module: object, args: object, out: torch.Tensor) -> None:
         self._residual(-1, out)
@@ -162,7 +174,13 @@ class PredictorHooks:
             self._emit(p, lambda p=p: p.on_routing(pos, event.top_k_index_TK))
 
 
-def use_probabilities(predictor: RoutePredictor, scores_XE: torch.Tensor, top_k: int) -> torch.Tensor:
+def _as_array(scores: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(scores, torch.Tensor):
+        return scores.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(scores, dtype=np.float32)
+
+
+def use_probabilities(predictor: RoutePredictor, scores_XE: np.ndarray, top_k: int) -> np.ndarray:
     """[..., E] float32: `predictor`'s scores as the probability that each expert is among a token's top-k.
 
     What a score means depends on the predictor: per-expert classifier logits (path, sklearn: the
@@ -170,23 +188,28 @@ def use_probabilities(predictor: RoutePredictor, scores_XE: torch.Tensor, top_k:
     (frequency, token_freq, transition: normalised to top-k per token). These are the predictor's own
     beliefs; the prefetcher calibrates them online against what the layers really use.
     """
-    s_XE = scores_XE.float()
+    s_XE = np.asarray(scores_XE, dtype=np.float32)
     if isinstance(predictor, GateLookahead):
-        return (torch.softmax(s_XE, dim=-1) * top_k).clamp(max=1.0)
+        e_XE = np.exp(s_XE - s_XE.max(-1, keepdims=True))
+        return np.minimum(e_XE * (top_k / e_XE.sum(-1, keepdims=True)), 1.0)
     if isinstance(predictor, FrequencyPredictor):
-        return (s_XE * top_k / s_XE.sum(-1, keepdim=True).clamp(min=1e-12)).clamp(0.0, 1.0)
-    return torch.sigmoid(s_XE)
+        return np.clip(s_XE * (top_k / np.maximum(s_XE.sum(-1, keepdims=True), 1e-12)), 0.0, 1.0)
+    return expit(s_XE)
 
 
 def ranked_probabilities(
-    predictor: RoutePredictor, scores_XE: torch.Tensor, m: int, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `m` best experts per row by score [..., M] and their probabilities of use [..., M] (`use_probabilities`);
-    any leading dimensions (tokens, or layers x tokens). Torch, not numpy: on these few dozen values numpy's
-    argsort and fancy indexing cost twice torch's topk and gather here (8-9 us against 16-19 for four layers of one
-    token, path; 18-20 against 24-31, gate)."""
-    ranked_XM = torch.topk(scores_XE.float(), min(m, scores_XE.shape[-1]), dim=-1).indices
-    return ranked_XM, use_probabilities(predictor, scores_XE, top_k).gather(-1, ranked_XM)
+    predictor: RoutePredictor, scores_XE: np.ndarray, m: int, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `m` best experts per row by score [..., M] (ties to the lower id) and their probabilities of use
+    [..., M] (`use_probabilities`); any leading dimensions (tokens, or layers x tokens). In numpy, a handful of
+    calls for all of them: a gather by flat index, as `take_along_axis` costs several times more on so few."""
+    s_XE = np.asarray(scores_XE, dtype=np.float32)
+    E = s_XE.shape[-1]
+    ranked_RM = np.argsort(-s_XE.reshape(-1, E), axis=-1, kind="stable")[:, :m]
+    p_RE = use_probabilities(predictor, s_XE, top_k).reshape(-1, E)
+    probs_RM = p_RE[np.arange(len(p_RE))[:, None], ranked_RM]
+    shape = (*s_XE.shape[:-1], ranked_RM.shape[-1])
+    return ranked_RM.reshape(shape), probs_RM.reshape(shape)
 
 
 def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHooks:
@@ -197,12 +220,10 @@ def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHook
         raise MoeflowError("prediction feeds the predictive prefetcher; load the engine with policy='predictive'")
     layers = engine.checkpoint.moe_layers
 
-    def offer(_: RoutePredictor, scores: Scores) -> None:
+    def offer(_: RoutePredictor, targets: Sequence[int], s_XTE: np.ndarray) -> None:
         # One pass over every target layer of the answer: one ranking, one list conversion, one offer.
-        values = list(scores.values())
-        s_LTE = torch.stack(values) if len(values) > 1 else values[0][None]
-        ranked_LTM, probs_LTM = ranked_probabilities(predictor, s_LTE, prefetcher.width, engine.top_k)
-        prefetcher.offer_layers([layers[t] for t in scores], ranked_LTM.tolist(), probs_LTM.tolist())
+        ranked_XTM, probs_XTM = ranked_probabilities(predictor, s_XTE, prefetcher.width, engine.top_k)
+        prefetcher.offer_layers([layers[t] for t in targets], ranked_XTM.tolist(), probs_XTM.tolist())
 
     hooks = PredictorHooks(engine, [predictor], offer, active=lambda: prefetcher.predicting)
     engine.on_close(hooks.close)

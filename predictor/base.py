@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -59,8 +60,9 @@ class RoutePredictor(ABC):
 
     name: ClassVar[str]
     trainable: ClassVar[bool] = False
-    # Whether one answer (`on_step`'s, before the forward) covers every MoE layer: the engine then offers them in
-    # one call, and profiling replay does the same.
+    # Whether one answer before the forward covers every MoE layer. Such a predictor computes it in one fused pass,
+    # `step_scores` (float32 [T, L, E]), which the engine ranks and offers in one call (profiling replay does the
+    # same); its `on_step` is that answer as per-layer tensors.
     whole_step: ClassVar[bool] = False
 
     def __init__(self, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> None:
@@ -72,7 +74,13 @@ class RoutePredictor(ABC):
         return len(self.shape.layers)
 
     def on_step(self, histories: Sequence[Sequence[int]], n_new: int) -> Scores:
+        if self.whole_step:
+            return dict(enumerate(torch.from_numpy(self.step_scores(histories, n_new)).unbind(1)))
         return {}
+
+    def step_scores(self, histories: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
+        """A whole-step predictor's answer for every MoE layer at once: float32 scores [T, L, E]."""
+        raise NotImplementedError(f"{self.name} does not answer every layer before the forward")
 
     def on_residual(self, pos: int, residual_TD: torch.Tensor) -> Scores:
         return {}

@@ -104,16 +104,22 @@ class _FoldedPath:
             table_WVH += torch.einsum("wd,hwd->wh", net.slot.double(), w1_HWD)[:, None]
             table_WVH[0] += first.bias.double()
             self.table_NH = table_WVH.reshape(W * V1, -1).float().numpy()  # N = W x (V + 1) rows
-            self.w2_HO = second.weight.detach().t().contiguous().numpy()  # O = L x E outputs
+            # O = L x E outputs; halved (exactly: a power of two), the 1/2 of the GELU
+            self.w2_HO_half = second.weight.detach().t().contiguous().numpy() * np.float32(0.5)
             self.b2_O = second.bias.detach().clone().numpy()
         self.out_shape = net.out_shape
         self.row_offset_W = np.arange(W, dtype=np.int64) * V1  # slot w's rows start at w x (V + 1)
 
-    def __call__(self, win_TW: np.ndarray) -> torch.Tensor:
-        """Scores [T, L, E] of the windows `win_TW` (token ids, the pad id V for short contexts)."""
+    def __call__(self, win_TW: np.ndarray) -> np.ndarray:
+        """Scores [T, L, E] float32 of the windows `win_TW` (token ids, the pad id V for short contexts)."""
         h_TH = self.table_NH.take(win_TW + self.row_offset_W, axis=0).sum(axis=1)
-        g_TH = h_TH * (0.5 + 0.5 * self.erf(h_TH * _SQRT_HALF))
-        return torch.from_numpy(g_TH @ self.w2_HO + self.b2_O).view(len(win_TW), *self.out_shape)
+        g_TH = h_TH * _SQRT_HALF  # GELU, in place: h x (1 + erf(h / sqrt 2)), its 1/2 in the second weights
+        self.erf(g_TH, out=g_TH)
+        g_TH += 1.0
+        g_TH *= h_TH
+        out_TO = g_TH @ self.w2_HO_half
+        out_TO += self.b2_O
+        return out_TO.reshape(len(win_TW), *self.out_shape)
 
     @staticmethod
     def table_bytes(net: _PathNet) -> int:
@@ -138,23 +144,22 @@ class PathPredictor(RoutePredictor):
         super().__init__(shape, lookahead=lookahead)
         self.net = _PathNet(shape.vocab_size, self.window, self.dim, self.hidden, self.num_layers, shape.num_experts)
         self.net.eval()
-        self._scorer: Callable[[np.ndarray], torch.Tensor] | None = None  # built on first use from the weights
+        self._scorer: Callable[[np.ndarray], np.ndarray] | None = None  # built on first use from the weights
 
-    def on_step(self, histories: Sequence[Sequence[int]], n_new: int) -> Scores:
-        win_TW = context_windows(histories, n_new, self.window, self.shape.vocab_size)
-        return dict(enumerate(self.scores_TLE(win_TW).unbind(1)))
+    def step_scores(self, histories: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
+        return self.scores_TLE(context_windows(histories, n_new, self.window, self.shape.vocab_size))
 
-    def scores_TLE(self, win_TW: np.ndarray) -> torch.Tensor:
-        """[T, L, E] scores of every MoE layer for the windows `win_TW` [T, W]."""
+    def scores_TLE(self, win_TW: np.ndarray) -> np.ndarray:
+        """[T, L, E] float32 scores of every MoE layer for the windows `win_TW` [T, W]."""
         if self._scorer is None:
             fits = _FoldedPath.table_bytes(self.net) <= self.max_table_bytes
             self._scorer = _FoldedPath(self.net) if fits else self._module_scores
         return self._scorer(win_TW)
 
     @torch.inference_mode()
-    def _module_scores(self, win_TW: np.ndarray) -> torch.Tensor:
+    def _module_scores(self, win_TW: np.ndarray) -> np.ndarray:
         """The network module itself: for a vocabulary whose folded table would be too large."""
-        return self.net(torch.from_numpy(win_TW))
+        return self.net(torch.from_numpy(win_TW)).numpy()
 
     def fit(self, token_ids: np.ndarray, positions: np.ndarray, experts: np.ndarray, *, epochs: int = 4,
             batch_size: int = 512, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> list[float]:
@@ -271,6 +276,9 @@ class FrequencyPredictor(RoutePredictor):
     def on_step(self, histories: Sequence[Sequence[int]], n_new: int) -> Scores:
         return self._counts(len(histories) * n_new, self.num_layers)
 
+    def step_scores(self, histories: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
+        return np.broadcast_to(self.counts_LE.numpy(), (len(histories) * n_new, *self.counts_LE.shape))  # read-only
+
     def _counts(self, T: int, layers: int) -> Scores:
         """The first `layers` layers' counts as scores [T, E] (views, one op chain)."""
         return dict(enumerate(self.counts_LE[:layers, None].expand(-1, T, -1).unbind(0)))
@@ -294,8 +302,8 @@ class TokenFrequencyPredictor(FrequencyPredictor):
 
     def _derive(self) -> None:
         super()._derive()
-        # prior < 1: only breaks ties and covers unseen tokens. Layer-major, so a step is one gather.
-        self.scores_LVE = (self.table_VLE + self.prior_LE).transpose(0, 1).contiguous().numpy()
+        # prior < 1: only breaks ties and covers unseen tokens
+        self.scores_VLE = (self.table_VLE + self.prior_LE).numpy()  # a step is one gather
 
     def fit(self, token_ids: np.ndarray, positions: np.ndarray, experts: np.ndarray, **_: object) -> list[float]:
         super().fit(token_ids, positions, experts)
@@ -305,9 +313,10 @@ class TokenFrequencyPredictor(FrequencyPredictor):
         self._derive()
         return []
 
-    def on_step(self, histories: Sequence[Sequence[int]], n_new: int) -> Scores:
-        tok_T = context_windows(histories, n_new, 1, 0)[:, 0]
-        return dict(enumerate(torch.from_numpy(self.scores_LVE.take(tok_T, axis=1)).unbind(0)))
+    on_step = RoutePredictor.on_step  # from `step_scores`, not the global counts
+
+    def step_scores(self, histories: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
+        return self.scores_VLE.take(context_windows(histories, n_new, 1, 0)[:, 0], axis=0)
 
     def state(self) -> dict:
         table = self.table_VLE.to_sparse().coalesce()  # most (token, layer, expert) counts are 0
@@ -415,12 +424,11 @@ class SklearnPredictor(RoutePredictor):
         self.intercept_LE = torch.from_numpy(np.stack(intercepts))
         return []
 
-    def on_step(self, histories: Sequence[Sequence[int]], n_new: int) -> Scores:
-        win = context_windows(histories, n_new, self.window, self.shape.vocab_size)
-        x = self._features(win)
+    def step_scores(self, histories: Sequence[Sequence[int]], n_new: int) -> np.ndarray:
+        x = self._features(context_windows(histories, n_new, self.window, self.shape.vocab_size))
         coef_LEF, intercept_LE = self.coef_LEF.numpy(), self.intercept_LE.numpy()
-        return {p: torch.from_numpy(np.asarray(x @ coef_LEF[p].T, dtype=np.float32) + intercept_LE[p])
-                for p in range(self.num_layers)}
+        return np.stack([np.asarray(x @ coef_LEF[p].T, dtype=np.float32) + intercept_LE[p]
+                         for p in range(self.num_layers)], axis=1)
 
     def state(self) -> dict:
         return {"coef": self.coef_LEF, "intercept": self.intercept_LE}

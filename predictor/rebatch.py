@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from moeflow.engine import Engine
 from moeflow.engine.batch import SequenceState
@@ -49,14 +48,11 @@ def predicted_sets(predictor: RoutePredictor, top_k: int) -> RoutePredict:
     """Each sequence's next-token experts (top-k per layer) from a context predictor."""
 
     def predict(seqs: list[SequenceState]) -> np.ndarray:
-        scores = predictor.on_step([s.history for s in seqs], 1)  # histories read in place, not copied
-        positions = list(scores)  # the layers answered, all at once
-        best_BLK = torch.topk(torch.stack([scores[p] for p in positions], dim=1).float(), top_k, dim=-1).indices
-        hot_BLE = np.zeros((len(seqs), len(positions), predictor.shape.num_experts), dtype=bool)
-        np.put_along_axis(hot_BLE, best_BLK.numpy(), True, axis=2)
-        out = np.zeros((len(seqs), predictor.num_layers, predictor.shape.num_experts), dtype=bool)
-        out[:, positions] = hot_BLE
-        return out
+        s_BLE = predictor.step_scores([s.history for s in seqs], 1)  # histories read in place, not copied
+        best_BLK = np.argpartition(-s_BLE, top_k - 1, axis=-1)[..., :top_k]  # the top-k, in any order
+        hot_BLE = np.zeros(s_BLE.shape, dtype=bool)
+        np.put_along_axis(hot_BLE, best_BLK, True, axis=2)
+        return hot_BLE
 
     return predict
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
 from moeflow.predictor.apply import PredictorHooks, ranked_probabilities
-from moeflow.predictor.base import RoutePredictor, Scores
+from moeflow.predictor.base import RoutePredictor
 
 FORMAT = "moeflow-trace/1"
 _ARRAYS = ("token_ids", "positions", "seq_ids", "doc_ids", "experts", "weights")
@@ -177,11 +177,11 @@ def record_token_ids(
     prob_cols: dict[str, list[np.ndarray]] = {p.name: [] for p in predictors}
     prob_chunk: dict[str, dict[int, np.ndarray]] = {}
 
-    def keep(predictor: RoutePredictor, scores: Scores) -> None:
-        for target, scores_TE in scores.items():
-            best, prob = ranked_probabilities(predictor, scores_TE, ranks, engine.top_k)
-            pred_chunk.setdefault(predictor.name, {})[target] = best.to(torch.int16).numpy()
-            prob_chunk.setdefault(predictor.name, {})[target] = prob.numpy()
+    def keep(predictor: RoutePredictor, targets: Sequence[int], scores_XTE: np.ndarray) -> None:
+        best_XTM, prob_XTM = ranked_probabilities(predictor, scores_XTE, ranks, engine.top_k)
+        for target, best_TM, prob_TM in zip(targets, best_XTM.astype(np.int16), prob_XTM):
+            pred_chunk.setdefault(predictor.name, {})[target] = best_TM
+            prob_chunk.setdefault(predictor.name, {})[target] = prob_TM
 
     hooks = PredictorHooks(engine, predictors, keep)
     done = 0

@@ -11,6 +11,7 @@ from moeflow.predictor.base import RoutingShape, load_saved, save_predictor
 from moeflow.predictor.predictors import (
     PREDICTORS,
     FrequencyPredictor,
+    GateLookahead,
     PathPredictor,
     SklearnPredictor,
     TokenFrequencyPredictor,
@@ -227,7 +228,7 @@ def test_fused_path_pass_scores_what_the_trained_network_computes():
     win = _heldout_windows(shape)
     with torch.inference_mode():
         want_NLE = p.net(torch.from_numpy(win))
-    got_NLE = p.scores_TLE(win)
+    got_NLE = torch.from_numpy(p.scores_TLE(win))
     torch.testing.assert_close(got_NLE, want_NLE, rtol=1e-5, atol=1e-4)
     E = shape.num_experts
     assert torch.equal(torch.topk(got_NLE, E, dim=-1).indices, torch.topk(want_NLE, E, dim=-1).indices)
@@ -243,16 +244,16 @@ def test_path_weights_changed_by_training_are_used_and_a_huge_table_falls_back_t
     trace = toy_trace(n_seqs=8)
     p = PathPredictor(SHAPE)
     win = trace_windows(trace.token_ids, trace.positions, p.window, SHAPE.vocab_size)
-    before = p.scores_TLE(win)
+    before = torch.from_numpy(p.scores_TLE(win))
     p.fit(trace.token_ids, trace.positions, trace.experts, epochs=1, progress=False)
     with torch.inference_mode():
         want = p.net(torch.from_numpy(win))
-    torch.testing.assert_close(p.scores_TLE(win), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(p.scores_TLE(win)), want, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(before, want)
     small = PathPredictor(SHAPE)
     small.restore(p.state())
     small.max_table_bytes = 0  # a vocabulary whose table would not fit: the module itself answers
-    assert torch.equal(small.scores_TLE(win), want)
+    assert torch.equal(torch.from_numpy(small.scores_TLE(win)), want)
 
 
 def test_context_windows_read_only_the_tail_of_long_histories():
@@ -333,18 +334,23 @@ def test_ranked_probabilities_rank_every_layer_at_once_as_each_alone():
     from moeflow.predictor.apply import ranked_probabilities
 
     rng = np.random.default_rng(0)
-    s_LTE = torch.from_numpy(rng.standard_normal((3, 5, 8)).astype(np.float32) * 4)
-    for predictor in (PathPredictor(SHAPE), FrequencyPredictor(SHAPE)):
-        scores = s_LTE.abs() if isinstance(predictor, FrequencyPredictor) else s_LTE  # counts are >= 0
+    s_LTE = rng.standard_normal((3, 5, 8)).astype(np.float32) * 4
+    for predictor in (PathPredictor(SHAPE), FrequencyPredictor(SHAPE), GateLookahead(SHAPE)):
+        scores = np.abs(s_LTE) if isinstance(predictor, FrequencyPredictor) else s_LTE  # counts are >= 0
         ranked_LTM, probs_LTM = ranked_probabilities(predictor, scores, 3, SHAPE.top_k)
         assert ranked_LTM.shape == probs_LTM.shape == (3, 5, 3)
         for layer in range(3):
             ranked_TM, probs_TM = ranked_probabilities(predictor, scores[layer], 3, SHAPE.top_k)
-            assert torch.equal(ranked_LTM[layer], ranked_TM) and torch.equal(probs_LTM[layer], probs_TM)
-        best = torch.sort(scores, dim=-1, descending=True)
-        assert torch.equal(ranked_LTM, best.indices[..., :3])  # distinct random scores: no ties
+            assert np.array_equal(ranked_LTM[layer], ranked_TM) and np.array_equal(probs_LTM[layer], probs_TM)
+        t = torch.from_numpy(scores)
+        best = torch.sort(t, dim=-1, descending=True)
+        assert np.array_equal(ranked_LTM, best.indices[..., :3].numpy())  # distinct random scores: no ties
         if isinstance(predictor, PathPredictor):  # a classifier's logits: the sigmoid
-            torch.testing.assert_close(probs_LTM, torch.sigmoid(best.values[..., :3]))
+            want = torch.sigmoid(best.values[..., :3])
+        elif isinstance(predictor, GateLookahead):  # a router's logits: softmax x top-k, capped at 1
+            want = (torch.softmax(t, -1) * SHAPE.top_k).clamp(max=1.0).gather(-1, best.indices[..., :3])
         else:  # counts: each token's share of its top-k uses
-            share = (scores * SHAPE.top_k / scores.sum(-1, keepdim=True)).clamp(max=1.0)
-            torch.testing.assert_close(probs_LTM, share.gather(-1, best.indices[..., :3]))
+            want = (t * SHAPE.top_k / t.sum(-1, keepdim=True)).clamp(max=1.0).gather(-1, best.indices[..., :3])
+        torch.testing.assert_close(torch.from_numpy(probs_LTM), want)
+    tied = np.array([[1.0, 3.0, 3.0, 0.5]], dtype=np.float32)
+    assert ranked_probabilities(PathPredictor(SHAPE), tied, 3, SHAPE.top_k)[0].tolist() == [[1, 2, 0]]  # lower id
