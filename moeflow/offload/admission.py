@@ -125,7 +125,11 @@ class Calibration:
         return b, (b + 0.5) / self.bins
 
     def probability(self, raw: float | None, rank: int = 0) -> float:
-        b, prior = self._bin(raw, rank)
+        if raw is None:  # `_bin`, inline: the prefetcher asks this of every expert it is offered
+            b, prior = self.bins + rank, 1.0 / (rank + 2)
+        else:
+            b = min(int(raw * self.bins), self.bins - 1) if raw > 0 else 0
+            prior = (b + 0.5) / self.bins
         scale = self._scale
         return (self._hits.get(b, 0.0) * scale + self.prior_weight * prior) / (
             self._seen.get(b, 0.0) * scale + self.prior_weight
@@ -174,20 +178,37 @@ class NextUse:
         uses.use(e, step, self._decay)
 
     def probability(self, key: ExpertKey) -> float:
-        layer, e = key
-        uses = self._layers.get(layer)
-        if uses is None or uses.steps == 0:
-            return 0.0
-        if uses.memo_step != self._step:  # the use rates decay every step
-            uses.memo.clear()
-            uses.memo_step = self._step
-        p = uses.memo.get(e)
-        if p is None:
-            m = uses.markov(e, self.smoothing)
-            count, at = (uses.count[e], uses.at[e]) if e < uses.size else (0.0, 0)
-            rate = count * self._decay ** max(self._step - at, 0) * (1.0 - self._decay)
-            p = uses.memo[e] = self.markov_weight * m + (1.0 - self.markov_weight) * min(rate, 1.0)
-        return p
+        return self.probabilities((key,))[0]
+
+    def probabilities(self, keys: Iterable[ExpertKey]) -> list[float]:
+        """`probability` of each of `keys`, in one call: what a scan of the resident experts asks, tens of keys a
+        few times a token, mostly answered from each layer's memo."""
+        out = []
+        step = self._step
+        layers = self._layers
+        last, memo, uses = None, None, None
+        for key in keys:
+            layer, e = key
+            if layer != last:
+                last, uses = layer, layers.get(layer)
+                if uses is None or uses.steps == 0:
+                    memo = None
+                else:
+                    if uses.memo_step != step:  # the use rates decay every step
+                        uses.memo.clear()
+                        uses.memo_step = step
+                    memo = uses.memo
+            if memo is None:
+                out.append(0.0)
+                continue
+            p = memo.get(e)
+            if p is None:
+                m = uses.markov(e, self.smoothing)
+                count, at = (uses.count[e], uses.at[e]) if e < uses.size else (0.0, 0)
+                rate = count * self._decay ** max(step - at, 0) * (1.0 - self._decay)
+                p = memo[e] = self.markov_weight * m + (1.0 - self.markov_weight) * min(rate, 1.0)
+            out.append(p)
+        return out
 
 
 class _LayerUses:

@@ -7,7 +7,6 @@ candidates the cache offers (resident, fully loaded, not pinned by a running lay
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -195,26 +194,35 @@ class PredictivePolicy(LRUPolicy):
 
     def worth(self, key: ExpertKey) -> float:
         """P(`key` is used when its layer next runs): 0 if demoted, else `NextUse`'s, raised to what is expected."""
-        if key in self._demoted:
-            return 0.0
-        return max(self._expected.get(key, 0.0), self.next_use.probability(key))
+        return self.worths((key,))[0]
 
-    def _eviction_order(self) -> list[ExpertKey]:
-        """Resident unprotected experts, next victim first."""
+    def worths(self, keys: Sequence[ExpertKey]) -> list[float]:
+        """`worth` of each of `keys`, in one pass (`NextUse.probabilities`)."""
+        demoted, expected = self._demoted, self._expected
+        probs = self.next_use.probabilities(keys)
+        if not demoted and not expected:
+            return probs
+        return [0.0 if k in demoted else max(expected.get(k, 0.0), p) for k, p in zip(keys, probs)]
+
+    def _eviction_order(self) -> list[tuple[ExpertKey, float]]:
+        """Resident unprotected experts and their worth, next victim first."""
         keys = [k for k in self._order if k not in self._protected]
+        worths = self.worths(keys)
         if self.by_recency:
-            return sorted(keys, key=lambda k: k not in self._demoted)  # stable: LRU order after the demoted
-        return sorted(keys, key=self.worth)  # stable: least recently used first among equals
+            demoted = self._demoted
+            return sorted(zip(keys, worths), key=lambda kw: kw[0] not in demoted)  # stable: LRU after the demoted
+        return sorted(zip(keys, worths), key=lambda kw: kw[1])  # stable: least recently used first among equals
 
     def eviction_worths(self, n: int) -> list[float]:
         """The worth of the next `n` victims among the resident unprotected experts, in eviction order."""
-        return [self.worth(k) for k in self._eviction_order()[:n]]
+        return [w for _, w in self._eviction_order()[:n]]
 
     def resident(self, key: ExpertKey) -> bool:
         return key in self._order
 
     def _least_likely(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        return min(candidates, key=self.next_use.probability)  # candidates come least recently used first
+        probs = self.next_use.probabilities(candidates)  # candidates come least recently used first: ties to them
+        return candidates[probs.index(min(probs))]
 
     # ---- the policy protocol ----------------------------------------------------------------------------
 
@@ -245,13 +253,8 @@ class PredictivePolicy(LRUPolicy):
         ordered = [k for k in self._order if k in pick_from]  # least recently used first
         if self.dormant or self.by_recency:
             return next((k for k in ordered if k in self._demoted), ordered[0])
-        best, best_worth = ordered[0], math.inf
-        for k in ordered:  # ties go to the least recently used
-            if (w := self.worth(k)) < best_worth:
-                best, best_worth = k, w
-                if w == 0.0:
-                    break
-        return best
+        worths = self.worths(ordered)
+        return ordered[worths.index(min(worths))]  # ties go to the least recently used
 
 
 class BeladyPolicy(EvictionPolicy):

@@ -242,27 +242,22 @@ class PredictivePrefetcher:
             return
         expected: dict[ExpertKey, float] = {}
         probability = self.calibration.probability
+        width = self.width
         added = False
         for i, layer in enumerate(layers):
             if layer not in self._pos_of or layer in self._pending or layer in self._decided:
                 continue
             ranked_TM = ranked_LTM[i]
             probs_TM = None if probs_LTM is None else probs_LTM[i]
-            miss: dict[int, float] = {}  # expert -> probability that no token uses it
-            rank_of: dict[int, int] = {}
-            for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
-                for t, ranked in enumerate(ranked_TM):
-                    if rank >= len(ranked):
-                        continue
-                    e = int(ranked[rank])
-                    rank_of.setdefault(e, rank)
-                    if probs_TM is not None:
-                        miss[e] = miss.get(e, 1.0) * (1.0 - probs_TM[t][rank])
-            offers = []
-            for e, rank in rank_of.items():
-                raw = None if probs_TM is None else 1.0 - miss[e]
-                offers.append(_Offer(e, raw, rank, p := probability(raw, rank)))
-                expected[(layer, e)] = p
+            if len(ranked_TM) == 1:  # one token (a decode step of batch 1): its ranks are its distinct experts
+                ranked = ranked_TM[0][:width]
+                raws = [None] * len(ranked) if probs_TM is None else probs_TM[0]
+                offers = [_Offer(e, raw, rank, probability(raw, rank))
+                          for rank, (e, raw) in enumerate(zip(ranked, raws))]
+            else:
+                offers = self._merged(ranked_TM, probs_TM, probability)
+            for o in offers:
+                expected[(layer, o.expert)] = o.p
             self._tokens = max(self._tokens, len(ranked_TM))
             self._pending[layer] = offers
             added = True
@@ -271,6 +266,28 @@ class PredictivePrefetcher:
         if expected:
             self.cache.advise(lambda policy, _: policy.expect(expected))
         self._issue_due()
+
+    def _merged(
+        self, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None,
+        probability: Callable[[float | None, int], float],
+    ) -> list[_Offer]:
+        """One layer's offers from several tokens' ranked experts: each expert once, at its best rank, with the
+        probability that some token uses it."""
+        miss: dict[int, float] = {}  # expert -> probability that no token uses it
+        rank_of: dict[int, int] = {}
+        for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
+            for t, ranked in enumerate(ranked_TM):
+                if rank >= len(ranked):
+                    continue
+                e = int(ranked[rank])
+                rank_of.setdefault(e, rank)
+                if probs_TM is not None:
+                    miss[e] = miss.get(e, 1.0) * (1.0 - probs_TM[t][rank])
+        offers = []
+        for e, rank in rank_of.items():
+            raw = None if probs_TM is None else 1.0 - miss[e]
+            offers.append(_Offer(e, raw, rank, probability(raw, rank)))
+        return offers
 
     def on_routing(self, layer: int, expert_ids: Iterable[int]) -> None:
         """`layer`'s real experts are known: score and correct its predictions, move the window on."""
@@ -282,23 +299,25 @@ class PredictivePrefetcher:
             offers = self._pending.pop(layer, [])
         # Calibrated on the candidates only: a prediction of an expert that is not resident (what admission
         # asks about) is right less often than one of an expert the layer used a moment ago.
-        candidates = self._candidates.pop(layer, set())
+        candidates = self._candidates.pop(layer, ())
+        observe = self.calibration.observe
         for o in offers:
             if o.expert in candidates:
-                self.calibration.observe(o.raw, o.expert in used, o.rank)
-        predicted = {o.expert for o in offers}
-        self.counters.offered += len(predicted)
-        self.counters.correct += len(predicted & used)
-        self.counters.used += len(used)
-        issued = self._issued.pop(layer, set())
-        wrong = [(layer, e) for e in issued - used]
+                observe(o.raw, o.expert in used, o.rank)
+        predicted = [(layer, o.expert) for o in offers]  # one offer per expert
+        counters = self.counters
+        counters.offered += len(predicted)
+        counters.correct += sum(o.expert in used for o in offers)
+        counters.used += len(used)
+        issued = [(layer, e) for e in self._issued.pop(layer, ())]
+        wrong = [k for k in issued if k[1] not in used]
         previous, current = self._current, [(layer, e) for e in used]
         self._current = current
 
         def correct(policy: PredictivePolicy, _: int) -> None:
             policy.release(previous)
-            policy.release((layer, e) for e in issued)
-            policy.forget((layer, e) for e in predicted)
+            policy.release(issued)
+            policy.forget(predicted)
             policy.demote(wrong)
             policy.protect(current)  # the next layer's reads ahead must not evict these
 
