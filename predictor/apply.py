@@ -175,9 +175,11 @@ class PredictorHooks:
 
 
 def _as_array(scores: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(scores, torch.Tensor):
-        return scores.detach().to("cpu", torch.float32).numpy()
-    return np.asarray(scores, dtype=np.float32)
+    if not isinstance(scores, torch.Tensor):
+        return np.asarray(scores, dtype=np.float32)
+    if scores.dtype is torch.float32 and scores.device.type == "cpu" and not scores.requires_grad:
+        return scores.numpy()  # what predictors answer: no conversion to pay for
+    return scores.detach().to("cpu", torch.float32).numpy()
 
 
 def use_probabilities(predictor: RoutePredictor, scores_XE: np.ndarray, top_k: int) -> np.ndarray:
