@@ -134,9 +134,11 @@ class PredictorHooks:
         t0 = time.perf_counter()
         scores = answer()
         self.seconds[predictor.name] += time.perf_counter() - t0
-        if scores:
-            values = [_as_array(v) for v in scores.values()]
-            self.sink(predictor, list(scores), np.stack(values) if len(values) > 1 else values[0][None])
+        if len(scores) == 1:  # a per-layer predictor's usual answer: one target
+            ((target, s_TE),) = scores.items()
+            self.sink(predictor, (target,), _as_array(s_TE)[None])
+        elif scores:
+            self.sink(predictor, list(scores), np.stack([_as_array(v) for v in scores.values()]))
 
     def _on_forward(self, start: ForwardStart) -> None:
         if not self.active():

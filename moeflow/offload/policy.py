@@ -204,18 +204,14 @@ class PredictivePolicy(LRUPolicy):
             return probs
         return [0.0 if k in demoted else max(expected.get(k, 0.0), p) for k, p in zip(keys, probs)]
 
-    def _eviction_order(self) -> list[tuple[ExpertKey, float]]:
-        """Resident unprotected experts and their worth, next victim first."""
-        keys = [k for k in self._order if k not in self._protected]
-        worths = self.worths(keys)
-        if self.by_recency:
-            demoted = self._demoted
-            return sorted(zip(keys, worths), key=lambda kw: kw[0] not in demoted)  # stable: LRU after the demoted
-        return sorted(zip(keys, worths), key=lambda kw: kw[1])  # stable: least recently used first among equals
-
     def eviction_worths(self, n: int) -> list[float]:
         """The worth of the next `n` victims among the resident unprotected experts, in eviction order."""
-        return [w for _, w in self._eviction_order()[:n]]
+        keys = [k for k in self._order if k not in self._protected]
+        if self.by_recency:  # the demoted first, then least recently used first
+            demoted = self._demoted
+            keys = [k for k in keys if k in demoted] + [k for k in keys if k not in demoted]
+            return self.worths(keys[:n])
+        return sorted(self.worths(keys))[:n]  # the least worth first (which key among equals does not matter here)
 
     def resident(self, key: ExpertKey) -> bool:
         return key in self._order
