@@ -52,7 +52,8 @@ def sweep(
                 out = [r.token_ids for r in run.results]
                 fifo_tokens = fifo_tokens or out
                 row = {"batch_size": B, "admission": admission, "pool_factor": factor,
-                       "max_skips": getattr(policy, "max_skips", None), "steps": len(run.distinct_experts),
+                       "max_skips": getattr(policy, "max_skips", None), "max_skips_setting": skip,
+                       "steps": len(run.distinct_experts),
                        "distinct_experts_per_step": sum(run.distinct_experts) / len(run.distinct_experts),
                        "mean_batch": sum(run.batch_sizes) / len(run.batch_sizes),
                        "tokens_equal_fifo": out == fifo_tokens, "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -76,8 +77,7 @@ def plot(result: dict, path: Path) -> None:
         fifo = next(r for r in rows if r["admission"] == "fifo")
         ax.axhline(fifo["distinct_experts_per_step"], color="#777", ls="--", label="FIFO")
         for skip in result["max_skips"]:
-            pts = [r for r in rows if r["admission"] == "rebatch" and
-                   (r["max_skips"] == 3 * r["pool_factor"] if skip == "default" else r["max_skips"] == int(skip))]
+            pts = [r for r in rows if r["admission"] == "rebatch" and r["max_skips_setting"] == skip]
             ax.plot([r["pool_factor"] for r in pts], [r["distinct_experts_per_step"] for r in pts], "o-",
                     label=f"re-batcher, max_skips {'3 x factor (default)' if skip == 'default' else skip}")
         ax.set_xscale("log", base=2)
