@@ -167,48 +167,52 @@ class NextUse:
         self.smoothing = smoothing
         self._layers: dict[int, _LayerUses] = {}
         self._step = 0  # the latest step seen
+        # Probabilities already worked out, by key, until a new step (the use rates decay) or a use in the key's
+        # layer changes them: a scan of the resident experts is then one C-level lookup per key.
+        self._memo: dict[ExpertKey, float] = {}
+        self._memo_keys: dict[int, list[ExpertKey]] = {}  # layer -> its keys in `_memo`
 
     def on_use(self, key: ExpertKey, step: int) -> None:
         """`key` is used at `step` (repeats within a step count once)."""
         layer, e = key
-        self._step = max(self._step, step)
+        if step > self._step:
+            self._step = step
+            self._memo.clear()
+            self._memo_keys.clear()
         uses = self._layers.get(layer)
         if uses is None:
             uses = self._layers[layer] = _LayerUses()
-        uses.use(e, step, self._decay)
+        if uses.use(e, step, self._decay):
+            memo = self._memo
+            for k in self._memo_keys.pop(layer, ()):
+                memo.pop(k, None)
 
     def probability(self, key: ExpertKey) -> float:
         return self.probabilities((key,))[0]
 
-    def probabilities(self, keys: Iterable[ExpertKey]) -> list[float]:
+    def probabilities(self, keys: Sequence[ExpertKey]) -> list[float]:
         """`probability` of each of `keys`, in one call: what a scan of the resident experts asks, tens of keys a
-        few times a token, mostly answered from each layer's memo."""
-        out = []
-        step = self._step
-        layers = self._layers
-        last, memo, uses = None, None, None
-        for key in keys:
-            layer, e = key
-            if layer != last:
-                last, uses = layer, layers.get(layer)
-                if uses is None or uses.steps == 0:
-                    memo = None
-                else:
-                    if uses.memo_step != step:  # the use rates decay every step
-                        uses.memo.clear()
-                        uses.memo_step = step
-                    memo = uses.memo
-            if memo is None:
-                out.append(0.0)
-                continue
-            p = memo.get(e)
-            if p is None:
-                m = uses.markov(e, self.smoothing)
-                count, at = (uses.count[e], uses.at[e]) if e < uses.size else (0.0, 0)
-                rate = count * self._decay ** max(step - at, 0) * (1.0 - self._decay)
-                p = memo[e] = self.markov_weight * m + (1.0 - self.markov_weight) * min(rate, 1.0)
-            out.append(p)
+        few times a token, mostly answered from the memo."""
+        out = list(map(self._memo.get, keys))
+        if None in out:
+            for i, p in enumerate(out):
+                if p is None:
+                    out[i] = self._work_out(keys[i])
         return out
+
+    def _work_out(self, key: ExpertKey) -> float:
+        layer, e = key
+        uses = self._layers.get(layer)
+        if uses is None or uses.steps == 0:
+            p = 0.0
+        else:
+            m = uses.markov(e, self.smoothing)
+            count, at = (uses.count[e], uses.at[e]) if e < uses.size else (0.0, 0)
+            rate = count * self._decay ** max(self._step - at, 0) * (1.0 - self._decay)
+            p = self.markov_weight * m + (1.0 - self.markov_weight) * min(rate, 1.0)
+        self._memo[key] = p
+        self._memo_keys.setdefault(layer, []).append(key)
+        return p
 
 
 class _LayerUses:
@@ -227,8 +231,6 @@ class _LayerUses:
         self.before: list[int] = []  # ...and of the step before it
         self.latest_step: int | None = None
         self.steps = self.uses = self.distinct = 0
-        self.memo: dict[int, float] = {}  # probability by expert, until a use or a new step changes it
-        self.memo_step = -1
 
     def _grow(self, e: int) -> None:
         size = max(e + 1, 2 * self.size)
@@ -242,7 +244,8 @@ class _LayerUses:
         self.seen += [False] * grow
         self.size = size
 
-    def use(self, e: int, step: int, decay: float) -> None:
+    def use(self, e: int, step: int, decay: float) -> bool:
+        """Count a use of `e` at `step`; whether it changed anything (a repeat within a step does not)."""
         if e >= self.size:
             self._grow(e)
         if self.latest_step != step:
@@ -252,7 +255,7 @@ class _LayerUses:
             self.before, self.latest, self.latest_step = self.latest if self.latest_step is not None else [], [], step
             self.steps += 1
         if e in self.latest:
-            return
+            return False
         self.latest.append(e)
         self.uses += 1
         if not self.seen[e]:
@@ -262,7 +265,7 @@ class _LayerUses:
             self.follows[a][e] += 1.0
         self.count[e] = self.count[e] * decay ** (step - self.at[e]) + 1.0
         self.at[e] = step
-        self.memo.clear()
+        return True
 
     def mean_rate(self) -> float:
         """A layer's expert, on average, per step: what an unseen pair is smoothed towards."""

@@ -198,11 +198,14 @@ class PredictivePolicy(LRUPolicy):
 
     def worths(self, keys: Sequence[ExpertKey]) -> list[float]:
         """`worth` of each of `keys`, in one pass (`NextUse.probabilities`)."""
-        demoted, expected = self._demoted, self._expected
-        probs = self.next_use.probabilities(keys)
-        if not demoted and not expected:
-            return probs
-        return [0.0 if k in demoted else max(expected.get(k, 0.0), p) for k, p in zip(keys, probs)]
+        worths = self.next_use.probabilities(keys)
+        if self._expected:
+            raised = list(map(self._expected.get, keys))
+            worths = [w if x is None or x <= w else x for w, x in zip(worths, raised)]
+        if self._demoted:
+            demoted = self._demoted
+            worths = [0.0 if k in demoted else w for k, w in zip(keys, worths)]
+        return worths
 
     def eviction_worths(self, n: int) -> list[float]:
         """The worth of the next `n` victims among the resident unprotected experts, in eviction order."""

@@ -3,6 +3,7 @@
 Deterministic scenarios on the real `ExpertCache` over a meta-device pool and a store that moves nothing.
 """
 
+import copy
 import random
 
 import pytest
@@ -127,6 +128,26 @@ def test_next_use_ranks_a_passages_hot_experts_above_cold_ones():
         nu.on_use((0, 1 + step % 3 if step < 20 else 9 if step == 60 else 5), step)
     assert nu.probability((0, 0)) > nu.probability((0, 5)) > nu.probability((0, 2))
     assert 0.0 <= nu.probability((0, 9)) <= 1.0
+
+
+def test_next_use_answers_from_its_memo_what_it_would_work_out_afresh():
+    # Scans ask the same keys many times a token; the memo must forget a layer's answers at each use in that layer
+    # and everything at a new step, or an eviction would be chosen on stale probabilities.
+    rng = random.Random(0)
+    nu = NextUse(half_life=8.0)
+    keys = [(layer, e) for layer in range(3) for e in range(10)]
+    step = 0
+    for _ in range(3000):
+        r = rng.random()
+        if r < 0.1:
+            step += 1
+        elif r < 0.5:
+            nu.on_use((rng.randrange(3), rng.randrange(12)), step)  # experts past the queried ones grow the tables
+        else:
+            asked = rng.sample(keys, 5)
+            fresh = copy.deepcopy(nu)
+            fresh._memo.clear()
+            assert nu.probabilities(asked) == [fresh.probability(k) for k in asked]
 
 
 def test_bad_next_use_settings_are_refused():
