@@ -242,20 +242,13 @@ class PredictivePrefetcher:
             return
         expected: dict[ExpertKey, float] = {}
         probability = self.calibration.probability
-        width = self.width
         added = False
         for i, layer in enumerate(layers):
             if layer not in self._pos_of or layer in self._pending or layer in self._decided:
                 continue
             ranked_TM = ranked_LTM[i]
             probs_TM = None if probs_LTM is None else probs_LTM[i]
-            if len(ranked_TM) == 1:  # one token (a decode step of batch 1): its ranks are its distinct experts
-                ranked = ranked_TM[0][:width]
-                raws = [None] * len(ranked) if probs_TM is None else probs_TM[0]
-                offers = [_Offer(e, raw, rank, probability(raw, rank))
-                          for rank, (e, raw) in enumerate(zip(ranked, raws))]
-            else:
-                offers = self._merged(ranked_TM, probs_TM, probability)
+            offers = self._offers(ranked_TM, probs_TM, probability)
             for o in offers:
                 expected[(layer, o.expert)] = o.p
             self._tokens = max(self._tokens, len(ranked_TM))
@@ -267,12 +260,16 @@ class PredictivePrefetcher:
             self.cache.advise(lambda policy, _: policy.expect(expected))
         self._issue_due()
 
-    def _merged(
+    def _offers(
         self, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None,
         probability: Callable[[float | None, int], float],
     ) -> list[_Offer]:
-        """One layer's offers from several tokens' ranked experts: each expert once, at its best rank, with the
+        """One layer's offers from its tokens' ranked experts: each expert once, at its best rank, with the
         probability that some token uses it."""
+        if len(ranked_TM) == 1:  # one token (a decode step of batch 1): its ranks are its distinct experts
+            ranked = ranked_TM[0][: self.width]
+            raws = [None] * len(ranked) if probs_TM is None else probs_TM[0]
+            return [_Offer(e, raw, rank, probability(raw, rank)) for rank, (e, raw) in enumerate(zip(ranked, raws))]
         miss: dict[int, float] = {}  # expert -> probability that no token uses it
         rank_of: dict[int, int] = {}
         for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
