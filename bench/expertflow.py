@@ -235,16 +235,18 @@ def replay_on_routing(model: Path, routing: list[list[list[int]]], slots: int) -
 
 
 def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[int]], predictor: str, slots: int,
-                  overlap: float) -> dict:
+                  overlap: float, *, reuse: bool) -> dict:
     """The live decode replayed (`moeflow.tools.profile.replay`): each prompt + its generated tokens traced
     with `predictor` (teacher forcing gives the decode's routing exactly), the decode tokens replayed one per
-    step through the same cache size, with the overlap the live engine measured; its hit rate and bytes per
-    decode token are what profiling would have predicted for that run."""
+    step through the same cache size, with the overlap the live engine measured and, if `reuse`, the model's
+    trained reuse model as the live engine found it; its hit rate and bytes per decode token are what
+    profiling would have predicted for that run."""
     import numpy as np
     from moeflow.predictor.apply import build_predictor
 
     import moeflow
     from moeflow.model.checkpoint import open_checkpoint
+    from moeflow.offload.reuse import ReuseModel, reuse_files
     from moeflow.tools.profile.replay import replay
     from moeflow.tools.profile.setting import BudgetPoint, Geometry
     from moeflow.tools.trace import Trace, record_token_ids
@@ -261,7 +263,12 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
     ckpt = open_checkpoint(model)
     geometry = Geometry.of(ckpt, int(ckpt.config["num_experts_per_tok"]))
     budget = BudgetPoint(spec=f"{slots} slots", fraction=slots / geometry.total_experts, slots=slots)
-    r = replay(trace, geometry, policy="predictive", budget=budget, predictor=predictor, overlap=overlap)
+    folder = model / "predictors"
+    reuse_model = None
+    if reuse and reuse_files(folder)[0].is_file():
+        reuse_model = ReuseModel.load(folder, layers=geometry.layers, num_experts=geometry.num_experts)
+    r = replay(trace, geometry, policy="predictive", budget=budget, predictor=predictor, overlap=overlap,
+               reuse=reuse_model)
     return {"hit_rate": r.stats.hit_rate, "bytes_per_token": r.stats.bytes_read / r.tokens, "tokens": r.tokens}
 
 
@@ -281,6 +288,9 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         predictors = ("path", "token_freq", "gate") if trained else ("gate",)
         contenders = [("lru", {"policy": "lru"})]
         contenders += [(f"predictive/{p}", {"policy": "predictive", "predictor": p}) for p in predictors]
+        if trained:  # the eviction estimate side by side: the trained reuse model (above) against the online one
+            contenders.append(("predictive/path (next-use)",
+                               {"policy": "predictive", "predictor": "path", "reuse_model": False}))
         limit = memory_limit(model, args.budget, runtime)
         jobs = [
             (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget, "options": options,
@@ -299,7 +309,7 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         for (_, options), r in zip(contenders, rows):
             if "predictor" in options and "error" not in r:
                 r["replay"] = replay_decode(model, prompts, r["tokens"], options["predictor"], r["capacity_slots"],
-                                            r["overlap"])
+                                            r["overlap"], reuse=options.get("reuse_model", True))
         for r in rows:
             r.pop("routing", None)
             r.pop("tokens", None)

@@ -15,7 +15,8 @@ the prediction's).
 It also times the eviction policy's own bookkeeping (``policy``): the held-out histories' real routing
 (one prefill each) fed, token by token and layer by layer, to a fresh `PredictivePolicy` over a slot pool
 of the engine's capacity, as `ExpertCache` calls it (`on_access` per expert used, `victim` and `on_evict`
-when a slot must be freed): microseconds per token, with `LRUPolicy` on the same stream beside it (the floor).
+when a slot must be freed): microseconds per token, with `LRUPolicy` on the same stream beside it (the floor)
+and, where the tree ships a trained reuse model (`moeflow.offload.reuse`), the policy evicting by it.
 
 Trees: a baseline commit and a candidate commit, each a temporary git worktree run in its own child
 process, interleaved round by round; each contender keeps its best round (the machine is shared).
@@ -139,8 +140,25 @@ def policy_cost(engine: object, spec: dict) -> dict:
                     policy.on_access(key)
         return (time.perf_counter() - t0) * 1e6 / len(stream)
 
-    return {name: min(replay(make()) for _ in range(spec["repeats"]))
-            for name, make in (("predictive_us", PredictivePolicy), ("lru_us", LRUPolicy))}  # fmt: skip
+    makers = {"predictive_us": PredictivePolicy, "lru_us": LRUPolicy}
+    try:
+        from moeflow.offload.reuse import LearnedReuse, ReuseModel, reuse_files
+    except ImportError:  # a tree from before the trained reuse model
+        pass
+    else:
+        from moeflow.predictor.apply import engine_predictor_dir, routing_shape
+
+        folder, shape = engine_predictor_dir(engine), routing_shape(engine)
+        if reuse_files(folder)[0].is_file():
+            model = ReuseModel.load(folder, layers=shape.layers, num_experts=shape.num_experts)
+
+            def with_reuse() -> PredictivePolicy:
+                policy = PredictivePolicy()
+                policy.estimate_with(LearnedReuse(model))
+                return policy
+
+            makers["reuse_us"] = with_reuse
+    return {name: min(replay(make()) for _ in range(spec["repeats"])) for name, make in makers.items()}
 
 
 def measure(engine: object, predictor: object, added: dict, histories: list[list[int]], spec: dict) -> dict:
@@ -241,11 +259,12 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"batch {B}")
         ax.legend(fontsize=7)
     ax = axes[0][-1]
+    kinds = [("predictive_us", "predictive"), ("reuse_us", "predictive\n+ reuse model"), ("lru_us", "lru")]
     for j, (tree, color) in enumerate([("baseline", "#777"), ("candidate", "#1f77b4")]):
         policy = result["trees"][tree]["policy"]
-        ax.bar([i + (j - 0.5) * 0.35 for i in range(2)], [policy["predictive_us"], policy["lru_us"]], 0.35,
+        ax.bar([i + (j - 0.5) * 0.35 for i in range(len(kinds))], [policy.get(k, 0.0) for k, _ in kinds], 0.35,
                color=color, label=tree)  # fmt: skip
-    ax.set_xticks(range(2), ["predictive", "lru"])
+    ax.set_xticks(range(len(kinds)), [label for _, label in kinds])
     ax.set_ylabel("microseconds per token")
     ax.set_title("eviction policy bookkeeping")
     ax.legend(fontsize=7)
@@ -294,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         "what": "microseconds per token: each predictor alone (predictor_us), with PredictorHooks and a sink that "
                 "does nothing (hooks_us), with apply_prediction's sink (total_us), and with the prefetcher's "
                 "per-layer decisions (step_us); policy: the eviction policies' bookkeeping on the held-out routing "
-                "(predictive_us, lru_us)",
+                "(predictive_us; reuse_us: the same policy evicting by the trained reuse model; lru_us)",
         "model": "shipped default model, expert budget 25%, policy predictive",
         "batches": args.batches,
         "predictors": list(PREDICTORS),
@@ -316,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"+ per-layer decisions {b['step_us']:6.1f} -> {c['step_us']:5.1f} us/token")
     b, c = best["baseline"]["policy"], best["candidate"]["policy"]
     print(f"eviction bookkeeping per token: predictive {b['predictive_us']:6.1f} -> {c['predictive_us']:5.1f} us "
-          f"(lru {b['lru_us']:5.1f} -> {c['lru_us']:5.1f})")
+          f"(lru {b['lru_us']:5.1f} -> {c['lru_us']:5.1f})"
+          + "".join(f"; with the reuse model: {t} {p['reuse_us']:5.1f}" for t, p in (("baseline", b), ("candidate", c))
+                    if "reuse_us" in p))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ from pathlib import Path
 from moeflow.config import Admission, EngineConfig, check_choice
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
+from moeflow.offload.policy import PredictivePolicy
+from moeflow.offload.reuse import LearnedReuse, ReuseModel, reuse_files
 from moeflow.predictor.apply import (
     apply_prediction,
     available_predictors,
     best_predictor,
     build_predictor,
     engine_predictor_dir,
+    routing_shape,
 )
 from moeflow.predictor.rebatch import RebatchAdmission
 from moeflow.scheduler import AdmissionPolicy, FifoAdmission
@@ -38,10 +41,25 @@ def load(path: str | Path | None = None, **options: object) -> Engine:
             if name == "auto":
                 name = best_predictor(available_predictors(engine.checkpoint.path, engine_predictor_dir(engine)))
             apply_prediction(engine, build_predictor(engine, name, lookahead=config.lookahead))
+            if config.reuse_model:
+                apply_reuse_model(engine)
         except BaseException:
             engine.close()
             raise
     return engine
+
+
+def apply_reuse_model(engine: Engine) -> bool:
+    """Evict by the reuse model trained for `engine`'s model, if its predictor folder holds one; whether it does."""
+    folder = engine_predictor_dir(engine)
+    if not reuse_files(folder)[0].is_file():
+        return False
+    shape = routing_shape(engine)
+    model = ReuseModel.load(folder, layers=shape.layers, num_experts=shape.num_experts)
+    policy = engine.cache.policy
+    assert isinstance(policy, PredictivePolicy), "the reuse model is the predictive policy's estimate"
+    policy.estimate_with(LearnedReuse(model))
+    return True
 
 
 def make_admission(name: str, engine: Engine, **rebatch: int) -> AdmissionPolicy:

@@ -441,8 +441,9 @@ def _add_predictor(sub: argparse._SubParsersAction) -> None:
     ptrain.add_argument("--trace", type=Path, default=None, help="train on this recorded trace instead of --data")
     ptrain.add_argument(
         "--predictors",
-        default="path,sklearn,frequency,token_freq,transition",
-        help="which to train, comma-separated (default: all trainable)",
+        default="path,sklearn,frequency,token_freq,transition,reuse",
+        help="which to train, comma-separated (default: all trainable; reuse is the predictive policy's eviction "
+        "model)",
     )
     ptrain.add_argument("--max-tokens", type=int, default=400_000, help="trace at most this many tokens")
     ptrain.add_argument("--epochs", type=int, default=12, help="epochs of the path network (default: 12)")

@@ -69,6 +69,12 @@ class EngineConfig:
         metadata={"help": "predictive: time decode steps with and without prediction and predict only while it makes "
                   "them faster (--no-prediction-trial: always predict, to study a predictor)"},
     )
+    reuse_model: bool = field(
+        default=True,
+        metadata={"help": "predictive: evict by the trained reuse model in the predictor folder (reuse.safetensors, "
+                  "`moeflow predictor train --predictors reuse`) when there is one (--no-reuse-model: by the online "
+                  "estimate of next use)"},
+    )
     threads: int = field(
         default=0,
         metadata={"help": "torch/OpenMP compute threads, process-wide (0: automatic, leaves a core to the readers)"},
@@ -247,6 +253,11 @@ class ProfileConfig:
     )
     prefetch_width: int = field(
         default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
+    )
+    reuse_model: bool = field(
+        default=True,
+        metadata={"help": "predictive: evict by the reuse model in the predictor folder when there is one, as the "
+                  "engine does (--no-reuse-model: by the online estimate of next use)"},
     )
     max_tokens: int = field(default=20_000, metadata={"help": "trace at most this many tokens of --data"})
     context: int = field(default=256, metadata={"help": "tokens per traced sequence (chunk length)"})

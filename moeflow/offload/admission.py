@@ -172,6 +172,9 @@ class NextUse:
         self._memo: dict[ExpertKey, float] = {}
         self._memo_keys: dict[int, list[ExpertKey]] = {}  # layer -> its keys in `_memo`
 
+    def begin_step(self, step: int) -> None:
+        """Nothing to do: for `NextUse` a step begins with its first use."""
+
     def on_use(self, key: ExpertKey, step: int) -> None:
         """`key` is used at `step` (repeats within a step count once)."""
         layer, e = key

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -111,6 +112,17 @@ class _Shadow:
         self.misses *= self._decay
 
 
+class ReuseEstimate(Protocol):
+    """What `PredictivePolicy` asks of an estimate of reuse: `NextUse` (learned online) or
+    `moeflow.offload.reuse.LearnedReuse` (a trained model)."""
+
+    def begin_step(self, step: int) -> None: ...
+
+    def on_use(self, key: ExpertKey, step: int) -> None: ...
+
+    def probabilities(self, keys: Sequence[ExpertKey]) -> list[float]: ...
+
+
 class PredictivePolicy(LRUPolicy):
     """Evicts the expert least likely to be used again; predicted experts are evicted only when nothing else can be.
 
@@ -118,8 +130,9 @@ class PredictivePolicy(LRUPolicy):
     and, once a layer's real routing is known, releases them and demotes the wrong ones (the next
     victims). It also tells the policy what it expects of the rest of the step (`expect`: the
     calibrated probability that a resident expert is used by an upcoming layer). Every other expert
-    is worth `NextUse`'s estimate that its layer uses it next time; the victim is the unprotected
-    candidate worth least, the least recently used among equals.
+    is worth `NextUse`'s estimate that its layer uses it next time (or, with `estimate_with`, a trained
+    model's estimate that it is used within its layer's next few runs: `moeflow.offload.reuse`); the
+    victim is the unprotected candidate worth least, the least recently used among equals.
 
     An estimate learned from the past can be worse than recency (routing with no structure to learn,
     a working set exactly the size of the cache): from the first eviction on, two shadow caches of the
@@ -137,7 +150,7 @@ class PredictivePolicy(LRUPolicy):
         self._protected: set[ExpertKey] = set()
         self._demoted: set[ExpertKey] = set()
         self._expected: dict[ExpertKey, float] = {}
-        self.next_use = NextUse(half_life=half_life, markov_weight=markov_weight)
+        self.next_use: ReuseEstimate = NextUse(half_life=half_life, markov_weight=markov_weight)
         self.step = 0
         self._shadow_decay = 0.5 ** (1.0 / shadow_half_life)
         self._shadows: tuple[_Shadow, _Shadow] | None = None
@@ -151,10 +164,15 @@ class PredictivePolicy(LRUPolicy):
             _Shadow(capacity, lambda candidates: candidates[0], self._shadow_decay),  # oldest first: LRU
         )
 
+    def estimate_with(self, estimate: ReuseEstimate) -> None:
+        """Estimate experts' reuse with `estimate` from now on (before the first use)."""
+        self.next_use = estimate
+
     # ---- what the prefetcher tells the policy ---------------------------------------------------------
 
     def begin_step(self) -> None:
         self.step += 1
+        self.next_use.begin_step(self.step)
         self._expected.clear()
         if self._shadows is not None:
             for shadow in self._shadows:

@@ -21,6 +21,8 @@ import numpy as np
 from moeflow.config import DEFAULT_LOOKAHEAD
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
+from moeflow.offload.reuse import NAME as REUSE
+from moeflow.offload.reuse import ReuseModel, ReuseShape, reuse_files
 from moeflow.predictor.apply import build_predictor, engine_predictor_dir, routing_shape
 from moeflow.predictor.base import RoutePredictor, save_predictor, saved_files
 from moeflow.predictor.predictors import PREDICTORS
@@ -109,10 +111,16 @@ def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, out:
     if list(trace.layers) != list(shape.layers) or trace.num_experts != shape.num_experts:
         raise MoeflowError("the trace was recorded on another model (layers or experts differ); record it again")
     for name in names:
-        if name not in PREDICTORS:
-            raise MoeflowError(f"unknown predictor {name!r}; choose from: {', '.join(PREDICTORS)}")
+        if name not in PREDICTORS and name != REUSE:
+            raise MoeflowError(f"unknown predictor {name!r}; choose from: {', '.join([*PREDICTORS, REUSE])}")
     folder = Path(out) if out is not None else engine_predictor_dir(engine)
-    taken = [str(f) for n in names if PREDICTORS[n].trainable for f in saved_files(n, folder) if f.exists()]
+
+    def files(name: str) -> tuple[Path, ...]:
+        if name == REUSE:
+            return reuse_files(folder)
+        return saved_files(name, folder) if PREDICTORS[name].trainable else ()
+
+    taken = [str(f) for n in names for f in files(n) if f.exists()]
     if taken and not overwrite:
         raise MoeflowError(
             f"{folder} already holds trained predictors ({', '.join(taken)}); pass --force to replace them, "
@@ -120,18 +128,24 @@ def train_predictors(engine: Engine, trace: Trace, names: Sequence[str], *, out:
         )
     report = {}
     for name in names:
-        cls = PREDICTORS[name]
-        if not cls.trainable:
+        if not files(name):
             report[name] = TrainRecord(trained=False, why="training-free")
             continue
-        predictor = cls(shape, lookahead=lookahead)
         t0 = time.perf_counter()
-        losses = predictor.fit(np.asarray(trace.token_ids), np.asarray(trace.positions), np.asarray(trace.experts),
-                               epochs=epochs, progress=progress)
+        if name == REUSE:  # not a routing predictor: the eviction policy's reuse model (moeflow.offload.reuse)
+            model = ReuseModel(ReuseShape(layers=shape.layers, num_experts=shape.num_experts))
+            losses = model.fit(np.asarray(trace.experts), epochs=epochs, progress=progress)
+        else:
+            predictor = PREDICTORS[name](shape, lookahead=lookahead)
+            losses = predictor.fit(np.asarray(trace.token_ids), np.asarray(trace.positions),
+                                   np.asarray(trace.experts), epochs=epochs, progress=progress)
         seconds = time.perf_counter() - t0
         meta = {"train_tokens": trace.num_tokens, "train_seconds": seconds, "epochs": epochs, "losses": losses,
                 "lookahead": lookahead, "trace_files": len(trace.meta.get("files", []))}
-        path = save_predictor(predictor, engine.checkpoint.path, meta, folder=folder)
+        if name == REUSE:
+            path = model.save(folder, meta)
+        else:
+            path = save_predictor(predictor, engine.checkpoint.path, meta, folder=folder)
         report[name] = TrainRecord(trained=True, path=str(path), **{**meta, "losses": tuple(losses)})
     return report
 

@@ -12,8 +12,9 @@ from moeflow.predictor.rebatch import RebatchAdmission
 import moeflow
 from moeflow.build import make_admission
 from moeflow.errors import MoeflowError
-from moeflow.offload.admission import PredictionTrial
+from moeflow.offload.admission import NextUse, PredictionTrial
 from moeflow.offload.policy import PredictivePolicy
+from moeflow.offload.reuse import LearnedReuse
 from moeflow.scheduler import Scheduler, run_batch
 from moeflow.testing import FAMILY_NAMES
 from moeflow.tools.predictor_eval import train_predictors
@@ -214,3 +215,23 @@ def test_rebatch_admission_for_engine(tiny_checkpoints, tmp_path):
     assert len(run.distinct_experts) == len(run.batch_sizes) and max(run.batch_sizes) == 2
     with pytest.raises(MoeflowError, match="unknown admission policy"):
         make_admission("lottery", engine)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_trained_reuse_model_evicts_and_the_output_is_unchanged(tiny_checkpoints, transformers_greedy, tmp_path,
+                                                                    family):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("def f(x):\n    return [x * i for i in range(10)]\n" * 30)
+    folder = tmp_path / "predictors"
+    with moeflow.load(tiny_checkpoints[family], expert_budget="all", store="ram") as engine:
+        train_predictors(engine, record_trace(engine, [doc], progress=False), ["reuse"], out=folder, epochs=2,
+                         progress=False)
+    options = dict(expert_budget="25%", policy="predictive", predictor="gate", predictor_dir=folder)
+    with moeflow.load(tiny_checkpoints[family], **options) as engine:
+        assert isinstance(engine.cache.policy.next_use, LearnedReuse)
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        stats = engine.stats()
+    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
+    assert stats.misses > 0  # it did evict
+    with moeflow.load(tiny_checkpoints[family], **options, reuse_model=False) as engine:
+        assert isinstance(engine.cache.policy.next_use, NextUse)

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from moeflow.config import DEFAULT_MODEL
 from moeflow.errors import MoeflowError
+from moeflow.offload.reuse import NAME as REUSE
+from moeflow.offload.reuse import ReuseModel
 
 SHIPPED = ("path", "token_freq", "frequency", "transition")
 BEFORE = Path(__file__).parent / "data" / "shipped_scores.safetensors"
@@ -70,10 +72,15 @@ def test_shipped_predictors_predict_what_they_did_before_conversion():
 
 def test_shipped_folder_is_safetensors_and_json_only():
     files = sorted(p.name for p in predictor_dir(DEFAULT_MODEL).iterdir())
-    assert files == sorted(f"{n}.{ext}" for n in SHIPPED for ext in ("json", "safetensors"))
+    assert files == sorted(f"{n}.{ext}" for n in (*SHIPPED, REUSE) for ext in ("json", "safetensors"))
     for name in SHIPPED:
         record = json.loads((predictor_dir(DEFAULT_MODEL) / f"{name}.json").read_text())
         assert record["format"] == FORMAT and record["name"] == name and record["training"]["train_tokens"] > 0
+    # The eviction policy's reuse model, beside them: it loads, and it was trained.
+    folder = predictor_dir(DEFAULT_MODEL)
+    shape = _shape()
+    ReuseModel.load(folder, layers=shape.layers, num_experts=shape.num_experts)
+    assert json.loads((folder / f"{REUSE}.json").read_text())["training"]["train_tokens"] > 0
 
 
 def test_loading_never_unpickles(monkeypatch):

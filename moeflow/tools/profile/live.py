@@ -72,7 +72,8 @@ def live_records(
             # prediction_trial off: the profile measures what the predictor does, on every step, as replay does.
             options = dict(expert_budget=budget.spec, policy=policy, store=config.live_store,
                            lookahead=config.lookahead, prefetch_width=config.prefetch_width,
-                           predictor_dir=config.predictor_dir, prediction_trial=False)
+                           predictor_dir=config.predictor_dir, prediction_trial=False,
+                           reuse_model=config.reuse_model)
             if predictor is not None:
                 options["predictor"] = predictor
             with load(model, **options) as engine:

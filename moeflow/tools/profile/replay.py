@@ -29,8 +29,9 @@ from moeflow.offload.admission import AdmissionConfig
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
-from moeflow.offload.policy import BeladyPolicy, EvictionPolicy, make_policy
+from moeflow.offload.policy import BeladyPolicy, EvictionPolicy, PredictivePolicy, make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
+from moeflow.offload.reuse import LearnedReuse, ReuseModel
 from moeflow.offload.stats import CacheStats
 from moeflow.offload.transfer import TransferEngine
 from moeflow.predictor.predictors import PREDICTORS
@@ -129,12 +130,15 @@ def replay(
     predictor: str | None = None,
     width: int = 0,
     overlap: float = 1.0,
+    reuse: ReuseModel | None = None,
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
 
     `overlap`: how many expert reads the compute of the lookahead's layers hides, which the live engine
-    measures and replay cannot (`moeflow.offload.admission`; 0: the link is the bottleneck).
+    measures and replay cannot (`moeflow.offload.admission`; 0: the link is the bottleneck). `reuse`: the
+    predictive policy evicts by this trained model (`moeflow.offload.reuse`), as the engine does when its
+    predictor folder holds one.
     """
     geometry.check_trace(trace)
     experts_NLK = np.asarray(trace.experts)
@@ -143,6 +147,8 @@ def replay(
         eviction: EvictionPolicy = BeladyPolicy(experts_NLK, layers)
     else:
         eviction = make_policy(policy)
+    if reuse is not None and isinstance(eviction, PredictivePolicy):
+        eviction.estimate_with(LearnedReuse(reuse))
     cache = replay_cache(geometry, budget.slots, eviction)
     prefetcher, pred_NLM, prob_NLM, whole_step = None, None, None, False
     if policy == "predictive":

@@ -13,7 +13,9 @@ from moeflow.build import load
 from moeflow.config import DEFAULT_MODEL, ProfileConfig
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import open_checkpoint
+from moeflow.offload.reuse import ReuseModel, reuse_files
 from moeflow.predictor.apply import available_predictors, best_predictor
+from moeflow.predictor.base import predictor_dir
 from moeflow.tools.profile.analysis import analyse
 from moeflow.tools.profile.bandwidth import LINKS, MEASURED_DISK, measure_disk_bandwidth
 from moeflow.tools.profile.live import live_records
@@ -38,10 +40,12 @@ def run_profile(
     policies: Sequence[str],
     predictors: Sequence[str] = (),
     width: int = 0,
+    reuse: ReuseModel | None = None,
     links: dict[str, float],
     progress: bool = False,
 ) -> ProfileReport:
-    """Replay every (policy, budget) — predictive once per predictor — and describe the trace."""
+    """Replay every (policy, budget) — predictive once per predictor, evicting by `reuse` if given — and describe
+    the trace."""
     runs = policy_runs(policies, predictors)
     results = []
     total = len(runs) * len(budgets) * trace.num_tokens
@@ -50,7 +54,7 @@ def run_profile(
             for budget in budgets:
                 bar.set_postfix_str(f"{policy}{'/' + predictor if predictor else ''} @ {budget.spec}")
                 r = replay(trace, geometry, policy=policy, budget=budget, predictor=predictor, width=width,
-                           on_tokens=bar.update)
+                           reuse=reuse, on_tokens=bar.update)
                 results.append(r.record(geometry.expert_bytes, links))
     return ProfileReport(
         model=trace.meta.get("model"),
@@ -100,14 +104,19 @@ def profile_model(
         predictions_of(trace, name)
     bandwidth = config.disk_bandwidth * 1e9 or measure_disk_bandwidth(checkpoint)
     links = {**LINKS, MEASURED_DISK: bandwidth}
+    reuse = None
+    folder = Path(config.predictor_dir) if config.predictor_dir is not None else predictor_dir(model)
+    if "predictive" in policies and config.reuse_model and reuse_files(folder)[0].is_file():
+        reuse = ReuseModel.load(folder, layers=geometry.layers, num_experts=geometry.num_experts)
     report = run_profile(trace, geometry, budgets=budgets, policies=policies, predictors=predictors,
-                         width=config.prefetch_width, links=links, progress=progress)
+                         width=config.prefetch_width, reuse=reuse, links=links, progress=progress)
     live = []
     if config.live:
         live = live_records(model, trace, geometry, config, policies=policies, predictors=predictors,
                             budgets=budgets, links=links, progress=progress)
     report = dataclasses.replace(report, results=(*report.results, *live),
-                                 data=tuple(trace.meta.get("files", [])[:20]))
+                                 data=tuple(trace.meta.get("files", [])[:20]),
+                                 reuse_model=None if reuse is None else str(reuse_files(folder)[0]))
     if out is not None:
         from moeflow.tools.profile.plot import plot_report
 
