@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from scipy.signal import lfilter
 from scipy.special import expit
 from torch import nn
 
@@ -259,6 +258,8 @@ class ReuseHistory:
 
     @classmethod
     def of(cls, experts_NLK: np.ndarray, *, num_experts: int, horizon: int) -> ReuseHistory:
+        from scipy.signal import lfilter  # training only: ~0.4 s to import, which loading an engine need not pay
+
         N, L, K = experts_NLK.shape
         used_NO = np.zeros((N, L * num_experts), np.float32)
         cols = (np.arange(L)[None, :, None] * num_experts + experts_NLK).reshape(N, L * K)
