@@ -20,7 +20,9 @@ on each model: built in `--workdir` on demand). Prefetch width 4 for both, as in
 ``oracle`` is this tree's admission fed each token's true routing with probability 1: the best any
 predictor of the current token can do (it cannot know the next token's routing, which Belady does).
 ``horizon-h`` is demand eviction that knows the next h tokens' routing exactly (h = 1, 2, 4): how much
-future a predictor would need to know for its bytes to come near Belady's.
+future a predictor would need to know for its bytes to come near Belady's. ``predictive-reuse`` is
+``predictive-after`` evicting by the shipped model's trained reuse model (`moeflow.offload.reuse`, trained
+to answer 4 tokens ahead), as the engine does with the shipped predictors (the random model has none).
 
     .venv/bin/python bench/admission.py --out bench/results
 
@@ -167,7 +169,8 @@ def horizon_oracle(trace, geometry, budget, horizon: int):
     return cache.stats()
 
 
-def replay_rows(trace, geometry, budgets: str, predictors: list[str], width: int, overlap: float) -> list[dict]:
+def replay_rows(trace, geometry, budgets: str, predictors: list[str], width: int, overlap: float,
+                reuse=None) -> list[dict]:
     from moeflow.tools.profile.replay import replay
     from moeflow.tools.profile.setting import parse_budgets
 
@@ -179,6 +182,11 @@ def replay_rows(trace, geometry, budgets: str, predictors: list[str], width: int
             r = replay(trace, geometry, policy=policy, budget=point, predictor=predictor, width=width, overlap=overlap)
             name = "predictive-after" if policy == "predictive" else policy
             rows.append(row(name, predictor, point.spec, r.stats, r.tokens, geometry.expert_bytes, r.prefetch))
+            if policy == "predictive" and reuse is not None:
+                r = replay(trace, geometry, policy=policy, budget=point, predictor=predictor, width=width,
+                           overlap=overlap, reuse=reuse)
+                rows.append(row("predictive-reuse", predictor, point.spec, r.stats, r.tokens, geometry.expert_bytes,
+                                r.prefetch))
         r = replay(oracle, geometry, policy="predictive", budget=point, predictor="oracle", overlap=overlap)
         rows.append(row("oracle", "oracle", point.spec, r.stats, r.tokens, geometry.expert_bytes, r.prefetch))
         for h in HORIZONS:
@@ -232,8 +240,11 @@ def scaled(geometry, inter: int):
 
 
 def run(s: Settings) -> dict:
+    from moeflow.predictor.base import predictor_dir
+
     from moeflow.config import DEFAULT_MODEL
     from moeflow.model.checkpoint import open_checkpoint
+    from moeflow.offload.reuse import ReuseModel
     from moeflow.tools.profile.setting import Geometry
 
     s.workdir.mkdir(parents=True, exist_ok=True)
@@ -243,19 +254,23 @@ def run(s: Settings) -> dict:
     random_trace = trace_of(random_model, ["gate"], s.tokens, s.workdir / "trace-random")
     default_geometry = Geometry.of(open_checkpoint(DEFAULT_MODEL), default_trace.top_k)
     random_geometry = Geometry.of(open_checkpoint(random_model), random_trace.top_k)
+    reuse = ReuseModel.load(predictor_dir(DEFAULT_MODEL), layers=default_geometry.layers,
+                            num_experts=default_geometry.num_experts)
     models = {
-        "default": (default_trace, s.workdir / "trace-default", default_geometry, learned),
-        "iobound": (default_trace, s.workdir / "trace-default", scaled(default_geometry, WIDE_INTERMEDIATE), learned),
-        "random": (random_trace, s.workdir / "trace-random", scaled(random_geometry, MIXTRAL_INTERMEDIATE), ["gate"]),
+        "default": (default_trace, s.workdir / "trace-default", default_geometry, learned, reuse),
+        "iobound": (default_trace, s.workdir / "trace-default", scaled(default_geometry, WIDE_INTERMEDIATE), learned,
+                    reuse),
+        "random": (random_trace, s.workdir / "trace-random", scaled(random_geometry, MIXTRAL_INTERMEDIATE), ["gate"],
+                   None),
     }
     result: dict = {"bench": BENCH, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                     "settings": {**asdict(s), "workdir": str(s.workdir), "out": str(s.out)}, "models": {}}
     with checkout(s.baseline) as tree:
-        for name, (trace, trace_dir, geometry, predictors) in models.items():
+        for name, (trace, trace_dir, geometry, predictors, reuse_model) in models.items():
             overlap = measured_overlap(prepare_model(name, s.workdir), s.decode_tokens)
             print(f"{name}: overlap {overlap['overlap']:.2f} (compute/layer {overlap['compute_per_layer_s'] * 1e3:.2f} "
                   f"ms, read {overlap['read_s'] * 1e3:.2f} ms)", flush=True)
-            rows = replay_rows(trace, geometry, s.budgets, predictors, s.width, overlap["overlap"])
+            rows = replay_rows(trace, geometry, s.budgets, predictors, s.width, overlap["overlap"], reuse_model)
             rows += baseline_rows(tree, trace_dir, geometry, s, predictors)
             result["models"][name] = {"tokens": trace.num_tokens, "expert_mib": geometry.expert_bytes / MiB,
                                       "measured": overlap, "rows": rows}
@@ -264,7 +279,7 @@ def run(s: Settings) -> dict:
 
 def table(result: dict) -> str:
     lines = ["| model | budget | lru | belady | current-token oracle | predictor | predictive-before "
-             "| predictive-after |", "|---|---|---|---|---|---|---|---|"]
+             "| predictive-after | predictive-reuse |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
         by = {(r["policy"], r["predictor"], r["budget"]): r for r in m["rows"]}
         budgets = list(dict.fromkeys(r["budget"] for r in m["rows"]))
@@ -277,7 +292,8 @@ def table(result: dict) -> str:
             for p in preds:
                 lines.append(f"| {name} | {b} | {cell(by['lru', None, b])} | {cell(by['belady', None, b])} | "
                              f"{cell(by['oracle', 'oracle', b])} | {p} | {cell(by['predictive-before', p, b])} | "
-                             f"{cell(by['predictive-after', p, b])} |")
+                             f"{cell(by['predictive-after', p, b])} | "
+                             + (cell(by["predictive-reuse", p, b]) if ("predictive-reuse", p, b) in by else "—") + " |")
     ahead = " | ".join(f"knows {h} token(s) ahead" for h in HORIZONS)
     lines += ["", f"| model | budget | lru | {ahead} | belady |", "|---|---|---|" + "---|" * len(HORIZONS) + "---|"]
     for name, m in result["models"].items():
@@ -298,18 +314,21 @@ def plot(result: dict, path: Path) -> None:
 
     models = result["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2))
-    colors = {"lru": "tab:gray", "belady": "black", "predictive-before": "tab:red", "predictive-after": "tab:green"}
+    colors = {"lru": "tab:gray", "belady": "black", "predictive-before": "tab:red", "predictive-after": "tab:green",
+              "predictive-reuse": "tab:blue"}
     for ax, (name, m) in zip(axes, models.items()):
         best = "gate" if name == "random" else "path"
         budgets = list(dict.fromkeys(r["budget"] for r in m["rows"]))
         for i, policy in enumerate(colors):
             rows = {r["budget"]: r for r in m["rows"] if r["policy"] == policy and r["predictor"] in (None, best)}
-            xs = [j + (i - 1.5) * 0.2 for j in range(len(budgets))]
+            if not rows:  # no reuse model for this model
+                continue
+            xs = [j + (i - 2) * 0.17 for j in range(len(budgets))]
             ys = [rows[b]["mib_per_token"] for b in budgets]
             label = policy if policy in ("lru", "belady") else f"{policy} ({best})"
-            bars = ax.bar(xs, ys, width=0.2, color=colors[policy], label=label)
+            bars = ax.bar(xs, ys, width=0.17, color=colors[policy], label=label)
             for bar, b in zip(bars, budgets):
-                ax.annotate(f"{rows[b]['hit_rate'] * 100:.0f}%", (bar.get_x() + 0.1, bar.get_height()), ha="center",
+                ax.annotate(f"{rows[b]['hit_rate'] * 100:.0f}%", (bar.get_x() + 0.085, bar.get_height()), ha="center",
                             va="bottom", fontsize=7)
         ax.set_xticks(range(len(budgets)), budgets)
         ax.set_title(f"{name}: overlap {m['measured']['overlap']:.2f}, {m['expert_mib']:.2f} MiB/expert")
