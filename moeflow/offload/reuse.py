@@ -7,8 +7,8 @@ at h = 2, 1.14x at h = 4, 1.00x at h = 8 (LRU 1.68x; the one-step `NextUse` esti
 1.50x). So the model here is trained to answer for `horizon` (4) tokens ahead, from what an online
 policy has seen: the routing of the previous step, decayed use counts at a few half-lives, and the
 uses of the current step so far (with how far into the step it is). A small MLP, fitted on a routing
-trace of training text (`moeflow predictor train --predictors reuse`), evaluated in numpy once per
-(step, layer) when an eviction asks. Only the routing stream goes in, so it knows nothing of the
+trace of training text (`moeflow predictor train --predictors reuse`), evaluated in numpy from features
+kept up to date use by use (`LearnedReuse`). Only the routing stream goes in, so it knows nothing of the
 tokens and applies to any batch, though it was trained on one token per step.
 
 For a key of a layer that has run in the current step the answer is about the next `horizon` steps;
@@ -63,11 +63,8 @@ class ReuseModel:
 
     def __init__(self, shape: ReuseShape) -> None:
         self.shape = shape
-        le = len(shape.layers) * shape.num_experts
-        self.w1_FH = np.zeros((shape.width, shape.hidden), np.float32)  # untrained: 1/2 for everything
-        self.b1_H = np.zeros(shape.hidden, np.float32)
-        self.w2_HO = np.zeros((shape.hidden, le), np.float32)
-        self.b2_O = np.zeros(le, np.float32)
+        for name, size in _weight_shapes(shape).items():  # untrained: 1/2 for everything
+            setattr(self, name, np.zeros(size, np.float32))
 
     def probabilities_F(self, x_F: np.ndarray) -> np.ndarray:
         """P(used within the horizon) of every (layer position, expert), flat [L x E], from one feature vector."""
@@ -151,6 +148,9 @@ class ReuseModel:
                 raise ValueError(f"half-lives {record['half_lives']} are not this moeflow's {list(HALF_LIVES)}")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise MoeflowError(f"{record_path} is not a readable reuse model record ({e}); {retrain} again") from e
+        if shape.horizon < 1 or shape.hidden < 1:
+            raise MoeflowError(f"{record_path} is not a readable reuse model record (horizon {shape.horizon}, hidden "
+                               f"{shape.hidden}: both must be positive); {retrain} again")
         if shape.layers != tuple(layers) or shape.num_experts != num_experts:
             raise MoeflowError(f"{tensors_path} was trained for another model (MoE layers {list(shape.layers)}, "
                                f"{shape.num_experts} experts); {retrain}")
@@ -158,18 +158,24 @@ class ReuseModel:
             tensors = load_file(tensors_path)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type; any unreadable file: same advice
             raise MoeflowError(f"{tensors_path} is not a readable safetensors file ({e}); {retrain} again") from e
-        model = cls(shape)
-        for name in _WEIGHTS:
-            want = getattr(model, name).shape
+        for name, want in _weight_shapes(shape).items():  # before allocating anything the record asks for
             got = tensors.get(name)
             if got is None or tuple(got.shape) != want or got.dtype != torch.float32:
                 raise MoeflowError(f"{tensors_path} does not hold a reuse model ({name}: expected float32 {want}, got "
                                    f"{None if got is None else (got.dtype, tuple(got.shape))}); {retrain} again")
-            setattr(model, name, got.numpy())
+        model = cls(shape)
+        for name in _WEIGHTS:
+            setattr(model, name, tensors[name].numpy())
         return model
 
 
 _WEIGHTS = ("w1_FH", "b1_H", "w2_HO", "b2_O")
+
+
+def _weight_shapes(shape: ReuseShape) -> dict[str, tuple[int, ...]]:
+    outputs = len(shape.layers) * shape.num_experts
+    return {"w1_FH": (shape.width, shape.hidden), "b1_H": (shape.hidden,), "w2_HO": (shape.hidden, outputs),
+            "b2_O": (outputs,)}
 
 
 class LearnedReuse:
