@@ -1,15 +1,16 @@
 """A learned reuse model: P(a resident expert is used within its layer's next few runs), for eviction.
 
 Belady evicts the expert whose next use is farthest; an online policy can only estimate it. What an
-estimate must see ahead was measured by replaying the default model's held-out routing at 25% with
-Belady cut blind beyond h tokens (ties to LRU): experts read per token 1.57x Belady's at h = 1, 1.39x
-at h = 2, 1.14x at h = 4, 1.00x at h = 8 (LRU 1.68x; the one-step `NextUse` estimate with prefetch
-1.50x). So the model here is trained to answer for `horizon` (4) tokens ahead, from what an online
-policy has seen: the routing of the previous step, decayed use counts at a few half-lives, and the
-uses of the current step so far (with how far into the step it is). A small MLP, fitted on a routing
-trace of training text (`moeflow predictor train --predictors reuse`), evaluated in numpy from features
-kept up to date use by use (`LearnedReuse`). Only the routing stream goes in, so it knows nothing of the
-tokens and applies to any batch, though it was trained on one token per step.
+estimate must see ahead: demand eviction that knows the next h tokens' routing exactly reads 1.49x /
+1.33x / 1.12x Belady's bytes per token at h = 1 / 2 / 4 (iobound model at 25%, held-out text, LRU 1.68x;
+`bench/admission.py`'s horizon oracles). So the model here is trained to answer for `horizon` (4) tokens
+ahead, from what an online policy has seen: the routing of the previous step, decayed use counts at a
+few half-lives, and the uses of the current step so far (with how far into the step it is). A small
+MLP, fitted on a routing trace of training text (`moeflow predictor train --predictors reuse`), evaluated
+in numpy from features kept up to date use by use (`LearnedReuse`). Only the routing stream goes in, so
+it knows nothing of the tokens and applies to any batch, though it was trained on one token per step.
+Replayed on the same held-out text and budget, path's prefetch with it reads 1.45x Belady's bytes per
+token against 1.56x evicting by `NextUse`.
 
 For a key of a layer that has run in the current step the answer is about the next `horizon` steps;
 for one that has not, about this step and the `horizon - 1` after it.
