@@ -140,7 +140,10 @@ class PredictivePolicy(LRUPolicy):
     recency has missed less recently, the policy evicts as LRU does (wrong predictions still first)
     and the prefetcher reads nothing ahead: it does no worse than the better of the two by more than
     the time it takes to notice. While `dormant` (the prefetcher's `PredictionTrial` has found decoding
-    faster without prediction) it is plain LRU and learns nothing, which costs what LRU costs.
+    faster without prediction) it is plain LRU and learns nothing, which costs what LRU costs; with a
+    trained estimate (`estimate_with`) it goes on evicting by it, since keeping a trained model's inputs
+    up to date is cheap (~40 us a token on the shipped model) and pausing prediction is about the
+    predictor's calls and the reads ahead, not about eviction.
     """
 
     name = "predictive"
@@ -156,7 +159,8 @@ class PredictivePolicy(LRUPolicy):
         self._shadows: tuple[_Shadow, _Shadow] | None = None
         self._layer_keys: set[ExpertKey] = set()  # keys of the layer being served (pinned together)
         self._layer: tuple[int, int] | None = None  # (step, layer) of `_layer_keys`
-        self.dormant = False  # prediction paused (`PredictionTrial`): evict as LRU and learn nothing
+        self.dormant = False  # prediction paused (`PredictionTrial`): evict as LRU and learn nothing...
+        self._trained = False  # ...unless the estimate is a trained model (`estimate_with`)
 
     def _start_shadows(self, capacity: int) -> None:
         self._shadows = (
@@ -165,8 +169,9 @@ class PredictivePolicy(LRUPolicy):
         )
 
     def estimate_with(self, estimate: ReuseEstimate) -> None:
-        """Estimate experts' reuse with `estimate` from now on (before the first use)."""
+        """Estimate experts' reuse with `estimate`, a trained model, from now on (before the first use)."""
         self.next_use = estimate
+        self._trained = True
 
     # ---- what the prefetcher tells the policy ---------------------------------------------------------
 
@@ -246,7 +251,7 @@ class PredictivePolicy(LRUPolicy):
     def on_access(self, key: ExpertKey) -> None:
         super().on_access(key)
         self._demoted.discard(key)
-        if self.dormant:
+        if self.dormant and not self._trained:
             return
         if self._layer != (self.step, key[0]):
             self._layer, self._layer_keys = (self.step, key[0]), set()
@@ -268,7 +273,7 @@ class PredictivePolicy(LRUPolicy):
         unprotected = allowed - self._protected
         pick_from = unprotected or allowed
         ordered = [k for k in self._order if k in pick_from]  # least recently used first
-        if self.dormant or self.by_recency:
+        if (self.dormant and not self._trained) or self.by_recency:
             return next((k for k in ordered if k in self._demoted), ordered[0])
         worths = self.worths(ordered)
         return ordered[worths.index(min(worths))]  # ties go to the least recently used

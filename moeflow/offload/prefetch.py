@@ -16,7 +16,8 @@ read on demand by the cache (which also takes over a right prediction whose read
 The cache decides hits and misses, so correctness never depends on a prediction: a wrong one costs
 a wasted read, never a wrong output. With a `PredictionTrial` the prefetcher times its decode steps
 and, while the trial finds them faster without prediction, does nothing at all: the predictor is
-not called (`predicting` is False) and the policy is plain LRU (`PredictivePolicy.dormant`).
+not called (`predicting` is False) and the policy is plain LRU (`PredictivePolicy.dormant`), or evicts by its
+trained reuse model if it has one.
 """
 
 from __future__ import annotations

@@ -150,3 +150,14 @@ def test_a_missing_corrupt_or_foreign_model_is_refused_with_what_to_do(tmp_path)
     record.write_text(record.read_text().replace('"hidden": 8', '"hidden": 16'))
     with pytest.raises(MoeflowError, match="does not hold a reuse model .*w1_FH"):
         ReuseModel.load(tmp_path, layers=LAYERS, num_experts=E)
+
+
+def test_a_dormant_policy_goes_on_evicting_by_its_trained_model():
+    model = ReuseModel(ReuseShape(layers=LAYERS, num_experts=8, horizon=4, hidden=32))
+    model.fit(_hot_and_cold(3000, seed=0), epochs=6, progress=False)
+    test = _hot_and_cold(400, seed=1)
+    awake, dormant = PredictivePolicy(), PredictivePolicy()
+    for policy in (awake, dormant):
+        policy.estimate_with(LearnedReuse(model))
+    dormant.dormant = True  # the prediction trial paused prediction: no reads ahead, but eviction stays learned
+    assert _misses(dormant, test, slots=7) == _misses(awake, test, slots=7) < _misses(LRUPolicy(), test, slots=7)
