@@ -142,8 +142,9 @@ class PredictivePolicy(LRUPolicy):
     the time it takes to notice. While `dormant` (the prefetcher's `PredictionTrial` has found decoding
     faster without prediction) it is plain LRU and learns nothing, which costs what LRU costs; with a
     trained estimate (`estimate_with`) it goes on evicting by it, since keeping a trained model's inputs
-    up to date is cheap (~65 us a token on the shipped model: 8 uses, 4 scans, one new step) and pausing
-    prediction is about the predictor's calls and the reads ahead, not about eviction.
+    up to date is cheap (the policy's bookkeeping with the shipped model's: 134 us a token, 145 with `NextUse`,
+    bench/predictor_cost.py) and pausing prediction is about the predictor's calls and the reads ahead, not
+    about eviction.
     """
 
     name = "predictive"

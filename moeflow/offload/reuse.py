@@ -185,9 +185,8 @@ class LearnedReuse:
     Keeps the features the model was trained on up to date as uses arrive. A use within a step turns on
     one input feature (and perhaps moves the position), so the first layer's pre-activation is updated
     by a row or two of its weights instead of being recomputed (recomputed whole once a step); the
-    answer for every expert is then one small matmul, kept until the next use that changes anything:
-    ~65 us per token of 8 uses, 4 scans and one new step on the default model (~125 us evaluating afresh
-    with a GELU network)."""
+    answer for every expert is then one small matmul, kept until the next use that changes anything (the
+    whole policy's bookkeeping with it: 134 us a token on the shipped model, bench/predictor_cost.py)."""
 
     def __init__(self, model: ReuseModel) -> None:
         self.model = model
