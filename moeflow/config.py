@@ -15,8 +15,8 @@ from typing import Literal, get_args
 from moeflow.errors import MoeflowError, RequestError
 
 Store = Literal["disk", "ram"]
-LivePolicy = Literal["lru", "lfu", "predictive"]
-ReplayPolicy = Literal["lru", "lfu", "predictive", "belady"]
+LivePolicy = Literal["lru", "lfu", "lrfu", "predictive"]
+ReplayPolicy = Literal["lru", "lfu", "lrfu", "predictive", "belady"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Admission = Literal["fifo", "rebatch"]
 ExpertDtype = Literal["auto", "bf16", "fp16", "int8", "int4"]
@@ -236,7 +236,7 @@ class ProfileConfig:
 
     budgets: str = field(default="12.5%,25%,50%", metadata={"help": "expert budgets, comma-separated: 12.5%,512MiB"})
     policies: str = field(
-        default="lru,lfu,predictive,belady",
+        default="lru,lfu,lrfu,predictive,belady",
         metadata={"help": f"comma-separated, from: {', '.join(choices(ReplayPolicy))}"},
     )
     predictor: str = field(

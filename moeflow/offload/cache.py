@@ -204,6 +204,11 @@ class ExpertCache:
                 slot_of.update(ready)
             yield slot_of
 
+    def begin_layer(self, layer: int) -> None:
+        """MoE layer `layer` runs now (once per forward, however many waves it takes): the policy's clock."""
+        with self._cv:
+            self.policy.on_layer(layer)
+
     @contextmanager
     def arrivals(self, layer: int, experts: Sequence[int]) -> Iterator[Iterator[dict[int, int]]]:
         """Pin `experts` of `layer` in slots for the duration of the block; yields an iterator of

@@ -157,12 +157,13 @@ def serve_layer(
 ) -> torch.Tensor | None:
     """The per-layer cache protocol, shared by the live forward and profiling replay.
 
-    The layer's experts are split into waves that fit the pool, resident ones first so they stay;
-    each wave is acquired (hits, demand reads, waits for prefetches in flight) and, when `compute`
-    is given, computed from its slots as they arrive (batches of expert -> slot, `ExpertCache.arrivals`);
-    the waves' outputs are summed in order. Replay passes no `compute`: it counts exactly what a live
-    run with the same routing counts.
+    The layer's run is announced to the policy's clock (`ExpertCache.begin_layer`). Its experts are split into
+    waves that fit the pool, resident ones first so they stay; each wave is acquired (hits, demand reads, waits
+    for prefetches in flight) and, when `compute` is given, computed from its slots as they arrive (batches of
+    expert -> slot, `ExpertCache.arrivals`); the waves' outputs are summed in order. Replay passes no `compute`:
+    it counts exactly what a live run with the same routing counts.
     """
+    cache.begin_layer(plan.layer)
     resident = cache.resident()
     ordered = sorted(plan.expert_ids, key=lambda e: (plan.layer, e) not in resident)
     cap = cache.pool.capacity

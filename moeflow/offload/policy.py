@@ -7,6 +7,7 @@ candidates the cache offers (resident, fully loaded, not pinned by a running lay
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,8 @@ class EvictionPolicy(ABC):
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         """Choose which of `candidates` (non-empty) to evict."""
 
+    def on_layer(self, layer: int) -> None:  # noqa: B027 - optional: most policies keep no clock
+        """MoE layer `layer` runs (once per forward step, before its experts' `on_access`): a policy's clock."""
 
 
 class LRUPolicy(EvictionPolicy):
@@ -81,6 +84,60 @@ class LFUPolicy(EvictionPolicy):
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
+
+
+class LRFUPolicy(EvictionPolicy):
+    """Evict the expert with the least recent use *weight*: every use adds 1, which halves every `half_life` runs of
+    the expert's own layer (LRFU, Lee et al. 2001, between LFU and LRU); weights survive eviction.
+
+    Why not LRU: a batch decode step needs more distinct experts than the budget holds (8 rows route to ~25 of
+    the shipped model's 64 experts a step, 16 slots at 25%), so LRU evicts each expert just before its layer
+    needs it again and hits almost nothing (`bench/expertflow.py`'s batch runs: 0-2%), while the experts many
+    rows share are used step after step and are worth keeping. Counted in runs of the expert's own layer, so a
+    half-life means the same for a model of 4 layers as of 32, whatever the batch size. Replayed on the shipped
+    model's routing at 25% (`bench/expertflow.py --part policies`): about LRU's bytes at batch 1, and fewer as the
+    batch grows (the figures are in bench/results/expertflow_policies.json).
+
+    The clock: `on_layer`, which the cache calls as a layer runs. A weight is kept as its logarithm plus the
+    decay of its layer's clock at the last use, so an update is one log-add and a comparison needs no power.
+    """
+
+    name = "lrfu"
+
+    def __init__(self, half_life: float = 8.0) -> None:
+        if not half_life > 0:
+            raise ValueError(f"half_life must be > 0 (runs of a layer), got {half_life}")
+        self._rate = math.log(2.0) / half_life
+        self._clock: dict[int, int] = {}  # MoE layer -> its runs so far
+        self._weight: dict[ExpertKey, float] = {}  # log(weight at the last use) + rate x that use's clock
+
+    def on_layer(self, layer: int) -> None:
+        self._clock[layer] = self._clock.get(layer, 0) + 1
+
+    def on_insert(self, key: ExpertKey) -> None:
+        pass
+
+    def on_access(self, key: ExpertKey) -> None:
+        now = self._rate * self._clock.get(key[0], 0)  # log of one use, in the same units
+        old = self._weight.get(key)
+        if old is None:
+            self._weight[key] = now
+        else:  # log(exp(old) + exp(now)), without overflow however long ago the last use was
+            hi, lo = (old, now) if old > now else (now, old)
+            self._weight[key] = hi + math.log1p(math.exp(lo - hi))
+
+    def on_evict(self, key: ExpertKey) -> None:
+        pass
+
+    def weight(self, key: ExpertKey) -> float:
+        """The key's use weight now (0.0 if never used)."""
+        w = self._weight.get(key)
+        return 0.0 if w is None else math.exp(w - self._rate * self._clock.get(key[0], 0))
+
+    def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        weight, clock, rate = self._weight, self._clock, self._rate
+        # Never used (inserted ahead of its use) ranks lowest; ties go to the first candidate.
+        return min(candidates, key=lambda k: weight.get(k, -math.inf) - rate * clock.get(k[0], 0))
 
 
 class _Shadow:
@@ -326,7 +383,9 @@ class BeladyPolicy(EvictionPolicy):
         return max(candidates, key=lambda k: (self.next_use(k), k))
 
 
-POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRUPolicy, "lfu": LFUPolicy, "predictive": PredictivePolicy}
+POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
+    "lru": LRUPolicy, "lfu": LFUPolicy, "lrfu": LRFUPolicy, "predictive": PredictivePolicy,
+}
 
 
 def make_policy(name: str) -> EvictionPolicy:

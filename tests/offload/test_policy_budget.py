@@ -1,11 +1,16 @@
 """Pure-Python pieces: eviction policies and budget parsing."""
 
+import math
+
 import pytest
 
 from moeflow.config import EngineConfig
 from moeflow.errors import BudgetError
 from moeflow.offload.budget import resolve_budget
-from moeflow.offload.policy import LFUPolicy, LRUPolicy
+from moeflow.offload.layer import serve_layer
+from moeflow.offload.plans import RoutingPlan
+from moeflow.offload.policy import LFUPolicy, LRFUPolicy, LRUPolicy, make_policy
+from moeflow.tools.profile.replay import Geometry, replay_cache
 
 
 def test_lru_evicts_least_recently_used():
@@ -31,6 +36,69 @@ def test_lfu_counts_survive_eviction_and_ties_go_to_lru():
     p.on_insert((0, 0))
     p.on_access((0, 0))
     assert p.victim([(0, 0), (0, 2)]) == (0, 2)  # (0,0) keeps its history: 4 uses
+
+
+def _run(p: LRFUPolicy, layer: int, *keys: tuple[int, int]) -> None:
+    p.on_layer(layer)
+    for k in keys:
+        p.on_access(k)
+
+
+def test_lrfu_keeps_the_often_used_over_the_just_used():
+    p = LRFUPolicy(half_life=8.0)
+    for _ in range(5):
+        _run(p, 0, (0, 0))
+    _run(p, 0, (0, 1))
+    assert p.weight((0, 0)) == pytest.approx(sum(0.5 ** (i / 8) for i in range(1, 6)))
+    assert p.weight((0, 1)) == pytest.approx(1.0)
+    assert p.victim([(0, 0), (0, 1)]) == (0, 1)  # LRU would evict (0, 0)
+
+
+def test_lrfu_weights_fade_with_their_own_layers_runs_and_survive_eviction():
+    p = LRFUPolicy(half_life=8.0)
+    for _ in range(3):
+        _run(p, 0, (0, 0))
+    for _ in range(40):  # layer 0 runs on without (0, 0); layer 1 does not run
+        _run(p, 0)
+    _run(p, 0, (0, 1))
+    _run(p, 1, (1, 0))
+    assert p.weight((0, 0)) == pytest.approx(sum(0.5 ** ((41 + i) / 8) for i in range(3)))
+    assert p.victim([(0, 0), (0, 1)]) == (0, 0)  # 3 uses long ago weigh less than 1 now
+    for _ in range(16):  # two half-lives of layer 0 do not age layer 1's expert
+        _run(p, 0)
+    assert p.weight((1, 0)) == pytest.approx(1.0) and p.victim([(0, 1), (1, 0)]) == (0, 1)
+    p.on_evict((1, 0))
+    p.on_insert((1, 0))
+    assert p.weight((1, 0)) == pytest.approx(1.0)  # its history came back with it
+    p.on_insert((1, 5))  # inserted, never used (read ahead): the first to go
+    assert p.victim([(1, 0), (1, 5)]) == (1, 5)
+
+
+def test_lrfu_never_overflows_however_old_a_use():
+    p = LRFUPolicy(half_life=1.0)
+    _run(p, 0, (0, 0))
+    for _ in range(5000):
+        _run(p, 0)
+    _run(p, 0, (0, 0), (0, 1))
+    assert p.weight((0, 0)) == pytest.approx(1.0) and math.isfinite(p.weight((0, 1)))
+    with pytest.raises(ValueError, match="half_life"):
+        LRFUPolicy(half_life=0.0)
+
+
+def test_lrfu_hits_where_a_batch_cycles_through_more_experts_than_the_cache_holds():
+    """A batch step: each of 2 layers uses 2 experts every step and 2 of 8 others in turn (8 keys a step, 6 slots).
+    LRU evicts every expert just before its layer needs it again: no hits. LRFU keeps the steady ones."""
+    geometry = Geometry(layers=(0, 1), num_experts=12, top_k=2, inter=4, hidden=4, expert_bytes=1000)
+    hits = {}
+    for name in ("lru", "lrfu"):
+        cache = replay_cache(geometry, 6, make_policy(name))
+        for step in range(60):
+            for layer in (0, 1):
+                ids = (0, 1, 2 + (2 * step) % 8, 2 + (2 * step + 1) % 8)
+                serve_layer(cache, RoutingPlan(layer=layer, expert_ids=ids, num_tokens=8))
+        hits[name] = cache.stats().hit_rate
+    assert hits["lru"] == 0.0
+    assert hits["lrfu"] > 0.4  # the 4 steady experts stay once their weight has built up: 1/2 of the uses
 
 
 def test_unknown_policy_is_refused_by_the_config():
@@ -83,3 +151,20 @@ def test_absurd_budgets_are_refused_clearly(spec, match):
 def test_the_largest_budget_still_holds_every_expert():
     assert resolve_budget(2**60, slot_bytes=1024, total_experts=16, top_k=2).slots == 16
     assert resolve_budget(str(2**60), slot_bytes=1024, total_experts=16, top_k=2).slots == 16
+
+
+def test_the_cache_ticks_a_policys_clock_once_per_layer_run_however_many_waves():
+    class Recording(LRUPolicy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers: list[int] = []
+
+        def on_layer(self, layer: int) -> None:
+            self.layers.append(layer)
+
+    policy = Recording()
+    geometry = Geometry(layers=(0, 1), num_experts=12, top_k=2, inter=4, hidden=4, expert_bytes=1000)
+    cache = replay_cache(geometry, 4, policy)
+    serve_layer(cache, RoutingPlan(layer=0, expert_ids=tuple(range(10)), num_tokens=16))  # 3 waves of <= 4
+    serve_layer(cache, RoutingPlan(layer=1, expert_ids=(0, 1), num_tokens=1))
+    assert policy.layers == [0, 1]
