@@ -19,7 +19,8 @@ bytes read per decode token and decode hit rate, with Belady's offline optimum r
 decode routing as the bytes reference, and each predictive contender's own decode replayed
 (`moeflow.tools.profile.replay`, with the overlap the live engine measured) next to its live hit
 rate; ``rebatch`` runs ``generate --prompts``-style batches on the I/O-bound model at B = 8 and 32,
-FIFO vs the re-batcher.
+FIFO vs the re-batcher, under each eviction policy of ``--policies`` (LRU and LRFU: a batch step needs more
+experts than the budget holds, where LRU evicts each one just before it is needed again).
 
     python bench/expertflow.py --out bench/results                      # everything
     python bench/expertflow.py --models iobound --part decode --repeats 1
@@ -151,7 +152,7 @@ def rebatch_child(spec: dict) -> dict:
     from moeflow.build import make_admission
     from moeflow.scheduler import run_batch
 
-    with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", policy="lru") as engine:
+    with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", policy=spec["policy"]) as engine:
         run = run_batch(engine, spec["prompts"], batch_size=spec["batch_size"],
                         admission=make_admission(spec["admission"], engine), max_new_tokens=spec["tokens"])
         stats = engine.stats()
@@ -320,28 +321,31 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
 
 
 def rebatch_part(args: argparse.Namespace, runtime: int) -> dict:
+    """FIFO vs the re-batcher at each batch size, under each eviction policy of `--policies`, all interleaved."""
     model = prepare_model("iobound", args.workdir)
     prompts = heldout_prompts(args.prompts)
     limit = memory_limit(model, args.budget, runtime)
     rows = []
     for batch in args.batch_sizes:
         jobs = [
-            (f"B={batch} {admission}", {"kind": "rebatch", "model": str(model), "budget": args.budget,
-                                        "prompts": prompts, "tokens": args.rebatch_tokens, "batch_size": batch,
-                                        "admission": admission}, limit)
-            for admission in ("fifo", "rebatch")
+            (f"B={batch} {admission} {policy}", {"kind": "rebatch", "model": str(model), "budget": args.budget,
+                                                 "prompts": prompts, "tokens": args.rebatch_tokens,
+                                                 "batch_size": batch, "admission": admission, "policy": policy}, limit)
+            for policy in args.policies for admission in ("fifo", "rebatch")
         ]  # fmt: skip
         best = rounds(jobs, args.repeats, args.child_timeout, args.pause)
-        fifo, reb = best[jobs[0][0]], best[jobs[1][0]]
-        ok = "error" not in fifo and "error" not in reb
-        rows.append({
-            "batch_size": batch, "fifo": {k: v for k, v in fifo.items() if k != "tokens"},
-            "rebatch": {k: v for k, v in reb.items() if k != "tokens"},
-            "outputs_equal": ok and fifo["tokens"] == reb["tokens"],
-            "speedup": reb["speed"] / fifo["speed"] if ok else None,
-        })  # fmt: skip
+        reference = best[jobs[0][0]]  # FIFO under the first policy: every run's outputs must equal its
+        for policy in args.policies:
+            fifo, reb = best[f"B={batch} fifo {policy}"], best[f"B={batch} rebatch {policy}"]
+            ok = "error" not in fifo and "error" not in reb and "error" not in reference
+            rows.append({
+                "batch_size": batch, "policy": policy, "fifo": {k: v for k, v in fifo.items() if k != "tokens"},
+                "rebatch": {k: v for k, v in reb.items() if k != "tokens"},
+                "outputs_equal": ok and fifo["tokens"] == reb["tokens"] == reference["tokens"],
+                "speedup": reb["speed"] / fifo["speed"] if ok else None,
+            })  # fmt: skip
     return {"model": str(model), "budget": args.budget, "prompts": len(prompts), "max_new_tokens": args.rebatch_tokens,
-            "memory_limit_bytes": limit, "rows": rows}
+            "memory_limit_bytes": limit, "policies": args.policies, "rows": rows}
 
 
 # ---- picture and entry point ---------------------------------------------------------------------------
@@ -365,11 +369,17 @@ def takeaway(result: dict) -> str:
     text = f"predictive prefetch vs LRU, decode tokens/s: {', '.join(parts)}" if parts else ""
     rows = [row for row in result.get("rebatch", {}).get("rows", []) if row["fifo"].get("speed")]
     if rows:
-        ratios = ", ".join(f"B={row['batch_size']} " + (f"{row['rebatch']['speed'] / row['fifo']['speed']:.2f}x"
-                                                         if row["rebatch"].get("speed") else "failed")
+        ratios = ", ".join(f"B={row['batch_size']}{_policy_tag(result, row)} "
+                           + (f"{row['rebatch']['speed'] / row['fifo']['speed']:.2f}x"
+                              if row["rebatch"].get("speed") else "failed")
                            for row in rows)
         text += ("; " if text else "") + f"re-batcher vs FIFO: {ratios}"
     return text
+
+
+def _policy_tag(result: dict, row: dict) -> str:
+    """' lrfu' where the batch runs compare eviction policies (results of old runs have one, unnamed: lru)."""
+    return f" {row.get('policy', 'lru')}" if len(result["rebatch"].get("policies", ["lru"])) > 1 else ""
 
 
 def plot(result: dict, path: Path) -> None:
@@ -414,7 +424,7 @@ def plot(result: dict, path: Path) -> None:
     if "rebatch" in result:
         r = result["rebatch"]
         ax = axes.pop(0)
-        labels = [f"B={row['batch_size']}" for row in r["rows"]]
+        labels = [f"B={row['batch_size']}{_policy_tag(result, row)}" for row in r["rows"]]
         x = range(len(labels))
         fifo = [row["fifo"].get("speed", 0) for row in r["rows"]]
         rebatch = [row["rebatch"].get("speed", 0) for row in r["rows"]]
@@ -424,7 +434,8 @@ def plot(result: dict, path: Path) -> None:
                    [(f"{v:.1f} ({v / f:.2f}x)" if f else f"{v:.1f}") if v else "failed" for v, f in zip(rebatch, fifo)])
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("tokens/s (higher is better)")
-        ax.set_title(f"token re-batcher vs FIFO: iobound, {r['prompts']} prompts, batch size B", fontsize=9)
+        ax.set_title(f"token re-batcher vs FIFO: iobound, {r['prompts']} prompts, batch size B"
+                     + (" and eviction policy" if len(r.get("policies", ["lru"])) > 1 else ""), fontsize=9)
         ax.legend(fontsize=8, loc="upper left")
         axes.pop(0).axis("off")
     m = result["machine"]
@@ -451,6 +462,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=256, help="rebatch: prompts in the batch job")
     parser.add_argument("--rebatch-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    parser.add_argument("--policies", type=lambda s: s.split(","), default=["lru", "lrfu"],
+                        help="rebatch: eviction policies, each run with FIFO and the re-batcher")
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of each contender is kept")
     parser.add_argument("--pause", type=float, default=15.0, help="seconds idle before each run (the disk recovers)")
     parser.add_argument("--child-timeout", type=float, default=3600)
@@ -510,9 +523,11 @@ def summary(result: dict) -> None:
                 print(f"{'':>{len(model_name) + 18}}{r['name'].split(' ', 1)[1]:>22} decode stall ms/token by layer: "
                       f"{by_layer}")
     for row in result.get("rebatch", {}).get("rows", []):
-        print(f"rebatch B={row['batch_size']}: fifo {row['fifo'].get('speed', 0):.2f} tok/s, re-batcher "
-              f"{row['rebatch'].get('speed', 0):.2f} tok/s, x{row['speedup'] or 0:.2f}, outputs equal: "
-              f"{row['outputs_equal']}")
+        fifo, reb = row["fifo"], row["rebatch"]
+        print(f"rebatch B={row['batch_size']} {row.get('policy', 'lru')}: fifo {fifo.get('speed', 0):.2f} tok/s "
+              f"({fifo.get('bytes_per_token', 0) / 2**20:.1f} MiB/token, hit {fifo.get('hit_rate', 0):.3f}), "
+              f"re-batcher {reb.get('speed', 0):.2f} tok/s ({reb.get('bytes_per_token', 0) / 2**20:.1f} MiB/token, hit "
+              f"{reb.get('hit_rate', 0):.3f}), x{row['speedup'] or 0:.2f}, outputs equal: {row['outputs_equal']}")
 
 
 if __name__ == "__main__":
