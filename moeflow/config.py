@@ -15,8 +15,8 @@ from typing import Literal, get_args
 from moeflow.errors import MoeflowError, RequestError
 
 Store = Literal["disk", "ram"]
-LivePolicy = Literal["lru", "lfu", "lrfu", "predictive"]
-ReplayPolicy = Literal["lru", "lfu", "lrfu", "predictive", "belady"]
+LivePolicy = Literal["auto", "lru", "lfu", "lrfu", "predictive"]
+ReplayPolicy = Literal["auto", "lru", "lfu", "lrfu", "predictive", "belady"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Admission = Literal["fifo", "rebatch"]
 ExpertDtype = Literal["auto", "bf16", "fp16", "int8", "int4"]
@@ -44,7 +44,11 @@ class EngineConfig:
         default="all", metadata={"help": "fast-tier ceiling for expert weights: 25%, 512MiB, 2GB or all"}
     )
     store: Store = field(default="disk", metadata={"help": "backing tier: disk (O_DIRECT reads) or ram"})
-    policy: LivePolicy = field(default="lru", metadata={"help": "eviction policy"})
+    policy: LivePolicy = field(
+        default="auto",
+        metadata={"help": "eviction policy: auto (LRU or LRFU, whichever has missed less lately on this run), lru, "
+                  "lfu, lrfu (use counts that fade), predictive (prefetch by a routing predictor)"},
+    )
     device: str = field(default="cpu", metadata={"help": "fast tier and compute device: cpu, cuda or cuda:N"})
     dtype: Dtype = field(default="auto", metadata={"help": "compute dtype (auto: the checkpoint's)"})
     direct_io: bool = field(default=True, metadata={"help": "bypass the page cache when reading experts"})
@@ -236,7 +240,7 @@ class ProfileConfig:
 
     budgets: str = field(default="12.5%,25%,50%", metadata={"help": "expert budgets, comma-separated: 12.5%,512MiB"})
     policies: str = field(
-        default="lru,lfu,lrfu,predictive,belady",
+        default="auto,lru,lfu,lrfu,predictive,belady",
         metadata={"help": f"comma-separated, from: {', '.join(choices(ReplayPolicy))}"},
     )
     predictor: str = field(

@@ -18,7 +18,7 @@ def _minimum_budget(path) -> int:
 
 
 @pytest.mark.parametrize("store", ["disk", "ram"])
-@pytest.mark.parametrize("policy", ["lru", "lfu", "lrfu"])
+@pytest.mark.parametrize("policy", ["auto", "lru", "lfu", "lrfu"])
 @pytest.mark.parametrize("budget", ["all", "50%", "25%", "minimum"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_greedy_equals_transformers(tiny_checkpoints, transformers_greedy, family, budget, policy, store):

@@ -9,7 +9,7 @@ from moeflow.errors import BudgetError
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
-from moeflow.offload.policy import LFUPolicy, LRFUPolicy, LRUPolicy, make_policy
+from moeflow.offload.policy import AutoPolicy, LFUPolicy, LRFUPolicy, LRUPolicy, make_policy
 from moeflow.tools.profile.replay import Geometry, replay_cache
 
 
@@ -101,8 +101,42 @@ def test_lrfu_hits_where_a_batch_cycles_through_more_experts_than_the_cache_hold
     assert hits["lrfu"] > 0.4  # the 4 steady experts stay once their weight has built up: 1/2 of the uses
 
 
+def _misses(policy_name: str, steps: list[list[tuple[int, ...]]], slots: int) -> int:
+    geometry = Geometry(layers=(0, 1), num_experts=12, top_k=2, inter=4, hidden=4, expert_bytes=1000)
+    cache = replay_cache(geometry, slots, make_policy(policy_name))
+    for step in steps:
+        for layer, ids in enumerate(step):
+            serve_layer(cache, RoutingPlan(layer=layer, expert_ids=ids, num_tokens=8))
+    return cache.stats().misses
+
+
+def test_auto_follows_whichever_of_lru_and_lrfu_misses_less():
+    # Batch-like: 2 steady experts a layer and 2 of 8 in turn; LRFU keeps the steady ones, LRU thrashes.
+    batch = [[(0, 1, 2 + (2 * n) % 8, 2 + (2 * n + 1) % 8)] * 2 for n in range(80)]
+    # A working set that moves on: 4 experts a layer for 10 steps, then 4 others. The old set's built-up weight
+    # holds LRFU's slots long after it stopped being used; LRU lets it go at once.
+    phases = [[tuple(range(4 * (n // 10) % 12, 4 * (n // 10) % 12 + 2))] * 2 for n in range(120)]
+    phases = [[tuple(sorted({*ids, (ids[0] + 2) % 12, (ids[0] + 3) % 12})) for ids in step] for step in phases]
+    for steps, slots in ((batch, 6), (phases, 8)):
+        lru, lrfu, auto = (_misses(name, steps, slots) for name in ("lru", "lrfu", "auto"))
+        best, worst = sorted((lru, lrfu))
+        assert worst > 1.5 * best  # the two disagree, so the choice matters
+        assert auto - best <= 0.2 * (worst - best), (lru, lrfu, auto)  # the better one, give or take noticing
+
+
+def test_auto_is_the_engines_default_and_starts_its_shadows_at_the_first_eviction():
+    assert EngineConfig().policy == "auto"
+    p = AutoPolicy()
+    for k in [(0, 0), (0, 1)]:
+        p.on_layer(0)
+        p.on_insert(k)
+        p.on_access(k)
+    assert not p.by_recency
+    assert p.victim([(0, 0), (0, 1)]) in {(0, 0), (0, 1)} and not p.by_recency  # no misses yet: LRFU
+
+
 def test_unknown_policy_is_refused_by_the_config():
-    with pytest.raises(ValueError, match="choose one of: lru, lfu"):
+    with pytest.raises(ValueError, match="choose one of: auto, lru, lfu, lrfu, predictive"):
         EngineConfig(policy="fifo")
 
 

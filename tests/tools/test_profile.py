@@ -83,7 +83,7 @@ def test_belady_beats_online_policies(seed):
     geometry = geometry_for(trace)
     for capacity in (2, 4, 6, 12):
         belady = replay(trace, geometry, policy="belady", budget=slots(capacity)).stats.misses
-        for policy in ("lru", "lfu", "lrfu"):
+        for policy in ("auto", "lru", "lfu", "lrfu"):
             assert belady <= replay(trace, geometry, policy=policy, budget=slots(capacity)).stats.misses
 
 
@@ -128,7 +128,7 @@ def test_parse_errors_name_the_fix():
         parse_budgets("25%,lots", geometry)
     with pytest.raises(MoeflowError, match="names no budget"):
         parse_budgets(" , ", geometry)
-    with pytest.raises(MoeflowError, match="choose from: lru, lfu, lrfu, predictive, belady"):
+    with pytest.raises(MoeflowError, match="choose from: auto, lru, lfu, lrfu, predictive, belady"):
         parse_policies("lru,fifo")
     with pytest.raises(MoeflowError, match="pred"):
         replay(trace, geometry, policy="predictive", budget=slots(4), predictor="gate")
@@ -158,7 +158,7 @@ def tiny_trace(tiny_checkpoints, tmp_path_factory):
 
 
 @pytest.mark.parametrize(("policy", "budget"), [("lru", "25%"), ("lru", "50%"), ("lfu", "25%"),
-                                                ("lrfu", "25%"), ("predictive", "25%"), ("predictive", "50%")])
+                                                ("lrfu", "25%"), ("auto", "25%"), ("predictive", "25%"), ("predictive", "50%")])
 def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
     trace, geometry = tiny_trace
     point = parse_budgets(budget, geometry)[0]

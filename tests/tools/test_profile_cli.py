@@ -38,7 +38,7 @@ def test_json_shape_and_files(first_run, capsys):
     report = json.loads((out / "profile.json").read_text())
     results = report["results"]
     assert [(r["policy"], r["budget"]) for r in results] == [
-        (p, b) for p in ("lru", "lfu", "lrfu", "predictive", "belady") for b in (0.25, 0.5)
+        (p, b) for p in ("auto", "lru", "lfu", "lrfu", "predictive", "belady") for b in (0.25, 0.5)
     ]
     for r in results:
         assert {"policy", "budget", "hit_rate", "bytes_per_token", "per_layer"} <= set(r)
@@ -47,7 +47,7 @@ def test_json_shape_and_files(first_run, capsys):
         assert set(r["stall_s_per_token"]) == {"PCIe 4 x16", "NVMe", "this machine's disk"}
     by = {(r["policy"], r["budget"]): r for r in results}
     for b in (0.25, 0.5):
-        assert by[("belady", b)]["hit_rate"] >= max(by[(p, b)]["hit_rate"] for p in ("lru", "lfu", "lrfu"))
+        assert by[("belady", b)]["hit_rate"] >= max(by[(p, b)]["hit_rate"] for p in ("auto", "lru", "lfu", "lrfu"))
         assert by[("predictive", b)]["predictor"] == "gate"
     assert report["links"]["this machine's disk"] > 0
     assert report["tokens"] == 160
@@ -72,7 +72,7 @@ def test_replaying_the_saved_trace_gives_the_same_numbers_and_compare(first_run,
     assert rc == 0, err
     lines = stdout.splitlines()
     assert lines[0].startswith("A: ") and lines[1].startswith("B: ") and "hit A" in lines[2]
-    assert len(lines) == 3 + 10 and all("+0.0 pt" in line for line in lines[3:])  # 5 policies x 2 budgets
+    assert len(lines) == 3 + 12 and all("+0.0 pt" in line for line in lines[3:])  # 6 policies x 2 budgets
     assert (tmp_path / "profile_compare.png").stat().st_size > 10_000
 
 
