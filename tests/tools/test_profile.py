@@ -157,8 +157,8 @@ def tiny_trace(tiny_checkpoints, tmp_path_factory):
     return trace, geometry
 
 
-@pytest.mark.parametrize(("policy", "budget"), [("lru", "25%"), ("lru", "50%"), ("lfu", "25%"),
-                                                ("lrfu", "25%"), ("auto", "25%"), ("predictive", "25%"), ("predictive", "50%")])
+@pytest.mark.parametrize(("policy", "budget"), [("lru", "25%"), ("lru", "50%"), ("lfu", "25%"), ("lrfu", "25%"),
+                                                ("auto", "25%"), ("predictive", "25%"), ("predictive", "50%")])
 def test_replay_equals_live(tiny_checkpoints, tiny_trace, policy, budget):
     trace, geometry = tiny_trace
     point = parse_budgets(budget, geometry)[0]
