@@ -94,9 +94,11 @@ class LRFUPolicy(EvictionPolicy):
     the shipped model's 64 experts a step, 16 slots at 25%), so LRU evicts each expert just before its layer
     needs it again and hits almost nothing (`bench/expertflow.py`'s batch runs: 0-2%), while the experts many
     rows share are used step after step and are worth keeping. Counted in runs of the expert's own layer, so a
-    half-life means the same for a model of 4 layers as of 32, whatever the batch size. Replayed on the shipped
-    model's routing at 25% (`bench/expertflow.py --part policies`): about LRU's bytes at batch 1, and fewer as the
-    batch grows (the figures are in bench/results/expertflow_policies.json).
+    half-life means the same for a model of 4 layers as of 32, whatever the batch size. On the I/O-bound model at
+    25%, 128 prompts (`bench/expertflow.py --part rebatch --prompts 128 --repeats 1`, kept as
+    bench/results/expertflow_rebatch_lrfu.json): 11-17% fewer bytes per token than LRU at batch 8 and 0-7% at 32,
+    1.12x LRU's tokens/s at batch 8. At batch 1 it reads about LRU's bytes on the shipped model's routing and
+    1.3x them on the random-routing model at 25% (`moeflow profile`): hence `AutoPolicy`.
 
     The clock: `on_layer`, which the cache calls as a layer runs. A weight is kept as its logarithm plus the
     decay of its layer's clock at the last use, so an update is one log-add and a comparison needs no power.
