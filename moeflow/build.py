@@ -11,7 +11,7 @@ from pathlib import Path
 from moeflow.config import Admission, EngineConfig, check_choice
 from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
-from moeflow.offload.policy import PredictivePolicy
+from moeflow.offload.policy import AutoPolicy, PredictivePolicy
 from moeflow.offload.reuse import LearnedReuse, ReuseModel, reuse_files
 from moeflow.predictor.apply import (
     apply_prediction,
@@ -35,29 +35,30 @@ def load(path: str | Path | None = None, **options: object) -> Engine:
         raise MoeflowError(f"unknown option(s) {sorted(unknown)}; valid: {EngineConfig.field_names()}")
     config = EngineConfig(**options)
     engine = Engine(path, config)
-    if config.policy == "predictive":
-        try:
+    try:
+        if config.policy == "predictive":
             name = config.predictor
             if name == "auto":
                 name = best_predictor(available_predictors(engine.checkpoint.path, engine_predictor_dir(engine)))
             apply_prediction(engine, build_predictor(engine, name, lookahead=config.lookahead))
-            if config.reuse_model:
-                apply_reuse_model(engine)
-        except BaseException:
-            engine.close()
-            raise
+        if config.reuse_model and config.policy in ("predictive", "auto"):
+            apply_reuse_model(engine)
+    except BaseException:
+        engine.close()
+        raise
     return engine
 
 
 def apply_reuse_model(engine: Engine) -> bool:
-    """Evict by the reuse model trained for `engine`'s model, if its predictor folder holds one; whether it does."""
+    """Evict by the reuse model trained for `engine`'s model (the predictive policy's estimate, one of the auto
+    policy's candidates), if its predictor folder holds one; whether it does."""
     folder = engine_predictor_dir(engine)
     if not reuse_files(folder)[0].is_file():
         return False
     shape = routing_shape(engine)
     model = ReuseModel.load(folder, layers=shape.layers, num_experts=shape.num_experts)
     policy = engine.cache.policy
-    assert isinstance(policy, PredictivePolicy), "the reuse model is the predictive policy's estimate"
+    assert isinstance(policy, (PredictivePolicy, AutoPolicy)), "the reuse model is an estimate of these policies"
     policy.estimate_with(LearnedReuse(model))
     return True
 

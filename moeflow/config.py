@@ -76,8 +76,9 @@ class EngineConfig:
     reuse_model: bool = field(
         default=True,
         metadata={"help": "predictive: evict by the trained reuse model in the predictor folder (reuse.safetensors, "
-                  "`moeflow predictor train --predictors reuse`) when there is one (--no-reuse-model: by the online "
-                  "estimate of next use)"},
+                  "`moeflow predictor train --predictors reuse`) when there is one, and auto: have it among the "
+                  "candidates (--no-reuse-model: predictive evicts by the online estimate of next use, auto chooses "
+                  "between LRU and LRFU)"},
     )
     threads: int = field(
         default=0,
@@ -260,8 +261,8 @@ class ProfileConfig:
     )
     reuse_model: bool = field(
         default=True,
-        metadata={"help": "predictive: evict by the reuse model in the predictor folder when there is one, as the "
-                  "engine does (--no-reuse-model: by the online estimate of next use)"},
+        metadata={"help": "predictive and auto: evict by the reuse model in the predictor folder when there is one, "
+                  "as the engine does (--no-reuse-model: without it)"},
     )
     max_tokens: int = field(default=20_000, metadata={"help": "trace at most this many tokens of --data"})
     context: int = field(default=256, metadata={"help": "tokens per traced sequence (chunk length)"})

@@ -142,6 +142,17 @@ class LRFUPolicy(EvictionPolicy):
         return min(candidates, key=lambda k: weight.get(k, -math.inf) - rate * clock.get(k[0], 0))
 
 
+class ReuseEstimate(Protocol):
+    """What `PredictivePolicy` and `AutoPolicy` ask of an estimate of reuse: `NextUse` (learned online) or
+    `moeflow.offload.reuse.LearnedReuse` (a trained model)."""
+
+    def begin_step(self, step: int) -> None: ...
+
+    def on_use(self, key: ExpertKey, step: int) -> None: ...
+
+    def probabilities(self, keys: Sequence[ExpertKey]) -> list[float]: ...
+
+
 class _Shadow:
     """A cache of `capacity` keys that only counts its own misses on the real access stream (no data).
 
@@ -172,15 +183,20 @@ class _Shadow:
 
 
 class AutoPolicy(LRUPolicy):
-    """LRU or LRFU, whichever has missed less lately on this run's own accesses: the engine's default.
+    """LRU, LRFU or a trained reuse model, whichever has missed least lately on this run's own accesses: the
+    engine's default.
 
-    Neither is better everywhere. Replayed at batch 1 on the shipped model's held-out routing LRFU reads about
+    None is better everywhere. Replayed at batch 1 on the shipped model's held-out routing LRFU reads about
     LRU's bytes (fewer at 25-50%, a little more at 12.5%), on the random-routing model at 25% 1.3x LRU's; in batch
     decoding, where a step needs more experts than the budget holds, LRU hits almost nothing and LRFU reads
-    11-17% fewer bytes (`bench/expertflow.py --part rebatch`). So from the first eviction on, two shadow caches
-    of the same size replay the access stream (no data), one evicting as LRU and one as LRFU, their misses fading
-    with a half-life of `shadow_half_life` steps (a step: the layers' runs from the first layer again), and each
-    eviction follows the one that has missed less (LRFU on a tie).
+    11-17% fewer bytes (`bench/expertflow.py --part rebatch`). With `estimate_with` (the trained reuse model of the
+    model's predictor folder, `moeflow.offload.reuse`, which `moeflow.load` gives it when there is one) a third
+    candidate evicts the expert least likely to be used within its layer's next few runs: replayed on the shipped
+    model's held-out routing at 25% it misses 15% less than LRU, with no predictor call and no read ahead; it was
+    trained on one token a step, and batches feed it unions it never saw. So from the first eviction on, a shadow
+    cache of the same size per candidate replays the access stream (no data), their misses fading with a
+    half-life of `shadow_half_life` steps (a step: the layers' runs from the first layer again), and each eviction
+    follows the one that has missed least (on a tie: the trained model, then LRFU).
     """
 
     name = "auto"
@@ -188,15 +204,24 @@ class AutoPolicy(LRUPolicy):
     def __init__(self, *, half_life: float = 8.0, shadow_half_life: float = 64.0) -> None:
         super().__init__()
         self.lrfu = LRFUPolicy(half_life)
+        self.estimate: ReuseEstimate | None = None
+        self.step = 0  # forward steps begun (a layer at or before the last one ran)
         self._shadow_decay = 0.5 ** (1.0 / shadow_half_life)
-        self._shadows: tuple[_Shadow, _Shadow] | None = None  # (LRU, LRFU)
+        self._shadows: dict[str, _Shadow] = {}  # by candidate, from the first eviction on
         self._last_layer: int | None = None
         self._layer_keys: set[ExpertKey] = set()  # keys of the layer being served (pinned together)
 
+    def estimate_with(self, estimate: ReuseEstimate) -> None:
+        """Add eviction by `estimate` (a trained reuse model) to the candidates, from now on (before the first use)."""
+        self.estimate = estimate
+
     def on_layer(self, layer: int) -> None:
         self.lrfu.on_layer(layer)
-        if self._shadows is not None and self._last_layer is not None and layer <= self._last_layer:
-            for shadow in self._shadows:  # a new forward step: back to the first layer
+        if self._last_layer is None or layer <= self._last_layer:  # a new forward step: back to the first layer
+            self.step += 1
+            if self.estimate is not None:
+                self.estimate.begin_step(self.step)
+            for shadow in self._shadows.values():
                 shadow.end_step()
         self._last_layer = layer
         self._layer_keys = set()
@@ -204,32 +229,43 @@ class AutoPolicy(LRUPolicy):
     def on_access(self, key: ExpertKey) -> None:
         super().on_access(key)
         self.lrfu.on_access(key)
+        if self.estimate is not None:
+            self.estimate.on_use(key, self.step)
         self._layer_keys.add(key)
-        if self._shadows is not None:
-            for shadow in self._shadows:
-                shadow.access(key, self._layer_keys)
+        for shadow in self._shadows.values():
+            shadow.access(key, self._layer_keys)
+
+    @property
+    def choice(self) -> str:
+        """The candidate evictions follow now: "reuse", "lrfu" or "lru" (whose shadow has missed least lately)."""
+        if not self._shadows:
+            return "reuse" if self.estimate is not None else "lrfu"
+        return min(self._shadows, key=lambda name: self._shadows[name].misses)  # ties: the first, as inserted
 
     @property
     def by_recency(self) -> bool:
-        """Whether LRU's shadow has missed less lately than LRFU's (then evictions are LRU's)."""
-        return self._shadows is not None and self._shadows[0].misses < self._shadows[1].misses
+        """Whether LRU's shadow has missed least lately (then evictions are LRU's)."""
+        return self.choice == "lru"
+
+    def _least_likely(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
+        assert self.estimate is not None
+        probs = self.estimate.probabilities(candidates)  # candidates come least recently used first: ties to them
+        return candidates[probs.index(min(probs))]
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        if self._shadows is None:  # the first eviction: every slot is taken, so this is the capacity
-            self._shadows = (_Shadow(len(self._order), lambda keys: keys[0], self._shadow_decay),  # oldest first
-                             _Shadow(len(self._order), self.lrfu.victim, self._shadow_decay))
-        return super().victim(candidates) if self.by_recency else self.lrfu.victim(candidates)
-
-
-class ReuseEstimate(Protocol):
-    """What `PredictivePolicy` asks of an estimate of reuse: `NextUse` (learned online) or
-    `moeflow.offload.reuse.LearnedReuse` (a trained model)."""
-
-    def begin_step(self, step: int) -> None: ...
-
-    def on_use(self, key: ExpertKey, step: int) -> None: ...
-
-    def probabilities(self, keys: Sequence[ExpertKey]) -> list[float]: ...
+        if not self._shadows:  # the first eviction: every slot is taken, so this is the capacity
+            capacity, decay = len(self._order), self._shadow_decay
+            if self.estimate is not None:
+                self._shadows["reuse"] = _Shadow(capacity, self._least_likely, decay)
+            self._shadows["lrfu"] = _Shadow(capacity, self.lrfu.victim, decay)
+            self._shadows["lru"] = _Shadow(capacity, lambda keys: keys[0], decay)  # oldest first
+        choice = self.choice
+        if choice == "lrfu":
+            return self.lrfu.victim(candidates)
+        if choice == "reuse":
+            allowed = set(candidates)
+            return self._least_likely([k for k in self._order if k in allowed])  # least recently used first
+        return super().victim(candidates)
 
 
 class PredictivePolicy(LRUPolicy):

@@ -11,7 +11,7 @@ from moeflow.errors import MoeflowError
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
-from moeflow.offload.policy import LRUPolicy, PredictivePolicy
+from moeflow.offload.policy import AutoPolicy, LRFUPolicy, LRUPolicy, PredictivePolicy
 from moeflow.offload.reuse import LearnedReuse, ReuseHistory, ReuseModel, ReuseShape, reuse_files
 
 LAYERS = (0, 2, 5)  # MoE layer indices need not be 0..L-1
@@ -161,3 +161,41 @@ def test_a_dormant_policy_goes_on_evicting_by_its_trained_model():
         policy.estimate_with(LearnedReuse(model))
     dormant.dormant = True  # the prediction trial paused prediction: no reads ahead, but eviction stays learned
     assert _misses(dormant, test, slots=7) == _misses(awake, test, slots=7) < _misses(LRUPolicy(), test, slots=7)
+
+
+class _Backwards:
+    """A trained model's answers turned around: the experts it expects are the ones this one does not."""
+
+    def __init__(self, reuse: LearnedReuse) -> None:
+        self.reuse = reuse
+        self.begin_step, self.on_use = reuse.begin_step, reuse.on_use
+
+    def probabilities(self, keys):
+        return [1.0 - p for p in self.reuse.probabilities(keys)]
+
+
+class _AlwaysByEstimate(AutoPolicy):
+    choice = "reuse"  # whatever the shadows say
+
+
+def test_auto_evicts_by_a_trained_model_while_it_misses_least_and_by_recency_or_lrfu_when_it_is_wrong():
+    model = ReuseModel(ReuseShape(layers=LAYERS, num_experts=8, horizon=4, hidden=32))
+    model.fit(_hot_and_cold(3000, seed=0), epochs=6, progress=False)
+    test = _hot_and_cold(400, seed=1)
+
+    def misses(policy, estimate=None):
+        if estimate is not None:
+            policy.estimate_with(estimate)
+        return _misses(policy, test, slots=7)
+
+    best = min(misses(LRUPolicy()), misses(LRFUPolicy()))  # LRFU, here
+    learned = misses(_AlwaysByEstimate(), LearnedReuse(model))
+    assert learned < best  # the model is worth following here...
+    right = AutoPolicy()
+    assert misses(right, LearnedReuse(model)) <= learned + 12 and right.choice == "reuse"  # ...and auto follows it
+    worst = misses(_AlwaysByEstimate(), _Backwards(LearnedReuse(model)))
+    assert worst > 1.2 * best  # a model that is wrong is worse than either...
+    wrong = AutoPolicy()
+    assert misses(wrong, _Backwards(LearnedReuse(model))) - best <= 0.2 * (worst - best)  # ...and auto does not follow
+    assert wrong.choice != "reuse"
+    assert AutoPolicy().choice == "lrfu" and right.step == len(test)  # without a model: LRU or LRFU; a step a token

@@ -235,3 +235,11 @@ def test_a_trained_reuse_model_evicts_and_the_output_is_unchanged(tiny_checkpoin
     assert stats.misses > 0  # it did evict
     with moeflow.load(tiny_checkpoints[family], **options, reuse_model=False) as engine:
         assert isinstance(engine.cache.policy.next_use, NextUse)
+    # The default policy, auto, has it among its candidates
+    with moeflow.load(tiny_checkpoints[family], expert_budget="25%", predictor_dir=folder) as engine:
+        assert isinstance(engine.cache.policy.estimate, LearnedReuse)
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        assert engine.stats().misses > 0
+    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
+    with moeflow.load(tiny_checkpoints[family], expert_budget="25%", predictor_dir=folder, reuse_model=False) as engine:
+        assert engine.cache.policy.estimate is None

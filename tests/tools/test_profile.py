@@ -225,8 +225,8 @@ def test_replay_equals_live_for_a_predictor_that_answers_the_whole_step(tiny_che
     assert replayed.prefetch_hits > 0
 
 
-@pytest.mark.parametrize("budget", ["25%", "50%"])
-def test_replay_equals_live_when_a_reuse_model_evicts(tiny_checkpoints, tiny_trace, tmp_path, budget):
+@pytest.mark.parametrize(("policy", "budget"), [("predictive", "25%"), ("predictive", "50%"), ("auto", "25%")])
+def test_replay_equals_live_when_a_reuse_model_evicts(tiny_checkpoints, tiny_trace, tmp_path, policy, budget):
     from moeflow.offload.reuse import LearnedReuse, ReuseModel, ReuseShape
 
     trace, geometry = tiny_trace
@@ -235,12 +235,16 @@ def test_replay_equals_live_when_a_reuse_model_evicts(tiny_checkpoints, tiny_tra
     folder = tmp_path / "predictors"
     model.save(folder)
     point = parse_budgets(budget, geometry)[0]
-    replayed = replay(trace, geometry, policy="predictive", budget=point, predictor="gate", reuse=model).stats
-    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget=budget, policy="predictive", predictor="gate",
-                      predictor_dir=folder, prediction_trial=False) as engine:
-        assert isinstance(engine.cache.policy.next_use, LearnedReuse)
-        engine.prefetcher.issue = TransferEngine(engine.cache, background=False).prefetch
-        engine.prefetcher.fix_overlap(1.0)
+    predictor = "gate" if policy == "predictive" else None
+    replayed = replay(trace, geometry, policy=policy, budget=point, predictor=predictor, reuse=model).stats
+    options = {"predictor": predictor, "prediction_trial": False} if predictor else {}
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget=budget, policy=policy, predictor_dir=folder,
+                      **options) as engine:
+        policy_ = engine.cache.policy
+        assert isinstance(policy_.next_use if policy == "predictive" else policy_.estimate, LearnedReuse)
+        if predictor:
+            engine.prefetcher.issue = TransferEngine(engine.cache, background=False).prefetch
+            engine.prefetcher.fix_overlap(1.0)
         live, _, _ = live_run(engine, trace)
     assert [(s.hits, s.misses, s.prefetch_hits, s.wasted_prefetches) for s in live.per_layer] == [
         (s.hits, s.misses, s.prefetch_hits, s.wasted_prefetches) for s in replayed.per_layer

@@ -29,7 +29,7 @@ from moeflow.offload.admission import AdmissionConfig
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
-from moeflow.offload.policy import BeladyPolicy, EvictionPolicy, PredictivePolicy, make_policy
+from moeflow.offload.policy import AutoPolicy, BeladyPolicy, EvictionPolicy, PredictivePolicy, make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.reuse import LearnedReuse, ReuseModel
 from moeflow.offload.stats import CacheStats
@@ -137,8 +137,8 @@ def replay(
 
     `overlap`: how many expert reads the compute of the lookahead's layers hides, which the live engine
     measures and replay cannot (`moeflow.offload.admission`; 0: the link is the bottleneck). `reuse`: the
-    predictive policy evicts by this trained model (`moeflow.offload.reuse`), as the engine does when its
-    predictor folder holds one.
+    predictive policy evicts by this trained model (`moeflow.offload.reuse`), and the auto policy has it among
+    its candidates, as the engine does when its predictor folder holds one.
     """
     geometry.check_trace(trace)
     experts_NLK = np.asarray(trace.experts)
@@ -147,7 +147,7 @@ def replay(
         eviction: EvictionPolicy = BeladyPolicy(experts_NLK, layers)
     else:
         eviction = make_policy(policy)
-    if reuse is not None and isinstance(eviction, PredictivePolicy):
+    if reuse is not None and isinstance(eviction, (PredictivePolicy, AutoPolicy)):
         eviction.estimate_with(LearnedReuse(reuse))
     cache = replay_cache(geometry, budget.slots, eviction)
     prefetcher, pred_NLM, prob_NLM, whole_step = None, None, None, False

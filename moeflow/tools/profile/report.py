@@ -150,7 +150,7 @@ class ProfileReport:
     results: tuple[RunRecord, ...]
     analysis: TraceAnalysis
     data: tuple[str, ...] | None = None  # the first traced files (`profile_model` only)
-    reuse_model: str | None = None  # predictive runs evicted by this trained reuse model; None: by `NextUse`
+    reuse_model: str | None = None  # predictive and auto runs evicted by (auto: with) this trained reuse model
 
     @property
     def replayed(self) -> tuple[RunRecord, ...]:

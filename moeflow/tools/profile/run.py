@@ -106,7 +106,7 @@ def profile_model(
     links = {**LINKS, MEASURED_DISK: bandwidth}
     reuse = None
     folder = Path(config.predictor_dir) if config.predictor_dir is not None else predictor_dir(model)
-    if "predictive" in policies and config.reuse_model and reuse_files(folder)[0].is_file():
+    if {"predictive", "auto"} & set(policies) and config.reuse_model and reuse_files(folder)[0].is_file():
         reuse = ReuseModel.load(folder, layers=geometry.layers, num_experts=geometry.num_experts)
     report = run_profile(trace, geometry, budgets=budgets, policies=policies, predictors=predictors,
                          width=config.prefetch_width, reuse=reuse, links=links, progress=progress)
