@@ -1,4 +1,5 @@
-"""ExpertFlow's promise, measured in tokens/s: predictive prefetch vs LRU, and the token re-batcher vs FIFO.
+"""ExpertFlow's promise, measured in tokens/s: predictive prefetch (and the default policy, auto) vs LRU, and the token
+re-batcher vs FIFO.
 
 Three models, because prediction must pay where users are and must not cost where it cannot help:
 
@@ -24,6 +25,7 @@ experts than the budget holds, where LRU evicts each one just before it is neede
 
     python bench/expertflow.py --out bench/results                      # everything
     python bench/expertflow.py --models iobound --part decode --repeats 1
+    python bench/expertflow.py --models iobound --part decode --contenders auto,predictive/path
 
 Writes ``expertflow.json`` and ``expertflow.png``.
 """
@@ -287,11 +289,14 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
 
             prompts = random_prompts(max(args.decode_prompts // 3, 1), int(open_checkpoint(model).config["vocab_size"]))
         predictors = ("path", "token_freq", "gate") if trained else ("gate",)
-        contenders = [("lru", {"policy": "lru"})]
+        # auto: the engine's default, no predictor (LRU, LRFU or, on the trained models, the reuse model)
+        contenders = [("lru", {"policy": "lru"}), ("auto", {"policy": "auto"})]
         contenders += [(f"predictive/{p}", {"policy": "predictive", "predictor": p}) for p in predictors]
         if trained:  # the eviction estimate side by side: the trained reuse model (above) against the online one
             contenders.append(("predictive/path (next-use)",
                                {"policy": "predictive", "predictor": "path", "reuse_model": False}))
+        if args.contenders:
+            contenders = [c for c in contenders if c[0] == "lru" or c[0] in args.contenders]
         limit = memory_limit(model, args.budget, runtime)
         jobs = [
             (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget, "options": options,
@@ -366,7 +371,7 @@ def takeaway(result: dict) -> str:
         if lru and others:
             best = max(others, key=lambda r: r["speed"])
             parts.append(f"{model_name} {best['speed'] / lru['speed']:.2f}x")
-    text = f"predictive prefetch vs LRU, decode tokens/s: {', '.join(parts)}" if parts else ""
+    text = f"best contender vs LRU, decode tokens/s: {', '.join(parts)}" if parts else ""
     rows = [row for row in result.get("rebatch", {}).get("rows", []) if row["fifo"].get("speed")]
     if rows:
         ratios = ", ".join(f"B={row['batch_size']}{_policy_tag(result, row)} "
@@ -458,6 +463,8 @@ def main() -> int:
     parser.add_argument("--budget", default="25%")
     parser.add_argument("--tokens", type=int, default=64, help="decode: new tokens per prompt")
     parser.add_argument("--decode-prompts", type=int, default=6)
+    parser.add_argument("--contenders", type=lambda s: s.split(","), default=None,
+                        help="decode: only these besides lru (e.g. auto,predictive/path; default: all)")
     parser.add_argument("--default-prompts", type=int, default=24, help="decode: prompts on the shipped model")
     parser.add_argument("--prompts", type=int, default=256, help="rebatch: prompts in the batch job")
     parser.add_argument("--rebatch-tokens", type=int, default=32)

@@ -158,13 +158,14 @@ class _Shadow:
 
     `victim(candidates)` chooses what it evicts; the keys one layer of one step uses are never victims of
     each other (they are pinned together in the real cache). Misses fade with `decay` per step, so the
-    count is about the recent stream."""
+    count is about the recent stream. It starts empty, or holding `start` (least recently used first)."""
 
-    def __init__(self, capacity: int, victim: Callable[[Sequence[ExpertKey]], ExpertKey], decay: float) -> None:
+    def __init__(self, capacity: int, victim: Callable[[Sequence[ExpertKey]], ExpertKey], decay: float,
+                 start: Iterable[ExpertKey] = ()) -> None:  # fmt: skip
         self.capacity = capacity
         self._victim = victim
         self._decay = decay
-        self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict.fromkeys(start)
         self.misses = 0.0
 
     def access(self, key: ExpertKey, pinned: set[ExpertKey]) -> None:
@@ -183,8 +184,7 @@ class _Shadow:
 
 
 class AutoPolicy(LRUPolicy):
-    """LRU, LRFU or a trained reuse model, whichever has missed least lately on this run's own accesses: the
-    engine's default.
+    """LRU, LRFU or a trained reuse model, whichever missed least in the last duel: the engine's default.
 
     None is better everywhere. Replayed at batch 1 on the shipped model's held-out routing LRFU reads about
     LRU's bytes (fewer at 25-50%, a little more at 12.5%), on the random-routing model at 25% 1.3x LRU's; in batch
@@ -193,21 +193,29 @@ class AutoPolicy(LRUPolicy):
     model's predictor folder, `moeflow.offload.reuse`, which `moeflow.load` gives it when there is one) a third
     candidate evicts the expert least likely to be used within its layer's next few runs: replayed on the shipped
     model's held-out routing at 25% it misses 15% less than LRU, with no predictor call and no read ahead; it was
-    trained on one token a step, and batches feed it unions it never saw. So from the first eviction on, a shadow
-    cache of the same size per candidate replays the access stream (no data), their misses fading with a
-    half-life of `shadow_half_life` steps (a step: the layers' runs from the first layer again), and each eviction
-    follows the one that has missed least (on a tie: the trained model, then LRFU).
+    trained on one token a step, and batches feed it unions it never saw.
+
+    A duel decides: for `window` steps out of every `period` (a step: the layers' runs from the first layer
+    again), from the first eviction on, one shadow cache per candidate, each starting from what the real cache
+    holds, replays the access stream (no data) and counts its misses; from the window's end to the next one's,
+    evictions follow the one that missed least (on a tie: the trained model, then LRFU). Shadows on every step
+    cost about as much as the rest of the policy's bookkeeping together; in windows, a quarter of that.
     """
 
     name = "auto"
 
-    def __init__(self, *, half_life: float = 8.0, shadow_half_life: float = 64.0) -> None:
+    def __init__(self, *, half_life: float = 8.0, window: int = 32, period: int = 128) -> None:
+        if not 0 < window <= period:
+            raise ValueError(f"a duel's window ({window} steps) must be positive and within its period ({period})")
         super().__init__()
         self.lrfu = LRFUPolicy(half_life)
         self.estimate: ReuseEstimate | None = None
         self.step = 0  # forward steps begun (a layer at or before the last one ran)
-        self._shadow_decay = 0.5 ** (1.0 / shadow_half_life)
-        self._shadows: dict[str, _Shadow] = {}  # by candidate, from the first eviction on
+        self.window, self.period = window, period
+        self._capacity: int | None = None  # known at the first eviction
+        self._first_duel: int | None = None  # the step the first duel begins
+        self._choice: str | None = None  # the last duel's winner
+        self._shadows: dict[str, _Shadow] = {}  # by candidate, while a duel runs
         self._last_layer: int | None = None
         self._layer_keys: set[ExpertKey] = set()  # keys of the layer being served (pinned together)
 
@@ -221,30 +229,45 @@ class AutoPolicy(LRUPolicy):
             self.step += 1
             if self.estimate is not None:
                 self.estimate.begin_step(self.step)
-            for shadow in self._shadows.values():
-                shadow.end_step()
+            if self._first_duel is not None and self.step >= self._first_duel:
+                phase = (self.step - self._first_duel) % self.period
+                if phase == 0:
+                    self._start_duel()
+                elif phase == self.window:
+                    self._choice = min(self._shadows, key=lambda name: self._shadows[name].misses)  # ties: the first
+                    self._shadows = {}
         self._last_layer = layer
         self._layer_keys = set()
+
+    def _start_duel(self) -> None:
+        assert self._capacity is not None
+        resident = list(self._order)  # least recently used first
+        victims = {"lrfu": self.lrfu.victim, "lru": lambda keys: keys[0]}
+        if self.estimate is not None:
+            victims = {"reuse": self._least_likely, **victims}
+        self._shadows = {name: _Shadow(self._capacity, victim, 1.0, resident) for name, victim in victims.items()}
 
     def on_access(self, key: ExpertKey) -> None:
         super().on_access(key)
         self.lrfu.on_access(key)
         if self.estimate is not None:
             self.estimate.on_use(key, self.step)
-        self._layer_keys.add(key)
-        for shadow in self._shadows.values():
-            shadow.access(key, self._layer_keys)
+        if self._shadows:
+            self._layer_keys.add(key)
+            for shadow in self._shadows.values():
+                shadow.access(key, self._layer_keys)
 
     @property
     def choice(self) -> str:
-        """The candidate evictions follow now: "reuse", "lrfu" or "lru" (whose shadow has missed least lately)."""
-        if not self._shadows:
-            return "reuse" if self.estimate is not None else "lrfu"
-        return min(self._shadows, key=lambda name: self._shadows[name].misses)  # ties: the first, as inserted
+        """The candidate evictions follow now: "reuse", "lrfu" or "lru" (the last duel's winner; before the first
+        duel ends, the trained model if there is one, else LRFU)."""
+        if self._choice is not None:
+            return self._choice
+        return "reuse" if self.estimate is not None else "lrfu"
 
     @property
     def by_recency(self) -> bool:
-        """Whether LRU's shadow has missed least lately (then evictions are LRU's)."""
+        """Whether evictions are LRU's (its shadow won the last duel)."""
         return self.choice == "lru"
 
     def _least_likely(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
@@ -253,12 +276,8 @@ class AutoPolicy(LRUPolicy):
         return candidates[probs.index(min(probs))]
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        if not self._shadows:  # the first eviction: every slot is taken, so this is the capacity
-            capacity, decay = len(self._order), self._shadow_decay
-            if self.estimate is not None:
-                self._shadows["reuse"] = _Shadow(capacity, self._least_likely, decay)
-            self._shadows["lrfu"] = _Shadow(capacity, self.lrfu.victim, decay)
-            self._shadows["lru"] = _Shadow(capacity, lambda keys: keys[0], decay)  # oldest first
+        if self._capacity is None:  # the first eviction: every slot is taken, so this is the capacity
+            self._capacity, self._first_duel = len(self._order), self.step + 1
         choice = self.choice
         if choice == "lrfu":
             return self.lrfu.victim(candidates)

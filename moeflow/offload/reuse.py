@@ -193,6 +193,8 @@ class LearnedReuse:
         s = model.shape
         self._E = s.num_experts
         self._pos = {layer: i for i, layer in enumerate(s.layers)}
+        E = s.num_experts
+        self._index = {(layer, e): i * E + e for layer, i in self._pos.items() for e in range(E)}
         le = len(s.layers) * s.num_experts
         self._cur_at = (1 + len(HALF_LIVES)) * le  # where the current step's uses start in the features
         self._pos_at = self._cur_at + le  # ...and the position
@@ -249,8 +251,8 @@ class LearnedReuse:
         answer = self._answer
         if answer is None:
             answer = self._answer = self.model.answer(self._h_H).tolist()
-        E, where = self._E, self._pos
-        return [answer[where[layer] * E + e] if layer in where else 0.0 for layer, e in keys]
+        index = self._index
+        return [answer[index[k]] if k in index else 0.0 for k in keys]
 
 
 @dataclass(frozen=True)
