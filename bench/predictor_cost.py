@@ -15,8 +15,9 @@ the prediction's).
 It also times the eviction policy's own bookkeeping (``policy``): the held-out histories' real routing
 (one prefill each) fed, token by token and layer by layer, to a fresh `PredictivePolicy` over a slot pool
 of the engine's capacity, as `ExpertCache` calls it (`on_access` per expert used, `victim` and `on_evict`
-when a slot must be freed): microseconds per token, with `LRUPolicy` on the same stream beside it (the floor)
-and, where the tree ships a trained reuse model (`moeflow.offload.reuse`), the policy evicting by it.
+when a slot must be freed, `on_layer` as each layer runs): microseconds per token, with `LRUPolicy` on the same
+stream beside it (the floor), `AutoPolicy` (the default) and, where the tree ships a trained reuse model
+(`moeflow.offload.reuse`), the predictive policy evicting by it and the auto policy with it.
 
 Trees: a baseline commit and a candidate commit, each a temporary git worktree run in its own child
 process, interleaved round by round; each contender keeps its best round (the machine is shared).
@@ -107,7 +108,8 @@ def child(spec: dict) -> dict:
 
 
 def policy_cost(engine: object, spec: dict) -> dict:
-    """Microseconds per token of the eviction policies' bookkeeping on real routing ({"predictive_us", "lru_us"})."""
+    """Microseconds per token of the eviction policies' bookkeeping on real routing ({"predictive_us", "lru_us",
+    "auto_us", ...}; "reuse_us" and "auto_reuse_us": predictive and auto with the trained reuse model)."""
     import torch
 
     from moeflow.offload.policy import LRUPolicy, PredictivePolicy
@@ -127,6 +129,8 @@ def policy_cost(engine: object, spec: dict) -> dict:
             if hasattr(policy, "begin_step"):
                 policy.begin_step()
             for layer, experts in token:
+                if hasattr(policy, "on_layer"):  # the layer runs (trees before the policy clock have none)
+                    policy.on_layer(layer)
                 pinned = {(layer, e) for e in experts}
                 for e in experts:
                     key = (layer, e)
@@ -141,6 +145,12 @@ def policy_cost(engine: object, spec: dict) -> dict:
         return (time.perf_counter() - t0) * 1e6 / len(stream)
 
     makers = {"predictive_us": PredictivePolicy, "lru_us": LRUPolicy}
+    try:
+        from moeflow.offload.policy import AutoPolicy
+    except ImportError:  # a tree from before the auto policy
+        AutoPolicy = None  # noqa: N806
+    if AutoPolicy is not None:
+        makers["auto_us"] = AutoPolicy
     try:
         from moeflow.offload.reuse import LearnedReuse, ReuseModel, reuse_files
     except ImportError:  # a tree from before the trained reuse model
@@ -158,6 +168,14 @@ def policy_cost(engine: object, spec: dict) -> dict:
                 return policy
 
             makers["reuse_us"] = with_reuse
+            if AutoPolicy is not None and hasattr(AutoPolicy, "estimate_with"):
+
+                def auto_with_reuse() -> AutoPolicy:
+                    policy = AutoPolicy()
+                    policy.estimate_with(LearnedReuse(model))
+                    return policy
+
+                makers["auto_reuse_us"] = auto_with_reuse
     return {name: min(replay(make()) for _ in range(spec["repeats"])) for name, make in makers.items()}
 
 
@@ -259,7 +277,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"batch {B}")
         ax.legend(fontsize=7)
     ax = axes[0][-1]
-    kinds = [("predictive_us", "predictive"), ("reuse_us", "predictive\n+ reuse model"), ("lru_us", "lru")]
+    kinds = [("predictive_us", "predictive"), ("reuse_us", "predictive\n+ reuse model"), ("auto_us", "auto"),
+             ("auto_reuse_us", "auto\n+ reuse model"), ("lru_us", "lru")]
     for j, (tree, color) in enumerate([("baseline", "#777"), ("candidate", "#1f77b4")]):
         policy = result["trees"][tree]["policy"]
         ax.bar([i + (j - 0.5) * 0.35 for i in range(len(kinds))], [policy.get(k, 0.0) for k, _ in kinds], 0.35,
@@ -313,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         "what": "microseconds per token: each predictor alone (predictor_us), with PredictorHooks and a sink that "
                 "does nothing (hooks_us), with apply_prediction's sink (total_us), and with the prefetcher's "
                 "per-layer decisions (step_us); policy: the eviction policies' bookkeeping on the held-out routing "
-                "(predictive_us; reuse_us: the same policy evicting by the trained reuse model; lru_us)",
+                "(predictive_us; reuse_us: the same policy evicting by the trained reuse model; auto_us, "
+                "auto_reuse_us: the default policy without and with it; lru_us)",
         "model": "shipped default model, expert budget 25%, policy predictive",
         "batches": args.batches,
         "predictors": list(PREDICTORS),

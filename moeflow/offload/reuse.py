@@ -191,9 +191,8 @@ class LearnedReuse:
     def __init__(self, model: ReuseModel) -> None:
         self.model = model
         s = model.shape
-        self._E = s.num_experts
+        E = self._E = s.num_experts
         self._pos = {layer: i for i, layer in enumerate(s.layers)}
-        E = s.num_experts
         self._index = {(layer, e): i * E + e for layer, i in self._pos.items() for e in range(E)}
         le = len(s.layers) * s.num_experts
         self._cur_at = (1 + len(HALF_LIVES)) * le  # where the current step's uses start in the features
