@@ -187,7 +187,7 @@ _DUEL_FADE = 0.5**0.5  # a duel's misses count half as much two duels later
 
 
 class AutoPolicy(LRUPolicy):
-    """LRU, LRFU or a trained reuse model, whichever missed least in the last duel: the engine's default.
+    """LRU, LRFU or a trained reuse model, whichever has missed least in the duels lately: the engine's default.
 
     None is better everywhere. Replayed at batch 1 on the shipped model's held-out routing LRFU reads about
     LRU's bytes (fewer at 25-50%, a little more at 12.5%), on the random-routing model at 25% 1.3x LRU's; in batch
@@ -202,12 +202,12 @@ class AutoPolicy(LRUPolicy):
     again), from the first eviction on, one shadow cache per candidate, each starting from what the real cache
     holds, replays the access stream (no data) and counts its misses; from the window's end to the next one's,
     evictions follow the one with the fewest misses over the duels so far, each duel's counting half as much two
-    duels later (on a tie: the trained model, then LRFU). The last window alone decided by a handful of misses where
-    few experts miss: on the random-routing model at 25% it read 1.14x LRU's bytes, 1.04x with the history
-    (`moeflow profile`). The policy's bookkeeping
-    on the shipped model's routing at 25% (`python bench/predictor_cost.py --baseline de47f6d --rounds 1 --batches
-    1`, kept as bench/results/predictor_cost_auto.json): 66 us a token, 160 with the reuse model, LRU 21; before
-    the duels, with two shadows on every step, 126 against LRU's 33 in the same run.
+    duels later (on a tie: the trained model, then LRFU). Where few experts miss, the last window alone is a
+    handful of misses: decided by it, auto read 1.14x LRU's bytes on the random-routing model at 25%, with the
+    history 1.04x (`moeflow profile`). The policy's bookkeeping on the shipped model's routing at 25% (`python
+    bench/predictor_cost.py --baseline de47f6d --rounds 1 --batches 1`, kept as bench/results/predictor_cost_auto.json):
+    66 us a token, 160 with the reuse model, LRU 21; before the duels, with two shadows on every step, 126 against
+    LRU's 33 in the same run.
     """
 
     name = "auto"
@@ -271,7 +271,7 @@ class AutoPolicy(LRUPolicy):
 
     @property
     def choice(self) -> str:
-        """The candidate evictions follow now: "reuse", "lrfu" or "lru" (the last duel's winner; before the first
+        """The candidate evictions follow now: "reuse", "lrfu" or "lru" (the duels' winner so far; before the first
         duel ends, the trained model if there is one, else LRFU)."""
         if self._choice is not None:
             return self._choice
@@ -279,7 +279,7 @@ class AutoPolicy(LRUPolicy):
 
     @property
     def by_recency(self) -> bool:
-        """Whether evictions are LRU's (its shadow won the last duel)."""
+        """Whether evictions are LRU's (its shadows have missed least in the duels)."""
         return self.choice == "lru"
 
     def _least_likely(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
