@@ -153,6 +153,13 @@ class ReuseEstimate(Protocol):
     def probabilities(self, keys: Sequence[ExpertKey]) -> list[float]: ...
 
 
+def least_likely(estimate: ReuseEstimate, candidates: Sequence[ExpertKey]) -> ExpertKey:
+    """The candidate `estimate` finds least likely to be used; the first among equals (candidates come least
+    recently used first, so ties go to LRU)."""
+    probs = estimate.probabilities(candidates)
+    return candidates[probs.index(min(probs))]
+
+
 class _Shadow:
     """A cache of `capacity` keys that only counts its own misses on the real access stream (no data).
 
@@ -284,8 +291,7 @@ class AutoPolicy(LRUPolicy):
 
     def _least_likely(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         assert self.estimate is not None
-        probs = self.estimate.probabilities(candidates)  # candidates come least recently used first: ties to them
-        return candidates[probs.index(min(probs))]
+        return least_likely(self.estimate, candidates)
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
         if self._capacity is None:  # the first eviction: every slot is taken, so this is the capacity
@@ -420,8 +426,7 @@ class PredictivePolicy(LRUPolicy):
         return key in self._order
 
     def _least_likely(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        probs = self.next_use.probabilities(candidates)  # candidates come least recently used first: ties to them
-        return candidates[probs.index(min(probs))]
+        return least_likely(self.next_use, candidates)
 
     # ---- the policy protocol ----------------------------------------------------------------------------
 
