@@ -183,6 +183,7 @@ def measure(engine: object, predictor: object, added: dict, histories: list[list
     """Microseconds per token of one decode step's predictions: the predictor alone, and with what its
     hooks add (the `added` listeners and module hooks, called as the forward calls them)."""
     import torch
+    from moeflow.predictor.base import RoutePredictor
 
     from moeflow.engine.driver import ForwardStart
     from moeflow.model.anatomy import moe_layer_parts, token_embedding
@@ -215,16 +216,25 @@ def measure(engine: object, predictor: object, added: dict, histories: list[list
         for e in events:
             engine.prefetcher.on_routing(e.plan.layer, e.plan.expert_ids)
 
+    # The predictor's own answers, nothing else: only the calls the engine makes of it (`PredictorHooks` calls a
+    # hook only where the predictor's class answers it), a whole-step one's fused pass where it has one.
+    answers = {hook: getattr(type(predictor), hook) is not getattr(RoutePredictor, hook)
+               for hook in ("on_step", "on_residual", "on_routing")}  # fmt: skip
+    emb_BD, residual_BD = emb_B1D.reshape(B, -1), residual_B1D.reshape(B, -1)
+
     @torch.inference_mode()
-    def alone() -> None:  # the predictor's own answers, nothing else (a whole-step one's fused pass, where it has one)
-        if predictor.whole_step and hasattr(predictor, "step_scores"):
+    def alone() -> None:
+        if predictor.whole_step:
             predictor.step_scores(histories, 1)
-        else:
+        elif answers["on_step"]:
             predictor.on_step(histories, 1)
-        predictor.on_residual(-1, emb_B1D.reshape(B, -1))
+        if answers["on_residual"]:
+            predictor.on_residual(-1, emb_BD)
         for pos, e in enumerate(events):
-            predictor.on_residual(pos, residual_B1D.reshape(B, -1))
-            predictor.on_routing(pos, e.top_k_index_TK)
+            if answers["on_residual"]:
+                predictor.on_residual(pos, residual_BD)
+            if answers["on_routing"]:
+                predictor.on_routing(pos, e.top_k_index_TK)
 
     result = {}
     for key, fn in {"predictor_us": alone, "total_us": with_hooks, "step_us": step}.items():

@@ -387,6 +387,21 @@ class PredictivePolicy(LRUPolicy):
         for key in keys:
             self._expected.pop(key, None)
 
+    def layer_ran(self, previous: Sequence[ExpertKey], issued: Sequence[ExpertKey], predicted: Sequence[ExpertKey],
+                  wrong: Sequence[ExpertKey], current: Sequence[ExpertKey]) -> None:
+        """A layer's routing is known (the prefetcher's correction, in one call): the previous layer's experts and
+        this layer's reads ahead are released, its predictions forgotten, the wrong reads ahead demoted, and its
+        experts (`current`) protected until the next layer's routing is known."""
+        protected = self._protected
+        protected.difference_update(previous)
+        protected.difference_update(issued)
+        expected = self._expected
+        for key in predicted:
+            expected.pop(key, None)
+        if wrong:
+            self.demote(wrong)
+        protected.update(current)
+
     # ---- what the policy knows --------------------------------------------------------------------------
 
     @property

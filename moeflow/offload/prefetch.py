@@ -180,7 +180,7 @@ class PredictivePrefetcher:
         self._pending: dict[int, list[_Offer]] = {}  # layer -> offered, not yet decided
         self._decided: dict[int, list[_Offer]] = {}  # layer -> offered and decided, awaiting its routing
         self._candidates: dict[int, set[int]] = {}  # layer -> its offered experts that were not resident when decided
-        self._issued: dict[int, set[int]] = {}  # layer -> experts read ahead (protected)
+        self._issued: dict[int, list[int]] = {}  # layer -> experts read ahead (protected)
         self._current: list[ExpertKey] = []  # the running layer's experts, kept until the next layer
         self._reads = 0  # reads ahead issued this step
         self._tokens = 1  # tokens of this step (the most any offer had)
@@ -257,9 +257,7 @@ class PredictivePrefetcher:
             added = True
         if not added:
             return
-        if expected:
-            self.cache.advise(lambda policy, _: policy.expect(expected))
-        self._issue_due()
+        self._decide(self._due(), (lambda policy: policy.expect(expected)) if expected else None)
 
     def _offers(
         self, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None,
@@ -297,33 +295,33 @@ class PredictivePrefetcher:
             offers = self._pending.pop(layer, [])
         # Calibrated on the candidates only: a prediction of an expert that is not resident (what admission
         # asks about) is right less often than one of an expert the layer used a moment ago.
-        candidates = self._candidates.pop(layer, ())
-        observe = self.calibration.observe
-        for o in offers:
-            if o.expert in candidates:
-                observe(o.raw, o.expert in used, o.rank)
+        candidates = self._candidates.pop(layer, None)
+        if candidates:
+            observe = self.calibration.observe
+            for o in offers:
+                if o.expert in candidates:
+                    observe(o.raw, o.expert in used, o.rank)
         predicted = [(layer, o.expert) for o in offers]  # one offer per expert
         counters = self.counters
         counters.offered += len(predicted)
-        counters.correct += sum(o.expert in used for o in offers)
+        counters.correct += len(used.intersection([o.expert for o in offers]))
         counters.used += len(used)
         issued = [(layer, e) for e in self._issued.pop(layer, ())]
         wrong = [k for k in issued if k[1] not in used]
         previous, current = self._current, [(layer, e) for e in used]
         self._current = current
-
-        def correct(policy: PredictivePolicy, _: int) -> None:
-            policy.release(previous)
-            policy.release(issued)
-            policy.forget(predicted)
-            policy.demote(wrong)
-            policy.protect(current)  # the next layer's reads ahead must not evict these
-
-        self.cache.advise(correct)
-        if wrong:  # wrong reads ahead not yet started are dropped (demoted above if they landed)
-            self.counters.cancelled += self.cache.cancel_queued(wrong)
         self._pos = self._pos_of.get(layer, self._pos)
-        self._issue_due()
+
+        def correct(policy: PredictivePolicy) -> None:
+            policy.layer_ran(previous, issued, predicted, wrong, current)
+
+        if wrong:
+            self.cache.advise(lambda policy, _: correct(policy))
+            # wrong reads ahead not yet started are dropped (demoted above if they landed)
+            self.counters.cancelled += self.cache.cancel_queued(wrong)
+            self._decide(self._due())
+        else:  # the correction and the next layer's admission in one visit to the cache's lock
+            self._decide(self._due(), correct)
 
     def end_step(self) -> None:
         """Release everything this step protected; reads ahead never used are dropped if still queued."""
@@ -344,30 +342,54 @@ class PredictivePrefetcher:
 
     # ---- issuing --------------------------------------------------------------------------------
 
-    def _issue_due(self) -> None:
-        due = [layer for layer in self._pending if self._pos_of[layer] <= self._pos + self.lookahead]
-        for layer in sorted(due, key=self._pos_of.__getitem__):  # most urgent first
+    def _due(self) -> list[int]:
+        """The offered layers now within `lookahead` of the running one and not yet run, most urgent first;
+        layers offered too late to matter (already run) are dropped."""
+        pos_of, limit, now = self._pos_of, self._pos + self.lookahead, self._pos
+        due = [layer for layer in self._pending if pos_of[layer] <= limit]
+        if len(due) > 1:
+            due.sort(key=pos_of.__getitem__)
+        late = [layer for layer in due if pos_of[layer] <= now]
+        for layer in late:
+            del self._pending[layer]
+        return [layer for layer in due if pos_of[layer] > now] if late else due
+
+    def _max_reads(self) -> int:
+        return min(self._per_layer_cap, int(self._max_reads_per_token * self._tokens) - self._reads)
+
+    def _decide(self, layers: Sequence[int], first: Callable[[PredictivePolicy], None] | None = None) -> None:
+        """Admit and issue the reads ahead of `layers` (due, in order), one visit to the cache's lock each;
+        `first(policy)` runs in the first visit (alone if no layer is due)."""
+        if not layers and first is not None:
+            self.cache.advise(lambda policy, _: first(policy))
+        for layer in layers:
             offers = self._pending.pop(layer)
-            if self._pos_of[layer] <= self._pos:  # its layer has run already: too late to matter
-                continue
-            self._decided[layer] = offers
-            p_of = {(layer, o.expert): o.p for o in offers}
-            max_reads = min(self._per_layer_cap, int(self._max_reads_per_token * self._tokens) - self._reads)
-            chosen, candidates = self.cache.advise(partial(self._admit, p_of=p_of, max_reads=max_reads))
-            self._candidates[layer] = {e for _, e in candidates}
-            self.counters.refused += len(candidates) - len(chosen)
-            self._issued[layer] = {e for _, e in chosen}
-            if chosen:
-                issued = self.issue(PrefetchPlan(keys=tuple(chosen)))
-                self._reads += issued
-                self.counters.issued += issued
+            self._issue(layer, offers, self.cache.advise(
+                partial(self._admit, layer=layer, offers=offers, max_reads=self._max_reads(), first=first)))
+            first = None
+
+    def _issue(self, layer: int, offers: list[_Offer], admitted: tuple[list[ExpertKey], list[ExpertKey]]) -> None:
+        """`layer`'s offers are decided: `admitted` = (the reads ahead chosen, the non-resident offers)."""
+        chosen, candidates = admitted
+        self._decided[layer] = offers
+        self._candidates[layer] = {e for _, e in candidates}
+        self.counters.refused += len(candidates) - len(chosen)
+        self._issued[layer] = [e for _, e in chosen]
+        if chosen:
+            issued = self.issue(PrefetchPlan(keys=tuple(chosen)))
+            self._reads += issued
+            self.counters.issued += issued
 
     def _admit(
-        self, policy: PredictivePolicy, free: int, *, p_of: dict[ExpertKey, float], max_reads: int
+        self, policy: PredictivePolicy, free: int, *, layer: int, offers: list[_Offer], max_reads: int,
+        first: Callable[[PredictivePolicy], None] | None,
     ) -> tuple[list[ExpertKey], list[ExpertKey]]:
-        """Under the cache's lock: the non-resident predicted experts worth reading ahead (protected), and all
-        the non-resident ones."""
-        candidates = [(k, p) for k, p in p_of.items() if not policy.resident(k)]
+        """Under the cache's lock (after `first(policy)`, if given): the non-resident predicted experts of `layer`
+        worth reading ahead (protected), and all the non-resident ones."""
+        if first is not None:
+            first(policy)
+        resident = policy.resident
+        candidates = [((layer, o.expert), o.p) for o in offers if not resident((layer, o.expert))]
         if not candidates or max_reads <= 0 or policy.by_recency:
             # by_recency: the routing has lately been less predictable than plain recency; read nothing ahead.
             return [], [k for k, _ in candidates]
