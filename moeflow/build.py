@@ -41,8 +41,8 @@ def load(path: str | Path | None = None, **options: object) -> Engine:
             if name == "auto":
                 name = best_predictor(available_predictors(engine.checkpoint.path, engine_predictor_dir(engine)))
             apply_prediction(engine, build_predictor(engine, name, lookahead=config.lookahead))
-        if config.reuse_model and config.policy in ("predictive", "auto"):
-            apply_reuse_model(engine)
+        if config.reuse_model and isinstance(engine.cache.policy, (PredictivePolicy, AutoPolicy)):
+            apply_reuse_model(engine)  # (with a slot for every expert the auto policy is not used: nothing to evict)
     except BaseException:
         engine.close()
         raise

@@ -39,7 +39,7 @@ from moeflow.offload.admission import PredictionTrial
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import OffloadRuntime, apply_offload
-from moeflow.offload.policy import make_policy
+from moeflow.offload.policy import KeepAllPolicy, make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.stats import CacheStats
 from moeflow.offload.store import DiskStore, ExpertStore, QuantizingStore, RamStore
@@ -204,10 +204,11 @@ class Engine:
             source = store
             store = RamStore(self.checkpoint, source, pool=pool, pin=self.device.type == "cuda")
             source.close()
+        keep_all = budget.slots >= len(self.checkpoint.experts) and self.config.policy != "predictive"
         self.cache = ExpertCache(
             pool=pool,
             store=store,
-            policy=make_policy(self.config.policy),
+            policy=KeepAllPolicy() if keep_all else make_policy(self.config.policy),  # nothing is ever evicted
             layers=sorted(modules),
             budget_bytes=budget.budget_bytes,
             readers=readers,

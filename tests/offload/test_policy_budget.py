@@ -11,7 +11,15 @@ from moeflow.offload import policy as policy_module
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.layer import serve_layer
 from moeflow.offload.plans import RoutingPlan
-from moeflow.offload.policy import AutoPolicy, LFUPolicy, LRFUPolicy, LRUPolicy, make_policy
+from moeflow.offload.policy import (
+    AutoPolicy,
+    KeepAllPolicy,
+    LFUPolicy,
+    LRFUPolicy,
+    LRUPolicy,
+    PredictivePolicy,
+    make_policy,
+)
 from moeflow.tools.profile.replay import Geometry, replay_cache
 
 
@@ -136,6 +144,23 @@ def test_auto_is_the_engines_default_and_starts_its_shadows_at_the_first_evictio
         p.on_access(k)
     assert not p.by_recency
     assert p.victim([(0, 0), (0, 1)]) in {(0, 0), (0, 1)} and not p.by_recency  # no misses yet: LRFU
+
+
+@pytest.mark.parametrize("policy", ["auto", "lru", "lfu", "lrfu", "predictive"])
+def test_a_budget_with_a_slot_for_every_expert_keeps_no_eviction_books(tiny_checkpoints, policy):
+    """Nothing is evicted there, so the engine's policy only keeps books where a prefetcher reads them."""
+    import moeflow
+
+    path = tiny_checkpoints["mixtral"]
+    options = {"predictor": "gate"} if policy == "predictive" else {}
+    with moeflow.load(path, expert_budget="all", policy=policy, **options) as engine:
+        kept = type(engine.cache.policy)
+        assert engine.cache.pool.capacity == len(engine.checkpoint.experts)
+        engine.generate([3, 17, 29, 44, 5, 61], max_new_tokens=4)
+        assert 0 < engine.stats().misses <= len(engine.cache.resident())  # every expert read is still there
+    assert kept is (PredictivePolicy if policy == "predictive" else KeepAllPolicy)
+    with moeflow.load(path, expert_budget="50%", policy=policy, **options) as engine:
+        assert type(engine.cache.policy) is type(make_policy(policy))
 
 
 def test_unknown_policy_is_refused_by_the_config():
