@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicLayer
 from moeflow.config import SamplingParams
 from moeflow.engine.detok import TextStream
 from moeflow.engine.driver import ForwardResult, StepDriver
-from moeflow.engine.sampling import TokenLogprob, sample_next, token_logprob
+from moeflow.engine.sampling import SeenTokens, TokenLogprob, sample_next, token_logprob
 from moeflow.errors import MoeflowError
 
 _ids = itertools.count()
@@ -51,10 +51,12 @@ class SequenceState:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first_token: float | None = None
     t_done: float | None = None
+    seen: SeenTokens = field(init=False, repr=False)  # the history, as the repetition penalty reads it
 
     def __post_init__(self) -> None:
         # Engine.new_sequence resolves against the model's defaults; a sequence built directly gets neutral ones.
         self.params = self.params.resolve({})
+        self.seen = SeenTokens(self.history)  # kept up to date as tokens come
 
     @property
     def length(self) -> int:
@@ -234,7 +236,7 @@ class DecodeBatch:
 
     def _sample(self, seq: SequenceState, logits_V: torch.Tensor) -> None:
         try:
-            token = sample_next(logits_V, seq.params, seq.generator, seq.history)
+            token = sample_next(logits_V, seq.params, seq.generator, seq.seen)
         except Exception as e:  # this sequence's own sampling: it alone fails, the batch goes on
             seq.fail(e)
             return

@@ -26,15 +26,41 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def penalize_repetition(logits_V: torch.Tensor, seen: Sequence[int], penalty: float) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor: each token in `seen` has its logit divided by
+class SeenTokens:
+    """A sequence's tokens so far as a mask over the vocabulary, for the repetition penalty. `history` is read in
+    place as it grows (`TokenHistory`); each `mask` call adds only the tokens added since the last one, so a
+    decode step costs one write, not a pass over the whole history (which cost ~170 us a step at 300 tokens on
+    this project's 2-core VM: ~2-3% of a decode step of the shipped model)."""
+
+    def __init__(self, history: Sequence[int]) -> None:
+        self.history = history
+        self._mask_V: torch.Tensor | None = None
+        self._count = 0  # tokens of `history` in the mask
+
+    def mask(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """[V] bool: True for the tokens of the history (ids beyond the output vocabulary cannot be generated)."""
+        if self._mask_V is None or self._mask_V.shape[0] != vocab or self._mask_V.device != device:
+            self._mask_V, self._count = torch.zeros(vocab, dtype=torch.bool, device=device), 0
+        n = len(self.history)
+        if n > self._count:
+            new = [t for t in self.history[self._count : n] if t < vocab]
+            if len(new) == 1:  # a decode step
+                self._mask_V[new[0]] = True
+            elif new:
+                self._mask_V[torch.tensor(new, dtype=torch.long, device=device)] = True
+            self._count = n
+        return self._mask_V
+
+
+def penalize_seen(logits_V: torch.Tensor, seen_V: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: each token where `seen_V` is True has its logit divided by
     `penalty` when positive, multiplied when negative (a new tensor; `logits_V` is not changed)."""
-    ids = torch.unique(torch.tensor(list(seen), dtype=torch.long, device=logits_V.device))
-    ids = ids[ids < logits_V.shape[-1]]  # ids beyond the output vocabulary cannot be generated anyway
-    picked = logits_V[ids]
-    out = logits_V.clone()
-    out[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return out
+    return torch.where(seen_V, torch.where(logits_V < 0, logits_V * penalty, logits_V / penalty), logits_V)
+
+
+def penalize_repetition(logits_V: torch.Tensor, seen: Sequence[int], penalty: float) -> torch.Tensor:
+    """`penalize_seen` for the tokens `seen` (repeats allowed)."""
+    return penalize_seen(logits_V, SeenTokens(seen).mask(logits_V.shape[-1], logits_V.device), penalty)
 
 
 def warp(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -59,11 +85,11 @@ def warp(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_next(
-    logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, seen: Sequence[int] = ()
+    logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, seen: SeenTokens | None = None
 ) -> int:
-    """The next token for one sequence; `seen` is its prompt and output so far (for the repetition penalty)."""
-    if params.repetition_penalty != 1 and seen:
-        logits_V = penalize_repetition(logits_V, seen, params.repetition_penalty)
+    """The next token for one sequence; `seen`: its prompt and output so far (for the repetition penalty)."""
+    if params.repetition_penalty != 1 and seen is not None and len(seen.history):
+        logits_V = penalize_seen(logits_V, seen.mask(logits_V.shape[-1], logits_V.device), params.repetition_penalty)
     if params.greedy:
         return int(logits_V.argmax(dim=-1))
     probs_V = torch.softmax(warp(logits_V, params), dim=-1)

@@ -20,7 +20,8 @@ from transformers.generation.logits_process import (
 
 import moeflow
 from moeflow.config import SamplingParams
-from moeflow.engine.sampling import penalize_repetition, sample_next, token_logprob, warp
+from moeflow.engine.batch import TokenHistory
+from moeflow.engine.sampling import SeenTokens, penalize_repetition, penalize_seen, sample_next, token_logprob, warp
 from moeflow.errors import RequestError
 from moeflow.scheduler import FifoAdmission, Scheduler
 
@@ -47,6 +48,21 @@ def test_repetition_penalty_equals_transformers(penalty, seed):
     logits, seen = _logits(seed), _seen(seed)
     ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen]), logits.clone()[None])[0]
     torch.testing.assert_close(penalize_repetition(logits, seen, penalty), ref, rtol=0, atol=0)
+
+
+def test_repetition_penalty_follows_a_growing_history_as_transformers_does():
+    """The mask is brought up to date with each token added in place (a prompt, then decode steps); ids beyond
+    the output vocabulary are ignored, as they cannot be generated."""
+    prompt, generated = _seen(7)[:12] + [V + 5], []
+    seen = SeenTokens(TokenHistory(prompt, generated))
+    gen = torch.Generator().manual_seed(3)
+    for step in range(25):
+        logits = _logits(step)
+        ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[t for t in prompt + generated if t < V]]),
+                                                    logits.clone()[None])[0]  # fmt: skip
+        penalised = penalize_seen(logits, seen.mask(V, logits.device), 1.3)
+        torch.testing.assert_close(penalised, ref, rtol=0, atol=0)
+        generated.append(int(torch.randint(0, V, (1,), generator=gen)))
 
 
 def _hf_chain(params: SamplingParams) -> LogitsProcessorList:
@@ -102,9 +118,9 @@ def test_greedy_with_penalty_is_the_argmax_of_the_penalised_logits():
     logits = torch.zeros(V)
     logits[5], logits[6] = 2.0, 1.9
     greedy = SamplingParams().resolve({})
-    assert sample_next(logits, greedy, None, [5]) == 5  # no penalty: the model's argmax
+    assert sample_next(logits, greedy, None, SeenTokens([5])) == 5  # no penalty: the model's argmax
     penalised = SamplingParams(repetition_penalty=1.2).resolve({})
-    assert sample_next(logits, penalised, None, [5]) == 6  # 2.0 / 1.2 < 1.9
+    assert sample_next(logits, penalised, None, SeenTokens([5])) == 6  # 2.0 / 1.2 < 1.9
 
 
 def test_token_logprob_is_the_models_log_softmax():
