@@ -412,16 +412,12 @@ class PredictivePolicy(LRUPolicy):
                   wrong: Sequence[ExpertKey], current: Sequence[ExpertKey]) -> None:
         """A layer's routing is known (the prefetcher's correction, in one call): the previous layer's experts and
         this layer's reads ahead are released, its predictions forgotten, the wrong reads ahead demoted, and its
-        experts (`current`) protected until the next layer's routing is known."""
-        protected = self._protected
-        protected.difference_update(previous)
-        protected.difference_update(issued)
-        expected = self._expected
-        for key in predicted:
-            expected.pop(key, None)
-        if wrong:
-            self.demote(wrong)
-        protected.update(current)
+        experts (`current`) protected until the next layer's routing is known: its reads ahead must not evict them."""
+        self.release(previous)
+        self.release(issued)
+        self.forget(predicted)
+        self.demote(wrong)
+        self.protect(current)
 
     # ---- what the policy knows --------------------------------------------------------------------------
 
