@@ -43,7 +43,7 @@ class KeepAllPolicy(EvictionPolicy):
     """For a cache with a slot for every expert, which never evicts: no books to keep. The engine uses it in place
     of any policy but the predictive one (whose prefetcher reads its state) when the budget holds every expert:
     there the default auto policy's bookkeeping (its duels' shadows, LRFU weights, the reuse model's inputs) cost
-    ~5% of a decode step of the shipped model and could never be used."""
+    ~8% of a decode step of the shipped model (two trees alternating, 4 processes each) and could never be used."""
 
     name = "keep-all"
 
