@@ -23,6 +23,7 @@ from moeflow.predictor.predictors import (
 import moeflow
 from moeflow.cli import main
 from moeflow.errors import MoeflowError
+from moeflow.testing import FAMILY_NAMES
 from moeflow.tools.predictor_eval import score_predictions, train_predictors
 from moeflow.tools.trace import FORMAT, Trace, record_trace
 
@@ -354,3 +355,25 @@ def test_ranked_probabilities_rank_every_layer_at_once_as_each_alone():
         torch.testing.assert_close(torch.from_numpy(probs_LTM), want)
     tied = np.array([[1.0, 3.0, 3.0, 0.5]], dtype=np.float32)
     assert ranked_probabilities(PathPredictor(SHAPE), tied, 3, SHAPE.top_k)[0].tolist() == [[1, 2, 0]]  # lower id
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gate_lookahead_folded_into_numpy_scores_as_the_norm_and_router_do(tiny_checkpoints, family):
+    """The RMS norm's weight folded into the router, computed in numpy (which keeps the GIL), gives the scores the
+    norm and the router modules give, for every family (DeepSeek-V3: its sigmoid + selection bias too)."""
+    import torch.nn.functional as F
+
+    with moeflow.load(tiny_checkpoints[family], expert_budget="all") as engine:
+        gate = build_predictor(engine, "gate", lookahead=1)
+        assert all(f is not None for f in gate._folded), "every tested family's pre-MoE norm is an RMS norm"
+        g = torch.Generator().manual_seed(1)
+        for pos in range(-1, gate.num_layers - 1):
+            x_TD = torch.randn(5, engine.model.config.hidden_size, generator=g) * 2
+            target = max(pos + 1, 0)
+            ref = F.linear(gate.norms[target].forward(x_TD), gate.router_weights[target]).float()
+            if gate.router_bias[target] is not None:
+                ref = torch.sigmoid(ref) + gate.router_bias[target].float()
+            got = gate.on_residual(pos, x_TD)[target]
+            assert isinstance(got, np.ndarray) and got.dtype == np.float32
+            np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5)
+            assert (np.argsort(-got, axis=-1)[:, : engine.top_k] == torch.topk(ref, engine.top_k).indices.numpy()).all()
