@@ -245,7 +245,7 @@ class GateLookahead(RoutePredictor):
         for t in targets:
             if t >= self.num_layers:
                 continue
-            folded = self._folded[t] if t < len(self._folded) else None
+            folded = self._folded[t]
             if folded is not None and residual_TD.dtype == torch.float32 and residual_TD.device.type == "cpu":
                 logits = _rms_router_scores(residual_TD.numpy(), *folded)
                 if self.router_bias[t] is not None:  # sigmoid routing chooses by score + bias
@@ -260,8 +260,8 @@ class GateLookahead(RoutePredictor):
 
 
 def _rms_router_scores(x_TD: np.ndarray, w_DE: np.ndarray, eps: float) -> np.ndarray:
-    """[T, E] float32: router logits of the RMS-normed `x_TD` with the norm's weight folded into `w_DE`. Small
-    numpy matmuls and ufuncs on fewer than 500 values, which run without releasing the GIL."""
+    """[T, E] float32: router logits of the RMS-normed `x_TD` with the norm's weight folded into `w_DE`. At decode
+    sizes: small numpy matmuls and ufuncs on fewer than 500 values, which run without releasing the GIL."""
     ss_T = (x_TD[:, None, :] @ x_TD[:, :, None]).reshape(-1)  # sum of squares per row, as a batched matmul
     inv_T = 1.0 / np.sqrt(ss_T / x_TD.shape[1] + eps)
     return ((x_TD @ w_DE) * inv_T[:, None]).astype(np.float32, copy=False)
