@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import checkout, machine, run_in_tree  # noqa: E402
+from harness import add_tree_arguments, checkout, describe_commits, machine, run_in_tree, tree_commits  # noqa: E402
 
 CONTENDERS = ("transformers", "moeflow all", "moeflow 25%")
 
@@ -117,8 +116,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--baseline", help="commit measured as 'before' (required)")
-    ap.add_argument("--candidate", default="HEAD", help="commit measured as 'after'")
+    add_tree_arguments(ap)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one child per tree each)")
     ap.add_argument("--passes", type=int, default=3, help="passes over the prompts per contender within a child")
     ap.add_argument("--prompts", type=int, default=4)
@@ -129,10 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    if not args.baseline:
-        ap.error("--baseline COMMIT is required (the tree measured as 'before')")
     spec = {"prompts": heldout_prompts(args.prompts), "tokens": args.tokens, "passes": args.passes}
-    commits = {"baseline": args.baseline, "candidate": args.candidate}
+    commits = tree_commits(ap, args)
     passes: dict[str, list[dict[str, list[float]]]] = {"baseline": [], "candidate": []}
     with checkout(commits["baseline"]) as base, checkout(commits["candidate"]) as cand:
         trees = {"baseline": base, "candidate": cand}
@@ -141,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 passes[tree].append(run_in_tree(__file__, trees[tree], spec, timeout_s=1800))
                 print(f"round {r + 1}/{args.rounds} {tree}: "
                       + ", ".join(f"{c} {max(v):.1f}" for c, v in passes[tree][-1].items()), flush=True)  # fmt: skip
-    described = {t: subprocess.run(["git", "log", "-1", "--format=%h %s", c], capture_output=True, text=True,
-                                   check=True).stdout.strip()[:100] for t, c in commits.items()}  # fmt: skip
+    described = describe_commits(commits)
     summary = {}
     for tree, children in passes.items():
         best = {c: max(max(ch[c]) for ch in children) for c in CONTENDERS}

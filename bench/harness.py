@@ -9,6 +9,7 @@ to its processes, so contenders given equal limits hold equal memory, page cache
 
 from __future__ import annotations
 
+import argparse
 import json
 import mmap
 import os
@@ -178,6 +179,25 @@ def checkout(commit: str) -> Iterator[Path]:
         yield root
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=REPO, check=True)
+
+
+def add_tree_arguments(ap: argparse.ArgumentParser) -> None:
+    """--baseline and --candidate: the commits a before/after bench measures (`tree_commits` checks them)."""
+    ap.add_argument("--baseline", help="commit measured as 'before' (required)")
+    ap.add_argument("--candidate", default="HEAD", help="commit measured as 'after'")
+
+
+def tree_commits(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """{"baseline": commit, "candidate": commit}; a usage error without --baseline (a child run needs none)."""
+    if not args.baseline:
+        ap.error("--baseline COMMIT is required (the tree measured as 'before')")
+    return {"baseline": args.baseline, "candidate": args.candidate}
+
+
+def describe_commits(commits: dict[str, str]) -> dict[str, str]:
+    """Each commit as `git log` names it: short hash and subject (100 characters at most)."""
+    return {t: subprocess.run(["git", "log", "-1", "--format=%h %s", c], capture_output=True, text=True, check=True,
+                              cwd=REPO).stdout.strip()[:100] for t, c in commits.items()}  # fmt: skip
 
 
 def run_in_tree(script: str, tree: Path, spec: dict, timeout_s: float) -> dict:

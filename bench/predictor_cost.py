@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import checkout, machine, run_in_tree  # noqa: E402
+from harness import add_tree_arguments, checkout, describe_commits, machine, run_in_tree, tree_commits  # noqa: E402
 
 PREDICTORS = ("path", "token_freq", "frequency", "transition", "gate")
 HISTORY = 64  # tokens of context each sequence has when it decodes
@@ -304,8 +303,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--baseline", help="commit measured as 'before' (required)")
-    ap.add_argument("--candidate", default="HEAD", help="commit measured as 'after'")
+    add_tree_arguments(ap)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each tree keeps its best")
     ap.add_argument("--calls", type=int, default=400)
@@ -316,11 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    if not args.baseline:
-        ap.error("--baseline COMMIT is required (the tree measured as 'before')")
     spec = {"predictors": list(PREDICTORS), "batches": args.batches, "histories": heldout_histories(max(args.batches)),
             "calls": args.calls, "repeats": args.repeats, "warmup": 100}  # fmt: skip
-    commits = {"baseline": args.baseline, "candidate": args.candidate}
+    commits = tree_commits(ap, args)
     best: dict[str, dict] = {}
     with checkout(commits["baseline"]) as base, checkout(commits["candidate"]) as cand:
         trees = {"baseline": base, "candidate": cand}
@@ -335,8 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                         slot = best.setdefault(tree, {}).setdefault(name, {}).setdefault(B, {})
                         for k, v in row.items():
                             slot[k] = min(slot.get(k, float("inf")), v)
-    described = {t: subprocess.run(["git", "log", "-1", "--format=%h %s", c], capture_output=True, text=True,
-                                   check=True).stdout.strip()[:100] for t, c in commits.items()}  # fmt: skip
+    described = describe_commits(commits)
     result = {
         "machine": machine(),
         "what": "microseconds per token: each predictor alone (predictor_us), with PredictorHooks and a sink that "

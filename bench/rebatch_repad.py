@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import checkout, machine, run_in_tree  # noqa: E402
+from harness import add_tree_arguments, checkout, describe_commits, machine, run_in_tree, tree_commits  # noqa: E402
 
 
 def child(spec: dict) -> dict:
@@ -67,8 +66,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--baseline", help="commit measured as 'before' (required)")
-    ap.add_argument("--candidate", default="HEAD", help="commit measured as 'after'")
+    add_tree_arguments(ap)
     ap.add_argument("--prompts", type=int, default=128, help="held-out prompts (64-256)")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per prompt")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
@@ -80,14 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    if not args.baseline:
-        ap.error("--baseline COMMIT is required (the tree measured as 'before')")
+    commits = tree_commits(ap, args)
     from expertflow import heldout_prompts
 
     prompts = heldout_prompts(args.prompts)
     jobs = [(B, admission) for B in args.batch_sizes for admission in ("fifo", "rebatch")]
     best: dict[tuple, dict] = {}
-    with checkout(args.baseline) as base, checkout(args.candidate) as cand:
+    with checkout(commits["baseline"]) as base, checkout(commits["candidate"]) as cand:
         trees = {"baseline": base, "candidate": cand}
         for _ in range(args.rounds):
             for B, admission in jobs:
@@ -107,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                      "candidate": {k: v for k, v in c.items() if k != "tokens"}})  # fmt: skip
     fifo_equal = {B: best[("candidate", B, "fifo")]["tokens"] == best[("candidate", B, "rebatch")]["tokens"]
                   for B in args.batch_sizes}  # fmt: skip
-    described = {t: subprocess.run(["git", "log", "-1", "--format=%h %s", c], capture_output=True, text=True,
-                                   check=True).stdout.strip()[:100]
-                 for t, c in {"baseline": args.baseline, "candidate": args.candidate}.items()}  # fmt: skip
+    described = describe_commits(commits)
     result = {"machine": machine(), "model": "shipped default model", "budget": args.budget,
               "prompts": len(prompts), "max_new_tokens": args.tokens, "rounds": args.rounds, "commits": described,
               "rebatch_tokens_equal_fifo": fifo_equal, "rows": rows}  # fmt: skip
