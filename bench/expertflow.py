@@ -14,8 +14,9 @@ Every contender is a fresh process inside a cgroup memory group with the same li
 (runtime + dense weights + the expert budget + slack), started after the page cache is dropped,
 experts read from disk with O_DIRECT; rounds interleave the contenders, the order rotating each round
 and a pause (``--pause``) before every run: this VM's disk reads faster after an idle spell, and a fixed
-order gave it to whoever ran first (``harness.round_order``). Each one's best round is kept, and its
-median. Each contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
+order gave it to whoever ran first (``harness.round_order``). Each one's best round is kept, its
+median, and the median of its per-round ratios to LRU (``round_ratio``; the table's ``rnd x``). Each
+contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
 bytes read per decode token and decode hit rate, with Belady's offline optimum replayed on LRU's own
 decode routing as the bytes reference, and each predictive contender's own decode replayed
 (`moeflow.tools.profile.replay`, with the overlap the live engine measured) next to its live hit
@@ -211,6 +212,14 @@ def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float, pa
     return best
 
 
+def round_ratio(row: dict, lru: dict) -> float:
+    """The median over rounds of `row`'s tokens/s over LRU's in the same round: each round runs every contender
+    once, close together in time, so this pairs away the drift of this VM's speed from round to round (runs
+    minutes apart moved by 20-30% on 2026-12-03), which the ratio of best or of medians keeps."""
+    pairs = zip(row["all_rounds_tokens_per_s"], lru["all_rounds_tokens_per_s"], strict=True)
+    return statistics.median(r / base for r, base in pairs if base > 0)
+
+
 def replay_on_routing(model: Path, routing: list[list[list[int]]], slots: int) -> dict:
     """Replay LRU's own decode routing through the real cache (no disk) with LRU and with Belady's offline
     optimum: bytes per decode token and hit rate, the reference for every contender's bytes."""
@@ -311,6 +320,8 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         lru = rows[0]
         for r in rows:
             r["tokens_equal_lru"] = "error" not in r and "error" not in lru and r["tokens"] == lru["tokens"]
+            if "error" not in r and "error" not in lru:
+                r["median_round_ratio"] = round_ratio(r, lru)
         reference = {}
         if "error" not in lru:
             reference = replay_on_routing(model, lru["routing"], lru["capacity_slots"])
@@ -511,7 +522,8 @@ def summary(result: dict) -> None:
         lru = rows[0]
         belady = part["replay_on_lru_routing"].get("belady", {}).get("bytes_per_token")
         print(f"\n{model_name} at {part['budget']} (disk): {'contender':>22} {'tok/s':>8} {'x lru':>6} "
-              f"{'med x':>6} {'MiB/tok':>8} {'x belady':>8} {'hit':>6} {'h pred':>6} {'replay':>6} {'pred%':>5} exact")
+              f"{'med x':>6} {'rnd x':>6} {'MiB/tok':>8} {'x belady':>8} {'hit':>6} {'h pred':>6} {'replay':>6} "
+              f"{'pred%':>5} exact")
         for r in rows:
             over_belady = r["decode_bytes_per_token"] / belady if belady else float("nan")
             replayed = r.get("replay", {}).get("hit_rate")
@@ -522,6 +534,7 @@ def summary(result: dict) -> None:
             median = r.get("median_tokens_per_s", r["speed"])
             print(f"{'':>{len(model_name) + 18}}{r['name'].split(' ', 1)[1]:>22} {r['speed']:8.2f} "
                   f"{r['speed'] / lru['speed']:6.2f} {median / lru.get('median_tokens_per_s', lru['speed']):6.2f} "
+                  f"{round_ratio(r, lru):6.2f} "
                   f"{r['decode_bytes_per_token'] / 2**20:8.2f} {over_belady:8.2f} "
                   f"{r.get('decode_hit_rate', r['hit_rate']):6.3f} "
                   f"{'' if on_predicting is None else f'{on_predicting:.3f}':>6} "
