@@ -223,6 +223,7 @@ class GateLookahead(RoutePredictor):
         self.router_weights: list[torch.Tensor] = []  # [E, D] per layer position
         self.router_bias: list[torch.Tensor | None] = []  # DeepSeek-V3 selection bias
         self._folded: list[tuple[np.ndarray, float] | None] = []  # ([D, E] router x norm weight, eps) per position
+        self._bias_E: list[np.ndarray | None] = []  # router_bias in numpy, for the folded path
 
     @classmethod
     def from_model(cls, model: nn.Module, shape: RoutingShape, *, lookahead: int = DEFAULT_LOOKAHEAD) -> GateLookahead:
@@ -236,6 +237,8 @@ class GateLookahead(RoutePredictor):
             self.router_weights.append(parts.router_weight_ED)
             self.router_bias.append(parts.router_bias_E)
             self._folded.append(_fold_rms_norm(parts.norm, parts.router_weight_ED))
+            bias = parts.router_bias_E
+            self._bias_E.append(None if bias is None else bias.detach().float().cpu().numpy())
         return self
 
     @torch.inference_mode()
@@ -248,8 +251,8 @@ class GateLookahead(RoutePredictor):
             folded = self._folded[t]
             if folded is not None and residual_TD.dtype == torch.float32 and residual_TD.device.type == "cpu":
                 logits = _rms_router_scores(residual_TD.numpy(), *folded)
-                if self.router_bias[t] is not None:  # sigmoid routing chooses by score + bias
-                    logits = expit(logits) + self.router_bias[t].float().numpy()
+                if self._bias_E[t] is not None:  # sigmoid routing chooses by score + bias
+                    logits = expit(logits) + self._bias_E[t]
             else:
                 h = self.norms[t].forward(residual_TD)  # .forward: not through the hooks that feed us
                 logits = F.linear(h.to(self.router_weights[t].dtype), self.router_weights[t]).float()
