@@ -26,13 +26,14 @@ def context_windows(histories: Sequence[Sequence[int]], n_new: int, window: int,
 
     Reads only each history's last ``n_new + W - 1`` tokens (a slice), never the whole history.
     """
+    if n_new == 1:  # decode: each row is its window (lists: numpy's per-call cost is most of it at a few rows)
+        tails = [hist[-window:] for hist in histories]
+        return np.array([[pad_id] * (window - len(tail)) + list(tail) for tail in tails], dtype=np.int64)
     span = n_new + window - 1
     rows = np.full((len(histories), span), pad_id, dtype=np.int64)
     for b, hist in enumerate(histories):
         tail = hist[max(0, len(hist) - span) :]
         rows[b, span - len(tail) :] = tail
-    if n_new == 1:  # decode: each row is its window
-        return rows
     return rows[:, _window_index(n_new, window)].reshape(-1, window)
 
 

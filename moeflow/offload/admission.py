@@ -117,21 +117,34 @@ class Calibration:
         self._hits: dict[int, float] = {}
         self._seen: dict[int, float] = {}
         self._scale = 1.0
+        self._priors: list[float] = []  # `_prior` of each bin, for `table`
 
-    def _bin(self, raw: float | None, rank: int) -> tuple[int, float]:
+    def bin_of(self, raw: float | None, rank: int = 0) -> int:
+        """The bin of a prediction: of its raw probability, or (rank only) of its rank, after the probability bins."""
         if raw is None:
-            return self.bins + rank, 1.0 / (rank + 2)  # rank-only: prior 1/2 for the best, less after
-        b = min(int(raw * self.bins), self.bins - 1) if raw > 0 else 0
-        return b, (b + 0.5) / self.bins
+            return self.bins + rank
+        return min(int(raw * self.bins), self.bins - 1) if raw > 0 else 0
+
+    def _prior(self, b: int) -> float:
+        """What an empty bin believes: its raw probability's midpoint, or 1/2 for the best rank and less after."""
+        return (b + 0.5) / self.bins if b < self.bins else 1.0 / (b - self.bins + 2)
 
     def probability(self, raw: float | None, rank: int = 0) -> float:
-        if raw is None:  # `_bin`, inline: the prefetcher asks this of every expert it is offered
-            b, prior = self.bins + rank, 1.0 / (rank + 2)
-        else:
-            b = min(int(raw * self.bins), self.bins - 1) if raw > 0 else 0
-            prior = (b + 0.5) / self.bins
+        return self._calibrated(self.bin_of(raw, rank))
+
+    def table(self, ranks: int) -> list[float]:
+        """`probability` of every bin, indexed by `bin_of` (rank-only bins for ranks below `ranks`): what an offer
+        of several predictions reads while the calibration stands still (`_calibrated` inline: a dozen bins)."""
+        n = self.bins + ranks
+        if len(self._priors) < n:
+            self._priors = [self._prior(b) for b in range(n)]
+        hits, seen, scale, w = self._hits, self._seen, self._scale, self.prior_weight
+        return [(hits.get(b, 0.0) * scale + w * prior) / (seen.get(b, 0.0) * scale + w)
+                for b, prior in zip(range(n), self._priors)]  # fmt: skip
+
+    def _calibrated(self, b: int) -> float:
         scale = self._scale
-        return (self._hits.get(b, 0.0) * scale + self.prior_weight * prior) / (
+        return (self._hits.get(b, 0.0) * scale + self.prior_weight * self._prior(b)) / (
             self._seen.get(b, 0.0) * scale + self.prior_weight
         )
 
@@ -141,7 +154,7 @@ class Calibration:
             self._hits = {b: w * self._scale for b, w in self._hits.items()}
             self._seen = {b: w * self._scale for b, w in self._seen.items()}
             self._scale = 1.0
-        b, _ = self._bin(raw, rank)
+        b = self.bin_of(raw, rank)
         weight = 1.0 / self._scale
         self._hits[b] = self._hits.get(b, 0.0) + weight * used
         self._seen[b] = self._seen.get(b, 0.0) + weight

@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import NamedTuple
 
 from moeflow.config import DEFAULT_LOOKAHEAD
@@ -60,11 +59,13 @@ class PrefetchCounters:
         return {**vars(self), "precision": self.precision, "recall": self.recall}
 
 
-class _Offer(NamedTuple):  # a tuple: the prefetcher makes a few per layer and token
-    expert: int
-    raw: float | None  # the predictor's probability that some token of the step uses it (None: rank only)
-    rank: int  # its best rank among the step's tokens
-    p: float  # the calibrated probability that the step uses it, as the calibration stood when it was offered
+class _Offers(NamedTuple):
+    """One layer's offered experts, each once, as parallel lists (one object a layer, not one an expert)."""
+
+    experts: list[int]
+    raws: list[float | None]  # the predictor's probability that some token of the step uses it (None: rank only)
+    ranks: list[int]  # its best rank among the step's tokens
+    ps: list[float]  # the calibrated probability that the step uses it, as the calibration stood when offered
 
 
 class OverlapEstimate:
@@ -177,8 +178,8 @@ class PredictivePrefetcher:
 
     def _reset(self) -> None:
         self._pos = -1  # position of the layer that runs now; -1 before the first
-        self._pending: dict[int, list[_Offer]] = {}  # layer -> offered, not yet decided
-        self._decided: dict[int, list[_Offer]] = {}  # layer -> offered and decided, awaiting its routing
+        self._pending: dict[int, _Offers] = {}  # layer -> offered, not yet decided
+        self._decided: dict[int, _Offers] = {}  # layer -> offered and decided, awaiting its routing
         self._candidates: dict[int, set[int]] = {}  # layer -> its offered experts that were not resident when decided
         self._issued: dict[int, list[int]] = {}  # layer -> experts read ahead (protected)
         self._current: list[ExpertKey] = []  # the running layer's experts, kept until the next layer
@@ -196,8 +197,8 @@ class PredictivePrefetcher:
     # ---- the step -------------------------------------------------------------------------------
 
     def begin_step(self, decode_rows: int = 0) -> None:
-        """A forward begins; `decode_rows` > 0: it is a decode step of that many rows (the trial times those)."""
-        self.end_step()
+        """A forward begins; `decode_rows` > 0: it is a decode step of that many rows (the trial times those).
+        The step before ends (`end_step`) in the same visit to the cache's lock as the policy's step begins."""
         self.counters.steps += 1
         if self.trial is not None:
             if self.trial.predicting != self.predicting:
@@ -212,7 +213,7 @@ class PredictivePrefetcher:
                 self.estimate.begin()
             else:
                 self.estimate.interrupt()
-        self.cache.advise(lambda policy, _: policy.begin_step())
+        self._end_step(lambda policy: policy.begin_step())
 
     def end_forward(self) -> None:
         """The forward `begin_step` began has returned: a timed decode step goes to the trial, a measured one to
@@ -242,100 +243,106 @@ class PredictivePrefetcher:
         if not self.predicting:
             return
         expected: dict[ExpertKey, float] = {}
-        probability = self.calibration.probability
+        calibrated = self.calibration.table(self.width)  # the calibration does not change while offering
+        pos_of, pending, decided = self._pos_of, self._pending, self._decided
         added = False
         for i, layer in enumerate(layers):
-            if layer not in self._pos_of or layer in self._pending or layer in self._decided:
-                continue
+            if layer not in pos_of or layer in pending or layer in decided or pos_of[layer] <= self._pos:
+                continue  # not a layer of the prefetcher's, offered already, or run already
             ranked_TM = ranked_LTM[i]
-            probs_TM = None if probs_LTM is None else probs_LTM[i]
-            offers = self._offers(ranked_TM, probs_TM, probability)
-            for o in offers:
-                expected[(layer, o.expert)] = o.p
-            self._tokens = max(self._tokens, len(ranked_TM))
-            self._pending[layer] = offers
+            offers = self._offers(ranked_TM, None if probs_LTM is None else probs_LTM[i], calibrated)
+            expected.update(zip([(layer, e) for e in offers.experts], offers.ps))
+            if len(ranked_TM) > self._tokens:
+                self._tokens = len(ranked_TM)
+            pending[layer] = offers
             added = True
-        if not added:
-            return
-        self._decide(self._due(), (lambda policy: policy.expect(expected)) if expected else None)
+        if added:
+            self._decide(self._due(), (lambda policy: policy.expect(expected)) if expected else None)
 
     def _offers(
-        self, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None,
-        probability: Callable[[float | None, int], float],
-    ) -> list[_Offer]:
+        self, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None, calibrated: list[float],
+    ) -> _Offers:
         """One layer's offers from its tokens' ranked experts: each expert once, at its best rank, with the
-        probability that some token uses it."""
+        probability that some token uses it, calibrated (`calibrated`: `Calibration.table`)."""
+        bin_of = self.calibration.bin_of
         if len(ranked_TM) == 1:  # one token (a decode step of batch 1): its ranks are its distinct experts
-            ranked = ranked_TM[0][: self.width]
-            raws = [None] * len(ranked) if probs_TM is None else probs_TM[0]
-            return [_Offer(e, raw, rank, probability(raw, rank)) for rank, (e, raw) in enumerate(zip(ranked, raws))]
-        miss: dict[int, float] = {}  # expert -> probability that no token uses it
-        rank_of: dict[int, int] = {}
-        for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
-            for t, ranked in enumerate(ranked_TM):
-                if rank >= len(ranked):
-                    continue
-                e = int(ranked[rank])
-                rank_of.setdefault(e, rank)
-                if probs_TM is not None:
-                    miss[e] = miss.get(e, 1.0) * (1.0 - probs_TM[t][rank])
-        offers = []
-        for e, rank in rank_of.items():
-            raw = None if probs_TM is None else 1.0 - miss[e]
-            offers.append(_Offer(e, raw, rank, probability(raw, rank)))
-        return offers
+            experts = list(ranked_TM[0][: self.width])
+            ranks = list(range(len(experts)))
+            raws = [None] * len(experts) if probs_TM is None else list(probs_TM[0][: len(experts)])
+        else:
+            miss: dict[int, float] = {}  # expert -> probability that no token uses it
+            rank_of: dict[int, int] = {}
+            for rank in range(self.width):  # rank-major: every token's best guess before anyone's second
+                for t, ranked in enumerate(ranked_TM):
+                    if rank >= len(ranked):
+                        continue
+                    e = int(ranked[rank])
+                    rank_of.setdefault(e, rank)
+                    if probs_TM is not None:
+                        miss[e] = miss.get(e, 1.0) * (1.0 - probs_TM[t][rank])
+            experts, ranks = list(rank_of), list(rank_of.values())
+            raws = [None] * len(experts) if probs_TM is None else [1.0 - miss[e] for e in experts]
+        return _Offers(experts, raws, ranks, [calibrated[bin_of(raw, rank)] for raw, rank in zip(raws, ranks)])
 
     def on_routing(self, layer: int, expert_ids: Iterable[int]) -> None:
         """`layer`'s real experts are known: score and correct its predictions, move the window on."""
         if not self.predicting:
             return
         used = set(expert_ids)
-        offers = self._decided.pop(layer, None)
-        if offers is None:  # offered too late to decide; still counts for accuracy
-            offers = self._pending.pop(layer, [])
-        # Calibrated on the candidates only: a prediction of an expert that is not resident (what admission
-        # asks about) is right less often than one of an expert the layer used a moment ago.
-        candidates = self._candidates.pop(layer, None)
-        if candidates:
-            observe = self.calibration.observe
-            for o in offers:
-                if o.expert in candidates:
-                    observe(o.raw, o.expert in used, o.rank)
-        predicted = [(layer, o.expert) for o in offers]  # one offer per expert
         counters = self.counters
-        counters.offered += len(predicted)
-        counters.correct += len(used.intersection([o.expert for o in offers]))
         counters.used += len(used)
-        issued = [(layer, e) for e in self._issued.pop(layer, ())]
-        wrong = [k for k in issued if k[1] not in used]
-        previous, current = self._current, [(layer, e) for e in used]
-        self._current = current
+        offers = self._decided.pop(layer, None)
+        if offers is None:  # offered too late to decide (or not at all); still counts for accuracy
+            offers = self._pending.pop(layer, None)
+        candidates = self._candidates.pop(layer, None)
+        predicted: list[ExpertKey] = []
+        if offers is not None:
+            experts = offers.experts
+            # Calibrated on the candidates only: a prediction of an expert that is not resident (what admission
+            # asks about) is right less often than one of an expert the layer used a moment ago.
+            if candidates:
+                observe, raws, ranks = self.calibration.observe, offers.raws, offers.ranks
+                for i, e in enumerate(experts):
+                    if e in candidates:
+                        observe(raws[i], e in used, ranks[i])
+            predicted = [(layer, e) for e in experts]  # one offer per expert
+            counters.offered += len(experts)
+            counters.correct += len(used.intersection(experts))
+        issued = self._issued.pop(layer, None)
+        issued_keys = [(layer, e) for e in issued] if issued else []
+        wrong = [(layer, e) for e in issued if e not in used] if issued else []
+        previous = self._current
+        self._current = current = [(layer, e) for e in used]
         self._pos = self._pos_of.get(layer, self._pos)
 
         def correct(policy: PredictivePolicy) -> None:
-            policy.layer_ran(previous, issued, predicted, wrong, current)
+            policy.layer_ran(previous, issued_keys, predicted, wrong, current)
 
         if wrong:
             self.cache.advise(lambda policy, _: correct(policy))
             # wrong reads ahead not yet started are dropped (demoted above if they landed)
-            self.counters.cancelled += self.cache.cancel_queued(wrong)
+            counters.cancelled += self.cache.cancel_queued(wrong)
             self._decide(self._due())
         else:  # the correction and the next layer's admission in one visit to the cache's lock
             self._decide(self._due(), correct)
 
     def end_step(self) -> None:
         """Release everything this step protected; reads ahead never used are dropped if still queued."""
+        self._end_step(None)
+
+    def _end_step(self, then: Callable[[PredictivePolicy], None] | None) -> None:
+        """`end_step`, with `then(policy)` in the same visit to the cache's lock (there is always one if given)."""
         keys = [(layer, e) for layer, experts in self._issued.items() for e in experts]
         current = self._current
-        if not keys and not current:
-            self._reset()
-            return
+        if keys or current or then is not None:
 
-        def release(policy: PredictivePolicy, _: int) -> None:
-            policy.release(current)
-            policy.release(keys)
+            def release(policy: PredictivePolicy, _: int) -> None:
+                policy.release(current)
+                policy.release(keys)
+                if then is not None:
+                    then(policy)
 
-        self.cache.advise(release)
+            self.cache.advise(release)
         if keys:
             self.counters.cancelled += self.cache.cancel_queued(keys)
         self._reset()
@@ -343,16 +350,12 @@ class PredictivePrefetcher:
     # ---- issuing --------------------------------------------------------------------------------
 
     def _due(self) -> list[int]:
-        """The offered layers now within `lookahead` of the running one and not yet run, most urgent first;
-        layers offered too late to matter (already run) are dropped."""
-        pos_of, limit, now = self._pos_of, self._pos + self.lookahead, self._pos
-        due = [layer for layer in self._pending if pos_of[layer] <= limit]
-        if len(due) > 1:
-            due.sort(key=pos_of.__getitem__)
-        late = [layer for layer in due if pos_of[layer] <= now]
-        for layer in late:
-            del self._pending[layer]
-        return [layer for layer in due if pos_of[layer] > now] if late else due
+        """The offered layers now within `lookahead` of the running one and not yet run, most urgent first."""
+        pending, layers = self._pending, self.layers
+        if not pending:
+            return []
+        return [layers[pos] for pos in range(self._pos + 1, min(self._pos + self.lookahead, len(layers) - 1) + 1)
+                if layers[pos] in pending]  # fmt: skip
 
     def _max_reads(self) -> int:
         return min(self._per_layer_cap, int(self._max_reads_per_token * self._tokens) - self._reads)
@@ -360,40 +363,45 @@ class PredictivePrefetcher:
     def _decide(self, layers: Sequence[int], first: Callable[[PredictivePolicy], None] | None = None) -> None:
         """Admit and issue the reads ahead of `layers` (due, in order), one visit to the cache's lock each;
         `first(policy)` runs in the first visit (alone if no layer is due)."""
-        if not layers and first is not None:
-            self.cache.advise(lambda policy, _: first(policy))
+        if not layers:
+            if first is not None:
+                self.cache.advise(lambda policy, _: first(policy))
+            return
         for layer in layers:
             offers = self._pending.pop(layer)
+            max_reads = self._max_reads()
             self._issue(layer, offers, self.cache.advise(
-                partial(self._admit, layer=layer, offers=offers, max_reads=self._max_reads(), first=first)))
+                lambda policy, free: self._admit(policy, free, layer, offers, max_reads, first)))  # noqa: B023
             first = None
 
-    def _issue(self, layer: int, offers: list[_Offer], admitted: tuple[list[ExpertKey], list[ExpertKey]]) -> None:
-        """`layer`'s offers are decided: `admitted` = (the reads ahead chosen, the non-resident offers)."""
+    def _issue(self, layer: int, offers: _Offers, admitted: tuple[list[ExpertKey], list[int]]) -> None:
+        """`layer`'s offers are decided: `admitted` = (the reads ahead chosen, the non-resident offered experts)."""
         chosen, candidates = admitted
         self._decided[layer] = offers
-        self._candidates[layer] = {e for _, e in candidates}
+        self._candidates[layer] = set(candidates)
         self.counters.refused += len(candidates) - len(chosen)
-        self._issued[layer] = [e for _, e in chosen]
         if chosen:
+            self._issued[layer] = [e for _, e in chosen]
             issued = self.issue(PrefetchPlan(keys=tuple(chosen)))
             self._reads += issued
             self.counters.issued += issued
 
     def _admit(
-        self, policy: PredictivePolicy, free: int, *, layer: int, offers: list[_Offer], max_reads: int,
+        self, policy: PredictivePolicy, free: int, layer: int, offers: _Offers, max_reads: int,
         first: Callable[[PredictivePolicy], None] | None,
-    ) -> tuple[list[ExpertKey], list[ExpertKey]]:
+    ) -> tuple[list[ExpertKey], list[int]]:
         """Under the cache's lock (after `first(policy)`, if given): the non-resident predicted experts of `layer`
         worth reading ahead (protected), and all the non-resident ones."""
         if first is not None:
             first(policy)
         resident = policy.resident
-        candidates = [((layer, o.expert), o.p) for o in offers if not resident((layer, o.expert))]
-        if not candidates or max_reads <= 0 or policy.by_recency:
+        candidates = [((layer, e), p) for e, p in zip(offers.experts, offers.ps) if not resident((layer, e))]
+        if not candidates:
+            return [], []
+        if max_reads <= 0 or policy.by_recency:
             # by_recency: the routing has lately been less predictable than plain recency; read nothing ahead.
-            return [], [k for k, _ in candidates]
+            return [], [k[1] for k, _ in candidates]
         chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads), overlap=self.overlap,
                        contention=self.admission.contention, max_reads=max_reads)
         policy.protect(chosen)
-        return chosen, [k for k, _ in candidates]
+        return chosen, [k[1] for k, _ in candidates]
