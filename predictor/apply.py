@@ -72,9 +72,11 @@ def available_predictors(model_dir: str | Path, folder: str | Path | None = None
 
 
 # Best first, by live decode speed on the I/O-bound bench model (bench/expertflow.py, 25%, disk): token_freq
-# 1.14x LRU's tokens/s, gate 1.07x, path 0.77x on 2026-12-01 (token_freq 1.30x, path 1.17x in the run before),
-# although path has the best recall (README: path 0.81, token_freq 0.72, sklearn 0.73 at 4x the cost, gate
-# 0.65); gate needs no training, so one is always available.
+# 1.14x LRU's tokens/s, gate 1.07x, path 0.77x on 2026-12-01 (token_freq 1.30x, path 1.17x in the run before);
+# on 2026-12-03, 4 interleaved rounds, median of per-round ratios: token_freq 1.19x, path 1.15x, the auto policy
+# without prediction 1.15x (bench/results/expertflow_iobound_preference.json), although path has the best recall
+# (README: path 0.81, token_freq 0.72, sklearn 0.73 at 4x the cost, gate 0.65); gate needs no training, so one is
+# always available.
 PREFERENCE = ("token_freq", "path", "sklearn", "gate")
 
 
