@@ -117,7 +117,6 @@ class Calibration:
         self._hits: dict[int, float] = {}
         self._seen: dict[int, float] = {}
         self._scale = 1.0
-        self._priors: list[float] = []  # `_prior` of each bin, for `table`
 
     def bin_of(self, raw: float | None, rank: int = 0) -> int:
         """The bin of a prediction: of its raw probability, or (rank only) of its rank, after the probability bins."""
@@ -134,13 +133,8 @@ class Calibration:
 
     def table(self, ranks: int) -> list[float]:
         """`probability` of every bin, indexed by `bin_of` (rank-only bins for ranks below `ranks`): what an offer
-        of several predictions reads while the calibration stands still (`_calibrated` inline: a dozen bins)."""
-        n = self.bins + ranks
-        if len(self._priors) < n:
-            self._priors = [self._prior(b) for b in range(n)]
-        hits, seen, scale, w = self._hits, self._seen, self._scale, self.prior_weight
-        return [(hits.get(b, 0.0) * scale + w * prior) / (seen.get(b, 0.0) * scale + w)
-                for b, prior in zip(range(n), self._priors)]  # fmt: skip
+        of several predictions reads while the calibration stands still."""
+        return [self._calibrated(b) for b in range(self.bins + ranks)]
 
     def _calibrated(self, b: int) -> float:
         scale = self._scale

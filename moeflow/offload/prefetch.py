@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from moeflow.config import DEFAULT_LOOKAHEAD
@@ -252,12 +253,12 @@ class PredictivePrefetcher:
             ranked_TM = ranked_LTM[i]
             offers = self._offers(ranked_TM, None if probs_LTM is None else probs_LTM[i], calibrated)
             expected.update(zip([(layer, e) for e in offers.experts], offers.ps))
-            if len(ranked_TM) > self._tokens:
-                self._tokens = len(ranked_TM)
+            self._tokens = max(self._tokens, len(ranked_TM))
             pending[layer] = offers
             added = True
-        if added:
-            self._decide(self._due(), (lambda policy: policy.expect(expected)) if expected else None)
+        if not added:
+            return
+        self._decide(self._due(), (lambda policy: policy.expect(expected)) if expected else None)
 
     def _offers(
         self, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]] | None, calibrated: list[float],
@@ -363,15 +364,12 @@ class PredictivePrefetcher:
     def _decide(self, layers: Sequence[int], first: Callable[[PredictivePolicy], None] | None = None) -> None:
         """Admit and issue the reads ahead of `layers` (due, in order), one visit to the cache's lock each;
         `first(policy)` runs in the first visit (alone if no layer is due)."""
-        if not layers:
-            if first is not None:
-                self.cache.advise(lambda policy, _: first(policy))
-            return
+        if not layers and first is not None:
+            self.cache.advise(lambda policy, _: first(policy))
         for layer in layers:
             offers = self._pending.pop(layer)
-            max_reads = self._max_reads()
             self._issue(layer, offers, self.cache.advise(
-                lambda policy, free: self._admit(policy, free, layer, offers, max_reads, first)))  # noqa: B023
+                partial(self._admit, layer=layer, offers=offers, max_reads=self._max_reads(), first=first)))
             first = None
 
     def _issue(self, layer: int, offers: _Offers, admitted: tuple[list[ExpertKey], list[int]]) -> None:
@@ -380,14 +378,14 @@ class PredictivePrefetcher:
         self._decided[layer] = offers
         self._candidates[layer] = set(candidates)
         self.counters.refused += len(candidates) - len(chosen)
+        self._issued[layer] = [e for _, e in chosen]
         if chosen:
-            self._issued[layer] = [e for _, e in chosen]
             issued = self.issue(PrefetchPlan(keys=tuple(chosen)))
             self._reads += issued
             self.counters.issued += issued
 
     def _admit(
-        self, policy: PredictivePolicy, free: int, layer: int, offers: _Offers, max_reads: int,
+        self, policy: PredictivePolicy, free: int, *, layer: int, offers: _Offers, max_reads: int,
         first: Callable[[PredictivePolicy], None] | None,
     ) -> tuple[list[ExpertKey], list[int]]:
         """Under the cache's lock (after `first(policy)`, if given): the non-resident predicted experts of `layer`
@@ -396,9 +394,7 @@ class PredictivePrefetcher:
             first(policy)
         resident = policy.resident
         candidates = [((layer, e), p) for e, p in zip(offers.experts, offers.ps) if not resident((layer, e))]
-        if not candidates:
-            return [], []
-        if max_reads <= 0 or policy.by_recency:
+        if not candidates or max_reads <= 0 or policy.by_recency:
             # by_recency: the routing has lately been less predictable than plain recency; read nothing ahead.
             return [], [k[1] for k, _ in candidates]
         chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads), overlap=self.overlap,
