@@ -306,6 +306,10 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         if trained:  # the eviction estimate side by side: the trained reuse model (above) against the online one
             contenders.append(("predictive/path (next-use)",
                                {"policy": "predictive", "predictor": "path", "reuse_model": False}))
+            # reads ahead for the next token's first layer (`moeflow.predictor.ahead`) against none
+            contenders += [(f"predictive/{p} (no next-token)",
+                            {"policy": "predictive", "predictor": p, "next_token_prefetch": False})
+                           for p in ("path", "token_freq")]
         if args.contenders:
             contenders = [c for c in contenders if c[0] == "lru" or c[0] in args.contenders]
         limit = memory_limit(model, args.budget, runtime)
@@ -370,8 +374,8 @@ def rebatch_part(args: argparse.Namespace, runtime: int) -> dict:
 
 
 def _bar_name(name: str) -> str:
-    """'predictive/token_freq' -> two short lines, so every label sits under its own bar unrotated."""
-    return name.replace("/", "\n")
+    """'predictive/token_freq (no next-token)' -> short lines, so every label sits under its own bar unrotated."""
+    return name.replace("/", "\n").replace(" (", "\n(")
 
 
 def takeaway(result: dict) -> str:

@@ -13,6 +13,7 @@ from moeflow.engine import Engine
 from moeflow.errors import MoeflowError
 from moeflow.offload.policy import AutoPolicy, PredictivePolicy
 from moeflow.offload.reuse import LearnedReuse, ReuseModel, reuse_files
+from moeflow.predictor.ahead import apply_next_token_prefetch
 from moeflow.predictor.apply import (
     apply_prediction,
     available_predictors,
@@ -40,7 +41,10 @@ def load(path: str | Path | None = None, **options: object) -> Engine:
             name = config.predictor
             if name == "auto":
                 name = best_predictor(available_predictors(engine.checkpoint.path, engine_predictor_dir(engine)))
-            apply_prediction(engine, build_predictor(engine, name, lookahead=config.lookahead))
+            predictor = build_predictor(engine, name, lookahead=config.lookahead)
+            apply_prediction(engine, predictor)
+            if config.next_token_prefetch:
+                apply_next_token_prefetch(engine, predictor)
         if config.reuse_model and isinstance(engine.cache.policy, (PredictivePolicy, AutoPolicy)):
             apply_reuse_model(engine)  # (with a slot for every expert the auto policy is not used: nothing to evict)
     except BaseException:

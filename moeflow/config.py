@@ -68,6 +68,12 @@ class EngineConfig:
     prefetch_width: int = field(
         default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
     )
+    next_token_prefetch: bool = field(
+        default=True,
+        metadata={"help": "predictive: during each decode step's last MoE layer, read ahead the first MoE layer's "
+                  "experts for the next token (the model's own next-token distribution there x the token_freq "
+                  "table; only where the predictor folder has token_freq)"},
+    )
     prediction_trial: bool = field(
         default=True,
         metadata={"help": "predictive: time decode steps with and without prediction and predict only while it makes "

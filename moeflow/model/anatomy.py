@@ -1,5 +1,6 @@
 """Where things are inside a transformers MoE decoder: the token embedding, each MoE layer's pre-MoE
-norm and router. Code above the model layer asks here instead of walking `model.model.layers`.
+norm and router, the final norm and output head. Code above the model layer asks here instead of
+walking `model.model.layers`.
 
 Found the same way for every family: the MoE block is the experts module's parent; its router is the
 block's first submodule (not the experts, not shared experts) holding a [E, D] weight (`gate`,
@@ -33,6 +34,15 @@ class MoeLayerParts:
 
 def token_embedding(model: nn.Module) -> nn.Module:
     return model.get_input_embeddings()
+
+
+def output_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the final norm, the output projection to the vocabulary): what turns a residual into next-token logits."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    head = model.get_output_embeddings()
+    if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):
+        raise MoeflowError(f"{type(model).__name__} has no final norm (model.norm) and output head found")
+    return norm, head
 
 
 def moe_layer_parts(model: nn.Module, layer: int) -> MoeLayerParts:

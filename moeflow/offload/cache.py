@@ -191,6 +191,7 @@ class ExpertCache:
         self._cv = threading.Condition()
         self._counters = {layer: _LayerCounters() for layer in layers}
         self._resident_peak = 0
+        self._when_read: list[Callable[[], None]] = []  # `when_layer_read`: run by the compute thread
 
     # ---- compute thread -------------------------------------------------------------------------
 
@@ -208,6 +209,17 @@ class ExpertCache:
         """MoE layer `layer` runs now (once per forward, however many waves it takes): the policy's clock."""
         with self._cv:
             self.policy.on_layer(layer)
+
+    def when_layer_read(self, fn: Callable[[], None]) -> None:
+        """Run `fn()` once, in the compute thread, as soon as the experts of the next layer it acquires are all
+        in their slots (before it computes the last of them): work for the link that must not delay that
+        layer's demand reads, and that the layer's compute can hide."""
+        self._when_read.append(fn)
+
+    def _layer_read(self) -> None:
+        callbacks, self._when_read = self._when_read, []
+        for fn in callbacks:
+            fn()
 
     @contextmanager
     def arrivals(self, layer: int, experts: Sequence[int]) -> Iterator[Iterator[dict[int, int]]]:
@@ -305,6 +317,8 @@ class ExpertCache:
                     if self._slots[s].ready_event is not None:
                         torch.cuda.current_stream().wait_event(self._slots[s].ready_event)  # no host sync
                 counters.stall_s += time.perf_counter() - t
+                if not waiting and self._when_read:
+                    self._layer_read()
                 yield ready
 
         try:

@@ -14,10 +14,13 @@ offered prediction is scored for calibration, the reads ahead are released, the 
 queued dropped and the rest demoted to the front of the eviction order; the missed experts are then
 read on demand by the cache (which also takes over a right prediction whose read is still queued).
 The cache decides hits and misses, so correctness never depends on a prediction: a wrong one costs
-a wasted read, never a wrong output. With a `PredictionTrial` the prefetcher times its decode steps
-and, while the trial finds them faster without prediction, does nothing at all: the predictor is
-not called (`predicting` is False) and the policy is plain LRU (`PredictivePolicy.dormant`), or evicts by its
-trained reuse model if it has one.
+a wasted read, never a wrong output. During a decode step's last layer, `offer_next_step` offers
+the *next* step's first layer (what `moeflow.predictor.ahead` predicts of the next token): admitted
+the same way, read once that last layer's own reads are in, and kept protected across the step's
+end until the first layer's routing scores them. With a `PredictionTrial` the prefetcher times its
+decode steps and, while the trial finds them faster without prediction, does nothing at all: the
+predictor is not called (`predicting` is False) and the policy is plain LRU
+(`PredictivePolicy.dormant`), or evicts by its trained reuse model if it has one.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class PrefetchCounters:
     correct: int = 0  # predicted experts the layer then used
     used: int = 0  # experts the layers used
     dormant_steps: int = 0  # steps run without prediction (`PredictionTrial`)
+    ahead_offered: int = 0  # `offer_next_step`: the next step's first-layer experts predicted
+    ahead_issued: int = 0  # ...and read ahead during the last layer
+    ahead_correct: int = 0  # ...of those reads, the ones the next step's first layer used
 
     @property
     def precision(self) -> float:
@@ -95,6 +101,7 @@ class OverlapEstimate:
         self.lookahead = lookahead
         self.every = every
         self.overlap = initial
+        self.read_s: float | None = None  # seconds a demand read stalls, smoothed like `overlap`
         self._clock = clock
         # The open window: forward seconds and steps so far, and the cache's (stall, misses) when it opened.
         self._seconds, self._steps = 0.0, 0
@@ -124,6 +131,7 @@ class OverlapEstimate:
             compute_per_layer = max(self._seconds - stall, 0.0) / (self._steps * self.layers)
             estimate = self.lookahead * compute_per_layer / (stall / misses)
             self.overlap = 0.7 * self.overlap + 0.3 * estimate
+            self.read_s = stall / misses if self.read_s is None else 0.7 * self.read_s + 0.3 * stall / misses
         return self.overlap
 
     def interrupt(self) -> None:
@@ -165,6 +173,7 @@ class PredictivePrefetcher:
         self.width = width
         self.admission = admission = admission or AdmissionConfig()
         self.calibration = Calibration(admission)
+        self.ahead_calibration = Calibration(admission)  # `offer_next_step`'s predictions: another predictor
         self.estimate = None if admission.overlap is not None else OverlapEstimate(
             cache, layers=len(self.layers), lookahead=lookahead)
         self.overlap = admission.overlap if admission.overlap is not None else self.estimate.overlap
@@ -175,6 +184,11 @@ class PredictivePrefetcher:
         self.trial = trial
         self.predicting = True
         self._timing: tuple[float, int] | None = None  # (start, rows) of the decode step being timed
+        # `offer_next_step`: the next step's first layer -> (its offers, the non-resident ones, the experts read
+        # ahead), kept across the step's end until that layer's routing is known.
+        self._ahead: dict[int, tuple[_Offers, set[int], list[int]]] = {}
+        self._ahead_at: float | None = None  # when the reads ahead for the next step were issued
+        self._ahead_lead: float | None = None  # seconds from then to that layer's routing, smoothed
         self._reset()
 
     def _reset(self) -> None:
@@ -209,6 +223,8 @@ class PredictivePrefetcher:
             self._timing = (time.perf_counter(), decode_rows) if decode_rows > 0 else None
         if not self.predicting:
             self.counters.dormant_steps += 1
+        if self._ahead and (decode_rows == 0 or not self.predicting):
+            self._drop_ahead()  # read ahead for next tokens that this forward does not decode
         if self.estimate is not None:
             if self.predicting and decode_rows > 0:
                 self.estimate.begin()
@@ -285,6 +301,51 @@ class PredictivePrefetcher:
             raws = [None] * len(experts) if probs_TM is None else [1.0 - miss[e] for e in experts]
         return _Offers(experts, raws, ranks, [calibrated[bin_of(raw, rank)] for raw, rank in zip(raws, ranks)])
 
+    def offer_next_step(
+        self, layer: int, ranked_TM: Sequence[Sequence[int]], probs_TM: Sequence[Sequence[float]]
+    ) -> None:
+        """Predicted experts of the *next* step's first layer `layer`, one ranked list per row of this decode step
+        with the probability that the row's next token uses each, offered while this step's last layer runs.
+        Admitted like any offer (its own calibration; the lead is about one layer's compute) and read once that
+        last layer's experts are all in (`ExpertCache.when_layer_read`: they never delay its demand reads); the
+        reads stay protected across the step's end until `layer`'s routing is known, then are scored, released,
+        and the wrong ones demoted or dropped, as reads ahead are."""
+        if not self.predicting or layer in self._ahead or not ranked_TM:
+            return
+        offers = self._offers(ranked_TM, probs_TM, self.ahead_calibration.table(self.width))
+        self.counters.ahead_offered += len(offers.experts)
+        max_reads = min(self._per_layer_cap, self.width * len(ranked_TM))
+        chosen, candidates = self.cache.advise(partial(
+            self._admit, layer=layer, offers=offers, max_reads=max_reads, first=None, overlap=self._ahead_overlap()))
+        self._ahead[layer] = record = (offers, set(candidates), [e for _, e in chosen])
+        if chosen:
+            plan = PrefetchPlan(keys=tuple(chosen))
+            self.cache.when_layer_read(lambda: self._issue_ahead(layer, record, plan))
+
+    def _ahead_overlap(self) -> float:
+        """Reads that the lead of a read ahead for the next step hides: the measured time from its issue to its
+        layer's routing over a demand read's stall; until both are measured (or where nothing is: replay), the
+        lookahead's overlap per layer."""
+        read_s = self.estimate.read_s if self.estimate is not None else None
+        if read_s is None or self._ahead_lead is None:
+            return self.overlap / self.lookahead
+        return self._ahead_lead / read_s
+
+    def _issue_ahead(self, layer: int, record: tuple, plan: PrefetchPlan) -> None:
+        if self._ahead.get(layer) is not record:  # dropped before the last layer acquired (its forward failed)
+            return
+        self._ahead_at = time.perf_counter()
+        self.counters.ahead_issued += self.issue(plan)
+
+    def _drop_ahead(self) -> None:
+        """Forget the next step's reads ahead: released, and dropped if still queued."""
+        keys = [(layer, e) for layer, (_, _, issued) in self._ahead.items() for e in issued]
+        self._ahead.clear()
+        self._ahead_at = None
+        if keys:
+            self.cache.advise(lambda policy, _: policy.release(keys))
+            self.counters.cancelled += self.cache.cancel_queued(keys)
+
     def on_routing(self, layer: int, expert_ids: Iterable[int]) -> None:
         """`layer`'s real experts are known: score and correct its predictions, move the window on."""
         if not self.predicting:
@@ -310,6 +371,19 @@ class PredictivePrefetcher:
             counters.offered += len(experts)
             counters.correct += len(used.intersection(experts))
         issued = self._issued.pop(layer, None)
+        ahead = self._ahead.pop(layer, None)
+        if ahead is not None:  # the previous step's reads ahead for this layer (`offer_next_step`)
+            offers_ahead, candidates_ahead, issued_ahead = ahead
+            observe = self.ahead_calibration.observe
+            for e, raw, rank in zip(offers_ahead.experts, offers_ahead.raws, offers_ahead.ranks):
+                if e in candidates_ahead:
+                    observe(raw, e in used, rank)
+            counters.ahead_correct += len(used.intersection(issued_ahead))
+            if self._ahead_at is not None:
+                lead = time.perf_counter() - self._ahead_at
+                self._ahead_lead = lead if self._ahead_lead is None else 0.7 * self._ahead_lead + 0.3 * lead
+                self._ahead_at = None
+            issued = [*(issued or ()), *issued_ahead]
         issued_keys = [(layer, e) for e in issued] if issued else []
         wrong = [(layer, e) for e in issued if e not in used] if issued else []
         previous = self._current
@@ -328,8 +402,10 @@ class PredictivePrefetcher:
             self._decide(self._due(), correct)
 
     def end_step(self) -> None:
-        """Release everything this step protected; reads ahead never used are dropped if still queued."""
+        """Release everything this step protected, the next step's reads ahead too; reads ahead never used are
+        dropped if still queued."""
         self._end_step(None)
+        self._drop_ahead()
 
     def _end_step(self, then: Callable[[PredictivePolicy], None] | None) -> None:
         """`end_step`, with `then(policy)` in the same visit to the cache's lock (there is always one if given)."""
@@ -386,7 +462,7 @@ class PredictivePrefetcher:
 
     def _admit(
         self, policy: PredictivePolicy, free: int, *, layer: int, offers: _Offers, max_reads: int,
-        first: Callable[[PredictivePolicy], None] | None,
+        first: Callable[[PredictivePolicy], None] | None, overlap: float | None = None,
     ) -> tuple[list[ExpertKey], list[int]]:
         """Under the cache's lock (after `first(policy)`, if given): the non-resident predicted experts of `layer`
         worth reading ahead (protected), and all the non-resident ones."""
@@ -397,7 +473,8 @@ class PredictivePrefetcher:
         if not candidates or max_reads <= 0 or policy.by_recency:
             # by_recency: the routing has lately been less predictable than plain recency; read nothing ahead.
             return [], [k[1] for k, _ in candidates]
-        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads), overlap=self.overlap,
+        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads),
+                       overlap=self.overlap if overlap is None else overlap,
                        contention=self.admission.contention, max_reads=max_reads)
         policy.protect(chosen)
         return chosen, [k[1] for k, _ in candidates]

@@ -305,6 +305,75 @@ def test_a_wrong_admitted_read_is_demoted_and_released():
     assert cache.policy.protected == frozenset()
 
 
+def _last_layer_with_next_step_offer(pf, cache, routing, ahead):
+    """A decode step (one row) whose last layer offers `ahead` (experts, probs) for the next step's first layer."""
+    pf.begin_step(1)
+    pf.on_routing(0, routing[0])
+    serve_layer(cache, RoutingPlan(layer=0, expert_ids=routing[0], num_tokens=1))
+    pf.on_routing(1, routing[1])
+    pf.offer_next_step(0, [ahead[0]], [ahead[1]])
+
+
+def test_the_next_steps_first_layer_is_read_once_the_last_layers_experts_are_in_and_hits():
+    cache = _cache(PredictivePolicy(), slots=6)
+    pf = _prefetcher(cache, overlap=4.0, read_share=1.0)
+    _last_layer_with_next_step_offer(pf, cache, [(0, 1), (2, 3)], ([4, 5], [0.99, 0.99]))
+    assert pf.counters.ahead_issued == 0  # not before the last layer's own (demand) reads
+    assert {(0, 4), (0, 5)} <= cache.policy.protected
+    serve_layer(cache, RoutingPlan(layer=1, expert_ids=(2, 3), num_tokens=1))
+    assert pf.counters.ahead_issued == 2 and cache.policy.resident((0, 4)) and cache.policy.resident((0, 5))
+    pf.begin_step(1)  # the next decode step: the reads stay protected until the first layer's routing
+    assert {(0, 4), (0, 5)} <= cache.policy.protected
+    hits = cache.stats().prefetch_hits
+    pf.on_routing(0, (4, 5))
+    serve_layer(cache, RoutingPlan(layer=0, expert_ids=(4, 5), num_tokens=1))
+    assert cache.stats().prefetch_hits - hits == 2 and pf.counters.ahead_correct == 2
+    pf.on_routing(1, (2, 3))  # protected as the running layer's experts until the next layer's routing
+    assert not {(0, 4), (0, 5)} & cache.policy.protected
+
+
+def test_a_wrong_read_for_the_next_step_is_demoted_and_one_the_next_forward_cannot_use_is_dropped():
+    cache = _cache(PredictivePolicy(), slots=6)
+    pf = _prefetcher(cache, overlap=4.0, read_share=1.0)
+    _last_layer_with_next_step_offer(pf, cache, [(0, 1), (2, 3)], ([4, 5], [0.99, 0.99]))
+    serve_layer(cache, RoutingPlan(layer=1, expert_ids=(2, 3), num_tokens=1))
+    pf.begin_step(1)
+    pf.on_routing(0, (4, 1))
+    assert pf.counters.ahead_correct == 1
+    assert (0, 5) not in cache.policy.protected and cache.policy.worth((0, 5)) == 0.0  # the next victim
+    # offered, then the next forward is not a decode step (a prefill): the reads ahead are released
+    _last_layer_with_next_step_offer(pf, cache, [(4, 1), (2, 3)], ([6, 7], [0.99, 0.99]))
+    assert {(0, 6), (0, 7)} <= cache.policy.protected
+    pf.begin_step(0)
+    assert not {(0, 6), (0, 7)} & cache.policy.protected
+    pf.on_routing(0, (6, 7))
+    assert pf.counters.ahead_correct == 1  # nothing was carried to be scored
+
+
+def test_next_step_predictions_are_admitted_by_their_own_calibration():
+    cache = _cache(PredictivePolicy(), slots=6)
+    pf = _prefetcher(cache, overlap=1.0, read_share=1.0)
+    routing = [(0, 1), (2, 3)]
+    for n in range(80):  # confident next-step predictions that are never right
+        if n == 40:
+            issued = pf.counters.ahead_issued
+        _last_layer_with_next_step_offer(pf, cache, routing, ([4, 5], [0.95, 0.95]))
+        serve_layer(cache, RoutingPlan(layer=1, expert_ids=routing[1], num_tokens=1))
+    assert issued > 0 and pf.counters.ahead_correct == 0  # believed at first
+    assert pf.counters.ahead_issued == issued  # and not any more
+    # their outcomes go to their own calibration, not to the one of the layers' own predictions
+    assert pf.ahead_calibration.probability(0.95) < 0.6 < 0.9 < pf.calibration.probability(0.95)
+
+
+def test_when_layer_read_runs_once_after_the_layers_reads_land():
+    cache = _cache(LRUPolicy())
+    seen = []
+    cache.when_layer_read(lambda: seen.append(sorted(cache.resident())))
+    serve_layer(cache, RoutingPlan(layer=0, expert_ids=(0, 1), num_tokens=1))
+    serve_layer(cache, RoutingPlan(layer=1, expert_ids=(2,), num_tokens=1))
+    assert seen == [[(0, 0), (0, 1)]]
+
+
 # ---- the wall-clock trial -------------------------------------------------------------------------------
 
 

@@ -243,3 +243,57 @@ def test_a_trained_reuse_model_evicts_and_the_output_is_unchanged(tiny_checkpoin
     assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
     with moeflow.load(tiny_checkpoints[family], expert_budget="25%", predictor_dir=folder, reuse_model=False) as engine:
         assert engine.cache.policy.estimate is None
+
+
+@pytest.mark.parametrize("bias", [False, True])  # a plain float32 head is multiplied in numpy, any other in torch
+def test_the_next_token_lens_is_the_heads_next_token_distribution_times_each_tokens_first_layer_use(bias):
+    from moeflow.predictor.ahead import NextTokenLens
+
+    torch.manual_seed(0)
+    V, D, E, K = 6, 4, 5, 2
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.norm = torch.nn.LayerNorm(D)
+            self.lm_head = torch.nn.Linear(D, V, bias=bias)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Model()
+    table_VE = torch.zeros(V, E)
+    table_VE[0, [1, 2]] = 3.0  # token 0 seen 3 times, always on experts 1 and 2
+    table_VE[1, [0, 1]] = 1.0  # token 1 once, on 0 and 1; tokens 2.. never seen
+    lens = NextTokenLens.from_table(model, table_VE, K)
+    prior_E = table_VE.sum(0) / 4.0  # 4 occurrences in all
+    use_VE = (table_VE + prior_E) / (table_VE.sum(-1, keepdim=True) / K + 1.0)
+    assert torch.allclose(use_VE.sum(-1), torch.full((V,), float(K)))  # each token uses K experts
+    r_TD = torch.randn(3, D)
+    p_TV = torch.softmax(model.lm_head(model.model.norm(r_TD)), -1)
+    np.testing.assert_allclose(lens.probabilities(r_TD), (p_TV @ use_VE).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_next_token_prefetch_reads_ahead_and_never_changes_the_output(tiny_checkpoints, transformers_greedy, tmp_path,
+                                                                       family):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("def f(x):\n    return [x * i for i in range(10)]\n" * 30)
+    folder = tmp_path / "predictors"
+    with moeflow.load(tiny_checkpoints[family], expert_budget="all", store="ram") as engine:
+        train_predictors(engine, record_trace(engine, [doc], progress=False), ["token_freq"], out=folder,
+                         progress=False)
+    options = dict(expert_budget="25%", policy="predictive", predictor="gate", predictor_dir=folder,
+                   prediction_trial=False)
+    with moeflow.load(tiny_checkpoints[family], **options) as engine:
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        counters = engine.prefetcher.counters
+        batch = run_batch(engine, _prompts(3), batch_size=3, max_new_tokens=4)  # rows offered together
+        solo = [engine.generate(p, max_new_tokens=4).token_ids for p in _prompts(3)]
+    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
+    assert counters.ahead_issued > 0 and counters.ahead_correct <= counters.ahead_issued
+    assert [r.token_ids for r in batch.results] == solo
+    with moeflow.load(tiny_checkpoints[family], **options, next_token_prefetch=False) as engine:
+        engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        assert engine.prefetcher.counters.ahead_offered == 0
