@@ -75,9 +75,10 @@ class NextTokenLens:
 def apply_next_token_prefetch(engine: Engine, predictor: object | None = None) -> bool:
     """Offer the engine's prefetcher, during every decode step's last MoE layer, the next step's first-layer
     experts (`NextTokenLens`, from the token_freq table in the engine's predictor folder, or `predictor`'s if it is
-    a token_freq predictor); whether it could (a token_freq table is needed)."""
+    a token_freq predictor); whether it could (a token_freq table is needed, and two MoE layers at least: with one,
+    the next step's first layer is the one about to run)."""
     prefetcher = engine.prefetcher
-    if prefetcher is None:
+    if prefetcher is None or len(engine.checkpoint.moe_layers) < 2:
         return False
     if not isinstance(predictor, TokenFrequencyPredictor):
         if not saved_files(TokenFrequencyPredictor.name, engine_predictor_dir(engine))[0].is_file():

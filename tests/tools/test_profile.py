@@ -215,7 +215,7 @@ def test_replay_equals_live_for_a_predictor_that_answers_the_whole_step(tiny_che
     point = parse_budgets("25%", geometry)[0]
     replayed = replay(trace, geometry, policy="predictive", budget=point, predictor="token_freq").stats
     with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="25%", policy="predictive", predictor="token_freq",
-                      predictor_dir=folder, prediction_trial=False) as engine:
+                      predictor_dir=folder, prediction_trial=False, next_token_prefetch=False) as engine:
         engine.prefetcher.issue = TransferEngine(engine.cache, background=False).prefetch
         engine.prefetcher.fix_overlap(1.0)
         live, _, _ = live_run(engine, trace)

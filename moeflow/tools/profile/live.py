@@ -69,10 +69,11 @@ def live_records(
     records = []
     for policy, predictor in policy_runs([p for p in policies if p != "belady"], predictors):
         for budget in budgets:
-            # prediction_trial off: the profile measures what the predictor does, on every step, as replay does.
+            # prediction_trial off: the profile measures what the predictor does, on every step, as replay does;
+            # and replay does not model the next token's reads ahead (`moeflow.predictor.ahead`), so neither does this.
             options = dict(expert_budget=budget.spec, policy=policy, store=config.live_store,
                            lookahead=config.lookahead, prefetch_width=config.prefetch_width,
-                           predictor_dir=config.predictor_dir, prediction_trial=False,
+                           predictor_dir=config.predictor_dir, prediction_trial=False, next_token_prefetch=False,
                            reuse_model=config.reuse_model)
             if predictor is not None:
                 options["predictor"] = predictor
