@@ -3,7 +3,7 @@
 A context predictor (token_freq, path) knows a step's experts once its token does, at the start of
 the forward: the later layers' reads then overlap the earlier layers' compute, but the first MoE
 layer's are needed a moment later and stall in full (on the I/O-bound bench model the first layer
-was ~45% of path's stall). Yet most of the next token is known before the step ends: the residual
+was about half of path's stall). Yet most of the next token is known before the step ends: the residual
 entering the last MoE layer, put through the model's own final norm and output head (a logit lens),
 already ranks the token greedy decoding will pick; and the first layer's routing is mostly a function
 of the token (the shipped model's held-out text: a token's own token_freq row holds 94% of its
