@@ -217,15 +217,21 @@ def test_rebatch_admission_for_engine(tiny_checkpoints, tmp_path):
         make_admission("lottery", engine)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_a_trained_reuse_model_evicts_and_the_output_is_unchanged(tiny_checkpoints, transformers_greedy, tmp_path,
-                                                                    family):
+def _trained(checkpoint, tmp_path, name: str, **train):
+    """A predictor folder holding `name` trained on a short repetitive document."""
     doc = tmp_path / "doc.txt"
     doc.write_text("def f(x):\n    return [x * i for i in range(10)]\n" * 30)
     folder = tmp_path / "predictors"
-    with moeflow.load(tiny_checkpoints[family], expert_budget="all", store="ram") as engine:
-        train_predictors(engine, record_trace(engine, [doc], progress=False), ["reuse"], out=folder, epochs=2,
-                         progress=False)
+    with moeflow.load(checkpoint, expert_budget="all", store="ram") as engine:
+        train_predictors(engine, record_trace(engine, [doc], progress=False), [name], out=folder, progress=False,
+                         **train)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_trained_reuse_model_evicts_and_the_output_is_unchanged(tiny_checkpoints, transformers_greedy, tmp_path,
+                                                                    family):
+    folder = _trained(tiny_checkpoints[family], tmp_path, "reuse", epochs=2)
     options = dict(expert_budget="25%", policy="predictive", predictor="gate", predictor_dir=folder)
     with moeflow.load(tiny_checkpoints[family], **options) as engine:
         assert isinstance(engine.cache.policy.next_use, LearnedReuse)
@@ -278,12 +284,7 @@ def test_the_next_token_lens_is_the_heads_next_token_distribution_times_each_tok
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_next_token_prefetch_reads_ahead_and_never_changes_the_output(tiny_checkpoints, transformers_greedy, tmp_path,
                                                                        family):
-    doc = tmp_path / "doc.txt"
-    doc.write_text("def f(x):\n    return [x * i for i in range(10)]\n" * 30)
-    folder = tmp_path / "predictors"
-    with moeflow.load(tiny_checkpoints[family], expert_budget="all", store="ram") as engine:
-        train_predictors(engine, record_trace(engine, [doc], progress=False), ["token_freq"], out=folder,
-                         progress=False)
+    folder = _trained(tiny_checkpoints[family], tmp_path, "token_freq")
     options = dict(expert_budget="25%", policy="predictive", predictor="gate", predictor_dir=folder,
                    prediction_trial=False)
     with moeflow.load(tiny_checkpoints[family], **options) as engine:
