@@ -310,6 +310,9 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
             contenders += [(f"predictive/{p} (no next-token)",
                             {"policy": "predictive", "predictor": p, "next_token_prefetch": False})
                            for p in ("path", "token_freq")]
+            # prediction on at every step, against the trial that times steps with and without it (`PredictionTrial`)
+            contenders.append(("predictive/path (no trial)",
+                               {"policy": "predictive", "predictor": "path", "prediction_trial": False}))
         if args.contenders:
             contenders = [c for c in contenders if c[0] == "lru" or c[0] in args.contenders]
         limit = memory_limit(model, args.budget, runtime)
