@@ -33,7 +33,7 @@ from moeflow.model.anatomy import moe_layer_parts, output_head
 
 from .apply import build_predictor, engine_predictor_dir
 from .base import saved_files
-from .predictors import TokenFrequencyPredictor, fold_rms_norm, rms_router_scores
+from .predictors import TokenFrequencyPredictor, rms_norm_weight
 
 
 class NextTokenLens:
@@ -43,11 +43,27 @@ class NextTokenLens:
         self.norm = norm
         self.head = head
         self.use_VE = use_VE  # float32, on the host
-        # A float32 CPU head without bias, after an RMS norm, is one numpy product with the norm's weight folded in
-        # (`fold_rms_norm`, as gate lookahead does), on the host: see `probabilities` for what it saves.
+        # A float32 CPU head without bias after an RMS norm runs in numpy on the host: the norm on D values, then the
+        # product on the head's own memory (no copy: a real model's head is hundreds of MiB). Kept only where it
+        # gives the torch modules' logits on random rows. See `probabilities` for what it saves.
         w = head.weight
         plain = isinstance(head, nn.Linear) and head.bias is None and (w.device.type, w.dtype) == ("cpu", torch.float32)
-        self._folded = fold_rms_norm(norm, w.detach()) if plain else None
+        found = rms_norm_weight(norm) if plain else None
+        self._numpy: tuple[np.ndarray, float, np.ndarray] | None = None  # (norm weight [D], eps, head [V, D])
+        if found is not None:
+            self._numpy = (found[0].detach().float().numpy(), found[1], w.detach().numpy())
+            with torch.inference_mode():
+                x_TD = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(0)) * 3
+                ref_TV = head(norm(x_TD)).numpy()
+            got_TV = self._logits(x_TD.numpy())
+            if not np.allclose(got_TV, ref_TV, rtol=1e-4, atol=1e-5 * (float(np.abs(ref_TV).max()) or 1.0)):
+                self._numpy = None
+
+    def _logits(self, r_TD: np.ndarray) -> np.ndarray:
+        """[T, V] the head's logits of the RMS-normed rows, in numpy (`_numpy` set)."""
+        w_D, eps, head_VD = self._numpy
+        inv_T = 1.0 / np.sqrt((r_TD * r_TD).mean(-1) + eps)
+        return ((r_TD * inv_T[:, None]) * w_D) @ head_VD.T
 
     @classmethod
     def from_table(cls, model: nn.Module, table_VE: torch.Tensor, top_k: int) -> NextTokenLens:
@@ -62,12 +78,11 @@ class NextTokenLens:
 
     @torch.inference_mode()
     def probabilities(self, r_TD: torch.Tensor) -> np.ndarray:
-        """[T, E] float32. The shipped model at batch 1 (best of 5 x 300 calls, 4 processes, 2-core AMD EPYC VM, ad
-        hoc): 114-154 us with the norm folded into the head in numpy, against 120-202 us for torch's norm and the
-        head in numpy, and 207-319 us all in torch; of the folded path's ~115, the 192 x 4096 product ~36, the
-        norm's scale ~18, the softmax ~23, the product with the use rates ~9."""
-        if self._folded is not None and r_TD.dtype == torch.float32 and r_TD.device.type == "cpu":
-            z_TV = rms_router_scores(r_TD.numpy(), *self._folded)
+        """[T, E] float32. The shipped model at batch 1 (best of 5 x 300 calls, 3 processes, 2-core AMD EPYC VM, ad
+        hoc): 95-121 us in numpy, against 136-172 us with torch's norm before the head's product in numpy and
+        235-277 us all in torch."""
+        if self._numpy is not None and r_TD.dtype == torch.float32 and r_TD.device.type == "cpu":
+            z_TV = self._logits(r_TD.numpy())
         else:
             z_TV = self.head(self.norm(r_TD)).float().cpu().numpy()  # one host sync a step: the prefetcher decides
         e_TV = np.exp(z_TV - z_TV.max(-1, keepdims=True))  # the softmax, its division after the product

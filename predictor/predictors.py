@@ -237,7 +237,7 @@ class GateLookahead(RoutePredictor):
             self.norms.append(parts.norm)
             self.router_weights.append(parts.router_weight_ED)
             self.router_bias.append(parts.router_bias_E)
-            self._folded.append(fold_rms_norm(parts.norm, parts.router_weight_ED))
+            self._folded.append(_fold_rms_norm(parts.norm, parts.router_weight_ED))
             bias = parts.router_bias_E
             self._bias_E.append(None if bias is None else bias.detach().float().cpu().numpy())
         return self
@@ -251,7 +251,7 @@ class GateLookahead(RoutePredictor):
                 continue
             folded = self._folded[t]
             if folded is not None and residual_TD.dtype == torch.float32 and residual_TD.device.type == "cpu":
-                logits = rms_router_scores(residual_TD.numpy(), *folded)
+                logits = _rms_router_scores(residual_TD.numpy(), *folded)
                 if self._bias_E[t] is not None:  # sigmoid routing chooses by score + bias
                     logits = expit(logits) + self._bias_E[t]
             else:
@@ -263,7 +263,7 @@ class GateLookahead(RoutePredictor):
         return out
 
 
-def rms_router_scores(x_TD: np.ndarray, w_DE: np.ndarray, eps: float) -> np.ndarray:
+def _rms_router_scores(x_TD: np.ndarray, w_DE: np.ndarray, eps: float) -> np.ndarray:
     """[T, E] float32: router logits of the RMS-normed `x_TD` with the norm's weight folded into `w_DE`. At decode
     sizes: small numpy matmuls and ufuncs on fewer than 500 values, which run without releasing the GIL."""
     ss_T = (x_TD[:, None, :] @ x_TD[:, :, None]).reshape(-1)  # sum of squares per row, as a batched matmul
@@ -271,19 +271,26 @@ def rms_router_scores(x_TD: np.ndarray, w_DE: np.ndarray, eps: float) -> np.ndar
     return ((x_TD @ w_DE) * inv_T[:, None]).astype(np.float32, copy=False)
 
 
-def fold_rms_norm(norm: nn.Module, router_ED: torch.Tensor) -> tuple[np.ndarray, float] | None:
-    """(router x norm weight [D, E] float32, eps) when `norm` is an RMS norm with a weight whose folded scores match
-    the norm-then-router ones on random residuals; else None."""
+def rms_norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight [D], eps) of `norm` if it has an RMS norm's (transformers' `variance_epsilon`), on the CPU; else None."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or not isinstance(eps, float):
         return None
-    if router_ED.device.type != "cpu" or weight.device.type != "cpu":
+    return (weight, eps) if weight.device.type == "cpu" else None
+
+
+def _fold_rms_norm(norm: nn.Module, router_ED: torch.Tensor) -> tuple[np.ndarray, float] | None:
+    """(router x norm weight [D, E] float32, eps) when `norm` is an RMS norm with a weight whose folded scores match
+    the norm-then-router ones on random residuals; else None."""
+    found = rms_norm_weight(norm)
+    if found is None or router_ED.device.type != "cpu":
         return None
+    weight, eps = found
     with torch.no_grad():
         w_DE = (router_ED.float() * weight.float()).t().contiguous().numpy()
         x_TD = torch.randn(8, router_ED.shape[1], generator=torch.Generator().manual_seed(0)) * 3
         ref = F.linear(norm.forward(x_TD).to(router_ED.dtype), router_ED).float().numpy()
-    got = rms_router_scores(x_TD.numpy(), w_DE, eps)
+    got = _rms_router_scores(x_TD.numpy(), w_DE, eps)
     scale = float(np.abs(ref).max()) or 1.0
     return (w_DE, eps) if np.allclose(got, ref, rtol=1e-4, atol=1e-5 * scale) else None
 

@@ -93,6 +93,8 @@ class _Request(NamedTuple):
     start: int
     end: int
     pieces: tuple[_Piece, ...]
+
+
 D = TypeVar("D")  # what `_coalesce` carries beside each span
 Scales = dict[str, torch.Tensor]  # a quantized slot's scales: "gate_up" [2I, G], "down" [D, G]
 

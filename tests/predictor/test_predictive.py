@@ -251,7 +251,7 @@ def test_a_trained_reuse_model_evicts_and_the_output_is_unchanged(tiny_checkpoin
         assert engine.cache.policy.estimate is None
 
 
-# An RMS norm before a float32 head without bias is folded into it and multiplied in numpy; any other pair in torch.
+# An RMS norm before a float32 head without bias runs in numpy; any other pair in torch.
 @pytest.mark.parametrize(("norm", "bias"), [("rms", False), ("rms", True), ("layer", False)])
 def test_the_next_token_lens_is_the_heads_next_token_distribution_times_each_tokens_first_layer_use(norm, bias):
     from moeflow.predictor.ahead import NextTokenLens
@@ -276,7 +276,7 @@ def test_the_next_token_lens_is_the_heads_next_token_distribution_times_each_tok
     table_VE[0, [1, 2]] = 3.0  # token 0 seen 3 times, always on experts 1 and 2
     table_VE[1, [0, 1]] = 1.0  # token 1 once, on 0 and 1; tokens 2.. never seen
     lens = NextTokenLens.from_table(model, table_VE, K)
-    assert (lens._folded is not None) == (norm == "rms" and not bias)
+    assert (lens._numpy is not None) == (norm == "rms" and not bias)
     prior_E = table_VE.sum(0) / 4.0  # 4 occurrences in all
     use_VE = (table_VE + prior_E) / (table_VE.sum(-1, keepdim=True) / K + 1.0)
     assert torch.allclose(use_VE.sum(-1), torch.full((V,), float(K)))  # each token uses K experts
