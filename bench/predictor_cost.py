@@ -3,11 +3,13 @@
 Bookkeeping is everything `PredictorHooks` adds to a decode step: its listener before the forward,
 its embedding and pre-MoE norm hooks, its routing-event listener (measured with a sink that does
 nothing: `hooks_us`), and then the sink that turns scores into what the prefetcher is offered
-(`apply_prediction`'s, `prefetcher.offer` included: `total_us`), and then the prefetcher's own work at
-every layer as the engine calls it (`prefetcher.on_routing`: scoring the layer's predictions, dropping
-the wrong reads ahead, deciding the next layer's: `step_us`, everything prediction adds to a step).
-Each is called exactly as the forward calls it (the hooks and listeners the predictor registered,
-found by comparing the engine's before and after `apply_prediction`), on the shipped model at
+(`apply_prediction`'s, `prefetcher.offer` included, and, where the tree has it, the next-token lens of
+`moeflow.predictor.ahead` with its offer of the next step's first layer: `total_us`), and then the
+prefetcher's own work at every layer as the engine calls it (`prefetcher.on_routing`: scoring the layer's
+predictions, dropping the wrong reads ahead, deciding the next layer's: `step_us`, everything prediction
+adds to a step). Each is called exactly as the forward calls it (the hooks and listeners the predictor
+registered, found by comparing the engine's before and after `apply_prediction` and
+`apply_next_token_prefetch`), on the shipped model at
 25%, with real routing events and held-out token histories. The prefetcher's step begins (untimed)
 before every timed step, and its reads are not issued (they are the transfer engine's cost, not
 the prediction's).
@@ -62,6 +64,11 @@ def child(spec: dict) -> dict:
     from moeflow.engine import Engine
     from moeflow.model.anatomy import moe_layer_parts, token_embedding
 
+    try:
+        from moeflow.predictor.ahead import apply_next_token_prefetch
+    except ImportError:  # a tree from before next-token prefetch
+        apply_next_token_prefetch = None
+
     out: dict = {}
     # Always predicting: a PredictionTrial that finds decoding faster without prediction would switch the hooks off
     # (trees from before the trial have no such option).
@@ -78,6 +85,8 @@ def child(spec: dict) -> dict:
             before_emb = set(emb._forward_hooks)
             before_norm = [set(n._forward_pre_hooks) for n in norms]
             hooks = apply_prediction(engine, predictor)
+            if apply_next_token_prefetch is not None:  # part of every decode step's prediction where the tree has it
+                apply_next_token_prefetch(engine, predictor)
             added = {
                 "forward": [f for f in engine.driver.before_forward._listeners if f not in before_fwd],
                 "routing": [f for f in engine.runtime.routing._listeners if f not in before_route],
@@ -88,6 +97,7 @@ def child(spec: dict) -> dict:
             histories = spec["histories"]
             out[name] = {str(B): measure(engine, predictor, added, histories[:B], spec) for B in spec["batches"]}
             hooks.close()
+            _remove(engine, emb, norms, added)  # the lens' hooks (its handles close only with the engine)
             # the same hooks with a sink that does nothing: PredictorHooks' own share
             null = PredictorHooks(engine, [predictor], lambda *_: None)
             added = {
@@ -104,6 +114,17 @@ def child(spec: dict) -> dict:
     finally:
         engine.close()
     return out
+
+
+def _remove(engine: object, emb: object, norms: list, added: dict) -> None:
+    """Take the `added` listeners and module hooks that are still attached off the engine."""
+    for event, key in ((engine.driver.before_forward, "forward"), (engine.runtime.routing, "routing")):
+        event._listeners = tuple(f for f in event._listeners if f not in added[key])
+    for k in [k for k, h in emb._forward_hooks.items() if h in added["embedding"]]:
+        del emb._forward_hooks[k]
+    for norm, hs in zip(norms, added["norms"]):
+        for k in [k for k, h in norm._forward_pre_hooks.items() if h in hs]:
+            del norm._forward_pre_hooks[k]
 
 
 def policy_cost(engine: object, spec: dict) -> dict:
@@ -335,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": machine(),
         "what": "microseconds per token: each predictor alone (predictor_us), with PredictorHooks and a sink that "
-                "does nothing (hooks_us), with apply_prediction's sink (total_us), and with the prefetcher's "
+                "does nothing (hooks_us), with apply_prediction's sink and the next-token lens where the tree has it "
+                "(total_us), and with the prefetcher's "
                 "per-layer decisions (step_us); policy: the eviction policies' bookkeeping on the held-out routing "
                 "(predictive_us; reuse_us: the same policy evicting by the trained reuse model; auto_us, "
                 "auto_reuse_us: the default policy without and with it; lru_us)",
