@@ -97,7 +97,7 @@ def child(spec: dict) -> dict:
             histories = spec["histories"]
             out[name] = {str(B): measure(engine, predictor, added, histories[:B], spec) for B in spec["batches"]}
             hooks.close()
-            _remove(engine, emb, norms, added)  # the lens' hooks (its handles close only with the engine)
+            _remove(emb, norms, added)  # the lens' hook (its handle closes only with the engine)
             # the same hooks with a sink that does nothing: PredictorHooks' own share
             null = PredictorHooks(engine, [predictor], lambda *_: None)
             added = {
@@ -116,10 +116,10 @@ def child(spec: dict) -> dict:
     return out
 
 
-def _remove(engine: object, emb: object, norms: list, added: dict) -> None:
-    """Take the `added` listeners and module hooks that are still attached off the engine."""
-    for event, key in ((engine.driver.before_forward, "forward"), (engine.runtime.routing, "routing")):
-        event._listeners = tuple(f for f in event._listeners if f not in added[key])
+def _remove(emb: object, norms: list, added: dict) -> None:
+    """Take the `added` module hooks that are still attached off the model (the engine's close removes them again,
+    which a module tolerates). Listeners stay: the lens' only notes whether a forward decodes, and each predictor's
+    `added` holds only the listeners its own apply registered."""
     for k in [k for k, h in emb._forward_hooks.items() if h in added["embedding"]]:
         del emb._forward_hooks[k]
     for norm, hs in zip(norms, added["norms"]):
