@@ -33,7 +33,7 @@ from moeflow.model.anatomy import moe_layer_parts, output_head
 
 from .apply import build_predictor, engine_predictor_dir
 from .base import saved_files
-from .predictors import TokenFrequencyPredictor, rms_norm_weight
+from .predictors import TokenFrequencyPredictor, rms_norm_weight, rms_normed
 
 
 class NextTokenLens:
@@ -44,26 +44,12 @@ class NextTokenLens:
         self.head = head
         self.use_VE = use_VE  # float32, on the host
         # A float32 CPU head without bias after an RMS norm runs in numpy on the host: the norm on D values, then the
-        # product on the head's own memory (no copy: a real model's head is hundreds of MiB). Kept only where it
-        # gives the torch modules' logits on random rows. See `probabilities` for what it saves.
+        # product on the head's own memory (no copy: a real model's head is hundreds of MiB). See `probabilities`.
         w = head.weight
         plain = isinstance(head, nn.Linear) and head.bias is None and (w.device.type, w.dtype) == ("cpu", torch.float32)
         found = rms_norm_weight(norm) if plain else None
-        self._numpy: tuple[np.ndarray, float, np.ndarray] | None = None  # (norm weight [D], eps, head [V, D])
-        if found is not None:
-            self._numpy = (found[0].detach().float().numpy(), found[1], w.detach().numpy())
-            with torch.inference_mode():
-                x_TD = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(0)) * 3
-                ref_TV = head(norm(x_TD)).numpy()
-            got_TV = self._logits(x_TD.numpy())
-            if not np.allclose(got_TV, ref_TV, rtol=1e-4, atol=1e-5 * (float(np.abs(ref_TV).max()) or 1.0)):
-                self._numpy = None
-
-    def _logits(self, r_TD: np.ndarray) -> np.ndarray:
-        """[T, V] the head's logits of the RMS-normed rows, in numpy (`_numpy` set)."""
-        w_D, eps, head_VD = self._numpy
-        inv_T = 1.0 / np.sqrt((r_TD * r_TD).mean(-1) + eps)
-        return ((r_TD * inv_T[:, None]) * w_D) @ head_VD.T
+        # (norm weight [D], eps, head [V, D]) where it runs in numpy
+        self._numpy = None if found is None else (*found, w.detach().numpy())
 
     @classmethod
     def from_table(cls, model: nn.Module, table_VE: torch.Tensor, top_k: int) -> NextTokenLens:
@@ -82,7 +68,8 @@ class NextTokenLens:
         hoc): 95-121 us in numpy, against 136-172 us with torch's norm before the head's product in numpy and
         235-277 us all in torch."""
         if self._numpy is not None and r_TD.dtype == torch.float32 and r_TD.device.type == "cpu":
-            z_TV = self._logits(r_TD.numpy())
+            w_D, eps, head_VD = self._numpy
+            z_TV = rms_normed(r_TD.numpy(), w_D, eps) @ head_VD.T
         else:
             z_TV = self.head(self.norm(r_TD)).float().cpu().numpy()  # one host sync a step: the prefetcher decides
         e_TV = np.exp(z_TV - z_TV.max(-1, keepdims=True))  # the softmax, its division after the product

@@ -271,12 +271,24 @@ def _rms_router_scores(x_TD: np.ndarray, w_DE: np.ndarray, eps: float) -> np.nda
     return ((x_TD @ w_DE) * inv_T[:, None]).astype(np.float32, copy=False)
 
 
-def rms_norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """(weight [D], eps) of `norm` if it has an RMS norm's (transformers' `variance_epsilon`), on the CPU; else None."""
+def rms_normed(x_TD: np.ndarray, w_D: np.ndarray, eps: float) -> np.ndarray:
+    """[T, D] `x_TD` through an RMS norm of weight `w_D`, in numpy."""
+    return (x_TD * (1.0 / np.sqrt((x_TD * x_TD).mean(-1) + eps))[:, None]) * w_D
+
+
+def rms_norm_weight(norm: nn.Module) -> tuple[np.ndarray, float] | None:
+    """(weight [D] float32, eps) when `norm` is an RMS norm on the CPU (transformers' `variance_epsilon`) that
+    `rms_normed` reproduces on random rows; else None."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or not isinstance(eps, float):
         return None
-    return (weight, eps) if weight.device.type == "cpu" else None
+    if weight.device.type != "cpu":
+        return None
+    w_D = weight.detach().float().numpy()
+    with torch.no_grad():
+        x_TD = torch.randn(8, len(w_D), generator=torch.Generator().manual_seed(0)) * 3
+        ref_TD = norm.forward(x_TD).float().numpy()
+    return (w_D, eps) if np.allclose(rms_normed(x_TD.numpy(), w_D, eps), ref_TD, rtol=1e-4, atol=1e-5) else None
 
 
 def _fold_rms_norm(norm: nn.Module, router_ED: torch.Tensor) -> tuple[np.ndarray, float] | None:
@@ -285,9 +297,9 @@ def _fold_rms_norm(norm: nn.Module, router_ED: torch.Tensor) -> tuple[np.ndarray
     found = rms_norm_weight(norm)
     if found is None or router_ED.device.type != "cpu":
         return None
-    weight, eps = found
+    w_D, eps = found
     with torch.no_grad():
-        w_DE = (router_ED.float() * weight.float()).t().contiguous().numpy()
+        w_DE = (router_ED.float() * torch.from_numpy(w_D)).t().contiguous().numpy()
         x_TD = torch.randn(8, router_ED.shape[1], generator=torch.Generator().manual_seed(0)) * 3
         ref = F.linear(norm.forward(x_TD).to(router_ED.dtype), router_ED).float().numpy()
     got = _rms_router_scores(x_TD.numpy(), w_DE, eps)
