@@ -24,7 +24,7 @@ from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
 from moeflow.offload.readers import ReaderPool, ReadJob
 from moeflow.offload.stats import CacheStats, LayerStats
-from moeflow.offload.store import ExpertStore
+from moeflow.offload.store import ExpertStore, aligned_empty
 
 T = TypeVar("T")
 
@@ -90,17 +90,22 @@ class SlotPool:
         # int4 on the CPU (`packed_scales`): the scales also in torch's matmul layout, written once per read
         self.gate_up_scale_zeros: torch.Tensor | None = None
         self.down_scale_zeros: torch.Tensor | None = None
+        def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            if device.type == "cpu":  # on whole pages, faulted now: a disk read can land in a slot (`DiskStore`)
+                return aligned_empty(shape, dtype)
+            return torch.empty(shape, dtype=dtype, device=device)
+
         if fmt is None:
-            self.gate_up_S2ID = torch.empty(capacity, 2 * inter, hidden, dtype=dtype, device=device)
-            self.down_SDI = torch.empty(capacity, hidden, inter, dtype=dtype, device=device)
+            self.gate_up_S2ID = empty(capacity, 2 * inter, hidden, dtype=dtype)
+            self.down_SDI = empty(capacity, hidden, inter, dtype=dtype)
         else:
             wdt = fmt.weight_dtype
-            self.gate_up_S2ID = torch.empty(capacity, *fmt.weight_shape(2 * inter, hidden), dtype=wdt, device=device)
-            self.down_SDI = torch.empty(capacity, *fmt.weight_shape(hidden, inter), dtype=wdt, device=device)
+            self.gate_up_S2ID = empty(capacity, *fmt.weight_shape(2 * inter, hidden), dtype=wdt)
+            self.down_SDI = empty(capacity, *fmt.weight_shape(hidden, inter), dtype=wdt)
             gu_shape, d_shape = fmt.scale_shape(2 * inter, hidden), fmt.scale_shape(hidden, inter)
             if gu_shape is not None and d_shape is not None:
-                self.gate_up_scale = torch.empty(capacity, *gu_shape, dtype=fmt.scale_dtype, device=device)
-                self.down_scale = torch.empty(capacity, *d_shape, dtype=fmt.scale_dtype, device=device)
+                self.gate_up_scale = empty(capacity, *gu_shape, dtype=fmt.scale_dtype)
+                self.down_scale = empty(capacity, *d_shape, dtype=fmt.scale_dtype)
             if packed_scales and device.type == "cpu":
                 gu_sz, d_sz = (None if shape is None else torch.zeros(capacity, *shape, 2, dtype=torch.bfloat16)
                                for shape in int4pack_scales_shapes(fmt, inter, hidden))  # fmt: skip

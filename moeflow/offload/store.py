@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import math
 import mmap
 import os
 import threading
@@ -87,12 +88,14 @@ class _Piece(NamedTuple):
 
 
 class _Request(NamedTuple):
-    """Bytes [start, end) of one file, read with one request, and the pieces they hold."""
+    """Bytes [start, end) of one file, read with one request, and the pieces they hold. `direct`: the pieces lie
+    back to back in the file and in the slot, all on whole blocks, so the read lands in the slot itself."""
 
     file: Path
     start: int
     end: int
     pieces: tuple[_Piece, ...]
+    direct: bool = False
 
 
 D = TypeVar("D")  # what `_coalesce` carries beside each span
@@ -200,11 +203,18 @@ class DiskStore:
         a_end = -(-end // _ALIGN) * _ALIGN
         buf = self._buffer(a_end - a_start)
         view = memoryview(buf)[: a_end - a_start]
+        done = self._pread(path, view, a_start, end)
+        del view
+        return buf, start - a_start, done
+
+    def _pread(self, path: Path, view: memoryview, start: int, end: int) -> int:
+        """Fill `view` from byte `start` of `path` until at least byte `end` is in; returns the bytes transferred.
+        With O_DIRECT, `start`, the view's address and its length are on whole blocks."""
         fd = self._fds[path]
         done = 0
-        while a_start + done < end:
+        while start + done < end:
             try:
-                n = os.preadv(fd, [view[done:]], a_start + done)
+                n = os.preadv(fd, [view[done:]], start + done)
             except OSError as e:
                 if e.errno != errno.EINVAL or not self.direct_io:
                     raise
@@ -218,12 +228,11 @@ class DiskStore:
                 fd = self._fds[path]
                 continue
             if n == 0:
-                raise OSError(errno.EIO, f"{path} ended at byte {a_start + done}; the shard is truncated")
+                raise OSError(errno.EIO, f"{path} ended at byte {start + done}; the shard is truncated")
             done += n
         if not self.direct_io:
-            os.posix_fadvise(fd, a_start, a_end - a_start, os.POSIX_FADV_DONTNEED)
-        del view
-        return buf, start - a_start, done
+            os.posix_fadvise(fd, start, len(view), os.POSIX_FADV_DONTNEED)
+        return done
 
     def _targets(self, key: ExpertKey, with_scales: bool) -> list[_Target]:
         """Each stored span of `key` and the rows of the slot it fills (a transposed family's piece is copied
@@ -235,34 +244,41 @@ class DiskStore:
                         for p in self._scales[key]]  # fmt: skip
         return targets
 
-    def _byte_plan(self, key: ExpertKey, dests: tuple[torch.Tensor, ...]) -> tuple[_Request, ...] | None:
-        """`key`'s read as plain byte copies into `dests` (`_destinations`), one `_Request` per coalesced run of the
-        file, or None where a piece is more than a byte copy (another dtype, a transpose, a GPU slot). Remembered
-        per expert and destination layout (every slot of a pool has the same), so that a read makes no torch call,
-        only `preadv` and one `memmove` per piece, each releasing the GIL. A torch call (a view, a slice,
+    def _byte_plan(
+        self, key: ExpertKey, dests: tuple[torch.Tensor, ...], addresses: list[int] | None = None
+    ) -> tuple[_Request, ...] | None:
+        """`key`'s read as plain byte copies into `dests` (`_destinations`, at `addresses`: their `data_ptr`), one
+        `_Request` per coalesced run of the file, or None where a piece is more than a byte copy (another dtype, a
+        transpose, a GPU slot). Pieces on whole blocks in their file and their slot (`_on_blocks`) are read
+        straight into the slot (direct requests); the others through a buffer, then one `memmove` each.
+        Remembered per expert and destination layout (every slot of a pool has the same), so that a read makes
+        no torch call, only `preadv` and the copies, each releasing the GIL. A torch call (a view, a slice,
         `frombuffer`) releases and takes back the GIL too, ~25 of them a read: on a reader thread each hand-over
         waits while the compute thread runs Python (it computes the experts that have arrived while the others
-        are read). Measured ad hoc (shipped model, 25%, disk, greedy, 4 held-out prompts x 64 tokens, both paths in one
-        process, 6 alternating passes, 2-core AMD EPYC VM): stall 4.41 -> 3.75 ms a token with LRU, 3.25 -> 2.94
+        are read). Measured ad hoc (shipped model, 25%, disk, greedy, 4 held-out prompts x 64 tokens, both paths
+        in one process, 6 alternating passes, 2-core AMD EPYC VM): stall 4.41 -> 3.75 ms a token with LRU, 3.25 -> 2.94
         with the auto policy, unchanged with path prediction (1.37 -> 1.40); tokens/s within the noise.
         A 0.44 MiB read still costs its reader ~300-400 us of CPU either way, mostly the kernel's O_DIRECT
         `preadv` (170-200 us under load) and the copies (~75 us)."""
-        memo = (key, *((t.shape, t.stride(), t.dtype, t.device.type) for t in dests))
+        addresses = addresses or [t.data_ptr() for t in dests]
+        memo = (key, *((t.shape, t.stride(), t.dtype, t.device.type, a % _ALIGN) for t, a in zip(dests, addresses)))
         if memo in self._plans:
             return self._plans[memo]
-        targets = []
+        pieces = []
         for t in self._targets(key, len(dests) > 2):
             dest = dests[t.dest]
             rows = dest[t.row : t.row + t.rows]
             if dest.device.type != "cpu" or t.transposed or rows.dtype != t.span.dtype or not rows.is_contiguous():
                 self._plans[memo] = None
                 return None
-            targets.append((t.span, (t.dest, rows.data_ptr() - dest.data_ptr())))
+            pieces.append(_Piece(t.span, t.dest, rows.data_ptr() - addresses[t.dest]))
+        # all or nothing: a buffered run of the file could span a direct piece between two others (read twice)
+        direct = pieces if all(_on_blocks(p, addresses) for p in pieces) else []
         plan = tuple(
             _Request(group[0][0].file, group[0][0].offset, max(s.offset + s.nbytes for s, _ in group),
                      tuple(_Piece(span, dest, offset) for span, (dest, offset) in group))
-            for group in _coalesce(targets)
-        )  # fmt: skip
+            for group in _coalesce([(p.span, (p.dest, p.offset)) for p in pieces if p not in direct])
+        ) + _direct_requests(direct)  # fmt: skip
         self._plans[memo] = plan
         return plan
 
@@ -277,10 +293,10 @@ class DiskStore:
         if not 2 * self.part_bytes <= self._read_bytes(key, bool(scales)) <= self.parted_max_bytes:
             return None  # decided from the spans alone: most experts are read whole, at no cost here
         dests = _destinations(gate_up_2ID, down_DI, scales)
-        plan = self._byte_plan(key, dests)
+        addresses = [t.data_ptr() for t in dests]
+        plan = self._byte_plan(key, dests, addresses)
         if plan is None or any(p.span.offset % p.span.dtype.itemsize for request in plan for p in request.pieces):
             return None
-        addresses = [t.data_ptr() for t in dests]
         check = key not in self._checked
         self._checked.add(key)
         parts: list[Callable[[], int]] = []
@@ -310,6 +326,17 @@ class DiskStore:
     ) -> int:
         """Bytes [a, b) of `request` into the destinations at `addresses` (plain byte copies); returns the bytes
         transferred."""
+        if request.direct:  # straight into the slot: [a, b) on whole blocks, the pieces back to back
+            first = request.pieces[0]
+            at = addresses[first.dest] + first.offset - first.span.offset  # the address of file byte x is at + x
+            into = (ctypes.c_char * (b - a)).from_address(at + a)
+            n = self._pread(request.file, memoryview(into).cast("B"), a, b)
+            for span, _, _ in request.pieces if check else ():
+                lo, hi = max(a, span.offset), min(b, span.offset + span.nbytes)
+                if lo < hi and not _all_finite(into, lo - a, span, hi - lo):
+                    self._warn_not_finite(key)
+                    break
+            return n
         buf, base, n = self._read_range(request.file, a, b)
         view = ctypes.c_char.from_buffer(buf)  # the buffer's address (an export of the mapping, dropped below)
         at = ctypes.addressof(view) + base - a  # the address of file byte x is at + x
@@ -342,9 +369,9 @@ class DiskStore:
     ) -> int:
         check = key not in self._checked
         dests = _destinations(gate_up_2ID, down_DI, scales)
-        plan = self._byte_plan(key, dests)
+        addresses = [t.data_ptr() for t in dests]
+        plan = self._byte_plan(key, dests, addresses)
         if plan is not None:
-            addresses = [t.data_ptr() for t in dests]
             total = sum(self._read_request(key, request, request.start, request.end, addresses, check)
                         for request in plan)  # fmt: skip
             self._checked.add(key)
@@ -378,6 +405,40 @@ class DiskStore:
         for buf in self._reserved:
             buf.close()
         self._reserved.clear()
+
+
+def _on_blocks(piece: _Piece, addresses: list[int]) -> bool:
+    """Whether `piece` starts and ends on whole blocks both in its file and in its slot (its destination at
+    `addresses[piece.dest]`): then an O_DIRECT read can land in the slot with no bounce buffer and no copy."""
+    span = piece.span
+    address = addresses[piece.dest] + piece.offset
+    return span.offset % _ALIGN == 0 and span.nbytes % _ALIGN == 0 and address % _ALIGN == 0
+
+
+def _direct_requests(pieces: list[_Piece]) -> tuple[_Request, ...]:
+    """Pieces on whole blocks (`_on_blocks`) as direct requests: runs of pieces back to back in their file and in
+    their destination (a gate piece and its up piece written one after the other: one read for both)."""
+    requests: list[_Request] = []
+    for p in sorted(pieces, key=lambda p: (str(p.span.file), p.span.offset)):
+        last = requests[-1] if requests else None
+        if last is not None:
+            q = last.pieces[-1]
+            if (q.span.file == p.span.file and q.dest == p.dest and p.span.offset == last.end
+                    and p.offset == q.offset + q.span.nbytes):  # fmt: skip
+                requests[-1] = last._replace(end=p.span.offset + p.span.nbytes, pieces=(*last.pieces, p))
+                continue
+        requests.append(_Request(p.span.file, p.span.offset, p.span.offset + p.span.nbytes, (p,), direct=True))
+    return tuple(requests)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor on its own anonymous mapping, every page faulted now, in order: on whole pages, so O_DIRECT reads
+    land in it directly (`DiskStore`'s direct requests), and, faulted before the run frees anything, on pages that
+    an O_DIRECT read needs few requests to fill (`DiskStore.reserve_buffers`' note)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(_map_buffer(nbytes, populate=True), dtype=dtype).view(shape)
 
 
 def _map_buffer(nbytes: int, *, populate: bool = False) -> mmap.mmap:

@@ -129,10 +129,16 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
                        torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
 
 
+_PAGE = 4096
+
+
 def save_ordered(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file with the tensors' data in the dict's order (safetensors' own writer groups them by
     dtype, which would put an expert's scales megabytes away from its int8 weights: two reads per miss).
-    Here each expert's weights and scales are adjacent, so the store reads them in one request."""
+    Here each expert's weights and scales are adjacent, so the store reads them in one request. The data starts
+    on a whole page (the header padded with spaces, as the format allows), so a tensor whose offset is a
+    multiple of 4096 bytes lies on whole pages of the file: an O_DIRECT read can put it straight into a slot
+    (`moeflow.offload.store`)."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -140,7 +146,7 @@ def save_ordered(tensors: dict[str, torch.Tensor], path: Path) -> None:
                         "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    raw += b" " * (-(8 + len(raw)) % _PAGE)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
