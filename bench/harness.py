@@ -145,7 +145,9 @@ def prepare_model(name: str, workdir: Path) -> Path:
     if name == "default":
         return DEFAULT_MODEL
     if name == "iobound":
-        out = workdir / f"iobound-{WIDE_INTERMEDIATE}"
+        # "-aligned": widen's layout since it writes every expert on whole pages, read straight into its slot; a
+        # model built before that stays where it is (bench/results name the folder they measured)
+        out = workdir / f"iobound-{WIDE_INTERMEDIATE}-aligned"
         if not (out / "config.json").is_file():
             from moeflow.tools.widen import widen_experts
 

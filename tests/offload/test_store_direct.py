@@ -110,3 +110,11 @@ def test_a_direct_read_still_finds_nan_weights(folders, tmp_path, caplog):
         engine.cache.store.read_into(key, pool.gate_up_S2ID[0], pool.down_SDI[0])
     assert any("NaN or Inf" in r.getMessage() and f"expert {key[1]} of layer {key[0]}" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def test_no_read_buffer_is_reserved_where_every_expert_lies_on_whole_blocks(folders):
+    with moeflow.load(folders["aligned"], expert_budget="25%", store="disk", readers=2) as engine:
+        assert engine.cache.store._reserved == []  # every read lands in a slot
+        assert engine.generate([1, 2, 3], max_new_tokens=4).token_ids  # and decoding reads through them
+    with moeflow.load(folders["packed"], expert_budget="25%", store="disk", readers=2) as engine:
+        assert len(engine.cache.store._reserved) == 3  # two readers and the compute thread
