@@ -11,7 +11,7 @@ makes no torch call at all: a plan of its requests and of each piece's place in 
 once per expert (`DiskStore._byte_plan`), then a read is `preadv` and one `memmove` per piece. Where every piece
 also lies on whole blocks of its file and of its slot (a checkpoint written by `moeflow.tools.widen`, slots from
 `aligned_empty`), the read lands in the slot itself: no buffer, no copy. Measured on the I/O-bound benchmark
-model (18 MiB experts, 25%, disk; `bench/direct_reads.py`): 1.12x LRU's tokens/s and 1.09x path's, median of
+model (18 MiB experts, 25%, disk; `bench/direct_reads.py`): 1.19x LRU's tokens/s and 1.11x path's, medians of
 3 interleaved rounds, against the same weights laid out as safetensors' own writer puts them.
 """
 
