@@ -149,7 +149,7 @@ class DiskStore:
         files = {s.file for loc in checkpoint.experts.values() for s in loc.spans}
         # every expert on whole blocks of its file: read straight into the (page-aligned) slots, no buffer needed
         spans = [s for loc in checkpoint.experts.values() for s in loc.spans]
-        self._on_blocks = not self._scales and all(s.offset % _ALIGN == 0 and s.nbytes % _ALIGN == 0 for s in spans)
+        self._all_on_blocks = not self._scales and all(s.offset % _ALIGN == 0 and s.nbytes % _ALIGN == 0 for s in spans)
         files |= {p.span.file for pieces in self._scales.values() for p in pieces}
         for path in sorted(files):
             self._fds[path] = self._open(path)
@@ -186,7 +186,7 @@ class DiskStore:
         thread as it opens the store, before anything else runs. None where every expert lies on whole blocks of
         its file: those reads land in the slots themselves (`aligned_empty` faults the slot pool's pages the same
         way)."""
-        if count <= 0 or not self._ckpt.experts or self._on_blocks:
+        if count <= 0 or not self._ckpt.experts or self._all_on_blocks:
             return
         size = max(self._read_bytes(key, key in self._scales) for key in self._ckpt.experts) + 2 * _ALIGN
         with self._lock:
