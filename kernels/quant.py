@@ -352,10 +352,12 @@ class QuantizedPool:
 
 PACKED_KINDS = ("int8", "int4")
 PACKED_MAX_ROWS = 16  # rows of one slot up to which the packed matmuls beat dequantize + mm (module docstring)
-# torch's CPU int8 matmul takes the columns 8 at a time: with another column count and more than one row it reads
-# past each row (wrong sums, or a crash; measured on torch 2.13, e.g. 2 x 20 activations). Such projections (tiny
-# test geometries; real models' widths are multiples of 64) are dequantized instead.
-INT8PACK_COLS = 8
+# torch's CPU int8 matmul takes the columns 8 at a time on AVX2 and 16 at a time on AVX-512 (an AMD EPYC with
+# avx512_bf16/vnni): with another column count it reads past each row (wrong sums, or a crash; measured on torch 2.13:
+# 2 x 20 activations on AVX2; on AVX-512 C = 24, 40, 56, 72 crash from 2 rows and C = 8 is garbage at 1 row, while
+# C = 16, 32, 48, 80, 96 are right). Such projections (tiny test geometries; real models' widths are multiples of 64)
+# are dequantized instead.
+INT8PACK_COLS = 16
 # The packed formulation's tolerance: |packed - exact| <= PACKED_ATOL * max|exact| over an experts call's output
 # (bf16 rounding of each projection's input and output, grown by cancellation in the down projection's sums;
 # measured up to 4.6e-3 on normal random experts, 1.8e-2 on experts whose rows span four decades of scale).
