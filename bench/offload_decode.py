@@ -4,6 +4,9 @@ A Mixtral-shaped checkpoint with random weights (>= 1.5 GiB of experts, fp32) is
 contender runs in its own process; the disk-backed ones run in a cgroup with the same memory limit
 (page cache included, so no contender can quietly turn "disk" into RAM) after the page cache is
 dropped. Writes JSON and a PNG; prints a table. Run as root on Linux for the cgroup/drop-caches.
+The "fast kernels" contenders compute the experts with `--kernels fast` (numpy's BLAS on one thread for
+decode's one-row GEMMs: within fp32 rounding of transformers, not its bits; `tokens_equal_transformers` says
+whether greedy decoding still agreed).
 
     python bench/offload_decode.py --out bench/results
 """
@@ -47,13 +50,16 @@ class Contender:
     budget: str = "all"  # fraction of expert bytes allowed in fast memory
     store: str = "disk"
     limited: bool = False  # run inside the memory cgroup
+    kernels: str = "torch"  # moeflow: EngineConfig.kernels (fast: within fp32 rounding, not transformers' bits)
 
 
 CONTENDERS = (
     Contender(name="transformers (resident)", kind="transformers"),
     Contender(name="moeflow all", kind="moeflow", budget="all", store="ram"),
+    Contender(name="moeflow all, fast kernels", kind="moeflow", budget="all", store="ram", kernels="fast"),
     Contender(name="moeflow 50% disk", kind="moeflow", budget="50%", limited=True),
     Contender(name="moeflow 25% disk", kind="moeflow", budget="25%", limited=True),
+    Contender(name="moeflow 25% disk, fast kernels", kind="moeflow", budget="25%", limited=True, kernels="fast"),
     Contender(name="accelerate disk 25%", kind="accelerate", budget="25%", limited=True),
 )
 
@@ -117,7 +123,7 @@ def contender_run(c: Contender, ckpt: Path, shape: Shape, prompt: list[int], tok
     if c.kind == "moeflow":
         import moeflow
 
-        engine = moeflow.load(ckpt, expert_budget=c.budget, store=c.store, policy="lru")
+        engine = moeflow.load(ckpt, expert_budget=c.budget, store=c.store, policy="lru", kernels=c.kernels)
         load_s = time.perf_counter() - t0
         at_first_decode: list = []
 

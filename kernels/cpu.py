@@ -14,6 +14,13 @@ GEMM backends (fp32; other dtypes always use ``torch.mm``, which already goes to
 
 - ``"mm"``: ``torch.mm``, MKL sgemm in torch's CPU build, the GEMM library transformers' experts use
   (measured: mostly bit-identical to its grouped_mm experts, else ~1e-7 relative).
+- ``"blas"``: numpy's matmul on the tensors' own memory, i.e. the BLAS numpy was built with (OpenBLAS in
+  numpy's wheels). On this project's AMD EPYC, where MKL takes its generic path, one-row GEMMs (decode) run
+  1.3-1.85x faster than MKL's from D*I = 2^16 with OpenBLAS on one thread (the table below). With more BLAS
+  threads they stall as soon as another process wants a core (median 2.94 ms against MKL's 2.66 at E=8,
+  T=1, worst 29 ms, one core busy; one thread: 2.21 ms, worst 3.0), so plans take it only while
+  ``limit_blas_threads(1)`` holds (the engine sets BLAS threads to its compute threads with
+  ``--kernels fast``). Another summation order: ~1e-7 relative from transformers in fp32.
 - ``"onednn"``: oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU
   backend emits) on the same plain weight tensors, no copy kept. On this project's AMD EPYC it runs
   1.5-2.2x faster than MKL sgemm once the expert matrices are big (MKL takes a generic path on
@@ -55,9 +62,30 @@ def _onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-GEMMS: dict[str, Gemm] = {"mm": _mm}
+def _blas(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """numpy's matmul on the tensors' own memory (no copy): the BLAS numpy was built with (OpenBLAS in its
+    wheels). fp32/fp64 CPU tensors outside autograd; anything else goes to ``torch.mm``."""
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu" or x.requires_grad or w.requires_grad:
+        return torch.mm(x, w.t())
+    return torch.from_numpy(x.numpy() @ w.numpy().T)
+
+
+GEMMS: dict[str, Gemm] = {"mm": _mm, "blas": _blas}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     GEMMS["onednn"] = _onednn
+
+_blas_threads: int | None = None  # what `limit_blas_threads` last set (None: numpy's BLAS as it came)
+
+
+def limit_blas_threads(n: int) -> None:
+    """Set the threads of numpy's BLAS, process-wide (threadpoolctl), like ``torch.set_num_threads``; with one,
+    the built-in plan computes one-row GEMMs with it (``"blas"``)."""
+    from threadpoolctl import threadpool_limits
+
+    global _blas_threads
+    threadpool_limits(limits=n, user_api="blas")
+    _blas_threads = n
+
 
 # Measured on the 2-core AMD EPYC, fp32, K=2, median ms of 25 interleaved rounds:
 #                   T=1 pair loop       T=4 sorted               T=16 sorted
@@ -74,7 +102,13 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
 # every size: oneDNN wins there only on an idle machine (from D*I = 2^19; 2.15 vs 3.45 ms at
 # 1024*2048), while with another process on a core its two-thread calls stall (medians 9.9 and
 # 17 ms vs MKL's 3.0 and 3.8 ms at E=8 and E=64, bench/moe_block.py, T=1); MKL's one-row GEMM did not.
+#
+# One row per GEMM (the pair loop, T=1 and 2), MKL against numpy's OpenBLAS on one thread, K=2, median ms of 25
+# (ad hoc, the same machine, quiet): T=1 192*192 0.049 / 0.047, 256*256 0.085 / 0.065, 384*384 0.164 / 0.113,
+# 512*512 0.396 / 0.214, 512*1024 0.734 / 0.529, 1024*2048 2.56 / 1.87, 192*8192 (the I/O-bound bench model)
+# 2.75 / 1.60; T=2 from 384*384 alike (0.293 / 0.208 ... 5.61 / 3.07), below it MKL by ~10%.
 ONEDNN_MIN_DI = 2**18
+BLAS_MIN_DI = 2**16
 ONEDNN_MIN_DI_16_PAIRS = 2**17
 # Sorting by slot costs ~60 us and only pays when pairs share a slot: never at T=1 (a token's K
 # experts differ), rarely with up to 4 pairs (E=8, D*I=1024*2048: pair loop 4.5 ms vs sorted 4.9 ms
@@ -290,7 +324,8 @@ def builtin_plan(num_tokens: int, top_k: int, hidden: int, inter: int) -> str:
     pairs, di = num_tokens * top_k, hidden * inter
     onednn = "onednn" in GEMMS
     if num_tokens == 1 or pairs <= PAIR_LOOP_MAX_PAIRS:  # one row per GEMM call
-        return "pair_loop[mm]"
+        blas = _blas_threads == 1 and di >= (BLAS_MIN_DI if num_tokens == 1 else 2 * BLAS_MIN_DI)
+        return "pair_loop[blas]" if blas else "pair_loop[mm]"
     if onednn and (di >= ONEDNN_MIN_DI or (di >= ONEDNN_MIN_DI_16_PAIRS and pairs >= 16)):
         return "sorted[onednn]"
     return "grouped_mm"
@@ -308,15 +343,42 @@ def fused_moe_cpu(
     picks. ``gemm``: a key of ``GEMMS`` to force that backend (with the pair loop or the sorted loop);
     ``"mm"`` uses the GEMM library transformers uses. Differentiable: under autograd the loops use
     ``torch.mm`` (oneDNN's inner product has no autograd formula: torch warns and returns wrong grads)."""
+    args = (hidden_TD, gate_up_S2ID, down_SDI, weights_TK, ids_TK)
+    return CPU_FORMULATIONS[_plan(args, gemm)](*args)
+
+
+def planned_moe(
+    hidden_TD: torch.Tensor,
+    gate_up_S2ID: torch.Tensor,
+    down_SDI: torch.Tensor,
+    weights_TK: torch.Tensor | None,
+    ids_TK: torch.Tensor,
+    *,
+    gate: Gate | None = None,
+    biases: Biases = None,
+) -> torch.Tensor:
+    """``fused_moe_cpu``'s formulation with a family's own ``gate`` and expert ``biases`` (any family, within fp32
+    rounding of the exact path); ``weights_TK`` None: the pairs' rows before their routing weights, as
+    ``kernels.experts_rows`` gives them."""
+    args = (hidden_TD, gate_up_S2ID, down_SDI, weights_TK, ids_TK)
+    plan = _plan(args, None)
+    if plan == "grouped_mm":
+        return moe_grouped_mm(*args, gate=gate, biases=biases)
+    name, gemm = plan.rstrip("]").split("[")
+    return (moe_pair_loop if name == "pair_loop" else moe_sorted)(*args, gemm=gemm, gate=gate, biases=biases)
+
+
+def _plan(args: tuple, gemm: str | None) -> str:
+    """The ``CPU_FORMULATIONS`` key for a call with these arguments (x, gate_up, down, weights, ids), `gemm` forced."""
     if gemm is not None and gemm not in GEMMS:
         raise ValueError(f"cpu gemm {gemm!r} is not one of {sorted(GEMMS)}")
-    args = (hidden_TD, gate_up_S2ID, down_SDI, weights_TK, ids_TK)
+    hidden_TD, gate_up_S2ID, down_SDI, _, ids_TK = args
     (T, D), (K, I) = hidden_TD.shape, (ids_TK.shape[1], down_SDI.shape[2])
     plan = cpu_plan(T, K, D, I)
     if plan == "grouped_mm" and not backend.grouped_mm_fits(gate_up_S2ID, down_SDI):
         plan = "sorted[mm]"
     if gemm is not None:
         plan = f"{plan.split('[')[0].replace('grouped_mm', 'sorted')}[{gemm}]"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:4]):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
         plan = plan.replace("[onednn]", "[mm]")
-    return CPU_FORMULATIONS[plan](*args)
+    return plan

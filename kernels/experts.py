@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 from moeflow.kernels import backend
-from moeflow.kernels.cpu import Gate, _weight_and_sum, moe_grouped_mm, moe_pair_loop, moe_sorted
+from moeflow.kernels.cpu import Gate, _weight_and_sum, moe_grouped_mm, moe_pair_loop, moe_sorted, planned_moe
 from moeflow.kernels.fused_moe import check_moe_args, fused_moe
 
 
@@ -67,11 +67,16 @@ def experts_rows(
     *,
     gate: Gate | None = None,
     biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+    exact: bool = True,
 ) -> torch.Tensor:
     """Each pair's expert output before its routing weight, ``[T * K, D]`` (row t * K + k), zeros for pairs whose
     slot is -1: the exact path's rows, so the exact ``experts_forward`` is ``weighted_sum`` of them. A layer
     whose experts arrive in batches computes each batch's pairs as it lands and sums once at the end: every
-    pair's row is the same whichever other slots a call serves (each slot's rows go through one GEMM either way)."""
+    pair's row is the same whichever other slots a call serves (each slot's rows go through one GEMM either way).
+    ``exact=False`` (CPU tensors): the rows of ``kernels.cpu.cpu_plan``'s formulation, within fp32 rounding."""
+    if not exact and x_TD.device.type == "cpu":
+        check_moe_args(x_TD, gate_up_S2ID, down_SDI, None, slot_ids_TK)
+        return planned_moe(x_TD, gate_up_S2ID, down_SDI, None, slot_ids_TK, gate=gate, biases=biases)
     return _exact(x_TD, gate_up_S2ID, down_SDI, None, slot_ids_TK, gate, biases)
 
 

@@ -20,7 +20,7 @@ ReplayPolicy = Literal["auto", "lru", "lfu", "lrfu", "predictive", "belady"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Admission = Literal["fifo", "rebatch"]
 ExpertDtype = Literal["auto", "bf16", "fp16", "int8", "int4"]
-Kernels = Literal["torch", "triton"]
+Kernels = Literal["torch", "triton", "fast"]
 INT4_GROUP_SIZES = (32, 64, 128)  # columns per int4 scale (moeflow.kernels.quant)
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"  # shipped with the package (its model card: README.md)
@@ -109,7 +109,10 @@ class EngineConfig:
         metadata={"help": "expert compute: torch (transformers' arithmetic for full-precision experts: greedy output "
                   "equal to transformers; int8/int4 slots on a GPU take the Triton kernels) or triton (every slot "
                   "through the fused Triton kernels, kernels.fused_moe / quant_fused_moe: within fp32 rounding, not "
-                  "bit for bit; needs a CUDA device, or TRITON_INTERPRET=1 to run them slowly on the CPU)"},
+                  "bit for bit; needs a CUDA device, or TRITON_INTERPRET=1 to run them slowly on the CPU) or fast "
+                  "(the fastest measured path, within fp32 rounding: the Triton kernels on a GPU; on the CPU the "
+                  "formulation of kernels.cpu's plan, numpy's BLAS on one thread per compute thread for decode-sized "
+                  "batches)"},
     )
     exact_quantized: bool = field(
         default=False,

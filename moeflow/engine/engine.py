@@ -23,6 +23,7 @@ from moeflow.engine.driver import StepDriver
 from moeflow.engine.sampling import TokenLogprob
 from moeflow.errors import MoeflowError, RequestError
 from moeflow.kernels import backend
+from moeflow.kernels.cpu import limit_blas_threads
 from moeflow.model.checkpoint import Checkpoint, open_checkpoint
 from moeflow.model.loading import (
     build_skeleton,
@@ -96,11 +97,14 @@ def compute_threads(requested: int) -> int | None:
     return max(1, cores - 1)
 
 
-def configure_threads(requested: int) -> int:
-    """Apply the compute-thread choice to torch (process-wide, as torch's setting is); returns the count in use."""
+def configure_threads(requested: int, *, blas: bool = False) -> int:
+    """Apply the compute-thread choice to torch (process-wide, as torch's setting is), and with `blas` to numpy's
+    BLAS as well (`--kernels fast` computes experts with it); returns the count in use."""
     n = compute_threads(requested)
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
+    if blas:
+        limit_blas_threads(torch.get_num_threads())
     return torch.get_num_threads()
 
 
@@ -143,7 +147,7 @@ class Engine:
 
     def __init__(self, path: str | Path | None = None, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self.threads = configure_threads(self.config.threads)
+        self.threads = configure_threads(self.config.threads, blas=self.config.kernels == "fast")
         self.checkpoint: Checkpoint = open_checkpoint(DEFAULT_MODEL if path is None else path)
         if self.config.device.startswith("cuda") and not torch.cuda.is_available():
             raise MoeflowError("--device cuda was asked for but no CUDA device is available; use --device cpu")
@@ -214,7 +218,9 @@ class Engine:
             readers=readers,
         )
         self.runtime: OffloadRuntime = apply_offload(
-            self.model, self.cache, packed=not self.config.exact_quantized, triton=self.config.kernels == "triton"
+            self.model, self.cache, packed=not self.config.exact_quantized,
+            triton=self.config.kernels == "triton" or (self.config.kernels == "fast" and self.device.type == "cuda"),
+            exact=self.config.kernels != "fast",
         )
         load_dense_weights(self.model, self.checkpoint, hf_config)
         self.model.to(self.device).eval()

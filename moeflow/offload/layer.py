@@ -34,6 +34,7 @@ class OffloadRuntime:
     routing: Listeners[RoutingEvent] = field(default_factory=Listeners)
     packed: bool = True  # int8/int4 slots on the CPU: torch's packed matmuls (False: dequantize, exact)
     triton: bool = False  # every slot through the fused Triton kernels (`EngineConfig.kernels`)
+    exact: bool = True  # False: full-precision slots on the CPU by `kernels.cpu.cpu_plan`, within fp32 rounding
     # Quantized slots: one expert dequantized at a time, in the compute dtype (working memory beside the
     # budget, like the activations; 18 MiB for the I/O-bound benchmark model's experts in fp32).
     _scratch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -50,12 +51,16 @@ class OffloadRuntime:
         return s
 
 
-def apply_offload(model: nn.Module, cache: ExpertCache, *, packed: bool = True, triton: bool = False) -> OffloadRuntime:
+def apply_offload(
+    model: nn.Module, cache: ExpertCache, *, packed: bool = True, triton: bool = False, exact: bool = True
+) -> OffloadRuntime:
     """Route `model`'s experts through `cache`. The experts' weight matrices are dropped; expert biases
     (gpt-oss) stay resident on the module, like the router (E x (2I + D) values a layer). `packed`: as
     `moeflow.kernels.quant.quantized_experts_forward` takes it. `triton`: slots computed by the fused Triton
-    kernels where they apply (no expert biases; full precision: transformers' SiLU gate, which they fuse)."""
-    runtime = OffloadRuntime(cache=cache, packed=packed, triton=triton)
+    kernels where they apply (no expert biases; full precision: transformers' SiLU gate, which they fuse).
+    `exact=False`: full-precision slots on the CPU computed by the fastest measured formulation
+    (`kernels.experts_rows(exact=False)`), not bit for bit transformers' arithmetic."""
+    runtime = OffloadRuntime(cache=cache, packed=packed, triton=triton, exact=exact)
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
     for layer, module in experts_modules(model).items():
         for name in ("gate_up_proj", "down_proj"):
@@ -121,7 +126,7 @@ def offloaded_experts_forward(
             return out, slot_ids_TK
         if weights_TK is None:
             out = experts_rows(hidden_TD, pool.gate_up_S2ID, pool.down_SDI, slot_ids_TK, gate=self._apply_gate,
-                               biases=biases)  # fmt: skip
+                               biases=biases, exact=runtime.exact)  # fmt: skip
             return out, slot_ids_TK
         if runtime.triton and biases is None and silu_gate:  # kernels.fused_moe: the fused Triton kernels
             return experts_forward(hidden_TD, pool.gate_up_S2ID, pool.down_SDI, weights_TK, slot_ids_TK,

@@ -13,9 +13,10 @@ import dataclasses
 from functools import partial
 from types import SimpleNamespace
 
+import moeflow.kernels.cpu as cpu
 import pytest
 import torch
-from moeflow.kernels import experts_forward, fused_moe, fused_moe_reference
+from moeflow.kernels import experts_forward, experts_rows, fused_moe, fused_moe_reference, weighted_sum
 from test_kernels_fused_moe import (
     BWD_TOL,
     CASES,
@@ -155,6 +156,46 @@ def test_fast_path_with_a_family_gate_is_the_exact_path() -> None:
         fast = experts_forward(*inputs, gate=GPT_OSS_GATE, exact=False)
         assert torch.equal(fast, experts_forward(*inputs, gate=GPT_OSS_GATE))
         assert not torch.allclose(fast, experts_forward(*inputs), rtol=1e-2, atol=1e-3), "the gate must matter"
+
+
+@pytest.mark.parametrize("blas", [False, True], ids=["planned", "blas"])
+@pytest.mark.parametrize("gate_name", GATES)
+@pytest.mark.parametrize("case", [c for c in TABLE if c.name in ("decode", "sentinels", "decode_wave", "wave")],
+                         ids=lambda c: c.name)  # fmt: skip
+def test_fast_rows_are_the_exact_rows_within_rounding(case: Case, gate_name: str, blas: bool, monkeypatch) -> None:
+    """experts_rows(exact=False), what the engine computes with --kernels fast on the CPU: the planned formulation
+    (with one BLAS thread and every size above the cut: numpy's BLAS for one-row GEMMs) with a family's gate; its
+    weighted sum within fp32 rounding of the exact output; -1 slots give zero rows."""
+    if blas:
+        monkeypatch.setattr(cpu, "_blas_threads", 1)
+        monkeypatch.setattr(cpu, "BLAS_MIN_DI", 0)
+    hidden, gate_up, down, weights, ids = inputs_for(case, torch.float32)
+    calls = []
+    monkeypatch.setitem(cpu.GEMMS, "blas", lambda x, w, _f=cpu.GEMMS["blas"]: calls.append(1) or _f(x, w))
+    with torch.no_grad():
+        rows = experts_rows(hidden, gate_up, down, ids, gate=GATES[gate_name], exact=False)
+        want = experts_rows(hidden, gate_up, down, ids, gate=GATES[gate_name])
+        assert_close_scaled(rows, want, FWD_TOL["fp32"])
+        assert not rows[(ids.reshape(-1) < 0)].any()
+        out = weighted_sum(rows, weights, torch.float32)
+        assert_close_scaled(out, experts_forward(hidden, gate_up, down, weights, ids, gate=GATES[gate_name]),
+                            FWD_TOL["fp32"])  # fmt: skip
+    assert bool(calls) == (blas and case.T <= 2)
+
+
+def test_the_plan_takes_blas_only_on_one_blas_thread(monkeypatch) -> None:
+    """One-row GEMMs of big experts go to numpy's BLAS only while it runs on one thread (with more, its calls stall
+    when another process wants a core); small ones and several rows per expert stay where they were."""
+    monkeypatch.setattr(cpu, "_blas_threads", None)
+    assert cpu.builtin_plan(1, 2, 192, 8192) == "pair_loop[mm]"
+    monkeypatch.setattr(cpu, "_blas_threads", 2)
+    assert cpu.builtin_plan(1, 2, 192, 8192) == "pair_loop[mm]"
+    monkeypatch.setattr(cpu, "_blas_threads", 1)
+    assert cpu.builtin_plan(1, 2, 192, 8192) == "pair_loop[blas]"
+    assert cpu.builtin_plan(1, 2, 192, 192) == "pair_loop[mm]"  # 2^15: a tie, MKL kept
+    assert cpu.builtin_plan(2, 2, 256, 256) == "pair_loop[mm]"  # two rows: BLAS from 2^17
+    assert cpu.builtin_plan(2, 2, 384, 384) == "pair_loop[blas]"
+    assert cpu.builtin_plan(16, 2, 384, 384) == "sorted[onednn]"
 
 
 @pytest.mark.parametrize("exact", [True, False])
