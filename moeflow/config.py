@@ -95,6 +95,11 @@ class EngineConfig:
         metadata={"help": "threads that read experts from the store, several reads in flight (0: automatic, by the "
                   "size of an expert on disk)"},
     )
+    read_process: bool = field(
+        default=False,
+        metadata={"help": "read experts in a process of their own (CPU, disk store), so that reads never take the "
+                  "compute thread's GIL (default: reader threads in this process)"},
+    )
     expert_dtype: ExpertDtype = field(
         default="auto",
         metadata={"help": "how experts are held in the budget: auto (as the checkpoint stores them, at the compute "

@@ -9,9 +9,12 @@ hard ceiling by construction; `resident_peak` records the most slots ever in use
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +24,9 @@ import torch
 
 from moeflow.kernels.quant import ExpertFormat, QuantizedPool, fill_int4pack_scales, int4pack_scales_shapes
 from moeflow.model.checkpoint import ExpertKey
+from moeflow.offload.mover import ReaderProcess, Reply, Run, SharedRegion
 from moeflow.offload.policy import EvictionPolicy, PredictivePolicy
-from moeflow.offload.readers import ReaderPool, ReadJob
+from moeflow.offload.readers import MoveJob, ProcessReaderPool, ReaderPool, ReadJob
 from moeflow.offload.stats import CacheStats, LayerStats
 from moeflow.offload.store import ExpertStore, aligned_empty
 
@@ -90,9 +94,17 @@ class SlotPool:
         # int4 on the CPU (`packed_scales`): the scales also in torch's matmul layout, written once per read
         self.gate_up_scale_zeros: torch.Tensor | None = None
         self.down_scale_zeros: torch.Tensor | None = None
+        # The CPU pool's memory as the reader process maps it (`moeflow.offload.mover`); their descriptors close
+        # with the pool.
+        self.regions: list[SharedRegion] = []
+        weakref.finalize(self, _close_all, self.regions)
+
         def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
             if device.type == "cpu":  # on whole pages, faulted now: a disk read can land in a slot (`DiskStore`)
-                return aligned_empty(shape, dtype)
+                tensor, region = aligned_empty(shape, dtype)
+                if region is not None:
+                    self.regions.append(region)
+                return tensor
             return torch.empty(shape, dtype=dtype, device=device)
 
         if fmt is None:
@@ -151,6 +163,11 @@ class SlotPool:
         )
 
 
+def _close_all(regions: list[SharedRegion]) -> None:
+    for r in regions:
+        os.close(r.fd)
+
+
 @dataclass
 class _LayerCounters:
     hits: int = 0
@@ -181,10 +198,20 @@ class ExpertCache:
         layers: Sequence[int],
         budget_bytes: int,
         readers: int = 0,
+        read_process: bool = False,
     ) -> None:
         self.pool = pool
         self.store = store
-        self.readers = ReaderPool(readers)
+        # With `read_process`, reads go to a process of their own where they can (`moeflow.offload.mover`: a CPU pool
+        # in shared memory, a store that reads plain bytes), driven by the compute thread (`ProcessReaderPool`).
+        self.in_process = read_process and self._movable()
+        self.readers: ReaderPool | ProcessReaderPool
+        if self.in_process:
+            process = ReaderProcess(store.files, pool.regions, threads=readers, direct_io=store.direct_io,
+                                    buffer_bytes=store.read_buffer_bytes())  # fmt: skip
+            self.readers = ProcessReaderPool(process, window=readers + 1)
+        else:
+            self.readers = ReaderPool(readers)
         device = pool.gate_up_S2ID.device
         self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.policy = policy
@@ -211,7 +238,9 @@ class ExpertCache:
             yield slot_of
 
     def begin_layer(self, layer: int) -> None:
-        """MoE layer `layer` runs now (once per forward, however many waves it takes): the policy's clock."""
+        """MoE layer `layer` runs now (once per forward, however many waves it takes): the policy's clock. The
+        reader process's replies so far are taken in (`ProcessReaderPool.poll`)."""
+        self.readers.poll()
         with self._cv:
             self.policy.on_layer(layer)
 
@@ -277,9 +306,12 @@ class ExpertCache:
                 slot_of[e] = s
                 to_read.append((key, s))
         failed: dict[int, BaseException] = {}  # slot -> its demand read's error
-        jobs: list[ReadJob] = []
+        jobs: list[ReadJob] | list[MoveJob] = []
 
         def read(pending: list[tuple[ExpertKey, int]]) -> None:
+            if self.in_process:
+                jobs.extend(self.readers.start([_DemandRead(self, key, s, counters, failed) for key, s in pending]))
+                return
             fns: list[Callable[[], None]] = []
             for key, s in pending:
                 parts = self._read_parts(key, s)
@@ -409,6 +441,32 @@ class ExpertCache:
         pool = self.pool
         return read_parts(key, pool.gate_up_S2ID[s], pool.down_SDI[s], pool.scale_views(s) or None)
 
+    def _movable(self) -> bool:
+        """Whether this cache's reads can go to the reader process: CPU slots in shared memory, and a store that
+        reads them as plain byte copies (every slot of a pool has the layout of the first)."""
+        moves = getattr(self.store, "movable", None)  # `DiskStore.movable`
+        pool = self.pool
+        shared = {r.address for r in pool.regions}
+        read = [t for t in (pool.gate_up_S2ID, pool.down_SDI, pool.gate_up_scale, pool.down_scale) if t is not None]
+        return (moves is not None and pool.capacity > 0 and all(t.data_ptr() in shared for t in read)
+                and moves(pool.gate_up_S2ID[0], pool.down_SDI[0], pool.scale_views(0) or None))  # fmt: skip
+
+    def moves(self, key: ExpertKey, s: int) -> tuple[list[Run], bool] | None:
+        """`read_slot` as byte moves for the reader process (`DiskStore.moves`), or None: not plain bytes."""
+        pool = self.pool
+        return self.store.moves(key, pool.gate_up_S2ID[s], pool.down_SDI[s], pool.scale_views(s) or None)
+
+    def moved(self, key: ExpertKey, s: int, reply: Reply) -> BaseException | None:
+        """The reader process has answered `moves(key, s)`: the slot prepared (`read_slot`'s ending), or the error."""
+        self.store.moved(key, reply)
+        error = reply.error()
+        if error is None:
+            try:
+                self.pool.prepare_slot(s)
+            except Exception as e:
+                error = e
+        return error
+
     def read_slot(self, key: ExpertKey, s: int) -> tuple[int, object | None]:
         """Read `key` into slot `s`, which the caller holds in state LOADING; no lock is held. Returns the
         bytes read and, on CUDA, the event of the copy stream that the compute stream must wait on."""
@@ -505,8 +563,10 @@ class ExpertCache:
                 return self._free.pop()
             if not wait:
                 return None
-            # Every slot is pinned or being read; a read in flight will finish and free one up.
-            self._cv.wait()
+            # Every slot is pinned or being read; a read in flight will finish and free one up. The reader process's
+            # replies are this thread's to take in (the lock is re-entrant: taking one in settles its slot).
+            if not self.readers.help(()):
+                self._cv.wait()
 
     def _assign_locked(self, key: ExpertKey, s: int, *, pins: int) -> None:
         self._slot_of[key] = s
@@ -553,6 +613,32 @@ class ExpertCache:
     def reset_stats(self) -> None:
         with self._cv:
             self._counters = {layer: _LayerCounters() for layer in self._counters}
+
+
+class _DemandRead:
+    """A demand read of slot `s` as a `MoveTask` of the reader process (`ExpertCache.arrivals`); `run`: read here,
+    as a reader thread would."""
+
+    __slots__ = ("cache", "key", "s", "counters", "failed")
+
+    def __init__(
+        self, cache: ExpertCache, key: ExpertKey, s: int, counters: _LayerCounters, failed: dict[int, BaseException]
+    ) -> None:  # fmt: skip
+        self.cache, self.key, self.s, self.counters, self.failed = cache, key, s, counters, failed
+
+    def run(self) -> None:
+        self.cache._demand_read(self.key, self.s, self.counters, self.failed)
+
+    def begin(self) -> tuple[list[Run], bool] | None:
+        moves = self.cache.moves(self.key, self.s)
+        if moves is None:  # not plain bytes after all: read here (a failure is recorded in `failed`)
+            with contextlib.suppress(Exception):
+                self.run()
+        return moves
+
+    def end(self, reply: Reply) -> None:
+        error = self.cache.moved(self.key, self.s, reply)
+        self.cache._landed(self.s, self.counters, self.failed, nbytes=reply.nbytes, error=error)
 
 
 class _PartedRead:

@@ -11,6 +11,10 @@ readers overlap each other and the compute thread's forward. Two kinds of work s
 
 The pool knows nothing of slots or keys: it runs callables. `ExpertCache` decides what is read
 where, under its own lock.
+
+`ProcessReaderPool` keeps the same protocol with no reader thread at all: the reads go to a process of
+its own (`moeflow.offload.mover`, whose note says why), and the compute thread sends them and takes in
+the replies itself.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
+
+from moeflow.offload.mover import ReaderProcess, Reply, Run
 
 T = TypeVar("T")
 
@@ -118,6 +124,12 @@ class ReaderPool:
         with self._lock:
             self._done_cv.wait_for(lambda: all(j.done for j in jobs))
 
+    def poll(self) -> None:
+        """Nothing to collect: reader threads settle their own reads (`ProcessReaderPool.poll`)."""
+
+    def drain(self) -> None:
+        """Nothing to drive: reader threads run what is queued on their own (`ProcessReaderPool.drain`)."""
+
     def close(self) -> None:
         """Drop queued background reads, let reads in progress finish, stop the threads."""
         with self._lock:
@@ -161,3 +173,153 @@ class ReaderPool:
                 job.started = True
             job._execute()
             self._finish(job)
+
+
+class MoveTask(Protocol):
+    """A read that the reader process can do (`ProcessReaderPool`): worked out and settled in the compute thread,
+    its bytes moved by the other process; or, where the compute thread takes it over, done whole by `run`."""
+
+    def run(self) -> None:
+        """The whole read, in the calling thread (may raise, once the task has recorded its failure)."""
+
+    def begin(self) -> tuple[list[Run], bool] | None:
+        """About to be sent: its byte moves and whether to check them for NaN/Inf, or None: nothing to read (the
+        task has settled itself)."""
+
+    def end(self, reply: Reply) -> None:
+        """The reader process has done its moves (or failed: `reply.error()`)."""
+
+
+class MoveJob:
+    """One `MoveTask` in a `ProcessReaderPool`."""
+
+    __slots__ = ("task", "started", "done", "error")
+
+    def __init__(self, task: MoveTask) -> None:
+        self.task = task
+        self.started = False  # sent, or run in the compute thread
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class ProcessReaderPool:
+    """`ReaderPool`'s protocol over a `ReaderProcess`, driven by the compute thread alone (no thread of this process
+    ever waits on a read, so none takes the GIL from the forward): urgent reads before background ones, at most
+    `window` in the reader process at once (more would queue there, where they could not be dropped or overtaken),
+    the replies collected whenever the compute thread passes by (`poll`, at every MoE layer) or waits (`help`).
+    An urgent read that finds the window full of reads ahead is read by the compute thread itself (`help`), as with
+    reader threads. One thread only: the engine's."""
+
+    def __init__(self, process: ReaderProcess, *, window: int) -> None:
+        self.process = process
+        self.threads = process.threads  # the reader process's (none in this one)
+        self.window = max(1, window)
+        self._urgent: deque[MoveJob] = deque()
+        self._background: deque[MoveJob] = deque()
+        self._in_flight: dict[int, MoveJob] = {}
+        self._next = 0
+        self._closed = False
+
+    def submit(self, task: MoveTask) -> MoveJob:
+        """Queue a background read (a prefetch) and send what the window allows."""
+        if self._closed:
+            raise RuntimeError("the reader pool is closed")
+        job = MoveJob(task)
+        self._background.append(job)
+        self._pump()
+        return job
+
+    def start(self, tasks: Sequence[MoveTask]) -> list[MoveJob]:
+        """Queue `tasks` as urgent reads, ahead of every background read, and send what the window allows."""
+        if self._closed:
+            raise RuntimeError("the reader pool is closed")
+        jobs = [MoveJob(t) for t in tasks]
+        self._urgent.extend(jobs)
+        self._pump()
+        return jobs
+
+    def help(self, jobs: Sequence[MoveJob]) -> bool:
+        """Read one of `jobs` that is not sent yet here, else wait for the next reply; False when nothing is queued
+        or in flight (nothing can change)."""
+        for job in jobs:
+            if not job.started:
+                self._urgent.remove(job)
+                self._run_here(job)
+                return True
+        if not self._in_flight:
+            return False
+        self._collect(block=True)
+        return True
+
+    def finish(self, jobs: Sequence[MoveJob]) -> None:
+        """Wait until every job of `jobs` has finished; those not sent are abandoned (`ReaderPool.finish`)."""
+        for job in jobs:
+            if not job.started:
+                self._urgent.remove(job)
+                job.started = job.done = True
+                job.error = RuntimeError("read abandoned")
+        while self._in_flight and not all(j.done for j in jobs):
+            self._collect(block=True)
+
+    def poll(self) -> None:
+        """Collect the replies that have come and send what they leave room for; never waits."""
+        if self._in_flight:
+            self._collect(block=False)
+        else:
+            self._pump()
+
+    def drain(self) -> None:
+        """Run every queued read to its end."""
+        self._pump()
+        while self._in_flight:
+            self._collect(block=True)
+
+    def close(self) -> None:
+        """Drop queued background reads, let reads in flight finish, stop the process."""
+        if self._closed:
+            return
+        self._closed = True
+        self._background.clear()
+        try:
+            while self._in_flight:
+                self._collect(block=True)
+        finally:
+            self.process.close()
+
+    def _run_here(self, job: MoveJob) -> None:
+        job.started = True
+        try:
+            job.task.run()
+        except Exception as e:  # recorded by the task; kept like a reader thread's
+            job.error = e
+        job.done = True
+
+    def _pump(self) -> None:
+        requests = []
+        while len(self._in_flight) < self.window and (self._urgent or self._background):
+            job = (self._urgent or self._background).popleft()
+            job.started = True
+            try:
+                moves = job.task.begin()
+            except BaseException as e:  # the caller sees it; the job is over
+                job.error, job.done = e, True
+                raise
+            if moves is None:
+                job.done = True
+                continue
+            runs, check = moves
+            self._next += 1
+            self._in_flight[self._next] = job
+            requests.append((self._next, runs, check))
+        if requests:
+            self.process.send(requests)
+
+    def _collect(self, *, block: bool) -> None:
+        for reply in self.process.replies(block=block):
+            job = self._in_flight.pop(reply.job)
+            try:
+                job.task.end(reply)
+            except Exception as e:  # recorded by the task
+                job.error = e
+            job.done = True
+        self._pump()

@@ -34,6 +34,7 @@ import torch
 from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, quantize
 from moeflow.model.checkpoint import Checkpoint, ExpertKey, TensorSpan
 from moeflow.model.quantized import ScalePiece
+from moeflow.offload.mover import Piece, Reply, Run, SharedRegion
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +189,28 @@ class DiskStore:
         way)."""
         if count <= 0 or not self._ckpt.experts or self._all_on_blocks:
             return
-        size = max(self._read_bytes(key, key in self._scales) for key in self._ckpt.experts) + 2 * _ALIGN
+        size = self.read_buffer_bytes()
         with self._lock:
             for _ in range(count):
                 self._reserved.append(_map_buffer(size, populate=True))
+
+    def read_buffer_bytes(self) -> int:
+        """The buffer a read through one needs at most (its largest request on whole blocks); 0 where every expert
+        lies on whole blocks of its file (reads land in the slots)."""
+        if not self._ckpt.experts or self._all_on_blocks:
+            return 0
+        return max(self._read_bytes(key, key in self._scales) for key in self._ckpt.experts) + 2 * _ALIGN
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._fds)
+
+    def movable(self, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None) -> bool:
+        """Whether reads into slots laid out as these are plain byte copies (`moves`), judged on the first expert."""
+        if not self._ckpt.experts:
+            return False
+        key = next(iter(self._ckpt.experts))
+        return self._byte_plan(key, _destinations(gate_up_2ID, down_DI, scales)) is not None
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
         buf = getattr(self._local, "buf", None)
@@ -320,6 +339,32 @@ class DiskStore:
                 parts.append(lambda request=request, a=a, b=b: self._read_request(key, request, a, b, addresses, check))
         return parts
 
+    def moves(
+        self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None
+    ) -> tuple[list[Run], bool] | None:
+        """`read_into` as byte moves for the reader process (`moeflow.offload.mover`): its runs of the files, and
+        whether this first read of `key` checks it for NaN/Inf (`moved` reports what was found); None where a piece
+        is more than a byte copy (`_byte_plan`)."""
+        dests = _destinations(gate_up_2ID, down_DI, scales)
+        addresses = [t.data_ptr() for t in dests]
+        plan = self._byte_plan(key, dests, addresses)
+        if plan is None:
+            return None
+        check = key not in self._checked
+        self._checked.add(key)
+        runs = [Run(r.file, r.start, r.end, r.direct,
+                    tuple(Piece(addresses[p.dest] + p.offset, p.span.offset, p.span.nbytes,
+                                _CHECKED_DTYPES.get(p.span.dtype, "")) for p in r.pieces))
+                for r in plan]  # fmt: skip
+        return runs, check
+
+    def moved(self, key: ExpertKey, reply: Reply) -> None:
+        """What the reader process found doing `moves(key)`, handled as `read_into` would have."""
+        if reply.fell_back:
+            self._fall_back("O_DIRECT read refused in the reader process")
+        if reply.not_finite:
+            self._warn_not_finite(key)
+
     def _read_bytes(self, key: ExpertKey, with_scales: bool) -> int:
         """The bytes `read_into` requests for `key` (its coalesced spans; with its scales' where the slot has
         them), remembered per expert."""
@@ -442,14 +487,26 @@ def _direct_requests(pieces: list[_Piece]) -> tuple[_Request, ...]:
     return tuple(requests)
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor on its own anonymous mapping, every page faulted now, in order: on whole pages, so O_DIRECT reads
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, SharedRegion | None]:
+    """A CPU tensor on its own shared mapping, every page faulted now, in order: on whole pages, so O_DIRECT reads
     land in it directly (`DiskStore`'s direct requests), and, faulted before the run frees anything, on pages that
-    an O_DIRECT read needs few requests to fill (`DiskStore.reserve_buffers`' note)."""
+    an O_DIRECT read needs few requests to fill (`DiskStore.reserve_buffers`' note). Where the platform has memfds,
+    the mapping is one, and its region (the descriptor: the caller closes it) lets the reader process
+    (`moeflow.offload.mover`) map the same memory; else None."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(_map_buffer(nbytes, populate=True), dtype=dtype).view(shape)
+        return torch.empty(shape, dtype=dtype), None
+    if not hasattr(os, "memfd_create"):
+        return torch.frombuffer(_map_buffer(nbytes, populate=True), dtype=dtype).view(shape), None
+    fd = os.memfd_create("moeflow-slots", getattr(os, "MFD_CLOEXEC", 0))
+    try:
+        os.ftruncate(fd, nbytes)
+        buf = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except BaseException:
+        os.close(fd)
+        raise
+    tensor = torch.frombuffer(buf, dtype=dtype).view(shape)
+    return tensor, SharedRegion(fd, tensor.data_ptr(), nbytes)
 
 
 def _map_buffer(nbytes: int, *, populate: bool = False) -> mmap.mmap:
@@ -463,6 +520,8 @@ def _map_buffer(nbytes: int, *, populate: bool = False) -> mmap.mmap:
 # checked on these bits; the others with numpy's own isfinite.
 _BF16_EXPONENT = 0x7F80
 _NUMPY_FLOATS = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_CHECKED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                   torch.float64: "float64"}  # fmt: skip
 
 
 def _all_finite(buf: object, offset: int, span: TensorSpan, nbytes: int | None = None) -> bool:

@@ -5,7 +5,8 @@ pool (`moeflow.offload.readers`), so I/O overlaps compute and prefetches overlap
 misses go through the same pool ahead of every prefetch (`ExpertCache.acquire`), and a prefetch
 still queued when its layer needs it is taken over by the compute thread. On CUDA each read fills
 through a dedicated copy stream and the slot carries an event that the compute stream waits on (no
-host sync; `ExpertCache.read_slot`).
+host sync; `ExpertCache.read_slot`). With the reader process (`moeflow.offload.mover`) a prefetch is a
+`MoveTask`: started and settled by the compute thread, its bytes moved by that process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 
 from moeflow.model.checkpoint import ExpertKey
 from moeflow.offload.cache import ExpertCache
+from moeflow.offload.mover import Reply, Run
 from moeflow.offload.plans import PrefetchPlan
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,13 @@ class TransferEngine:
                 continue
             with self._idle:
                 self._pending += 1
-            self.cache.readers.submit(lambda key=key, slot=slot: self._run(key, slot))
+            task = _Prefetch(self, key, slot)
+            self.cache.readers.submit(task if self.cache.in_process else task.run)
         return len(reserved)
 
     def drain(self) -> None:
         """Block until every queued prefetch has landed."""
+        self.cache.readers.drain()
         with self._idle:
             self._idle.wait_for(lambda: self._pending == 0)
 
@@ -57,13 +61,20 @@ class TransferEngine:
         try:
             self._fill(key, slot)
         finally:
-            with self._idle:
-                self._pending -= 1
-                self._idle.notify_all()
+            self._finished()
+
+    def _finished(self) -> None:
+        with self._idle:
+            self._pending -= 1
+            self._idle.notify_all()
 
     def _fill(self, key: ExpertKey, slot: int) -> None:
         if not self.cache.start_prefetch(key, slot):  # cancelled, or taken over by the compute thread
             return
+        self._read(key, slot)
+
+    def _read(self, key: ExpertKey, slot: int) -> None:
+        """Read a started prefetch here."""
         try:
             nbytes, event = self.cache.read_slot(key, slot)
         except Exception:
@@ -71,3 +82,38 @@ class TransferEngine:
             self.cache.cancel_prefetch(key, slot)
             return
         self.cache.complete_prefetch(key, slot, nbytes, event)
+
+
+class _Prefetch:
+    """One prefetch as a `MoveTask` of the reader process; `run`: the whole prefetch, on a reader thread."""
+
+    __slots__ = ("transfer", "key", "slot")
+
+    def __init__(self, transfer: TransferEngine, key: ExpertKey, slot: int) -> None:
+        self.transfer, self.key, self.slot = transfer, key, slot
+
+    def run(self) -> None:
+        self.transfer._run(self.key, self.slot)
+
+    def begin(self) -> tuple[list[Run], bool] | None:
+        cache = self.transfer.cache
+        moves = None
+        if cache.start_prefetch(self.key, self.slot):  # else cancelled, or taken over by the compute thread
+            moves = cache.moves(self.key, self.slot)
+            if moves is None:  # not plain bytes after all: read here
+                self.transfer._read(self.key, self.slot)
+        if moves is None:
+            self.transfer._finished()
+        return moves
+
+    def end(self, reply: Reply) -> None:
+        cache = self.transfer.cache
+        try:
+            error = cache.moved(self.key, self.slot, reply)
+            if error is not None:
+                log.error("prefetch of expert %s failed (%s); it will be read on demand", self.key, error)
+                cache.cancel_prefetch(self.key, self.slot)
+            else:
+                cache.complete_prefetch(self.key, self.slot, reply.nbytes)
+        finally:
+            self.transfer._finished()

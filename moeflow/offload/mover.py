@@ -1,0 +1,363 @@
+"""The reader process: expert reads that never take the compute thread's GIL.
+
+Reader threads share the compute process's GIL. Each `preadv` and each copy of a read releases it and
+must take it back, and every such hand-over while the compute thread runs Python (a small model's
+forward is mostly Python between small torch ops, each of which releases the GIL too) delays one of
+the two. Measured ad hoc on the 2-core AMD EPYC VM (2026-12-04, /tmp script): the shipped model
+decoding with every expert resident ran 1.86-2.11 ms a token alone; with a thread of the same process
+reading a 0.44 MiB block with O_DIRECT and copying it in three pieces every 0.7 ms, 2.28-3.15 ms; with
+that thread only handing each read to another process and waiting for its answer, 2.62-4.68 ms; with
+the other process reading on its own, 1.73-2.15 ms. So no thread of the compute process may wait on
+reads: this process does them all (`threads` threads of its own, several reads in flight) into the
+slot pool, which both processes map (`SharedRegion`: memfd-backed), and the compute thread sends the
+requests and collects the answers itself, when it has a moment (`moeflow.offload.readers.ProcessReaderPool`).
+
+A request is one expert's read as byte moves worked out by the store (`DiskStore.moves`): runs of a
+file, each either read straight into a slot (on whole blocks) or through this process's own buffer and
+then copied piece by piece; its NaN/Inf check, on the first read of an expert, is done here too. The
+answer says how many bytes were read, or the error (errno and message), and whether O_DIRECT was
+refused (this process then reads buffered, dropping each read from the page cache, as `DiskStore` does).
+
+Decoding the shipped model at 25% from disk (8 held-out prompts x 64 tokens, 3 interleaved rounds, ms a
+token, 2-core AMD EPYC VM, 2026-12-04, ad hoc): LRU 3.16-4.02 against 3.99-4.63 with reader threads; path
+prediction (always predicting) 3.68-4.17 against 3.91-4.11. `bench/expertflow.py`'s "(reader process)"
+contenders measure it side by side; it is an option (`EngineConfig.read_process`), not the default: on that
+bench LRU and auto gained 1.16x (median per-round ratio) and path lost 0.93x against 0.96x.
+
+This file is also the reader process's program (`python mover.py SPEC`): stdlib and numpy only, so
+that it starts in a fraction of a second; it exits when the request pipe closes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import mmap
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+_ALIGN = 4096  # as moeflow.offload.store: O_DIRECT's offset, length and address granularity
+_LENGTH = struct.Struct("<I")
+_REQUEST = struct.Struct("<QBH")  # job id, check NaN/Inf, runs
+_RUN = struct.Struct("<HQQBH")  # file, start, end, direct, pieces
+_PIECE = struct.Struct("<HQQQB")  # region, offset of the piece in it, file offset, bytes, dtype (`DTYPES`)
+_REPLY = struct.Struct("<QQiBBH")  # job id, bytes read, errno (0: read), not finite, fell back, message length
+DTYPES = ("", "float32", "float16", "bfloat16", "float64")  # what the NaN/Inf check knows; "" (0): not checked
+_BF16_EXPONENT = 0x7F80
+# How long the compute thread polls for a reply before it sleeps: it has nothing else to do, and a reply to a process
+# that sleeps costs the writer a wake-up (on the 2-core VM ~50-150 us). The reader process does not poll for
+# requests: polling there took a core from its own reads (path prediction, shipped model at 25%, 3 interleaved
+# rounds: 4.27-4.70 ms a token polling 2 ms after each read, 3.68-4.17 not polling, 3.91-4.11 reader threads).
+SPIN_S = 0.002
+
+
+class SharedRegion(NamedTuple):
+    """Memory both processes map: a memfd, and where it is mapped in this process."""
+
+    fd: int
+    address: int
+    nbytes: int
+
+
+class Piece(NamedTuple):
+    """A stored tensor's bytes [offset, offset + nbytes) of a run's file, copied to `address` of this process."""
+
+    address: int
+    offset: int
+    nbytes: int
+    dtype: str  # one of DTYPES: checked for NaN/Inf when the request asks
+
+
+class Run(NamedTuple):
+    """Bytes [start, end) of `file`, holding `pieces`; `direct`: they lie back to back in the file and in memory,
+    on whole blocks, and the read lands in place."""
+
+    file: Path
+    start: int
+    end: int
+    direct: bool
+    pieces: tuple[Piece, ...]
+
+
+class Reply(NamedTuple):
+    job: int
+    nbytes: int
+    errno: int  # 0: read
+    not_finite: bool
+    fell_back: bool  # O_DIRECT was refused: reads are buffered from now on
+    message: str
+
+    def error(self) -> OSError | None:
+        return OSError(self.errno, self.message) if self.errno else None
+
+
+class ReaderProcess:
+    """The parent's end: spawns the process, sends requests, collects replies (never from two threads at once)."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        regions: Sequence[SharedRegion],
+        *,
+        threads: int,
+        direct_io: bool,
+        buffer_bytes: int = 0,
+    ) -> None:
+        """`threads` reads at once; `buffer_bytes`: each thread's read buffer, mapped and faulted as the process
+        starts (`DiskStore.reserve_buffers`' note; 0: reads land in place, or a buffer is mapped when needed)."""
+        self.threads = max(1, threads)
+        self.files = list(files)
+        self._file_index = {f: i for i, f in enumerate(self.files)}
+        self.regions = list(regions)
+        req_r, self._req = os.pipe()
+        self._rep, rep_w = os.pipe()
+        spec = {"requests": req_r, "replies": rep_w, "threads": self.threads, "direct_io": direct_io,
+                "buffer": buffer_bytes, "files": [str(f) for f in self.files],
+                "regions": [[r.fd, r.nbytes] for r in self.regions]}  # fmt: skip
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, __file__, json.dumps(spec)],
+                pass_fds=(req_r, rep_w, *(r.fd for r in self.regions)),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(req_r)
+            os.close(rep_w)
+        os.set_blocking(self._rep, False)
+        self._pending = bytearray()
+        # An engine dropped without `close`: the process still stops, and the pipes close, when this is collected.
+        self._stop = weakref.finalize(self, _stop, self._proc, self._req, self._rep)
+
+    def send(self, requests: Sequence[tuple[int, Sequence[Run], bool]]) -> None:
+        """Send (job id, runs, check NaN/Inf) requests in one write: waking the process is most of a send's cost
+        (~76 us a write on the 2-core VM, measured with cProfile in a decode)."""
+        out = []
+        for job, runs, check in requests:
+            parts = [_REQUEST.pack(job, check, len(runs))]
+            for run in runs:
+                parts.append(_RUN.pack(self._file_index[run.file], run.start, run.end, run.direct, len(run.pieces)))
+                for p in run.pieces:
+                    region, offset = self._locate(p.address, p.nbytes)
+                    parts.append(_PIECE.pack(region, offset, p.offset, p.nbytes, DTYPES.index(p.dtype)))
+            body = b"".join(parts)
+            out += [_LENGTH.pack(len(body)), body]
+        _write_all(self._req, b"".join(out))
+
+    def _locate(self, address: int, nbytes: int) -> tuple[int, int]:
+        for i, r in enumerate(self.regions):
+            if r.address <= address and address + nbytes <= r.address + r.nbytes:
+                return i, address - r.address
+        raise ValueError(f"{nbytes} bytes at {address:#x} lie outside the shared regions")
+
+    def replies(self, *, block: bool) -> list[Reply]:
+        """The replies that have come; with `block`, at least one: polled for up to `SPIN_S` (a reply to a thread
+        that is awake wakes no one), then waited for (the GIL released)."""
+        out: list[Reply] = []
+        spin_until = time.perf_counter() + SPIN_S if block else 0.0
+        while True:
+            if block and not out and time.perf_counter() > spin_until:
+                select.select([self._rep], [], [])
+            try:
+                data = os.read(self._rep, 1 << 16)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                code = self._proc.wait()
+                raise RuntimeError(f"the expert reader process exited (code {code}) with reads in flight")
+            if data:
+                self._pending += data
+                out += self._parse()
+            if data is None and (out or not block):
+                return out
+            if data is None:
+                os.sched_yield()
+
+    def _parse(self) -> list[Reply]:
+        out = []
+        buf = self._pending
+        while len(buf) >= _REPLY.size:
+            job, nbytes, err, not_finite, fell_back, n = _REPLY.unpack_from(buf)
+            if len(buf) < _REPLY.size + n:
+                break
+            message = bytes(buf[_REPLY.size : _REPLY.size + n]).decode("utf-8", "replace")
+            del buf[: _REPLY.size + n]
+            out.append(Reply(job, nbytes, err, bool(not_finite), bool(fell_back), message))
+        return out
+
+    def close(self) -> None:
+        """Close the request pipe (the process exits once its reads in flight are done) and wait for it."""
+        self._stop()
+
+
+def _stop(proc: subprocess.Popen, requests: int, replies: int) -> None:
+    os.close(requests)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    os.close(replies)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# ---- the reader process -------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, spec: dict) -> None:
+        self.direct = bool(spec["direct_io"]) and hasattr(os, "O_DIRECT")
+        self.paths = spec["files"]
+        self.fds = [self._open(p) for p in self.paths]
+        self.maps = [mmap.mmap(fd, nbytes) for fd, nbytes in spec["regions"]]
+        self.bases = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.maps]
+        self.replies = spec["replies"]
+        self.lock = threading.Lock()  # fall-back and replies
+        self.fell_back = False
+
+    def _open(self, path: str) -> int:
+        if self.direct:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._fall_back()
+        return os.open(path, os.O_RDONLY)
+
+    def _fall_back(self) -> None:
+        with self.lock:
+            if self.direct:
+                self.direct = False
+                self.fell_back = True
+                old, self.fds = self.fds, [os.open(p, os.O_RDONLY) for p in self.paths]
+                self._retired = old  # a read in another thread may still use one
+
+    def pread(self, file: int, address: int, start: int, end: int, length: int) -> int:
+        """Fill `length` bytes at `address` from byte `start` of `file` until byte `end` at least is in."""
+        done = 0
+        view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+        while start + done < end:
+            try:
+                n = os.preadv(self.fds[file], [view[done:]], start + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._fall_back()
+                continue
+            if n == 0:
+                raise OSError(errno.EIO, f"{self.paths[file]} ended at byte {start + done}; the shard is truncated")
+            done += n
+        if not self.direct:
+            os.posix_fadvise(self.fds[file], start, length, os.POSIX_FADV_DONTNEED)
+        return done
+
+    def serve(self, job: int, check: bool, runs: list, buffer: list) -> None:
+        total, finite, err, message = 0, True, 0, ""
+        try:
+            for file, start, end, direct, pieces in runs:
+                if direct:
+                    region, offset, file_offset, _, _ = pieces[0]
+                    at = self.bases[region] + offset - file_offset  # the address of file byte x is at + x
+                    total += self.pread(file, at + start, start, end, end - start)
+                    if check:
+                        finite = finite and all(_finite(self.maps[r], o, n, d) for r, o, _, n, d in pieces)
+                    continue
+                a_start, a_end = start - start % _ALIGN, -(-end // _ALIGN) * _ALIGN
+                if not buffer or len(buffer[0]) < a_end - a_start:
+                    buffer[:] = [mmap.mmap(-1, max(a_end - a_start, 1 << 20))]
+                buf = buffer[0]
+                address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+                total += self.pread(file, address, a_start, end, a_end - a_start)
+                for region, offset, file_offset, nbytes, dtype in pieces:
+                    if check and finite:
+                        finite = _finite(buf, file_offset - a_start, nbytes, dtype)
+                    ctypes.memmove(self.bases[region] + offset, address + file_offset - a_start, nbytes)
+        except OSError as e:
+            err, message = e.errno or errno.EIO, e.strerror or str(e)
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+            err, message = errno.EIO, f"{type(e).__name__}: {e}"
+        encoded = message.encode()[:2000]
+        with self.lock:
+            fell_back, self.fell_back = self.fell_back, False
+            _write_all(self.replies, _REPLY.pack(job, total, err, not finite, fell_back, len(encoded)) + encoded)
+
+
+def _finite(buf: object, offset: int, nbytes: int, dtype: int) -> bool:
+    import numpy as np
+
+    name = DTYPES[dtype]
+    if not name:
+        return True
+    if name == "bfloat16":
+        bits = np.frombuffer(buf, dtype=np.uint16, count=nbytes // 2, offset=offset)
+        return not bool(((bits & _BF16_EXPONENT) == _BF16_EXPONENT).any())
+    values = np.frombuffer(buf, dtype=np.dtype(name), count=nbytes // np.dtype(name).itemsize, offset=offset)
+    return bool(np.isfinite(values).all())
+
+
+def _parse_request(body: bytes) -> tuple[int, bool, list]:
+    job, check, nruns = _REQUEST.unpack_from(body)
+    at = _REQUEST.size
+    runs = []
+    for _ in range(nruns):
+        file, start, end, direct, npieces = _RUN.unpack_from(body, at)
+        at += _RUN.size
+        pieces = []
+        for _ in range(npieces):
+            pieces.append(_PIECE.unpack_from(body, at))
+            at += _PIECE.size
+        runs.append((file, start, end, bool(direct), pieces))
+    return job, bool(check), runs
+
+
+class _Requests:
+    """The request pipe, read by one thread at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self.file = os.fdopen(fd, "rb", buffering=1 << 16)
+        self.lock = threading.Lock()
+
+    def next(self) -> bytes | None:
+        """The next request's body; None once the pipe is closed."""
+        with self.lock:
+            header = self.file.read(_LENGTH.size)
+            if len(header) < _LENGTH.size:
+                return None
+            return self.file.read(_LENGTH.unpack(header)[0])
+
+
+def _child_main(spec: dict) -> None:
+    """Each thread takes the next request off the pipe itself (one wake-up a request, not two) and serves it."""
+    reader = _Reader(spec)
+    requests = _Requests(spec["requests"])
+
+    def work() -> None:
+        populate = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        buffer = [mmap.mmap(-1, spec["buffer"], flags=populate)] if spec["buffer"] else []
+        while (body := requests.next()) is not None:
+            reader.serve(*_parse_request(body), buffer)
+
+    workers = [threading.Thread(target=work) for _ in range(spec["threads"])]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+if __name__ == "__main__":
+    _child_main(json.loads(sys.argv[1]))

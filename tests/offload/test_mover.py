@@ -1,0 +1,213 @@
+"""The reader process (`moeflow.offload.mover`) and the pool that drives it from the compute thread
+(`moeflow.offload.readers.ProcessReaderPool`): the process fills slots byte for byte as `DiskStore.read_into` does,
+through its buffer or straight into the slot; its failures and findings come back as replies; the pool keeps the
+reader threads' protocol (urgent before background, a bounded window, the compute thread reading for itself when
+the window is full, unsent reads abandoned); and the engine reads in it by default on the CPU, with the same tokens.
+"""
+
+import errno
+import logging
+import shutil
+
+import pytest
+import torch
+
+import moeflow
+from moeflow.model.checkpoint import open_checkpoint
+from moeflow.offload.cache import SlotPool
+from moeflow.offload.mover import ReaderProcess, Reply
+from moeflow.offload.readers import ProcessReaderPool
+from moeflow.offload.store import DiskStore
+from moeflow.testing import save_tiny_checkpoint
+from moeflow.tools.widen import widen_experts
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mover")
+    src = save_tiny_checkpoint("mixtral", root / "src", intermediate_size=64, hidden_size=32)
+    return {"packed": src, "aligned": widen_experts(src, root / "aligned", 128, progress=False)}
+
+
+def _setup(path, capacity=3):
+    ckpt = open_checkpoint(path)
+    loc = next(iter(ckpt.experts.values()))
+    store = DiskStore(ckpt)
+    pool = SlotPool(capacity=capacity, inter=loc.inter, hidden=loc.hidden, dtype=torch.float32,
+                    device=torch.device("cpu"))  # fmt: skip
+    process = ReaderProcess(store.files, pool.regions, threads=2, direct_io=store.direct_io,
+                            buffer_bytes=store.read_buffer_bytes())  # fmt: skip
+    return ckpt, store, pool, process
+
+
+def _collect(process, n):
+    replies = []
+    while len(replies) < n:
+        replies += process.replies(block=True)
+    return {r.job: r for r in replies}
+
+
+@pytest.mark.parametrize("layout", ["packed", "aligned"])  # through the process's buffer / straight into the slot
+def test_the_process_fills_slots_as_read_into_does(folders, layout):
+    ckpt, store, pool, process = _setup(folders[layout])
+    try:
+        keys = list(ckpt.experts)[:6]
+        for start in range(0, len(keys), pool.capacity):
+            batch = keys[start : start + pool.capacity]
+            pool.gate_up_S2ID.fill_(-1.0)
+            pool.down_SDI.fill_(-1.0)
+            requests = []
+            for s, key in enumerate(batch):
+                runs, check = store.moves(key, pool.gate_up_S2ID[s], pool.down_SDI[s])
+                assert all(r.direct for r in runs) == (layout == "aligned")
+                requests.append((s, runs, check))
+            process.send(requests)
+            replies = _collect(process, len(batch))
+            for s, key in enumerate(batch):
+                gate_up, down = torch.empty_like(pool.gate_up_S2ID[s]), torch.empty_like(pool.down_SDI[s])
+                nbytes = store.read_into(key, gate_up, down)
+                assert replies[s] == Reply(s, nbytes, 0, False, False, "")
+                assert torch.equal(pool.gate_up_S2ID[s], gate_up) and torch.equal(pool.down_SDI[s], down)
+    finally:
+        process.close()
+
+
+def test_a_shard_cut_short_after_opening_is_an_error_naming_it(folders, tmp_path):
+    path = tmp_path / "m"
+    shutil.copytree(folders["packed"], path)
+    ckpt, store, pool, process = _setup(path)
+    try:
+        last = max(ckpt.experts, key=lambda k: ckpt.experts[k].spans[0].offset)
+        shard = ckpt.experts[last].spans[0].file
+        with open(shard, "r+b") as f:
+            f.truncate(ckpt.experts[last].spans[0].offset + 16)
+        runs, check = store.moves(last, pool.gate_up_S2ID[0], pool.down_SDI[0])
+        process.send([(7, runs, check)])
+        (reply,) = _collect(process, 1).values()
+        assert reply.job == 7 and reply.errno == errno.EIO
+        error = reply.error()
+        assert isinstance(error, OSError) and "truncated" in str(error) and shard.name in str(error)
+    finally:
+        process.close()
+
+
+def test_not_finite_weights_come_back_as_the_store_s_warning(folders, tmp_path, caplog):
+    path = tmp_path / "m"
+    shutil.copytree(folders["packed"], path)
+    ckpt = open_checkpoint(path)
+    key = list(ckpt.experts)[3]
+    span = ckpt.experts[key].spans[0]
+    with open(span.file, "r+b") as f:  # one float32 NaN in the expert's first piece
+        f.seek(span.offset + 8)
+        f.write(b"\x00\x00\xc0\x7f")
+    ckpt, store, pool, process = _setup(path)
+    try:
+        runs, check = store.moves(key, pool.gate_up_S2ID[0], pool.down_SDI[0])
+        assert check  # the first read of an expert is checked...
+        assert not store.moves(key, pool.gate_up_S2ID[1], pool.down_SDI[1])[1]  # ...only the first
+        process.send([(1, runs, check)])
+        (reply,) = _collect(process, 1).values()
+        assert reply.not_finite and reply.errno == 0
+        with caplog.at_level(logging.WARNING, logger="moeflow.offload.store"):
+            store.moved(key, reply)
+        assert "NaN or Inf" in caplog.text
+    finally:
+        process.close()
+
+
+# ---- ProcessReaderPool's protocol, on a process that answers when told ------------------------------------------
+
+
+class FakeProcess:
+    threads = 1
+
+    def __init__(self):
+        self.sent: list[int] = []
+        self.waiting: list[int] = []
+        self.closed = False
+
+    def send(self, requests):
+        for job, runs, _ in requests:
+            self.sent.append(runs[0])
+            self.waiting.append(job)
+
+    def replies(self, *, block):
+        if not self.waiting:
+            assert not block, "would wait forever"
+            return []
+        out = [Reply(job, 1, 0, False, False, "") for job in self.waiting]
+        self.waiting = []
+        return out
+
+    def close(self):
+        self.closed = True
+
+
+class Task:
+    def __init__(self, name, log, *, skip=False):
+        self.name, self.log, self.skip = name, log, skip
+
+    def run(self):
+        self.log.append(("run", self.name))
+
+    def begin(self):
+        self.log.append(("begin", self.name))
+        return None if self.skip else ([self.name], False)
+
+    def end(self, reply):
+        self.log.append(("end", self.name))
+
+
+def test_urgent_reads_go_first_and_the_window_bounds_what_is_in_the_process():
+    log, process = [], FakeProcess()
+    pool = ProcessReaderPool(process, window=2)
+    for name in ("a", "b", "c"):
+        pool.submit(Task(name, log))
+    assert process.sent == ["a", "b"]  # the window is full: c waits here, where it can still be overtaken
+    jobs = pool.start([Task("x", log), Task("y", log)])
+    assert process.sent == ["a", "b"]
+    assert pool.help(jobs)  # the window is full: the compute thread reads x itself
+    assert log[-1] == ("run", "x") and jobs[0].done
+    pool.poll()  # a and b answered: y (urgent) goes before c
+    assert process.sent == ["a", "b", "y", "c"]
+    pool.finish(jobs)
+    assert all(j.done for j in jobs)
+    pool.drain()
+    assert [e for e in log if e[0] == "end"] == [("end", n) for n in ("a", "b", "y", "c")]
+    pool.close()
+    assert process.closed
+
+
+def test_unsent_urgent_reads_are_abandoned_and_skipped_tasks_take_no_room():
+    log, process = [], FakeProcess()
+    pool = ProcessReaderPool(process, window=1)
+    pool.submit(Task("a", log))
+    jobs = pool.start([Task("x", log)])
+    pool.finish(jobs)  # x was never sent nor run: abandoned, as reader threads abandon an unstarted read
+    assert jobs[0].done and "abandoned" in str(jobs[0].error) and ("begin", "x") not in log
+    pool.drain()
+    skipped = pool.submit(Task("s", log, skip=True))  # a cancelled prefetch: begun, nothing to read
+    assert skipped.done and process.sent == ["a"]
+    assert not pool.help([])  # nothing queued or in flight
+
+
+# ---- the engine -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_the_engine_reading_in_a_process_decodes_the_same_tokens(tiny_checkpoints, family, policy):
+    options = {"policy": policy} | ({"predictor": "gate", "prediction_trial": False} if policy == "predictive" else {})
+    results = {}
+    for name, extra in {"process": {"read_process": True}, "threads": {}, "ram": {"store": "ram", "read_process": True}
+                        }.items():  # fmt: skip
+        with moeflow.load(tiny_checkpoints[family], expert_budget="25%", **options, **extra) as engine:
+            assert engine.cache.in_process == (name == "process")  # a RAM store reads in threads
+            r = engine.generate([1, 5, 9, 13, 2, 7], max_new_tokens=16, temperature=0)
+            engine.settle()
+            results[name] = (r.token_ids, engine.stats())
+    (tokens, stats), (tokens_threads, stats_threads) = results["process"], results["threads"]
+    assert tokens == tokens_threads == results["ram"][0]
+    assert stats.misses > 0 and stats.resident_peak_bytes <= stats.budget_bytes
+    if policy == "lru":  # the same reads, byte for byte
+        assert (stats.misses, stats.bytes_read) == (stats_threads.misses, stats_threads.bytes_read)
