@@ -196,16 +196,16 @@ class Engine:
             self.checkpoint, direct_io=self.config.direct_io, scales=None if quant is None else quant.scales
         )
         store: ExpertStore = disk
+        quantizing = quant is None and self.expert_format is not None and self.expert_format.scale_dtype is not None
         # The reader process (`moeflow.offload.mover`) where the slots are host memory and the experts are read from
         # disk as stored (a quantizing store converts them on the way).
         read_process = (self.config.read_process and self.config.store == "disk" and self.device.type == "cpu"
-                        and not (quant is None and self.expert_format is not None
-                                 and self.expert_format.scale_dtype is not None))  # fmt: skip
+                        and not quantizing)  # fmt: skip
         if self.config.store == "disk":
             # Before anything else runs: for the readers and the compute thread, or (reader process) the compute thread
             # alone, which reads a demand miss itself when the process is busy with reads ahead.
             disk.reserve_buffers(1 if read_process else readers + 1)
-        if quant is None and self.expert_format is not None and self.expert_format.scale_dtype is not None:
+        if quantizing:
             store = QuantizingStore(store, self.expert_format, inter=inter, hidden=hidden, dtype=torch.float32)
         pool = SlotPool(
             capacity=budget.slots, inter=inter, hidden=hidden, dtype=self.dtype, device=self.device,
