@@ -10,8 +10,8 @@ Three models, because prediction must pay where users are and must not cost wher
 - ``random``: a Mixtral-shaped checkpoint with random weights (bench/offload_decode.py's): routing
   no predictor has seen; prediction must know when not to trust itself.
 
-LRU, auto and path (no trial) also run with their reads in a process of their own (``--read-process``,
-`moeflow.offload.mover`) beside the reader threads of the engine's process (the default). On ``iobound``, LRU and
+LRU, auto, path and path (no trial) also run with reader threads in the engine's process (``--no-read-process``)
+beside the reader process the engine reads in by default (`moeflow.offload.mover`). On ``iobound``, LRU and
 path (no trial) also run with ``--kernels fast`` (experts computed by numpy's BLAS, within fp32 rounding): what
 faster expert compute does to an I/O-bound decode.
 
@@ -318,9 +318,9 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
             # prediction on at every step, against the trial that times steps with and without it (`PredictionTrial`)
             contenders.append(("predictive/path (no trial)",
                                {"policy": "predictive", "predictor": "path", "prediction_trial": False}))
-        # Reads in a process of their own (`--read-process`) beside reader threads (the default)
-        contenders += [(f"{name} (reader process)", {**options, "read_process": True}) for name, options in contenders
-                       if name in ("lru", "auto", "predictive/path (no trial)")]  # fmt: skip
+        # Reader threads in the engine's process (`--no-read-process`) beside the reader process (the default)
+        contenders += [(f"{name} (reader threads)", {**options, "read_process": False}) for name, options in contenders
+                       if name in ("lru", "auto", "predictive/path", "predictive/path (no trial)")]  # fmt: skip
         if model_name == "iobound":  # the experts computed by `--kernels fast` (numpy's BLAS), beside torch's MKL
             contenders += [(f"{name} (fast kernels)", {**options, "kernels": "fast"}) for name, options in contenders
                            if name in ("lru", "predictive/path (no trial)")]  # fmt: skip

@@ -96,9 +96,9 @@ class EngineConfig:
                   "size of an expert on disk)"},
     )
     read_process: bool = field(
-        default=False,
-        metadata={"help": "read experts in a process of their own (CPU, disk store), so that reads never take the "
-                  "compute thread's GIL (default: reader threads in this process)"},
+        default=True,
+        metadata={"help": "read experts in a process of their own (CPU slots, disk store), so that reads never take "
+                  "the compute thread's GIL (--no-read-process: reader threads in this process)"},
     )
     expert_dtype: ExpertDtype = field(
         default="auto",

@@ -20,9 +20,10 @@ refused (this process then reads buffered, dropping each read from the page cach
 
 Decoding the shipped model at 25% from disk (8 held-out prompts x 64 tokens, 3 interleaved rounds, ms a
 token, 2-core AMD EPYC VM, 2026-12-04, ad hoc): LRU 3.16-4.02 against 3.99-4.63 with reader threads; path
-prediction (always predicting) 3.68-4.17 against 3.91-4.11. `bench/expertflow.py`'s "(reader process)"
-contenders measure it side by side; it is an option (`EngineConfig.read_process`), not the default: on that
-bench LRU and auto gained 1.16x (median per-round ratio) and path lost 0.93x against 0.96x.
+prediction (always predicting) 3.68-4.17 against 3.91-4.11. `bench/expertflow.py` runs it beside its
+"(reader threads)" contenders (there LRU and auto gained 1.16x, median per-round ratio). It is the engine's
+default where the slots are host memory and the store reads from disk as stored (`EngineConfig.read_process`;
+`--no-read-process`: reader threads).
 
 This file is also the reader process's program (`python mover.py SPEC`): stdlib and numpy only, so
 that it starts in a fraction of a second; it exits when the request pipe closes.

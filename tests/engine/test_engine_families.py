@@ -70,13 +70,23 @@ class _CeilingProbe:
         self.max_resident = 0
         self.reads = 0
 
-    def read_into(self, key, gate_up, down, *scales) -> int:
+    def _check(self, gate_up, down) -> None:
         for dest in (gate_up, down):
             assert any(lo <= dest.data_ptr() and dest.data_ptr() + dest.nbytes <= hi for lo, hi in self.ranges)
         self.max_resident = max(self.max_resident, len(self.cache.resident()))
         assert len(self.cache.resident()) <= self.cache.pool.capacity
         self.reads += 1
+
+    def read_into(self, key, gate_up, down, *scales) -> int:
+        self._check(gate_up, down)
         return self.inner.read_into(key, gate_up, down, *scales)
+
+    def moves(self, key, gate_up, down, scales=None):  # a read sent to the reader process (the default)
+        self._check(gate_up, down)
+        return self.inner.moves(key, gate_up, down, scales)
+
+    def moved(self, key, reply) -> None:
+        self.inner.moved(key, reply)
 
     def close(self) -> None:
         self.inner.close()

@@ -22,14 +22,24 @@ class _InstrumentedStore:
         self.max_resident = 0
         self.reads = 0
 
-    def read_into(self, key, gate_up, down) -> int:
+    def _check(self, gate_up, down) -> None:
         for dest in (gate_up, down):
             assert any(lo <= dest.data_ptr() and dest.data_ptr() + dest.nbytes <= hi for lo, hi in self.ranges)
         resident = len(self.cache.resident())  # includes the slot being filled
         self.max_resident = max(self.max_resident, resident)
         assert resident <= self.cache.pool.capacity
         self.reads += 1
+
+    def read_into(self, key, gate_up, down) -> int:
+        self._check(gate_up, down)
         return self.inner.read_into(key, gate_up, down)
+
+    def moves(self, key, gate_up, down, scales=None):  # a read sent to the reader process (the default)
+        self._check(gate_up, down)
+        return self.inner.moves(key, gate_up, down, scales)
+
+    def moved(self, key, reply) -> None:
+        self.inner.moved(key, reply)
 
     def close(self) -> None:
         self.inner.close()
@@ -137,7 +147,8 @@ def test_prefetch_hits_and_waste_are_counted(tiny_checkpoints):
 
 
 class _SlowPrefetchStore:
-    """Wraps a store so reads by reader threads (prefetches here) take 0.3 s and say when they have started."""
+    """Wraps a store so reads by reader threads (prefetches here) take 0.3 s and say when they have started (the
+    engines below read in threads: `read_process=False`)."""
 
     def __init__(self, inner):
         import threading
@@ -166,7 +177,7 @@ def test_prefetch_in_flight_is_waited_for_not_reread(tiny_checkpoints):
 
     from moeflow import PrefetchPlan
 
-    with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%") as engine:
+    with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%", read_process=False) as engine:
         inner = engine.cache.store
         engine.cache.store = store = _SlowPrefetchStore(inner)
         engine.transfer.prefetch(PrefetchPlan(keys=((0, 3),)))
@@ -189,7 +200,7 @@ def test_queued_prefetch_is_read_by_the_compute_thread_not_waited_for(tiny_check
     from moeflow import PrefetchPlan
 
     # one reader: the second prefetch stays queued
-    with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%", readers=1) as engine:
+    with moeflow.load(tiny_checkpoints["qwen3_moe"], expert_budget="25%", readers=1, read_process=False) as engine:
         inner = engine.cache.store
         engine.cache.store = store = _SlowPrefetchStore(inner)
         engine.transfer.prefetch(PrefetchPlan(keys=((0, 1), (0, 3))))
@@ -210,7 +221,7 @@ def test_correction_drops_wrong_predictions_still_queued(tiny_checkpoints):
     from moeflow import PrefetchPlan
 
     path = tiny_checkpoints["qwen3_moe"]
-    with moeflow.load(path, expert_budget="25%", policy="predictive", predictor="gate") as engine:
+    with moeflow.load(path, expert_budget="25%", policy="predictive", predictor="gate", read_process=False) as engine:
         inner = engine.cache.store
         engine.cache.store = store = _SlowPrefetchStore(inner)
         prefetcher = engine.prefetcher

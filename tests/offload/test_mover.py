@@ -199,7 +199,7 @@ def test_unsent_urgent_reads_are_abandoned_and_skipped_tasks_take_no_room():
 def test_the_engine_reading_in_a_process_decodes_the_same_tokens(tiny_checkpoints, family, policy):
     options = {"policy": policy} | ({"predictor": "gate", "prediction_trial": False} if policy == "predictive" else {})
     results = {}
-    for name, extra in {"process": {"read_process": True}, "threads": {}, "ram": {"store": "ram", "read_process": True}
+    for name, extra in {"process": {}, "threads": {"read_process": False}, "ram": {"store": "ram"}
                         }.items():  # fmt: skip
         with moeflow.load(tiny_checkpoints[family], expert_budget="25%", **options, **extra) as engine:
             assert engine.cache.in_process == (name == "process")  # a RAM store reads in threads

@@ -116,8 +116,8 @@ def test_no_read_buffer_is_reserved_where_every_expert_lies_on_whole_blocks(fold
     with moeflow.load(folders["aligned"], expert_budget="25%", store="disk", readers=2) as engine:
         assert engine.cache.store._reserved == []  # every read lands in a slot
         assert engine.generate([1, 2, 3], max_new_tokens=4).token_ids  # and decoding reads through them
+    with moeflow.load(folders["packed"], expert_budget="25%", store="disk", readers=2, read_process=False) as engine:
+        assert len(engine.cache.store._reserved) == 3  # two reader threads and the compute thread
     with moeflow.load(folders["packed"], expert_budget="25%", store="disk", readers=2) as engine:
-        assert len(engine.cache.store._reserved) == 3  # two readers and the compute thread
-    with moeflow.load(folders["packed"], expert_budget="25%", store="disk", readers=2, read_process=True) as engine:
-        assert engine.cache.in_process
+        assert engine.cache.in_process  # the default
         assert len(engine.cache.store._reserved) == 1  # the compute thread: the reader process maps its own

@@ -66,7 +66,7 @@ def test_reserved_read_buffers_are_taken_by_the_reading_threads(folders, kind):
     (`DiskStore.reserve_buffers`: pages faulted before anything else can free memory); reads take those."""
     import threading
 
-    with moeflow.load(folders[kind], expert_budget="25%", store="disk", readers=2) as engine:
+    with moeflow.load(folders[kind], expert_budget="25%", store="disk", readers=2, read_process=False) as engine:
         store, pool = engine.cache.store, engine.cache.pool
         largest = max(store._read_bytes(k, k in store._scales) for k in engine.checkpoint.experts)
         reserved = list(store._reserved)
