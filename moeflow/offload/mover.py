@@ -53,6 +53,7 @@ _REQUEST = struct.Struct("<QBH")  # job id, check NaN/Inf, runs
 _RUN = struct.Struct("<HQQBH")  # file, start, end, direct, pieces
 _PIECE = struct.Struct("<HQQQB")  # region, offset of the piece in it, file offset, bytes, dtype (`DTYPES`)
 _REPLY = struct.Struct("<QQiBBH")  # job id, bytes read, errno (0: read), not finite, fell back, message length
+_READY = (1 << 64) - 1  # the job id of the reply that says the process is up (no request's)
 DTYPES = ("", "float32", "float16", "bfloat16", "float64")  # what the NaN/Inf check knows; "" (0): not checked
 _BF16_EXPONENT = 0x7F80
 # How long the compute thread polls for a reply before it sleeps: it has nothing else to do, and a reply to a process
@@ -130,12 +131,15 @@ class ReaderProcess:
                 [sys.executable, __file__, json.dumps(spec)],
                 pass_fds=(req_r, rep_w, *(r.fd for r in self.regions)),
                 stdin=subprocess.DEVNULL,
+                # numpy's BLAS is never used there: no thread pool of its own to start (half the start's CPU)
+                env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
             )
         finally:
             os.close(req_r)
             os.close(rep_w)
         os.set_blocking(self._rep, False)
         self._pending = bytearray()
+        self.ready = False  # the process has said it is up (`wait_ready`); nothing is sent before
         # An engine dropped without `close`: the process still stops, and the pipes close, when this is collected.
         self._stop = weakref.finalize(self, _stop, self._proc, self._req, self._rep)
 
@@ -183,6 +187,26 @@ class ReaderProcess:
             if data is None:
                 os.sched_yield()
 
+    def wait_ready(self, *, block: bool) -> bool:
+        """Whether the process is up (its files opened, the slots mapped, numpy imported): until then a request
+        would wait in the pipe for as long as a Python start takes (~0.1-0.5 s on the 2-core VM), so the pool reads
+        urgent ones itself (`ProcessReaderPool`). With `block`, wait until it is."""
+        while not self.ready:
+            if block:
+                select.select([self._rep], [], [])
+            try:
+                data = os.read(self._rep, 1 << 16)
+            except BlockingIOError:
+                if not block:
+                    return False
+                continue
+            if data == b"":
+                code = self._proc.wait()
+                raise RuntimeError(f"the expert reader process exited (code {code}) as it started")
+            self._pending += data
+            assert not self._parse(), "a reply before the process was up"
+        return True
+
     def _parse(self) -> list[Reply]:
         out = []
         buf = self._pending
@@ -192,6 +216,9 @@ class ReaderProcess:
                 break
             message = bytes(buf[_REPLY.size : _REPLY.size + n]).decode("utf-8", "replace")
             del buf[: _REPLY.size + n]
+            if job == _READY:
+                self.ready = True
+                continue
             out.append(Reply(job, nbytes, err, bool(not_finite), bool(fell_back), message))
         return out
 
@@ -224,7 +251,9 @@ class _Reader:
         self.direct = bool(spec["direct_io"]) and hasattr(os, "O_DIRECT")
         self.paths = spec["files"]
         self.fds = [self._open(p) for p in self.paths]
-        self.maps = [mmap.mmap(fd, nbytes) for fd, nbytes in spec["regions"]]
+        # Faulted in now (MAP_POPULATE), while the engine is still loading, not on each slot's first read.
+        shared = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self.maps = [mmap.mmap(fd, nbytes, flags=shared) for fd, nbytes in spec["regions"]]
         self.bases = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.maps]
         self.replies = spec["replies"]
         self.lock = threading.Lock()  # fall-back and replies
@@ -344,8 +373,11 @@ class _Requests:
 
 def _child_main(spec: dict) -> None:
     """Each thread takes the next request off the pipe itself (one wake-up a request, not two) and serves it."""
+    import numpy  # noqa: F401 - for the NaN/Inf check: imported while the engine loads, not at the first read
+
     reader = _Reader(spec)
     requests = _Requests(spec["requests"])
+    _write_all(spec["replies"], _REPLY.pack(_READY, 0, 0, 0, 0, 0))
 
     def work() -> None:
         populate = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)

@@ -207,8 +207,8 @@ class ProcessReaderPool:
     ever waits on a read, so none takes the GIL from the forward): urgent reads before background ones, at most
     `window` in the reader process at once (more would queue there, where they could not be dropped or overtaken),
     the replies collected whenever the compute thread passes by (`poll`, at every MoE layer) or waits (`help`).
-    An urgent read that finds the window full of reads ahead is read by the compute thread itself (`help`), as with
-    reader threads. One thread only: the engine's."""
+    An urgent read that finds the window full of reads ahead, or the process still starting, is read by the compute
+    thread itself (`help`), as with reader threads. One thread only: the engine's."""
 
     def __init__(self, process: ReaderProcess, *, window: int) -> None:
         self.process = process
@@ -247,7 +247,11 @@ class ProcessReaderPool:
                 self._run_here(job)
                 return True
         if not self._in_flight:
-            return False
+            if not (self._urgent or self._background) or self.process.ready:
+                return False
+            self.process.wait_ready(block=True)  # what is queued waits for the process to come up
+            self._pump()
+            return True
         self._collect(block=True)
         return True
 
@@ -270,6 +274,8 @@ class ProcessReaderPool:
 
     def drain(self) -> None:
         """Run every queued read to its end."""
+        if self._urgent or self._background:
+            self.process.wait_ready(block=True)
         self._pump()
         while self._in_flight:
             self._collect(block=True)
@@ -295,6 +301,8 @@ class ProcessReaderPool:
         job.done = True
 
     def _pump(self) -> None:
+        if not self.process.wait_ready(block=False):  # still starting: urgent reads are read here (`help`)
+            return
         requests = []
         while len(self._in_flight) < self.window and (self._urgent or self._background):
             job = (self._urgent or self._background).popleft()

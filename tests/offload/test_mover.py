@@ -121,10 +121,17 @@ def test_not_finite_weights_come_back_as_the_store_s_warning(folders, tmp_path, 
 class FakeProcess:
     threads = 1
 
-    def __init__(self):
+    def __init__(self, *, ready=True):
         self.sent: list[int] = []
         self.waiting: list[int] = []
         self.closed = False
+        self.ready = ready
+        self.waited_for_ready = False
+
+    def wait_ready(self, *, block):
+        if block and not self.ready:
+            self.ready = self.waited_for_ready = True
+        return self.ready
 
     def send(self, requests):
         for job, runs, _ in requests:
@@ -189,6 +196,30 @@ def test_unsent_urgent_reads_are_abandoned_and_skipped_tasks_take_no_room():
     skipped = pool.submit(Task("s", log, skip=True))  # a cancelled prefetch: begun, nothing to read
     assert skipped.done and process.sent == ["a"]
     assert not pool.help([])  # nothing queued or in flight
+
+
+def test_while_the_process_starts_urgent_reads_are_read_here_and_nothing_is_sent():
+    log, process = [], FakeProcess(ready=False)
+    pool = ProcessReaderPool(process, window=2)
+    ahead = pool.submit(Task("a", log))
+    jobs = pool.start([Task("x", log)])
+    pool.poll()
+    assert process.sent == [] and not process.waited_for_ready  # a request would wait for the process to start
+    assert pool.help(jobs)  # so the compute thread reads x itself at once
+    assert log == [("run", "x")] and jobs[0].done
+    assert pool.help([])  # a read ahead is queued: waiting for it waits for the process, then sends it
+    assert process.waited_for_ready and process.sent == ["a"]
+    pool.drain()
+    assert ahead.done and log[-1] == ("end", "a")
+
+
+def test_the_process_says_when_it_is_up(folders):
+    _, _, _, process = _setup(folders["packed"])
+    try:
+        assert process.wait_ready(block=True) and process.ready
+        assert process.replies(block=False) == []  # the ready reply is not a read's
+    finally:
+        process.close()
 
 
 # ---- the engine -------------------------------------------------------------------------------------------------
