@@ -75,10 +75,12 @@ def reader_threads(expert_bytes: int) -> int:
 
 # The automatic rule: one compute thread fewer than the cores this process may use, and idle OpenMP workers
 # that sleep (OMP_WAIT_POLICY=PASSIVE, set by `import moeflow` when it can: moeflow/__init__.py). Measured by
-# bench/threads.py on the 2-core AMD EPYC (shared), 25% budget, disk store, fresh processes, 7 interleaved
-# rounds, medians (bench/results/threads.json): README demo / batch of 32 prompts at B=8 fifo, tokens/s:
-#   auto (= threads=1, passive) 223 / 324; threads=1 active 230 / 261, passive 240 / 311, default 230 / 341;
-#   threads=2 active 207 / 350, passive 210 / 243, default 209 / 342  ->  auto = 0.93x the best, both.
+# bench/threads.py on the 2-core AMD EPYC (shared), 25% budget, disk store (the reader process), fresh processes,
+# 5 interleaved rounds, medians (bench/results/threads.json, 2026-12-04): README demo / batch of 32 prompts at B=8
+# fifo, tokens/s:
+#   auto (= threads=1, passive) 233 / 430; threads=1 active 236 / 396, passive 228 / 401, default 239 / 400;
+#   threads=2 active 209 / 373, passive 191 / 278, default 204 / 357  ->  auto = 0.975x / 1.00x the best.
+# (With reader threads, 2026-12-01, 7 rounds: auto 223 / 324, the best 240 / 350: 0.93x both.)
 # On a quiet machine the settings are within noise of each other (two identical settings differ by up to 25% in
 # one round). Under load they are not: with other work on the two cores (load ~4.5; bench/results/
 # threads_loaded.json) threads=2 with spinning workers fell to 44 / 14 (active) and 57 / 289 (default) against

@@ -189,7 +189,7 @@ class ReaderProcess:
 
     def wait_ready(self, *, block: bool) -> bool:
         """Whether the process is up (its files opened, the slots mapped, numpy imported): until then a request
-        would wait in the pipe for as long as a Python start takes (~0.1-0.5 s on the 2-core VM), so the pool reads
+        would wait in the pipe for as long as a Python start takes (0.07-0.1 s on the 2-core VM), so the pool reads
         urgent ones itself (`ProcessReaderPool`). With `block`, wait until it is."""
         while not self.ready:
             if block:
