@@ -40,6 +40,7 @@ from moeflow.offload.admission import PredictionTrial
 from moeflow.offload.budget import resolve_budget
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import OffloadRuntime, apply_offload
+from moeflow.offload.mover import readers_peak_bytes
 from moeflow.offload.policy import KeepAllPolicy, make_policy
 from moeflow.offload.prefetch import PredictivePrefetcher
 from moeflow.offload.stats import CacheStats
@@ -126,14 +127,17 @@ class GenerationResult:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set. VmHWM, unlike ru_maxrss, is not inherited across fork + exec."""
+    """This process's peak resident set, and what its expert reader processes held of their own at their peak
+    (`moeflow.offload.mover.readers_peak_bytes`: the slot pool they share is counted once, here). VmHWM, unlike
+    ru_maxrss, is not inherited across fork + exec."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+                own = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return own + readers_peak_bytes()
 
 
 class Engine:

@@ -142,6 +142,20 @@ class ReaderProcess:
         self.ready = False  # the process has said it is up (`wait_ready`); nothing is sent before
         # An engine dropped without `close`: the process still stops, and the pipes close, when this is collected.
         self._stop = weakref.finalize(self, _stop, self._proc, self._req, self._rep)
+        _LIVE.add(self)
+
+    def own_peak_bytes(self) -> int:
+        """The process's peak resident set less the shared memory it maps (the slot pool, counted where it was
+        made): its interpreter, numpy and read buffers. 0 where /proc cannot tell."""
+        fields = {}
+        try:
+            for line in Path(f"/proc/{self._proc.pid}/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in ("VmHWM", "RssShmem"):
+                    fields[name] = int(value.split()[0]) * 1024
+        except (OSError, ValueError):
+            return 0
+        return max(fields.get("VmHWM", 0) - fields.get("RssShmem", 0), 0)
 
     def send(self, requests: Sequence[tuple[int, Sequence[Run], bool]]) -> None:
         """Send (job id, runs, check NaN/Inf) requests in one write: waking the process is most of a send's cost
@@ -224,7 +238,21 @@ class ReaderProcess:
 
     def close(self) -> None:
         """Close the request pipe (the process exits once its reads in flight are done) and wait for it."""
+        global _closed_peak
+        if self._stop.alive:
+            _closed_peak = max(_closed_peak, self.own_peak_bytes())
         self._stop()
+
+
+_LIVE: weakref.WeakSet[ReaderProcess] = weakref.WeakSet()
+_closed_peak = 0  # the largest `own_peak_bytes` of a reader process closed so far
+
+
+def readers_peak_bytes() -> int:
+    """What reader processes of this one have held of their own at most (`ReaderProcess.own_peak_bytes`): the
+    live ones' together, or the most a closed one held, whichever is more (an upper bound where peaks differ in
+    time)."""
+    return max(sum(p.own_peak_bytes() for p in list(_LIVE) if p._stop.alive), _closed_peak)
 
 
 def _stop(proc: subprocess.Popen, requests: int, replies: int) -> None:

@@ -225,6 +225,21 @@ def test_the_process_says_when_it_is_up(folders):
 # ---- the engine -------------------------------------------------------------------------------------------------
 
 
+def test_peak_rss_counts_the_reader_process_s_own_memory_once(tiny_checkpoints):
+    from moeflow.engine import peak_rss_bytes
+    from moeflow.offload.mover import readers_peak_bytes
+
+    with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="25%") as engine:
+        process = engine.cache.readers.process
+        assert process.wait_ready(block=True)
+        engine.generate([1, 5, 9, 13], max_new_tokens=4)
+        own = process.own_peak_bytes()
+        assert 5 << 20 < own < 200 << 20  # an interpreter with numpy, not the slot pool it shares
+        assert readers_peak_bytes() >= own
+    assert readers_peak_bytes() >= own  # still counted once the engine is closed (as `moeflow generate` reports it)
+    assert peak_rss_bytes() >= own + (50 << 20)  # the engine's own process (torch) comes on top
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("policy", ["lru", "predictive"])
 def test_the_engine_reading_in_a_process_decodes_the_same_tokens(tiny_checkpoints, family, policy):
