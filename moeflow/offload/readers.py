@@ -247,7 +247,7 @@ class ProcessReaderPool:
                 self._run_here(job)
                 return True
         if not self._in_flight:
-            if not (self._urgent or self._background) or self.process.ready:
+            if not (self._urgent or self._background):
                 return False
             self.process.wait_ready(block=True)  # what is queued waits for the process to come up
             self._pump()
