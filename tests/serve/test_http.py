@@ -78,13 +78,20 @@ def test_chat_uses_the_transcript_template(served):
 
 
 def test_streams_add_up_to_the_whole_text(served):
+    import time
+
     client = served["client"]
-    pieces = [
-        c.choices[0].text
-        for c in client.completions.create(model="m", prompt=PROMPT, max_tokens=12, stream=True)
-    ]
-    # Tokens the engine produced while the last piece was being sent go out together: how many pieces there
-    # are depends on timing (2 of 12 tokens on a quiet CI machine), but a stream is never one piece.
+    # Tokens the engine produced while the last piece was being sent go out together, so how many pieces there are
+    # depends on timing: a tiny model that decodes 12 tokens in ~10 ms can finish before the first piece leaves.
+    # Each forward is held up 30 ms here, so text that streams as it is made comes in several pieces.
+    slow = served["engine"].model.register_forward_hook(lambda *_: time.sleep(0.03))
+    try:
+        pieces = [
+            c.choices[0].text
+            for c in client.completions.create(model="m", prompt=PROMPT, max_tokens=12, stream=True)
+        ]
+    finally:
+        slow.remove()
     assert "".join(pieces) == served["expected"]["completion"].text and len(pieces) >= 2
     chunks = list(
         client.chat.completions.create(
