@@ -130,14 +130,17 @@ def peak_rss_bytes() -> int:
     """This process's peak resident set, and what its expert reader processes held of their own at their peak
     (`moeflow.offload.mover.readers_peak_bytes`: the slot pool they share is counted once, here). VmHWM, unlike
     ru_maxrss, is not inherited across fork + exec."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return _own_peak_rss_bytes() + readers_peak_bytes()
+
+
+def _own_peak_rss_bytes() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                own = int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return own + readers_peak_bytes()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class Engine:

@@ -186,15 +186,8 @@ class ReaderProcess:
         while True:
             if block and not out and time.perf_counter() > spin_until:
                 select.select([self._rep], [], [])
-            try:
-                data = os.read(self._rep, 1 << 16)
-            except BlockingIOError:
-                data = None
-            if data == b"":
-                code = self._proc.wait()
-                raise RuntimeError(f"the expert reader process exited (code {code}) with reads in flight")
+            data = self._read("with reads in flight")
             if data:
-                self._pending += data
                 out += self._parse()
             if data is None and (out or not block):
                 return out
@@ -208,18 +201,23 @@ class ReaderProcess:
         while not self.ready:
             if block:
                 select.select([self._rep], [], [])
-            try:
-                data = os.read(self._rep, 1 << 16)
-            except BlockingIOError:
-                if not block:
-                    return False
-                continue
-            if data == b"":
-                code = self._proc.wait()
-                raise RuntimeError(f"the expert reader process exited (code {code}) as it started")
-            self._pending += data
+            if self._read("as it started") is None and not block:
+                return False
             assert not self._parse(), "a reply before the process was up"
         return True
+
+    def _read(self, when: str) -> bytes | None:
+        """What the reply pipe holds now, added to what is pending (None: nothing yet); the process's exit is an
+        error (`when`: what it left undone)."""
+        try:
+            data = os.read(self._rep, 1 << 16)
+        except BlockingIOError:
+            return None
+        if data == b"":
+            code = self._proc.wait()
+            raise RuntimeError(f"the expert reader process exited (code {code}) {when}")
+        self._pending += data
+        return data
 
     def _parse(self) -> list[Reply]:
         out = []
