@@ -8,8 +8,10 @@ layer's reads ahead share that window, so its i-th read (0-based) hides `hidden 
 0, 1)` of itself. A prefetch that is not used costs the part of its read that does not overlap, and
 the slot it takes evicts a victim that may be needed again (its reuse probability `r`: one demand
 re-read). A read never hides all of its cost: it takes the link, cores and memory bandwidth from
-demand reads and compute (`contention`, a share of one read). So, in units of one read, with `p`
-the calibrated probability that the expert is used:
+demand reads and compute (`contention`, a share of one read: at least the share of the time the link
+is busy reading, as the prefetcher measures it, since on a link that reads all the time every read
+ahead delays the reads behind it by its whole length). So, in units of one read, with `p` the
+calibrated probability that the expert is used:
 
     admit  <=>  p * hidden  >  (1 - p) * (max(1 - hidden, contention) + r)
 
@@ -43,7 +45,9 @@ class AdmissionConfig:
 
     overlap: float | None = None  # reads the lookahead window of compute hides; None: measured online
     read_share: float = 0.5  # cap: reads ahead per token <= this share of the experts offered (width x layers)
-    contention: float = 0.25  # share of a read's cost that overlap never hides (an assumption, not measured)
+    # share of a read's cost that overlap never hides, at least (an assumption); the prefetcher raises it to the
+    # share of the time it measures the link reading (`PredictivePrefetcher.contention`)
+    contention: float = 0.25
     bins: int = 10  # calibration bins over [0, 1]
     prior_weight: float = 4.0  # pseudo-outcomes that pull an empty bin towards its raw probability
     half_life: float = 512.0  # outcomes after which an old outcome weighs half

@@ -7,8 +7,9 @@ the predictor's probability that each is used. Offered experts become the step's
 once: the eviction policy (`PredictivePolicy`) keeps a resident expert an upcoming layer is likely
 to use. Once the step has reached `lookahead` layers before the layer, the prefetcher decides which
 non-resident experts to read ahead (`moeflow.offload.admission.admit`: calibrated probability of
-use x the part of the read that overlaps compute, against the wasted read and the reuse of the
-victim it evicts, under a cap of reads per token) and protects those from eviction. When the
+use x the part of the read that overlaps compute, against the wasted read, at least the share of the
+time the link is busy, and the reuse of the victim it evicts, under a cap of reads per token) and
+protects those from eviction. When the
 layer's real routing is known (`on_routing`, just before the layer acquires its experts) every
 offered prediction is scored for calibration, the reads ahead are released, the wrong ones still
 queued dropped and the rest demoted to the front of the eviction order; the missed experts are then
@@ -84,6 +85,13 @@ class OverlapEstimate:
     Any other forward (a prefill, a step the trial ran without prediction) `interrupt`s the window and it is
     dropped: its stall and reads are another regime's, and the time between forwards is no layer's compute.
     Until the first estimate, `initial`.
+
+    The same window measures `busy`, the share of the forwards' time the link spends reading: every read of the
+    window (the demand misses and the reads ahead, `reads_ahead()` counting the latter) at a demand read's time,
+    over the forwards' seconds, at most 1. Where the link reads all the time (an expert's read far dearer than its
+    compute), a read ahead that is not used delays every read behind it by its whole length, not by the part that
+    overlap leaves (admission's `contention`). A demand read's time includes its wait behind reads ahead in
+    flight, so a busy link is never under-estimated.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class OverlapEstimate:
         lookahead: int,
         every: int = 8,
         initial: float = 1.0,
+        reads_ahead: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cache = cache
@@ -102,17 +111,19 @@ class OverlapEstimate:
         self.every = every
         self.overlap = initial
         self.read_s: float | None = None  # seconds a demand read stalls, smoothed like `overlap`
+        self.busy: float | None = None  # share of the forwards' time the link reads, smoothed like `overlap`
+        self._reads_ahead = reads_ahead
         self._clock = clock
-        # The open window: forward seconds and steps so far, and the cache's (stall, misses) when it opened.
+        # The open window: forward seconds and steps so far, and (stall, misses, reads ahead) when it opened.
         self._seconds, self._steps = 0.0, 0
-        self._mark: tuple[float, int] | None = None
+        self._mark: tuple[float, int, int] | None = None
         self._start: float | None = None  # when the measured forward began
 
     def begin(self) -> None:
         """A decode step that predicts begins."""
         if self._mark is None:
             s = self.cache.stats()
-            self._seconds, self._steps, self._mark = 0.0, 0, (s.stall_s, s.misses)
+            self._seconds, self._steps, self._mark = 0.0, 0, (s.stall_s, s.misses, self._reads_ahead())
         self._start = self._clock()
 
     def end(self) -> float:
@@ -126,12 +137,15 @@ class OverlapEstimate:
             return self.overlap
         s = self.cache.stats()
         stall, misses = s.stall_s - self._mark[0], s.misses - self._mark[1]
+        ahead = self._reads_ahead() - self._mark[2]
         self._mark = None
         if misses > 0 and stall > 0:
+            read_s = stall / misses
             compute_per_layer = max(self._seconds - stall, 0.0) / (self._steps * self.layers)
-            estimate = self.lookahead * compute_per_layer / (stall / misses)
-            self.overlap = 0.7 * self.overlap + 0.3 * estimate
-            self.read_s = stall / misses if self.read_s is None else 0.7 * self.read_s + 0.3 * stall / misses
+            self.overlap = 0.7 * self.overlap + 0.3 * self.lookahead * compute_per_layer / read_s
+            self.read_s = read_s if self.read_s is None else 0.7 * self.read_s + 0.3 * read_s
+            busy = min((misses + ahead) * read_s / self._seconds, 1.0)
+            self.busy = busy if self.busy is None else 0.7 * self.busy + 0.3 * busy
         return self.overlap
 
     def interrupt(self) -> None:
@@ -174,13 +188,13 @@ class PredictivePrefetcher:
         self.admission = admission = admission or AdmissionConfig()
         self.calibration = Calibration(admission)
         self.ahead_calibration = Calibration(admission)  # `offer_next_step`'s predictions: another predictor
+        self.counters = PrefetchCounters()
         self.estimate = None if admission.overlap is not None else OverlapEstimate(
-            cache, layers=len(self.layers), lookahead=lookahead)
+            cache, layers=len(self.layers), lookahead=lookahead, reads_ahead=self._reads_ahead)
         self.overlap = admission.overlap if admission.overlap is not None else self.estimate.overlap
         self._max_reads_per_token = admission.read_share * width * len(self.layers)
         # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
         self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
-        self.counters = PrefetchCounters()
         self.trial = trial
         self.predicting = True
         self._timing: tuple[float, int] | None = None  # (start, rows) of the decode step being timed
@@ -200,6 +214,18 @@ class PredictivePrefetcher:
         self._current: list[ExpertKey] = []  # the running layer's experts, kept until the next layer
         self._reads = 0  # reads ahead issued this step
         self._tokens = 1  # tokens of this step (the most any offer had)
+
+    def _reads_ahead(self) -> int:
+        c = self.counters
+        return c.issued + c.ahead_issued - c.cancelled
+
+    @property
+    def contention(self) -> float:
+        """The share of a read ahead's cost that overlap never hides (admission's `contention`): the configured
+        floor, or the share of the time the link is measured reading (`OverlapEstimate.busy`) if that is more."""
+        busy = self.estimate.busy if self.estimate is not None else None
+        floor = self.admission.contention
+        return floor if busy is None else max(floor, busy)
 
     def fix_overlap(self, overlap: float) -> None:
         """Assume `overlap` (reads the lookahead's compute hides) instead of measuring it: what profiling
@@ -475,6 +501,6 @@ class PredictivePrefetcher:
             return [], [k[1] for k, _ in candidates]
         chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads),
                        overlap=self.overlap if overlap is None else overlap,
-                       contention=self.admission.contention, max_reads=max_reads)
+                       contention=self.contention, max_reads=max_reads)
         policy.protect(chosen)
         return chosen, [k[1] for k, _ in candidates]

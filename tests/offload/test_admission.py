@@ -525,6 +525,42 @@ def test_the_overlap_estimate_is_lookahead_compute_over_read_time():
     assert est.overlap == pytest.approx(0.7 * 1.0 + 0.3 * (2 / 3))
 
 
+def test_the_link_is_busy_for_every_read_of_the_window_at_a_demand_reads_time():
+    c = _Counters()
+    ahead = [0]
+    est = OverlapEstimate(c, layers=2, lookahead=1, every=4, clock=lambda: c.now, reads_ahead=lambda: ahead[0])
+    assert est.busy is None  # nothing measured yet
+    for _ in range(4):  # 10 ms forwards: 2 demand reads of 3 ms each and one read ahead -> 9 ms of 10 reading
+        est.begin()
+        c.forward(0.010, 0.006, 2)
+        ahead[0] += 1
+        est.end()
+    assert est.busy == pytest.approx(0.9)
+    for _ in range(4):  # the same demand reads and no read ahead: 6 ms of 10
+        est.begin()
+        c.forward(0.010, 0.006, 2)
+        est.end()
+    assert est.busy == pytest.approx(0.7 * 0.9 + 0.3 * 0.6)
+    for _ in range(4):  # reads waiting behind reads: more read time than time, so the link reads all the time
+        est.begin()
+        c.forward(0.010, 0.009, 2)
+        ahead[0] += 3
+        est.end()
+    assert est.busy == pytest.approx(0.7 * (0.7 * 0.9 + 0.3 * 0.6) + 0.3 * 1.0)
+
+
+def test_a_busy_link_refuses_a_doubtful_read_ahead_that_an_idle_one_admits():
+    # A free slot and a read that overlap hides whole: only the contention makes a wasted read ahead cost anything.
+    for busy, contention, issued in ((None, 0.25, 1), (0.1, 0.25, 1), (1.0, 1.0, 0)):
+        cache = _cache(PredictivePolicy())
+        pf = PredictivePrefetcher(cache, TransferEngine(cache, background=False).prefetch, layers=[0, 1], lookahead=1,
+                                  width=2)  # overlap measured: 1 until the first window closes
+        pf.estimate.busy = busy
+        assert pf.contention == contention
+        _step(pf, cache, [(0,), (1,)], [(0, [0], [0.3])])
+        assert pf.counters.issued == issued
+
+
 def test_the_overlap_estimate_ignores_time_between_forwards_and_forwards_it_does_not_measure():
     c = _Counters()
     est = OverlapEstimate(c, layers=2, lookahead=1, every=4, initial=1.0, clock=lambda: c.now)

@@ -130,13 +130,16 @@ def replay(
     predictor: str | None = None,
     width: int = 0,
     overlap: float = 1.0,
+    contention: float | None = None,
     reuse: ReuseModel | None = None,
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
 
     `overlap`: how many expert reads the compute of the lookahead's layers hides, which the live engine
-    measures and replay cannot (`moeflow.offload.admission`; 0: the link is the bottleneck). `reuse`: the
+    measures and replay cannot (`moeflow.offload.admission`; 0: the link is the bottleneck); `contention`: the
+    share of a read ahead's cost that overlap never hides (None: `AdmissionConfig`'s floor; the live engine raises it
+    to the share of the time it measures the link busy, `PredictivePrefetcher.contention`). `reuse`: the
     predictive policy evicts by this trained model (`moeflow.offload.reuse`), and the auto policy has it among
     its candidates, as the engine does when its predictor folder holds one.
     """
@@ -162,8 +165,9 @@ def replay(
                 f"{predictor!r}; lower it or record the trace again"
             )
         transfer = TransferEngine(cache, background=False)
+        measured = {} if contention is None else {"contention": contention}
         prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width,
-                                          admission=AdmissionConfig(overlap=overlap))
+                                          admission=AdmissionConfig(overlap=overlap, **measured))
     t0 = time.perf_counter()
     for n in range(trace.num_tokens):
         if on_tokens is not None and n % 1024 == 1023:
