@@ -212,6 +212,7 @@ class ExpertCache:
             self.readers = ProcessReaderPool(process, window=readers + 1)
         else:
             self.readers = ReaderPool(readers)
+        self._reading_base = 0.0  # `readers.reading_s()` at the last `reset_stats`
         device = pool.gate_up_S2ID.device
         self._copy_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.policy = policy
@@ -602,6 +603,7 @@ class ExpertCache:
             wasted_prefetches=sum(s.wasted_prefetches for s in per_layer),
             bytes_read=sum(s.bytes_read for s in per_layer),
             stall_s=sum(s.stall_s for s in per_layer),
+            reading_s=self.readers.reading_s() - self._reading_base,
             budget_bytes=self.budget_bytes,
             slot_bytes=self.pool.slot_bytes,
             capacity_slots=self.pool.capacity,
@@ -613,6 +615,7 @@ class ExpertCache:
     def reset_stats(self) -> None:
         with self._cv:
             self._counters = {layer: _LayerCounters() for layer in self._counters}
+            self._reading_base = self.readers.reading_s()
 
 
 class _DemandRead:

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,7 +52,8 @@ _LENGTH = struct.Struct("<I")
 _REQUEST = struct.Struct("<QBH")  # job id, check NaN/Inf, runs
 _RUN = struct.Struct("<HQQBH")  # file, start, end, direct, pieces
 _PIECE = struct.Struct("<HQQQB")  # region, offset of the piece in it, file offset, bytes, dtype (`DTYPES`)
-_REPLY = struct.Struct("<QQiBBH")  # job id, bytes read, errno (0: read), not finite, fell back, message length
+# job id, bytes read, errno (0: read), not finite, fell back, the process's reading seconds so far, message length
+_REPLY = struct.Struct("<QQiBBdH")
 _READY = (1 << 64) - 1  # the job id of the reply that says the process is up (no request's)
 DTYPES = ("", "float32", "float16", "bfloat16", "float64")  # what the NaN/Inf check knows; "" (0): not checked
 _BF16_EXPONENT = 0x7F80
@@ -89,6 +90,34 @@ class Run(NamedTuple):
     end: int
     direct: bool
     pieces: tuple[Piece, ...]
+
+
+class BusyClock:
+    """Seconds during which at least one read was in progress (the union of the reads' intervals: two reads at once
+    count once), for any number of threads: each read runs inside `with clock:`."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._reads = 0
+        self._since = 0.0
+        self._total = 0.0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._reads == 0:
+                self._since = self._clock()
+            self._reads += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._reads -= 1
+            if self._reads == 0:
+                self._total += self._clock() - self._since
+
+    def seconds(self) -> float:
+        with self._lock:
+            return self._total + (self._clock() - self._since if self._reads else 0.0)
 
 
 class Reply(NamedTuple):
@@ -140,6 +169,7 @@ class ReaderProcess:
         os.set_blocking(self._rep, False)
         self._pending = bytearray()
         self.ready = False  # the process has said it is up (`wait_ready`); nothing is sent before
+        self.reading_s = 0.0  # the process's seconds with a read in progress, as of its latest reply (`BusyClock`)
         # An engine dropped without `close`: the process still stops, and the pipes close, when this is collected.
         self._stop = weakref.finalize(self, _stop, self._proc, self._req, self._rep)
         _LIVE.add(self)
@@ -223,11 +253,12 @@ class ReaderProcess:
         out = []
         buf = self._pending
         while len(buf) >= _REPLY.size:
-            job, nbytes, err, not_finite, fell_back, n = _REPLY.unpack_from(buf)
+            job, nbytes, err, not_finite, fell_back, reading_s, n = _REPLY.unpack_from(buf)
             if len(buf) < _REPLY.size + n:
                 break
             message = bytes(buf[_REPLY.size : _REPLY.size + n]).decode("utf-8", "replace")
             del buf[: _REPLY.size + n]
+            self.reading_s = reading_s
             if job == _READY:
                 self.ready = True
                 continue
@@ -284,6 +315,7 @@ class _Reader:
         self.replies = spec["replies"]
         self.lock = threading.Lock()  # fall-back and replies
         self.fell_back = False
+        self.busy = BusyClock()
 
     def _open(self, path: str) -> int:
         if self.direct:
@@ -323,6 +355,16 @@ class _Reader:
         return done
 
     def serve(self, job: int, check: bool, runs: list, buffer: list) -> None:
+        with self.busy:
+            total, finite, err, message = self._serve(check, runs, buffer)
+        encoded = message.encode()[:2000]
+        with self.lock:
+            fell_back, self.fell_back = self.fell_back, False
+            reply = _REPLY.pack(job, total, err, not finite, fell_back, self.busy.seconds(), len(encoded))
+            _write_all(self.replies, reply + encoded)
+
+    def _serve(self, check: bool, runs: list, buffer: list) -> tuple[int, bool, int, str]:
+        """Do a request's runs: (bytes read, all finite, errno or 0, message)."""
         total, finite, err, message = 0, True, 0, ""
         try:
             for file, start, end, direct, pieces in runs:
@@ -347,10 +389,7 @@ class _Reader:
             err, message = e.errno or errno.EIO, e.strerror or str(e)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
             err, message = errno.EIO, f"{type(e).__name__}: {e}"
-        encoded = message.encode()[:2000]
-        with self.lock:
-            fell_back, self.fell_back = self.fell_back, False
-            _write_all(self.replies, _REPLY.pack(job, total, err, not finite, fell_back, len(encoded)) + encoded)
+        return total, finite, err, message
 
 
 def _finite(buf: object, offset: int, nbytes: int, dtype: int) -> bool:
@@ -403,7 +442,7 @@ def _child_main(spec: dict) -> None:
 
     reader = _Reader(spec)
     requests = _Requests(spec["requests"])
-    _write_all(spec["replies"], _REPLY.pack(_READY, 0, 0, 0, 0, 0))
+    _write_all(spec["replies"], _REPLY.pack(_READY, 0, 0, 0, 0, 0.0, 0))
 
     def work() -> None:
         populate = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)

@@ -86,12 +86,10 @@ class OverlapEstimate:
     dropped: its stall and reads are another regime's, and the time between forwards is no layer's compute.
     Until the first estimate, `initial`.
 
-    The same window measures `busy`, the share of the forwards' time the link spends reading: every read of the
-    window (the demand misses and the reads ahead, `reads_ahead()` counting the latter) at a demand read's time,
-    over the forwards' seconds, at most 1. Where the link reads all the time (an expert's read far dearer than its
-    compute), a read ahead that is not used delays every read behind it by its whole length, not by the part that
-    overlap leaves (admission's `contention`). A demand read's time includes its wait behind reads ahead in
-    flight, so a busy link is never under-estimated.
+    The same window measures `busy`: the share of its time, from its first forward's start to its last one's end,
+    during which a read was in progress (the cache's `reading_s`, which the readers clock). Where the link reads all
+    the time (an expert's read far dearer than its compute), a read ahead that is not used delays every read behind
+    it by its whole length, not by the part that overlap leaves (admission's `contention`).
     """
 
     def __init__(
@@ -102,7 +100,6 @@ class OverlapEstimate:
         lookahead: int,
         every: int = 8,
         initial: float = 1.0,
-        reads_ahead: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cache = cache
@@ -111,20 +108,21 @@ class OverlapEstimate:
         self.every = every
         self.overlap = initial
         self.read_s: float | None = None  # seconds a demand read stalls, smoothed like `overlap`
-        self.busy: float | None = None  # share of the forwards' time the link reads, smoothed like `overlap`
-        self._reads_ahead = reads_ahead
+        self.busy: float | None = None  # share of the time the link reads, smoothed like `overlap`
         self._clock = clock
-        # The open window: forward seconds and steps so far, and (stall, misses, reads ahead) when it opened.
+        # The open window: forward seconds and steps so far, and (stall, misses, reading seconds, time) when it opened.
         self._seconds, self._steps = 0.0, 0
-        self._mark: tuple[float, int, int] | None = None
+        self._mark: tuple[float, int, float, float] | None = None
         self._start: float | None = None  # when the measured forward began
 
     def begin(self) -> None:
         """A decode step that predicts begins."""
         if self._mark is None:
             s = self.cache.stats()
-            self._seconds, self._steps, self._mark = 0.0, 0, (s.stall_s, s.misses, self._reads_ahead())
-        self._start = self._clock()
+            self._start = self._clock()
+            self._seconds, self._steps, self._mark = 0.0, 0, (s.stall_s, s.misses, s.reading_s, self._start)
+        else:
+            self._start = self._clock()
 
     def end(self) -> float:
         """The forward `begin` marked has returned; the estimate, updated when this closed a window."""
@@ -137,14 +135,15 @@ class OverlapEstimate:
             return self.overlap
         s = self.cache.stats()
         stall, misses = s.stall_s - self._mark[0], s.misses - self._mark[1]
-        ahead = self._reads_ahead() - self._mark[2]
+        reading, elapsed = s.reading_s - self._mark[2], self._clock() - self._mark[3]
         self._mark = None
         if misses > 0 and stall > 0:
             read_s = stall / misses
             compute_per_layer = max(self._seconds - stall, 0.0) / (self._steps * self.layers)
             self.overlap = 0.7 * self.overlap + 0.3 * self.lookahead * compute_per_layer / read_s
             self.read_s = read_s if self.read_s is None else 0.7 * self.read_s + 0.3 * read_s
-            busy = min((misses + ahead) * read_s / self._seconds, 1.0)
+        if elapsed > 0:
+            busy = min(reading / elapsed, 1.0)
             self.busy = busy if self.busy is None else 0.7 * self.busy + 0.3 * busy
         return self.overlap
 
@@ -190,7 +189,7 @@ class PredictivePrefetcher:
         self.ahead_calibration = Calibration(admission)  # `offer_next_step`'s predictions: another predictor
         self.counters = PrefetchCounters()
         self.estimate = None if admission.overlap is not None else OverlapEstimate(
-            cache, layers=len(self.layers), lookahead=lookahead, reads_ahead=self._reads_ahead)
+            cache, layers=len(self.layers), lookahead=lookahead)
         self.overlap = admission.overlap if admission.overlap is not None else self.estimate.overlap
         self._max_reads_per_token = admission.read_share * width * len(self.layers)
         # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
@@ -214,10 +213,6 @@ class PredictivePrefetcher:
         self._current: list[ExpertKey] = []  # the running layer's experts, kept until the next layer
         self._reads = 0  # reads ahead issued this step
         self._tokens = 1  # tokens of this step (the most any offer had)
-
-    def _reads_ahead(self) -> int:
-        c = self.counters
-        return c.issued + c.ahead_issued - c.cancelled
 
     @property
     def contention(self) -> float:

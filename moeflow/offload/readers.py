@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from moeflow.offload.mover import ReaderProcess, Reply, Run
+from moeflow.offload.mover import BusyClock, ReaderProcess, Reply, Run
 
 T = TypeVar("T")
 
@@ -64,6 +64,7 @@ class ReaderPool:
         self._urgent: deque[ReadJob] = deque()
         self._background: deque[ReadJob] = deque()
         self._closed = False
+        self._busy = BusyClock()
         self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
         for w in self._workers:
             w.start()
@@ -73,7 +74,8 @@ class ReaderPool:
         job = ReadJob(fn)
         if not self._workers:
             job.started = True
-            job._execute()
+            with self._busy:
+                job._execute()
             job.done = True
             return job
         with self._lock:
@@ -101,7 +103,8 @@ class ReaderPool:
         for job in jobs:
             if self._claim(job):
                 try:
-                    job._execute()
+                    with self._busy:
+                        job._execute()
                 finally:
                     self._finish(job)
                 return True
@@ -123,6 +126,10 @@ class ReaderPool:
         """Block until `jobs` (from `submit`) have finished."""
         with self._lock:
             self._done_cv.wait_for(lambda: all(j.done for j in jobs))
+
+    def reading_s(self) -> float:
+        """Seconds so far with at least one read in progress, in any thread."""
+        return self._busy.seconds()
 
     def poll(self) -> None:
         """Nothing to collect: reader threads settle their own reads (`ProcessReaderPool.poll`)."""
@@ -171,7 +178,8 @@ class ReaderPool:
                 else:
                     return
                 job.started = True
-            job._execute()
+            with self._busy:
+                job._execute()
             self._finish(job)
 
 
@@ -219,6 +227,12 @@ class ProcessReaderPool:
         self._in_flight: dict[int, MoveJob] = {}
         self._next = 0
         self._closed = False
+        self._busy = BusyClock()  # the reads done here (`_run_here`)
+
+    def reading_s(self) -> float:
+        """Seconds so far with a read in progress: the reader process's, as of its latest reply, and the reads done
+        here (rare: while the process starts, or when its window is full of reads ahead)."""
+        return self.process.reading_s + self._busy.seconds()
 
     def submit(self, task: MoveTask) -> MoveJob:
         """Queue a background read (a prefetch) and send what the window allows."""
@@ -295,7 +309,8 @@ class ProcessReaderPool:
     def _run_here(self, job: MoveJob) -> None:
         job.started = True
         try:
-            job.task.run()
+            with self._busy:
+                job.task.run()
         except Exception as e:  # recorded by the task; kept like a reader thread's
             job.error = e
         job.done = True

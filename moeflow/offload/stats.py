@@ -24,6 +24,7 @@ class CacheStats:
     wasted_prefetches: int
     bytes_read: int
     stall_s: float
+    reading_s: float  # time at least one read of the store was in progress, behind compute or not
     budget_bytes: int  # the user's ceiling on expert bytes in the fast tier
     slot_bytes: int  # bytes of one expert slot
     capacity_slots: int  # slots in the pool: capacity_slots * slot_bytes <= budget_bytes
@@ -36,8 +37,14 @@ class CacheStats:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    @property
+    def read_gib_s(self) -> float | None:
+        """The store's achieved read rate while it was reading (None before any read)."""
+        return self.bytes_read / self.reading_s / 2**30 if self.reading_s > 0 else None
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["hit_rate"] = self.hit_rate
+        out["read_gib_s"] = self.read_gib_s
         out["per_layer"] = [asdict(s) for s in self.per_layer]
         return out

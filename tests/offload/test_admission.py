@@ -501,18 +501,19 @@ def test_a_dormant_prefetcher_neither_predicts_nor_reads_ahead_and_its_policy_is
 
 
 class _Counters:
-    """What `OverlapEstimate` reads of the cache (`stats()`: stall and demand misses), advanced by hand."""
+    """What `OverlapEstimate` reads of the cache (`stats()`: stall, demand misses, reading time), advanced by hand."""
 
     def __init__(self) -> None:
-        self.stall_s, self.misses, self.now = 0.0, 0, 0.0
+        self.stall_s, self.misses, self.reading_s, self.now = 0.0, 0, 0.0, 0.0
 
     def stats(self):
         return self
 
-    def forward(self, seconds: float, stall: float, misses: int) -> None:
+    def forward(self, seconds: float, stall: float, misses: int, *, reading: float = 0.0) -> None:
         self.now += seconds
         self.stall_s += stall
         self.misses += misses
+        self.reading_s += reading
 
 
 def test_the_overlap_estimate_is_lookahead_compute_over_read_time():
@@ -525,28 +526,27 @@ def test_the_overlap_estimate_is_lookahead_compute_over_read_time():
     assert est.overlap == pytest.approx(0.7 * 1.0 + 0.3 * (2 / 3))
 
 
-def test_the_link_is_busy_for_every_read_of_the_window_at_a_demand_reads_time():
+def test_the_link_is_busy_for_the_share_of_the_window_a_read_was_in_progress():
     c = _Counters()
-    ahead = [0]
-    est = OverlapEstimate(c, layers=2, lookahead=1, every=4, clock=lambda: c.now, reads_ahead=lambda: ahead[0])
+    est = OverlapEstimate(c, layers=2, lookahead=1, every=4, clock=lambda: c.now)
     assert est.busy is None  # nothing measured yet
-    for _ in range(4):  # 10 ms forwards: 2 demand reads of 3 ms each and one read ahead -> 9 ms of 10 reading
+    for _ in range(4):  # 10 ms forwards reading for 9 ms of each
         est.begin()
-        c.forward(0.010, 0.006, 2)
-        ahead[0] += 1
+        c.forward(0.010, 0.006, 2, reading=0.009)
         est.end()
     assert est.busy == pytest.approx(0.9)
-    for _ in range(4):  # the same demand reads and no read ahead: 6 ms of 10
+    for n in range(4):  # 10 ms forwards reading 6 ms, and 10 ms between forwards (sampling) reading 2 ms
+        if n:
+            c.forward(0.010, 0.0, 0, reading=0.002)
         est.begin()
-        c.forward(0.010, 0.006, 2)
+        c.forward(0.010, 0.006, 2, reading=0.006)
         est.end()
-    assert est.busy == pytest.approx(0.7 * 0.9 + 0.3 * 0.6)
-    for _ in range(4):  # reads waiting behind reads: more read time than time, so the link reads all the time
+    assert est.busy == pytest.approx(0.7 * 0.9 + 0.3 * (4 * 0.006 + 3 * 0.002) / 0.070)
+    for _ in range(4):  # every read ahead, no demand miss: still measured
         est.begin()
-        c.forward(0.010, 0.009, 2)
-        ahead[0] += 3
+        c.forward(0.010, 0.0, 0, reading=0.010)
         est.end()
-    assert est.busy == pytest.approx(0.7 * (0.7 * 0.9 + 0.3 * 0.6) + 0.3 * 1.0)
+    assert est.busy == pytest.approx(0.7 * (0.7 * 0.9 + 0.3 * 0.030 / 0.070) + 0.3 * 1.0)
 
 
 def test_a_busy_link_refuses_a_doubtful_read_ahead_that_an_idle_one_admits():

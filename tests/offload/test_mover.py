@@ -15,7 +15,7 @@ import torch
 import moeflow
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.offload.cache import SlotPool
-from moeflow.offload.mover import ReaderProcess, Reply
+from moeflow.offload.mover import BusyClock, ReaderProcess, Reply
 from moeflow.offload.readers import ProcessReaderPool
 from moeflow.offload.store import DiskStore
 from moeflow.testing import save_tiny_checkpoint
@@ -61,8 +61,10 @@ def test_the_process_fills_slots_as_read_into_does(folders, layout):
                 runs, check = store.moves(key, pool.gate_up_S2ID[s], pool.down_SDI[s])
                 assert all(r.direct for r in runs) == (layout == "aligned")
                 requests.append((s, runs, check))
+            reading = process.reading_s
             process.send(requests)
             replies = _collect(process, len(batch))
+            assert process.reading_s > reading  # the process's clock of its reads came with their replies
             for s, key in enumerate(batch):
                 gate_up, down = torch.empty_like(pool.gate_up_S2ID[s]), torch.empty_like(pool.down_SDI[s])
                 nbytes = store.read_into(key, gate_up, down)
@@ -70,6 +72,22 @@ def test_the_process_fills_slots_as_read_into_does(folders, layout):
                 assert torch.equal(pool.gate_up_S2ID[s], gate_up) and torch.equal(pool.down_SDI[s], down)
     finally:
         process.close()
+
+
+def test_the_busy_clock_counts_reads_in_progress_together_once():
+    now = [0.0]
+    clock = BusyClock(clock=lambda: now[0])
+    with clock:  # reads from 0 to 3 and from 1 to 4: busy 4 seconds, not 6
+        now[0] = 1.0
+        with clock:
+            now[0] = 3.0
+        assert clock.seconds() == 3.0
+        now[0] = 4.0
+    now[0] = 10.0  # idle
+    with clock:
+        now[0] = 11.0
+        assert clock.seconds() == 5.0  # the read in progress counts up to now
+    assert clock.seconds() == 5.0
 
 
 def test_a_shard_cut_short_after_opening_is_an_error_naming_it(folders, tmp_path):

@@ -60,17 +60,27 @@ def test_demand_misses_of_a_layer_are_read_together():
     """Three misses, two readers: the three reads must all be in progress at once to pass the barrier."""
     store = FakeStore()
     barrier = threading.Barrier(3, timeout=10)
+
+    def read() -> None:
+        barrier.wait()
+        time.sleep(0.03)
+
     for e in (1, 2, 3):
-        store.before[(0, e)] = barrier.wait
+        store.before[(0, e)] = read
     cache = make_cache(capacity=4, readers=2, store=store)
     try:
+        t0 = time.perf_counter()
         with cache.acquire(0, [1, 2, 3]) as slot_of:
+            elapsed = time.perf_counter() - t0
             assert {e: slot_value(cache, s) for e, s in slot_of.items()} == {1: 1.0, 2: 2.0, 3: 3.0}
         threads = {name for _, name in store.reads}
         assert "MainThread" in threads and len(threads) == 3  # the compute thread read one of them itself
-        s = cache.stats().per_layer[0]
+        stats = cache.stats()
+        s = stats.per_layer[0]
         assert (s.misses, s.hits) == (3, 0)
         assert s.bytes_read == 3 * cache.pool.slot_bytes
+        # Reading time: the reads' intervals together (each 30 ms at least, all at once), not their sum.
+        assert 0.03 <= stats.reading_s <= elapsed
     finally:
         cache.close()
 
