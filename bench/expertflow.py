@@ -100,6 +100,7 @@ def decode_child(spec: dict) -> dict:
     with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
         prefill_s = decode_s = 0.0
         decode_bytes = decode_tokens = decode_hits = decode_misses = 0
+        decode_reading_s = 0.0  # seconds the store had a read in progress during decode steps
         trial = engine.prefetcher.trial if engine.prefetcher is not None else None
         by_mode = {True: [0, 0], False: [0, 0]}  # predicting? -> [hits, misses] of its decode steps
         tokens: list[list[int]] = []
@@ -128,6 +129,7 @@ def decode_child(spec: dict) -> dict:
             for i, (a, b) in enumerate(zip(after.per_layer, before.per_layer)):
                 stall_by_layer[i] += a.stall_s - b.stall_s
             decode_bytes += after.bytes_read - before.bytes_read
+            decode_reading_s += after.reading_s - before.reading_s
             decode_hits += after.hits - before.hits
             decode_misses += after.misses - before.misses
             decode_tokens += len(seq.generated) - 1
@@ -145,6 +147,9 @@ def decode_child(spec: dict) -> dict:
         "tokens": tokens, "routing": routing, "prefill_s": prefill_s, "decode_s": decode_s,
         "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tokens / decode_s,
         "decode_bytes_per_token": decode_bytes / decode_tokens, "hit_rate": stats.hit_rate,
+        # the store's read rate while it read (against the raw O_DIRECT `disk_gib_s`), and its busy share of decode
+        "decode_read_gib_s": decode_bytes / decode_reading_s / 2**30 if decode_reading_s > 0 else None,
+        "decode_reading_share": decode_reading_s / decode_s,
         "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
         "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
         "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1), "overlap": overlap,
@@ -562,8 +567,11 @@ def summary(result: dict) -> None:
         for r in rows:
             if "decode_stall_ms_per_token_by_layer" in r:
                 by_layer = " / ".join(f"{ms:.1f}" for ms in r["decode_stall_ms_per_token_by_layer"])
+                reading = "" if r.get("decode_read_gib_s") is None else (
+                    f"; reading {100 * r['decode_reading_share']:.0f}% of the time, "
+                    f"at {r['decode_read_gib_s']:.2f} GiB/s")
                 print(f"{'':>{len(model_name) + 18}}{r['name'].split(' ', 1)[1]:>22} decode stall ms/token by layer: "
-                      f"{by_layer}")
+                      f"{by_layer}{reading}")
     for row in result.get("rebatch", {}).get("rows", []):
         fifo, reb = row["fifo"], row["rebatch"]
         print(f"rebatch B={row['batch_size']} {row.get('policy', 'lru')}: fifo {fifo.get('speed', 0):.2f} tok/s "

@@ -86,6 +86,14 @@ def test_live_counts_what_replay_counts(first_run, tiny_checkpoints, capsys):
     replayed, live = results[0], results[2]
     assert live["routing_agreement"] == 1.0
     assert live["per_layer"] == replayed["per_layer"] and live["tokens_per_s"] > 0
+    assert live["measured_read_gib_s"] > 0 and "measured_read_gib_s" not in replayed
+
+    rc, stdout, _ = run(capsys, "--model", tiny_checkpoints["mixtral"], "--trace", out / "trace", "--budgets", "50%",
+                        "--policies", "lru", "--live", "--live-store", "ram", "--disk-bandwidth", "1")
+    assert rc == 0
+    lines = stdout.splitlines()
+    at = lines.index("measured in the live engine (--live):")
+    assert "tok/s" in lines[at + 1] + lines[at + 2] and lines[at + 3].split()[:3] == ["lru", "(live)", "50%"]
 
 
 def test_help_lists_the_options(capsys):

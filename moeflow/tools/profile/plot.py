@@ -100,6 +100,25 @@ def _cost_table(report: ProfileReport) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _live_table(report: ProfileReport) -> tuple[list[str], list[list[str]]]:
+    """The live runs as the engine measured them: tokens/s, stall and bytes per token, the store's read rate while
+    it read, and the share of the trace's routing the engine reproduced."""
+    header = ["policy", "budget", "tok/s", "stall ms/tok\nmeasured", "MiB/tok\nread", "GiB/s while\nreading",
+              "routing\nagreed"]
+    rows = []
+    for r in report.results:
+        if r.mode != "live":
+            continue
+        rows.append([_name(r), f"{100 * r.budget:g}%", f"{r.tokens_per_s:.1f}",
+                     f"{1e3 * r.measured_stall_s_per_token:.3g}", f"{r.bytes_per_token / 2**20:.2f}",
+                     _maybe(r.measured_read_gib_s, "{:.2f}"), _maybe(r.routing_agreement, "{:.1%}")])
+    return header, rows
+
+
+def _maybe(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def _stall_link(report: ProfileReport) -> str:
     """The link the picture's stall panel shows: this machine's disk when measured, else the slowest."""
     return MEASURED_DISK if MEASURED_DISK in report.links else min(report.links, key=report.links.__getitem__)
@@ -174,9 +193,18 @@ def plot_report(report: ProfileReport, out_png: str | Path, *, title: str | None
     for label, (budgets, demand) in _curves(report, lambda r: r.demand_bytes_per_token).items():
         ax.plot([100 * b for b in budgets], [1e3 * d / bandwidth for d in demand], marker="o", color=colors[label],
                 linestyle="--" if label == BELADY_LABEL else "-", label=_short(label))
+    labelled = set()
+    for r in report.results:  # what the live engine measured, beside what replay predicts
+        if r.mode == "live":
+            label = run_label(r)
+            ax.scatter([100 * r.budget], [1e3 * r.measured_stall_s_per_token], marker="x", s=80,
+                       color=colors.get(label, "black"),
+                       label=None if label in labelled else f"{_short(label)}: measured live")
+            labelled.add(label)
     ax.set_ylim(bottom=0)
     budget_axis(ax, f"ms per token on {link} ({bandwidth / 1e9:.3g} GB/s)",
-                "predicted stall per token: demand misses only\n(prefetches counted left, assumed hidden by compute)")
+                "predicted stall per token: demand misses only\n(prefetches counted left, assumed hidden by compute;"
+                " x: measured live)")
 
     ax = fig.add_subplot(grid[1])
     ax.axis("off")
@@ -276,6 +304,9 @@ def summary_lines(report: ProfileReport) -> list[str]:
             f"bandwidth ({links}), prefetches assumed hidden:")
     lines = ["hit rate per policy and budget, overall and per MoE layer:", *text_table(*_hit_table(report)), "",
              *textwrap.wrap(cost, TEXT_WIDTH), *text_table(*_cost_table(report))]
+    header, rows = _live_table(report)
+    if rows:
+        lines += ["", "measured in the live engine (--live):", *text_table(header, rows)]
     line = takeaway(report)
     return lines + (["", *textwrap.wrap(line[0].upper() + line[1:] + ".", TEXT_WIDTH)] if line else [])
 

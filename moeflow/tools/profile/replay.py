@@ -116,6 +116,7 @@ class RunResult:
             ),
             prefetch=self.prefetch,
             measured_stall_s_per_token=s.stall_s / per_token if live else None,
+            measured_read_gib_s=s.read_gib_s if live else None,
             tokens_per_s=(self.tokens / self.seconds if self.seconds > 0 else 0.0) if live else None,
             routing_agreement=routing_agreement,
         )

@@ -81,6 +81,7 @@ class RunRecord:
     per_layer: tuple[LayerRecord, ...]
     prefetch: dict[str, float] | None = None  # the prefetcher's counters (predictive replay)
     measured_stall_s_per_token: float | None = None  # live
+    measured_read_gib_s: float | None = None  # live: the store's read rate while a read was in progress
     tokens_per_s: float | None = None  # live
     routing_agreement: float | None = None  # live: share of the trace's routing the engine reproduced
 
