@@ -9,11 +9,11 @@ to use. Once the step has reached `lookahead` layers before the layer, the prefe
 non-resident experts to read ahead (`moeflow.offload.admission.admit`: calibrated probability of
 use x the part of the read that overlaps compute, against the wasted read, at least the share of the
 time the link is busy, and the reuse of the victim it evicts, under a cap of reads per token) and
-protects those from eviction. When the
-layer's real routing is known (`on_routing`, just before the layer acquires its experts) every
-offered prediction is scored for calibration, the reads ahead are released, the wrong ones still
-queued dropped and the rest demoted to the front of the eviction order; the missed experts are then
-read on demand by the cache (which also takes over a right prediction whose read is still queued).
+protects those from eviction. When the layer's real routing is known (`on_routing`, just before the
+layer acquires its experts) every offered prediction is scored for calibration, the reads ahead are
+released, the wrong ones still queued dropped and the rest demoted to the front of the eviction
+order; the missed experts are then read on demand by the cache (which also takes over a right
+prediction whose read is still queued).
 The cache decides hits and misses, so correctness never depends on a prediction: a wrong one costs
 a wasted read, never a wrong output. During a decode step's last layer, `offer_next_step` offers
 the *next* step's first layer (what `moeflow.predictor.ahead` predicts of the next token): admitted
@@ -187,13 +187,13 @@ class PredictivePrefetcher:
         self.admission = admission = admission or AdmissionConfig()
         self.calibration = Calibration(admission)
         self.ahead_calibration = Calibration(admission)  # `offer_next_step`'s predictions: another predictor
-        self.counters = PrefetchCounters()
         self.estimate = None if admission.overlap is not None else OverlapEstimate(
             cache, layers=len(self.layers), lookahead=lookahead)
         self.overlap = admission.overlap if admission.overlap is not None else self.estimate.overlap
         self._max_reads_per_token = admission.read_share * width * len(self.layers)
         # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
         self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
+        self.counters = PrefetchCounters()
         self.trial = trial
         self.predicting = True
         self._timing: tuple[float, int] | None = None  # (start, rows) of the decode step being timed
