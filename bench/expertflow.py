@@ -24,7 +24,7 @@ median, and the median of its per-round ratios to LRU (``round_ratio``; the tabl
 contender's tokens must equal LRU's (checked). ``decode`` reports decode tokens/s,
 bytes read per decode token and decode hit rate, with Belady's offline optimum replayed on LRU's own
 decode routing as the bytes reference, and each predictive contender's own decode replayed
-(`moeflow.tools.profile.replay`, with the overlap and contention the live engine measured) next to its live hit
+(`moeflow.tools.profile.replay`, with the overlap and contention the live engine used) next to its live hit
 rate; ``rebatch`` runs ``generate --prompts``-style batches on the I/O-bound model at B = 8 and 32,
 FIFO vs the re-batcher, under each eviction policy of ``--policies`` (LRU and LRFU: a batch step needs more
 experts than the budget holds, where LRU evicts each one just before it is needed again).
@@ -138,7 +138,8 @@ def decode_child(spec: dict) -> dict:
         stats = engine.stats()
         counters = engine.prefetcher.counters.to_dict() if engine.prefetcher is not None else None
         overlap = engine.prefetcher.overlap if engine.prefetcher is not None else None
-        contention = engine.prefetcher.contention if engine.prefetcher is not None else None
+        # what admission assumed on average over the run's predicting decode steps: what its replay assumes
+        used = engine.prefetcher.mean_admission if engine.prefetcher is not None else None
         verdicts = None if trial is None else {"trials": trial.trials, "switches": trial.switches,
                                                "predicting_at_end": trial.best,
                                                "ms_per_row": {("predicting" if k else "lru"): 1e3 * v
@@ -153,7 +154,7 @@ def decode_child(spec: dict) -> dict:
         "misses": stats.misses, "prefetch_hits": stats.prefetch_hits, "wasted_prefetches": stats.wasted_prefetches,
         "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
         "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1), "overlap": overlap,
-        "contention": contention,
+        "mean_overlap": None if used is None else used[0], "mean_contention": None if used is None else used[1],
         "decode_stall_ms_per_token_by_layer": [1e3 * s / decode_tokens for s in stall_by_layer],
         "trial": verdicts,
         # The decode steps run predicting, and those the trial ran as plain LRU, apart: replay always predicts.
@@ -262,9 +263,10 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
                   overlap: float, contention: float, *, reuse: bool) -> dict:
     """The live decode replayed (`moeflow.tools.profile.replay`): each prompt + its generated tokens traced
     with `predictor` (teacher forcing gives the decode's routing exactly), the decode tokens replayed one per
-    step through the same cache size, with the overlap and contention the live engine measured and, if `reuse`,
-    the model's trained reuse model as the live engine found it; its hit rate and bytes per decode token are what
-    profiling would have predicted for that run."""
+    step through the same cache size, with the overlap and contention the live engine assumed on average (it
+    measures both as it goes: `PredictivePrefetcher.mean_admission`) and, if `reuse`, the model's trained reuse
+    model as the live engine found it; its hit rate and bytes per decode token are what profiling would have
+    predicted for that run."""
     import numpy as np
     from moeflow.predictor.apply import build_predictor
 
@@ -353,7 +355,8 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         for (_, options), r in zip(contenders, rows):
             if "predictor" in options and "error" not in r:
                 r["replay"] = replay_decode(model, prompts, r["tokens"], options["predictor"], r["capacity_slots"],
-                                            r["overlap"], r["contention"], reuse=options.get("reuse_model", True))
+                                            r["mean_overlap"], r["mean_contention"],
+                                            reuse=options.get("reuse_model", True))
         for r in rows:
             r.pop("routing", None)
             r.pop("tokens", None)

@@ -194,6 +194,7 @@ class PredictivePrefetcher:
         # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
         self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
         self.counters = PrefetchCounters()
+        self._used = (0.0, 0.0, 0)  # sums of overlap and contention at the start of decode steps that predicted, steps
         self.trial = trial
         self.predicting = True
         self._timing: tuple[float, int] | None = None  # (start, rows) of the decode step being timed
@@ -222,6 +223,15 @@ class PredictivePrefetcher:
         floor = self.admission.contention
         return floor if busy is None else max(floor, busy)
 
+    @property
+    def mean_admission(self) -> tuple[float, float] | None:
+        """(overlap, contention) as admission used them, averaged over the decode steps that predicted (None before
+        the first): what a replay of the run should assume (`moeflow.tools.profile.replay`), since the engine measures
+        both as it goes and admission is sensitive to them (bench/expertflow.py's I/O-bound decode replayed with the
+        overlap 0.36 it ended at: hit rate 79.9%; with 0.5: 80.9%; live: 82.9%)."""
+        overlap, contention, steps = self._used
+        return (overlap / steps, contention / steps) if steps else None
+
     def fix_overlap(self, overlap: float) -> None:
         """Assume `overlap` (reads the lookahead's compute hides) instead of measuring it: what profiling
         replay does, which has no time to measure."""
@@ -246,6 +256,9 @@ class PredictivePrefetcher:
             self.counters.dormant_steps += 1
         if self._ahead and (decode_rows == 0 or not self.predicting):
             self._drop_ahead()  # read ahead for next tokens that this forward does not decode
+        if self.predicting and decode_rows > 0:
+            overlap, contention, steps = self._used
+            self._used = (overlap + self.overlap, contention + self.contention, steps + 1)
         if self.estimate is not None:
             if self.predicting and decode_rows > 0:
                 self.estimate.begin()

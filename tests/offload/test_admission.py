@@ -575,3 +575,16 @@ def test_the_overlap_estimate_ignores_time_between_forwards_and_forwards_it_does
         c.forward(0.300, 0.0, 0)  # sampling, or steps decoded without prediction: no layer's compute
     first = 0.7 * 1.0 + 0.3 * (2 / 3)  # steps 0-3; step 4's window is dropped at 5, steps 6-9 make the second
     assert est.overlap == pytest.approx(0.7 * first + 0.3 * (2 / 3))
+
+
+def test_the_admission_a_run_assumed_is_averaged_over_its_predicting_decode_steps():
+    cache = _cache(PredictivePolicy())
+    pf = PredictivePrefetcher(cache, TransferEngine(cache, background=False).prefetch, layers=[0, 1], lookahead=1,
+                              width=2)
+    assert pf.mean_admission is None
+    pf.begin_step(decode_rows=0)  # a prefill: not a decode step
+    assert pf.mean_admission is None
+    pf.begin_step(decode_rows=1)  # overlap 1 (nothing measured yet), contention the floor
+    pf.overlap, pf.estimate.busy = 0.5, 0.75
+    pf.begin_step(decode_rows=1)
+    assert pf.mean_admission == pytest.approx((0.75, 0.5))
