@@ -262,11 +262,11 @@ def replay_on_routing(model: Path, routing: list[list[list[int]]], slots: int) -
 def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[int]], predictor: str, slots: int,
                   overlap: float, contention: float, *, reuse: bool) -> dict:
     """The live decode replayed (`moeflow.tools.profile.replay`): each prompt + its generated tokens traced
-    with `predictor` (teacher forcing gives the decode's routing exactly), the decode tokens replayed one per
-    step through the same cache size, with the overlap and contention the live engine assumed on average (it
-    measures both as it goes: `PredictivePrefetcher.mean_admission`) and, if `reuse`, the model's trained reuse
-    model as the live engine found it; its hit rate and bytes per decode token are what profiling would have
-    predicted for that run."""
+    with `predictor` (teacher forcing gives the decode's routing exactly), each prompt replayed as one prefill
+    step and its decode tokens one per step (counted) through the same cache size, with the overlap and
+    contention the live engine assumed on average (it measures both as it goes:
+    `PredictivePrefetcher.mean_admission`) and, if `reuse`, the model's trained reuse model as the live engine
+    found it; its hit rate and bytes per decode token are what profiling would have predicted for that run."""
     import numpy as np
     from moeflow.predictor.apply import build_predictor
 
@@ -275,17 +275,15 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
     from moeflow.offload.reuse import ReuseModel, reuse_files
     from moeflow.tools.profile.replay import replay
     from moeflow.tools.profile.setting import BudgetPoint, Geometry
-    from moeflow.tools.trace import Trace, record_token_ids
+    from moeflow.tools.trace import record_token_ids
 
     chunks = [(i, list(p) + list(g)) for i, (p, g) in enumerate(zip(prompts, generated))]
     with moeflow.load(model, expert_budget="all", store="ram") as engine:
         trace = record_token_ids(engine, chunks, context=max(len(c) for _, c in chunks),
                                  predictors=[build_predictor(engine, predictor)])
-    decode = np.concatenate([np.asarray(trace.positions)[trace.seq_ids == i] >= len(p) for i, p in enumerate(prompts)])
-    cut = {k: np.asarray(getattr(trace, k))[decode] for k in ("token_ids", "positions", "seq_ids", "doc_ids",
-                                                                "experts", "weights")}
-    trace = Trace(meta=trace.meta, **cut, predictions={k: v[decode] for k, v in trace.predictions.items()},
-                  probabilities={k: v[decode] for k, v in trace.probabilities.items()})
+    # Each prompt is one prefill step, as the live engine ran it, before its decode steps (which alone are counted).
+    starts = np.flatnonzero(np.asarray(trace.positions) == 0)
+    prefill = [(int(start), int(start) + len(p)) for start, p in zip(starts, prompts, strict=True)]
     ckpt = open_checkpoint(model)
     geometry = Geometry.of(ckpt, int(ckpt.config["num_experts_per_tok"]))
     budget = BudgetPoint(spec=f"{slots} slots", fraction=slots / geometry.total_experts, slots=slots)
@@ -294,7 +292,7 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
     if reuse and reuse_files(folder)[0].is_file():
         reuse_model = ReuseModel.load(folder, layers=geometry.layers, num_experts=geometry.num_experts)
     r = replay(trace, geometry, policy="predictive", budget=budget, predictor=predictor, overlap=overlap,
-               contention=contention, reuse=reuse_model)
+               contention=contention, reuse=reuse_model, prefill=prefill)
     return {"hit_rate": r.stats.hit_rate, "bytes_per_token": r.stats.bytes_read / r.tokens, "tokens": r.tokens}
 
 

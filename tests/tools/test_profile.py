@@ -87,6 +87,20 @@ def test_belady_beats_online_policies(seed):
             assert belady <= replay(trace, geometry, policy=policy, budget=slots(capacity)).stats.misses
 
 
+def test_a_prefill_span_is_one_uncounted_step_that_leaves_the_prompts_experts_resident():
+    # One layer, top-1, 2 slots: a prompt routed to 0 and 1, then decode tokens 1, 0, 2, 0.
+    trace = synthetic_trace(np.array([0, 1, 1, 0, 2, 0])[:, None, None], 4)
+    geometry = geometry_for(trace)
+    r = replay(trace, geometry, policy="lru", budget=slots(2), prefill=[(0, 2)])
+    # The prompt's step reads 0 and 1 together (not counted); then 1 and 0 hit, 2 evicts 1, 0 hits.
+    assert (r.tokens, r.stats.hits, r.stats.misses, r.stats.bytes_read) == (4, 3, 1, 1000)
+    assert (r.stats.per_layer[0].hits, r.stats.per_layer[0].misses, r.stats.per_layer[0].bytes_read) == (3, 1, 1000)
+    every = replay(trace, geometry, policy="lru", budget=slots(2))  # the prompt's tokens as decode steps, counted
+    assert (every.tokens, every.stats.hits, every.stats.misses) == (6, 3, 3)
+    with pytest.raises(MoeflowError, match="belady"):
+        replay(trace, geometry, policy="belady", budget=slots(2), prefill=[(0, 2)])
+
+
 def test_belady_evicts_the_farthest_next_use():
     # One layer, top-1: token n uses expert experts[n]. Times are token indices.
     experts = np.array([0, 1, 2, 1, 0, 3, 2])[:, None, None]

@@ -10,6 +10,8 @@ with the same tokens, policy and budget counts (`moeflow.tools.profile.live` mea
 `predictive` replays the prefetcher (`moeflow.offload.prefetch.PredictivePrefetcher`) with the
 predictions recorded in the trace (`pred_<name>.npy`) and a `TransferEngine` without a thread; `belady`
 (`moeflow.offload.policy.BeladyPolicy`) is the offline optimum for demand eviction without prefetch.
+Spans of the trace can be replayed as prefills instead (`prefill`): one step for all their tokens, as the
+engine prefills a prompt, left out of what the replay reports.
 
 Shapes: see the legend in `moeflow/__init__.py` (here N trace tokens, M predicted ranks).
 """
@@ -17,8 +19,8 @@ Shapes: see the legend in `moeflow/__init__.py` (here N trace tokens, M predicte
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -133,9 +135,15 @@ def replay(
     overlap: float = 1.0,
     contention: float | None = None,
     reuse: ReuseModel | None = None,
+    prefill: Sequence[tuple[int, int]] = (),
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
+
+    `prefill`: spans [start, end) of the trace's tokens each replayed as one step of all its tokens, as the engine
+    prefills a prompt (every layer once, for the union of the tokens' experts, the predictions of all of them
+    offered): they leave the cache as a prompt leaves it, and the cache's statistics in the result are the other
+    tokens' (the prefetcher's counters count them all).
 
     `overlap`: how many expert reads the compute of the lookahead's layers hides, which the live engine
     measures and replay cannot (`moeflow.offload.admission`; 0: the link is the bottleneck); `contention`: the
@@ -147,6 +155,8 @@ def replay(
     geometry.check_trace(trace)
     experts_NLK = np.asarray(trace.experts)
     layers = list(geometry.layers)
+    if prefill and policy == "belady":
+        raise MoeflowError("belady replays one token a step (its future is the trace's token order); no prefill spans")
     if policy == "belady":
         eviction: EvictionPolicy = BeladyPolicy(experts_NLK, layers)
     else:
@@ -169,41 +179,72 @@ def replay(
         measured = {} if contention is None else {"contention": contention}
         prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width,
                                           admission=AdmissionConfig(overlap=overlap, **measured))
-    t0 = time.perf_counter()
-    for n in range(trace.num_tokens):
-        if on_tokens is not None and n % 1024 == 1023:
-            on_tokens(1024)
+
+    def step(a: int, b: int) -> None:
+        """Tokens [a, b) as one step."""
         if prefetcher is not None:
             # Every prediction in the trace was made before its layer's lookahead window opened, so
             # offering them all when the step begins issues each at the time the engine issues it: in one
             # call for a predictor whose one answer covers the step (as the engine offers it), else layer by layer.
-            prefetcher.begin_step()
-            probs_L1M = None if prob_NLM is None else prob_NLM[n, :, None, :width].tolist()
-            ranked_L1M = pred_NLM[n, :, None, :width].tolist()
+            prefetcher.begin_step(decode_rows=1 if b - a == 1 else 0)
+            probs_LTM = None if prob_NLM is None else prob_NLM[a:b, :, :width].transpose(1, 0, 2).tolist()
+            ranked_LTM = pred_NLM[a:b, :, :width].transpose(1, 0, 2).tolist()
             if whole_step:
-                prefetcher.offer_layers(layers, ranked_L1M, probs_L1M)
+                prefetcher.offer_layers(layers, ranked_LTM, probs_LTM)
             else:
                 for pos, layer in enumerate(layers):
-                    prefetcher.offer(layer, ranked_L1M[pos], None if probs_L1M is None else probs_L1M[pos])
+                    prefetcher.offer(layer, ranked_LTM[pos], None if probs_LTM is None else probs_LTM[pos])
         for pos, layer in enumerate(layers):
-            expert_ids = tuple(sorted(set(experts_NLK[n, pos].tolist())))  # the engine's torch.unique
+            expert_ids = tuple(sorted(set(experts_NLK[a:b, pos].reshape(-1).tolist())))  # the engine's torch.unique
             if prefetcher is not None:
                 prefetcher.on_routing(layer, expert_ids)
-            serve_layer(cache, RoutingPlan(layer=layer, expert_ids=expert_ids, num_tokens=1))
+            serve_layer(cache, RoutingPlan(layer=layer, expert_ids=expert_ids, num_tokens=b - a))
+
+    t0 = time.perf_counter()
+    starts = dict(prefill)
+    uncounted: list[tuple[CacheStats, CacheStats]] = []  # the cache's statistics around each prefill
+    n = counted = 0
+    while n < trace.num_tokens:
+        if n in starts:
+            before = cache.stats()
+            step(n, starts[n])
+            uncounted.append((before, cache.stats()))
+            n = starts[n]
+            continue
+        if on_tokens is not None and counted % 1024 == 1023:
+            on_tokens(1024)
+        step(n, n + 1)
+        n, counted = n + 1, counted + 1
     if prefetcher is not None:
         prefetcher.end_step()
     if on_tokens is not None:
-        on_tokens(trace.num_tokens % 1024)
+        on_tokens(counted % 1024)
     return RunResult(
         policy=policy,
         predictor=predictor if policy == "predictive" else None,
         mode="replay",
         budget=budget,
-        tokens=trace.num_tokens,
-        stats=cache.stats(),
+        tokens=counted,
+        stats=_less(cache.stats(), uncounted),
         prefetch=prefetcher.counters.to_dict() if prefetcher is not None else None,
         seconds=time.perf_counter() - t0,
     )
+
+
+_COUNTS = ("hits", "misses", "prefetch_hits", "wasted_prefetches", "bytes_read", "stall_s")
+
+
+def _less(stats: CacheStats, spans: Sequence[tuple[CacheStats, CacheStats]]) -> CacheStats:
+    """`stats` without what the cache counted between each (before, after) of `spans`."""
+    if not spans:
+        return stats
+
+    def less(now: object, parts: Sequence[tuple[object, object]]) -> dict:
+        return {c: getattr(now, c) - sum(getattr(b, c) - getattr(a, c) for a, b in parts) for c in _COUNTS}
+
+    per_layer = tuple(replace(ls, **less(ls, [(a.per_layer[i], b.per_layer[i]) for a, b in spans]))
+                      for i, ls in enumerate(stats.per_layer))  # fmt: skip
+    return replace(stats, per_layer=per_layer, **less(stats, spans))
 
 
 def predictions_of(trace: Trace, predictor: str | None) -> tuple[np.ndarray, int]:
