@@ -163,9 +163,9 @@ def test_one_worker_serves_grpc_and_http(served):
     values = {
         line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if not line.startswith("#")
     }
-    for name in ("hits", "misses", "prefetch_hits", "bytes_read", "stall_seconds"):
+    for name in ("hits", "misses", "prefetch_hits", "bytes_read", "stall_seconds", "reading_seconds"):
         assert f"moeflow_cache_{name}_total" in values
-    assert values["moeflow_cache_bytes_read_total"] > 0
+    assert values["moeflow_cache_bytes_read_total"] > 0 and values["moeflow_cache_reading_seconds_total"] > 0
     assert values["moeflow_generated_tokens_total"] >= 12
     assert values["moeflow_requests_completed_total"] >= 1
 
