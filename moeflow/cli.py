@@ -53,10 +53,12 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def reads_line(stats: CacheStats) -> str:
-    """What offloading cost: bytes read from the backing store, the time compute waited for them, and the
-    reads a prefetch did ahead of their layer that the layer then used (their wait hidden behind compute)."""
+    """What offloading cost: bytes read from the backing store (at what rate while reading), the time compute waited
+    for them, and the reads a prefetch did ahead of their layer that the layer then used (their wait hidden behind
+    compute)."""
+    rate = "" if stats.read_gib_s is None else f" at {stats.read_gib_s:.2f} GiB/s"
     ahead = f", {stats.prefetch_hits} read ahead and used" if stats.prefetch_hits else ""
-    return f"{stats.bytes_read / 2**20:.1f} MiB read, {stats.stall_s:.2f} s waiting on reads{ahead}"
+    return f"{stats.bytes_read / 2**20:.1f} MiB read{rate}, {stats.stall_s:.2f} s waiting on reads{ahead}"
 
 def cmd_generate_batch(args: argparse.Namespace) -> int:
     from moeflow.build import load, make_admission
