@@ -180,13 +180,13 @@ def replay(
         prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width,
                                           admission=AdmissionConfig(overlap=overlap, **measured))
 
-    def step(a: int, b: int) -> None:
-        """Tokens [a, b) as one step."""
+    def step(a: int, b: int, *, decode: bool) -> None:
+        """Tokens [a, b) as one step: a decode step (one token) or a prefill."""
         if prefetcher is not None:
             # Every prediction in the trace was made before its layer's lookahead window opened, so
             # offering them all when the step begins issues each at the time the engine issues it: in one
             # call for a predictor whose one answer covers the step (as the engine offers it), else layer by layer.
-            prefetcher.begin_step(decode_rows=1 if b - a == 1 else 0)
+            prefetcher.begin_step(decode_rows=1 if decode else 0)
             probs_LTM = None if prob_NLM is None else prob_NLM[a:b, :, :width].transpose(1, 0, 2).tolist()
             ranked_LTM = pred_NLM[a:b, :, :width].transpose(1, 0, 2).tolist()
             if whole_step:
@@ -207,13 +207,13 @@ def replay(
     while n < trace.num_tokens:
         if n in starts:
             before = cache.stats()
-            step(n, starts[n])
+            step(n, starts[n], decode=False)
             uncounted.append((before, cache.stats()))
             n = starts[n]
             continue
         if on_tokens is not None and counted % 1024 == 1023:
             on_tokens(1024)
-        step(n, n + 1)
+        step(n, n + 1, decode=True)
         n, counted = n + 1, counted + 1
     if prefetcher is not None:
         prefetcher.end_step()
