@@ -117,12 +117,10 @@ class OverlapEstimate:
 
     def begin(self) -> None:
         """A decode step that predicts begins."""
-        if self._mark is None:
-            s = self.cache.stats()
-            self._start = self._clock()
+        s = self.cache.stats() if self._mark is None else None
+        self._start = self._clock()
+        if s is not None:
             self._seconds, self._steps, self._mark = 0.0, 0, (s.stall_s, s.misses, s.reading_s, self._start)
-        else:
-            self._start = self._clock()
 
     def end(self) -> float:
         """The forward `begin` marked has returned; the estimate, updated when this closed a window."""
@@ -259,11 +257,10 @@ class PredictivePrefetcher:
         if self.predicting and decode_rows > 0:
             overlap, contention, steps = self._used
             self._used = (overlap + self.overlap, contention + self.contention, steps + 1)
-        if self.estimate is not None:
-            if self.predicting and decode_rows > 0:
+            if self.estimate is not None:
                 self.estimate.begin()
-            else:
-                self.estimate.interrupt()
+        elif self.estimate is not None:
+            self.estimate.interrupt()
         self._end_step(lambda policy: policy.begin_step())
 
     def end_forward(self) -> None:

@@ -74,8 +74,7 @@ class ReaderPool:
         job = ReadJob(fn)
         if not self._workers:
             job.started = True
-            with self._busy:
-                job._execute()
+            self._execute(job)
             job.done = True
             return job
         with self._lock:
@@ -103,8 +102,7 @@ class ReaderPool:
         for job in jobs:
             if self._claim(job):
                 try:
-                    with self._busy:
-                        job._execute()
+                    self._execute(job)
                 finally:
                     self._finish(job)
                 return True
@@ -162,6 +160,10 @@ class ReaderPool:
                 self._urgent.remove(job)
             return True
 
+    def _execute(self, job: ReadJob) -> None:
+        with self._busy:  # reading time (`reading_s`), in whichever thread runs the job
+            job._execute()
+
     def _finish(self, job: ReadJob) -> None:
         with self._lock:
             job.done = True
@@ -178,8 +180,7 @@ class ReaderPool:
                 else:
                     return
                 job.started = True
-            with self._busy:
-                job._execute()
+            self._execute(job)
             self._finish(job)
 
 
