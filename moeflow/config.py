@@ -92,8 +92,8 @@ class EngineConfig:
     )
     readers: int = field(
         default=0,
-        metadata={"help": "threads that read experts from the store, several reads in flight (0: automatic, by the "
-                  "size of an expert on disk)"},
+        metadata={"help": "reads of experts from the store at once, demand reads before reads ahead (0: automatic, by "
+                  "the size of an expert on disk: 1 from 8 MiB, else 2)"},
     )
     read_process: bool = field(
         default=True,

@@ -49,29 +49,23 @@ from moeflow.offload.transfer import TransferEngine
 
 log = logging.getLogger(__name__)
 
-# Reader threads of the expert cache (demand misses and prefetches; the compute thread reads too while it
-# waits): one per READER_BYTES of an expert on disk, at least 2 and at most READERS, and no more than
-# READ_BUFFER_BYTES of bounce buffers (each reader keeps one as large as an expert).
-# Large experts want reads in flight: bench/io.py, 18 MiB experts of the widened default model, page cache
-# dropped, 2-core AMD EPYC with a virtio disk (bench/results/io.json): the engine's store read a median
-# 1.00 / 1.20 / 1.21 / 1.43 / 1.81 GiB/s with 1 / 2 / 4 / 8 / 16 reads in flight (raw O_DIRECT of the same
-# ranges: 1.15 / 1.40 / 1.21 / 1.28 / 1.56). Small ones do not: a batch-1 decode step misses at most top-k
-# experts a layer, each read in a few milliseconds, and idle readers only compete with the compute thread for
-# the cores. Decode at 25% from disk, 6 held-out prompts x 32 tokens, page cache dropped, runs alternating on
-# the same VM (tok/s per round, 2 readers against 8): int4-g128 experts of the I/O-bound model (2.3 MiB)
-# 31.4 / 39.1 / 41.7 against 30.4 / 31.6 / 34.0, int8 (4.5 MiB) 31.9 / 32.3 / 32.9 against 29.3 / 30.0 / 31.6,
-# the shipped model (0.4 MiB) 85 / 111 / 107 against 96 / 100 / 93; its fp32 experts (18 MiB) 13.6 / 11.0
-# against 12.3 / 13.5 (no difference at batch 1; 8 keep the bandwidth above for batches and prefetches).
-# A Mixtral-8x7B expert (336 MiB in bf16) gets 1 for its buffer; that regime is not measured here.
-READERS = 8
-READER_BYTES = 2 << 20
-READ_BUFFER_BYTES = 256 << 20
+# Reads at once (of each kind, urgent and ahead: `moeflow.offload.mover._Schedule`; the reader threads where there is
+# no reader process): 2 for experts under LARGE_READ_BYTES on disk, 1 from there on. A large read keeps the disk
+# busy by itself, and two at once only share it: the I/O-bound benchmark model's 18 MiB experts at 25% from disk on
+# the 2-core AMD EPYC VM (ad hoc timeline of a decode, 2026-12-04): a demand read alone took 7.9 ms, beside one
+# other read 15.0, beside two 22.2; one at a time, the first of a layer's misses is in (and computed) after one
+# read, not after all of them. Decode, 6 held-out prompts x 64 tokens, page cache dropped, interleaved fresh
+# processes (/tmp script, tok/s): LRU with 1 / 2 / 8 readers 25.65 / 24.44 / 24.87 (2 and 3 rounds), path
+# prediction 30.66 / 30.33 / 29.65. Small experts keep 2: a batch-1 step misses at most top-k a layer, each read in
+# well under a millisecond, and the shipped model (0.4 MiB) decoded alike with 2 or 8 (85 / 111 / 107 against
+# 96 / 100 / 93 tok/s, an earlier session); int4-g128 (2.3 MiB) and int8 (4.5 MiB) experts of the I/O-bound model
+# decoded faster with 2 than with 8 (31.4-41.7 against 30.4-34.0; 31.9-32.9 against 29.3-31.6).
+LARGE_READ_BYTES = 8 << 20
 
 
 def reader_threads(expert_bytes: int) -> int:
-    """The automatic reader count for experts of `expert_bytes` on disk (EngineConfig.readers = 0)."""
-    wanted = min(READERS, max(2, expert_bytes // READER_BYTES))
-    return max(1, min(wanted, READ_BUFFER_BYTES // max(expert_bytes, 1)))
+    """The automatic count of reads at once for experts of `expert_bytes` on disk (EngineConfig.readers = 0)."""
+    return 1 if expert_bytes >= LARGE_READ_BYTES else 2
 
 
 # The automatic rule: one compute thread fewer than the cores this process may use, and idle OpenMP workers

@@ -43,13 +43,14 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 _ALIGN = 4096  # as moeflow.offload.store: O_DIRECT's offset, length and address granularity
 _LENGTH = struct.Struct("<I")
-_REQUEST = struct.Struct("<QBH")  # job id, check NaN/Inf, runs
+_REQUEST = struct.Struct("<QBBH")  # job id, check NaN/Inf, urgent, runs
 _RUN = struct.Struct("<HQQBH")  # file, start, end, direct, pieces
 _PIECE = struct.Struct("<HQQQB")  # region, offset of the piece in it, file offset, bytes, dtype (`DTYPES`)
 # job id, bytes read, errno (0: read), not finite, fell back, the process's reading seconds so far, message length
@@ -62,6 +63,10 @@ _BF16_EXPONENT = 0x7F80
 # requests: polling there took a core from its own reads (path prediction, shipped model at 25%, 3 interleaved
 # rounds: 4.27-4.70 ms a token polling 2 ms after each read, 3.68-4.17 not polling, 3.91-4.11 reader threads).
 SPIN_S = 0.002
+# A read ahead is read this many bytes at a time, so that an urgent read waits at most for one such piece (`_Schedule`):
+# ~1 ms at the 2-core VM's ~2 GiB/s. Reading an 18 MiB expert in pieces of 2 MiB took 12.5 ms against 12.4 whole
+# (O_DIRECT, 4 rounds each, ad hoc, 2026-12-04); in pieces of 1 MiB 13.0.
+CHUNK = 2 << 20
 
 
 class SharedRegion(NamedTuple):
@@ -143,9 +148,13 @@ class ReaderProcess:
         threads: int,
         direct_io: bool,
         buffer_bytes: int = 0,
+        chunk_bytes: int = CHUNK,
     ) -> None:
-        """`threads` reads at once; `buffer_bytes`: each thread's read buffer, mapped and faulted as the process
-        starts (`DiskStore.reserve_buffers`' note; 0: reads land in place, or a buffer is mapped when needed)."""
+        """`threads` reads of each kind at once (urgent, ahead: `_Schedule`); `buffer_bytes`: each thread's read
+        buffer, mapped and faulted as the process starts (`DiskStore.reserve_buffers`' note; 0: reads land in place,
+        or a buffer is mapped when needed); `chunk_bytes`: the pieces a read ahead is read in (`CHUNK`)."""
+        if chunk_bytes <= 0 or chunk_bytes % _ALIGN:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {_ALIGN}, got {chunk_bytes}")
         self.threads = max(1, threads)
         self.files = list(files)
         self._file_index = {f: i for i, f in enumerate(self.files)}
@@ -153,7 +162,7 @@ class ReaderProcess:
         req_r, self._req = os.pipe()
         self._rep, rep_w = os.pipe()
         spec = {"requests": req_r, "replies": rep_w, "threads": self.threads, "direct_io": direct_io,
-                "buffer": buffer_bytes, "files": [str(f) for f in self.files],
+                "buffer": buffer_bytes, "chunk": chunk_bytes, "files": [str(f) for f in self.files],
                 "regions": [[r.fd, r.nbytes] for r in self.regions]}  # fmt: skip
         try:
             self._proc = subprocess.Popen(
@@ -187,12 +196,13 @@ class ReaderProcess:
             return 0
         return max(fields.get("VmHWM", 0) - fields.get("RssShmem", 0), 0)
 
-    def send(self, requests: Sequence[tuple[int, Sequence[Run], bool]]) -> None:
-        """Send (job id, runs, check NaN/Inf) requests in one write: waking the process is most of a send's cost
-        (~76 us a write on the 2-core VM, measured with cProfile in a decode)."""
+    def send(self, requests: Sequence[tuple[int, Sequence[Run], bool, bool]]) -> None:
+        """Send (job id, runs, check NaN/Inf, urgent) requests in one write: waking the process is most of a send's
+        cost (~76 us a write on the 2-core VM, measured with cProfile in a decode). Urgent ones (demand reads) go
+        before the others, which wait while one is in progress (`_Schedule`)."""
         out = []
-        for job, runs, check in requests:
-            parts = [_REQUEST.pack(job, check, len(runs))]
+        for job, runs, check, urgent in requests:
+            parts = [_REQUEST.pack(job, check, urgent, len(runs))]
             for run in runs:
                 parts.append(_RUN.pack(self._file_index[run.file], run.start, run.end, run.direct, len(run.pieces)))
                 for p in run.pieces:
@@ -316,6 +326,7 @@ class _Reader:
         self.lock = threading.Lock()  # fall-back and replies
         self.fell_back = False
         self.busy = BusyClock()
+        self.chunk = spec["chunk"]
 
     def _open(self, path: str) -> int:
         if self.direct:
@@ -335,13 +346,21 @@ class _Reader:
                 old, self.fds = self.fds, [os.open(p, os.O_RDONLY) for p in self.paths]
                 self._retired = old  # a read in another thread may still use one
 
-    def pread(self, file: int, address: int, start: int, end: int, length: int) -> int:
-        """Fill `length` bytes at `address` from byte `start` of `file` until byte `end` at least is in."""
+    def pread(
+        self, file: int, address: int, start: int, end: int, length: int, pause: Callable[[], None] | None = None
+    ) -> int:
+        """Fill `length` bytes at `address` from byte `start` of `file` until byte `end` at least is in; with `pause`
+        (a read ahead), `chunk` bytes at a time, calling it before each."""
         done = 0
         view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
         while start + done < end:
+            if pause is not None:
+                pause()
             try:
-                n = os.preadv(self.fds[file], [view[done:]], start + done)
+                with self.busy:
+                    n = os.preadv(
+                        self.fds[file], [view[done : done + self.chunk] if pause else view[done:]], start + done
+                    )
             except OSError as e:
                 if e.errno != errno.EINVAL or not self.direct:
                     raise
@@ -354,16 +373,17 @@ class _Reader:
             os.posix_fadvise(self.fds[file], start, length, os.POSIX_FADV_DONTNEED)
         return done
 
-    def serve(self, job: int, check: bool, runs: list, buffer: list) -> None:
-        with self.busy:
-            total, finite, err, message = self._serve(check, runs, buffer)
+    def serve(self, job: int, check: bool, runs: list, buffer: list, pause: Callable[[], None] | None) -> None:
+        total, finite, err, message = self._serve(check, runs, buffer, pause)
         encoded = message.encode()[:2000]
         with self.lock:
             fell_back, self.fell_back = self.fell_back, False
             reply = _REPLY.pack(job, total, err, not finite, fell_back, self.busy.seconds(), len(encoded))
             _write_all(self.replies, reply + encoded)
 
-    def _serve(self, check: bool, runs: list, buffer: list) -> tuple[int, bool, int, str]:
+    def _serve(
+        self, check: bool, runs: list, buffer: list, pause: Callable[[], None] | None
+    ) -> tuple[int, bool, int, str]:
         """Do a request's runs: (bytes read, all finite, errno or 0, message)."""
         total, finite, err, message = 0, True, 0, ""
         try:
@@ -371,20 +391,22 @@ class _Reader:
                 if direct:
                     region, offset, file_offset, _, _ = pieces[0]
                     at = self.bases[region] + offset - file_offset  # the address of file byte x is at + x
-                    total += self.pread(file, at + start, start, end, end - start)
+                    total += self.pread(file, at + start, start, end, end - start, pause)
                     if check:
-                        finite = finite and all(_finite(self.maps[r], o, n, d) for r, o, _, n, d in pieces)
+                        with self.busy:
+                            finite = finite and all(_finite(self.maps[r], o, n, d) for r, o, _, n, d in pieces)
                     continue
                 a_start, a_end = start - start % _ALIGN, -(-end // _ALIGN) * _ALIGN
                 if not buffer or len(buffer[0]) < a_end - a_start:
                     buffer[:] = [mmap.mmap(-1, max(a_end - a_start, 1 << 20))]
                 buf = buffer[0]
                 address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-                total += self.pread(file, address, a_start, end, a_end - a_start)
-                for region, offset, file_offset, nbytes, dtype in pieces:
-                    if check and finite:
-                        finite = _finite(buf, file_offset - a_start, nbytes, dtype)
-                    ctypes.memmove(self.bases[region] + offset, address + file_offset - a_start, nbytes)
+                total += self.pread(file, address, a_start, end, a_end - a_start, pause)
+                with self.busy:
+                    for region, offset, file_offset, nbytes, dtype in pieces:
+                        if check and finite:
+                            finite = _finite(buf, file_offset - a_start, nbytes, dtype)
+                        ctypes.memmove(self.bases[region] + offset, address + file_offset - a_start, nbytes)
         except OSError as e:
             err, message = e.errno or errno.EIO, e.strerror or str(e)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -405,8 +427,8 @@ def _finite(buf: object, offset: int, nbytes: int, dtype: int) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def _parse_request(body: bytes) -> tuple[int, bool, list]:
-    job, check, nruns = _REQUEST.unpack_from(body)
+def _parse_request(body: bytes) -> tuple[int, bool, bool, list]:
+    job, check, urgent, nruns = _REQUEST.unpack_from(body)
     at = _REQUEST.size
     runs = []
     for _ in range(nruns):
@@ -417,40 +439,112 @@ def _parse_request(body: bytes) -> tuple[int, bool, list]:
             pieces.append(_PIECE.unpack_from(body, at))
             at += _PIECE.size
         runs.append((file, start, end, bool(direct), pieces))
-    return job, bool(check), runs
+    return job, bool(check), bool(urgent), runs
 
 
-class _Requests:
-    """The request pipe, read by one thread at a time."""
+class _Schedule:
+    """The requests off the pipe, urgent ones first: at most `reads` of each kind at once, and no read ahead while an
+    urgent read is queued or in progress (a read ahead in progress waits between its chunks, `pause`). Reads of
+    large experts do not add up (the I/O-bound benchmark model's 18 MiB experts on the 2-core VM, 2026-12-04, ad hoc
+    timeline of a decode: a demand read alone 7.9 ms, beside one other read 15.0, beside two 22.2), so a demand
+    read that shared the disk with reads ahead waited for them as long as for itself. The process runs `reads` + 1
+    threads: reads ahead hold at most `reads`, so one is always free to take an urgent request off the pipe. Each
+    thread that finds nothing to do reads the pipe itself in turn (one wake-up a request, not two)."""
 
-    def __init__(self, fd: int) -> None:
-        self.file = os.fdopen(fd, "rb", buffering=1 << 16)
-        self.lock = threading.Lock()
+    def __init__(self, fd: int, reads: int) -> None:
+        self.fd = fd
+        self.reads = reads
+        self.cv = threading.Condition()
+        self.queued: dict[bool, deque[tuple[int, bool, bool, list]]] = {True: deque(), False: deque()}
+        self.running = {True: 0, False: 0}  # urgent? -> requests being served
+        self.piping = False  # a thread is reading the pipe
+        self.closed = False
+        self.pending = bytearray()
 
-    def next(self) -> bytes | None:
-        """The next request's body; None once the pipe is closed."""
-        with self.lock:
-            header = self.file.read(_LENGTH.size)
-            if len(header) < _LENGTH.size:
+    def take(self) -> tuple[int, bool, bool, list] | None:
+        """The next request to serve (job, check, urgent, runs); None once the pipe is closed and all are taken."""
+        urgent, background, running = self.queued[True], self.queued[False], self.running
+        with self.cv:
+            while True:
+                if urgent and running[True] < self.reads:
+                    request = urgent.popleft()
+                elif background and not urgent and not running[True] and running[False] < self.reads:
+                    request = background.popleft()
+                else:
+                    request = None
+                if request is not None:
+                    running[request[2]] += 1
+                    return request
+                if self.closed and not (urgent or background):
+                    return None
+                if self.piping or self.closed:
+                    self.cv.wait()
+                    continue
+                self.piping = True
+                self.cv.release()
+                try:
+                    bodies = self._read()
+                finally:
+                    self.cv.acquire()
+                    self.piping = False
+                if bodies is None:
+                    self.closed = True
+                for body in bodies or ():
+                    request = _parse_request(body)
+                    self.queued[request[2]].append(request)
+                self.cv.notify_all()
+
+    def done(self, urgent: bool) -> None:
+        with self.cv:
+            self.running[urgent] -= 1
+            self.cv.notify_all()
+
+    def pause(self) -> None:
+        """A read ahead, between two chunks: wait while an urgent read is queued or in progress."""
+        if self.queued[True] or self.running[True]:
+            with self.cv:
+                while self.queued[True] or self.running[True]:
+                    self.cv.wait()
+
+    def _read(self) -> list[bytes] | None:
+        """The requests the pipe holds, at least one (waiting for it); None once it is closed."""
+        buf = self.pending
+        while True:
+            bodies = []
+            while len(buf) >= _LENGTH.size:
+                (n,) = _LENGTH.unpack_from(buf)
+                if len(buf) < _LENGTH.size + n:
+                    break
+                bodies.append(bytes(buf[_LENGTH.size : _LENGTH.size + n]))
+                del buf[: _LENGTH.size + n]
+            if bodies:
+                return bodies
+            data = os.read(self.fd, 1 << 16)
+            if not data:
                 return None
-            return self.file.read(_LENGTH.unpack(header)[0])
+            buf += data
 
 
 def _child_main(spec: dict) -> None:
-    """Each thread takes the next request off the pipe itself (one wake-up a request, not two) and serves it."""
     import numpy  # noqa: F401 - for the NaN/Inf check: imported while the engine loads, not at the first read
 
     reader = _Reader(spec)
-    requests = _Requests(spec["requests"])
+    schedule = _Schedule(spec["requests"], spec["threads"])
     _write_all(spec["replies"], _REPLY.pack(_READY, 0, 0, 0, 0, 0.0, 0))
 
-    def work() -> None:
+    def work(populated: bool) -> None:
         populate = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        buffer = [mmap.mmap(-1, spec["buffer"], flags=populate)] if spec["buffer"] else []
-        while (body := requests.next()) is not None:
-            reader.serve(*_parse_request(body), buffer)
+        buffer = [mmap.mmap(-1, spec["buffer"], flags=populate)] if spec["buffer"] and populated else []
+        while (request := schedule.take()) is not None:
+            job, check, urgent, runs = request
+            try:
+                reader.serve(job, check, runs, buffer, None if urgent else schedule.pause)
+            finally:
+                schedule.done(urgent)
 
-    workers = [threading.Thread(target=work) for _ in range(spec["threads"])]
+    # The thread beyond `threads` only ever serves urgent reads while the others hold reads ahead: its buffer (for
+    # reads that do not land in place) is mapped when it first needs one.
+    workers = [threading.Thread(target=work, args=(i < spec["threads"],)) for i in range(spec["threads"] + 1)]
     for w in workers:
         w.start()
     for w in workers:

@@ -213,11 +213,12 @@ class MoveJob:
 
 class ProcessReaderPool:
     """`ReaderPool`'s protocol over a `ReaderProcess`, driven by the compute thread alone (no thread of this process
-    ever waits on a read, so none takes the GIL from the forward): urgent reads before background ones, at most
-    `window` in the reader process at once (more would queue there, where they could not be dropped or overtaken),
-    the replies collected whenever the compute thread passes by (`poll`, at every MoE layer) or waits (`help`).
-    An urgent read that finds the window full of reads ahead, or the process still starting, is read by the compute
-    thread itself (`help`), as with reader threads. One thread only: the engine's."""
+    ever waits on a read, so none takes the GIL from the forward): urgent reads are sent at once, and the process
+    serves them before any read ahead, which waits while they run (`moeflow.offload.mover._Schedule`); at most
+    `window` reads ahead are in the process at once (more would queue there, where they could not be dropped); the
+    replies are collected whenever the compute thread passes by (`poll`, at every MoE layer) or waits (`help`).
+    An urgent read that finds the process still starting is read by the compute thread itself (`help`), as with
+    reader threads. One thread only: the engine's."""
 
     def __init__(self, process: ReaderProcess, *, window: int) -> None:
         self.process = process
@@ -225,7 +226,7 @@ class ProcessReaderPool:
         self.window = max(1, window)
         self._urgent: deque[MoveJob] = deque()
         self._background: deque[MoveJob] = deque()
-        self._in_flight: dict[int, MoveJob] = {}
+        self._in_flight: dict[int, tuple[MoveJob, bool]] = {}  # request id -> (job, urgent)
         self._next = 0
         self._closed = False
         self._busy = BusyClock()  # the reads done here (`_run_here`)
@@ -320,7 +321,9 @@ class ProcessReaderPool:
         if not self.process.wait_ready(block=False):  # still starting: urgent reads are read here (`help`)
             return
         requests = []
-        while len(self._in_flight) < self.window and (self._urgent or self._background):
+        ahead = sum(not urgent for _, urgent in self._in_flight.values())
+        while self._urgent or (ahead < self.window and self._background):
+            urgent = bool(self._urgent)
             job = (self._urgent or self._background).popleft()
             job.started = True
             try:
@@ -333,14 +336,15 @@ class ProcessReaderPool:
                 continue
             runs, check = moves
             self._next += 1
-            self._in_flight[self._next] = job
-            requests.append((self._next, runs, check))
+            self._in_flight[self._next] = (job, urgent)
+            requests.append((self._next, runs, check, urgent))
+            ahead += not urgent
         if requests:
             self.process.send(requests)
 
     def _collect(self, *, block: bool) -> None:
         for reply in self.process.replies(block=block):
-            job = self._in_flight.pop(reply.job)
+            job, _ = self._in_flight.pop(reply.job)
             try:
                 job.task.end(reply)
             except Exception as e:  # recorded by the task

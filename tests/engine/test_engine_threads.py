@@ -45,9 +45,8 @@ def test_automatic_readers_follow_the_expert_size():
     MiB = 1 << 20
     assert reader_threads(MiB // 2) == 2  # the shipped model's experts: two readers
     assert reader_threads(2 * MiB + 300_000) == 2  # int4 experts of the I/O-bound model
-    assert reader_threads(9 * MiB) == 4
-    assert reader_threads(18 * MiB) == 8  # its fp32 experts: reads in flight pay
-    assert reader_threads(100 * MiB) == 2  # held to 256 MiB of bounce buffers
+    assert reader_threads(8 * MiB - 1) == 2
+    assert reader_threads(18 * MiB) == 1  # its fp32 experts: one large read at a time keeps the disk busy
     assert reader_threads(336 * MiB) == 1  # a Mixtral-8x7B expert in bf16
 
 

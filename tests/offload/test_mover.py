@@ -1,8 +1,9 @@
 """The reader process (`moeflow.offload.mover`) and the pool that drives it from the compute thread
 (`moeflow.offload.readers.ProcessReaderPool`): the process fills slots byte for byte as `DiskStore.read_into` does,
 through its buffer or straight into the slot; its failures and findings come back as replies; the pool keeps the
-reader threads' protocol (urgent before background, a bounded window, the compute thread reading for itself when
-the window is full, unsent reads abandoned); and the engine reads in it by default on the CPU, with the same tokens.
+reader threads' protocol (urgent before background, a bounded window of reads ahead, the compute thread reading
+for itself while the process starts, unsent reads abandoned); and the engine reads in it by default on the CPU, with
+the same tokens.
 """
 
 import errno
@@ -26,17 +27,18 @@ from moeflow.tools.widen import widen_experts
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("mover")
     src = save_tiny_checkpoint("mixtral", root / "src", intermediate_size=64, hidden_size=32)
-    return {"packed": src, "aligned": widen_experts(src, root / "aligned", 128, progress=False)}
+    return {"packed": src, "aligned": widen_experts(src, root / "aligned", 128, progress=False),
+            "large": widen_experts(src, root / "large", 8192, progress=False)}  # 3 MiB experts
 
 
-def _setup(path, capacity=3):
+def _setup(path, capacity=3, chunk_bytes=4096):
     ckpt = open_checkpoint(path)
     loc = next(iter(ckpt.experts.values()))
     store = DiskStore(ckpt)
     pool = SlotPool(capacity=capacity, inter=loc.inter, hidden=loc.hidden, dtype=torch.float32,
                     device=torch.device("cpu"))  # fmt: skip
     process = ReaderProcess(store.files, pool.regions, threads=2, direct_io=store.direct_io,
-                            buffer_bytes=store.read_buffer_bytes())  # fmt: skip
+                            buffer_bytes=store.read_buffer_bytes(), chunk_bytes=chunk_bytes)  # fmt: skip
     return ckpt, store, pool, process
 
 
@@ -60,7 +62,7 @@ def test_the_process_fills_slots_as_read_into_does(folders, layout):
             for s, key in enumerate(batch):
                 runs, check = store.moves(key, pool.gate_up_S2ID[s], pool.down_SDI[s])
                 assert all(r.direct for r in runs) == (layout == "aligned")
-                requests.append((s, runs, check))
+                requests.append((s, runs, check, s % 2 == 0))  # urgent and ahead (read in 4 KiB pieces)
             reading = process.reading_s
             process.send(requests)
             replies = _collect(process, len(batch))
@@ -70,6 +72,27 @@ def test_the_process_fills_slots_as_read_into_does(folders, layout):
                 nbytes = store.read_into(key, gate_up, down)
                 assert replies[s] == Reply(s, nbytes, 0, False, False, "")
                 assert torch.equal(pool.gate_up_S2ID[s], gate_up) and torch.equal(pool.down_SDI[s], down)
+    finally:
+        process.close()
+
+
+def test_an_urgent_read_overtakes_a_read_ahead_in_progress(folders):
+    ckpt, store, pool, process = _setup(folders["large"], capacity=2)
+    try:
+        assert process.wait_ready(block=True)
+        first, second = list(ckpt.experts)[:2]
+        ahead = store.moves(first, pool.gate_up_S2ID[0], pool.down_SDI[0])
+        urgent = store.moves(second, pool.gate_up_S2ID[1], pool.down_SDI[1])
+        process.send([(1, *ahead, False)])  # 3 MiB in 4 KiB pieces: 768 reads
+        process.send([(2, *urgent, True)])
+        order = []
+        while len(order) < 2:
+            order += [r.job for r in process.replies(block=True)]
+        assert order == [2, 1]
+        for s, key in enumerate((first, second)):
+            gate_up, down = torch.empty_like(pool.gate_up_S2ID[s]), torch.empty_like(pool.down_SDI[s])
+            store.read_into(key, gate_up, down)
+            assert torch.equal(pool.gate_up_S2ID[s], gate_up) and torch.equal(pool.down_SDI[s], down)
     finally:
         process.close()
 
@@ -100,7 +123,7 @@ def test_a_shard_cut_short_after_opening_is_an_error_naming_it(folders, tmp_path
         with open(shard, "r+b") as f:
             f.truncate(ckpt.experts[last].spans[0].offset + 16)
         runs, check = store.moves(last, pool.gate_up_S2ID[0], pool.down_SDI[0])
-        process.send([(7, runs, check)])
+        process.send([(7, runs, check, False)])
         (reply,) = _collect(process, 1).values()
         assert reply.job == 7 and reply.errno == errno.EIO
         error = reply.error()
@@ -123,7 +146,7 @@ def test_not_finite_weights_come_back_as_the_store_s_warning(folders, tmp_path, 
         runs, check = store.moves(key, pool.gate_up_S2ID[0], pool.down_SDI[0])
         assert check  # the first read of an expert is checked...
         assert not store.moves(key, pool.gate_up_S2ID[1], pool.down_SDI[1])[1]  # ...only the first
-        process.send([(1, runs, check)])
+        process.send([(1, runs, check, False)])
         (reply,) = _collect(process, 1).values()
         assert reply.not_finite and reply.errno == 0
         with caplog.at_level(logging.WARNING, logger="moeflow.offload.store"):
@@ -152,7 +175,7 @@ class FakeProcess:
         return self.ready
 
     def send(self, requests):
-        for job, runs, _ in requests:
+        for job, runs, _, _ in requests:
             self.sent.append(runs[0])
             self.waiting.append(job)
 
@@ -183,33 +206,34 @@ class Task:
         self.log.append(("end", self.name))
 
 
-def test_urgent_reads_go_first_and_the_window_bounds_what_is_in_the_process():
+def test_urgent_reads_are_sent_at_once_and_the_window_bounds_the_reads_ahead_in_the_process():
     log, process = [], FakeProcess()
     pool = ProcessReaderPool(process, window=2)
     for name in ("a", "b", "c"):
         pool.submit(Task(name, log))
-    assert process.sent == ["a", "b"]  # the window is full: c waits here, where it can still be overtaken
+    assert process.sent == ["a", "b"]  # the window is full: c waits here, where it can still be dropped
     jobs = pool.start([Task("x", log), Task("y", log)])
-    assert process.sent == ["a", "b"]
-    assert pool.help(jobs)  # the window is full: the compute thread reads x itself
-    assert log[-1] == ("run", "x") and jobs[0].done
-    pool.poll()  # a and b answered: y (urgent) goes before c
-    assert process.sent == ["a", "b", "y", "c"]
+    assert process.sent == ["a", "b", "x", "y"]  # urgent: past the window (the process serves them first)
+    assert pool.help(jobs)  # nothing to read here: waits for replies
+    pool.poll()
+    assert process.sent == ["a", "b", "x", "y", "c"]
     pool.finish(jobs)
     assert all(j.done for j in jobs)
     pool.drain()
-    assert [e for e in log if e[0] == "end"] == [("end", n) for n in ("a", "b", "y", "c")]
+    assert [e for e in log if e[0] == "end"] == [("end", n) for n in ("a", "b", "x", "y", "c")]
+    assert ("run", "x") not in log
     pool.close()
     assert process.closed
 
 
 def test_unsent_urgent_reads_are_abandoned_and_skipped_tasks_take_no_room():
-    log, process = [], FakeProcess()
+    log, process = [], FakeProcess(ready=False)
     pool = ProcessReaderPool(process, window=1)
     pool.submit(Task("a", log))
     jobs = pool.start([Task("x", log)])
     pool.finish(jobs)  # x was never sent nor run: abandoned, as reader threads abandon an unstarted read
     assert jobs[0].done and "abandoned" in str(jobs[0].error) and ("begin", "x") not in log
+    process.ready = True
     pool.drain()
     skipped = pool.submit(Task("s", log, skip=True))  # a cancelled prefetch: begun, nothing to read
     assert skipped.done and process.sent == ["a"]
