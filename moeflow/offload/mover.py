@@ -67,6 +67,7 @@ SPIN_S = 0.002
 # ~1 ms at the 2-core VM's ~2 GiB/s. Reading an 18 MiB expert in pieces of 2 MiB took 12.5 ms against 12.4 whole
 # (O_DIRECT, 4 rounds each, ad hoc, 2026-12-04); in pieces of 1 MiB 13.0.
 CHUNK = 2 << 20
+FEW = 2  # a read starts beside another of its kind only when more of that kind wait or run (`_Schedule`)
 
 
 class SharedRegion(NamedTuple):
@@ -443,18 +444,29 @@ def _parse_request(body: bytes) -> tuple[int, bool, bool, list]:
 
 
 class _Schedule:
-    """The requests off the pipe, urgent ones first: at most `reads` of each kind at once, and no read ahead while an
-    urgent read is queued or in progress (a read ahead in progress waits between its chunks, `pause`). Reads of
-    large experts do not add up (the I/O-bound benchmark model's 18 MiB experts on the 2-core VM, 2026-12-04, ad hoc
-    timeline of a decode: a demand read alone 7.9 ms, beside one other read 15.0, beside two 22.2), so a demand
-    read that shared the disk with reads ahead waited for them as long as for itself. The process runs `reads` + 1
-    threads: reads ahead hold at most `reads`, so one is always free to take an urgent request off the pipe. Each
-    thread that finds nothing to do reads the pipe itself in turn (one wake-up a request, not two)."""
+    """The requests off the pipe, urgent ones first, and no read ahead while an urgent read is queued or in progress
+    (a read ahead in progress waits between its chunks, `pause`). A demand read that shared the disk with reads ahead
+    waited for them as long as for itself: reads of large experts do not add up (the I/O-bound benchmark model's
+    18 MiB experts on the 2-core VM, 2026-12-04, ad hoc timeline of a decode: a demand read alone 7.9 ms, beside one
+    other read 15.0, beside two 22.2).
+
+    An urgent read starts beside another only when more than `FEW` are waiting or running, and up to `reads` at once:
+    a batch-1 step's one or two misses a layer are read one after the other, so that the first is in (and computed)
+    after one read, not when both are; a batch's many misses keep up to `reads` in flight
+    (`moeflow.engine.engine.reader_threads`' note has the measurements). Reads ahead go one at a time, in the order
+    they came (the prefetcher issues the most needed first). The process runs `reads` + 1 threads, so one is always
+    free to take an urgent request off the pipe. Each thread that finds nothing to do reads the pipe itself in turn
+    (one wake-up a request, not two)."""
 
     def __init__(self, fd: int, reads: int) -> None:
         self.fd = fd
         self.reads = reads
-        self.cv = threading.Condition()
+        # Threads that wait for work wait on `cv`, reads ahead paused for urgent ones on `calm`; each event wakes one
+        # thread (who takes work passes the rest on): on the 2-core VM a needless wake-up takes the core that the
+        # compute thread or the reads need (~50-150 us each).
+        lock = threading.Lock()
+        self.cv = threading.Condition(lock)
+        self.calm = threading.Condition(lock)
         self.queued: dict[bool, deque[tuple[int, bool, bool, list]]] = {True: deque(), False: deque()}
         self.running = {True: 0, False: 0}  # urgent? -> requests being served
         self.piping = False  # a thread is reading the pipe
@@ -463,19 +475,16 @@ class _Schedule:
 
     def take(self) -> tuple[int, bool, bool, list] | None:
         """The next request to serve (job, check, urgent, runs); None once the pipe is closed and all are taken."""
-        urgent, background, running = self.queued[True], self.queued[False], self.running
         with self.cv:
             while True:
-                if urgent and running[True] < self.reads:
-                    request = urgent.popleft()
-                elif background and not urgent and not running[True] and running[False] < self.reads:
-                    request = background.popleft()
-                else:
-                    request = None
+                request = self._next(pop=True)
                 if request is not None:
-                    running[request[2]] += 1
+                    self.running[request[2]] += 1
+                    if not self.piping or self._next(pop=False) is not None:
+                        self.cv.notify()  # the next request, or the unattended pipe, to another thread
                     return request
-                if self.closed and not (urgent or background):
+                if self.closed and not (self.queued[True] or self.queued[False]):
+                    self.cv.notify()  # the end, to the next thread
                     return None
                 if self.piping or self.closed:
                     self.cv.wait()
@@ -492,19 +501,29 @@ class _Schedule:
                 for body in bodies or ():
                     request = _parse_request(body)
                     self.queued[request[2]].append(request)
-                self.cv.notify_all()
+
+    def _next(self, *, pop: bool) -> tuple[int, bool, bool, list] | None:
+        """The request that may start now, if any (taken off its queue with `pop`)."""
+        urgent, background, running = self.queued[True], self.queued[False], self.running
+        if urgent and (not running[True] or (running[True] < self.reads and running[True] + len(urgent) > FEW)):
+            return urgent.popleft() if pop else urgent[0]
+        if background and not urgent and not running[True] and not running[False]:
+            return background.popleft() if pop else background[0]
+        return None
 
     def done(self, urgent: bool) -> None:
         with self.cv:
             self.running[urgent] -= 1
-            self.cv.notify_all()
+            self.cv.notify()
+            if urgent and not self.running[True] and not self.queued[True]:
+                self.calm.notify_all()
 
     def pause(self) -> None:
         """A read ahead, between two chunks: wait while an urgent read is queued or in progress."""
         if self.queued[True] or self.running[True]:
-            with self.cv:
+            with self.calm:
                 while self.queued[True] or self.running[True]:
-                    self.cv.wait()
+                    self.calm.wait()
 
     def _read(self) -> list[bytes] | None:
         """The requests the pipe holds, at least one (waiting for it); None once it is closed."""
