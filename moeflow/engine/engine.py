@@ -49,20 +49,21 @@ from moeflow.offload.transfer import TransferEngine
 
 log = logging.getLogger(__name__)
 
-# Reads at once, at most (reader threads; in the reader process, of demand reads, where one starts beside another only
-# when more than two wait: `moeflow.offload.mover._Schedule`): 2 for experts under LARGE_READ_BYTES on disk, 1 from
-# there on. A large read keeps this VM's disk busy by itself, and reads at once share it: the I/O-bound benchmark
-# model's 18 MiB experts at 25% from disk on the 2-core AMD EPYC VM (2026-12-04, ad hoc): raw O_DIRECT 1.85 / 1.68 /
-# 1.55 / 1.54 GiB/s with 1 / 2 / 4 / 8 reads at once; in a decode, a demand read alone took 7.9 ms, beside one other
-# read 15.0, beside two 22.2, and one at a time the first of a layer's misses is in (and computed) after one read.
-# Decode, 6 held-out prompts x 64 tokens, page cache dropped, interleaved fresh processes (/tmp script, tok/s, 2
-# rounds each): path prediction with 1 read at a time against 8 (two waiting still read one after the other)
-# 37.72 / 37.50 against 33.54 / 35.08, and 34.55 / 35.33 against 33.88 / 33.73; LRU 31.6 / 32.0 against 31.1 /
-# 30.5, and 29.5 / 31.4 against 29.4 / 30.6. FIFO batches of 8 (32 prompts x 32 tokens): 33.8 / 33.0 against 33.7 /
-# 34.1. Small experts keep 2: a batch-1 step misses at most top-k a layer, each read in well under a millisecond, and
-# the shipped model (0.4 MiB) decoded alike with 2 or 8 readers (85 / 111 / 107 against 96 / 100 / 93 tok/s, an
-# earlier session); int4-g128 (2.3 MiB) and int8 (4.5 MiB) experts of the I/O-bound model decoded faster with 2 than
-# with 8 (31.4-41.7 against 30.4-34.0; 31.9-32.9 against 29.3-31.6).
+# Reads at once (of each kind, urgent and ahead, in the reader process: `moeflow.offload.mover._Schedule`; reader
+# threads where there is none): 2 for experts under LARGE_READ_BYTES on disk, 1 from there on. A large read keeps
+# this VM's disk busy by itself, and reads at once share it: the I/O-bound benchmark model's 18 MiB experts at 25%
+# from disk on the 2-core AMD EPYC VM (2026-12-04, ad hoc): raw O_DIRECT 1.85 / 1.68 / 1.55 / 1.54 GiB/s with
+# 1 / 2 / 4 / 8 reads at once; in a decode, a demand read alone took 7.9 ms, beside one other read 15.0, beside two
+# 22.2, and one at a time the first of a layer's misses is in (and computed) after one read. Decode, 6 held-out
+# prompts x 64 tokens, page cache dropped, interleaved fresh processes (/tmp script, tok/s): LRU with 1 / 2 / 8 reads
+# at once 25.65 / 24.44 / 24.87 (medians of 2-3 rounds), path prediction 30.66 / 30.33 / 29.65; with 8 where two
+# waiting were still read one after the other, path 33.5-35.1 against 34.6-37.7 with 1 (4 rounds). FIFO batches of
+# 8 (32 prompts x 32 tokens): 1 / 2 / 4 / 8 at once 28.0 / 29.2 / 29.4 / 30.2 tok/s in one run, 33.4 against 33.9
+# (1 against 8 read one after the other when two wait) in another: batches are not this rule's measure. Small
+# experts keep 2: a batch-1 step misses at most top-k a layer, each read in well under a millisecond, and the
+# shipped model (0.4 MiB) decoded alike with 2 or 8 readers (85 / 111 / 107 against 96 / 100 / 93 tok/s, an earlier
+# session); int4-g128 (2.3 MiB) and int8 (4.5 MiB) experts of the I/O-bound model decoded faster with 2 than with 8
+# (31.4-41.7 against 30.4-34.0; 31.9-32.9 against 29.3-31.6).
 LARGE_READ_BYTES = 8 << 20
 
 

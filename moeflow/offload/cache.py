@@ -209,8 +209,7 @@ class ExpertCache:
         if self.in_process:
             process = ReaderProcess(store.files, pool.regions, threads=readers, direct_io=store.direct_io,
                                     buffer_bytes=store.read_buffer_bytes())  # fmt: skip
-            # The process reads ahead one at a time: one in progress and the next, the rest kept here to be dropped
-            self.readers = ProcessReaderPool(process, window=2)
+            self.readers = ProcessReaderPool(process, window=readers + 1)
         else:
             self.readers = ReaderPool(readers)
         self._reading_base = 0.0  # `readers.reading_s()` at the last `reset_stats`

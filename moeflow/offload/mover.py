@@ -67,7 +67,6 @@ SPIN_S = 0.002
 # ~1 ms at the 2-core VM's ~2 GiB/s. Reading an 18 MiB expert in pieces of 2 MiB took 12.5 ms against 12.4 whole
 # (O_DIRECT, 4 rounds each, ad hoc, 2026-12-04); in pieces of 1 MiB 13.0.
 CHUNK = 2 << 20
-FEW = 2  # a read starts beside another of its kind only when more of that kind wait or run (`_Schedule`)
 
 
 class SharedRegion(NamedTuple):
@@ -444,19 +443,13 @@ def _parse_request(body: bytes) -> tuple[int, bool, bool, list]:
 
 
 class _Schedule:
-    """The requests off the pipe, urgent ones first, and no read ahead while an urgent read is queued or in progress
-    (a read ahead in progress waits between its chunks, `pause`). A demand read that shared the disk with reads ahead
-    waited for them as long as for itself: reads of large experts do not add up (the I/O-bound benchmark model's
-    18 MiB experts on the 2-core VM, 2026-12-04, ad hoc timeline of a decode: a demand read alone 7.9 ms, beside one
-    other read 15.0, beside two 22.2).
-
-    An urgent read starts beside another only when more than `FEW` are waiting or running, and up to `reads` at once:
-    a batch-1 step's one or two misses a layer are read one after the other, so that the first is in (and computed)
-    after one read, not when both are; a batch's many misses keep up to `reads` in flight
-    (`moeflow.engine.engine.reader_threads`' note has the measurements). Reads ahead go one at a time, in the order
-    they came (the prefetcher issues the most needed first). The process runs `reads` + 1 threads, so one is always
-    free to take an urgent request off the pipe. Each thread that finds nothing to do reads the pipe itself in turn
-    (one wake-up a request, not two)."""
+    """The requests off the pipe, urgent ones first: at most `reads` of each kind at once, and no read ahead while an
+    urgent read is queued or in progress (a read ahead in progress waits between its chunks, `pause`). A demand read
+    that shared the disk with reads ahead waited for them as long as for itself: reads of large experts do not add up
+    (the I/O-bound benchmark model's 18 MiB experts on the 2-core VM, 2026-12-04, ad hoc timeline of a decode: a
+    demand read alone 7.9 ms, beside one other read 15.0, beside two 22.2). The process runs `reads` + 1 threads:
+    reads ahead hold at most `reads`, so one is always free to take an urgent request off the pipe. Each thread that
+    finds nothing to do reads the pipe itself in turn (one wake-up a request, not two)."""
 
     def __init__(self, fd: int, reads: int) -> None:
         self.fd = fd
@@ -505,9 +498,9 @@ class _Schedule:
     def _next(self, *, pop: bool) -> tuple[int, bool, bool, list] | None:
         """The request that may start now, if any (taken off its queue with `pop`)."""
         urgent, background, running = self.queued[True], self.queued[False], self.running
-        if urgent and (not running[True] or (running[True] < self.reads and running[True] + len(urgent) > FEW)):
+        if urgent and running[True] < self.reads:
             return urgent.popleft() if pop else urgent[0]
-        if background and not urgent and not running[True] and not running[False]:
+        if background and not urgent and not running[True] and running[False] < self.reads:
             return background.popleft() if pop else background[0]
         return None
 

@@ -17,7 +17,7 @@ import torch
 import moeflow
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.offload.cache import SlotPool
-from moeflow.offload.mover import _LENGTH, _REQUEST, FEW, BusyClock, ReaderProcess, Reply, _Schedule
+from moeflow.offload.mover import _LENGTH, _REQUEST, BusyClock, ReaderProcess, Reply, _Schedule
 from moeflow.offload.readers import ProcessReaderPool
 from moeflow.offload.store import DiskStore
 from moeflow.testing import save_tiny_checkpoint
@@ -98,31 +98,25 @@ def test_an_urgent_read_overtakes_a_read_ahead_in_progress(folders):
         process.close()
 
 
-def test_the_schedule_reads_a_few_one_at_a_time_many_together_and_nothing_ahead_beside_urgent_reads():
+def test_the_schedule_serves_urgent_reads_first_up_to_reads_at_once_and_nothing_ahead_beside_them():
     def request(job, urgent):
         body = _REQUEST.pack(job, 0, urgent, 0)
         return _LENGTH.pack(len(body)) + body
 
     r, w = os.pipe()
-    schedule = _Schedule(r, reads=3)
+    schedule = _Schedule(r, reads=2)
     try:
-        assert FEW == 2
-        os.write(w, request(1, True) + request(2, True))
-        assert schedule.take()[:3] == (1, False, True)
-        assert schedule._next(pop=False) is None  # two urgent reads: the second waits for the first
-        os.write(w, request(3, True) + request(4, True))
-        assert [schedule.take()[0] for _ in range(2)] == [2, 3]  # four: up to `reads` at once
-        assert schedule._next(pop=False) is None
-        for _ in range(3):
-            schedule.done(True)
-        os.write(w, request(5, False) + request(6, False))
-        assert schedule.take()[0] == 4  # urgent before ahead
+        os.write(w, request(1, False) + request(2, True) + request(3, True) + request(4, True))
+        assert schedule.take()[:3] == (2, False, True)  # urgent before ahead, whatever came first
+        assert schedule.take()[0] == 3
+        assert schedule._next(pop=False) is None  # `reads` urgent at once; and nothing ahead beside them
+        schedule.done(True)
+        assert schedule.take()[0] == 4
+        schedule.done(True)
+        assert schedule._next(pop=False) is None  # 4 still runs: the read ahead waits
         schedule.done(True)
         schedule.pause()  # no urgent read queued or running: a read ahead goes on at once
-        assert schedule.take()[0] == 5
-        assert schedule._next(pop=False) is None  # reads ahead: one at a time
-        schedule.done(False)
-        assert schedule.take()[0] == 6
+        assert schedule.take()[0] == 1
         schedule.done(False)
         os.close(w)
         w = None
