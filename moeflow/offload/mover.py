@@ -554,8 +554,8 @@ def _child_main(spec: dict) -> None:
             finally:
                 schedule.done(urgent)
 
-    # The thread beyond `threads` only ever serves urgent reads while the others hold reads ahead: its buffer (for
-    # reads that do not land in place) is mapped when it first needs one.
+    # One thread more than `threads` (`_Schedule`): its buffer (for reads that do not land in place) is mapped when it
+    # first needs one.
     workers = [threading.Thread(target=work, args=(i < spec["threads"],)) for i in range(spec["threads"] + 1)]
     for w in workers:
         w.start()
