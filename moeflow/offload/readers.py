@@ -227,6 +227,7 @@ class ProcessReaderPool:
         self._urgent: deque[MoveJob] = deque()
         self._background: deque[MoveJob] = deque()
         self._in_flight: dict[int, tuple[MoveJob, bool]] = {}  # request id -> (job, urgent)
+        self._ahead = 0  # reads ahead in flight (the window's count)
         self._next = 0
         self._closed = False
         self._busy = BusyClock()  # the reads done here (`_run_here`)
@@ -321,8 +322,7 @@ class ProcessReaderPool:
         if not self.process.wait_ready(block=False):  # still starting: urgent reads are read here (`help`)
             return
         requests = []
-        ahead = sum(not urgent for _, urgent in self._in_flight.values())
-        while self._urgent or (ahead < self.window and self._background):
+        while self._urgent or (self._ahead < self.window and self._background):
             urgent = bool(self._urgent)
             job = (self._urgent or self._background).popleft()
             job.started = True
@@ -338,13 +338,14 @@ class ProcessReaderPool:
             self._next += 1
             self._in_flight[self._next] = (job, urgent)
             requests.append((self._next, runs, check, urgent))
-            ahead += not urgent
+            self._ahead += not urgent
         if requests:
             self.process.send(requests)
 
     def _collect(self, *, block: bool) -> None:
         for reply in self.process.replies(block=block):
-            job, _ = self._in_flight.pop(reply.job)
+            job, urgent = self._in_flight.pop(reply.job)
+            self._ahead -= not urgent
             try:
                 job.task.end(reply)
             except Exception as e:  # recorded by the task
