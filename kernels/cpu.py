@@ -20,7 +20,7 @@ GEMM backends (fp32; other dtypes always use ``torch.mm``, which already goes to
   threads they stall as soon as another process wants a core (median 2.94 ms against MKL's 2.66 at E=8,
   T=1, worst 29 ms, one core busy; one thread: 2.21 ms, worst 3.0), so plans take it only while
   ``limit_blas_threads(1)`` holds (the engine sets BLAS threads to its compute threads with
-  ``--kernels fast``). Another summation order: ~1e-7 relative from transformers in fp32.
+  ``--kernels fast``, else to one). Another summation order: ~1e-7 relative from transformers in fp32.
 - ``"onednn"``: oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU
   backend emits) on the same plain weight tensors, no copy kept. On this project's AMD EPYC it runs
   1.5-2.2x faster than MKL sgemm once the expert matrices are big (MKL takes a generic path on

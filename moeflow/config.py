@@ -100,6 +100,11 @@ class EngineConfig:
         metadata={"help": "read experts in a process of their own (CPU slots, disk store), so that reads never take "
                   "the compute thread's GIL (--no-read-process: reader threads in this process)"},
     )
+    pin_cores: bool = field(
+        default=True,
+        metadata={"help": "with the reader process, run it on a core of its own and the compute threads on the others "
+                  "(Linux, where the compute threads leave a core; --no-pin-cores: wherever the scheduler puts them)"},
+    )
     expert_dtype: ExpertDtype = field(
         default="auto",
         metadata={"help": "how experts are held in the budget: auto (as the checkpoint stores them, at the compute "

@@ -186,7 +186,8 @@ class ExpertCache:
     Reads happen outside the lock, into slots in state LOADING that nobody else may touch.
 
     `readers`: reader threads (`ReaderPool`) shared by demand misses and prefetches; 0 reads every
-    miss in the compute thread, one after another (profiling replay, where nothing is timed).
+    miss in the compute thread, one after another (profiling replay, where nothing is timed). With
+    `read_process` they run in a process of their own where they can (`in_process`), on `reader_cpus`.
     """
 
     def __init__(
@@ -199,6 +200,7 @@ class ExpertCache:
         budget_bytes: int,
         readers: int = 0,
         read_process: bool = False,
+        reader_cpus: Sequence[int] | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -208,7 +210,7 @@ class ExpertCache:
         self.readers: ReaderPool | ProcessReaderPool
         if self.in_process:
             process = ReaderProcess(store.files, pool.regions, threads=readers, direct_io=store.direct_io,
-                                    buffer_bytes=store.read_buffer_bytes())  # fmt: skip
+                                    buffer_bytes=store.read_buffer_bytes(), cpus=reader_cpus)  # fmt: skip
             self.readers = ProcessReaderPool(process, window=readers + 1)
         else:
             self.readers = ReaderPool(readers)

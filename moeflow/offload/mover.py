@@ -31,6 +31,7 @@ that it starts in a fraction of a second; it exits when the request pipe closes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -149,10 +150,12 @@ class ReaderProcess:
         direct_io: bool,
         buffer_bytes: int = 0,
         chunk_bytes: int = CHUNK,
+        cpus: Sequence[int] | None = None,
     ) -> None:
         """`threads` reads of each kind at once (urgent, ahead: `_Schedule`); `buffer_bytes`: each thread's read
         buffer, mapped and faulted as the process starts (`DiskStore.reserve_buffers`' note; 0: reads land in place,
-        or a buffer is mapped when needed); `chunk_bytes`: the pieces a read ahead is read in (`CHUNK`)."""
+        or a buffer is mapped when needed); `chunk_bytes`: the pieces a read ahead is read in (`CHUNK`); `cpus`: the
+        cores the process runs on (None: the parent's)."""
         if chunk_bytes <= 0 or chunk_bytes % _ALIGN:
             raise ValueError(f"chunk_bytes must be a positive multiple of {_ALIGN}, got {chunk_bytes}")
         self.threads = max(1, threads)
@@ -175,6 +178,9 @@ class ReaderProcess:
         finally:
             os.close(req_r)
             os.close(rep_w)
+        if cpus is not None:  # while the interpreter starts, before it has a thread but this one (they inherit it)
+            with contextlib.suppress(OSError):  # a core taken away meanwhile: the process runs where it may
+                os.sched_setaffinity(self._proc.pid, cpus)
         os.set_blocking(self._rep, False)
         self._pending = bytearray()
         self.ready = False  # the process has said it is up (`wait_ready`); nothing is sent before

@@ -12,7 +12,7 @@ import torch
 import moeflow
 from moeflow.cli import build_parser
 from moeflow.config import EngineConfig
-from moeflow.engine.engine import compute_threads, reader_threads
+from moeflow.engine.engine import compute_threads, core_split, reader_threads
 
 PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]
 
@@ -80,6 +80,58 @@ def test_automatic_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert compute_threads(0) is None  # the user's own setting is left alone
     assert compute_threads(2) == 2
+
+
+def test_core_split(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 2, 9})
+    assert core_split(2) == ([2, 5], [9])  # the last core to the reader process
+    assert core_split(1) == ([2, 5], [9])
+    assert core_split(3) is None  # no core to spare
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert core_split(1) is None
+
+
+def _process_cores(engine: moeflow.Engine) -> set[int]:
+    pid = engine.cache.readers.process._proc.pid
+    cores = [os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{pid}/task")]
+    assert cores and all(c == cores[0] for c in cores)
+    return cores[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="one core")
+def test_reader_process_and_compute_thread_get_their_own_cores(tiny_checkpoints):
+    path = tiny_checkpoints["mixtral"]
+    before = os.sched_getaffinity(0)
+    cores = sorted(before)
+    with moeflow.load(path, expert_budget="all") as engine:
+        ref = engine.generate(PROMPT, max_new_tokens=6).token_ids
+    with moeflow.load(path, expert_budget="25%", store="disk", threads=1) as engine:
+        assert engine.cache.in_process
+        assert engine.generate(PROMPT, max_new_tokens=6).token_ids == ref
+        assert os.sched_getaffinity(0) == set(cores[:-1])
+        assert _process_cores(engine) == {cores[-1]}
+    assert os.sched_getaffinity(0) == before  # given back on close
+    with moeflow.load(path, expert_budget="25%", store="disk", threads=1, pin_cores=False) as engine:
+        assert engine.generate(PROMPT, max_new_tokens=6).token_ids == ref
+        assert os.sched_getaffinity(0) == before and _process_cores(engine) == before
+    with moeflow.load(path, expert_budget="25%", store="disk", threads=len(cores)) as engine:  # no core to spare
+        assert os.sched_getaffinity(0) == before and _process_cores(engine) == before
+
+
+def test_numpy_blas_runs_on_one_thread(tiny_checkpoints):
+    """numpy does only the bookkeeping's one-row products (predictors, the lens, the reuse model): its BLAS pool is
+    held to one thread, whose spinning workers would take the readers' core; `--kernels fast` (experts computed by
+    that BLAS) gives it the compute threads instead. Checked in a fresh process: the setting is process-wide."""
+    code = (
+        "import sys, moeflow; from threadpoolctl import threadpool_info, threadpool_limits\n"
+        "threadpool_limits(limits=2, user_api='blas')\n"
+        "def blas(): return sorted({lib['num_threads'] for lib in threadpool_info() if lib['user_api'] == 'blas'})\n"
+        "with moeflow.load(sys.argv[1], expert_budget='25%', threads=2) as engine: print(blas())\n"
+        "with moeflow.load(sys.argv[1], expert_budget='25%', threads=2, kernels='fast') as engine: print(blas())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoints["mixtral"])], capture_output=True,
+                         text=True, check=True).stdout.split("\n")  # fmt: skip
+    assert out[:2] == ["[1]", "[2]"]
 
 
 @pytest.mark.parametrize(
