@@ -81,7 +81,9 @@ def reader_threads(expert_bytes: int) -> int:
 # fifo, tokens/s:
 #   auto (= threads=1, passive) 233 / 430; threads=1 active 236 / 396, passive 228 / 401, default 239 / 400;
 #   threads=2 active 209 / 373, passive 191 / 278, default 204 / 357  ->  auto = 0.975x / 1.00x the best.
-# (With reader threads, 2026-12-01, 7 rounds: auto 223 / 324, the best 240 / 350: 0.93x both.)
+# (With reader threads, 2026-12-01, 7 rounds: auto 223 / 324, the best 240 / 350: 0.93x both. With numpy's BLAS on
+# one thread and the reader process on a core of its own, 2026-12-05, 3 rounds, bench/results/threads_cores.json:
+# auto 321 / 778, the best 321 (auto) / 821 (threads=1 active): 1.00x / 0.947x; threads=2 at most 283 / 701.)
 # On a quiet machine the settings are within noise of each other (two identical settings differ by up to 25% in
 # one round). Under load they are not: with other work on the two cores (load ~4.5; bench/results/
 # threads_loaded.json) threads=2 with spinning workers fell to 44 / 14 (active) and 57 / 289 (default) against
