@@ -66,8 +66,9 @@ def test_shipped_predictors_predict_what_they_did_before_conversion():
     after = _scores(_shape(), predictor_dir(DEFAULT_MODEL))
     assert sorted(after) == sorted(before)
     assert torch.equal(after["routing_topk"], before["routing_topk"])
-    for key in before:
-        torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-6, msg=key)
+    for key in before:  # to float rounding at the scores' scale (numpy's BLAS sums in another order on one thread)
+        scale = max(1.0, float(before[key].abs().max()))
+        torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-6 * scale, msg=key)
 
 
 def test_shipped_folder_is_safetensors_and_json_only():
