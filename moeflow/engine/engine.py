@@ -10,7 +10,7 @@ import os
 import resource
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
@@ -126,20 +126,55 @@ def configure_threads(requested: int, *, blas: bool = False) -> int:
 # rounds of fresh processes, 3 passes of 6 prompts x 64 tokens each, medians of tok/s): LRU 389.6 unpinned, 415.0
 # with the process alone pinned, 419.8 with both; auto 372.9 / 411.2 (unpinned / both); predictive path 393.0 /
 # 396.8 / 413.4.
-def core_split(compute: int) -> tuple[list[int], list[int]] | None:
-    """(the compute thread's cores, the reader process's core) for `compute` compute threads, or None where there
-    is no core to spare (or no affinity to set)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    cores = sorted(os.sched_getaffinity(0))
+def core_split(compute: int, cores: Iterable[int] | None) -> tuple[list[int], list[int]] | None:
+    """(the compute thread's cores, the reader process's core) of `cores` for `compute` compute threads, or None
+    where there is no core to spare (or no affinity to set: `cores` None)."""
+    cores = sorted(cores) if cores is not None else []
     if len(cores) < 2 or compute > len(cores) - 1:
         return None
     return cores[:-1], cores[-1:]
 
 
-def _restore_affinity(thread_id: int, cores: set[int]) -> None:
-    with contextlib.suppress(OSError):  # the thread has ended
-        os.sched_setaffinity(thread_id, cores)
+# Threads pinned by live engines: native id -> (its cores before the first of them pinned it, how many pin it). A
+# second engine loaded in a pinned thread parts the same cores the same way, and the thread gets its cores back when
+# the last of them closes.
+_pinned: dict[int, tuple[set[int], int]] = {}
+_pinned_lock = threading.Lock()
+
+
+def thread_cores() -> set[int] | None:
+    """The cores the calling thread may run on, as before any live engine pinned it (None: no affinity here)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    with _pinned_lock:
+        pinned = _pinned.get(threading.get_native_id())
+    return set(pinned[0]) if pinned is not None else os.sched_getaffinity(0)
+
+
+def _pin_thread(cores: Sequence[int]) -> int | None:
+    """Run the calling thread (and the threads it starts from now on) on `cores`; its native id, or None if the
+    system refused (a core taken away meanwhile: the thread stays where it may run)."""
+    thread_id = threading.get_native_id()
+    with _pinned_lock:
+        before, count = _pinned.get(thread_id, (None, 0))
+        try:
+            if before is None:
+                before = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, cores)
+        except OSError:
+            return None
+        _pinned[thread_id] = (before, count + 1)
+    return thread_id
+
+
+def _unpin_thread(thread_id: int) -> None:
+    with _pinned_lock:
+        before, count = _pinned.pop(thread_id)
+        if count > 1:
+            _pinned[thread_id] = (before, count - 1)
+            return
+        with contextlib.suppress(OSError):  # the thread has ended
+            os.sched_setaffinity(thread_id, before)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,7 +291,7 @@ class Engine:
             store = RamStore(self.checkpoint, source, pool=pool, pin=self.device.type == "cuda")
             source.close()
         keep_all = budget.slots >= len(self.checkpoint.experts) and self.config.policy != "predictive"
-        split = core_split(self.threads) if read_process and self.config.pin_cores else None
+        split = core_split(self.threads, thread_cores()) if read_process and self.config.pin_cores else None
         self.cache = ExpertCache(
             pool=pool,
             store=store,
@@ -267,15 +302,9 @@ class Engine:
             read_process=read_process,
             reader_cpus=None if split is None else split[1],
         )
-        self._unpin = None  # restores the loading thread's cores (`close`, or when the engine is collected)
-        if split is not None and self.cache.in_process:
-            before = os.sched_getaffinity(0)
-            try:
-                os.sched_setaffinity(0, split[0])  # this thread only, and the threads it starts from now on
-            except OSError:  # a core taken away meanwhile: the thread stays where it may run
-                pass
-            else:
-                self._unpin = weakref.finalize(self, _restore_affinity, threading.get_native_id(), before)
+        self._unpin = None  # gives the loading thread its cores back (`close`, or when the engine is collected)
+        if split is not None and self.cache.in_process and (pinned := _pin_thread(split[0])) is not None:
+            self._unpin = weakref.finalize(self, _unpin_thread, pinned)
         self.runtime: OffloadRuntime = apply_offload(
             self.model, self.cache, packed=not self.config.exact_quantized,
             triton=self.config.kernels == "triton" or (self.config.kernels == "fast" and self.device.type == "cuda"),

@@ -82,13 +82,12 @@ def test_automatic_threads(monkeypatch):
     assert compute_threads(2) == 2
 
 
-def test_core_split(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 2, 9})
-    assert core_split(2) == ([2, 5], [9])  # the last core to the reader process
-    assert core_split(1) == ([2, 5], [9])
-    assert core_split(3) is None  # no core to spare
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert core_split(1) is None
+def test_core_split():
+    assert core_split(2, {5, 2, 9}) == ([2, 5], [9])  # the last core to the reader process
+    assert core_split(1, {5, 2, 9}) == ([2, 5], [9])
+    assert core_split(3, {5, 2, 9}) is None  # no core to spare
+    assert core_split(1, {0}) is None
+    assert core_split(1, None) is None  # no affinity on this system
 
 
 def _process_cores(engine: moeflow.Engine) -> set[int]:
@@ -116,6 +115,15 @@ def test_reader_process_and_compute_thread_get_their_own_cores(tiny_checkpoints)
         assert os.sched_getaffinity(0) == before and _process_cores(engine) == before
     with moeflow.load(path, expert_budget="25%", store="disk", threads=len(cores)) as engine:  # no core to spare
         assert os.sched_getaffinity(0) == before and _process_cores(engine) == before
+    # Two engines at once in one thread: the second parts the cores as the first did; given back when both close.
+    first = moeflow.load(path, expert_budget="25%", store="disk", threads=1)
+    with moeflow.load(path, expert_budget="25%", store="disk", threads=1) as second:
+        assert _process_cores(first) == _process_cores(second) == {cores[-1]}
+        assert os.sched_getaffinity(0) == set(cores[:-1])
+        first.close()
+        assert os.sched_getaffinity(0) == set(cores[:-1])  # the second still runs here
+        assert second.generate(PROMPT, max_new_tokens=6).token_ids == ref
+    assert os.sched_getaffinity(0) == before
 
 
 def test_numpy_blas_runs_on_one_thread(tiny_checkpoints):
