@@ -105,10 +105,11 @@ def compute_threads(requested: int) -> int | None:
 # numpy's BLAS (OpenBLAS in numpy's wheels) runs on one thread unless it computes the experts (`--kernels fast`):
 # outside that, numpy does only the bookkeeping's one-row products (the path predictor, the next-token lens, the
 # trained reuse model), which no thread pool speeds up, and an OpenBLAS worker spins on a core for a while after
-# each call it shares, the core left to the readers. On the shipped model at 25% (2-core AMD EPYC, disk store, ad
-# hoc, 6 prompts x 64 tokens, 3 passes in one process each): predictive/path always predicting 327 / 316 / 314
-# tok/s with numpy's own threads, each pipe write to the reader process 62-75 us (LRU's: 19); with one BLAS thread
-# 401 / 406 / 402 tok/s, 16 us a write.
+# each call it shares, the core left to the readers (ad hoc: the lens' 1 x 192 by 192 x 4096 product every 3 ms for
+# 2 s, the process used 2.03 s of CPU with two BLAS threads, 0.14 s with one). On the shipped model at 25% (2-core
+# AMD EPYC, disk store, ad hoc, 6 prompts x 64 tokens, 3 passes in one process each): predictive/path always
+# predicting 327 / 316 / 314 tok/s with numpy's own threads, each pipe write to the reader process 62-75 us (LRU's:
+# 19); with one BLAS thread 401 / 406 / 402 tok/s, 16 us a write.
 def configure_threads(requested: int, *, blas: bool = False) -> int:
     """Apply the compute-thread choice to torch (process-wide, as torch's setting is) and hold numpy's BLAS to
     one thread, or with `blas` (`--kernels fast` computes experts with it) to torch's count; returns that count."""
