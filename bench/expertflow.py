@@ -325,6 +325,11 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
             # prediction on at every step, against the trial that times steps with and without it (`PredictionTrial`)
             contenders.append(("predictive/path (no trial)",
                                {"policy": "predictive", "predictor": "path", "prediction_trial": False}))
+            # reading two layers ahead instead of one (`--lookahead`), with and without the trial
+            contenders += [("predictive/path (lookahead 2)", {"policy": "predictive", "predictor": "path",
+                                                               "lookahead": 2}),
+                           ("predictive/path (lookahead 2; no trial)", {"policy": "predictive", "predictor": "path",
+                                                                         "lookahead": 2, "prediction_trial": False})]
         # Reader threads in the engine's process (`--no-read-process`) beside the reader process (the default)
         contenders += [(f"{name} (reader threads)", {**options, "read_process": False}) for name, options in contenders
                        if name in ("lru", "auto", "predictive/path", "predictive/path (no trial)")]  # fmt: skip
