@@ -98,7 +98,7 @@ def _process_cores(engine: moeflow.Engine) -> set[int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="one core")
-def test_reader_process_and_compute_thread_get_their_own_cores(tiny_checkpoints):
+def test_reader_process_and_compute_thread_get_their_own_cores(tiny_checkpoints, restore_torch_threads):
     path = tiny_checkpoints["mixtral"]
     before = os.sched_getaffinity(0)
     cores = sorted(before)
