@@ -140,6 +140,7 @@ def decode_child(spec: dict) -> dict:
         overlap = engine.prefetcher.overlap if engine.prefetcher is not None else None
         # what admission assumed on average over the run's predicting decode steps: what its replay assumes
         used = engine.prefetcher.mean_admission if engine.prefetcher is not None else None
+        windows = engine.prefetcher.windows if engine.prefetcher is not None else None  # layers read ahead -> steps
         verdicts = None if trial is None else {"trials": trial.trials, "switches": trial.switches,
                                                "predicting_at_end": trial.best,
                                                "ms_per_row": {("predicting" if k else "lru"): 1e3 * v
@@ -155,6 +156,7 @@ def decode_child(spec: dict) -> dict:
         "stall_s": stats.stall_s, "capacity_slots": stats.capacity_slots, "prefetch": counters,
         "decode_hit_rate": decode_hits / max(decode_hits + decode_misses, 1), "overlap": overlap,
         "mean_overlap": None if used is None else used[0], "mean_contention": None if used is None else used[1],
+        "read_ahead_steps": windows,
         "decode_stall_ms_per_token_by_layer": [1e3 * s / decode_tokens for s in stall_by_layer],
         "trial": verdicts,
         # The decode steps run predicting, and those the trial ran as plain LRU, apart: replay always predicts.
@@ -260,13 +262,14 @@ def replay_on_routing(model: Path, routing: list[list[list[int]]], slots: int) -
 
 
 def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[int]], predictor: str, slots: int,
-                  overlap: float, contention: float, *, reuse: bool) -> dict:
+                  overlap: float, contention: float, *, reuse: bool, lookahead: int, read_ahead: int) -> dict:
     """The live decode replayed (`moeflow.tools.profile.replay`): each prompt + its generated tokens traced
     with `predictor` (teacher forcing gives the decode's routing exactly), each prompt replayed as one prefill
     step and its decode tokens one per step (counted) through the same cache size, with the overlap and
     contention the live engine assumed on average (it measures both as it goes:
-    `PredictivePrefetcher.mean_admission`) and, if `reuse`, the model's trained reuse model as the live engine
-    found it; its hit rate and bytes per decode token are what profiling would have predicted for that run."""
+    `PredictivePrefetcher.mean_admission`), the same `lookahead` and `read_ahead` and, if `reuse`, the model's
+    trained reuse model as the live engine found it; its hit rate and bytes per decode token are what profiling would
+    have predicted for that run."""
     import numpy as np
     from moeflow.predictor.apply import build_predictor
 
@@ -280,7 +283,7 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
     chunks = [(i, list(p) + list(g)) for i, (p, g) in enumerate(zip(prompts, generated))]
     with moeflow.load(model, expert_budget="all", store="ram") as engine:
         trace = record_token_ids(engine, chunks, context=max(len(c) for _, c in chunks),
-                                 predictors=[build_predictor(engine, predictor)])
+                                 predictors=[build_predictor(engine, predictor, lookahead=lookahead)])
     # Each prompt is one prefill step, as the live engine ran it, before its decode steps (which alone are counted).
     starts = np.flatnonzero(np.asarray(trace.positions) == 0)
     prefill = [(int(start), int(start) + len(p)) for start, p in zip(starts, prompts, strict=True)]
@@ -292,7 +295,7 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
     if reuse and reuse_files(folder)[0].is_file():
         reuse_model = ReuseModel.load(folder, layers=geometry.layers, num_experts=geometry.num_experts)
     r = replay(trace, geometry, policy="predictive", budget=budget, predictor=predictor, overlap=overlap,
-               contention=contention, reuse=reuse_model, prefill=prefill)
+               contention=contention, reuse=reuse_model, prefill=prefill, read_ahead=read_ahead)
     return {"hit_rate": r.stats.hit_rate, "bytes_per_token": r.stats.bytes_read / r.tokens, "tokens": r.tokens}
 
 
@@ -325,11 +328,9 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
             # prediction on at every step, against the trial that times steps with and without it (`PredictionTrial`)
             contenders.append(("predictive/path (no trial)",
                                {"policy": "predictive", "predictor": "path", "prediction_trial": False}))
-            # reading two layers ahead instead of one (`--lookahead`), with and without the trial
-            contenders += [("predictive/path (lookahead 2)", {"policy": "predictive", "predictor": "path",
-                                                               "lookahead": 2}),
-                           ("predictive/path (lookahead 2; no trial)", {"policy": "predictive", "predictor": "path",
-                                                                         "lookahead": 2, "prediction_trial": False})]
+            # path's offers read one or two layers ahead, against the window chosen from the overlap (`--read-ahead`)
+            contenders += [(f"predictive/path (read ahead {n})", {"policy": "predictive", "predictor": "path",
+                                                                   "read_ahead": n}) for n in (1, 2)]
         # Reader threads in the engine's process (`--no-read-process`) beside the reader process (the default)
         contenders += [(f"{name} (reader threads)", {**options, "read_process": False}) for name, options in contenders
                        if name in ("lru", "auto", "predictive/path", "predictive/path (no trial)")]  # fmt: skip
@@ -359,7 +360,9 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
             if "predictor" in options and "error" not in r:
                 r["replay"] = replay_decode(model, prompts, r["tokens"], options["predictor"], r["capacity_slots"],
                                             r["mean_overlap"], r["mean_contention"],
-                                            reuse=options.get("reuse_model", True))
+                                            reuse=options.get("reuse_model", True),
+                                            lookahead=options.get("lookahead", 1),
+                                            read_ahead=options.get("read_ahead", 0))
         for r in rows:
             r.pop("routing", None)
             r.pop("tokens", None)

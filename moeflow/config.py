@@ -65,6 +65,13 @@ class EngineConfig:
     lookahead: int = field(
         default=DEFAULT_LOOKAHEAD, metadata={"help": "predictive: prefetch this many MoE layers ahead"}
     )
+    read_ahead: int = field(
+        default=0,
+        metadata={"help": "predictive, with a predictor that answers for the whole step before the forward (path, "
+                  "token_freq, sklearn): read its predictions this many MoE layers ahead (at least --lookahead); 0: "
+                  "one layer more than --lookahead while reading an expert takes longer than computing a layer, as "
+                  "measured, else --lookahead"},
+    )
     prefetch_width: int = field(
         default=0, metadata={"help": "predictive: experts prefetched per token and layer (0: the model's top-k)"}
     )
@@ -150,6 +157,9 @@ class EngineConfig:
             raise MoeflowError(f"--lookahead must be at least 1 layer, got {self.lookahead}")
         if self.prefetch_width < 0:
             raise MoeflowError(f"--prefetch-width must be >= 0 (0: top-k), got {self.prefetch_width}")
+        if isinstance(self.read_ahead, bool) or not isinstance(self.read_ahead, int) or self.read_ahead < 0:
+            raise MoeflowError(f"--read-ahead must be an integer >= 0 (0: chosen from the measured overlap), "
+                               f"got {self.read_ahead!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise MoeflowError(f"--threads must be an integer >= 0 (0: automatic), got {self.threads!r}")
         if isinstance(self.readers, bool) or not isinstance(self.readers, int) or self.readers < 0:

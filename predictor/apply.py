@@ -231,6 +231,8 @@ def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHook
         ranked_XTM, probs_XTM = ranked_probabilities(predictor, s_XTE, prefetcher.width, engine.top_k)
         prefetcher.offer_layers([layers[t] for t in targets], ranked_XTM.tolist(), probs_XTM.tolist())
 
+    if predictor.whole_step:  # its offers come before the forward: they may be read further ahead
+        prefetcher.read_ahead = engine.config.read_ahead
     hooks = PredictorHooks(engine, [predictor], offer, active=lambda: prefetcher.predicting)
     engine.on_close(hooks.close)
     return hooks

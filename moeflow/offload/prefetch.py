@@ -5,7 +5,8 @@ layer are *offered* whenever a predictor has them (a context predictor offers ev
 the forward; gate lookahead offers layer i+d while layer i runs), as ranked experts per token with
 the predictor's probability that each is used. Offered experts become the step's expectations at
 once: the eviction policy (`PredictivePolicy`) keeps a resident expert an upcoming layer is likely
-to use. Once the step has reached `lookahead` layers before the layer, the prefetcher decides which
+to use. Once the step has reached `window` layers before the layer (the predictions' `lookahead`, or more
+for offers made before the forward where reads are dear: `read_ahead`), the prefetcher decides which
 non-resident experts to read ahead (`moeflow.offload.admission.admit`: calibrated probability of
 use x the part of the read that overlaps compute, against the wasted read, at least the share of the
 time the link is busy, and the reuse of the victim it evicts, under a cap of reads per token) and
@@ -81,7 +82,8 @@ class OverlapEstimate:
 
     Measured over windows of `every` consecutive decode steps that predicted, forward by forward (`begin` when
     one starts, `end` when it returns): compute per layer = (forward time - stall) / layers run, read time =
-    stall / demand reads, from the cache's own statistics; `overlap = lookahead x compute / read`, smoothed.
+    stall / demand reads, from the cache's own statistics; `per_layer = compute / read`, smoothed, and
+    `overlap = lookahead x per_layer`.
     Any other forward (a prefill, a step the trial ran without prediction) `interrupt`s the window and it is
     dropped: its stall and reads are another regime's, and the time between forwards is no layer's compute.
     Until the first estimate, `initial`.
@@ -106,7 +108,7 @@ class OverlapEstimate:
         self.layers = layers
         self.lookahead = lookahead
         self.every = every
-        self.overlap = initial
+        self.per_layer = initial / lookahead  # reads one layer's compute hides
         self.read_s: float | None = None  # seconds a demand read stalls, smoothed like `overlap`
         self.busy: float | None = None  # share of the time the link reads, smoothed like `overlap`
         self._clock = clock
@@ -114,6 +116,10 @@ class OverlapEstimate:
         self._seconds, self._steps = 0.0, 0
         self._mark: tuple[float, int, float, float] | None = None
         self._start: float | None = None  # when the measured forward began
+
+    @property
+    def overlap(self) -> float:
+        return self.lookahead * self.per_layer
 
     def begin(self) -> None:
         """A decode step that predicts begins."""
@@ -138,7 +144,7 @@ class OverlapEstimate:
         if misses > 0 and stall > 0:
             read_s = stall / misses
             compute_per_layer = max(self._seconds - stall, 0.0) / (self._steps * self.layers)
-            self.overlap = 0.7 * self.overlap + 0.3 * self.lookahead * compute_per_layer / read_s
+            self.per_layer = 0.7 * self.per_layer + 0.3 * compute_per_layer / read_s
             self.read_s = read_s if self.read_s is None else 0.7 * self.read_s + 0.3 * read_s
         if elapsed > 0:
             busy = min(reading / elapsed, 1.0)
@@ -157,6 +163,16 @@ class PredictivePrefetcher:
     synchronous one). `width` caps how many experts per token are considered for one layer;
     `admission` decides which of them are read ahead. `trial` (the engine's; profiling replay has none and
     always predicts) decides from timed decode steps whether to predict at all.
+
+    `read_ahead`: how many layers ahead to read what a predictor offers before `lookahead` makes it due (a
+    whole-step predictor offers every layer before the forward; `moeflow.predictor.apply` sets it for those).
+    None: `lookahead`, as for any offer; n >= 1: max(n, lookahead), fixed; 0: chosen at each step from the measured
+    overlap, `lookahead` + 1 while one layer's compute hides less than one expert's read (`OverlapEstimate.per_layer`
+    < 1: the link is the bottleneck), else `lookahead`. The `window` of layers read ahead sets the overlap admission
+    assumes (window x per layer) and the slots one layer's reads may take (capacity / (window + 1)).
+    bench/expertflow.py measured per layer 0.36-0.42 on its I/O-bound model, where reading path's offers two layers
+    ahead made decoding 1.28x LRU's tokens/s against one layer's 1.21x (expertflow_iobound_lookahead), and 1.5-1.8
+    on the shipped model, where it did not pay (0.90x against 0.92x, expertflow_default_lookahead).
     """
 
     def __init__(
@@ -169,6 +185,7 @@ class PredictivePrefetcher:
         width: int = 2,
         admission: AdmissionConfig | None = None,
         trial: PredictionTrial | None = None,
+        read_ahead: int | None = None,
     ) -> None:
         if not isinstance(cache.policy, PredictivePolicy):
             raise MoeflowError("predictive prefetch needs the cache policy 'predictive'")
@@ -176,23 +193,30 @@ class PredictivePrefetcher:
             raise MoeflowError(f"lookahead must be at least 1 layer, got {lookahead}")
         if width < 1:
             raise MoeflowError(f"prefetch width must be at least 1 expert per token, got {width}")
+        if read_ahead is not None and read_ahead < 0:
+            raise MoeflowError(f"read-ahead must be >= 0 layers (0: chosen from the overlap), got {read_ahead}")
         self.cache = cache
         self.issue = issue
         self.layers = list(layers)
         self._pos_of = {layer: i for i, layer in enumerate(self.layers)}
         self.lookahead = lookahead
+        self.read_ahead = read_ahead
+        self.window = lookahead  # layers read ahead this step (`read_ahead`)
         self.width = width
         self.admission = admission = admission or AdmissionConfig()
         self.calibration = Calibration(admission)
         self.ahead_calibration = Calibration(admission)  # `offer_next_step`'s predictions: another predictor
         self.estimate = None if admission.overlap is not None else OverlapEstimate(
             cache, layers=len(self.layers), lookahead=lookahead)
-        self.overlap = admission.overlap if admission.overlap is not None else self.estimate.overlap
+        # What one layer's compute hides, as given for `lookahead` layers (replay's), when it is not measured.
+        self._fixed_per_layer = None if admission.overlap is None else admission.overlap / lookahead
+        self.overlap = 0.0  # reads the window's compute hides (`_set_window`)
         self._max_reads_per_token = admission.read_share * width * len(self.layers)
-        # Slots one layer's reads ahead may take: the window holds lookahead + 1 layers.
+        # Slots one layer's reads ahead may take: the window holds window + 1 layers.
         self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
         self.counters = PrefetchCounters()
         self._used = (0.0, 0.0, 0)  # sums of overlap and contention at the start of decode steps that predicted, steps
+        self.windows: dict[int, int] = {}  # window -> decode steps that predicted with it
         self.trial = trial
         self.predicting = True
         self._timing: tuple[float, int] | None = None  # (start, rows) of the decode step being timed
@@ -202,6 +226,7 @@ class PredictivePrefetcher:
         self._ahead_at: float | None = None  # when the reads ahead for the next step were issued
         self._ahead_lead: float | None = None  # seconds from then to that layer's routing, smoothed
         self._reset()
+        self._set_window()
 
     def _reset(self) -> None:
         self._pos = -1  # position of the layer that runs now; -1 before the first
@@ -224,7 +249,8 @@ class PredictivePrefetcher:
     @property
     def mean_admission(self) -> tuple[float, float] | None:
         """(overlap, contention) as admission used them, averaged over the decode steps that predicted (None before
-        the first): what a replay of the run should assume (`moeflow.tools.profile.replay`), since the engine measures
+        the first), the overlap as `lookahead` layers' (the window's, scaled): what a replay of the run should assume
+        (`moeflow.tools.profile.replay`, with the same `read_ahead`), since the engine measures
         both as it goes and admission is sensitive to them (bench/expertflow.py's I/O-bound decode replayed with the
         overlap 0.36 it ended at: hit rate 79.9%; with 0.5: 80.9%; live: 82.9%)."""
         overlap, contention, steps = self._used
@@ -236,7 +262,8 @@ class PredictivePrefetcher:
         if overlap < 0:
             raise ValueError(f"overlap must be >= 0 (reads hidden behind the lookahead's compute), got {overlap}")
         self.estimate = None
-        self.overlap = overlap
+        self._fixed_per_layer = overlap / self.lookahead
+        self._set_window()
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -254,20 +281,37 @@ class PredictivePrefetcher:
             self.counters.dormant_steps += 1
         if self._ahead and (decode_rows == 0 or not self.predicting):
             self._drop_ahead()  # read ahead for next tokens that this forward does not decode
+        self._set_window()
         if self.predicting and decode_rows > 0:
+            self.windows[self.window] = self.windows.get(self.window, 0) + 1
             overlap, contention, steps = self._used
-            self._used = (overlap + self.overlap, contention + self.contention, steps + 1)
+            per_lookahead = self.overlap * self.lookahead / self.window
+            self._used = (overlap + per_lookahead, contention + self.contention, steps + 1)
             if self.estimate is not None:
                 self.estimate.begin()
         elif self.estimate is not None:
             self.estimate.interrupt()
         self._end_step(lambda policy: policy.begin_step())
 
+    def _set_window(self) -> None:
+        """This step's `window` (`read_ahead`), and what follows from it: the overlap and the slots per layer."""
+        per_layer = self.estimate.per_layer if self.estimate is not None else self._fixed_per_layer
+        ahead, window = self.read_ahead, self.lookahead
+        if ahead == 0 and per_layer < 1.0:
+            window += 1
+        elif ahead:
+            window = max(ahead, window)
+        self.overlap = window * per_layer
+        if window != self.window:
+            self.window = window
+            self._per_layer_cap = max(1, self.cache.pool.capacity // (window + 1))
+
     def end_forward(self) -> None:
         """The forward `begin_step` began has returned: a timed decode step goes to the trial, a measured one to
         the overlap estimate."""
         if self.estimate is not None:
-            self.overlap = self.estimate.end()
+            self.estimate.end()
+            self.overlap = self.window * self.estimate.per_layer
         if self._timing is not None and self.trial is not None:
             start, rows = self._timing
             self._timing = None
@@ -359,7 +403,7 @@ class PredictivePrefetcher:
         lookahead's overlap per layer."""
         read_s = self.estimate.read_s if self.estimate is not None else None
         if read_s is None or self._ahead_lead is None:
-            return self.overlap / self.lookahead
+            return self.overlap / self.window
         return self._ahead_lead / read_s
 
     def _issue_ahead(self, layer: int, record: tuple, plan: PrefetchPlan) -> None:
@@ -458,11 +502,11 @@ class PredictivePrefetcher:
     # ---- issuing --------------------------------------------------------------------------------
 
     def _due(self) -> list[int]:
-        """The offered layers now within `lookahead` of the running one and not yet run, most urgent first."""
+        """The offered layers now within `window` of the running one and not yet run, most urgent first."""
         pending, layers = self._pending, self.layers
         if not pending:
             return []
-        return [layers[pos] for pos in range(self._pos + 1, min(self._pos + self.lookahead, len(layers) - 1) + 1)
+        return [layers[pos] for pos in range(self._pos + 1, min(self._pos + self.window, len(layers) - 1) + 1)
                 if layers[pos] in pending]  # fmt: skip
 
     def _max_reads(self) -> int:

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from moeflow.errors import MoeflowError
 from moeflow.offload.admission import AdmissionConfig, Calibration, NextUse, PredictionTrial, admit, net_gain
 from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.layer import serve_layer
@@ -585,6 +586,61 @@ def test_the_admission_a_run_assumed_is_averaged_over_its_predicting_decode_step
     pf.begin_step(decode_rows=0)  # a prefill: not a decode step
     assert pf.mean_admission is None
     pf.begin_step(decode_rows=1)  # overlap 1 (nothing measured yet), contention the floor
-    pf.overlap, pf.estimate.busy = 0.5, 0.75
+    pf.estimate.per_layer, pf.estimate.busy = 0.5, 0.75
     pf.begin_step(decode_rows=1)
     assert pf.mean_admission == pytest.approx((0.75, 0.5))
+
+
+# ---- the window read ahead ------------------------------------------------------------------------------------
+
+
+def _whole_step(read_ahead, *, per_layer=None, overlap=None, slots=8):
+    """A prefetcher over 3 layers, offered all of them before the step (as a whole-step predictor offers), the
+    overlap measured (`per_layer`) or fixed; what it issued before any layer ran, by layer."""
+    cache = _cache(PredictivePolicy(), slots=slots, layers=(0, 1, 2))
+    pf = PredictivePrefetcher(cache, TransferEngine(cache, background=False).prefetch, layers=[0, 1, 2], lookahead=1,
+                              width=2, admission=AdmissionConfig(overlap=overlap, read_share=1.0),
+                              read_ahead=read_ahead)
+    if per_layer is not None:
+        pf.estimate.per_layer = per_layer
+    pf.begin_step(decode_rows=1)
+    pf.offer_layers([0, 1, 2], [[[0]], [[1]], [[2]]], [[[0.99]], [[0.99]], [[0.99]]])
+    return pf, {layer: experts for layer, experts in pf._issued.items() if experts}
+
+
+def test_offers_made_before_the_forward_are_read_the_lookahead_ahead_unless_reads_are_dear():
+    for read_ahead, per_layer, window in ((None, 0.3, 1), (0, 3.0, 1), (0, 0.3, 2), (1, 0.3, 1), (2, 3.0, 2),
+                                          (5, 3.0, 5)):
+        pf, issued = _whole_step(read_ahead, per_layer=per_layer)
+        assert pf.window == window, (read_ahead, per_layer)
+        assert list(issued) == [0, 1, 2][: window]  # layer 0 is due at once; the window says how many more
+        assert pf.overlap == pytest.approx(window * per_layer)
+        assert pf._per_layer_cap == 8 // (window + 1)
+
+
+def test_the_window_follows_the_measured_overlap_step_by_step():
+    pf, _ = _whole_step(0, per_layer=0.3)
+    assert pf.window == 2
+    pf.estimate.per_layer = 1.5  # reads became cheap: the next step reads one layer ahead again
+    pf.begin_step(decode_rows=1)
+    assert pf.window == 1 and pf.overlap == pytest.approx(1.5)
+    pf.begin_step(decode_rows=0)  # a prefill is not counted
+    assert pf.windows == {2: 1, 1: 1}
+    # What the run assumed, as for `lookahead` layers whatever the window: a replay chooses the same windows from it.
+    assert pf.mean_admission[0] == pytest.approx((0.3 + 1.5) / 2)
+
+
+def test_a_fixed_overlap_is_for_the_lookahead_and_chooses_the_window_as_a_measured_one():
+    pf, issued = _whole_step(0, overlap=0.4)
+    assert pf.window == 2 and list(issued) == [0, 1] and pf.overlap == pytest.approx(0.8)
+    pf, issued = _whole_step(0, overlap=1.0)
+    assert pf.window == 1 and list(issued) == [0]
+    pf.fix_overlap(0.2)
+    pf.begin_step(decode_rows=1)
+    assert pf.window == 2 and pf.overlap == pytest.approx(0.4)
+
+
+def test_a_negative_read_ahead_is_refused():
+    cache = _cache(PredictivePolicy())
+    with pytest.raises(MoeflowError, match="read-ahead must be >= 0"):
+        PredictivePrefetcher(cache, TransferEngine(cache, background=False).prefetch, layers=[0, 1], read_ahead=-1)

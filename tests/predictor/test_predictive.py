@@ -302,3 +302,22 @@ def test_next_token_prefetch_reads_ahead_and_never_changes_the_output(tiny_check
     with moeflow.load(tiny_checkpoints[family], **options, next_token_prefetch=False) as engine:
         engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
         assert engine.prefetcher.counters.ahead_offered == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_reading_a_whole_step_predictor_further_ahead_never_changes_the_output(tiny_checkpoints, transformers_greedy,
+                                                                              tmp_path, family):
+    folder = _trained(tiny_checkpoints[family], tmp_path, "token_freq")
+    options = dict(expert_budget="25%", policy="predictive", predictor_dir=folder, prediction_trial=False)
+    expected = transformers_greedy(family, PROMPT, NEW_TOKENS)
+    for predictor, read_ahead, windows in (("token_freq", 2, {2}), ("token_freq", 0, {2}), ("gate", 2, {1})):
+        with moeflow.load(tiny_checkpoints[family], predictor=predictor, read_ahead=read_ahead, **options) as engine:
+            prefetcher = engine.prefetcher
+            if read_ahead == 0:  # reading an expert dearer than a layer's compute, as measured, and kept so
+                prefetcher.estimate.per_layer, prefetcher.estimate.every = 0.25, 10**9
+            result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        assert result.token_ids == expected, (predictor, read_ahead)
+        # gate offers each layer `lookahead` ahead as it goes: nothing to read further ahead
+        assert set(prefetcher.windows) == windows and prefetcher.counters.issued > 0
+    with pytest.raises(MoeflowError, match="--read-ahead must be an integer >= 0"):
+        moeflow.load(tiny_checkpoints[family], read_ahead=-1)

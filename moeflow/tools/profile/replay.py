@@ -136,6 +136,7 @@ def replay(
     contention: float | None = None,
     reuse: ReuseModel | None = None,
     prefill: Sequence[tuple[int, int]] = (),
+    read_ahead: int = 0,
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
@@ -150,7 +151,9 @@ def replay(
     share of a read ahead's cost that overlap never hides (None: `AdmissionConfig`'s floor; the live engine raises it
     to the share of the time it measures the link busy, `PredictivePrefetcher.contention`). `reuse`: the
     predictive policy evicts by this trained model (`moeflow.offload.reuse`), and the auto policy has it among
-    its candidates, as the engine does when its predictor folder holds one.
+    its candidates, as the engine does when its predictor folder holds one. `read_ahead`: as the engine's, for a
+    whole-step predictor (`PredictivePrefetcher`; 0 chooses the window from `overlap`, as the engine from what it
+    measures).
     """
     geometry.check_trace(trace)
     experts_NLK = np.asarray(trace.experts)
@@ -178,7 +181,8 @@ def replay(
         transfer = TransferEngine(cache, background=False)
         measured = {} if contention is None else {"contention": contention}
         prefetcher = PredictivePrefetcher(cache, transfer.prefetch, layers=layers, lookahead=lookahead, width=width,
-                                          admission=AdmissionConfig(overlap=overlap, **measured))
+                                          admission=AdmissionConfig(overlap=overlap, **measured),
+                                          read_ahead=read_ahead if whole_step else None)
 
     def step(a: int, b: int, *, decode: bool) -> None:
         """Tokens [a, b) as one step: a decode step (one token) or a prefill."""
