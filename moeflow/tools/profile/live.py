@@ -71,8 +71,7 @@ def live_records(
         for budget in budgets:
             # prediction_trial off: the profile measures what the predictor does, on every step, as replay does;
             # and replay does not model the next token's reads ahead (`moeflow.predictor.ahead`), so neither does this,
-            # nor read further ahead than the lookahead (profiling's replay assumes an overlap of 1, under which it
-            # reads `lookahead` layers ahead).
+            # nor read further ahead than the lookahead (as profiling's replay reads).
             options = dict(expert_budget=budget.spec, policy=policy, store=config.live_store,
                            lookahead=config.lookahead, prefetch_width=config.prefetch_width,
                            predictor_dir=config.predictor_dir, prediction_trial=False, next_token_prefetch=False,

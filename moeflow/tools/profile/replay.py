@@ -136,7 +136,7 @@ def replay(
     contention: float | None = None,
     reuse: ReuseModel | None = None,
     prefill: Sequence[tuple[int, int]] = (),
-    read_ahead: int = 0,
+    read_ahead: int | None = None,
     on_tokens: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Drive the real cache and `policy` with `trace`'s routing, one token per decode step.
@@ -153,7 +153,7 @@ def replay(
     predictive policy evicts by this trained model (`moeflow.offload.reuse`), and the auto policy has it among
     its candidates, as the engine does when its predictor folder holds one. `read_ahead`: as the engine's, for a
     whole-step predictor (`PredictivePrefetcher`; 0 chooses the window from `overlap`, as the engine from what it
-    measures).
+    measures; None, profiling's: the lookahead).
     """
     geometry.check_trace(trace)
     experts_NLK = np.asarray(trace.experts)
