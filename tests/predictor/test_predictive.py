@@ -316,7 +316,10 @@ def test_reading_a_whole_step_predictor_further_ahead_never_changes_the_output(t
             if read_ahead == 0:  # reading an expert dearer than a layer's compute, as measured, and kept so
                 prefetcher.estimate.per_layer, prefetcher.estimate.every = 0.25, 10**9
             result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+            batch = run_batch(engine, _prompts(3), batch_size=3, max_new_tokens=4)  # rows offered together
+            solo = [engine.generate(p, max_new_tokens=4).token_ids for p in _prompts(3)]
         assert result.token_ids == expected, (predictor, read_ahead)
+        assert [r.token_ids for r in batch.results] == solo
         # gate offers each layer `lookahead` ahead as it goes: nothing to read further ahead
         assert set(prefetcher.windows) == windows and prefetcher.counters.issued > 0
     with pytest.raises(MoeflowError, match="--read-ahead must be an integer >= 0"):
