@@ -138,7 +138,8 @@ def core_split(compute: int, cores: Iterable[int] | None) -> tuple[list[int], li
 
 # Threads pinned by live engines: native id -> (its cores before the first of them pinned it, how many pin it). A
 # second engine loaded in a pinned thread parts the same cores the same way, and the thread gets its cores back when
-# the last of them closes.
+# the last of them closes. An engine loaded in another thread meanwhile pins nothing (`cores_to_part`): its forwards
+# would share the first one's compute cores, and its reader process the first one's core, while a core stays idle.
 _pinned: dict[int, tuple[set[int], int]] = {}
 _pinned_lock = threading.Lock()
 
@@ -152,11 +153,23 @@ def thread_cores() -> set[int] | None:
     return set(pinned[0]) if pinned is not None else os.sched_getaffinity(0)
 
 
+def cores_to_part() -> set[int] | None:
+    """What an engine loaded in the calling thread may part between its forwards and its reader process (`core_split`):
+    `thread_cores()`, or None (nothing to part) while a live engine has pinned another thread."""
+    me = threading.get_native_id()
+    with _pinned_lock:
+        elsewhere = any(thread_id != me for thread_id in _pinned)
+    return None if elsewhere else thread_cores()
+
+
 def _pin_thread(cores: Sequence[int]) -> int | None:
     """Run the calling thread (and the threads it starts from now on) on `cores`; its native id, or None if the
-    system refused (a core taken away meanwhile: the thread stays where it may run)."""
+    system refused (a core taken away meanwhile: the thread stays where it may run) or a live engine pinned another
+    thread meanwhile."""
     thread_id = threading.get_native_id()
     with _pinned_lock:
+        if any(other != thread_id for other in _pinned):
+            return None
         before, count = _pinned.get(thread_id, (None, 0))
         try:
             if before is None:
@@ -292,7 +305,7 @@ class Engine:
             store = RamStore(self.checkpoint, source, pool=pool, pin=self.device.type == "cuda")
             source.close()
         keep_all = budget.slots >= len(self.checkpoint.experts) and self.config.policy != "predictive"
-        split = core_split(self.threads, thread_cores()) if read_process and self.config.pin_cores else None
+        split = core_split(self.threads, cores_to_part()) if read_process and self.config.pin_cores else None
         self.cache = ExpertCache(
             pool=pool,
             store=store,

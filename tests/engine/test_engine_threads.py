@@ -124,6 +124,23 @@ def test_reader_process_and_compute_thread_get_their_own_cores(tiny_checkpoints,
         assert os.sched_getaffinity(0) == set(cores[:-1])  # the second still runs here
         assert second.generate(PROMPT, max_new_tokens=6).token_ids == ref
     assert os.sched_getaffinity(0) == before
+    # An engine loaded in another thread while this one's is pinned pins nothing: it would share this engine's cores.
+    seen, go = {}, threading.Event()
+
+    def elsewhere() -> None:
+        go.wait()
+        with moeflow.load(path, expert_budget="25%", store="disk", threads=1) as other:
+            seen["thread"], seen["process"] = os.sched_getaffinity(0), _process_cores(other)
+            seen["tokens"] = other.generate(PROMPT, max_new_tokens=6).token_ids
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()  # before the pin: it may run anywhere
+    with moeflow.load(path, expert_budget="25%", store="disk", threads=1) as engine:
+        go.set()
+        worker.join()
+        assert os.sched_getaffinity(0) == set(cores[:-1]) and _process_cores(engine) == {cores[-1]}
+    assert seen == {"thread": before, "process": before, "tokens": ref}
+    assert os.sched_getaffinity(0) == before
 
 
 def test_numpy_blas_runs_on_one_thread(tiny_checkpoints):
