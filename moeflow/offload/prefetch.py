@@ -170,9 +170,10 @@ class PredictivePrefetcher:
     overlap, `lookahead` + 1 while one layer's compute hides less than one expert's read (`OverlapEstimate.per_layer`
     < 1: the link is the bottleneck), else `lookahead`. The `window` of layers read ahead sets the overlap admission
     assumes (window x per layer) and the slots one layer's reads may take (capacity / (window + 1)).
-    bench/expertflow.py measured per layer 0.36-0.42 on its I/O-bound model, where reading path's offers two layers
-    ahead made decoding 1.28x LRU's tokens/s against one layer's 1.21x (expertflow_iobound_lookahead), and 1.5-1.8
-    on the shipped model, where it did not pay (0.90x against 0.92x, expertflow_default_lookahead).
+    bench/expertflow.py measures 0.36-0.42 per layer on its I/O-bound model, where path decoded at 1.26x LRU's tokens/s
+    so (two layers ahead on 314 of its 322 predicting steps) against 1.20x reading one layer ahead
+    (bench/results/expertflow_iobound_read_ahead.json), and 1.5-1.8 on the shipped model, where two layers ahead did
+    not pay (0.90x against 0.92x, expertflow_default_lookahead.json).
     """
 
     def __init__(
@@ -400,7 +401,7 @@ class PredictivePrefetcher:
     def _ahead_overlap(self) -> float:
         """Reads that the lead of a read ahead for the next step hides: the measured time from its issue to its
         layer's routing over a demand read's stall; until both are measured (or where nothing is: replay), the
-        lookahead's overlap per layer."""
+        overlap per layer."""
         read_s = self.estimate.read_s if self.estimate is not None else None
         if read_s is None or self._ahead_lead is None:
             return self.overlap / self.window
