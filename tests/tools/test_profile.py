@@ -209,8 +209,13 @@ def test_report_of_a_deep_model_draws(tmp_path):
     assert plot_report(report, tmp_path / "deep.png").stat().st_size > 10_000
 
 
-def test_replay_equals_live_for_a_predictor_that_answers_the_whole_step(tiny_checkpoints, tiny_trace, tmp_path):
-    # token_freq answers every layer before the forward: the engine offers them in one call, and replay must too.
+# (overlap, read_ahead, window): read one layer ahead where a layer's compute hides a read, two where it does not
+# (chosen), two when asked to
+@pytest.mark.parametrize(("overlap", "read_ahead", "window"), [(1.0, 0, 1), (0.4, 0, 2), (1.0, 2, 2)])
+def test_replay_equals_live_for_a_predictor_that_answers_the_whole_step(tiny_checkpoints, tiny_trace, tmp_path, overlap,
+                                                                        read_ahead, window):
+    # token_freq answers every layer before the forward: the engine offers them in one call, and replay must too,
+    # and read them as many layers ahead.
     from moeflow.predictor.apply import build_predictor, routing_shape
     from moeflow.predictor.base import save_predictor
     from moeflow.predictor.predictors import TokenFrequencyPredictor
@@ -227,12 +232,15 @@ def test_replay_equals_live_for_a_predictor_that_answers_the_whole_step(tiny_che
         trace = record_trace(engine, [text], context=40, max_tokens=120,
                              predictors=[build_predictor(engine, "token_freq")], progress=False)
     point = parse_budgets("25%", geometry)[0]
-    replayed = replay(trace, geometry, policy="predictive", budget=point, predictor="token_freq").stats
+    replayed = replay(trace, geometry, policy="predictive", budget=point, predictor="token_freq", overlap=overlap,
+                      read_ahead=read_ahead).stats
     with moeflow.load(tiny_checkpoints["mixtral"], expert_budget="25%", policy="predictive", predictor="token_freq",
-                      predictor_dir=folder, prediction_trial=False, next_token_prefetch=False) as engine:
+                      predictor_dir=folder, prediction_trial=False, next_token_prefetch=False,
+                      read_ahead=read_ahead) as engine:
         engine.prefetcher.issue = TransferEngine(engine.cache, background=False).prefetch
-        engine.prefetcher.fix_overlap(1.0)
+        engine.prefetcher.fix_overlap(overlap)
         live, _, _ = live_run(engine, trace)
+        assert set(engine.prefetcher.windows) == {window}
     assert [(s.hits, s.misses, s.prefetch_hits, s.wasted_prefetches) for s in live.per_layer] == [
         (s.hits, s.misses, s.prefetch_hits, s.wasted_prefetches) for s in replayed.per_layer
     ]
