@@ -144,22 +144,18 @@ _pinned: dict[int, tuple[set[int], int]] = {}
 _pinned_lock = threading.Lock()
 
 
-def thread_cores() -> set[int] | None:
-    """The cores the calling thread may run on, as before any live engine pinned it (None: no affinity here)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    with _pinned_lock:
-        pinned = _pinned.get(threading.get_native_id())
-    return set(pinned[0]) if pinned is not None else os.sched_getaffinity(0)
-
-
 def cores_to_part() -> set[int] | None:
     """What an engine loaded in the calling thread may part between its forwards and its reader process (`core_split`):
-    `thread_cores()`, or None (nothing to part) while a live engine has pinned another thread."""
+    the cores the thread may run on, as before any live engine pinned it; None (nothing to part) where there is no
+    affinity, or while a live engine has pinned another thread."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
     me = threading.get_native_id()
     with _pinned_lock:
-        elsewhere = any(thread_id != me for thread_id in _pinned)
-    return None if elsewhere else thread_cores()
+        if any(thread_id != me for thread_id in _pinned):
+            return None
+        pinned = _pinned.get(me)
+    return set(pinned[0]) if pinned is not None else os.sched_getaffinity(0)
 
 
 def _pin_thread(cores: Sequence[int]) -> int | None:

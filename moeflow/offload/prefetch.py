@@ -202,7 +202,6 @@ class PredictivePrefetcher:
         self._pos_of = {layer: i for i, layer in enumerate(self.layers)}
         self.lookahead = lookahead
         self.read_ahead = read_ahead
-        self.window = lookahead  # layers read ahead this step (`read_ahead`)
         self.width = width
         self.admission = admission = admission or AdmissionConfig()
         self.calibration = Calibration(admission)
@@ -211,10 +210,7 @@ class PredictivePrefetcher:
             cache, layers=len(self.layers), lookahead=lookahead)
         # What one layer's compute hides, as given for `lookahead` layers (replay's), when it is not measured.
         self._fixed_per_layer = None if admission.overlap is None else admission.overlap / lookahead
-        self.overlap = 0.0  # reads the window's compute hides (`_set_window`)
         self._max_reads_per_token = admission.read_share * width * len(self.layers)
-        # Slots one layer's reads ahead may take: the window holds window + 1 layers.
-        self._per_layer_cap = max(1, cache.pool.capacity // (lookahead + 1))
         self.counters = PrefetchCounters()
         self._used = (0.0, 0.0, 0)  # sums of overlap and contention at the start of decode steps that predicted, steps
         self.windows: dict[int, int] = {}  # window -> decode steps that predicted with it
@@ -227,7 +223,7 @@ class PredictivePrefetcher:
         self._ahead_at: float | None = None  # when the reads ahead for the next step were issued
         self._ahead_lead: float | None = None  # seconds from then to that layer's routing, smoothed
         self._reset()
-        self._set_window()
+        self._set_window()  # `window` (layers read ahead), `overlap` (reads its compute hides), `_per_layer_cap`
 
     def _reset(self) -> None:
         self._pos = -1  # position of the layer that runs now; -1 before the first
@@ -302,10 +298,10 @@ class PredictivePrefetcher:
             window += 1
         elif ahead:
             window = max(ahead, window)
+        self.window = window
         self.overlap = window * per_layer
-        if window != self.window:
-            self.window = window
-            self._per_layer_cap = max(1, self.cache.pool.capacity // (window + 1))
+        # Slots one layer's reads ahead may take: the window holds window + 1 layers.
+        self._per_layer_cap = max(1, self.cache.pool.capacity // (window + 1))
 
     def end_forward(self) -> None:
         """The forward `begin_step` began has returned: a timed decode step goes to the trial, a measured one to
