@@ -79,7 +79,8 @@ class EngineConfig:
         default=True,
         metadata={"help": "predictive: during each decode step's last MoE layer, read ahead the first MoE layer's "
                   "experts for the next token (the model's own next-token distribution there x the token_freq "
-                  "table; only where the predictor folder has token_freq)"},
+                  "table; only where the predictor folder has token_freq, and only while reading an expert costs "
+                  "more than a layer's compute, as measured)"},
     )
     prediction_trial: bool = field(
         default=True,

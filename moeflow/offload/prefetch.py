@@ -290,11 +290,23 @@ class PredictivePrefetcher:
             self.estimate.interrupt()
         self._end_step(lambda policy: policy.begin_step())
 
+    @property
+    def per_layer(self) -> float:
+        """Expert reads one layer's compute hides: measured (`OverlapEstimate.per_layer`) or fixed (replay's)."""
+        return self.estimate.per_layer if self.estimate is not None else self._fixed_per_layer
+
+    @property
+    def reads_dear(self) -> bool:
+        """Whether one layer's compute hides less than one expert's read (`per_layer` < 1): then reading further
+        ahead pays, and only then: the wider window of `read_ahead` 0, and the next step's first layer
+        (`offer_next_step`, which `moeflow.predictor.ahead` does not even work out otherwise)."""
+        return self.per_layer < 1.0
+
     def _set_window(self) -> None:
         """This step's `window` (`read_ahead`), and what follows from it: the overlap and the slots per layer."""
-        per_layer = self.estimate.per_layer if self.estimate is not None else self._fixed_per_layer
+        per_layer = self.per_layer
         ahead, window = self.read_ahead, self.lookahead
-        if ahead == 0 and per_layer < 1.0:
+        if ahead == 0 and self.reads_dear:
             window += 1
         elif ahead:
             window = max(ahead, window)

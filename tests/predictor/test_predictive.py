@@ -291,15 +291,23 @@ def test_next_token_prefetch_reads_ahead_and_never_changes_the_output(tiny_check
     folder = _trained(tiny_checkpoints[family], tmp_path, "token_freq")
     options = dict(expert_budget="25%", policy="predictive", predictor="gate", predictor_dir=folder,
                    prediction_trial=False)
-    with moeflow.load(tiny_checkpoints[family], **options) as engine:
-        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
-        counters = engine.prefetcher.counters
-        batch = run_batch(engine, _prompts(3), batch_size=3, max_new_tokens=4)  # rows offered together
-        solo = [engine.generate(p, max_new_tokens=4).token_ids for p in _prompts(3)]
-    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
-    assert counters.ahead_issued > 0 and counters.ahead_correct <= counters.ahead_issued
-    assert [r.token_ids for r in batch.results] == solo
+    expected = transformers_greedy(family, PROMPT, NEW_TOKENS)
+    for per_layer in (0.99, 4.0):  # an expert's read just dearer than a layer's compute, then cheaper: as measured
+        with moeflow.load(tiny_checkpoints[family], **options) as engine:
+            engine.prefetcher.estimate.per_layer, engine.prefetcher.estimate.every = per_layer, 10**9  # kept so
+            assert engine.prefetcher.reads_dear == (per_layer < 1)
+            result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+            counters = engine.prefetcher.counters
+            batch = run_batch(engine, _prompts(3), batch_size=3, max_new_tokens=4)  # rows offered together
+            solo = [engine.generate(p, max_new_tokens=4).token_ids for p in _prompts(3)]
+        assert result.token_ids == expected
+        assert [r.token_ids for r in batch.results] == solo
+        if per_layer < 1:
+            assert counters.ahead_issued > 0 and counters.ahead_correct <= counters.ahead_issued
+        else:  # where the step's start is early enough for the first layer's reads, the lens is not even run
+            assert counters.ahead_offered == 0 and counters.issued > 0
     with moeflow.load(tiny_checkpoints[family], **options, next_token_prefetch=False) as engine:
+        engine.prefetcher.estimate.per_layer, engine.prefetcher.estimate.every = 0.25, 10**9
         engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
         assert engine.prefetcher.counters.ahead_offered == 0
 
