@@ -4,7 +4,9 @@ Bookkeeping is everything `PredictorHooks` adds to a decode step: its listener b
 its embedding and pre-MoE norm hooks, its routing-event listener (measured with a sink that does
 nothing: `hooks_us`), and then the sink that turns scores into what the prefetcher is offered
 (`apply_prediction`'s, `prefetcher.offer` included, and, where the tree has it, the next-token lens of
-`moeflow.predictor.ahead` with its offer of the next step's first layer: `total_us`), and then the
+`moeflow.predictor.ahead` with its offer of the next step's first layer: `total_us`; since 855117b the lens runs only
+while reads are dear, `PredictivePrefetcher.reads_dear`, and here the overlap stays at its initial one read a layer,
+as on the shipped model at 25%, where decoding measures ~1.5: a tree from then on leaves it out), and then the
 prefetcher's own work at every layer as the engine calls it (`prefetcher.on_routing`: scoring the layer's
 predictions, dropping the wrong reads ahead, deciding the next layer's: `step_us`, everything prediction
 adds to a step). Each is called exactly as the forward calls it (the hooks and listeners the predictor
