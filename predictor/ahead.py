@@ -21,9 +21,10 @@ costs as any read ahead and issues them once the last layer's own reads are in.
 Only where reads are dear (`PredictivePrefetcher.reads_dear`: one layer's compute hides less than one
 expert's read, as measured): elsewhere the first layer's reads, issued when the step begins, are mostly
 in before its routing anyway, and the lens is pure cost. On the shipped model at 25% (2-core AMD EPYC VM,
-2026-12-05, py-spy on a live path decode) the lens and its offer took 6.3% of a decode step; in fresh
-processes, 6 alternating rounds, path decoded at 0.98x LRU's tokens/s with it and 1.09x without
-(median per-round ratios); on the I/O-bound bench model it ran on every predicting step.
+2026-12-05, py-spy on a live path decode) the lens and its offer took 6.3% of a decode step, and path decoded
+at 0.92x LRU's tokens/s with it, 1.03x without (always predicting: 1.09x; bench/expertflow.py, median
+per-round ratios, bench/results/expertflow_default_lens_{always,gated}.json). On the I/O-bound bench model it
+runs on every predicting step after the first overlap estimate.
 
 Shape legend: T rows of a step, D hidden, V vocabulary, E experts of the first MoE layer.
 """

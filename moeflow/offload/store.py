@@ -50,7 +50,7 @@ _COALESCE_GAP = 1 << 20  # read two spans of one expert in one request when at m
 READ_PART_BYTES = 1 << 20
 READ_PARTED_MAX_BYTES = 8 << 20
 _UNPLANNED = object()  # `DiskStore.moves`: no runs kept for the expert and destinations
-_RUNS_KEPT = 1 << 16  # runs `DiskStore.moves` keeps at most (experts x slots, ~1 KiB each)
+_RUNS_KEPT = 1 << 13  # runs `DiskStore.moves` keeps at most (experts x slots; ~1 KiB each: 8 MiB at most)
 
 
 def _copy(dest: torch.Tensor, src: torch.Tensor) -> None:
