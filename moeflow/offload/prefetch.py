@@ -274,6 +274,8 @@ class PredictivePrefetcher:
                 dormant = not self.predicting
                 self.cache.advise(lambda policy, _: setattr(policy, "dormant", dormant))
             self._timing = (time.perf_counter(), decode_rows) if decode_rows > 0 else None
+            if decode_rows == 0:
+                self.trial.interrupt()
         if not self.predicting:
             self.counters.dormant_steps += 1
         if self._ahead and (decode_rows == 0 or not self.predicting):

@@ -452,6 +452,27 @@ def test_settle_steps_after_a_switch_are_not_measured():
     assert trial.seconds_per_row == pytest.approx({True: 0.02, False: 0.01}) and not trial.best
 
 
+def test_decode_steps_right_after_a_prefill_are_not_measured():
+    # Random routing: both modes cost the same, but the first two decode steps after each prefill (every 64 steps) are
+    # 4x and 2x slower; measured, they count against whichever mode runs then.
+    def run(interrupt):
+        trial = PredictionTrial()
+
+        def seconds(predicting, n):
+            if n % 64 == 0 and interrupt:
+                trial.interrupt()
+            return 0.04 * (4.0 if n % 64 == 0 else 2.0 if n % 64 == 1 else 1.0)
+
+        _run_trial(trial, seconds, 64 * 6)
+        return trial
+
+    trial = run(interrupt=False)
+    assert trial.seconds_per_row[True] > 1.1 * trial.seconds_per_row[False]  # the heads of the prompts counted
+    trial = run(interrupt=True)
+    assert trial.seconds_per_row[True] == pytest.approx(trial.seconds_per_row[False])
+    assert trial.switches == 0 and trial.best
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_lru_trials_are_not_judged_on_the_experts_the_predictor_left_resident(seed):
     # I/O-bound: prediction saves ~11% (+-50% per step). The first 3 steps of plain LRU after predicting run on the
@@ -474,7 +495,7 @@ def test_lru_trials_are_not_judged_on_the_experts_the_predictor_left_resident(se
 
 @pytest.mark.parametrize("bad", [dict(window=1), dict(window=8, max_window=4), dict(max_window=40), dict(settle=-1),
                                  dict(z=-1.0), dict(margin=1.0), dict(first_gap=0), dict(max_gap=4, first_gap=8),
-                                 dict(growth=0)])
+                                 dict(growth=0), dict(after_prefill=-1)])
 def test_bad_trial_settings_are_refused(bad):
     with pytest.raises(ValueError):
         PredictionTrial(**bad)
