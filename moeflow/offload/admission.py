@@ -363,7 +363,9 @@ class PredictionTrial:
         """A forward that is not a decode step ran (a prefill): the next `after_prefill` decode steps are not measured.
         They run on what the prefill left resident, whichever the mode: on the random-routing bench model at 25%
         (6 prompts x 64 tokens, ad hoc, 2026-12-05) the first decode step after a prefill took 168 ms (median), the
-        second 87, the later ones 41; the trial's first mode always ran the first prompt's, and lost by it."""
+        second 87, the later ones 41; the trial's first mode always ran the first prompt's (there gate's trial measured
+        91.9 ms a row predicting against 59.4 without, at LRU's bytes: bench/results/expertflow_random_lens_gated.json).
+        A server whose prefills come every `after_prefill` steps or more often measures nothing: its mode stays."""
         self._skip = max(self._skip, self.after_prefill)
 
     def observe(self, seconds: float, rows: int) -> None:
