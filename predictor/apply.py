@@ -233,6 +233,7 @@ def apply_prediction(engine: Engine, predictor: RoutePredictor) -> PredictorHook
 
     if predictor.whole_step:  # its offers come before the forward: they may be read further ahead
         prefetcher.read_ahead = engine.config.read_ahead
+    predictor.prepare()
     hooks = PredictorHooks(engine, [predictor], offer, active=lambda: prefetcher.predicting)
     engine.on_close(hooks.close)
     return hooks

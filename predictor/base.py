@@ -82,6 +82,10 @@ class RoutePredictor(ABC):
         """A whole-step predictor's answer for every MoE layer at once: float32 scores [T, L, E]."""
         raise NotImplementedError(f"{self.name} does not answer every layer before the forward")
 
+    def prepare(self) -> None:  # noqa: B027 - optional: most predictors have nothing to build
+        """Build now what the first call would build (`moeflow.predictor.apply_prediction` calls it as an engine
+        loads), so that a live engine's first request does not pay for it."""
+
     def on_residual(self, pos: int, residual_TD: torch.Tensor) -> Scores:
         return {}
 

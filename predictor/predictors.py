@@ -148,9 +148,15 @@ class PathPredictor(RoutePredictor):
     def scores_TLE(self, win_TW: np.ndarray) -> np.ndarray:
         """[T, L, E] float32 scores of every MoE layer for the windows `win_TW` [T, W]."""
         if self._scorer is None:
+            self.prepare()
+        return self._scorer(win_TW)
+
+    def prepare(self) -> None:
+        """Fold the network into its table (`_FoldedPath`: 64 MiB for V = 4096, 0.4-1 s on the 2-core VM, which was
+        the first request's to pay before `apply_prediction` called this)."""
+        if self._scorer is None:
             fits = _FoldedPath.table_bytes(self.net) <= self.max_table_bytes
             self._scorer = _FoldedPath(self.net) if fits else self._module_scores
-        return self._scorer(win_TW)
 
     @torch.inference_mode()
     def _module_scores(self, win_TW: np.ndarray) -> np.ndarray:

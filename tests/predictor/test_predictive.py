@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from moeflow.predictor import predictors
 from moeflow.predictor.predictors import PREDICTORS, GateLookahead
 from moeflow.predictor.rebatch import RebatchAdmission
 
@@ -249,6 +250,21 @@ def test_a_trained_reuse_model_evicts_and_the_output_is_unchanged(tiny_checkpoin
     assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
     with moeflow.load(tiny_checkpoints[family], expert_budget="25%", predictor_dir=folder, reuse_model=False) as engine:
         assert engine.cache.policy.estimate is None
+
+
+def test_the_path_predictor_is_folded_as_the_engine_loads_not_at_the_first_request(tiny_checkpoints,
+                                                                                   transformers_greedy, tmp_path,
+                                                                                   monkeypatch):
+    folder = _trained(tiny_checkpoints["mixtral"], tmp_path, "path", epochs=1)
+    folds = []
+    fold = predictors._FoldedPath.__init__
+    monkeypatch.setattr(predictors._FoldedPath, "__init__", lambda self, net: folds.append(fold(self, net)))
+    options = dict(expert_budget="25%", policy="predictive", predictor="path", predictor_dir=folder)
+    with moeflow.load(tiny_checkpoints["mixtral"], **options) as engine:
+        assert len(folds) == 1
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        assert len(folds) == 1
+    assert result.token_ids == transformers_greedy("mixtral", PROMPT, NEW_TOKENS)
 
 
 # An RMS norm before a float32 head without bias runs in numpy; any other pair in torch.
