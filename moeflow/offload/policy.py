@@ -185,13 +185,14 @@ class _Shadow:
     """A cache of `capacity` keys that only counts its own misses on the real access stream (no data).
 
     `victim(candidates)` chooses what it evicts; the keys one layer of one step uses are never victims of
-    each other (they are pinned together in the real cache). It starts holding `start` (least recently used
-    first)."""
+    each other (they are pinned together in the real cache). Misses fade with `decay` per step, so the
+    count is about the recent stream. It starts empty, or holding `start` (least recently used first)."""
 
-    def __init__(self, capacity: int, victim: Callable[[Sequence[ExpertKey]], ExpertKey],
-                 start: Iterable[ExpertKey]) -> None:  # fmt: skip
+    def __init__(self, capacity: int, victim: Callable[[Sequence[ExpertKey]], ExpertKey], decay: float,
+                 start: Iterable[ExpertKey] = ()) -> None:  # fmt: skip
         self.capacity = capacity
         self._victim = victim
+        self._decay = decay
         self._order: OrderedDict[ExpertKey, None] = OrderedDict.fromkeys(start)
         self.misses = 0.0
 
@@ -206,54 +207,11 @@ class _Shadow:
                 del self._order[self._victim(candidates)]
         self._order[key] = None
 
+    def end_step(self) -> None:
+        self.misses *= self._decay
+
 
 _DUEL_FADE = 0.5**0.5  # a duel's misses count half as much two duels later
-
-
-class _Duels:
-    """Which of several eviction rules has missed least lately, found in duels that cost nothing between them.
-
-    From the first eviction on (`first_eviction`), for `window` steps of every `period`, one shadow cache per rule,
-    each starting from what the real cache holds, replays the access stream (`access`: no data) and counts its
-    misses. When a duel ends each rule's score fades (a duel counts half as much two duels later) and takes the
-    duel's misses; `choice` is the rule with the least score (on a tie the first of `rules`), None before the first
-    duel ends. The policy that owns the duels gives the step clock (`on_step`)."""
-
-    def __init__(self, window: int, period: int) -> None:
-        if not 0 < window <= period:
-            raise ValueError(f"a duel's window ({window} steps) must be positive and within its period ({period})")
-        self.window, self.period = window, period
-        self.choice: str | None = None
-        self.score: dict[str, float] = {}
-        self.shadows: dict[str, _Shadow] = {}  # by rule, while a duel runs
-        self._capacity: int | None = None
-        self._first: int | None = None  # the step the first duel begins
-
-    def first_eviction(self, capacity: int, step: int) -> None:
-        """An eviction at `step` with `capacity` keys resident: the first one sets the capacity and the duels' start."""
-        if self._capacity is None:
-            self._capacity, self._first = capacity, step + 1
-
-    def on_step(self, step: int, resident: Callable[[], Iterable[ExpertKey]],
-                rules: Callable[[], dict[str, Callable[[Sequence[ExpertKey]], ExpertKey]]]) -> None:
-        """Step `step` begins: a duel ends (`window` steps after it began) or begins (`resident()`: what the cache
-        holds, least recently used first; `rules()`: each rule's victim choice)."""
-        if self._first is None or step < self._first:
-            return
-        phase = (step - self._first) % self.period
-        if self.shadows and phase in (0, self.window):  # 0: a window as long as the period ends as the next begins
-            for name, shadow in self.shadows.items():
-                self.score[name] = self.score.get(name, 0.0) * _DUEL_FADE + shadow.misses
-            self.choice = min(self.score, key=self.score.__getitem__)  # ties: the first, as inserted
-            self.shadows = {}
-        if phase == 0:
-            assert self._capacity is not None
-            start = list(resident())
-            self.shadows = {name: _Shadow(self._capacity, victim, start) for name, victim in rules().items()}
-
-    def access(self, key: ExpertKey, pinned: set[ExpertKey]) -> None:
-        for shadow in self.shadows.values():
-            shadow.access(key, pinned)
 
 
 class AutoPolicy(LRUPolicy):
@@ -283,11 +241,18 @@ class AutoPolicy(LRUPolicy):
     name = "auto"
 
     def __init__(self, *, half_life: float = 8.0, window: int = 32, period: int = 128) -> None:
+        if not 0 < window <= period:
+            raise ValueError(f"a duel's window ({window} steps) must be positive and within its period ({period})")
         super().__init__()
         self.lrfu = LRFUPolicy(half_life)
         self.estimate: ReuseEstimate | None = None
         self.step = 0  # forward steps begun (a layer at or before the last one ran)
-        self._duels = _Duels(window, period)
+        self.window, self.period = window, period
+        self._capacity: int | None = None  # known at the first eviction
+        self._first_duel: int | None = None  # the step the first duel begins
+        self._choice: str | None = None  # the duels' winner so far
+        self._score: dict[str, float] = {}  # each candidate's misses in the duels, fading by half every 2 duels
+        self._shadows: dict[str, _Shadow] = {}  # by candidate, while a duel runs
         self._last_layer: int | None = None
         self._layer_keys: set[ExpertKey] = set()  # keys of the layer being served (pinned together)
 
@@ -301,29 +266,43 @@ class AutoPolicy(LRUPolicy):
             self.step += 1
             if self.estimate is not None:
                 self.estimate.begin_step(self.step)
-            self._duels.on_step(self.step, lambda: self._order, self._rules)
+            if self._first_duel is not None and self.step >= self._first_duel:
+                phase = (self.step - self._first_duel) % self.period
+                if phase == 0:
+                    self._start_duel()
+                elif phase == self.window:
+                    score = self._score
+                    for name, shadow in self._shadows.items():
+                        score[name] = score.get(name, 0.0) * _DUEL_FADE + shadow.misses
+                    self._choice = min(score, key=score.__getitem__)  # ties: the first, as inserted
+                    self._shadows = {}
         self._last_layer = layer
         self._layer_keys = set()
 
-    def _rules(self) -> dict[str, Callable[[Sequence[ExpertKey]], ExpertKey]]:
-        rules = {"lrfu": self.lrfu.victim, "lru": lambda keys: keys[0]}
-        return {"reuse": self._least_likely, **rules} if self.estimate is not None else rules
+    def _start_duel(self) -> None:
+        assert self._capacity is not None
+        resident = list(self._order)  # least recently used first
+        victims = {"lrfu": self.lrfu.victim, "lru": lambda keys: keys[0]}
+        if self.estimate is not None:
+            victims = {"reuse": self._least_likely, **victims}
+        self._shadows = {name: _Shadow(self._capacity, victim, 1.0, resident) for name, victim in victims.items()}
 
     def on_access(self, key: ExpertKey) -> None:
         super().on_access(key)
         self.lrfu.on_access(key)
         if self.estimate is not None:
             self.estimate.on_use(key, self.step)
-        if self._duels.shadows:
+        if self._shadows:
             self._layer_keys.add(key)
-            self._duels.access(key, self._layer_keys)
+            for shadow in self._shadows.values():
+                shadow.access(key, self._layer_keys)
 
     @property
     def choice(self) -> str:
         """The candidate evictions follow now: "reuse", "lrfu" or "lru" (the duels' winner so far; before the first
         duel ends, the trained model if there is one, else LRFU)."""
-        if self._duels.choice is not None:
-            return self._duels.choice
+        if self._choice is not None:
+            return self._choice
         return "reuse" if self.estimate is not None else "lrfu"
 
     @property
@@ -336,7 +315,8 @@ class AutoPolicy(LRUPolicy):
         return least_likely(self.estimate, candidates)
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        self._duels.first_eviction(len(self._order), self.step)  # every slot is taken: this is the capacity
+        if self._capacity is None:  # the first eviction: every slot is taken, so this is the capacity
+            self._capacity, self._first_duel = len(self._order), self.step + 1
         choice = self.choice
         if choice == "lrfu":
             return self.lrfu.victim(candidates)
@@ -358,10 +338,9 @@ class PredictivePolicy(LRUPolicy):
     victim is the unprotected candidate worth least, the least recently used among equals.
 
     An estimate learned from the past can be worse than recency (routing with no structure to learn,
-    a working set exactly the size of the cache): from the first eviction on, the two duel (`_Duels`, as
-    `AutoPolicy`'s candidates: for `window` steps of every `period`, two shadow caches of the same size replay
-    the real access stream, one evicting by the estimate and one by recency). While recency has missed less
-    in the duels lately, the policy evicts as LRU does (wrong predictions still first)
+    a working set exactly the size of the cache): from the first eviction on, two shadow caches of the
+    same size replay the real access stream, one evicting by the estimate and one by recency. While
+    recency has missed less recently, the policy evicts as LRU does (wrong predictions still first)
     and the prefetcher reads nothing ahead: it does no worse than the better of the two by more than
     the time it takes to notice. While `dormant` (the prefetcher's `PredictionTrial` has found decoding
     faster without prediction) it is plain LRU and learns nothing, which costs what LRU costs; with a
@@ -373,22 +352,25 @@ class PredictivePolicy(LRUPolicy):
 
     name = "predictive"
 
-    def __init__(self, *, half_life: float = 8.0, markov_weight: float = 0.5, window: int = 32, period: int = 128
-                 ) -> None:  # fmt: skip
+    def __init__(self, *, half_life: float = 8.0, markov_weight: float = 0.5, shadow_half_life: float = 64.0) -> None:
         super().__init__()
         self._protected: set[ExpertKey] = set()
         self._demoted: set[ExpertKey] = set()
         self._expected: dict[ExpertKey, float] = {}
         self.next_use: ReuseEstimate = NextUse(half_life=half_life, markov_weight=markov_weight)
         self.step = 0
-        self._duels = _Duels(window, period)
+        self._shadow_decay = 0.5 ** (1.0 / shadow_half_life)
+        self._shadows: tuple[_Shadow, _Shadow] | None = None
         self._layer_keys: set[ExpertKey] = set()  # keys of the layer being served (pinned together)
         self._layer: tuple[int, int] | None = None  # (step, layer) of `_layer_keys`
         self.dormant = False  # prediction paused (`PredictionTrial`): evict as LRU and learn nothing...
         self._trained = False  # ...unless the estimate is a trained model (`estimate_with`)
 
-    def _rules(self) -> dict[str, Callable[[Sequence[ExpertKey]], ExpertKey]]:
-        return {"estimate": self._least_likely, "lru": lambda candidates: candidates[0]}  # a tie: the estimate
+    def _start_shadows(self, capacity: int) -> None:
+        self._shadows = (
+            _Shadow(capacity, self._least_likely, self._shadow_decay),
+            _Shadow(capacity, lambda candidates: candidates[0], self._shadow_decay),  # oldest first: LRU
+        )
 
     def estimate_with(self, estimate: ReuseEstimate) -> None:
         """Estimate experts' reuse with `estimate`, a trained model, from now on (before the first use)."""
@@ -401,7 +383,9 @@ class PredictivePolicy(LRUPolicy):
         self.step += 1
         self.next_use.begin_step(self.step)
         self._expected.clear()
-        self._duels.on_step(self.step, lambda: self._order, self._rules)
+        if self._shadows is not None:
+            for shadow in self._shadows:
+                shadow.end_step()
 
     def protect(self, keys: Iterable[ExpertKey]) -> None:
         self._protected.update(keys)
@@ -443,8 +427,8 @@ class PredictivePolicy(LRUPolicy):
 
     @property
     def by_recency(self) -> bool:
-        """Whether recency has missed less than the estimate in the duels lately (then the policy evicts as LRU)."""
-        return self._duels.choice == "lru"
+        """Whether recency has recently missed less than the estimate (then the policy evicts as LRU)."""
+        return self._shadows is not None and self._shadows[1].misses < self._shadows[0].misses
 
     def worth(self, key: ExpertKey) -> float:
         """P(`key` is used when its layer next runs): 0 if demoted, else `NextUse`'s, raised to what is expected."""
@@ -486,8 +470,9 @@ class PredictivePolicy(LRUPolicy):
         if self._layer != (self.step, key[0]):
             self._layer, self._layer_keys = (self.step, key[0]), set()
         self._layer_keys.add(key)
-        if self._duels.shadows:
-            self._duels.access(key, self._layer_keys)
+        if self._shadows is not None:
+            for shadow in self._shadows:
+                shadow.access(key, self._layer_keys)
         self.next_use.on_use(key, self.step)
 
     def on_evict(self, key: ExpertKey) -> None:
@@ -496,7 +481,8 @@ class PredictivePolicy(LRUPolicy):
         self._demoted.discard(key)
 
     def victim(self, candidates: Sequence[ExpertKey]) -> ExpertKey:
-        self._duels.first_eviction(len(self._order), self.step)  # every slot is taken: this is the capacity
+        if self._shadows is None:  # the first eviction: every slot is taken, so this is the capacity
+            self._start_shadows(len(self._order))
         allowed = set(candidates)
         unprotected = allowed - self._protected
         pick_from = unprotected or allowed
