@@ -268,16 +268,19 @@ class AutoPolicy(LRUPolicy):
                 self.estimate.begin_step(self.step)
             if self._first_duel is not None and self.step >= self._first_duel:
                 phase = (self.step - self._first_duel) % self.period
+                if self._shadows and phase in (0, self.window):  # 0: a window as long as its period ends here
+                    self._end_duel()
                 if phase == 0:
                     self._start_duel()
-                elif phase == self.window:
-                    score = self._score
-                    for name, shadow in self._shadows.items():
-                        score[name] = score.get(name, 0.0) * _DUEL_FADE + shadow.misses
-                    self._choice = min(score, key=score.__getitem__)  # ties: the first, as inserted
-                    self._shadows = {}
         self._last_layer = layer
         self._layer_keys = set()
+
+    def _end_duel(self) -> None:
+        score = self._score
+        for name, shadow in self._shadows.items():
+            score[name] = score.get(name, 0.0) * _DUEL_FADE + shadow.misses
+        self._choice = min(score, key=score.__getitem__)  # ties: the first, as inserted
+        self._shadows = {}
 
     def _start_duel(self) -> None:
         assert self._capacity is not None

@@ -135,6 +135,26 @@ def test_auto_follows_whichever_of_lru_and_lrfu_misses_less():
         assert auto - best <= 0.2 * (worst - best), (lru, lrfu, auto)  # the better one, give or take the first duel
 
 
+def test_auto_shadows_only_its_duels_windows_and_one_as_long_as_its_period_still_decides(monkeypatch):
+    # A working set that moves on (as above): LRU misses least, LRFU (the choice before a duel ends) holds on.
+    phases = [[tuple(range(4 * (n // 10) % 12, 4 * (n // 10) % 12 + 2))] * 2 for n in range(320)]
+    geometry = Geometry(layers=(0, 1), num_experts=12, top_k=2, inter=4, hidden=4, expert_bytes=1000)
+    shadowed = []
+    access = policy_module._Shadow.access
+    monkeypatch.setattr(policy_module._Shadow, "access", lambda self, key, pinned: (shadowed.append(key),
+                                                                                    access(self, key, pinned)))
+    for window, period in ((8, 32), (16, 16)):
+        shadowed.clear()
+        policy = AutoPolicy(window=window, period=period)
+        cache = replay_cache(geometry, 4, policy)
+        for step in phases:
+            for layer, ids in enumerate(step):
+                serve_layer(cache, RoutingPlan(layer=layer, expert_ids=ids, num_tokens=1))
+        share = len(shadowed) / 2 / (4 * len(phases))  # two shadows (LRU, LRFU: no reuse model), 4 accesses a step
+        assert share == pytest.approx(window / period, abs=0.05)
+        assert policy.by_recency  # decided, even where a duel's window is its whole period
+
+
 def test_auto_is_the_engines_default_and_starts_its_shadows_at_the_first_eviction():
     assert EngineConfig().policy == "auto"
     p = AutoPolicy()
