@@ -211,9 +211,13 @@ def ranked_probabilities(
     calls for all of them: a gather by flat index, as `take_along_axis` costs several times more on so few."""
     s_XE = np.asarray(scores_XE, dtype=np.float32)
     E = s_XE.shape[-1]
-    ranked_RM = np.argsort(-s_XE.reshape(-1, E), axis=-1, kind="stable")[:, :m]
-    p_RE = use_probabilities(predictor, s_XE, top_k).reshape(-1, E)
-    probs_RM = p_RE[np.arange(len(p_RE))[:, None], ranked_RM]
+    s_RE = s_XE.reshape(-1, E)
+    ranked_RM = np.argsort(-s_RE, axis=-1, kind="stable")[:, :m]
+    rows_R1 = np.arange(len(s_RE))[:, None]
+    if isinstance(predictor, (GateLookahead, FrequencyPredictor)):  # probabilities from the whole row
+        probs_RM = use_probabilities(predictor, s_RE, top_k)[rows_R1, ranked_RM]
+    else:  # one score's alone (the sigmoid): only the m taken are converted
+        probs_RM = expit(s_RE[rows_R1, ranked_RM])
     shape = (*s_XE.shape[:-1], ranked_RM.shape[-1])
     return ranked_RM.reshape(shape), probs_RM.reshape(shape)
 

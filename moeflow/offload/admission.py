@@ -117,10 +117,20 @@ class Calibration:
         self._decay = 0.5 ** (1.0 / config.half_life)
         # Outcomes fade by `decay` each, so a bin's weights are kept scaled up by 1 / `_scale` (`_scale` =
         # decay ** outcomes since the last rescale): an outcome adds 1 / `_scale`, and reading a bin costs one
-        # multiplication instead of bringing its fade up to date.
-        self._hits: dict[int, float] = {}
-        self._seen: dict[int, float] = {}
+        # multiplication instead of bringing its fade up to date. Lists by bin (the rank-only bins appended as
+        # they are first needed): `table` is then one comprehension, no call per bin.
+        self._hits: list[float] = []
+        self._seen: list[float] = []
+        self._prior_weights: list[float] = []  # prior_weight x the bin's prior
         self._scale = 1.0
+        self._grow(self.bins)
+
+    def _grow(self, n: int) -> None:
+        """Bins up to `n` (exclusive) exist."""
+        for b in range(len(self._hits), n):
+            self._hits.append(0.0)
+            self._seen.append(0.0)
+            self._prior_weights.append(self.prior_weight * self._prior(b))
 
     def bin_of(self, raw: float | None, rank: int = 0) -> int:
         """The bin of a prediction: of its raw probability, or (rank only) of its rank, after the probability bins."""
@@ -138,24 +148,32 @@ class Calibration:
     def table(self, ranks: int) -> list[float]:
         """`probability` of every bin, indexed by `bin_of` (rank-only bins for ranks below `ranks`): what an offer
         of several predictions reads while the calibration stands still."""
-        return [self._calibrated(b) for b in range(self.bins + ranks)]
+        n = self.bins + ranks
+        if len(self._hits) < n:
+            self._grow(n)
+        scale, weight = self._scale, self.prior_weight
+        table = [(h * scale + q) / (s * scale + weight) for h, s, q in zip(self._hits, self._seen, self._prior_weights)]
+        return table if len(table) == n else table[:n]
 
     def _calibrated(self, b: int) -> float:
+        if b >= len(self._hits):
+            self._grow(b + 1)
         scale = self._scale
-        return (self._hits.get(b, 0.0) * scale + self.prior_weight * self._prior(b)) / (
-            self._seen.get(b, 0.0) * scale + self.prior_weight
-        )
+        return (self._hits[b] * scale + self._prior_weights[b]) / (self._seen[b] * scale + self.prior_weight)
 
     def observe(self, raw: float | None, used: bool, rank: int = 0) -> None:
         self._scale *= self._decay
         if self._scale < 1e-200:  # fold the scale into the weights before it underflows
-            self._hits = {b: w * self._scale for b, w in self._hits.items()}
-            self._seen = {b: w * self._scale for b, w in self._seen.items()}
+            self._hits = [w * self._scale for w in self._hits]
+            self._seen = [w * self._scale for w in self._seen]
             self._scale = 1.0
         b = self.bin_of(raw, rank)
+        if b >= len(self._hits):
+            self._grow(b + 1)
         weight = 1.0 / self._scale
-        self._hits[b] = self._hits.get(b, 0.0) + weight * used
-        self._seen[b] = self._seen.get(b, 0.0) + weight
+        if used:
+            self._hits[b] += weight
+        self._seen[b] += weight
 
 
 class NextUse:

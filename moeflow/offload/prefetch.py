@@ -28,9 +28,10 @@ predictor is not called (`predicting` is False) and the policy is plain LRU
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import repeat
 from typing import NamedTuple
 
 from moeflow.config import DEFAULT_LOOKAHEAD
@@ -69,12 +70,13 @@ class PrefetchCounters:
 
 
 class _Offers(NamedTuple):
-    """One layer's offered experts, each once, as parallel lists (one object a layer, not one an expert)."""
+    """One layer's offered experts, each once, as parallel sequences (one object a layer, not one an expert)."""
 
-    experts: list[int]
-    raws: list[float | None]  # the predictor's probability that some token of the step uses it (None: rank only)
-    ranks: list[int]  # its best rank among the step's tokens
-    ps: list[float]  # the calibrated probability that the step uses it, as the calibration stood when offered
+    experts: Sequence[int]
+    raws: Sequence[float | None]  # the predictor's probability that some token of the step uses it (None: rank only)
+    ranks: Sequence[int]  # its best rank among the step's tokens
+    ps: Sequence[float]  # the calibrated probability that the step uses it, as the calibration stood when offered
+
 
 
 class OverlapEstimate:
@@ -347,16 +349,17 @@ class PredictivePrefetcher:
             return
         expected: dict[ExpertKey, float] = {}
         calibrated = self.calibration.table(self.width)  # the calibration does not change while offering
-        pos_of, pending, decided = self._pos_of, self._pending, self._decided
+        pos_of, pending, decided, ran = self._pos_of, self._pending, self._decided, self._pos
         added = False
-        for i, layer in enumerate(layers):
-            if layer not in pos_of or layer in pending or layer in decided or pos_of[layer] <= self._pos:
-                continue  # not a layer of the prefetcher's, offered already, or run already
-            ranked_TM = ranked_LTM[i]
-            offers = self._offers(ranked_TM, None if probs_LTM is None else probs_LTM[i], calibrated)
-            expected.update(zip([(layer, e) for e in offers.experts], offers.ps))
-            self._tokens = max(self._tokens, len(ranked_TM))
-            pending[layer] = offers
+        for layer, ranked_TM, probs_TM in zip(layers, ranked_LTM, repeat(None) if probs_LTM is None else probs_LTM):
+            pos = pos_of.get(layer)
+            if pos is None or pos <= ran or layer in pending or layer in decided:
+                continue  # not a layer of the prefetcher's, run already, or offered already
+            pending[layer] = offers = self._offers(ranked_TM, probs_TM, calibrated)
+            for e, p in zip(offers.experts, offers.ps):
+                expected[layer, e] = p
+            if len(ranked_TM) > self._tokens:
+                self._tokens = len(ranked_TM)
             added = True
         if not added:
             return
@@ -369,9 +372,16 @@ class PredictivePrefetcher:
         probability that some token uses it, calibrated (`calibrated`: `Calibration.table`)."""
         bin_of = self.calibration.bin_of
         if len(ranked_TM) == 1:  # one token (a decode step of batch 1): its ranks are its distinct experts
-            experts = list(ranked_TM[0][: self.width])
-            ranks = list(range(len(experts)))
-            raws = [None] * len(experts) if probs_TM is None else list(probs_TM[0][: len(experts)])
+            experts = ranked_TM[0][: self.width]
+            ranks = range(len(experts))
+            if probs_TM is None:
+                raws = [None] * len(experts)
+            else:  # `Calibration.bin_of` of each, inlined: the one case every decode step of batch 1 pays for
+                raws = probs_TM[0][: len(experts)]
+                bins = self.calibration.bins
+                top = bins - 1
+                return _Offers(experts, raws, ranks,
+                               [calibrated[min(int(raw * bins), top) if raw > 0 else 0] for raw in raws])
         else:
             miss: dict[int, float] = {}  # expert -> probability that no token uses it
             rank_of: dict[int, int] = {}
@@ -559,8 +569,14 @@ class PredictivePrefetcher:
         if not candidates or max_reads <= 0 or policy.by_recency:
             # by_recency: the routing has lately been less predictable than plain recency; read nothing ahead.
             return [], [k[1] for k, _ in candidates]
-        chosen = admit(candidates, free_slots=free, victims=policy.eviction_worths(max_reads),
+        chosen = admit(candidates, free_slots=free, victims=_victims(policy, max_reads),
                        overlap=self.overlap if overlap is None else overlap,
                        contention=self.contention, max_reads=max_reads)
         policy.protect(chosen)
         return chosen, [k[1] for k, _ in candidates]
+
+
+def _victims(policy: PredictivePolicy, n: int) -> Iterator[float]:
+    """`policy.eviction_worths(n)`, worked out only if admission runs out of free slots (a scan of every resident
+    expert: the reads ahead into free slots, while the cache fills, need none)."""
+    yield from policy.eviction_worths(n)
