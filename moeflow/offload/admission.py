@@ -238,10 +238,7 @@ class NextUse:
         if uses is None or uses.steps == 0:
             p = 0.0
         else:
-            m = uses.markov(e, self.smoothing)
-            count, at = (uses.count[e], uses.at[e]) if e < uses.size else (0.0, 0)
-            rate = count * self._decay ** max(self._step - at, 0) * (1.0 - self._decay)
-            p = self.markov_weight * m + (1.0 - self.markov_weight) * min(rate, 1.0)
+            p = uses.next_use(e, self._step, self.smoothing, self.markov_weight, self._decay)
         self._memo[key] = p
         self._memo_keys.setdefault(layer, []).append(key)
         return p
@@ -299,22 +296,31 @@ class _LayerUses:
         self.at[e] = step
         return True
 
-    def mean_rate(self) -> float:
-        """A layer's expert, on average, per step: what an unseen pair is smoothed towards."""
-        return min(self.uses / self.steps / max(self.distinct, 1), 1.0)
-
-    def markov(self, e: int, smoothing: float) -> float:
-        """The Markov estimate that `e` follows the layer's latest experts: the mean over them of the smoothed
-        share of their steps that `e` followed (an expert the layer never used: the smoothed prior alone)."""
-        mean = self.mean_rate()
-        if not self.latest:
-            return mean
-        prior = smoothing * mean
-        total = 0.0
-        for a in self.latest:
-            followed = self.follows[a][e] if e < self.size else 0.0
-            total += (followed + prior) / (self.steps_after[a] + smoothing)
-        return min(total / len(self.latest), 1.0)
+    def next_use(self, e: int, step: int, smoothing: float, markov_weight: float, decay: float) -> float:
+        """`NextUse`'s estimate for `e` at `step` (the layer has run at least once), in one call: every key an
+        eviction scan works out pays for it. The Markov estimate that `e` follows the layer's latest experts (the
+        mean over them of the smoothed share of their steps that `e` followed; smoothed towards the layer's mean
+        use rate, an expert per step; that rate alone if the layer has no latest experts), weighed with `e`'s
+        decayed use rate."""
+        mean = min(self.uses / self.steps / max(self.distinct, 1), 1.0)
+        known = e < self.size
+        latest = self.latest
+        if latest:
+            prior = smoothing * mean
+            total = 0.0
+            after = self.steps_after
+            if known:
+                follows = self.follows
+                for a in latest:
+                    total += (follows[a][e] + prior) / (after[a] + smoothing)
+            else:  # an expert the layer never used: the smoothed prior alone
+                for a in latest:
+                    total += prior / (after[a] + smoothing)
+            markov = min(total / len(latest), 1.0)
+        else:
+            markov = mean
+        rate = self.count[e] * decay ** max(step - self.at[e], 0) * (1.0 - decay) if known else 0.0
+        return markov_weight * markov + (1.0 - markov_weight) * min(rate, 1.0)
 
 
 class PredictionTrial:

@@ -416,11 +416,14 @@ class PredictivePolicy(LRUPolicy):
         """A layer's routing is known (the prefetcher's correction, in one call): the previous layer's experts and
         this layer's reads ahead are released, its predictions forgotten, the wrong reads ahead demoted, and its
         experts (`current`) protected until the next layer's routing is known: its reads ahead must not evict them."""
-        self.release(previous)
-        self.release(issued)
-        self.forget(predicted)
-        self.demote(wrong)
-        self.protect(current)
+        protected, expected = self._protected, self._expected
+        protected.difference_update(previous)
+        protected.difference_update(issued)
+        for key in predicted:
+            expected.pop(key, None)
+        if wrong:
+            self.demote(wrong)
+        protected.update(current)
 
     # ---- what the policy knows --------------------------------------------------------------------------
 
