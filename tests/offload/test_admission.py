@@ -112,6 +112,22 @@ def test_rank_only_predictions_are_calibrated_per_rank():
     assert cal.probability(None, rank=0) > 0.9 and cal.probability(None, rank=1) < 0.1
 
 
+def test_the_calibration_table_is_each_bins_probability_rank_bins_included():
+    # `table` is what an offer reads (its bins inlined at batch 1); it must agree with `probability` bin by bin,
+    # for rank-only bins never observed and after outcomes in probability and rank bins.
+    cal = Calibration(AdmissionConfig())
+    for n in range(300):
+        cal.observe((n % 10) / 10 + 0.05, used=n % 3 == 0)
+        cal.observe(None, used=n % 2 == 0, rank=n % 3)
+    table = cal.table(5)
+    assert len(table) == cal.bins + 5
+    want = [cal.probability(raw) for raw in (b / 10 + 0.05 for b in range(10))]
+    want += [cal.probability(None, rank=r) for r in range(5)]
+    assert table == want
+    assert table[cal.bins + 4] == pytest.approx(1 / 6)  # rank 4: never seen, its prior
+    assert cal.table(1) == want[: cal.bins + 1]
+
+
 def test_next_use_learns_what_follows_what():
     nu = NextUse(half_life=8.0, markov_weight=0.5)
     for step in range(1, 101):  # layer 1 alternates between experts {0, 1} and {2, 3}
@@ -248,6 +264,24 @@ def test_a_right_confident_prediction_is_read_ahead_and_hit():
     _step(pf, cache, [(0, 1), (2, 3)], [(0, [0, 1], [0.99, 0.99]), (1, [2, 3], [0.99, 0.99])])
     s = cache.stats()
     assert pf.counters.issued == 4 and s.prefetch_hits == 4 and s.misses == 0
+
+
+def test_reads_ahead_into_free_slots_price_no_victim():
+    # Admission scans the resident experts for victims' worths only once the free slots run out: a cache that is
+    # still filling never pays for the scan.
+    class Counted(PredictivePolicy):
+        scans = 0
+
+        def eviction_worths(self, n: int) -> list[float]:
+            Counted.scans += 1
+            return super().eviction_worths(n)
+
+    cache = _cache(Counted())
+    pf = _prefetcher(cache, overlap=4.0, read_share=1.0)
+    _step(pf, cache, [(0, 1), (2, 3)], [(0, [0, 1], [0.99, 0.99]), (1, [2, 3], [0.99, 0.99])])
+    assert pf.counters.issued == 4 and Counted.scans == 0
+    _step(pf, cache, [(4, 5), (6, 7)], [(0, [4, 5], [0.99, 0.99]), (1, [6, 7], [0.99, 0.99])])
+    assert Counted.scans > 0  # the cache is full: the next step's reads ahead need victims
 
 
 def test_after_a_run_of_wrong_predictions_admission_closes_and_the_cache_is_lru():
