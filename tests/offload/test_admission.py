@@ -266,6 +266,25 @@ def test_a_right_confident_prediction_is_read_ahead_and_hit():
     assert pf.counters.issued == 4 and s.prefetch_hits == 4 and s.misses == 0
 
 
+def test_rank_only_offers_are_read_ahead_by_their_ranks_prior_for_one_token_or_several():
+    # Without probabilities an offer is calibrated per rank (rank 0 believed at 1/2, rank 1 at 1/3): with the
+    # overlap hiding every read and free slots, both pay. One token (its ranks are its experts) and two tokens
+    # (each expert at its best rank) must decide alike.
+    for tokens in (1, 2):
+        cache = _cache(PredictivePolicy())
+        pf = _prefetcher(cache, overlap=4.0, read_share=1.0)
+        pf.begin_step()
+        pf.offer_layers([0, 1], [[[0, 1]] * tokens, [[2, 3]] * tokens])
+        assert pf.counters.issued == 2, tokens  # the first layer's, due at once (lookahead 1)
+        for layer, used in enumerate([(0, 1), (2, 3)]):
+            pf.on_routing(layer, used)
+            serve_layer(cache, RoutingPlan(layer=layer, expert_ids=used, num_tokens=tokens))
+        assert pf.counters.issued == 4 and pf.counters.refused == 0
+        assert cache.stats().prefetch_hits == 4 and pf.counters.correct == 4
+        # the right guesses raised each rank's own bin (rank 1's from its prior 1/3)
+        assert pf.calibration.probability(None, rank=0) > 0.5 and pf.calibration.probability(None, rank=1) > 1 / 3
+
+
 def test_reads_ahead_into_free_slots_price_no_victim():
     # Admission scans the resident experts for victims' worths only once the free slots run out: a cache that is
     # still filling never pays for the scan.
