@@ -138,6 +138,11 @@ class Calibration:
             return self.bins + rank
         return min(int(raw * self.bins), self.bins - 1) if raw > 0 else 0
 
+    def bins_of(self, raws: Iterable[float]) -> list[int]:
+        """`bin_of` of each raw probability, in one call (an offer's, per layer rather than per prediction)."""
+        bins, top = self.bins, self.bins - 1
+        return [min(int(raw * bins), top) if raw > 0 else 0 for raw in raws]
+
     def _prior(self, b: int) -> float:
         """What an empty bin believes: its raw probability's midpoint, or 1/2 for the best rank and less after."""
         return (b + 0.5) / self.bins if b < self.bins else 1.0 / (b - self.bins + 2)

@@ -78,7 +78,6 @@ class _Offers(NamedTuple):
     ps: Sequence[float]  # the calibrated probability that the step uses it, as the calibration stood when offered
 
 
-
 class OverlapEstimate:
     """`overlap` measured online: how many expert reads the compute of `lookahead` layers can hide.
 
@@ -376,12 +375,9 @@ class PredictivePrefetcher:
             ranks = range(len(experts))
             if probs_TM is None:
                 raws = [None] * len(experts)
-            else:  # `Calibration.bin_of` of each, inlined: the one case every decode step of batch 1 pays for
+            else:  # every bin in one call: the case every decode step of batch 1 pays for
                 raws = probs_TM[0][: len(experts)]
-                bins = self.calibration.bins
-                top = bins - 1
-                return _Offers(experts, raws, ranks,
-                               [calibrated[min(int(raw * bins), top) if raw > 0 else 0] for raw in raws])
+                return _Offers(experts, raws, ranks, [calibrated[b] for b in self.calibration.bins_of(raws)])
         else:
             miss: dict[int, float] = {}  # expert -> probability that no token uses it
             rank_of: dict[int, int] = {}
