@@ -136,7 +136,7 @@ class Calibration:
         """The bin of a prediction: of its raw probability, or (rank only) of its rank, after the probability bins."""
         if raw is None:
             return self.bins + rank
-        return min(int(raw * self.bins), self.bins - 1) if raw > 0 else 0
+        return self.bins_of((raw,))[0]
 
     def bins_of(self, raws: Iterable[float]) -> list[int]:
         """`bin_of` of each raw probability, in one call (an offer's, per layer rather than per prediction)."""

@@ -127,7 +127,7 @@ def test_the_calibration_table_is_each_bins_probability_rank_bins_included():
     assert table[cal.bins + 4] == pytest.approx(1 / 6)  # rank 4: never seen, its prior
     assert cal.table(1) == want[: cal.bins + 1]
     raws = [0.0, -0.1, 1e-9, 0.1, 0.0999999, 0.55, 0.9, 0.99999, 1.0, 1.5]
-    assert cal.bins_of(raws) == [cal.bin_of(raw) for raw in raws]
+    assert cal.bins_of(raws) == [0, 0, 0, 1, 0, 5, 9, 9, 9, 9]  # tenths, the top one closed, nothing below 0
 
 
 def test_next_use_learns_what_follows_what():
