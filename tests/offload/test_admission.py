@@ -113,7 +113,7 @@ def test_rank_only_predictions_are_calibrated_per_rank():
 
 
 def test_the_calibration_table_is_each_bins_probability_rank_bins_included():
-    # `table` is what an offer reads (its bins inlined at batch 1); it must agree with `probability` bin by bin,
+    # `table` is what an offer reads (indexed by `bins_of` at batch 1); it must agree with `probability` bin by bin,
     # for rank-only bins never observed and after outcomes in probability and rank bins.
     cal = Calibration(AdmissionConfig())
     for n in range(300):
