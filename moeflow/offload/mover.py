@@ -98,16 +98,25 @@ class Run(NamedTuple):
     pieces: tuple[Piece, ...]
 
 
+READ_LOG_ENV = "MOEFLOW_READ_LOG"
+
+
 class BusyClock:
     """Seconds during which at least one read was in progress (the union of the reads' intervals: two reads at once
-    count once), for any number of threads: each read runs inside `with clock:`."""
+    count once), for any number of threads: each read runs inside `with clock:`.
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    A diagnostic: with `log` (by default the file named by the environment's MOEFLOW_READ_LOG, which the reader
+    process inherits), each busy interval is appended to it as a line "start end" in `clock`'s seconds
+    (`time.perf_counter`, one clock for every process of the machine): bench/link_timeline.py sets it to see where
+    the link idles."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, log: str | None = None) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._reads = 0
         self._since = 0.0
         self._total = 0.0
+        self._log = log if log is not None else os.environ.get(READ_LOG_ENV) or None
 
     def __enter__(self) -> None:
         with self._lock:
@@ -119,7 +128,11 @@ class BusyClock:
         with self._lock:
             self._reads -= 1
             if self._reads == 0:
-                self._total += self._clock() - self._since
+                now = self._clock()
+                self._total += now - self._since
+                if self._log is not None:
+                    with open(self._log, "a", encoding="utf-8") as f:
+                        f.write(f"{self._since!r} {now!r}\n")
 
     def seconds(self) -> float:
         with self._lock:

@@ -143,6 +143,29 @@ def test_the_busy_clock_counts_reads_in_progress_together_once():
     assert clock.seconds() == 5.0
 
 
+def test_the_busy_clock_logs_each_busy_interval_once_when_asked(tmp_path, monkeypatch):
+    log = tmp_path / "reads.log"
+    now = [0.0]
+    clock = BusyClock(clock=lambda: now[0], log=str(log))
+    with clock:  # two reads overlapping: one interval, 0 to 4
+        now[0] = 1.0
+        with clock:
+            now[0] = 3.0
+        now[0] = 4.0
+    now[0] = 10.0
+    with clock:
+        now[0] = 11.5
+    assert log.read_text() == "0.0 4.0\n10.0 11.5\n"
+    monkeypatch.setenv("MOEFLOW_READ_LOG", str(tmp_path / "env.log"))
+    with BusyClock(clock=lambda: 2.0):  # the environment names the file the reader process inherits
+        pass
+    assert (tmp_path / "env.log").read_text() == "2.0 2.0\n"
+    monkeypatch.delenv("MOEFLOW_READ_LOG")
+    with BusyClock():  # no log: nothing written anywhere
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env.log", "reads.log"]
+
+
 def test_a_shard_cut_short_after_opening_is_an_error_naming_it(folders, tmp_path):
     path = tmp_path / "m"
     shutil.copytree(folders["packed"], path)
