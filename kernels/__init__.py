@@ -12,6 +12,9 @@ Public API:
     weights_TK, out_dtype) -> out_TD
         the exact path in two steps: each pair's row before its routing weight, then the sum over k; a layer
         whose experts arrive in batches computes each batch's rows as they land (bit for bit the same).
+    pair_hidden(x_1D, gate_up_2ID, *, gate=None) -> h_1I;  pair_row(h_1I, down_DI) -> row_1D
+        one token's pair row of experts_rows in two halves (bit for bit): the gate/up half can run while the
+        expert's down matrix is still being read.
     fused_moe(hidden_TD, gate_up_proj_E2ID, down_proj_EDI, topk_weights_TK, topk_ids_TK) -> out_TD
         transformers' layout (gate rows then up rows; SiLU). Ids index the first weight dimension, so
         a slot pool works as is; an id outside [0, E) is a pair not computed here (contributes 0).
@@ -30,7 +33,7 @@ that one, and must not take this package for it (tests/kernels/test_kernels_name
 """
 
 from moeflow.kernels.config import TileConfig
-from moeflow.kernels.experts import experts_forward, experts_rows, weighted_sum
+from moeflow.kernels.experts import experts_forward, experts_rows, pair_hidden, pair_row, weighted_sum
 from moeflow.kernels.fused_moe import fused_moe
 from moeflow.kernels.metadata import SortedPairs, sort_pairs, sort_pairs_reference
 from moeflow.kernels.reference import fused_moe_reference
@@ -50,6 +53,8 @@ __all__ = [
     "fused_moe_reference",
     "grouped_topk_sigmoid",
     "grouped_topk_sigmoid_reference",
+    "pair_hidden",
+    "pair_row",
     "sort_pairs",
     "sort_pairs_reference",
     "topk_softmax",

@@ -128,10 +128,22 @@ def silu_and_mul(h_n2I: torch.Tensor) -> torch.Tensor:
 def _expert_mlp(x_nD: torch.Tensor, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, gemm: Gemm, gate: Gate,
                 bias_2I: torch.Tensor | None = None, bias_D: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One expert's MLP; the biases, when given, are added after each GEMM, in place, as transformers adds them."""
+    return expert_output(expert_hidden(x_nD, gate_up_2ID, gemm, gate, bias_2I), down_DI, gemm, bias_D)
+
+
+def expert_hidden(x_nD: torch.Tensor, gate_up_2ID: torch.Tensor, gemm: Gemm, gate: Gate,
+                  bias_2I: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """`_expert_mlp`'s first half: the gate/up GEMM (its bias added in place), through the gate: [n, I]."""
     h_n2I = gemm(x_nD, gate_up_2ID)
     if bias_2I is not None:
         h_n2I.add_(bias_2I)
-    y_nD = gemm(gate(h_n2I), down_DI)
+    return gate(h_n2I)
+
+
+def expert_output(h_nI: torch.Tensor, down_DI: torch.Tensor, gemm: Gemm, bias_D: torch.Tensor | None = None
+                  ) -> torch.Tensor:  # fmt: skip
+    """`_expert_mlp`'s second half: the down GEMM (its bias added in place): [n, D]."""
+    y_nD = gemm(h_nI, down_DI)
     if bias_D is not None:
         y_nD.add_(bias_D)
     return y_nD

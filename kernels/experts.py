@@ -30,7 +30,18 @@ from __future__ import annotations
 
 import torch
 from moeflow.kernels import backend
-from moeflow.kernels.cpu import Gate, _weight_and_sum, moe_grouped_mm, moe_pair_loop, moe_sorted, planned_moe
+from moeflow.kernels.cpu import (
+    GEMMS,
+    Gate,
+    _weight_and_sum,
+    expert_hidden,
+    expert_output,
+    moe_grouped_mm,
+    moe_pair_loop,
+    moe_sorted,
+    planned_moe,
+    silu_and_mul,
+)
 from moeflow.kernels.fused_moe import check_moe_args, fused_moe
 
 
@@ -78,6 +89,19 @@ def experts_rows(
         check_moe_args(x_TD, gate_up_S2ID, down_SDI, None, slot_ids_TK)
         return planned_moe(x_TD, gate_up_S2ID, down_SDI, None, slot_ids_TK, gate=gate, biases=biases)
     return _exact(x_TD, gate_up_S2ID, down_SDI, None, slot_ids_TK, gate, biases)
+
+
+def pair_hidden(x_1D: torch.Tensor, gate_up_2ID: torch.Tensor, *, gate: Gate | None = None) -> torch.Tensor:
+    """The first half of one (token, expert) pair's row on the exact path, for one token on the CPU: the gate/up
+    product through the gate, [1, I]. ``pair_row(pair_hidden(x, gate_up[s]), down[s])`` is that pair's row of
+    ``experts_rows`` bit for bit (the same two ``torch.mm`` and the gate), so a layer can compute the first half
+    as soon as an expert's gate/up matrices are in, while its down matrix is still being read. No biases."""
+    return expert_hidden(x_1D, gate_up_2ID, GEMMS["mm"], gate or silu_and_mul)
+
+
+def pair_row(h_1I: torch.Tensor, down_DI: torch.Tensor) -> torch.Tensor:
+    """The second half of `pair_hidden`: the pair's row before its routing weight, [1, D]."""
+    return expert_output(h_1I, down_DI, GEMMS["mm"])
 
 
 def weighted_sum(rows_PD: torch.Tensor, weights_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

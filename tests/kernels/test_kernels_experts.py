@@ -16,7 +16,15 @@ from types import SimpleNamespace
 import moeflow.kernels.cpu as cpu
 import pytest
 import torch
-from moeflow.kernels import experts_forward, experts_rows, fused_moe, fused_moe_reference, weighted_sum
+from moeflow.kernels import (
+    experts_forward,
+    experts_rows,
+    fused_moe,
+    fused_moe_reference,
+    pair_hidden,
+    pair_row,
+    weighted_sum,
+)
 from test_kernels_fused_moe import (
     BWD_TOL,
     CASES,
@@ -181,6 +189,24 @@ def test_fast_rows_are_the_exact_rows_within_rounding(case: Case, gate_name: str
         assert_close_scaled(out, experts_forward(hidden, gate_up, down, weights, ids, gate=GATES[gate_name]),
                             FWD_TOL["fp32"])  # fmt: skip
     assert bool(calls) == (blas and case.T <= 2)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("gate_name", GATES)
+def test_one_token_s_rows_in_two_halves_are_the_exact_rows_bit_for_bit(gate_name: str, dtype: str) -> None:
+    """pair_row(pair_hidden(...)): a layer computes an expert's gate/up half while its down matrix is still read
+    (the engine's early replies); each pair's row must be experts_rows' to the last bit, so greedy tokens stay
+    transformers'."""
+    case = next(c for c in TABLE if c.name == "decode_wave")
+    hidden, gate_up, down, _, ids = inputs_for(case, DTYPES[dtype])
+    with torch.no_grad():
+        want = experts_rows(hidden, gate_up, down, ids, gate=GATES[gate_name])
+        for p, s in enumerate(ids.reshape(-1).tolist()):
+            if s < 0:
+                continue
+            got = pair_row(pair_hidden(hidden, gate_up[s], gate=GATES[gate_name]), down[s])
+            assert torch.equal(got, want[p : p + 1]), (p, s)
+    assert (ids < 0).any() and (ids >= 0).any()  # the case has a pair of another wave, which stays zero above
 
 
 def test_the_plan_takes_blas_only_on_one_blas_thread(monkeypatch) -> None:
