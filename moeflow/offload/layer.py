@@ -16,11 +16,11 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 
 from moeflow.events import Listeners
-from moeflow.kernels import experts_forward, experts_rows, weighted_sum
+from moeflow.kernels import experts_forward, experts_rows, pair_hidden, pair_row, weighted_sum
 from moeflow.kernels.quant import quantized_experts_forward
 from moeflow.kernels.quant_moe import TRITON_KINDS, quant_fused_moe
 from moeflow.model.families import experts_modules
-from moeflow.offload.cache import ExpertCache
+from moeflow.offload.cache import ExpertCache, SlotPool
 from moeflow.offload.plans import RoutingEvent, RoutingPlan
 
 IMPLEMENTATION = "moeflow"
@@ -152,21 +152,54 @@ def offloaded_experts_forward(
         assert rows_PD is not None, "a wave has at least one expert"
         return weighted_sum(rows_PD, top_k_weights_TK, hidden_TD.dtype)
 
+    if (token_experts is not None and on_cpu and runtime.exact and not runtime.triton and pool.fmt is None
+            and not self.has_bias and runtime.cache.early_gate_up):  # fmt: skip
+        return serve_layer(runtime.cache, plan, *_halves(hidden_TD, token_experts, top_k_weights_TK, pool,
+                                                         self._apply_gate))  # fmt: skip
     return serve_layer(runtime.cache, plan, compute_arrivals)
+
+
+def _halves(
+    x_1D: torch.Tensor, token_experts: list[int], weights_1K: torch.Tensor, pool: SlotPool, gate: Callable
+) -> tuple[Callable[[Iterator[dict[int, int]]], torch.Tensor], Callable[[int, int], None]]:
+    """One token's layer on the CPU, where large experts' reads reply early (`ExpertCache.early_gate_up`): each
+    expert's gate/up half is computed as soon as its gate/up matrices are in (the second callable, `serve_layer`'s
+    `on_gate_up`), while its down matrix is read, and its down half once it has landed (the first, `compute`). The
+    rows are `compute_arrivals`' bit for bit (`kernels.pair_hidden`); experts of another wave give zero rows."""
+    hidden: dict[int, torch.Tensor] = {}
+
+    def on_gate_up(e: int, s: int) -> None:
+        hidden[e] = pair_hidden(x_1D, pool.gate_up_S2ID[s], gate=gate)
+
+    def compute(batches: Iterator[dict[int, int]]) -> torch.Tensor:
+        rows: dict[int, torch.Tensor] = {}
+        for ready in batches:
+            for e, s in ready.items():
+                h = hidden.pop(e, None)
+                rows[e] = pair_row(pair_hidden(x_1D, pool.gate_up_S2ID[s], gate=gate) if h is None else h,
+                                   pool.down_SDI[s])  # fmt: skip
+        zero = None
+        if len(rows) < len(token_experts):
+            zero = x_1D.new_zeros(1, x_1D.shape[1])
+        return weighted_sum(torch.cat([rows.get(e, zero) for e in token_experts]), weights_1K, x_1D.dtype)
+
+    return compute, on_gate_up
 
 
 def serve_layer(
     cache: ExpertCache,
     plan: RoutingPlan,
     compute: Callable[[Iterator[dict[int, int]]], torch.Tensor] | None = None,
+    on_gate_up: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor | None:
     """The per-layer cache protocol, shared by the live forward and profiling replay.
 
     The layer's run is announced to the policy's clock (`ExpertCache.begin_layer`). Its experts are split into
     waves that fit the pool, resident ones first so they stay; each wave is acquired (hits, demand reads, waits
     for prefetches in flight) and, when `compute` is given, computed from its slots as they arrive (batches of
-    expert -> slot, `ExpertCache.arrivals`); the waves' outputs are summed in order. Replay passes no `compute`:
-    it counts exactly what a live run with the same routing counts.
+    expert -> slot, `ExpertCache.arrivals`, which hands `on_gate_up` the experts whose gate/up matrices are in
+    before the rest); the waves' outputs are summed in order. Replay passes no `compute`: it counts exactly what a
+    live run with the same routing counts.
     """
     cache.begin_layer(plan.layer)
     resident = cache.resident()
@@ -174,7 +207,7 @@ def serve_layer(
     cap = cache.pool.capacity
     out = None
     for i in range(0, len(ordered), cap):
-        with cache.arrivals(plan.layer, ordered[i : i + cap]) as batches:
+        with cache.arrivals(plan.layer, ordered[i : i + cap], on_gate_up) as batches:
             if compute is None:
                 for _ in batches:
                     pass

@@ -51,11 +51,12 @@ from typing import NamedTuple
 
 _ALIGN = 4096  # as moeflow.offload.store: O_DIRECT's offset, length and address granularity
 _LENGTH = struct.Struct("<I")
-_REQUEST = struct.Struct("<QBBH")  # job id, check NaN/Inf, urgent, runs
+_REQUEST = struct.Struct("<QBBHH")  # job id, check NaN/Inf, urgent, runs, runs before an early reply (0: none)
 _RUN = struct.Struct("<HQQBH")  # file, start, end, direct, pieces
 _PIECE = struct.Struct("<HQQQB")  # region, offset of the piece in it, file offset, bytes, dtype (`DTYPES`)
-# job id, bytes read, errno (0: read), not finite, fell back, the process's reading seconds so far, message length
-_REPLY = struct.Struct("<QQiBBdH")
+# job id, bytes read, errno (0: read), not finite, fell back, early (more runs to come), the process's reading seconds
+# so far, message length
+_REPLY = struct.Struct("<QQiBBBdH")
 _READY = (1 << 64) - 1  # the job id of the reply that says the process is up (no request's)
 DTYPES = ("", "float32", "float16", "bfloat16", "float64")  # what the NaN/Inf check knows; "" (0): not checked
 _BF16_EXPONENT = 0x7F80
@@ -139,6 +140,18 @@ class BusyClock:
             return self._total + (self._clock() - self._since if self._reads else 0.0)
 
 
+class Request(NamedTuple):
+    """One expert's read for the reader process: its runs, whether to check them for NaN/Inf, whether it is urgent (a
+    demand read), and `early`: the number of leading runs after which the process replies early (`Reply.early`),
+    while it reads the rest (0: one reply, at the end)."""
+
+    job: int
+    runs: Sequence[Run]
+    check: bool
+    urgent: bool
+    early: int = 0
+
+
 class Reply(NamedTuple):
     job: int
     nbytes: int
@@ -146,6 +159,7 @@ class Reply(NamedTuple):
     not_finite: bool
     fell_back: bool  # O_DIRECT was refused: reads are buffered from now on
     message: str
+    early: bool = False  # the request's first `Request.early` runs are in, the rest still being read; another follows
 
     def error(self) -> OSError | None:
         return OSError(self.errno, self.message) if self.errno else None
@@ -215,13 +229,16 @@ class ReaderProcess:
             return 0
         return max(fields.get("VmHWM", 0) - fields.get("RssShmem", 0), 0)
 
-    def send(self, requests: Sequence[tuple[int, Sequence[Run], bool, bool]]) -> None:
-        """Send (job id, runs, check NaN/Inf, urgent) requests in one write: waking the process is most of a send's
+    def send(self, requests: Sequence[Request | tuple]) -> None:
+        """Send requests (`Request`s, or tuples of its fields) in one write: waking the process is most of a send's
         cost (~76 us a write on the 2-core VM, measured with cProfile in a decode). Urgent ones (demand reads) go
         before the others, which wait while one is in progress (`_Schedule`)."""
         out = []
-        for job, runs, check, urgent in requests:
-            parts = [_REQUEST.pack(job, check, urgent, len(runs))]
+        for request in requests:
+            job, runs, check, urgent, early = Request(*request)
+            if not 0 <= early < max(len(runs), 1):
+                raise ValueError(f"an early reply after {early} of {len(runs)} runs: it must come before the last")
+            parts = [_REQUEST.pack(job, check, urgent, len(runs), early)]
             for run in runs:
                 parts.append(_RUN.pack(self._file_index[run.file], run.start, run.end, run.direct, len(run.pieces)))
                 for p in run.pieces:
@@ -282,7 +299,7 @@ class ReaderProcess:
         out = []
         buf = self._pending
         while len(buf) >= _REPLY.size:
-            job, nbytes, err, not_finite, fell_back, reading_s, n = _REPLY.unpack_from(buf)
+            job, nbytes, err, not_finite, fell_back, early, reading_s, n = _REPLY.unpack_from(buf)
             if len(buf) < _REPLY.size + n:
                 break
             message = bytes(buf[_REPLY.size : _REPLY.size + n]).decode("utf-8", "replace")
@@ -291,7 +308,7 @@ class ReaderProcess:
             if job == _READY:
                 self.ready = True
                 continue
-            out.append(Reply(job, nbytes, err, bool(not_finite), bool(fell_back), message))
+            out.append(Reply(job, nbytes, err, bool(not_finite), bool(fell_back), message, bool(early)))
         return out
 
     def close(self) -> None:
@@ -392,18 +409,31 @@ class _Reader:
             os.posix_fadvise(self.fds[file], start, length, os.POSIX_FADV_DONTNEED)
         return done
 
-    def serve(self, job: int, check: bool, runs: list, buffer: list, pause: Callable[[], None] | None) -> None:
-        total, finite, err, message = self._serve(check, runs, buffer, pause)
-        encoded = message.encode()[:2000]
-        with self.lock:
-            fell_back, self.fell_back = self.fell_back, False
-            reply = _REPLY.pack(job, total, err, not finite, fell_back, self.busy.seconds(), len(encoded))
-            _write_all(self.replies, reply + encoded)
+    def serve(
+        self, job: int, check: bool, runs: list, early: int, buffer: list, pause: Callable[[], None] | None
+    ) -> None:
+        def reply(total: int, finite: bool, err: int, message: str, *, more: bool) -> None:
+            encoded = message.encode()[:2000]
+            with self.lock:
+                fell_back, self.fell_back = (False, self.fell_back) if more else (self.fell_back, False)
+                head = _REPLY.pack(job, total, err, not finite, fell_back, more, self.busy.seconds(), len(encoded))
+                _write_all(self.replies, head + encoded)
+
+        if early:
+            total, finite, err, message = self._serve(check, runs[:early], buffer, pause)
+            if err:
+                reply(total, finite, err, message, more=False)
+                return
+            reply(total, finite, 0, "", more=True)
+            more = self._serve(check, runs[early:], buffer, pause)
+            reply(total + more[0], finite and more[1], *more[2:], more=False)
+            return
+        reply(*self._serve(check, runs, buffer, pause), more=False)
 
     def _serve(
         self, check: bool, runs: list, buffer: list, pause: Callable[[], None] | None
     ) -> tuple[int, bool, int, str]:
-        """Do a request's runs: (bytes read, all finite, errno or 0, message)."""
+        """Do runs of a request: (bytes read, all finite, errno or 0, message)."""
         total, finite, err, message = 0, True, 0, ""
         try:
             for file, start, end, direct, pieces in runs:
@@ -446,8 +476,8 @@ def _finite(buf: object, offset: int, nbytes: int, dtype: int) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def _parse_request(body: bytes) -> tuple[int, bool, bool, list]:
-    job, check, urgent, nruns = _REQUEST.unpack_from(body)
+def _parse_request(body: bytes) -> tuple[int, bool, bool, list, int]:
+    job, check, urgent, nruns, early = _REQUEST.unpack_from(body)
     at = _REQUEST.size
     runs = []
     for _ in range(nruns):
@@ -458,7 +488,7 @@ def _parse_request(body: bytes) -> tuple[int, bool, bool, list]:
             pieces.append(_PIECE.unpack_from(body, at))
             at += _PIECE.size
         runs.append((file, start, end, bool(direct), pieces))
-    return job, bool(check), bool(urgent), runs
+    return job, bool(check), bool(urgent), runs, early
 
 
 class _Schedule:
@@ -479,14 +509,15 @@ class _Schedule:
         lock = threading.Lock()
         self.cv = threading.Condition(lock)
         self.calm = threading.Condition(lock)
-        self.queued: dict[bool, deque[tuple[int, bool, bool, list]]] = {True: deque(), False: deque()}
+        self.queued: dict[bool, deque[tuple[int, bool, bool, list, int]]] = {True: deque(), False: deque()}
         self.running = {True: 0, False: 0}  # urgent? -> requests being served
         self.piping = False  # a thread is reading the pipe
         self.closed = False
         self.pending = bytearray()
 
-    def take(self) -> tuple[int, bool, bool, list] | None:
-        """The next request to serve (job, check, urgent, runs); None once the pipe is closed and all are taken."""
+    def take(self) -> tuple[int, bool, bool, list, int] | None:
+        """The next request to serve (job, check, urgent, runs, early); None once the pipe is closed and all are
+        taken."""
         with self.cv:
             while True:
                 request = self._next(pop=True)
@@ -514,7 +545,7 @@ class _Schedule:
                     request = _parse_request(body)
                     self.queued[request[2]].append(request)
 
-    def _next(self, *, pop: bool) -> tuple[int, bool, bool, list] | None:
+    def _next(self, *, pop: bool) -> tuple[int, bool, bool, list, int] | None:
         """The request that may start now, if any (taken off its queue with `pop`)."""
         urgent, background, running = self.queued[True], self.queued[False], self.running
         if urgent and running[True] < self.reads:
@@ -561,15 +592,15 @@ def _child_main(spec: dict) -> None:
 
     reader = _Reader(spec)
     schedule = _Schedule(spec["requests"], spec["threads"])
-    _write_all(spec["replies"], _REPLY.pack(_READY, 0, 0, 0, 0, 0.0, 0))
+    _write_all(spec["replies"], _REPLY.pack(_READY, 0, 0, 0, 0, 0, 0.0, 0))
 
     def work(populated: bool) -> None:
         populate = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         buffer = [mmap.mmap(-1, spec["buffer"], flags=populate)] if spec["buffer"] and populated else []
         while (request := schedule.take()) is not None:
-            job, check, urgent, runs = request
+            job, check, urgent, runs, early = request
             try:
-                reader.serve(job, check, runs, buffer, None if urgent else schedule.pause)
+                reader.serve(job, check, runs, early, buffer, None if urgent else schedule.pause)
             finally:
                 schedule.done(urgent)
 

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from moeflow.offload.mover import BusyClock, ReaderProcess, Reply, Run
+from moeflow.offload.mover import BusyClock, ReaderProcess, Reply, Request, Run
 
 T = TypeVar("T")
 
@@ -195,9 +195,13 @@ class MoveTask(Protocol):
     def run(self) -> None:
         """The whole read, in the calling thread (may raise, once the task has recorded its failure)."""
 
-    def begin(self) -> tuple[list[Run], bool] | None:
-        """About to be sent: its byte moves and whether to check them for NaN/Inf, or None: nothing to read (the
-        task has settled itself)."""
+    def begin(self) -> tuple[list[Run], bool, int] | None:
+        """About to be sent: its byte moves, whether to check them for NaN/Inf, and after how many of its runs the
+        process replies early (`Request.early`; 0: once, at the end); or None: nothing to read (the task has
+        settled itself)."""
+
+    def early(self) -> None:
+        """The process has read the first runs (`begin`'s count of them); the rest are still being read."""
 
     def end(self, reply: Reply) -> None:
         """The reader process has done its moves (or failed: `reply.error()`)."""
@@ -344,16 +348,23 @@ class ProcessReaderPool:
             if moves is None:
                 job.done = True
                 continue
-            runs, check = moves
+            runs, check, early = moves
             self._next += 1
             self._in_flight[self._next] = (job, urgent)
-            requests.append((self._next, runs, check, urgent))
+            requests.append(Request(self._next, runs, check, urgent, early))
             self._ahead += not urgent
         if requests:
             self.process.send(requests)
 
     def _collect(self, *, block: bool) -> None:
         for reply in self.process.replies(block=block):
+            if reply.early:  # the first runs are in; the job stays in flight
+                job = self._in_flight[reply.job][0]
+                try:
+                    job.task.early()
+                except Exception as e:  # recorded by the task
+                    job.error = e
+                continue
             job, urgent = self._in_flight.pop(reply.job)
             self._ahead -= not urgent
             try:

@@ -95,7 +95,7 @@ class _Prefetch:
     def run(self) -> None:
         self.transfer._run(self.key, self.slot)
 
-    def begin(self) -> tuple[list[Run], bool] | None:
+    def begin(self) -> tuple[list[Run], bool, int] | None:
         cache = self.transfer.cache
         moves = None
         if cache.start_prefetch(self.key, self.slot):  # else cancelled, or taken over by the compute thread
@@ -105,6 +105,9 @@ class _Prefetch:
         if moves is None:
             self.transfer._finished()
         return moves
+
+    def early(self) -> None:
+        self.transfer.cache._gate_up_landed(self.slot)
 
     def end(self, reply: Reply) -> None:
         cache = self.transfer.cache

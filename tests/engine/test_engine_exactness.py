@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moeflow
+from moeflow.offload.cache import ExpertCache
 from moeflow.testing import FAMILY_NAMES
 
 PROMPT = [3, 17, 29, 44, 5, 61, 90, 12, 7, 33, 101, 58]  # 12 tokens: prefill touches most experts
@@ -126,3 +127,26 @@ def test_sampling_is_seeded(tiny_checkpoints):
         c = engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, top_p=0.9, seed=8).token_ids
     assert a == b
     assert a != c
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_greedy_equals_transformers_with_early_gate_up_replies(tiny_checkpoints, transformers_greedy, family, policy,
+                                                               tmp_path, monkeypatch):  # fmt: skip
+    """Experts read in the reader process with an early reply once their gate/up matrices are in, each layer computing
+    their gate/up half then (`ExpertCache.early_gate_up`, the size cut lowered to every expert; the checkpoint widened
+    with zero rows so that gate/up and down are separate runs, which leaves transformers' tokens as they were)."""
+    from moeflow.tools.widen import widen_experts
+
+    monkeypatch.setattr("moeflow.offload.cache.EARLY_GATE_UP_BYTES", 0)
+    landed, landing = [], ExpertCache._gate_up_landed
+    monkeypatch.setattr(ExpertCache, "_gate_up_landed", lambda self, s: landed.append(s) or landing(self, s))
+    path = widen_experts(tiny_checkpoints[family], tmp_path / "aligned", 256, progress=False)
+    options = {"predictor": "gate", "prediction_trial": False} if policy == "predictive" else {}
+    with moeflow.load(path, expert_budget="25%", policy=policy, store="disk", **options) as engine:
+        assert engine.cache.early_gate_up
+        engine.cache.readers.process.wait_ready(block=True)  # else the first reads are the compute thread's own
+        result = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+        stats = engine.stats()
+    assert result.token_ids == transformers_greedy(family, PROMPT, NEW_TOKENS)
+    assert stats.misses > stats.capacity_slots and landed

@@ -10,14 +10,18 @@ import errno
 import logging
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
+from moeflow.kernels import experts_rows, weighted_sum
 
 import moeflow
+import moeflow.offload.cache as cache_module
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.offload.cache import SlotPool
-from moeflow.offload.mover import _LENGTH, _REQUEST, BusyClock, ReaderProcess, Reply, _Schedule
+from moeflow.offload.layer import _halves
+from moeflow.offload.mover import _LENGTH, _REQUEST, BusyClock, ReaderProcess, Reply, Request, _Schedule
 from moeflow.offload.readers import ProcessReaderPool
 from moeflow.offload.store import DiskStore
 from moeflow.testing import save_tiny_checkpoint
@@ -100,7 +104,7 @@ def test_an_urgent_read_overtakes_a_read_ahead_in_progress(folders):
 
 def test_the_schedule_serves_urgent_reads_first_up_to_reads_at_once_and_nothing_ahead_beside_them():
     def request(job, urgent):
-        body = _REQUEST.pack(job, 0, urgent, 0)
+        body = _REQUEST.pack(job, 0, urgent, 0, 0)
         return _LENGTH.pack(len(body)) + body
 
     r, w = os.pipe()
@@ -185,6 +189,53 @@ def test_a_shard_cut_short_after_opening_is_an_error_naming_it(folders, tmp_path
         process.close()
 
 
+def test_an_early_reply_comes_once_the_first_runs_are_in_and_the_last_one_at_the_end(folders):
+    """`Request.early`: the aligned layout reads an expert in two runs (gate/up into their slot, then down): a reply
+    after the first says how many bytes are in, and the gate/up matrices are there when it comes; the last reply
+    carries the whole read, as a request without an early reply does."""
+    ckpt, store, pool, process = _setup(folders["large"])
+    try:
+        key = list(ckpt.experts)[1]
+        gate_up, down = torch.empty_like(pool.gate_up_S2ID[0]), torch.empty_like(pool.down_SDI[0])
+        nbytes = store.read_into(key, gate_up, down)
+        for urgent in (True, False):  # whole, and in chunks with pauses between them
+            pool.gate_up_S2ID.fill_(-1.0)
+            pool.down_SDI.fill_(-1.0)
+            runs, check = store.moves(key, pool.gate_up_S2ID[0], pool.down_SDI[0])
+            assert len(runs) == 2 and all(r.direct for r in runs)
+            process.send([Request(5, runs, check, urgent, early=1)])
+            first = process.replies(block=True)[0]
+            assert first == Reply(5, runs[0].end - runs[0].start, 0, False, False, "", early=True)
+            assert torch.equal(pool.gate_up_S2ID[0], gate_up)
+            (last,) = _collect(process, 1).values()
+            assert last == Reply(5, nbytes, 0, False, False, "")
+            assert torch.equal(pool.down_SDI[0], down)
+        with pytest.raises(ValueError, match="before the last"):
+            process.send([Request(6, runs, check, True, early=2)])
+    finally:
+        process.close()
+
+
+def test_a_read_that_fails_after_its_early_reply_ends_with_the_error(folders, tmp_path):
+    path = tmp_path / "m"
+    shutil.copytree(folders["large"], path)
+    ckpt, store, pool, process = _setup(path)
+    try:
+        last = max(ckpt.experts, key=lambda k: max(s.offset for s in ckpt.experts[k].spans))
+        down = max(ckpt.experts[last].spans, key=lambda s: s.offset)  # the down matrix: the second run
+        with open(down.file, "r+b") as f:  # cut short after opening
+            f.truncate(down.offset + 16)
+        runs, check = store.moves(last, pool.gate_up_S2ID[0], pool.down_SDI[0])
+        process.send([Request(3, runs, check, True, early=1)])
+        replies = []
+        while not replies or replies[-1].early:
+            replies += process.replies(block=True)
+        assert [r.early for r in replies] == [True, False]
+        assert replies[0].errno == 0 and replies[1].errno == errno.EIO and "truncated" in replies[1].message
+    finally:
+        process.close()
+
+
 def test_not_finite_weights_come_back_as_the_store_s_warning(folders, tmp_path, caplog):
     path = tmp_path / "m"
     shutil.copytree(folders["packed"], path)
@@ -250,7 +301,7 @@ class FakeProcess:
 
     def send(self, requests):
         self.writes += 1
-        for job, runs, _, _ in requests:
+        for job, runs, *_ in requests:
             self.sent.append(runs[0])
             self.waiting.append(job)
 
@@ -275,7 +326,7 @@ class Task:
 
     def begin(self):
         self.log.append(("begin", self.name))
-        return None if self.skip else ([self.name], False)
+        return None if self.skip else ([self.name], False, 0)
 
     def end(self, reply):
         self.log.append(("end", self.name))
@@ -308,6 +359,46 @@ def test_one_plan_s_reads_ahead_go_to_the_process_in_one_write():
     assert process.sent == ["a", "b", "c"] and process.writes == 1  # what the window allows, in one write
     pool.drain()
     assert process.sent == ["a", "b", "c", "d"] and all(j.done for j in jobs)
+    pool.close()
+
+
+class EarlyProcess(FakeProcess):
+    """Replies early first to the requests that ask for it, then, at the next call, to all."""
+
+    def send(self, requests):
+        super().send(requests)
+        self.early = [*getattr(self, "early", []), *(r.job for r in requests if r.early)]
+
+    def replies(self, *, block):
+        if self.early:
+            out, self.early = [Reply(job, 1, 0, False, False, "", early=True) for job in self.early], []
+            return out
+        return super().replies(block=block)
+
+
+class EarlyTask(Task):
+    def begin(self):
+        self.log.append(("begin", self.name))
+        return [self.name], False, 1
+
+    def early(self):
+        self.log.append(("early", self.name))
+
+
+def test_an_early_reply_reaches_its_task_and_the_read_stays_in_flight():
+    log, process = [], EarlyProcess()
+    pool = ProcessReaderPool(process, window=1)
+    ahead = pool.submit(EarlyTask("a", log))
+    pool.submit(Task("b", log))
+    jobs = pool.start([EarlyTask("x", log)])
+    assert process.sent == ["a", "x"]
+    pool.poll()  # the early replies: a and x are still in flight, b still waits for room in the window
+    assert ("early", "a") in log and ("early", "x") in log and not any(e[0] == "end" for e in log)
+    assert not ahead.done and not jobs[0].done and process.sent == ["a", "x"]
+    pool.finish(jobs)
+    assert jobs[0].done and ahead.done and process.sent == ["a", "x", "b"]
+    assert log.index(("early", "x")) < log.index(("end", "x"))
+    pool.drain()
     pool.close()
 
 
@@ -384,3 +475,47 @@ def test_the_engine_reading_in_a_process_decodes_the_same_tokens(tiny_checkpoint
     assert stats.misses > 0 and stats.resident_peak_bytes <= stats.budget_bytes
     if policy == "lru":  # the same reads, byte for byte
         assert (stats.misses, stats.bytes_read) == (stats_threads.misses, stats_threads.bytes_read)
+
+
+@pytest.mark.parametrize("layout", ["packed", "aligned", "large"])
+def test_early_replies_keep_the_engine_s_tokens_and_come_where_the_gate_up_runs_come_first(folders, layout,
+                                                                                           monkeypatch):
+    """Large experts read in the process reply early (`ExpertCache.early_gate_up`; the size cut lowered to every
+    expert here): a layout whose first run fills the gate/up matrices alone gets an early reply after it (the
+    aligned ones), one that reads an expert in one run through the buffer (packed) none; greedy tokens equal the
+    RAM store's either way."""
+    monkeypatch.setattr(cache_module, "EARLY_GATE_UP_BYTES", 0)
+    landed = []
+    landing = cache_module.ExpertCache._gate_up_landed
+    monkeypatch.setattr(cache_module.ExpertCache, "_gate_up_landed",
+                        lambda self, s: landed.append(s) or landing(self, s))  # fmt: skip
+    tokens = {}
+    for store in ("disk", "ram"):
+        with moeflow.load(folders[layout], expert_budget="25%", store=store, policy="lru") as engine:
+            cache = engine.cache
+            assert cache.early_gate_up == (store == "disk")
+            if store == "disk":
+                key = next(iter(engine.checkpoint.experts))
+                assert cache.moves(key, 0)[2] == (0 if layout == "packed" else 1)
+                cache.readers.process.wait_ready(block=True)  # else the first reads are the compute thread's own
+            tokens[store] = engine.generate([1, 5, 9, 13, 2, 7], max_new_tokens=12, temperature=0).token_ids
+            assert engine.stats().misses > 0
+    assert tokens["disk"] == tokens["ram"]
+    assert bool(landed) == (layout != "packed")
+
+
+def test_a_layer_s_rows_from_gate_up_halves_are_its_rows_bit_for_bit():
+    """`moeflow.offload.layer._halves`: one token's experts, one of them with its gate/up half computed early, the
+    other landing whole, and one of another wave: the output is the exact path's (`experts_rows`, then the weighted
+    sum) to the last bit."""
+    torch.manual_seed(0)
+    S, D, I = 4, 32, 48
+    pool = SimpleNamespace(gate_up_S2ID=torch.randn(S, 2 * I, D), down_SDI=torch.randn(S, D, I))
+    x_1D, weights_1K = torch.randn(1, D), torch.softmax(torch.randn(1, 3), -1)
+    token_experts = [7, 2, 5]  # expert 7 in slot 1 (early half), 2 in slot 3 (whole), 5 in another wave
+    compute, on_gate_up = _halves(x_1D, token_experts, weights_1K, pool, None)
+    on_gate_up(7, 1)
+    got = compute(iter([{2: 3}, {7: 1}]))
+    slot_ids_1K = torch.tensor([[1, 3, -1]])
+    want = weighted_sum(experts_rows(x_1D, pool.gate_up_S2ID, pool.down_SDI, slot_ids_1K), weights_1K, x_1D.dtype)
+    assert torch.equal(got, want)

@@ -436,3 +436,73 @@ def test_a_failed_part_fails_the_read_and_frees_the_slot(readers):
             assert {e: slot_value(cache, s) for e, s in slot_of.items()} == {1: 1.0, 2: 2.0}
     finally:
         cache.close()
+
+
+def test_a_layer_gets_an_expert_s_gate_up_half_while_its_down_matrix_is_read():
+    """`arrivals`' `on_gate_up`: once a read has filled an expert's gate/up matrices (`_gate_up_landed`, which the
+    reader process's early reply calls) the waiting layer is handed the expert at once, before its batch. The read
+    ends only after the layer took the half, so the call cannot have come from the read's end; its time is not
+    stall. A hit, or a read that lands whole, gives no half."""
+    store = FakeStore()
+    cache = make_cache(capacity=4, readers=1, store=store)
+    reading, handed = threading.Event(), threading.Event()
+    halves = []
+
+    def fill_gate_up_then_wait() -> None:
+        reading.set()
+        s = cache._slot_of[(0, 2)]  # LOADING: the reader's alone
+        cache.pool.gate_up_S2ID[s].fill_(2.0)
+        cache._gate_up_landed(s)
+        if not handed.wait(10):
+            raise AssertionError("the layer did not take the gate/up half while the down matrix was read")
+
+    def on_gate_up(e: int, s: int) -> None:
+        halves.append((e, slot_value(cache, s), cache._slots[s].state, float(cache.pool.down_SDI[s].mean())))
+        time.sleep(0.05)  # computing the half: not stall
+        handed.set()
+
+    try:
+        with cache.acquire(0, [1]):
+            pass
+        store.before[(0, 2)] = fill_gate_up_then_wait
+        with cache.arrivals(0, [2, 1], on_gate_up) as batches:
+            assert set(next(batches)) == {1}  # the hit
+            assert reading.wait(10)  # the reader has the miss (else this thread would read it itself)
+            seen = list(batches)
+        assert halves == [(2, 2.0, SlotState.LOADING, 0.0)]  # gate/up in, down not yet
+        assert len(seen) == 1 and slot_value(cache, seen[0][2]) == 2.0 and not cache._slots[seen[0][2]].gate_up_in
+        assert cache.stats().per_layer[0].stall_s < 0.05
+        with cache.arrivals(0, [2, 3], on_gate_up) as batches:  # a hit, and a read that lands whole
+            assert {e for batch in batches for e in batch} == {2, 3}
+        assert len(halves) == 1
+    finally:
+        cache.close()
+
+
+def test_a_read_that_fails_after_its_gate_up_half_fails_the_layer_and_frees_the_slot():
+    store = FakeStore()
+    cache = make_cache(capacity=4, readers=1, store=store)
+    reading = threading.Event()
+    halves = []
+
+    def half_then_fail() -> None:
+        reading.set()
+        cache._gate_up_landed(cache._slot_of[(0, 2)])
+        deadline = time.monotonic() + 10
+        while not halves and time.monotonic() < deadline:  # the layer takes the half first
+            time.sleep(0.001)
+        raise OSError(5, "the down matrix could not be read")
+
+    try:
+        with cache.acquire(0, [1]):
+            pass
+        store.before[(0, 2)] = half_then_fail
+        with pytest.raises(OSError, match="down matrix"):
+            with cache.arrivals(0, [2, 1], lambda e, s: halves.append(e)) as batches:
+                next(batches)
+                assert reading.wait(10)
+                list(batches)
+        assert halves == [2] and (0, 2) not in cache.resident()
+        assert all(not slot.gate_up_in and slot.pins == 0 for slot in cache._slots)
+    finally:
+        cache.close()
