@@ -32,6 +32,11 @@ experts than the budget holds, where LRU evicts each one just before it is neede
     python bench/expertflow.py --out bench/results                      # everything
     python bench/expertflow.py --models iobound --part decode --repeats 1
     python bench/expertflow.py --models iobound --part decode --contenders auto,predictive/path
+    python bench/expertflow.py --models iobound --part decode --contenders predictive/path --baseline 76599a8
+
+``--baseline COMMIT`` runs every decode contender a second time from that commit's tree (a git worktree, its own
+bench/expertflow.py as the child), named "... (before)", interleaved with the rest: an engine change before and
+after in one run, beside LRU of this tree.
 
 Writes ``expertflow.json`` and ``expertflow.png``.
 """
@@ -41,12 +46,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
+    checkout,
     dense_bytes,
     disk_bandwidth,
     drop_caches,
@@ -202,6 +209,16 @@ def memory_limit(model: Path, budget: str, runtime: int) -> int:
     return runtime + dense_bytes(model) + b.slots * slot_bytes + SLACK_BYTES
 
 
+def child_command(spec: dict) -> list[str]:
+    """The command of one contender's run: this script as the child, or where the spec names a "tree" (`--baseline`),
+    that tree's own script with the tree first on the import path."""
+    tree = spec.get("tree")
+    if tree is None:
+        return [sys.executable, __file__, "--child", json.dumps(spec)]
+    return ["env", f"PYTHONPATH={tree}", sys.executable, str(Path(tree) / "bench" / "expertflow.py"), "--child",
+            json.dumps(spec)]  # fmt: skip
+
+
 def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float, pause_s: float = 0.0) -> dict[str, dict]:
     """Run every (name, spec, limit) job `repeats` times, interleaved, the order rotating each round (`round_order`:
     with as many rounds as jobs, each runs once in every position), after `pause_s` idle before each; keep each
@@ -212,8 +229,7 @@ def rounds(jobs: list[tuple[str, dict, int]], repeats: int, timeout_s: float, pa
             time.sleep(pause_s)
             dropped = drop_caches()
             t0 = time.perf_counter()
-            row = run_child([sys.executable, __file__, "--child", json.dumps(spec)], limit_bytes=limit,
-                            timeout_s=timeout_s)
+            row = run_child(child_command(spec), limit_bytes=limit, timeout_s=timeout_s)
             row.update(name=name, round=rnd, position=position, page_cache_dropped=dropped,
                        wall_s=time.perf_counter() - t0)
             speed = row.get("decode_tokens_per_s", row.get("tokens_per_s", 0.0))
@@ -299,7 +315,8 @@ def replay_decode(model: Path, prompts: list[list[int]], generated: list[list[in
     return {"hit_rate": r.stats.hit_rate, "bytes_per_token": r.stats.bytes_read / r.tokens, "tokens": r.tokens}
 
 
-def decode_part(args: argparse.Namespace, runtime: int) -> dict:
+def decode_part(args: argparse.Namespace, runtime: int, baseline: Path | None = None) -> dict:
+    """Every model's decode contenders, interleaved; with `baseline` (a tree, `--baseline`), each again from it."""
     out = {}
     for model_name in args.models:
         model = prepare_model(model_name, args.workdir)
@@ -339,12 +356,14 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
                            if name in ("lru", "predictive/path (no trial)")]  # fmt: skip
         if args.contenders:
             contenders = [c for c in contenders if c[0] == "lru" or c[0] in args.contenders]
+        trees = {"": None} if baseline is None else {"": None, " (before)": str(baseline)}
+        contenders = [(name + tag, options, tree) for tag, tree in trees.items() for name, options in contenders]
         limit = memory_limit(model, args.budget, runtime)
         jobs = [
             (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget, "options": options,
-                                      "prompts": prompts, "tokens": args.tokens, "record_routing": name == "lru"},
-             limit)
-            for name, options in contenders
+                                      "prompts": prompts, "tokens": args.tokens, "record_routing": name == "lru",
+                                      **({} if tree is None else {"tree": tree})}, limit)
+            for name, options, tree in contenders
         ]  # fmt: skip
         best = rounds(jobs, args.repeats, args.child_timeout, args.pause)
         rows = [best[name] for name, _, _ in jobs]
@@ -356,8 +375,8 @@ def decode_part(args: argparse.Namespace, runtime: int) -> dict:
         reference = {}
         if "error" not in lru:
             reference = replay_on_routing(model, lru["routing"], lru["capacity_slots"])
-        for (_, options), r in zip(contenders, rows):
-            if "predictor" in options and "error" not in r:
+        for (_, options, tree), r in zip(contenders, rows):
+            if "predictor" in options and "error" not in r and tree is None:  # this tree's replay: its own runs
                 r["replay"] = replay_decode(model, prompts, r["tokens"], options["predictor"], r["capacity_slots"],
                                             r["mean_overlap"], r["mean_contention"],
                                             reuse=options.get("reuse_model", True),
@@ -520,6 +539,8 @@ def main() -> int:
                         help="rebatch: eviction policies, each run with FIFO and the re-batcher")
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of each contender is kept")
     parser.add_argument("--pause", type=float, default=15.0, help="seconds idle before each run (the disk recovers)")
+    parser.add_argument("--baseline", default=None,
+                        help="decode: also run every contender from this commit's tree, named '... (before)'")
     parser.add_argument("--child-timeout", type=float, default=3600)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -533,7 +554,13 @@ def main() -> int:
                     "disk_gib_s": disk_bandwidth(sorted(iobound.glob("*.safetensors"))[-1]) / 2**30}  # fmt: skip
     runtime = runtime_baseline_bytes()
     if args.part in ("decode", "all"):
-        result["decode"] = decode_part(args, runtime)
+        if args.baseline:
+            result["baseline"] = subprocess.run(["git", "log", "-1", "--format=%h %s", args.baseline], text=True,
+                                                capture_output=True, check=True).stdout.strip()  # fmt: skip
+            with checkout(args.baseline) as tree:
+                result["decode"] = decode_part(args, runtime, tree)
+        else:
+            result["decode"] = decode_part(args, runtime)
     if args.part in ("rebatch", "all"):
         result["rebatch"] = rebatch_part(args, runtime)
     args.out.mkdir(parents=True, exist_ok=True)
