@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +46,8 @@ def options(contender: str) -> dict:
 
 def child(spec: dict) -> dict:
     """One decode with the compute thread's events logged: F/E a decode step's start and end, B a MoE layer's start,
-    R its routing, W0/W1 a wait for its experts (stall)."""
+    R its routing, W0/W1 a wait for its experts (stall), H0/H1 within it the gate/up half of an expert whose down
+    matrix is still being read (`ExpertCache.arrivals`' `on_gate_up`: compute)."""
     import moeflow
     from moeflow.offload.cache import ExpertCache
 
@@ -61,8 +62,16 @@ def child(spec: dict) -> dict:
     arrivals = ExpertCache.arrivals.__wrapped__  # the generator under its @contextmanager
 
     @contextlib.contextmanager
-    def logged_arrivals(self: ExpertCache, layer: int, experts: list[int]) -> Iterator[Iterator[dict[int, int]]]:
-        with contextlib.contextmanager(arrivals)(self, layer, experts) as batches:
+    def logged_arrivals(
+        self: ExpertCache, layer: int, experts: list[int], on_gate_up: Callable[[int, int], None] | None = None
+    ) -> Iterator[Iterator[dict[int, int]]]:
+        def logged_half(e: int, s: int) -> None:
+            events.append((clock(), "H0", layer))
+            on_gate_up(e, s)
+            events.append((clock(), "H1", layer))
+
+        half = None if on_gate_up is None else logged_half
+        with contextlib.contextmanager(arrivals)(self, layer, experts, half) as batches:
 
             def waited() -> Iterator[dict[int, int]]:
                 for_batches = iter(batches)
@@ -139,9 +148,9 @@ def phases(events: list[Event], busy: list[tuple[float, float]], layers: list[in
                 marks.append((t, names[kind]))
             elif kind == "B":
                 marks.append((t, f"L{pos[layer]} attn+router"))
-            elif kind in ("R", "W1"):
+            elif kind in ("R", "W1", "H0"):
                 marks.append((t, f"L{pos[layer]} compute"))
-            elif kind == "W0":
+            elif kind in ("W0", "H1"):
                 marks.append((t, f"L{pos[layer]} stall"))
         marks.append((events[j][0], ""))
         for (a, name), (b, _) in zip(marks, marks[1:]):

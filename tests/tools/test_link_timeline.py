@@ -35,3 +35,18 @@ def test_each_phase_gets_its_time_and_the_links_idle_time_in_it():
         assert got["phases"][name]["idle_ms"] == pytest.approx(idle_ms), name
     assert got["ms_per_token"] == pytest.approx(10.0)
     assert got["idle_ms_per_token"] == pytest.approx(7.5)
+
+
+def test_a_gate_up_half_computed_during_a_wait_is_compute_not_stall():
+    # One step of a one-layer model (ms): a 4 ms wait, 1.5 ms of which computes an expert's gate/up half while its
+    # down matrix is read (H0/H1); the link busy through the wait.
+    ms = 1e-3
+    events = [(x * ms, kind, layer) for x, kind, layer in [
+        (0, "F", -1), (1, "B", 7), (2, "R", 7), (2, "W0", 7), (3, "H0", 7), (4.5, "H1", 7), (6, "W1", 7),
+        (7, "E", -1), (10, "F", -1), (11, "B", 7), (12, "E", -1),
+    ]]  # fmt: skip
+    got = phases(events, [(2 * ms, 6 * ms)], layers=[7])
+    assert got["steps"] == 1
+    assert got["phases"]["L0 stall"]["ms"] == pytest.approx(2.5)
+    assert got["phases"]["L0 compute"]["ms"] == pytest.approx(1.5 + 1.0)
+    assert got["phases"]["L0 compute"]["idle_ms"] == pytest.approx(1.0)
