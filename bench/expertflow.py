@@ -475,8 +475,9 @@ def plot(result: dict, path: Path) -> None:
         names = [_bar_name(r["name"].split(" ", 1)[1]) for r in rows]
         lru = rows[0] if rows else None
         colors = ["#888"] + ["#1f77b4"] * (len(rows) - 1)
+        hatches = ["//" if r["name"].endswith(" (before)") else "" for r in rows]  # `--baseline`'s runs
         ax = axes.pop(0)
-        bars = ax.bar(names, [r["speed"] for r in rows], color=colors)
+        bars = ax.bar(names, [r["speed"] for r in rows], color=colors, hatch=hatches, edgecolor="white")
         label_bars(ax, bars, [f"{r['speed']:.1f} ({r['speed'] / lru['speed']:.2f}x)" for r in rows])
         ax.set_ylabel("decode tokens/s (higher is better)")
         ax.set_title(f"{model_name}: decode speed at {part['budget']} of experts, disk (x LRU)", fontsize=9)
