@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     checkout,
     dense_bytes,
+    describe_commits,
     disk_bandwidth,
     drop_caches,
     machine,
@@ -556,8 +556,7 @@ def main() -> int:
     runtime = runtime_baseline_bytes()
     if args.part in ("decode", "all"):
         if args.baseline:
-            result["baseline"] = subprocess.run(["git", "log", "-1", "--format=%h %s", args.baseline], text=True,
-                                                capture_output=True, check=True).stdout.strip()  # fmt: skip
+            result["baseline"] = describe_commits({"baseline": args.baseline})["baseline"]
             with checkout(args.baseline) as tree:
                 result["decode"] = decode_part(args, runtime, tree)
         else:

@@ -41,9 +41,11 @@ class SlotState(enum.Enum):
 
 
 _SETTLED = (SlotState.READY, SlotState.QUEUED)  # what a layer waiting on a prefetch read wakes up to
-# Experts from this size on are read with an early reply (`ExpertCache.early_gate_up`): it costs the reader process a
-# pipe write and the compute thread its collection (tens of us), where the down matrix's read takes ~0.6 ms at 4 MiB
-# (~2 GiB/s) and the gate/up product it hides ~0.3.
+# Experts from this size on are read with an early reply (`ExpertCache.early_gate_up`). A cut chosen, not measured: the
+# early reply costs the reader process a pipe write and the compute thread its collection (tens of us), where at 4 MiB
+# the down matrix's read would take ~0.6 ms at this VM's ~2 GiB/s and the gate/up product it hides ~0.3 (estimates from
+# the 18 MiB experts' 7.3 ms read and ~1.4 ms product). Measured: the I/O-bound bench model's 18 MiB experts and the
+# random model's 27 MiB (README, "An expert's compute overlaps its own read").
 EARLY_GATE_UP_BYTES = 4 << 20
 
 
@@ -56,8 +58,8 @@ class _Slot:
     - a key maps to at most one slot (`ExpertCache._slot_of[key]` is this slot's index);
     - only a READY or QUEUED slot with `pins == 0` may be evicted;
     - `unused_prefetch` is True from a prefetch's reservation until the expert's first use;
-    - `gate_up_in` only while LOADING: the read has filled the gate/up matrices (`ExpertCache.arrivals`' early
-      batches), the down matrix is still being read.
+    - `gate_up_in` only while LOADING: the read has filled the gate/up matrices, the down matrix is still being read
+      (`ExpertCache.early_gate_up`).
     """
 
     key: ExpertKey | None = None

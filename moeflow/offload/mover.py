@@ -17,6 +17,8 @@ file, each either read straight into a slot (on whole blocks) or through this pr
 then copied piece by piece; its NaN/Inf check, on the first read of an expert, is done here too. The
 answer says how many bytes were read, or the error (errno and message), and whether O_DIRECT was
 refused (this process then reads buffered, dropping each read from the page cache, as `DiskStore` does).
+A request may ask for an early answer too, once its first runs are in (a large expert's gate/up matrices: the
+layer waiting for it computes their half while the rest is read, `ExpertCache.early_gate_up`).
 
 Decoding the shipped model at 25% from disk (8 held-out prompts x 64 tokens, 3 interleaved rounds, ms a
 token, 2-core AMD EPYC VM, 2026-12-04, ad hoc): LRU 3.16-4.02 against 3.99-4.63 with reader threads; path
@@ -425,8 +427,8 @@ class _Reader:
                 reply(total, finite, err, message, more=False)
                 return
             reply(total, finite, 0, "", more=True)
-            more = self._serve(check, runs[early:], buffer, pause)
-            reply(total + more[0], finite and more[1], *more[2:], more=False)
+            rest = self._serve(check, runs[early:], buffer, pause)
+            reply(total + rest[0], finite and rest[1], *rest[2:], more=False)
             return
         reply(*self._serve(check, runs, buffer, pause), more=False)
 
