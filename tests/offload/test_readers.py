@@ -452,6 +452,7 @@ def test_a_layer_gets_an_expert_s_gate_up_half_while_its_down_matrix_is_read():
         reading.set()
         s = cache._slot_of[(0, 2)]  # LOADING: the reader's alone
         cache.pool.gate_up_S2ID[s].fill_(2.0)
+        cache.pool.down_SDI[s].fill_(-1.0)  # not read yet
         cache._gate_up_landed(s)
         if not handed.wait(10):
             raise AssertionError("the layer did not take the gate/up half while the down matrix was read")
@@ -469,7 +470,7 @@ def test_a_layer_gets_an_expert_s_gate_up_half_while_its_down_matrix_is_read():
             assert set(next(batches)) == {1}  # the hit
             assert reading.wait(10)  # the reader has the miss (else this thread would read it itself)
             seen = list(batches)
-        assert halves == [(2, 2.0, SlotState.LOADING, 0.0)]  # gate/up in, down not yet
+        assert halves == [(2, 2.0, SlotState.LOADING, -1.0)]  # gate/up in, down not yet
         assert len(seen) == 1 and slot_value(cache, seen[0][2]) == 2.0 and not cache._slots[seen[0][2]].gate_up_in
         assert cache.stats().per_layer[0].stall_s < 0.05
         with cache.arrivals(0, [2, 3], on_gate_up) as batches:  # a hit, and a read that lands whole
