@@ -41,12 +41,13 @@ class SlotState(enum.Enum):
 
 
 _SETTLED = (SlotState.READY, SlotState.QUEUED)  # what a layer waiting on a prefetch read wakes up to
-# Experts from this size on are read with an early reply (`ExpertCache.early_gate_up`). A cut chosen, not measured: the
-# early reply costs the reader process a pipe write and the compute thread its collection (tens of us), where at 4 MiB
-# the down matrix's read would take ~0.6 ms at this VM's ~2 GiB/s and the gate/up product it hides ~0.3 (estimates from
-# the 18 MiB experts' 7.3 ms read and ~1.4 ms product). Measured: the I/O-bound bench model's 18 MiB experts and the
-# random model's 27 MiB (README, "An expert's compute overlaps its own read").
-EARLY_GATE_UP_BYTES = 4 << 20
+# Experts from this size on are read with an early reply (`ExpertCache.early_gate_up`): it costs the reader process a
+# pipe write and the compute thread its collection (tens of us). The shipped model widened with zero rows (aligned
+# layout, LRU at 25% from disk, held-out prompts x 64 tokens, 3 rounds, 2-core AMD EPYC VM, ad hoc, 2026-12-05), tok/s
+# with early replies against without: 1.1 MiB experts (24 prompts) 125 / 164 / 166 against 140 / 149 / 142; 2.25 MiB
+# (12 prompts) 100 / 101 / 104 against 99 / 80 / 91; 4.5 MiB (12) 58 / 60 / 61 against 46 / 52 / 48. Smaller ones
+# were not measured.
+EARLY_GATE_UP_BYTES = 1 << 20
 
 
 @dataclass(slots=True)

@@ -153,19 +153,20 @@ def offloaded_experts_forward(
         return weighted_sum(rows_PD, top_k_weights_TK, hidden_TD.dtype)
 
     if (token_experts is not None and on_cpu and runtime.exact and not runtime.triton and pool.fmt is None
-            and not self.has_bias and runtime.cache.early_gate_up):  # fmt: skip
-        return serve_layer(runtime.cache, plan, *_halves(hidden_TD, token_experts, top_k_weights_TK, pool,
-                                                         self._apply_gate))  # fmt: skip
+            and not self.has_bias):  # fmt: skip
+        compute_token, on_gate_up = _halves(hidden_TD, token_experts, top_k_weights_TK, pool, self._apply_gate)
+        return serve_layer(runtime.cache, plan, compute_token, on_gate_up if runtime.cache.early_gate_up else None)
     return serve_layer(runtime.cache, plan, compute_arrivals)
 
 
 def _halves(
     x_1D: torch.Tensor, token_experts: list[int], weights_1K: torch.Tensor, pool: SlotPool, gate: Callable
 ) -> tuple[Callable[[Iterator[dict[int, int]]], torch.Tensor], Callable[[int, int], None]]:
-    """One token's layer on the CPU, where large experts' reads reply early (`ExpertCache.early_gate_up`): each
-    expert's gate/up half is computed as soon as its gate/up matrices are in (the second callable, `serve_layer`'s
-    `on_gate_up`), while its down matrix is read, and its down half once it has landed (the first, `compute`). The
-    rows are `compute_arrivals`' bit for bit (`kernels.pair_hidden`); experts of another wave give zero rows."""
+    """One token's layer on the CPU (full-precision slots, no expert biases): each expert's gate/up half is computed
+    as soon as its gate/up matrices are in (the second callable, `serve_layer`'s `on_gate_up`, where large experts'
+    reads reply early: `ExpertCache.early_gate_up`), while its down matrix is read, and its down half once it has
+    landed (the first, `compute`). The rows are `compute_arrivals`' bit for bit (`kernels.pair_hidden`), with less
+    around them (no slot-id tensor, no merge of batches' rows); experts of another wave give zero rows."""
     hidden: dict[int, torch.Tensor] = {}
 
     def on_gate_up(e: int, s: int) -> None:
