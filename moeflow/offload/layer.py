@@ -154,12 +154,12 @@ def offloaded_experts_forward(
 
     if (token_experts is not None and on_cpu and runtime.exact and not runtime.triton and pool.fmt is None
             and not self.has_bias):  # fmt: skip
-        compute_token, on_gate_up = _halves(hidden_TD, token_experts, top_k_weights_TK, pool, self._apply_gate)
+        compute_token, on_gate_up = _one_token(hidden_TD, token_experts, top_k_weights_TK, pool, self._apply_gate)
         return serve_layer(runtime.cache, plan, compute_token, on_gate_up if runtime.cache.early_gate_up else None)
     return serve_layer(runtime.cache, plan, compute_arrivals)
 
 
-def _halves(
+def _one_token(
     x_1D: torch.Tensor, token_experts: list[int], weights_1K: torch.Tensor, pool: SlotPool, gate: Callable
 ) -> tuple[Callable[[Iterator[dict[int, int]]], torch.Tensor], Callable[[int, int], None]]:
     """One token's layer on the CPU (full-precision slots, no expert biases): each expert's gate/up half is computed

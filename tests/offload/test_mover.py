@@ -20,7 +20,7 @@ import moeflow
 import moeflow.offload.cache as cache_module
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.offload.cache import SlotPool
-from moeflow.offload.layer import _halves
+from moeflow.offload.layer import _one_token
 from moeflow.offload.mover import _LENGTH, _REQUEST, BusyClock, ReaderProcess, Reply, Request, _Schedule
 from moeflow.offload.readers import ProcessReaderPool
 from moeflow.offload.store import DiskStore
@@ -505,7 +505,7 @@ def test_early_replies_keep_the_engine_s_tokens_and_come_where_the_gate_up_runs_
 
 
 def test_a_layer_s_rows_from_gate_up_halves_are_its_rows_bit_for_bit():
-    """`moeflow.offload.layer._halves`: one token's experts, one of them with its gate/up half computed early, the
+    """`moeflow.offload.layer._one_token`: one token's experts, one of them with its gate/up half computed early, the
     other landing whole, and one of another wave: the output is the exact path's (`experts_rows`, then the weighted
     sum) to the last bit."""
     torch.manual_seed(0)
@@ -513,7 +513,7 @@ def test_a_layer_s_rows_from_gate_up_halves_are_its_rows_bit_for_bit():
     pool = SimpleNamespace(gate_up_S2ID=torch.randn(S, 2 * I, D), down_SDI=torch.randn(S, D, I))
     x_1D, weights_1K = torch.randn(1, D), torch.softmax(torch.randn(1, 3), -1)
     token_experts = [7, 2, 5]  # expert 7 in slot 1 (early half), 2 in slot 3 (whole), 5 in another wave
-    compute, on_gate_up = _halves(x_1D, token_experts, weights_1K, pool, None)
+    compute, on_gate_up = _one_token(x_1D, token_experts, weights_1K, pool, None)
     on_gate_up(7, 1)
     got = compute(iter([{2: 3}, {7: 1}]))
     slot_ids_1K = torch.tensor([[1, 3, -1]])
