@@ -26,28 +26,9 @@ from harness import machine, prepare_model, runtime_baseline_bytes  # noqa: E402
 CONTENDERS = {"lru": {"policy": "lru"}, "path": {"policy": "predictive", "predictor": "path"}}
 
 
-def buffered_copy(src: Path, out: Path) -> Path:
-    """`src` rewritten shard by shard with safetensors' own writer (its tensor order, its offsets)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    if (out / "config.json").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for entry in src.iterdir():
-        if entry.suffix == ".safetensors":
-            save_file(load_file(entry), out / entry.name, metadata={"format": "pt"})
-        elif entry.is_dir():
-            shutil.copytree(entry, out / entry.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(entry, out / entry.name)
-    return out
-
-
 def run(args: argparse.Namespace) -> dict:
     aligned = prepare_model("iobound", args.workdir)
-    models = {"buffered": buffered_copy(aligned, args.workdir / f"{aligned.name}-buffered"), "direct": aligned}
+    models = {"buffered": prepare_model("iobound-packed", args.workdir), "direct": aligned}
     prompts = ef.heldout_prompts(args.prompts)
     limit = ef.memory_limit(aligned, "25%", runtime_baseline_bytes())
     jobs = [(f"{layout} {name}", {"kind": "decode", "model": str(model), "budget": "25%", "options": options,

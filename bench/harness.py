@@ -138,12 +138,15 @@ def dense_bytes(ckpt: Path) -> int:
 
 def prepare_model(name: str, workdir: Path) -> Path:
     """A benchmark model, built on demand under `workdir`: "default" (shipped), "iobound" (the shipped
-    model with zero-widened experts, same tokens: `moeflow.tools.widen`), "random" (Mixtral-shaped,
+    model with zero-widened experts, same tokens: `moeflow.tools.widen`), "iobound-packed" (the same weights as
+    safetensors' own writer lays them out, as a Hub checkpoint is: `packed_copy`), "random" (Mixtral-shaped,
     random weights: bench/offload_decode.py's)."""
     from moeflow.config import DEFAULT_MODEL
 
     if name == "default":
         return DEFAULT_MODEL
+    if name == "iobound-packed":
+        return packed_copy(prepare_model("iobound", workdir), workdir / f"iobound-{WIDE_INTERMEDIATE}-packed")
     if name == "iobound":
         # "-aligned": widen's layout since it writes every expert on whole pages, read straight into its slot; a
         # model built before that stays where it is (bench/results name the folder they measured)
@@ -164,7 +167,28 @@ def prepare_model(name: str, workdir: Path) -> Path:
 
             build_checkpoint(out, Shape())
         return out
-    raise ValueError(f"unknown benchmark model {name!r}; one of default, iobound, random")
+    raise ValueError(f"unknown benchmark model {name!r}; one of default, iobound, iobound-packed, random")
+
+
+def packed_copy(src: Path, out: Path) -> Path:
+    """`src` rewritten shard by shard with safetensors' own writer (its tensor order: a Mixtral expert's w1, w2, w3
+    back to back; its offsets, off whole pages); what is not a shard (predictors, tokenizer, configs) copied as it
+    is now."""
+    from safetensors.torch import load_file, save_file
+
+    built = (out / "config.json").is_file()
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.suffix == ".safetensors":
+            if not built:
+                save_file(load_file(entry), out / entry.name, metadata={"format": "pt"})
+        elif entry.is_dir():
+            shutil.rmtree(out / entry.name, ignore_errors=True)
+            shutil.copytree(entry, out / entry.name)
+        elif entry.name != "config.json":
+            shutil.copy2(entry, out / entry.name)
+    shutil.copy2(src / "config.json", out / "config.json")  # last: a copy cut short is built again
+    return out
 
 
 @contextmanager

@@ -491,10 +491,11 @@ class ExpertCache:
     def moves(self, key: ExpertKey, s: int) -> tuple[list[Run], bool, int] | None:
         """`read_slot` as byte moves for the reader process (`DiskStore.moves`), or None: not plain bytes; with the
         number of leading runs after which the process replies early (`early_gate_up`: those that fill the gate/up
-        matrices, where they come first and alone; else 0)."""
+        matrices, which the store puts first and alone, whatever the checkpoint's order; else 0)."""
         pool = self.pool
         gate_up = pool.gate_up_S2ID[s]
-        moves = self.store.moves(key, gate_up, pool.down_SDI[s], pool.scale_views(s) or None)
+        moves = self.store.moves(key, gate_up, pool.down_SDI[s], pool.scale_views(s) or None,
+                                 gate_up_first=self.early_gate_up)
         if moves is None:
             return None
         runs, check = moves

@@ -24,7 +24,7 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -276,7 +276,8 @@ class DiskStore:
         return targets
 
     def _byte_plan(
-        self, key: ExpertKey, dests: tuple[torch.Tensor, ...], addresses: list[int] | None = None
+        self, key: ExpertKey, dests: tuple[torch.Tensor, ...], addresses: list[int] | None = None, *,
+        gate_up_first: bool = False,
     ) -> tuple[_Request, ...] | None:
         """`key`'s read as plain byte copies into `dests` (`_destinations`, at `addresses`: their `data_ptr`), one
         `_Request` per coalesced run of the file, or None where a piece is more than a byte copy (another dtype, a
@@ -290,9 +291,15 @@ class DiskStore:
         in one process, 6 alternating passes, 2-core AMD EPYC VM): stall 4.41 -> 3.75 ms a token with LRU, 3.25 -> 2.94
         with the auto policy, unchanged with path prediction (1.37 -> 1.40); tokens/s within the noise.
         A 0.44 MiB read still costs its reader ~300-400 us of CPU either way, mostly the kernel's O_DIRECT
-        `preadv` (170-200 us under load) and the copies (~75 us)."""
+        `preadv` (170-200 us under load) and the copies (~75 us).
+
+        `gate_up_first`: the requests that fill the gate/up matrices come first and fill nothing else, the rest
+        after them, whatever the order in the file (a Hub Mixtral stores w1, w2, w3: gate, down, up), so that the
+        reader process can answer once they are in (`ExpertCache.early_gate_up`). The same bytes, in more requests
+        where gate/up and down lie interleaved."""
         addresses = addresses or [t.data_ptr() for t in dests]
-        memo = (key, *((t.shape, t.stride(), t.dtype, t.device.type, a % _ALIGN) for t, a in zip(dests, addresses)))
+        memo = (key, gate_up_first,
+                *((t.shape, t.stride(), t.dtype, t.device.type, a % _ALIGN) for t, a in zip(dests, addresses)))
         if memo in self._plans:
             return self._plans[memo]
         pieces = []
@@ -305,13 +312,20 @@ class DiskStore:
             pieces.append(_Piece(t.span, t.dest, rows.data_ptr() - addresses[t.dest]))
         # All or nothing: a buffered run of the file could span a direct piece between two others (read twice).
         if all(_on_blocks(p, addresses) for p in pieces):
-            plan = _direct_requests(pieces)
+            plan = _direct_requests(pieces)  # a request fills one destination
         else:
+            kinds = [pieces]
+            if gate_up_first:  # each kind's runs leave the other's pieces out
+                kinds = [[p for p in pieces if p.dest == 0], [p for p in pieces if p.dest != 0]]
             plan = tuple(
                 _Request(group[0][0].file, group[0][0].offset, max(s.offset + s.nbytes for s, _ in group),
                          tuple(_Piece(span, dest, offset) for span, (dest, offset) in group))
-                for group in _coalesce([(p.span, (p.dest, p.offset)) for p in pieces])
+                for kind in kinds
+                for group in _coalesce([(p.span, (p.dest, p.offset)) for p in kind],
+                                       [p.span for p in pieces if p not in kind])
             )  # fmt: skip
+        if gate_up_first:  # stable: each kind's requests keep the file's order
+            plan = tuple(sorted(plan, key=lambda r: any(p.dest != 0 for p in r.pieces)))
         self._plans[memo] = plan
         return plan
 
@@ -343,19 +357,22 @@ class DiskStore:
         return parts
 
     def moves(
-        self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None
+        self, key: ExpertKey, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor, scales: Scales | None = None, *,
+        gate_up_first: bool = False,
     ) -> tuple[list[Run], bool] | None:
         """`read_into` as byte moves for the reader process (`moeflow.offload.mover`): its runs of the files, and
         whether this first read of `key` checks it for NaN/Inf (`moved` reports what was found); None where a piece
-        is more than a byte copy (`_byte_plan`). The runs are kept per expert and destination (at most `_RUNS_KEPT`,
-        then they start again from none): a slot's next read of the same expert builds nothing (`ExpertCache.moves`,
-        shipped model, 2-core AMD EPYC VM, warm: 5.4 -> 2.8 us a read, ~5 reads a token with path prediction)."""
+        is more than a byte copy (`_byte_plan`; `gate_up_first` as there). The runs are kept per expert and
+        destination (at most `_RUNS_KEPT`, then they start again from none): a slot's next read of the same expert
+        builds nothing (`ExpertCache.moves`, shipped model, 2-core AMD EPYC VM, warm: 5.4 -> 2.8 us a read, ~5 reads
+        a token with path prediction)."""
         dests = _destinations(gate_up_2ID, down_DI, scales)
         addresses = [t.data_ptr() for t in dests]
-        memo = (key, *addresses, *(t.shape for t in dests), *(t.dtype for t in dests))  # `_byte_plan` keeps the rest
+        # `_byte_plan` keeps the rest of what the runs depend on
+        memo = (key, gate_up_first, *addresses, *(t.shape for t in dests), *(t.dtype for t in dests))
         runs = self._runs.get(memo, _UNPLANNED)
         if runs is _UNPLANNED:
-            plan = self._byte_plan(key, dests, addresses)
+            plan = self._byte_plan(key, dests, addresses, gate_up_first=gate_up_first)
             runs = None if plan is None else [
                 Run(r.file, r.start, r.end, r.direct,
                     tuple(Piece(addresses[p.dest] + p.offset, p.span.offset, p.span.nbytes,
@@ -555,13 +572,17 @@ def _all_finite(buf: object, offset: int, span: TensorSpan, nbytes: int | None =
     return bool(np.isfinite(values).all())
 
 
-def _coalesce(pairs: list[tuple[TensorSpan, D]]) -> list[list[tuple[TensorSpan, D]]]:
+def _coalesce(pairs: list[tuple[TensorSpan, D]], apart: Sequence[TensorSpan] = ()) -> list[list[tuple[TensorSpan, D]]]:
+    """`pairs` in runs of their file to read with one request each: spans at most `_COALESCE_GAP` apart, and no span
+    of `apart` between them (read by another request: its bytes are not to be read twice)."""
     pairs = sorted(pairs, key=lambda p: (str(p[0].file), p[0].offset))
     groups: list[list[tuple[TensorSpan, D]]] = []
     for span, dest in pairs:
         if groups:
             last = groups[-1][-1][0]
-            if last.file == span.file and 0 <= span.offset - (last.offset + last.nbytes) <= _COALESCE_GAP:
+            end = last.offset + last.nbytes
+            if (last.file == span.file and 0 <= span.offset - end <= _COALESCE_GAP
+                    and not any(a.file == span.file and end <= a.offset < span.offset for a in apart)):  # fmt: skip
                 groups[-1].append((span, dest))
                 continue
         groups.append([(span, dest)])

@@ -34,9 +34,9 @@ class _InstrumentedStore:
         self._check(gate_up, down)
         return self.inner.read_into(key, gate_up, down)
 
-    def moves(self, key, gate_up, down, scales=None):  # a read sent to the reader process (the default)
+    def moves(self, key, gate_up, down, scales=None, **plan):  # a read sent to the reader process (the default)
         self._check(gate_up, down)
-        return self.inner.moves(key, gate_up, down, scales)
+        return self.inner.moves(key, gate_up, down, scales, **plan)
 
     def moved(self, key, reply) -> None:
         self.inner.moved(key, reply)

@@ -216,6 +216,38 @@ def test_an_early_reply_comes_once_the_first_runs_are_in_and_the_last_one_at_the
         process.close()
 
 
+@pytest.mark.parametrize("layout", ["packed", "large"])
+def test_gate_up_first_moves_the_same_pieces_with_the_gate_up_runs_alone_first(folders, layout):
+    """`DiskStore.moves(gate_up_first=True)`: the runs that fill the gate/up matrices come first and fill nothing
+    else, whatever the file's order (packed: gate, down, up back to back in one run otherwise); the same pieces, and
+    the process fills the slot as `read_into` does, its early reply coming with gate/up in place."""
+    ckpt, store, pool, process = _setup(folders[layout])
+    try:
+        gate_up_slot = pool.gate_up_S2ID[0]
+        lo, hi = gate_up_slot.data_ptr(), gate_up_slot.data_ptr() + gate_up_slot.nbytes
+        for key in list(ckpt.experts)[:3]:
+            whole, _ = store.moves(key, pool.gate_up_S2ID[0], pool.down_SDI[0])
+            runs, check = store.moves(key, pool.gate_up_S2ID[0], pool.down_SDI[0], gate_up_first=True)
+            assert len(whole) == (1 if layout == "packed" else 2) and len(runs) == (3 if layout == "packed" else 2)
+            assert sorted(p for r in runs for p in r.pieces) == sorted(p for r in whole for p in r.pieces)
+            inside = [all(lo <= p.address < hi for p in r.pieces) for r in runs]
+            assert inside == [True] * (len(runs) - 1) + [False]  # gate/up alone first, then down
+            assert not any(lo <= p.address < hi for p in runs[-1].pieces)
+            gate_up, down = torch.empty_like(pool.gate_up_S2ID[0]), torch.empty_like(pool.down_SDI[0])
+            store.read_into(key, gate_up, down)
+            pool.gate_up_S2ID.fill_(-1.0)
+            pool.down_SDI.fill_(-1.0)
+            process.send([Request(7, runs, check, True, early=len(runs) - 1)])
+            first = process.replies(block=True)[0]
+            assert first.early and first.errno == 0
+            assert torch.equal(pool.gate_up_S2ID[0], gate_up)
+            (last,) = _collect(process, 1).values()
+            assert not last.early and last.errno == 0 and last.nbytes >= sum(r.end - r.start for r in runs)
+            assert torch.equal(pool.down_SDI[0], down)
+    finally:
+        process.close()
+
+
 def test_a_read_that_fails_after_its_early_reply_ends_with_the_error(folders, tmp_path):
     path = tmp_path / "m"
     shutil.copytree(folders["large"], path)
@@ -478,12 +510,10 @@ def test_the_engine_reading_in_a_process_decodes_the_same_tokens(tiny_checkpoint
 
 
 @pytest.mark.parametrize("layout", ["packed", "aligned", "large"])
-def test_early_replies_keep_the_engine_s_tokens_and_come_where_the_gate_up_runs_come_first(folders, layout,
-                                                                                           monkeypatch):
+def test_early_replies_keep_the_engine_s_tokens_in_every_layout(folders, layout, monkeypatch):
     """Large experts read in the process reply early (`ExpertCache.early_gate_up`; the size cut lowered to every
-    expert here): a layout whose first run fills the gate/up matrices alone gets an early reply after it (the
-    aligned ones), one that reads an expert in one run through the buffer (packed) none; greedy tokens equal the
-    RAM store's either way."""
+    expert here), once the runs that fill the gate/up matrices are in: one in the aligned layouts, two where the
+    checkpoint stores gate, down, up (packed: w1, w2, w3); greedy tokens equal the RAM store's."""
     monkeypatch.setattr(cache_module, "EARLY_GATE_UP_BYTES", 0)
     landed = []
     landing = cache_module.ExpertCache._gate_up_landed
@@ -496,12 +526,12 @@ def test_early_replies_keep_the_engine_s_tokens_and_come_where_the_gate_up_runs_
             assert cache.early_gate_up == (store == "disk")
             if store == "disk":
                 key = next(iter(engine.checkpoint.experts))
-                assert cache.moves(key, 0)[2] == (0 if layout == "packed" else 1)
+                assert cache.moves(key, 0)[2] == (2 if layout == "packed" else 1)
                 cache.readers.process.wait_ready(block=True)  # else the first reads are the compute thread's own
             tokens[store] = engine.generate([1, 5, 9, 13, 2, 7], max_new_tokens=12, temperature=0).token_ids
             assert engine.stats().misses > 0
     assert tokens["disk"] == tokens["ram"]
-    assert bool(landed) == (layout != "packed")
+    assert landed
 
 
 def test_a_layer_s_rows_from_gate_up_halves_are_its_rows_bit_for_bit():
