@@ -139,14 +139,17 @@ def dense_bytes(ckpt: Path) -> int:
 def prepare_model(name: str, workdir: Path) -> Path:
     """A benchmark model, built on demand under `workdir`: "default" (shipped), "iobound" (the shipped
     model with zero-widened experts, same tokens: `moeflow.tools.widen`), "iobound-packed" (the same weights as
-    safetensors' own writer lays them out, as a Hub checkpoint is: `packed_copy`), "random" (Mixtral-shaped,
-    random weights: bench/offload_decode.py's)."""
+    safetensors' own writer lays them out, as a Hub checkpoint is: `packed_copy`), "iobound-int8" / "iobound-int4"
+    (written by `moeflow quantize`, int4 in groups of 128: `quantized_folder`), "random" (Mixtral-shaped, random
+    weights: bench/offload_decode.py's)."""
     from moeflow.config import DEFAULT_MODEL
 
     if name == "default":
         return DEFAULT_MODEL
     if name == "iobound-packed":
         return packed_copy(prepare_model("iobound", workdir), workdir / f"iobound-{WIDE_INTERMEDIATE}-packed")
+    if name in ("iobound-int8", "iobound-int4"):
+        return quantized_folder(prepare_model("iobound", workdir), name.removeprefix("iobound-"), 128, workdir)
     if name == "iobound":
         # "-aligned": widen's layout since it writes every expert on whole pages, read straight into its slot; a
         # model built before that stays where it is (bench/results name the folder they measured)
@@ -167,7 +170,25 @@ def prepare_model(name: str, workdir: Path) -> Path:
 
             build_checkpoint(out, Shape())
         return out
-    raise ValueError(f"unknown benchmark model {name!r}; one of default, iobound, iobound-packed, random")
+    raise ValueError(f"unknown benchmark model {name!r}; one of default, iobound, iobound-packed, iobound-int8, "
+                     "iobound-int4, random")
+
+
+def quantized_folder(model: Path, kind: str | None, group_size: int, workdir: Path) -> Path:
+    """`model` written by `moeflow quantize` (built once under `workdir`), or `model` itself for None/bf16."""
+    if kind in (None, "bf16"):
+        return model
+    from moeflow.model.quantized import CONFIG_KEY, FORMAT_VERSION
+
+    out = workdir / f"{model.name}-{kind}{f'-g{group_size}' if kind == 'int4' else ''}"
+    config = out / "config.json"
+    if config.is_file() and json.loads(config.read_text())[CONFIG_KEY]["version"] != FORMAT_VERSION:
+        shutil.rmtree(out)  # written by an earlier moeflow in another layout: write it again
+    if not config.is_file():
+        from moeflow.tools.quantize import quantize_checkpoint
+
+        quantize_checkpoint(model, out, kind, group_size=group_size or 128, progress=False)
+    return out
 
 
 def packed_copy(src: Path, out: Path) -> Path:

@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from harness import (  # noqa: E402
     drop_caches,
     machine,
     prepare_model,
+    quantized_folder,
     round_order,
     run_child,
     runtime_baseline_bytes,
@@ -55,23 +55,6 @@ SLACK_BYTES = 640 << 20  # activations, KV caches, reader bounce buffers, the de
 SPEED_FORMATS = (("fp32", None, 0), ("int8", "int8", 0), ("int4-g128", "int4", 128))
 QUALITY_FORMATS = (("fp32", None, 0), ("bf16", "bf16", 0), ("int8", "int8", 0), ("int4-g128", "int4", 128),
                    ("int4-g32", "int4", 32))  # fmt: skip
-
-
-def quantized_folder(model: Path, kind: str | None, group_size: int, workdir: Path) -> Path:
-    """`model` written by `moeflow quantize` (built once under `workdir`), or `model` itself for None/bf16."""
-    if kind in (None, "bf16"):
-        return model
-    from moeflow.model.quantized import CONFIG_KEY, FORMAT_VERSION
-
-    out = workdir / f"{model.name}-{kind}{f'-g{group_size}' if kind == 'int4' else ''}"
-    config = out / "config.json"
-    if config.is_file() and json.loads(config.read_text())[CONFIG_KEY]["version"] != FORMAT_VERSION:
-        shutil.rmtree(out)  # written by an earlier moeflow in another layout: write it again
-    if not config.is_file():
-        from moeflow.tools.quantize import quantize_checkpoint
-
-        quantize_checkpoint(model, out, kind, group_size=group_size or 128, progress=False)
-    return out
 
 
 # ---- one contender, in a child process ------------------------------------------------------------------

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,7 +71,6 @@ from moeflow.kernels.cpu import (
     GEMMS,
     Biases,
     Gate,
-    _expert_mlp,
     _slot_biases,
     _sorted_by_slot,
     _unsort,
@@ -320,31 +320,40 @@ class QuantizedPool:
     gate_up_scale_zeros: torch.Tensor | None = None
     down_scale_zeros: torch.Tensor | None = None
 
-    def dequantize_slot(self, s: int, gate_up_2ID: torch.Tensor, down_DI: torch.Tensor) -> None:
-        """Slot ``s``'s weights into the given buffers (the compute dtype)."""
-        gu_scale = None if self.gate_up_scale is None else self.gate_up_scale[s]
-        d_scale = None if self.down_scale is None else self.down_scale[s]
-        dequantize(self.gate_up_q[s], gu_scale, self.fmt, out=gate_up_2ID, pieces=GATE_UP_PIECES)
-        dequantize(self.down_q[s], d_scale, self.fmt, out=down_DI)
-
-    def slot_mlp(
-        self, s: int, x_nD: torch.Tensor, gate: Gate, bias_2I: torch.Tensor | None, bias_D: torch.Tensor | None,
-        scratch: tuple[torch.Tensor, torch.Tensor],
+    def slot_hidden(
+        self, s: int, x_nD: torch.Tensor, gate: Gate, bias_2I: torch.Tensor | None, scratch: torch.Tensor,
+        packed: bool,
     ) -> torch.Tensor:  # fmt: skip
-        """Slot ``s``'s MLP on a few rows through torch's packed CPU matmuls (bf16 activations; module docstring),
-        each projection that they cannot take dequantized into ``scratch`` and multiplied in x's dtype."""
-        gu_sz, d_sz = self.gate_up_scale_zeros, self.down_scale_zeros
-        h_n2I = _packed_linear(x_nD, self.gate_up_q[s], self.gate_up_scale[s], self.fmt, GATE_UP_PIECES,
-                               None if gu_sz is None else gu_sz[s])  # fmt: skip
+        """Slot ``s``'s gate/up projection through the gate, ``[n, I]``: with ``packed``, through torch's packed CPU
+        matmul (bf16 activations; module docstring) where it takes the projection, else dequantized into
+        ``scratch`` (``[2I, D]``, x's dtype) and multiplied in x's dtype. Needs only the slot's gate/up weights and
+        scales (and ``gate_up_scale_zeros``, where the pool keeps them)."""
+        h_n2I = None
+        if packed:
+            gu_sz = self.gate_up_scale_zeros
+            h_n2I = _packed_linear(x_nD, self.gate_up_q[s], self.gate_up_scale[s], self.fmt, GATE_UP_PIECES,
+                                   None if gu_sz is None else gu_sz[s])  # fmt: skip
         if h_n2I is None:
-            h_n2I = GEMMS["mm"](x_nD, dequantize(self.gate_up_q[s], self.gate_up_scale[s], self.fmt,
-                                                 out=scratch[0], pieces=GATE_UP_PIECES))  # fmt: skip
+            gu_scale = None if self.gate_up_scale is None else self.gate_up_scale[s]
+            h_n2I = GEMMS["mm"](x_nD, dequantize(self.gate_up_q[s], gu_scale, self.fmt, out=scratch,
+                                                 pieces=GATE_UP_PIECES))  # fmt: skip
         if bias_2I is not None:
             h_n2I.add_(bias_2I)
-        a_nI = gate(h_n2I)
-        y_nD = _packed_linear(a_nI, self.down_q[s], self.down_scale[s], self.fmt, 1, None if d_sz is None else d_sz[s])
+        return gate(h_n2I)
+
+    def slot_output(
+        self, s: int, a_nI: torch.Tensor, bias_D: torch.Tensor | None, scratch: torch.Tensor, packed: bool
+    ) -> torch.Tensor:
+        """``slot_hidden``'s second half: slot ``s``'s down projection of ``a_nI``, ``[n, D]`` (``scratch``:
+        ``[D, I]``; ``packed`` as there)."""
+        y_nD = None
+        if packed:
+            d_sz = self.down_scale_zeros
+            y_nD = _packed_linear(a_nI, self.down_q[s], self.down_scale[s], self.fmt, 1,
+                                  None if d_sz is None else d_sz[s])  # fmt: skip
         if y_nD is None:
-            y_nD = GEMMS["mm"](a_nI, dequantize(self.down_q[s], self.down_scale[s], self.fmt, out=scratch[1]))
+            d_scale = None if self.down_scale is None else self.down_scale[s]
+            y_nD = GEMMS["mm"](a_nI, dequantize(self.down_q[s], d_scale, self.fmt, out=scratch))
         if bias_D is not None:
             y_nD.add_(bias_D)
         return y_nD
@@ -443,6 +452,40 @@ def _packed_linear(
     return torch.cat(outs, dim=1).to(x_nC.dtype)
 
 
+def slot_halves(
+    pool: QuantizedPool,
+    x_TD: torch.Tensor,
+    *,
+    gate: Gate | None = None,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    packed: bool = True,
+) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """A slot's MLP for ``quantized_experts_forward`` in two halves, for rows like ``x_TD`` (its device and
+    dtype): the gate/up projection through the gate (``QuantizedPool.slot_hidden``), then the down projection
+    (``slot_output``): ``hidden(s, x_nD, bias_2I=None) -> [n, I]``, ``output(s, a_nI, bias_D=None) -> [n, D]``.
+    A slot serving at most PACKED_MAX_ROWS rows of an int8 / int4 pool on the CPU (fp32 or bf16
+    activations) goes through torch's packed matmuls; every other, and every slot with ``packed=False``, is
+    dequantized into ``scratch`` (``gate_up [2I, D]``, ``down [D, I]`` in x's dtype; allocated here when not given).
+    One token's layer can so compute an expert's first half as soon as its gate/up bytes are in (the engine's
+    early replies) and the row is the same to the last bit."""
+    if scratch is None:
+        scratch = (
+            torch.empty(2 * pool.inter, pool.hidden, dtype=x_TD.dtype, device=x_TD.device),
+            torch.empty(pool.hidden, pool.inter, dtype=x_TD.dtype, device=x_TD.device),
+        )
+    mlp_gate = gate or silu_and_mul
+    packable = (packed and pool.fmt.kind in PACKED_KINDS and x_TD.device.type == "cpu"
+                and x_TD.dtype in (torch.float32, torch.bfloat16))  # fmt: skip
+
+    def hidden(s: int, x_nD: torch.Tensor, bias_2I: torch.Tensor | None = None) -> torch.Tensor:
+        return pool.slot_hidden(s, x_nD, mlp_gate, bias_2I, scratch[0], packable and x_nD.shape[0] <= PACKED_MAX_ROWS)
+
+    def output(s: int, a_nI: torch.Tensor, bias_D: torch.Tensor | None = None) -> torch.Tensor:
+        return pool.slot_output(s, a_nI, bias_D, scratch[1], packable and a_nI.shape[0] <= PACKED_MAX_ROWS)
+
+    return hidden, output
+
+
 def quantized_experts_forward(
     x_TD: torch.Tensor,
     pool: QuantizedPool,
@@ -457,7 +500,7 @@ def quantized_experts_forward(
     """``experts_forward`` over a quantized pool (same contract: slot -1 contributes 0, sum over k in k order).
 
     A slot serving at most PACKED_MAX_ROWS rows of an int8 / int4 pool on the CPU (fp32 or bf16 activations) goes
-    through torch's packed matmuls with bf16 activations (``QuantizedPool.slot_mlp``): within the stated bf16
+    through torch's packed matmuls with bf16 activations (``slot_halves``): within the stated bf16
     tolerance of the exact path, not bit-identical. Every other slot, and every slot with ``packed=False``, is
     dequantized into ``scratch`` (``gate_up [2I, D]``, ``down [D, I]`` in x's dtype; allocated here when not given)
     and computed as the exact path computes: bit-identical to transformers' experts on the dequantized weights.
@@ -468,21 +511,11 @@ def quantized_experts_forward(
     S = pool.gate_up_q.shape[0]
     if D != pool.hidden:
         raise ValueError(f"activations have {D} features, the quantized experts expect {pool.hidden}")
-    if scratch is None:
-        scratch = (
-            torch.empty(2 * pool.inter, D, dtype=x_TD.dtype, device=x_TD.device),
-            torch.empty(D, pool.inter, dtype=x_TD.dtype, device=x_TD.device),
-        )
-    gate_up_2ID, down_DI = scratch
-    mlp_gate = gate or silu_and_mul
-    packable = (packed and pool.fmt.kind in PACKED_KINDS and x_TD.device.type == "cpu"
-                and x_TD.dtype in (torch.float32, torch.bfloat16))  # fmt: skip
+    hidden, output = slot_halves(pool, x_TD, gate=gate, scratch=scratch, packed=packed)
 
     def slot_mlp(s: int, x_nD: torch.Tensor) -> torch.Tensor:
-        if packable and x_nD.shape[0] <= PACKED_MAX_ROWS:
-            return pool.slot_mlp(s, x_nD, mlp_gate, *_slot_biases(biases, s), scratch)
-        pool.dequantize_slot(s, gate_up_2ID, down_DI)
-        return _expert_mlp(x_nD, gate_up_2ID, down_DI, GEMMS["mm"], mlp_gate, *_slot_biases(biases, s))
+        bias_2I, bias_D = _slot_biases(biases, s)
+        return output(s, hidden(s, x_nD, bias_2I), bias_D)
 
     if T == 1:
         # One host sync: the slot ids pick the weights (as the exact path's pair loop).

@@ -142,11 +142,21 @@ class SlotPool:
 
     def prepare_slot(self, s: int) -> None:
         """After slot `s` was read: its int4 scales into torch's matmul layout, where the pool keeps them."""
+        self.prepare_gate_up(s)
+        if self.down_scale_zeros is not None:
+            fill_int4pack_scales(self.down_scale[s], self.fmt, self.inter, self.down_scale_zeros[s])
+
+    def prepare_gate_up(self, s: int) -> None:
+        """`prepare_slot` for the gate/up projection alone: once its bytes are in, before the down matrix's
+        (`ExpertCache.early_gate_up`)."""
         assert self.fmt is not None or self.gate_up_scale_zeros is None
         if self.gate_up_scale_zeros is not None:
             fill_int4pack_scales(self.gate_up_scale[s], self.fmt, self.hidden, self.gate_up_scale_zeros[s])
-        if self.down_scale_zeros is not None:
-            fill_int4pack_scales(self.down_scale[s], self.fmt, self.inter, self.down_scale_zeros[s])
+
+    def gate_up_ranges(self, s: int) -> list[tuple[int, int]]:
+        """The address ranges [start, end) of slot `s`'s gate/up weights and, in a scaled pool, their scales."""
+        views = [self.gate_up_S2ID[s], *([self.gate_up_scale[s]] if self.gate_up_scale is not None else [])]
+        return [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in views]
 
     @property
     def nbytes(self) -> int:
@@ -220,7 +230,7 @@ class ExpertCache:
         self.in_process = read_process and self._movable()
         # ...and a large expert's read replies early too, once its gate/up matrices are in, so that the layer waiting
         # for it computes their product while the down matrix is read (`arrivals`' `on_gate_up`).
-        self.early_gate_up = self.in_process and pool.fmt is None and pool.slot_bytes >= EARLY_GATE_UP_BYTES
+        self.early_gate_up = self.in_process and pool.slot_bytes >= EARLY_GATE_UP_BYTES
         self.readers: ReaderPool | ProcessReaderPool
         if self.in_process:
             process = ReaderProcess(store.files, pool.regions, threads=readers, direct_io=store.direct_io,
@@ -493,16 +503,16 @@ class ExpertCache:
         number of leading runs after which the process replies early (`early_gate_up`: those that fill the gate/up
         matrices, which the store puts first and alone, whatever the checkpoint's order; else 0)."""
         pool = self.pool
-        gate_up = pool.gate_up_S2ID[s]
-        moves = self.store.moves(key, gate_up, pool.down_SDI[s], pool.scale_views(s) or None,
+        moves = self.store.moves(key, pool.gate_up_S2ID[s], pool.down_SDI[s], pool.scale_views(s) or None,
                                  gate_up_first=self.early_gate_up)
         if moves is None:
             return None
         runs, check = moves
         early = 0
         if self.early_gate_up:
-            lo, hi = gate_up.data_ptr(), gate_up.data_ptr() + gate_up.nbytes
-            inside = [all(lo <= p.address and p.address + p.nbytes <= hi for p in run.pieces) for run in runs]
+            ranges = pool.gate_up_ranges(s)
+            inside = [all(any(lo <= p.address and p.address + p.nbytes <= hi for lo, hi in ranges) for p in run.pieces)
+                      for run in runs]  # fmt: skip
             early = inside.index(False) if False in inside else 0
             if any(inside[early:]):  # gate/up bytes after the first run that is not theirs: one reply
                 early = 0
@@ -510,6 +520,10 @@ class ExpertCache:
 
     def _gate_up_landed(self, s: int) -> None:
         """The read in progress into slot `s` has filled its gate/up matrices (`early_gate_up`)."""
+        try:
+            self.pool.prepare_gate_up(s)
+        except Exception:  # the end of the read prepares the whole slot again and reports what fails
+            return
         with self._cv:
             slot = self._slots[s]
             if slot.state is SlotState.LOADING:

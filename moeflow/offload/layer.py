@@ -17,7 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_
 
 from moeflow.events import Listeners
 from moeflow.kernels import experts_forward, experts_rows, pair_hidden, pair_row, weighted_sum
-from moeflow.kernels.quant import quantized_experts_forward
+from moeflow.kernels.quant import quantized_experts_forward, slot_halves
 from moeflow.kernels.quant_moe import TRITON_KINDS, quant_fused_moe
 from moeflow.model.families import experts_modules
 from moeflow.offload.cache import ExpertCache, SlotPool
@@ -152,33 +152,49 @@ def offloaded_experts_forward(
         assert rows_PD is not None, "a wave has at least one expert"
         return weighted_sum(rows_PD, top_k_weights_TK, hidden_TD.dtype)
 
-    if (token_experts is not None and on_cpu and runtime.exact and not runtime.triton and pool.fmt is None
-            and not self.has_bias):  # fmt: skip
-        compute_token, on_gate_up = _one_token(hidden_TD, token_experts, top_k_weights_TK, pool, self._apply_gate)
+    if token_experts is not None and on_cpu and not runtime.triton and not self.has_bias and (
+            pool.fmt is not None or runtime.exact):  # fmt: skip
+        halves = _pair_halves(pool, hidden_TD, self._apply_gate, runtime)
+        compute_token, on_gate_up = _one_token(hidden_TD, token_experts, top_k_weights_TK, *halves)
         return serve_layer(runtime.cache, plan, compute_token, on_gate_up if runtime.cache.early_gate_up else None)
     return serve_layer(runtime.cache, plan, compute_arrivals)
 
 
+def _pair_halves(
+    pool: SlotPool, x_1D: torch.Tensor, gate: Callable | None, runtime: OffloadRuntime | None
+) -> tuple[Callable[[int, torch.Tensor], torch.Tensor], Callable[[int, torch.Tensor], torch.Tensor]]:
+    """A pair's row on the CPU in two halves, from slot s: (s, x) -> the gate/up product through the gate, and
+    (s, that) -> the row; the halves of the exact path (`kernels.pair_hidden`) for full-precision slots, of
+    `quantized_experts_forward`'s for quantized ones (`kernels.quant.slot_halves`), bit for bit."""
+    if pool.fmt is None:
+        return (lambda s, x: pair_hidden(x, pool.gate_up_S2ID[s], gate=gate),
+                lambda s, h: pair_row(h, pool.down_SDI[s]))  # fmt: skip
+    return slot_halves(pool.quantized(), x_1D, gate=gate, scratch=runtime.scratch_for(x_1D), packed=runtime.packed)
+
+
 def _one_token(
-    x_1D: torch.Tensor, token_experts: list[int], weights_1K: torch.Tensor, pool: SlotPool, gate: Callable
+    x_1D: torch.Tensor,
+    token_experts: list[int],
+    weights_1K: torch.Tensor,
+    pair_hidden: Callable[[int, torch.Tensor], torch.Tensor],
+    pair_row: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> tuple[Callable[[Iterator[dict[int, int]]], torch.Tensor], Callable[[int, int], None]]:
-    """One token's layer on the CPU (full-precision slots, no expert biases): each expert's gate/up half is computed
-    as soon as its gate/up matrices are in (the second callable, `serve_layer`'s `on_gate_up`, where large experts'
+    """One token's layer on the CPU (no expert biases; `_pair_halves`): each expert's gate/up half is computed as
+    soon as its gate/up matrices are in (the second callable, `serve_layer`'s `on_gate_up`, where large experts'
     reads reply early: `ExpertCache.early_gate_up`), while its down matrix is read, and its down half once it has
-    landed (the first, `compute`). The rows are `compute_arrivals`' bit for bit (`kernels.pair_hidden`), with less
-    around them (no slot-id tensor, no merge of batches' rows); experts of another wave give zero rows."""
+    landed (the first, `compute`). The rows are `compute_arrivals`' bit for bit, with less around them (no slot-id
+    tensor, no merge of batches' rows); experts of another wave give zero rows."""
     hidden: dict[int, torch.Tensor] = {}
 
     def on_gate_up(e: int, s: int) -> None:
-        hidden[e] = pair_hidden(x_1D, pool.gate_up_S2ID[s], gate=gate)
+        hidden[e] = pair_hidden(s, x_1D)
 
     def compute(batches: Iterator[dict[int, int]]) -> torch.Tensor:
         rows: dict[int, torch.Tensor] = {}
         for ready in batches:
             for e, s in ready.items():
                 h = hidden.pop(e, None)
-                rows[e] = pair_row(pair_hidden(x_1D, pool.gate_up_S2ID[s], gate=gate) if h is None else h,
-                                   pool.down_SDI[s])  # fmt: skip
+                rows[e] = pair_row(s, pair_hidden(s, x_1D) if h is None else h)
         zero = None
         if len(rows) < len(token_experts):
             zero = x_1D.new_zeros(1, x_1D.shape[1])

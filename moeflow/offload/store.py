@@ -293,10 +293,10 @@ class DiskStore:
         A 0.44 MiB read still costs its reader ~300-400 us of CPU either way, mostly the kernel's O_DIRECT
         `preadv` (170-200 us under load) and the copies (~75 us).
 
-        `gate_up_first`: the requests that fill the gate/up matrices come first and fill nothing else, the rest
-        after them, whatever the order in the file (a Hub Mixtral stores w1, w2, w3: gate, down, up), so that the
-        reader process can answer once they are in (`ExpertCache.early_gate_up`). The same bytes, in more requests
-        where gate/up and down lie interleaved."""
+        `gate_up_first`: the requests that fill the gate/up matrices (and their scales) come first and fill nothing
+        else, the rest after them, whatever the order in the file (a Hub Mixtral stores w1, w2, w3: gate, down, up),
+        so that the reader process can answer once they are in (`ExpertCache.early_gate_up`). The same bytes, in
+        more requests where gate/up and down lie interleaved."""
         addresses = addresses or [t.data_ptr() for t in dests]
         memo = (key, gate_up_first,
                 *((t.shape, t.stride(), t.dtype, t.device.type, a % _ALIGN) for t, a in zip(dests, addresses)))
@@ -316,7 +316,8 @@ class DiskStore:
         else:
             kinds = [pieces]
             if gate_up_first:  # each kind's runs leave the other's pieces out
-                kinds = [[p for p in pieces if p.dest == 0], [p for p in pieces if p.dest != 0]]
+                gate_up = [p for p in pieces if _DESTS[p.dest].startswith("gate_up")]  # weights and scales
+                kinds = [gate_up, [p for p in pieces if p not in gate_up]]
             plan = tuple(
                 _Request(group[0][0].file, group[0][0].offset, max(s.offset + s.nbytes for s, _ in group),
                          tuple(_Piece(span, dest, offset) for span, (dest, offset) in group))
@@ -325,7 +326,7 @@ class DiskStore:
                                        [p.span for p in pieces if p not in kind])
             )  # fmt: skip
         if gate_up_first:  # stable: each kind's requests keep the file's order
-            plan = tuple(sorted(plan, key=lambda r: any(p.dest != 0 for p in r.pieces)))
+            plan = tuple(sorted(plan, key=lambda r: not all(_DESTS[p.dest].startswith("gate_up") for p in r.pieces)))
         self._plans[memo] = plan
         return plan
 

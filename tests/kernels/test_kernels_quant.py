@@ -18,6 +18,7 @@ from moeflow.kernels.quant import (
     int4pack_scales_shapes,
     quantize,
     quantized_experts_forward,
+    slot_halves,
 )
 
 INT8 = ExpertFormat(kind="int8")
@@ -290,3 +291,20 @@ def test_quantized_forward_with_a_family_gate_and_given_scratch():
     torch.testing.assert_close(got, want, rtol=0, atol=PACKED_ATOL * want.abs().max().item())
     with pytest.raises(ValueError, match="activations have 16 features, the quantized experts expect 32"):
         quantized_experts_forward(torch.randn(1, 16), pool, w_TK[:1], ids_TK[:1])
+
+
+@pytest.mark.parametrize("fmt", [INT8, INT4[32], INT4[128], ExpertFormat(kind="bf16")], ids=lambda f: f.name)
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize(("I", "D"), [(64, 64), (20, 36)])  # packed matmuls where they run; dequantized (GEOMETRIES)
+def test_a_slot_s_mlp_in_two_halves_is_the_forward_s_row_bit_for_bit(fmt, packed, I, D):
+    """`slot_halves`: one token's layer computes an expert's gate/up half once its gate/up bytes are in and its down
+    half later (the engine's early replies); each pair's row is `quantized_experts_forward`'s to the last bit, the
+    scratch's down buffer overwritten in between by another expert's half."""
+    pool, _, _ = _pool(fmt, S=4, inter=I, hidden=D)
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(1))
+    ids_TK = torch.tensor([[2, 0, 3]])
+    want = quantized_experts_forward(x, pool, None, ids_TK, packed=packed)
+    hidden, output = slot_halves(pool, x, packed=packed)
+    firsts = {s: hidden(s, x) for s in (2, 0, 3)}  # every gate/up half first, then the down halves
+    got = torch.cat([output(s, firsts[s]) for s in (2, 0, 3)])
+    assert torch.equal(got, want)

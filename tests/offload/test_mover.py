@@ -20,7 +20,7 @@ import moeflow
 import moeflow.offload.cache as cache_module
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.offload.cache import SlotPool
-from moeflow.offload.layer import _one_token
+from moeflow.offload.layer import _one_token, _pair_halves
 from moeflow.offload.mover import _LENGTH, _REQUEST, BusyClock, ReaderProcess, Reply, Request, _Schedule
 from moeflow.offload.readers import ProcessReaderPool
 from moeflow.offload.store import DiskStore
@@ -534,16 +534,44 @@ def test_early_replies_keep_the_engine_s_tokens_in_every_layout(folders, layout,
     assert landed
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_experts_reply_early_and_keep_the_engine_s_tokens(folders, kind, monkeypatch, tmp_path):
+    """A checkpoint that `moeflow quantize` wrote: the runs that fill the gate/up weights and their scales come first,
+    the process replies once they are in, the layer computes their half (`kernels.quant.slot_halves`); greedy tokens
+    equal the RAM store's, where nothing replies early."""
+    from moeflow.tools.quantize import quantize_checkpoint
+
+    path = quantize_checkpoint(folders["large"], tmp_path / kind, kind, progress=False)
+    monkeypatch.setattr(cache_module, "EARLY_GATE_UP_BYTES", 0)
+    landed = []
+    landing = cache_module.ExpertCache._gate_up_landed
+    monkeypatch.setattr(cache_module.ExpertCache, "_gate_up_landed",
+                        lambda self, s: landed.append(s) or landing(self, s))  # fmt: skip
+    tokens = {}
+    for store in ("disk", "ram"):
+        with moeflow.load(path, expert_budget="25%", store=store, policy="lru") as engine:
+            cache = engine.cache
+            assert cache.pool.fmt.kind == kind and cache.early_gate_up == (store == "disk")
+            if store == "disk":
+                runs, _, early = cache.moves(next(iter(engine.checkpoint.experts)), 0)
+                assert 1 <= early < len(runs)
+                cache.readers.process.wait_ready(block=True)
+            tokens[store] = engine.generate([1, 5, 9, 13, 2, 7], max_new_tokens=12, temperature=0).token_ids
+            assert engine.stats().misses > 0
+    assert tokens["disk"] == tokens["ram"]
+    assert landed
+
+
 def test_a_layer_s_rows_from_gate_up_halves_are_its_rows_bit_for_bit():
     """`moeflow.offload.layer._one_token`: one token's experts, one of them with its gate/up half computed early, the
     other landing whole, and one of another wave: the output is the exact path's (`experts_rows`, then the weighted
     sum) to the last bit."""
     torch.manual_seed(0)
     S, D, I = 4, 32, 48
-    pool = SimpleNamespace(gate_up_S2ID=torch.randn(S, 2 * I, D), down_SDI=torch.randn(S, D, I))
+    pool = SimpleNamespace(fmt=None, gate_up_S2ID=torch.randn(S, 2 * I, D), down_SDI=torch.randn(S, D, I))
     x_1D, weights_1K = torch.randn(1, D), torch.softmax(torch.randn(1, 3), -1)
     token_experts = [7, 2, 5]  # expert 7 in slot 1 (early half), 2 in slot 3 (whole), 5 in another wave
-    compute, on_gate_up = _one_token(x_1D, token_experts, weights_1K, pool, None)
+    compute, on_gate_up = _one_token(x_1D, token_experts, weights_1K, *_pair_halves(pool, x_1D, None, None))
     on_gate_up(7, 1)
     got = compute(iter([{2: 3}, {7: 1}]))
     slot_ids_1K = torch.tensor([[1, 3, -1]])
