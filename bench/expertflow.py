@@ -52,6 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
+    check_commit,
     checkout,
     dense_bytes,
     describe_commits,
@@ -549,6 +550,8 @@ def main() -> int:
         spec = json.loads(args.child)
         print(json.dumps(decode_child(spec) if spec["kind"] == "decode" else rebatch_child(spec)))
         return 0
+    if args.baseline:
+        check_commit(parser, "--baseline", args.baseline)
     args.workdir.mkdir(parents=True, exist_ok=True)
     iobound = prepare_model("iobound", args.workdir)
     result: dict = {"machine": machine(), "command": " ".join(sys.argv),

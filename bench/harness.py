@@ -238,7 +238,17 @@ def tree_commits(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     """{"baseline": commit, "candidate": commit}; a usage error without --baseline (a child run needs none)."""
     if not args.baseline:
         ap.error("--baseline COMMIT is required (the tree measured as 'before')")
+    check_commit(ap, "--baseline", args.baseline)
+    check_commit(ap, "--candidate", args.candidate)
     return {"baseline": args.baseline, "candidate": args.candidate}
+
+
+def check_commit(ap: argparse.ArgumentParser, flag: str, commit: str) -> None:
+    """A usage error unless `commit` names a commit of this repository."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"], cwd=REPO,
+                           capture_output=True).returncode == 0  # fmt: skip
+    if not found:
+        ap.error(f"{flag} {commit}: no such commit in this repository (`git log --oneline` lists them)")
 
 
 def describe_commits(commits: dict[str, str]) -> dict[str, str]:
