@@ -8,9 +8,9 @@ Both are called from several threads at once (the reader pool, `moeflow.offload.
 compute thread). Every step of a read releases the GIL: `os.preadv`, and the copy into the slot. Where
 every piece of an expert is a plain byte copy into a CPU slot (the same dtype, not transposed) the read
 makes no torch call at all: a plan of its requests and of each piece's place in the slot is worked out
-once per expert (`DiskStore._byte_plan`), then a read is `preadv` and one `memmove` per piece. Where every piece
-also lies on whole blocks of its file and of its slot (a checkpoint written by `moeflow.tools.widen`, slots from
-`aligned_empty`), the read lands in the slot itself: no buffer, no copy. Measured on the I/O-bound benchmark
+once per expert (`DiskStore._byte_plan`), then a read is `preadv` and one `memmove` per piece. A piece that also
+lies on whole blocks of its file and of its slot (a checkpoint written by `moeflow.tools.widen` or `moeflow quantize`,
+slots from `aligned_empty`) lands in the slot itself: no buffer, no copy. Measured on the I/O-bound benchmark
 model (18 MiB experts, 25%, disk; `bench/direct_reads.py`): 1.19x LRU's tokens/s and 1.11x path's, medians of
 3 interleaved rounds, against the same weights laid out as safetensors' own writer puts them.
 """
@@ -39,7 +39,9 @@ from moeflow.offload.mover import Piece, Reply, Run, SharedRegion
 log = logging.getLogger(__name__)
 
 _ALIGN = 4096  # O_DIRECT wants file offset, length and buffer address aligned to the logical block size
-_COALESCE_GAP = 1 << 20  # read two spans of one expert in one request when at most 1 MiB apart
+# Read two spans of one expert in one request when at most 1 MiB apart and no farther apart than the second is long:
+# the bytes between them are read for nothing (a small scale after other experts' weights is read by itself).
+_COALESCE_GAP = 1 << 20
 # A demand read of an expert of 2 to 8 MiB goes as parts of about 1 MiB, read and copied by several threads at
 # once (`DiskStore.read_parts`): more requests in flight where the kernel would send one or two (it splits a
 # request into max_sectors_kb pieces itself, 4 MiB on the measuring VM). Measured on the I/O-bound benchmark
@@ -310,23 +312,22 @@ class DiskStore:
                 self._plans[memo] = None
                 return None
             pieces.append(_Piece(t.span, t.dest, rows.data_ptr() - addresses[t.dest]))
-        # All or nothing: a buffered run of the file could span a direct piece between two others (read twice).
-        if all(_on_blocks(p, addresses) for p in pieces):
-            plan = _direct_requests(pieces)  # a request fills one destination
-        else:
-            kinds = [pieces]
-            if gate_up_first:  # each kind's runs leave the other's pieces out
-                gate_up = [p for p in pieces if _DESTS[p.dest].startswith("gate_up")]  # weights and scales
-                kinds = [gate_up, [p for p in pieces if p not in gate_up]]
-            plan = tuple(
-                _Request(group[0][0].file, group[0][0].offset, max(s.offset + s.nbytes for s, _ in group),
-                         tuple(_Piece(span, dest, offset) for span, (dest, offset) in group))
-                for kind in kinds
-                for group in _coalesce([(p.span, (p.dest, p.offset)) for p in kind],
-                                       [p.span for p in pieces if p not in kind])
-            )  # fmt: skip
-        if gate_up_first:  # stable: each kind's requests keep the file's order
-            plan = tuple(sorted(plan, key=lambda r: not all(_DESTS[p.dest].startswith("gate_up") for p in r.pieces)))
+        # Pieces on whole blocks in their file and their slot land in the slot itself (a request per run of them back
+        # to back); the others go through a buffer, in runs that span no direct piece (its bytes would be read twice).
+        direct = [p for p in pieces if _on_blocks(p, addresses)]
+        rest = [p for p in pieces if p not in direct]
+        kinds = [rest]
+        if gate_up_first:  # each kind's runs leave the other's pieces out
+            kinds = [[p for p in rest if _fills_gate_up(p)], [p for p in rest if not _fills_gate_up(p)]]
+        plan = _direct_requests(direct) + tuple(
+            _Request(group[0][0].file, group[0][0].offset, max(s.offset + s.nbytes for s, _ in group),
+                     tuple(_Piece(span, dest, offset) for span, (dest, offset) in group))
+            for kind in kinds
+            for group in _coalesce([(p.span, (p.dest, p.offset)) for p in kind],
+                                   [p.span for p in pieces if p not in kind])
+        )  # fmt: skip
+        if gate_up_first:  # stable: each kind's requests keep their order
+            plan = tuple(sorted(plan, key=lambda r: not all(_fills_gate_up(p) for p in r.pieces)))
         self._plans[memo] = plan
         return plan
 
@@ -501,6 +502,11 @@ def _on_blocks(piece: _Piece, addresses: list[int]) -> bool:
     return span.offset % _ALIGN == 0 and span.nbytes % _ALIGN == 0 and address % _ALIGN == 0
 
 
+def _fills_gate_up(piece: _Piece) -> bool:
+    """Whether `piece` fills the gate/up matrices or their scales."""
+    return _DESTS[piece.dest].startswith("gate_up")
+
+
 def _direct_requests(pieces: list[_Piece]) -> tuple[_Request, ...]:
     """Pieces on whole blocks (`_on_blocks`) as direct requests: runs of pieces back to back in their file and in
     their destination (a gate piece and its up piece written one after the other: one read for both)."""
@@ -574,7 +580,7 @@ def _all_finite(buf: object, offset: int, span: TensorSpan, nbytes: int | None =
 
 
 def _coalesce(pairs: list[tuple[TensorSpan, D]], apart: Sequence[TensorSpan] = ()) -> list[list[tuple[TensorSpan, D]]]:
-    """`pairs` in runs of their file to read with one request each: spans at most `_COALESCE_GAP` apart, and no span
+    """`pairs` in runs of their file to read with one request each: spans close enough (`_COALESCE_GAP`), and no span
     of `apart` between them (read by another request: its bytes are not to be read twice)."""
     pairs = sorted(pairs, key=lambda p: (str(p[0].file), p[0].offset))
     groups: list[list[tuple[TensorSpan, D]]] = []
@@ -582,7 +588,7 @@ def _coalesce(pairs: list[tuple[TensorSpan, D]], apart: Sequence[TensorSpan] = (
         if groups:
             last = groups[-1][-1][0]
             end = last.offset + last.nbytes
-            if (last.file == span.file and 0 <= span.offset - end <= _COALESCE_GAP
+            if (last.file == span.file and 0 <= span.offset - end <= min(_COALESCE_GAP, span.nbytes)
                     and not any(a.file == span.file and end <= a.offset < span.offset for a in apart)):  # fmt: skip
                 groups[-1].append((span, dest))
                 continue

@@ -80,6 +80,7 @@ def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, sou
     for shard in sorted(files):
         tensors: dict[str, torch.Tensor] = {}
         experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # each expert's tensors, written together
+        ranks: dict[str, tuple[bool, int, int]] = {}  # where each of them goes in its expert (`_page_order`)
         with safe_open(shard, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 source = ckpt.family.expert_source(name)
@@ -103,11 +104,14 @@ def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, sou
                         raise MoeflowError(f"{stored_name}: {e}. Quantize this model to int8 (any size)") from None
                     mine = experts.setdefault((source.layer, expert), {})
                     mine[stored_name], mine[stored_name + SCALE_SUFFIX] = q, scale
+                    down = source.param != "gate_up_proj"  # the slot's order: gate, up, then down; weights, scales
+                    ranks[stored_name] = (down, 0, source.part)
+                    ranks[stored_name + SCALE_SUFFIX] = (down, 1, source.part)
                     bar.update(1)
-        for key in sorted(experts):
-            tensors.update(experts[key])
-        save_ordered(tensors, out / shard.name)
-        weight_map.update(dict.fromkeys(tensors, shard.name))
+        ordered = _page_order({key: dict(sorted(mine.items(), key=lambda item: ranks[item[0]]))
+                               for key, mine in experts.items()}, tensors)  # fmt: skip
+        save_ordered(ordered, out / shard.name)
+        weight_map.update(dict.fromkeys(ordered, shard.name))
     bar.close()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     spec = {"expert_dtype": fmt.kind, "group_size": fmt.group_size, "source_dtype": source_dtype,
@@ -124,6 +128,19 @@ def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, sou
             shutil.copy2(entry, out / entry.name)
 
 
+def _page_order(
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]], others: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A shard's tensors in the order `save_ordered` writes them: every expert's tensors of whole pages first, expert
+    by expert, each expert's in its order (`experts`' own: gate and up weights, their scales, the down projection's),
+    so that each lies on whole pages of the file and an O_DIRECT read puts it straight into its slot, gate and up
+    weights in one request, their scales in another (`moeflow.offload.store`); then the experts' smaller tensors (a
+    down projection's int8 scales: one float a row), read through a buffer; then the other tensors."""
+    ordered = {name: t for key in sorted(experts) for name, t in experts[key].items() if t.nbytes % _PAGE == 0}
+    ordered |= {name: t for key in sorted(experts) for name, t in experts[key].items() if name not in ordered}
+    return ordered | others
+
+
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
@@ -134,8 +151,8 @@ _PAGE = 4096
 
 def save_ordered(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file with the tensors' data in the dict's order (safetensors' own writer groups them by
-    dtype, which would put an expert's scales megabytes away from its int8 weights: two reads per miss).
-    Here each expert's weights and scales are adjacent, so the store reads them in one request. The data starts
+    dtype, which would put an expert's scales megabytes away from its int8 weights; `_page_order` chooses the
+    order here). The data starts
     on a whole page (the header padded with spaces, as the format allows), so a tensor whose offset is a
     multiple of 4096 bytes lies on whole pages of the file: an O_DIRECT read can put it straight into a slot
     (`moeflow.offload.store`)."""

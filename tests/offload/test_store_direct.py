@@ -5,6 +5,7 @@ the buffered path puts there."""
 
 import logging
 import random
+import shutil
 import threading
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 import moeflow
 from moeflow.model.checkpoint import open_checkpoint
+from moeflow.offload.store import _destinations
 from moeflow.testing import save_tiny_checkpoint
 from moeflow.tools.widen import widen_experts
 
@@ -95,8 +97,6 @@ def test_a_checkpoint_off_whole_pages_is_read_through_the_buffer(folders):
 
 
 def test_a_direct_read_still_finds_nan_weights(folders, tmp_path, caplog):
-    import shutil
-
     bad = shutil.copytree(folders["aligned"], tmp_path / "bad")
     ckpt = open_checkpoint(bad)
     key = next(iter(ckpt.experts))
@@ -121,3 +121,66 @@ def test_no_read_buffer_is_reserved_where_every_expert_lies_on_whole_blocks(fold
     with moeflow.load(folders["packed"], expert_budget="25%", store="disk", readers=2) as engine:
         assert engine.cache.in_process  # the default
         assert len(engine.cache.store._reserved) == 1  # the compute thread: the reader process maps its own
+
+
+@pytest.fixture(scope="module")
+def int8_folders(folders, tmp_path_factory):
+    """A model with 32 KiB int8 experts' weights as `moeflow quantize` writes it, and the same tensors as it wrote
+    them before (each expert's tensors back to back in the source's order: a down projection's 128-byte scales put
+    every later tensor off whole pages)."""
+    from safetensors.torch import load_file
+
+    from moeflow.tools.quantize import quantize_checkpoint, save_ordered
+
+    root = tmp_path_factory.mktemp("int8")
+    wide = widen_experts(folders["packed"], root / "wide", 1024, progress=False)
+    paged = quantize_checkpoint(wide, root / "paged", "int8", progress=False)
+    old = root / "old"
+    shutil.copytree(paged, old)
+    for shard in old.glob("*.safetensors"):
+        tensors = {name: t.clone() for name, t in load_file(shard).items()}  # not the mapped file being rewritten
+        # experts first, each one's tensors by name (w1, its scale, w2, its scale, w3, ...), then the others
+        save_ordered(dict(sorted(tensors.items(), key=lambda item: (".experts." not in item[0], item[0]))), shard)
+    return {"paged": paged, "old": old}
+
+
+def _int8_plan_and_read(path):
+    """Each expert's byte plan into slot 0, its read checked to fill the slot as a read through the buffer does."""
+    with moeflow.load(path, expert_budget="all") as engine:
+        pool, store = engine.cache.pool, engine.cache.store
+        for key in engine.checkpoint.experts:
+            scales = pool.scale_views(0)
+            dests = _destinations(pool.gate_up_S2ID[0], pool.down_SDI[0], scales)
+            plan = store._byte_plan(key, dests)
+            for t in dests:
+                t.zero_()
+            store.read_into(key, pool.gate_up_S2ID[0], pool.down_SDI[0], scales)
+            off = [_misaligned_like(t) for t in dests]
+            assert not any(r.direct for r in store._byte_plan(key, tuple(off)))
+            store.read_into(key, off[0], off[1], {"gate_up": off[2], "down": off[3]})
+            assert all(torch.equal(a, b) for a, b in zip(dests, off)) and dests[0].any()
+            yield key, plan
+
+
+def test_a_quantized_folder_lies_on_whole_pages_and_is_read_into_the_slot(int8_folders):
+    """`moeflow quantize` writes every expert's tensors of whole pages first, in the slot's order, the smaller ones
+    after them: gate and up weights come in one request straight into the slot, their scales in another, the down
+    weights in a third, and only the down projection's small scales through the buffer."""
+    ckpt = open_checkpoint(int8_folders["paged"])
+    for loc in ckpt.experts.values():
+        assert all(s.offset % 4096 == 0 for s in loc.spans if s.nbytes % 4096 == 0)
+    for _, plan in _int8_plan_and_read(int8_folders["paged"]):
+        assert [(r.direct, len(r.pieces)) for r in plan] == [(True, 2), (True, 2), (True, 1), (False, 1)]
+
+
+def test_pieces_on_whole_pages_are_read_into_the_slot_beside_others_through_the_buffer(int8_folders):
+    """A folder written before: some pieces on whole pages, those after a small scale not. The first land in the slot,
+    the others go through the buffer in runs that span no direct piece (no byte read twice)."""
+    mixed = 0
+    for _, plan in _int8_plan_and_read(int8_folders["old"]):
+        direct = [r for r in plan if r.direct]
+        mixed += 0 < len(direct) < len(plan)
+        for r in plan:
+            if not r.direct:
+                assert not any(d.file == r.file and r.start < d.end and d.start < r.end for d in direct)
+    assert mixed  # (each shard's first expert: the tensors after its w2 scale are off whole pages)
