@@ -1,14 +1,16 @@
 """Reads straight into slots against reads through a buffer: the I/O-bound model in two layouts, side by side.
 
-The same weights twice: as `moeflow.tools.widen` writes them (every expert on whole pages, gate and up back to
-back: `DiskStore` reads them with O_DIRECT into the slot itself) and as safetensors' own writer lays them out
-(offsets off whole pages: each read goes to a buffer, then one `memmove` per piece into the slot). LRU and
-predictive path on each, greedy decode of held-out prompts at 25% from disk, page cache dropped, the same cgroup
-memory ceiling for all, rounds interleaved (`bench/expertflow.py`'s harness); outputs must be equal.
+The same weights twice: as safetensors' own writer lays them out (offsets off whole pages, a Mixtral expert's w1, w2,
+w3 back to back: each read goes to a buffer, then one `memmove` per piece into the slot; harness' "iobound-packed")
+and as `moeflow align` rewrites that copy (every expert on whole pages in the slot's order: `DiskStore` reads gate and
+up with O_DIRECT into the slot itself in one request, down in another; "iobound-packed-aligned"). LRU and predictive
+path on each, greedy decode of held-out prompts at 25% from disk, page cache dropped, the same cgroup memory ceiling
+for all, rounds interleaved (`bench/expertflow.py`'s harness); outputs must be equal.
 
     flock /tmp/moeflow-bench.lock python bench/direct_reads.py --repeats 3
 
-Writes ``direct_reads.json`` and ``direct_reads.png``.
+Writes ``direct_reads.json`` and ``direct_reads.png`` (``--name``). ``bench/results/direct_reads.json`` was measured
+before `moeflow align` existed, against `moeflow.tools.widen`'s layout of the same weights (the same order).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ CONTENDERS = {"lru": {"policy": "lru"}, "path": {"policy": "predictive", "predic
 
 
 def run(args: argparse.Namespace) -> dict:
-    aligned = prepare_model("iobound", args.workdir)
+    aligned = prepare_model("iobound-packed-aligned", args.workdir)
     models = {"buffered": prepare_model("iobound-packed", args.workdir), "direct": aligned}
     prompts = ef.heldout_prompts(args.prompts)
     limit = ef.memory_limit(aligned, "25%", runtime_baseline_bytes())
@@ -83,11 +85,12 @@ def main() -> int:
     p.add_argument("--child-timeout", type=float, default=900.0)
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/moeflow-bench"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--name", default="direct_reads", help="the files written: NAME.json and NAME.png in --out")
     args = p.parse_args()
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "direct_reads.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "direct_reads.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / f"{args.name}.png")
     print(json.dumps(result["direct_over_buffered"]), "outputs equal:", result["outputs_equal"])
     return 0
 

@@ -139,7 +139,8 @@ def dense_bytes(ckpt: Path) -> int:
 def prepare_model(name: str, workdir: Path) -> Path:
     """A benchmark model, built on demand under `workdir`: "default" (shipped), "iobound" (the shipped
     model with zero-widened experts, same tokens: `moeflow.tools.widen`), "iobound-packed" (the same weights as
-    safetensors' own writer lays them out, as a Hub checkpoint is: `packed_copy`), "iobound-int8" / "iobound-int4"
+    safetensors' own writer lays them out, as a Hub checkpoint is: `packed_copy`), "iobound-packed-aligned" (that
+    copy rewritten by `moeflow align`: `aligned_copy`), "iobound-int8" / "iobound-int4"
     (written by `moeflow quantize`, int4 in groups of 128: `quantized_folder`), "random" (Mixtral-shaped, random
     weights: bench/offload_decode.py's)."""
     from moeflow.config import DEFAULT_MODEL
@@ -148,6 +149,9 @@ def prepare_model(name: str, workdir: Path) -> Path:
         return DEFAULT_MODEL
     if name == "iobound-packed":
         return packed_copy(prepare_model("iobound", workdir), workdir / f"iobound-{WIDE_INTERMEDIATE}-packed")
+    if name == "iobound-packed-aligned":
+        packed = prepare_model("iobound-packed", workdir)
+        return aligned_copy(packed, workdir / f"iobound-{WIDE_INTERMEDIATE}-realigned")
     if name in ("iobound-int8", "iobound-int4"):
         return quantized_folder(prepare_model("iobound", workdir), name.removeprefix("iobound-"), 128, workdir)
     if name == "iobound":
@@ -170,8 +174,25 @@ def prepare_model(name: str, workdir: Path) -> Path:
 
             build_checkpoint(out, Shape())
         return out
-    raise ValueError(f"unknown benchmark model {name!r}; one of default, iobound, iobound-packed, iobound-int8, "
-                     "iobound-int4, random")
+    raise ValueError(f"unknown benchmark model {name!r}; one of default, iobound, iobound-packed, "
+                     "iobound-packed-aligned, iobound-int8, iobound-int4, random")
+
+
+def aligned_copy(src: Path, out: Path) -> Path:
+    """`src` rewritten by `moeflow align` (built once); its predictors, configs and corpus lists copied as they are
+    now."""
+    if not (out / "config.json").is_file():
+        from moeflow.tools.align import align_checkpoint
+
+        shutil.rmtree(out, ignore_errors=True)  # a copy cut short
+        align_checkpoint(src, out, progress=False)
+    for entry in src.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(out / entry.name, ignore_errors=True)
+            shutil.copytree(entry, out / entry.name)
+        elif entry.suffix != ".safetensors":
+            shutil.copy2(entry, out / entry.name)
+    return out
 
 
 def quantized_folder(model: Path, kind: str | None, group_size: int, workdir: Path) -> Path:

@@ -522,6 +522,24 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     quant.set_defaults(func=cmd_quantize)
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from moeflow.tools.align import align_checkpoint
+
+    out = align_checkpoint(args.model, args.out)
+    print(f"[wrote {out}: every expert on whole pages, read straight into its slot; load it with --model {out}]",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    align = sub.add_parser(
+        "align", help="write a copy of a model laid out so that expert reads from disk land straight in their slots"
+    )
+    align.add_argument("--model", type=Path, required=True, help="the Hugging Face model folder (not quantized)")
+    align.add_argument("--out", type=Path, required=True, help="the new folder (must not exist, or be empty)")
+    align.set_defaults(func=cmd_align)
+
+
 def _add_client(sub: argparse._SubParsersAction) -> None:
     client = sub.add_parser("client", help="send a prompt to `moeflow serve` and stream the reply")
     client.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1)")
@@ -593,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
     adders = (
-        _add_generate, _add_chat, _add_trace, _add_predictor, _add_profile, _add_quantize, _add_serve, _add_client
+        _add_generate, _add_chat, _add_trace, _add_predictor, _add_profile, _add_quantize, _add_align, _add_serve,
+        _add_client,
     )
     for add in (*adders, _add_families):
         add(sub)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from moeflow.errors import MoeflowError
 from moeflow.kernels.quant import GATE_UP_PIECES, ExpertFormat, quantize
 from moeflow.model.checkpoint import Checkpoint, open_checkpoint
+from moeflow.model.families import Family
 from moeflow.model.quantized import (
     CONFIG_KEY,
     FORMAT_VERSION,
@@ -131,14 +132,30 @@ def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, sou
 def _page_order(
     experts: dict[tuple[int, int], dict[str, torch.Tensor]], others: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """A shard's tensors in the order `save_ordered` writes them: every expert's tensors of whole pages first, expert
-    by expert, each expert's in its order (`experts`' own: gate and up weights, their scales, the down projection's),
-    so that each lies on whole pages of the file and an O_DIRECT read puts it straight into its slot, gate and up
-    weights in one request, their scales in another (`moeflow.offload.store`); then the experts' smaller tensors (a
-    down projection's int8 scales: one float a row), read through a buffer; then the other tensors."""
-    ordered = {name: t for key in sorted(experts) for name, t in experts[key].items() if t.nbytes % _PAGE == 0}
-    ordered |= {name: t for key in sorted(experts) for name, t in experts[key].items() if name not in ordered}
-    return ordered | others
+    """A shard's tensors in the order `save_ordered` writes them (`page_first`): expert by expert, each expert's in
+    its order (`experts`' own: gate and up weights, their scales, the down projection's), then the other tensors.
+    Gate and up weights come in one O_DIRECT request straight into the slot, their scales in another
+    (`moeflow.offload.store`); the experts' smaller tensors (a down projection's int8 scales: one float a row) go
+    after all of them, read through a buffer."""
+    return page_first({name: t for key in sorted(experts) for name, t in experts[key].items()} | others)
+
+
+def page_first(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with those of whole pages first, each group in its given order: written by `save_ordered`, each of
+    the first lies on whole pages of the file, where an O_DIRECT read can put it straight into a slot."""
+    paged = {name: t for name, t in tensors.items() if t.nbytes % _PAGE == 0}
+    return paged | {name: t for name, t in tensors.items() if name not in paged}
+
+
+def slot_order(family: Family, name: str) -> tuple:
+    """Where tensor `name` goes in a shard laid out for the slots: every expert's tensors first, layer by layer and
+    expert by expert (a layer's fused tensor first), each in its slot's order (gate, up, then down), the others
+    after them."""
+    source = family.expert_source(name)
+    if source is None:
+        return (1, 0, 0, False, 0, name)
+    expert = -1 if source.expert is None else source.expert
+    return (0, source.layer, expert, source.param != "gate_up_proj", source.part, name)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

@@ -21,22 +21,10 @@ from tqdm import tqdm
 
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import open_checkpoint
-from moeflow.model.families import Family
-from moeflow.tools.quantize import save_ordered
+from moeflow.tools.quantize import save_ordered, slot_order
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
            "heldout_files.txt", "train_files.txt")  # fmt: skip
-
-
-def _slot_order(family: Family, name: str) -> tuple:
-    """Where tensor `name` goes in a widened shard: every expert's pieces first, each expert's in its slot's order
-    (gate, up, then down), the other tensors after them. With the data on a whole page (`save_ordered`) and
-    pieces of whole pages, an expert's gate and up are one O_DIRECT read straight into its slot, its down
-    another (`moeflow.offload.store`)."""
-    source = family.expert_source(name)
-    if source is None:
-        return (1, name)
-    return (0, source.layer, source.expert, source.param != "gate_up_proj", source.part)
 
 
 def widen_experts(src: str | Path, out: str | Path, intermediate_size: int, *, progress: bool = True) -> Path:
@@ -74,7 +62,7 @@ def widen_experts(src: str | Path, out: str | Path, intermediate_size: int, *, p
     weight_map = {}
     for shard, tensors in shards.items():
         fname = f"model-{shard}.safetensors"
-        save_ordered(dict(sorted(tensors.items(), key=lambda item: _slot_order(family, item[0]))), out / fname)
+        save_ordered(dict(sorted(tensors.items(), key=lambda item: slot_order(family, item[0]))), out / fname)
         weight_map.update(dict.fromkeys(tensors, fname))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     config = dict(ckpt.config, **{key: intermediate_size})
