@@ -22,23 +22,19 @@ from tqdm import tqdm
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.model.quantized import declared_format
-from moeflow.tools.quantize import page_first, save_ordered, slot_order
+from moeflow.tools.quantize import page_first, refuse_taken, save_ordered, slot_order, written_whole
 
 
 def align_checkpoint(src: str | Path, out: str | Path, *, progress: bool = True) -> Path:
     """Write `src` to the new folder `out` with every expert on whole pages of its shard, in the slot's order."""
     src, out = Path(src), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MoeflowError(f"{out} already exists and is not an empty folder; moeflow align never overwrites: "
-                           "choose a new --out or remove it first")  # fmt: skip
+    refuse_taken(out, "moeflow align")
     ckpt = open_checkpoint(src)
     if declared_format(ckpt.config) is not None:
         raise MoeflowError(f"{src} was written by moeflow quantize, which already lays experts out on whole pages")
     family = ckpt.family
     files = {s.file for s in ckpt.tensors.values()} | {s.file for loc in ckpt.experts.values() for s in loc.spans}
-    existed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with written_whole(out):
         for shard in tqdm(sorted(files), desc="aligning", unit="shard", disable=not progress):
             with safe_open(shard, framework="pt") as f:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
@@ -52,9 +48,4 @@ def align_checkpoint(src: str | Path, out: str | Path, *, progress: bool = True)
                 shutil.copytree(entry, out / entry.name)
             else:
                 shutil.copy2(entry, out / entry.name)
-    except BaseException:  # nothing half-written stays behind: the folder is left as it was (absent, or empty)
-        shutil.rmtree(out, ignore_errors=True)
-        if existed:
-            out.mkdir(parents=True, exist_ok=True)
-        raise
     return out

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,9 +47,7 @@ def quantize_checkpoint(
         fmt = ExpertFormat(kind=expert_dtype, group_size=group_size if expert_dtype == "int4" else 0)
     except ValueError as e:
         raise MoeflowError(str(e)) from None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MoeflowError(f"{out} already exists and is not an empty folder; moeflow quantize never overwrites: "
-                           "choose a new --out or remove it first")  # fmt: skip
+    refuse_taken(out, "moeflow quantize")
     ckpt = open_checkpoint(src)
     stored = declared_format(ckpt.config)
     if stored is not None:
@@ -59,16 +59,31 @@ def quantize_checkpoint(
     source_dtype = str(dtypes.pop()).removeprefix("torch.")
     if dtypes:
         raise MoeflowError(f"{src} stores its experts in several dtypes; moeflow quantize needs one")
+    with written_whole(out):
+        _write_folder(ckpt, src, out, fmt, source_dtype, progress)
+    return out
+
+
+def refuse_taken(out: Path, command: str) -> None:
+    """A clear error where `out` exists and is not an empty folder: `command` writes new folders only."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MoeflowError(f"{out} already exists and is not an empty folder; {command} never overwrites: "
+                           "choose a new --out or remove it first")  # fmt: skip
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[None]:
+    """Create the folder `out` (absent or empty) for the block to write; where the block fails, nothing half-written
+    stays behind: the folder is left as it was (absent, or empty)."""
     existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _write_folder(ckpt, src, out, fmt, source_dtype, progress)
-    except BaseException:  # nothing half-written stays behind: the folder is left as it was (absent, or empty)
+        yield
+    except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         if existed:
             out.mkdir(parents=True, exist_ok=True)
         raise
-    return out
 
 
 def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, source_dtype: str, progress: bool) -> None:

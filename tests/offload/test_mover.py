@@ -54,6 +54,17 @@ def _collect(process, n):
     return {r.job: r for r in replies}
 
 
+def _early_then_last(process, gate_up_slot, gate_up):
+    """The two replies to the one request in flight that asks for an early reply: the early one, with the slot's
+    gate/up matrices equal to `gate_up` when it comes, and the last (the two may come in one batch)."""
+    replies = process.replies(block=True)
+    assert replies[0].early and torch.equal(gate_up_slot, gate_up)
+    while replies[-1].early:
+        replies += process.replies(block=True)
+    assert [r.early for r in replies] == [True, False]
+    return replies
+
+
 @pytest.mark.parametrize("layout", ["packed", "aligned"])  # through the process's buffer / straight into the slot
 def test_the_process_fills_slots_as_read_into_does(folders, layout):
     ckpt, store, pool, process = _setup(folders[layout])
@@ -204,10 +215,8 @@ def test_an_early_reply_comes_once_the_first_runs_are_in_and_the_last_one_at_the
             runs, check = store.moves(key, pool.gate_up_S2ID[0], pool.down_SDI[0])
             assert len(runs) == 2 and all(r.direct for r in runs)
             process.send([Request(5, runs, check, urgent, early=1)])
-            first = process.replies(block=True)[0]
+            first, last = _early_then_last(process, pool.gate_up_S2ID[0], gate_up)
             assert first == Reply(5, runs[0].end - runs[0].start, 0, False, False, "", early=True)
-            assert torch.equal(pool.gate_up_S2ID[0], gate_up)
-            (last,) = _collect(process, 1).values()
             assert last == Reply(5, nbytes, 0, False, False, "")
             assert torch.equal(pool.down_SDI[0], down)
         with pytest.raises(ValueError, match="before the last"):
@@ -238,11 +247,8 @@ def test_gate_up_first_moves_the_same_pieces_with_the_gate_up_runs_alone_first(f
             pool.gate_up_S2ID.fill_(-1.0)
             pool.down_SDI.fill_(-1.0)
             process.send([Request(7, runs, check, True, early=len(runs) - 1)])
-            first = process.replies(block=True)[0]
-            assert first.early and first.errno == 0
-            assert torch.equal(pool.gate_up_S2ID[0], gate_up)
-            (last,) = _collect(process, 1).values()
-            assert not last.early and last.errno == 0 and last.nbytes >= sum(r.end - r.start for r in runs)
+            first, last = _early_then_last(process, pool.gate_up_S2ID[0], gate_up)
+            assert first.errno == 0 and last.errno == 0 and last.nbytes >= sum(r.end - r.start for r in runs)
             assert torch.equal(pool.down_SDI[0], down)
     finally:
         process.close()
@@ -509,29 +515,38 @@ def test_the_engine_reading_in_a_process_decodes_the_same_tokens(tiny_checkpoint
         assert (stats.misses, stats.bytes_read) == (stats_threads.misses, stats_threads.bytes_read)
 
 
-@pytest.mark.parametrize("layout", ["packed", "aligned", "large"])
-def test_early_replies_keep_the_engine_s_tokens_in_every_layout(folders, layout, monkeypatch):
-    """Large experts read in the process reply early (`ExpertCache.early_gate_up`; the size cut lowered to every
-    expert here), once the runs that fill the gate/up matrices are in: one in the aligned layouts, two where the
-    checkpoint stores gate, down, up (packed: w1, w2, w3); greedy tokens equal the RAM store's."""
+def _decode_with_early_replies(path, monkeypatch):
+    """Greedy tokens through the disk store with every read in the process replying early (the size cut lowered to
+    every expert: `ExpertCache.early_gate_up`) and through the RAM store (no early replies); the slots whose gate/up
+    matrices landed early; and, for the first expert, its runs, the runs before its early reply and the slots' format
+    kind (None: full precision)."""
     monkeypatch.setattr(cache_module, "EARLY_GATE_UP_BYTES", 0)
     landed = []
     landing = cache_module.ExpertCache._gate_up_landed
     monkeypatch.setattr(cache_module.ExpertCache, "_gate_up_landed",
                         lambda self, s: landed.append(s) or landing(self, s))  # fmt: skip
-    tokens = {}
+    tokens, first = {}, None
     for store in ("disk", "ram"):
-        with moeflow.load(folders[layout], expert_budget="25%", store=store, policy="lru") as engine:
+        with moeflow.load(path, expert_budget="25%", store=store, policy="lru") as engine:
             cache = engine.cache
             assert cache.early_gate_up == (store == "disk")
             if store == "disk":
-                key = next(iter(engine.checkpoint.experts))
-                assert cache.moves(key, 0)[2] == (2 if layout == "packed" else 1)
+                runs, _, early = cache.moves(next(iter(engine.checkpoint.experts)), 0)
+                first = (len(runs), early, cache.pool.fmt and cache.pool.fmt.kind)
                 cache.readers.process.wait_ready(block=True)  # else the first reads are the compute thread's own
             tokens[store] = engine.generate([1, 5, 9, 13, 2, 7], max_new_tokens=12, temperature=0).token_ids
             assert engine.stats().misses > 0
-    assert tokens["disk"] == tokens["ram"]
-    assert landed
+    return tokens, landed, first
+
+
+@pytest.mark.parametrize("layout", ["packed", "aligned", "large"])
+def test_early_replies_keep_the_engine_s_tokens_in_every_layout(folders, layout, monkeypatch):
+    """Large experts read in the process reply early once the runs that fill the gate/up matrices are in: one in the
+    aligned layouts, two where the checkpoint stores gate, down, up (packed: w1, w2, w3); greedy tokens equal the RAM
+    store's."""
+    tokens, landed, (_, early, _) = _decode_with_early_replies(folders[layout], monkeypatch)
+    assert early == (2 if layout == "packed" else 1)
+    assert tokens["disk"] == tokens["ram"] and landed
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -542,24 +557,9 @@ def test_quantized_experts_reply_early_and_keep_the_engine_s_tokens(folders, kin
     from moeflow.tools.quantize import quantize_checkpoint
 
     path = quantize_checkpoint(folders["large"], tmp_path / kind, kind, progress=False)
-    monkeypatch.setattr(cache_module, "EARLY_GATE_UP_BYTES", 0)
-    landed = []
-    landing = cache_module.ExpertCache._gate_up_landed
-    monkeypatch.setattr(cache_module.ExpertCache, "_gate_up_landed",
-                        lambda self, s: landed.append(s) or landing(self, s))  # fmt: skip
-    tokens = {}
-    for store in ("disk", "ram"):
-        with moeflow.load(path, expert_budget="25%", store=store, policy="lru") as engine:
-            cache = engine.cache
-            assert cache.pool.fmt.kind == kind and cache.early_gate_up == (store == "disk")
-            if store == "disk":
-                runs, _, early = cache.moves(next(iter(engine.checkpoint.experts)), 0)
-                assert 1 <= early < len(runs)
-                cache.readers.process.wait_ready(block=True)
-            tokens[store] = engine.generate([1, 5, 9, 13, 2, 7], max_new_tokens=12, temperature=0).token_ids
-            assert engine.stats().misses > 0
-    assert tokens["disk"] == tokens["ram"]
-    assert landed
+    tokens, landed, (runs, early, fmt) = _decode_with_early_replies(path, monkeypatch)
+    assert fmt == kind and 1 <= early < runs
+    assert tokens["disk"] == tokens["ram"] and landed
 
 
 def test_a_layer_s_rows_from_gate_up_halves_are_its_rows_bit_for_bit():
