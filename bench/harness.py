@@ -203,13 +203,23 @@ def quantized_folder(model: Path, kind: str | None, group_size: int, workdir: Pa
 
     out = workdir / f"{model.name}-{kind}{f'-g{group_size}' if kind == 'int4' else ''}"
     config = out / "config.json"
-    if config.is_file() and json.loads(config.read_text())[CONFIG_KEY]["version"] != FORMAT_VERSION:
+    if config.is_file() and (json.loads(config.read_text())[CONFIG_KEY]["version"] != FORMAT_VERSION
+                             or not _paged(out)):  # fmt: skip
         shutil.rmtree(out)  # written by an earlier moeflow in another layout: write it again
     if not config.is_file():
         from moeflow.tools.quantize import quantize_checkpoint
 
         quantize_checkpoint(model, out, kind, group_size=group_size or 128, progress=False)
     return out
+
+
+def _paged(folder: Path) -> bool:
+    """Whether every expert tensor of whole pages lies on whole pages of its shard (`moeflow quantize`'s layout since
+    it writes them first; a folder written before reads partly through the buffer)."""
+    from moeflow.model.checkpoint import open_checkpoint
+
+    spans = [s for loc in open_checkpoint(folder).experts.values() for s in loc.spans]
+    return all(s.offset % 4096 == 0 for s in spans if s.nbytes % 4096 == 0)
 
 
 def packed_copy(src: Path, out: Path) -> Path:
