@@ -13,7 +13,6 @@ memory; a quantized folder (`moeflow quantize`) is already laid out this way.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from moeflow.errors import MoeflowError
 from moeflow.model.checkpoint import open_checkpoint
 from moeflow.model.quantized import declared_format
-from moeflow.tools.quantize import page_first, refuse_taken, save_ordered, slot_order, written_whole
+from moeflow.tools.quantize import copy_rest, page_first, refuse_taken, save_ordered, slot_order, written_whole
 
 
 def align_checkpoint(src: str | Path, out: str | Path, *, progress: bool = True) -> Path:
@@ -41,11 +40,5 @@ def align_checkpoint(src: str | Path, out: str | Path, *, progress: bool = True)
             ordered = dict(sorted(tensors.items(), key=lambda item: slot_order(family, item[0])))
             save_ordered(page_first(ordered), out / shard.name)
             del tensors, ordered
-        for entry in src.iterdir():  # config, index (the same shard names), tokenizer, predictors, ...
-            if entry.suffix == ".safetensors" or entry.resolve() == out.resolve():
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, out / entry.name)
-            else:
-                shutil.copy2(entry, out / entry.name)
+        copy_rest(src, out)  # config, index (the same shard names), tokenizer, predictors, ...
     return out

@@ -133,10 +133,14 @@ def _write_folder(ckpt: Checkpoint, src: Path, out: Path, fmt: ExpertFormat, sou
     spec = {"expert_dtype": fmt.kind, "group_size": fmt.group_size, "source_dtype": source_dtype,
             "version": FORMAT_VERSION}  # fmt: skip
     (out / "config.json").write_text(json.dumps({**ckpt.config, CONFIG_KEY: spec}, indent=1))
+    copy_rest(src, out, skip=("config.json", "model.safetensors.index.json"))
+
+
+def copy_rest(src: Path, out: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Everything in `src` but its shards and the names in `skip` (tokenizer, generation config, corpus lists,
+    predictors, ...) copied into `out`; `out` itself left out where it lies inside `src`."""
     for entry in src.iterdir():
-        if entry.name in ("config.json", "model.safetensors.index.json") or entry.suffix == ".safetensors":
-            continue
-        if entry.resolve() == out.resolve():  # --out inside --model: not a copy of itself
+        if entry.name in skip or entry.suffix == ".safetensors" or entry.resolve() == out.resolve():
             continue
         if entry.is_dir():
             shutil.copytree(entry, out / entry.name)
