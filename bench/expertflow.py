@@ -66,6 +66,8 @@ from harness import (  # noqa: E402
 )
 
 PROMPT_TOKENS = 24
+ORACLE = "oracle_horizon"  # a contender's option (not the engine's): tokens of routing it knows ahead
+ORACLE_HORIZONS = (None, 1, 2, 4)  # None: the shipped predictors' part alone, eviction by the trained reuse model
 SLACK_BYTES = 640 << 20  # activations, KV caches, reader bounce buffers (<= 256 MiB), predictor tables: same for all
 
 
@@ -101,11 +103,30 @@ def random_prompts(n: int, vocab: int) -> list[list[int]]:
 # ---- one contender, in a child process ------------------------------------------------------------------
 
 
+def oracle_name(horizon: int | None) -> str:
+    return "oracle (path's role)" if horizon is None else f"oracle ({horizon} token{'s' if horizon > 1 else ''})"
+
+
 def decode_child(spec: dict) -> dict:
     """Greedy decode of every prompt, one at a time; prefill and decode measured apart."""
     import moeflow
 
-    with moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"]) as engine:
+    foresight = None
+    if "oracle" in spec:  # perfect foresight (bench/oracle.py): an engine without a predictor's hooks, fed the record
+        from oracle import attach_oracle
+
+        from moeflow.config import EngineConfig
+        from moeflow.engine import Engine
+
+        engine = Engine(spec["model"], EngineConfig(expert_budget=spec["budget"], store="disk", **spec["options"]))
+        try:
+            foresight = attach_oracle(engine, spec["oracle"]["sequences"], spec["oracle"]["horizon"])
+        except BaseException:
+            engine.close()
+            raise
+    else:
+        engine = moeflow.load(spec["model"], expert_budget=spec["budget"], store="disk", **spec["options"])
+    with engine:
         prefill_s = decode_s = 0.0
         decode_bytes = decode_tokens = decode_hits = decode_misses = 0
         decode_reading_s = 0.0  # seconds the store had a read in progress during decode steps
@@ -167,6 +188,7 @@ def decode_child(spec: dict) -> dict:
         "read_ahead_steps": windows,
         "decode_stall_ms_per_token_by_layer": [1e3 * s / decode_tokens for s in stall_by_layer],
         "trial": verdicts,
+        "oracle_disagreements": None if foresight is None else foresight.disagreements,
         # The decode steps run predicting, and those the trial ran as plain LRU, apart: replay always predicts.
         "decode_hit_rate_by_mode": {("predicting" if mode else "lru"): {"hit_rate": h / max(h + m, 1), "lookups": h + m}
                                     for mode, (h, m) in by_mode.items() if h + m},
@@ -355,15 +377,27 @@ def decode_part(args: argparse.Namespace, runtime: int, baseline: Path | None = 
         if model_name == "iobound":  # the experts computed by `--kernels fast` (numpy's BLAS), beside torch's MKL
             contenders += [(f"{name} (fast kernels)", {**options, "kernels": "fast"}) for name, options in contenders
                            if name in ("lru", "predictive/path (no trial)")]  # fmt: skip
+        if model_name == "iobound":  # perfect foresight (bench/oracle.py): what prediction could win
+            contenders += [(oracle_name(h), {"policy": "predictive", "prediction_trial": False, ORACLE: h})
+                           for h in ORACLE_HORIZONS]
         if args.contenders:
             contenders = [c for c in contenders if c[0] == "lru" or c[0] in args.contenders]
         trees = {"": None} if baseline is None else {"": None, " (before)": str(baseline)}
-        contenders = [(name + tag, options, tree) for tag, tree in trees.items() for name, options in contenders]
+        contenders = [(name + tag, options, tree) for tag, tree in trees.items() for name, options in contenders
+                      if tree is None or ORACLE not in options]  # (an older tree has no oracle)
+        recorded = None
+        if any(ORACLE in options for _, options, _ in contenders):
+            from oracle import record_routing
+
+            recorded = record_routing(model, prompts, args.tokens, args.budget)
         limit = memory_limit(model, args.budget, runtime)
         jobs = [
-            (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget, "options": options,
+            (f"{model_name} {name}", {"kind": "decode", "model": str(model), "budget": args.budget,
+                                      "options": {k: v for k, v in options.items() if k != ORACLE},
                                       "prompts": prompts, "tokens": args.tokens, "record_routing": name == "lru",
-                                      **({} if tree is None else {"tree": tree})}, limit)
+                                      **({} if tree is None else {"tree": tree}),
+                                      **({"oracle": {"horizon": options[ORACLE], "sequences": recorded}}
+                                         if ORACLE in options else {})}, limit)
             for name, options, tree in contenders
         ]  # fmt: skip
         best = rounds(jobs, args.repeats, args.child_timeout, args.pause)
