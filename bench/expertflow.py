@@ -13,7 +13,9 @@ Three models, because prediction must pay where users are and must not cost wher
 LRU, auto, path and path (no trial) also run with reader threads in the engine's process (``--no-read-process``)
 beside the reader process the engine reads in by default (`moeflow.offload.mover`). On ``iobound``, LRU and
 path (no trial) also run with ``--kernels fast`` (experts computed by numpy's BLAS, within fp32 rounding): what
-faster expert compute does to an I/O-bound decode.
+faster expert compute does to an I/O-bound decode. On ``iobound``, the perfect-foresight contenders of
+``bench/oracle.py`` too: the routing recorded beforehand, answered with certainty, eviction knowing 1, 2 or 4 tokens
+ahead (``oracle (h tokens)``) or by the trained reuse model (``oracle (path's role)``): what prediction could win.
 
 Every contender is a fresh process inside a cgroup memory group with the same limit for all
 (runtime + dense weights + the expert budget + slack), started after the page cache is dropped,
